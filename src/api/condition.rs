@@ -1,0 +1,108 @@
+//! Conditions as the Kubernetes API conventions define them, and the one way this project
+//! changes them: a condition's `lastTransitionTime` moves only when its status flips.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::{Schema, SchemaGenerator};
+
+/// The status of a condition, as the API conventions spell it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl ConditionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::True => "True",
+            Self::False => "False",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+impl From<bool> for ConditionStatus {
+    fn from(value: bool) -> Self {
+        if value { Self::True } else { Self::False }
+    }
+}
+
+/// Finds a condition by type.
+pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Sets a condition in place. `lastTransitionTime` keeps its old value unless the status
+/// flips, so recomputing an unchanged condition never produces a write.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: ConditionStatus,
+    reason: &str,
+    message: impl Into<String>,
+    observed_generation: Option<i64>,
+    now: Time,
+) {
+    let message = message.into();
+    let status = status.as_str().to_owned();
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(existing) => {
+            if existing.status != status {
+                existing.last_transition_time = now;
+                existing.status = status;
+            }
+            existing.reason = reason.to_owned();
+            existing.message = message;
+            existing.observed_generation = observed_generation;
+        }
+        None => conditions.push(Condition {
+            type_: type_.to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message,
+            observed_generation,
+            last_transition_time: now,
+        }),
+    }
+}
+
+/// Schema of a condition list: a list-map keyed by `type`, so server-side apply merges
+/// conditions by type instead of replacing the list.
+pub(crate) fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
+    schema.insert(
+        "description".into(),
+        "The latest observations of this object's state, one per condition type.".into(),
+    );
+    schema
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jiff::Timestamp;
+
+    fn at(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_a_flip() {
+        let mut conditions = Vec::new();
+        set_condition(&mut conditions, "Ready", ConditionStatus::False, "Attaching", "a", Some(1), at(10));
+        set_condition(&mut conditions, "Ready", ConditionStatus::False, "Attaching", "b", Some(2), at(20));
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(conditions[0].last_transition_time, at(10));
+        assert_eq!(conditions[0].message, "b");
+        assert_eq!(conditions[0].observed_generation, Some(2));
+
+        set_condition(&mut conditions, "Ready", ConditionStatus::True, "Attached", "c", Some(2), at(30));
+        assert_eq!(conditions[0].last_transition_time, at(30));
+        assert_eq!(conditions[0].status, "True");
+        assert_eq!(find_condition(&conditions, "Ready").unwrap().reason, "Attached");
+        assert!(find_condition(&conditions, "Stuck").is_none());
+    }
+}

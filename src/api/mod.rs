@@ -1,0 +1,46 @@
+//! The public API: the `safedetach.io/v1alpha1` custom resources.
+//!
+//! These types are the contract with users (`kubectl explain` reads their doc comments) and
+//! know nothing of drivers or of the controller. `crds/` is generated from them.
+
+mod attachment;
+mod condition;
+mod duration;
+mod probe;
+mod volume;
+
+pub use attachment::{
+    AttachmentPhase, ForceDetachReason, ForceDetachState, ForceDetachStatus, VolumeAttachment,
+    VolumeAttachmentSpec, VolumeAttachmentStatus,
+};
+pub use condition::{ConditionStatus, find_condition, set_condition};
+pub use duration::{DurationError, parse_duration};
+pub use probe::{ProbeRecord, ProbeResult};
+pub use volume::{Orphan, OrphanPolicy, Volume, VolumePhase, VolumeSpec, VolumeStatus};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+/// The API group of every safe-detach resource.
+pub const GROUP: &str = "safedetach.io";
+
+/// The annotation a person sets to request a force-detach; its value is the request token.
+pub const FORCE_DETACH_ANNOTATION: &str = "safedetach.io/force-detach";
+
+/// The finalizer that holds a `VolumeAttachment` until the backend confirms the detach.
+pub const FINALIZER: &str = "safedetach.io/detach";
+
+/// Both CRDs, in the order they are installed.
+pub fn crds() -> [CustomResourceDefinition; 2] {
+    [Volume::crd(), VolumeAttachment::crd()]
+}
+
+/// Both CRDs as one multi-document YAML stream, as kept in `crds/`.
+pub fn crds_yaml() -> Result<String, serde_saphyr::SerializeError> {
+    let mut out = String::new();
+    for crd in crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&crd)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,146 @@
+//! Storage drivers: how safe-detach talks to a backend. Nothing here knows Kubernetes.
+//!
+//! A driver answers one question truthfully — where is this volume connected ([`Driver::probe`]) —
+//! and performs idempotent connection changes. Every error says whether the call certainly failed
+//! ([`ErrorClass::Final`], [`ErrorClass::Retryable`]) or may have happened
+//! ([`ErrorClass::UnknownOutcome`]), in which case the caller must probe before deciding.
+
+pub mod deadline;
+pub mod nbd;
+
+use async_trait::async_trait;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+pub use deadline::Deadlined;
+
+/// What a driver returns when it connects a volume (an NBD URI, a CSI publish context).
+pub type ConnectionInfo = BTreeMap<String, String>;
+
+/// A request to connect a volume to a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachRequest {
+    /// The backend's id of the volume.
+    pub volume_handle: String,
+    /// The node, as the backend knows it.
+    pub node: String,
+    /// Initiator details, passed through from the attachment (Cinder's connector).
+    pub connector: BTreeMap<String, String>,
+    pub read_only: bool,
+}
+
+/// The backend's answer to "where is this volume connected?".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Connections {
+    /// The nodes the backend connects the volume to.
+    pub nodes: BTreeSet<String>,
+}
+
+impl Connections {
+    pub fn to(nodes: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self { nodes: nodes.into_iter().map(Into::into).collect() }
+    }
+
+    pub fn includes(&self, node: &str) -> bool {
+        self.nodes.contains(node)
+    }
+}
+
+/// How sure we are of what a failed call did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The call failed and will fail again until something changes (bad handle, bad config).
+    Final,
+    /// The call failed without effect; trying again later may succeed.
+    Retryable,
+    /// The call may or may not have taken effect (timeout, lost reply): probe before deciding.
+    UnknownOutcome,
+}
+
+/// A driver call that did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    /// The volume is not connected to the node. Detach paths treat this as success.
+    #[error("volume {volume} is not connected to node {node}")]
+    NotConnected { volume: String, node: String },
+    /// The backend does not know the volume.
+    #[error("the backend has no volume {0:?}")]
+    UnknownVolume(String),
+    /// The volume is in use and a safe (non-forced) call refused to cut it off.
+    #[error("volume {volume} is in use on node {node}: {message}")]
+    InUse { volume: String, node: String, message: String },
+    /// The call exceeded its deadline; it may still complete on the backend.
+    #[error("{operation} did not answer within {deadline:?}")]
+    Timeout { operation: &'static str, deadline: Duration },
+    /// The connection to the backend broke after the request was sent.
+    #[error("lost the backend's reply to {operation}: {message}")]
+    LostReply { operation: &'static str, message: String },
+    /// The backend could not be reached; nothing was sent.
+    #[error("backend unreachable: {0}")]
+    Unreachable(String),
+    /// The backend refused the request.
+    #[error("backend refused: {0}")]
+    Refused(String),
+    /// The request is invalid for this driver (bad handle, bad node name).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl DriverError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::NotConnected { .. } | Self::UnknownVolume(_) | Self::Invalid(_) => ErrorClass::Final,
+            Self::InUse { .. } | Self::Unreachable(_) | Self::Refused(_) => ErrorClass::Retryable,
+            Self::Timeout { .. } | Self::LostReply { .. } => ErrorClass::UnknownOutcome,
+        }
+    }
+
+    /// A short, stable label for events and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotConnected { .. } => "NotConnected",
+            Self::UnknownVolume(_) => "UnknownVolume",
+            Self::InUse { .. } => "InUse",
+            Self::Timeout { .. } => "Timeout",
+            Self::LostReply { .. } => "LostReply",
+            Self::Unreachable(_) => "Unreachable",
+            Self::Refused(_) => "Refused",
+            Self::Invalid(_) => "Invalid",
+        }
+    }
+}
+
+/// A storage backend. Calls are idempotent: attaching an attached volume returns its connection
+/// info, detaching a detached one succeeds (or says [`DriverError::NotConnected`]).
+#[async_trait]
+pub trait Driver: Send + Sync {
+    /// The driver's kind, for logs and metrics (`nbd`, `csi`).
+    fn kind(&self) -> &'static str;
+
+    /// Where the backend connects the volume. The truth every decision rests on.
+    async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError>;
+
+    /// Connects the volume to the node (Cinder's `initialize_connection` and `attach` in one).
+    async fn attach(&self, request: &AttachRequest) -> Result<ConnectionInfo, DriverError>;
+
+    /// Tears down the backend's connection to the node, refusing if that would cut off a user.
+    async fn terminate_connection(&self, volume_handle: &str, node: &str) -> Result<(), DriverError>;
+
+    /// Releases whatever the attach reserved besides the connection.
+    async fn detach(&self, volume_handle: &str, node: &str) -> Result<(), DriverError>;
+
+    /// Disconnects the volume from the node even if in use. "Not connected" is success. The default
+    /// is `terminate_connection` then `detach`; a backend that can cut users off overrides it.
+    async fn force_detach(&self, volume_handle: &str, node: &str) -> Result<(), DriverError> {
+        ok_if_not_connected(self.terminate_connection(volume_handle, node).await)?;
+        ok_if_not_connected(self.detach(volume_handle, node).await)
+    }
+}
+
+/// Maps [`DriverError::NotConnected`] to success, as every detach path wants.
+pub fn ok_if_not_connected(result: Result<(), DriverError>) -> Result<(), DriverError> {
+    match result {
+        Err(DriverError::NotConnected { .. }) => Ok(()),
+        other => other,
+    }
+}

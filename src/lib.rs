@@ -1,0 +1,5 @@
+//! safe-detach: resolves stuck volume attachments, changing the record only after the storage
+//! backend confirms.
+
+pub mod api;
+pub mod driver;

@@ -1,0 +1,7 @@
+//! Shared support for the end-to-end tests: the real control plane, a real qemu-storage-daemon,
+//! and fault injection in front of it. Each test binary uses a part of it.
+#![allow(dead_code)]
+
+pub mod cluster;
+pub mod qmp_proxy;
+pub mod qsd;
