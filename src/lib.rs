@@ -2,4 +2,5 @@
 //! backend confirms.
 
 pub mod api;
+pub mod decide;
 pub mod driver;

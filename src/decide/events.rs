@@ -1,0 +1,143 @@
+//! The Events a person should notice, read off a status transition: each fires once, when what it
+//! reports flips, so a stuck or failing attachment does not flood the event stream.
+
+use super::status::{ATTACH_BLOCKED, READY, REQUEST_REJECTED, STUCK};
+use crate::api::{
+    AttachmentPhase, ForceDetachState, ForceDetachStatus, VolumeAttachmentStatus, find_condition,
+};
+
+/// Whether an Event reports the normal course of things or something to look at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Normal,
+    Warning,
+}
+
+/// An Event to publish on the attachment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub severity: Severity,
+    /// Stable CamelCase reason, for filtering.
+    pub reason: String,
+    pub message: String,
+}
+
+impl Notice {
+    fn new(severity: Severity, reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            severity,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The events that the transition from `old` to `new` deserves.
+pub fn between(
+    old: &VolumeAttachmentStatus,
+    new: &VolumeAttachmentStatus,
+    volume: &str,
+    node: &str,
+) -> Vec<Notice> {
+    let mut notices = Vec::new();
+
+    if let Some(force) = &new.force_detach
+        && old.force_detach.as_ref().is_none_or(|o| {
+            o.state != force.state || o.token != force.token || o.reason != force.reason
+        })
+    {
+        match force.state {
+            ForceDetachState::InProgress => notices.push(Notice::new(
+                Severity::Warning,
+                "ForceDetaching",
+                format!("forcing volume {volume} off node {node}: {}", describe(force)),
+            )),
+            ForceDetachState::Succeeded => notices.push(Notice::new(
+                Severity::Warning,
+                "ForceDetached",
+                format!("volume {volume} was force-detached from node {node}, confirmed by the backend: {}", describe(force)),
+            )),
+            ForceDetachState::Failed => {}
+        }
+    }
+
+    if old.phase != new.phase {
+        match new.phase {
+            Some(AttachmentPhase::Attached) => {
+                let reason = find_condition(&new.conditions, READY)
+                    .map_or("Attached", |c| c.reason.as_str());
+                notices.push(Notice::new(
+                    Severity::Normal,
+                    reason,
+                    format!("the backend confirms volume {volume} is connected to node {node}"),
+                ));
+            }
+            Some(AttachmentPhase::Detached)
+                if !notices.iter().any(|n| n.reason == "ForceDetached") =>
+            {
+                notices.push(Notice::new(
+                    Severity::Normal,
+                    "Detached",
+                    format!(
+                        "the backend confirms volume {volume} is disconnected from node {node}"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    for (type_, severity) in [
+        (STUCK, Severity::Warning),
+        (ATTACH_BLOCKED, Severity::Warning),
+        (REQUEST_REJECTED, Severity::Warning),
+    ] {
+        if let Some(condition) = flipped_true(old, new, type_) {
+            notices.push(Notice::new(
+                severity,
+                condition.reason.clone(),
+                condition.message.clone(),
+            ));
+        }
+    }
+
+    // A new reason for not being ready, other than the plain phase names, is a problem to notice.
+    if let Some(ready) = find_condition(&new.conditions, READY)
+        && ready.status == "False"
+        && !matches!(
+            ready.reason.as_str(),
+            "Pending" | "Attaching" | "Detaching" | "Detached" | "Failed"
+        )
+        && find_condition(&old.conditions, READY).is_none_or(|o| o.reason != ready.reason)
+    {
+        notices.push(Notice::new(
+            Severity::Warning,
+            ready.reason.clone(),
+            ready.message.clone(),
+        ));
+    }
+
+    notices
+}
+
+fn flipped_true<'a>(
+    old: &VolumeAttachmentStatus,
+    new: &'a VolumeAttachmentStatus,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let now = find_condition(&new.conditions, type_).filter(|c| c.status == "True")?;
+    let before = find_condition(&old.conditions, type_);
+    before.is_none_or(|b| b.status != "True").then_some(now)
+}
+
+fn describe(force: &ForceDetachStatus) -> String {
+    let token = force
+        .token
+        .as_deref()
+        .map(|t| format!(", token {t:?}"))
+        .unwrap_or_default();
+    format!(
+        "reason {:?}{token}, attempt {}",
+        force.reason, force.attempts
+    )
+}

@@ -1,0 +1,332 @@
+//! The decision core: what to do next with one attachment. Pure — no client, no driver, no clock.
+//!
+//! [`decide`] takes what the record says, what the Volume asks for, what the backend answered and
+//! the time, and returns one [`Step`]. [`status`] turns a step into the next status, and [`events`]
+//! says which status transitions a person should hear about. The reconciler only executes.
+//!
+//! The safety invariant lives here: the only step that marks an attachment detached is
+//! [`Step::MarkDetached`], and `decide` returns it only when the backend answered "not connected
+//! to this node". The only step that connects is [`Step::Attach`], and `decide` returns it only
+//! when the backend showed no other node holding a single-attach volume.
+
+pub mod events;
+pub mod status;
+pub mod volume;
+
+#[cfg(test)]
+mod tests;
+
+use crate::api::{AttachmentPhase, ForceDetachReason, ForceDetachState, VolumeAttachmentStatus};
+use crate::driver::Connections;
+use jiff::Timestamp;
+use std::time::Duration;
+
+/// How often a converged attachment is probed again, to notice a connection lost out of band.
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(300);
+
+/// The longest accepted force-detach token; annotation values may be far longer than a status
+/// field should carry.
+pub const MAX_TOKEN_LEN: usize = 128;
+
+/// What the Volume asks of its attachments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumePolicy {
+    pub multi_attach: bool,
+    pub stuck_after: Duration,
+    pub auto_force_detach: bool,
+}
+
+/// Why the attachment cannot reach its backend at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Misconfiguration {
+    /// The Volume named by `spec.volumeName` does not exist.
+    VolumeNotFound(String),
+    /// The Volume names a driver the operator does not have.
+    UnknownDriver(String),
+    /// The Volume's spec cannot be used (for example a stuckAfter the schema should have refused).
+    InvalidVolume(String),
+}
+
+impl Misconfiguration {
+    /// A stable CamelCase reason for conditions and events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::VolumeNotFound(_) => "VolumeNotFound",
+            Self::UnknownDriver(_) => "UnknownDriver",
+            Self::InvalidVolume(_) => "InvalidVolume",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Self::VolumeNotFound(name) => format!("Volume {name:?} does not exist"),
+            Self::UnknownDriver(name) => {
+                format!(
+                    "the operator has no driver named {name:?}; see the operator's driver configuration"
+                )
+            }
+            Self::InvalidVolume(why) => why.clone(),
+        }
+    }
+}
+
+/// What the backend said when probed just now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Answered(Connections),
+    /// No answer: nothing may be concluded, in either direction.
+    Unreachable(String),
+}
+
+/// The force-detach annotation, as read against the token already handled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// No annotation, or its token was already acted on.
+    None,
+    /// A new token: force-detach once.
+    New(String),
+    /// The annotation's value cannot be a token; it is reported and otherwise ignored.
+    Invalid { token: String, why: &'static str },
+}
+
+impl Request {
+    /// Reads the annotation value against the last token handled, so that each token acts once
+    /// and a manifest that keeps carrying the annotation does not force-detach over and over.
+    pub fn read(annotation: Option<&str>, handled: Option<&str>) -> Self {
+        match annotation {
+            None => Self::None,
+            Some(token) if Some(token) == handled => Self::None,
+            Some("") => Self::Invalid {
+                token: String::new(),
+                why: "the token is empty",
+            },
+            Some(token) if token.len() > MAX_TOKEN_LEN => Self::Invalid {
+                token: token.chars().take(16).collect::<String>() + "…",
+                why: "the token is longer than 128 characters",
+            },
+            Some(token) if token.chars().any(char::is_control) => Self::Invalid {
+                token: token.escape_default().to_string(),
+                why: "the token contains control characters",
+            },
+            Some(token) => Self::New(token.to_owned()),
+        }
+    }
+}
+
+/// Everything a decision rests on.
+#[derive(Clone, Debug)]
+pub struct Input<'a> {
+    /// The attachment is being deleted: the desired state is "detached".
+    pub deleting: bool,
+    pub has_finalizer: bool,
+    pub node: &'a str,
+    pub status: &'a VolumeAttachmentStatus,
+    pub request: &'a Request,
+    /// The Volume's policy, or why the attachment cannot reach its backend.
+    pub volume: Result<&'a VolumePolicy, &'a Misconfiguration>,
+    /// The backend's answer; absent when there was nothing to probe (a misconfiguration).
+    pub backend: Option<&'a Backend>,
+    pub now: Timestamp,
+}
+
+/// The one next thing to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Add the finalizer, before any backend call.
+    AddFinalizer,
+    /// Record the intent to attach (phase Attaching, its clock restarted), before calling the driver.
+    BeginAttach,
+    /// Call the driver's idempotent attach.
+    Attach,
+    /// The backend shows the volume connected to this node: record it. `rolled_forward` when the
+    /// attach was stuck and the backend shows it had in fact completed (case 2).
+    MarkAttached { rolled_forward: bool },
+    /// Another node holds a single-attach volume: do not attach.
+    BlockAttach { holders: Vec<String> },
+    /// The record says attached, the backend shows no connection: record the truth, then attach again.
+    ConnectionLost,
+    /// Record the intent to detach (phase Detaching, its clock restarted), before calling the driver.
+    BeginDetach,
+    /// Call the driver's safe detach (terminate_connection, then detach).
+    Detach,
+    /// Record the intent, then call the driver's force_detach.
+    ForceDetach {
+        reason: ForceDetachReason,
+        token: Option<String>,
+    },
+    /// The backend confirmed no connection to this node: record `Detached`.
+    MarkDetached,
+    /// Detached and confirmed, and the attachment is being deleted: release the finalizer.
+    ReleaseFinalizer,
+    /// Nothing to do until something changes or `recheck_after` passes.
+    Wait {
+        why: Wait,
+        recheck_after: Option<Duration>,
+    },
+    /// The attachment cannot reach its backend; record why and wait for a fix.
+    Fail(Misconfiguration),
+}
+
+/// Why a reconcile ends without acting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// The record and the backend agree.
+    Converged,
+    /// The backend did not answer; nothing may be decided.
+    BackendUnreachable,
+}
+
+impl Step {
+    fn wait(why: Wait, recheck_after: Option<Duration>) -> Self {
+        Self::Wait { why, recheck_after }
+    }
+}
+
+/// The phase as recorded; an attachment never reconciled is `Pending`.
+pub fn phase_of(status: &VolumeAttachmentStatus) -> AttachmentPhase {
+    status.phase.unwrap_or(AttachmentPhase::Pending)
+}
+
+/// How long the current phase may still last before it counts as stuck; `None` when the phase
+/// cannot be stuck. Zero means stuck now.
+pub fn stuck_in(
+    status: &VolumeAttachmentStatus,
+    policy: &VolumePolicy,
+    now: Timestamp,
+) -> Option<Duration> {
+    let phase = phase_of(status);
+    if !matches!(
+        phase,
+        AttachmentPhase::Attaching | AttachmentPhase::Detaching
+    ) {
+        return None;
+    }
+    // A phase with no recorded start began now: the clock starts at the first observation.
+    let since = status.phase_since.as_ref().map_or(now, |t| t.0);
+    let elapsed = now.duration_since(since).unsigned_abs();
+    Some(policy.stuck_after.saturating_sub(elapsed))
+}
+
+/// Decides the next step. See the module docs for the invariant it keeps.
+pub fn decide(input: &Input) -> Step {
+    let phase = phase_of(input.status);
+
+    if !input.has_finalizer {
+        // Deleting without our finalizer: nothing of ours is held; the object is going away.
+        return if input.deleting {
+            Step::wait(Wait::Converged, None)
+        } else {
+            Step::AddFinalizer
+        };
+    }
+
+    let policy = match input.volume {
+        Ok(policy) => policy,
+        Err(problem) => return Step::Fail(problem.clone()),
+    };
+
+    let connections = match input.backend {
+        Some(Backend::Answered(connections)) => connections,
+        // Unreachable: neither "connected" nor "not connected" may be concluded. Wake at the
+        // stuck deadline so the Stuck condition appears on time, else retry with backoff.
+        Some(Backend::Unreachable(_)) | None => {
+            return Step::wait(
+                Wait::BackendUnreachable,
+                stuck_in(input.status, policy, input.now),
+            );
+        }
+    };
+    let here = connections.includes(input.node);
+    let others: Vec<String> = connections
+        .nodes
+        .iter()
+        .filter(|n| *n != input.node)
+        .cloned()
+        .collect();
+    let stuck_in = stuck_in(input.status, policy, input.now);
+    let stuck = stuck_in == Some(Duration::ZERO);
+    let forcing = input
+        .status
+        .force_detach
+        .as_ref()
+        .is_some_and(|f| f.state == ForceDetachState::InProgress);
+
+    // A person's request comes first, whatever the phase.
+    if let Request::New(token) = input.request {
+        return Step::ForceDetach {
+            reason: ForceDetachReason::Requested,
+            token: Some(token.clone()),
+        };
+    }
+
+    match phase {
+        // Detaching is finished the same way whether the attachment is live or being deleted:
+        // a live one is attached again afterwards, from scratch.
+        AttachmentPhase::Detaching if !here => Step::MarkDetached,
+        AttachmentPhase::Detaching if forcing => continue_force(input.status),
+        // Case 4 when stuck; before that, the safe detach, which a connected user refuses.
+        AttachmentPhase::Detaching if stuck => {
+            stuck_step(policy, ForceDetachReason::StuckDetaching, Step::Detach)
+        }
+        AttachmentPhase::Detaching => Step::Detach,
+
+        _ if input.deleting => match phase {
+            AttachmentPhase::Detached if !here => Step::ReleaseFinalizer,
+            // Never attached (or cleanly detached before) and the backend agrees: nothing to undo.
+            AttachmentPhase::Pending if !here => Step::MarkDetached,
+            // Attaching, Attached, Failed, or connected despite the record: an idempotent detach
+            // first, so that an attach still in flight cannot survive the release.
+            _ => Step::BeginDetach,
+        },
+
+        AttachmentPhase::Attaching if here => {
+            if input.status.connection_info.is_empty() && !stuck {
+                // Connected, but without the driver's connection info: the idempotent attach
+                // returns it without connecting anything new.
+                Step::Attach
+            } else {
+                Step::MarkAttached {
+                    rolled_forward: stuck,
+                }
+            }
+        }
+        AttachmentPhase::Attaching if !others.is_empty() && !policy.multi_attach => {
+            Step::BlockAttach { holders: others }
+        }
+        // Case 1: stuck attaching and not connected: clean up, then attach from scratch.
+        AttachmentPhase::Attaching if stuck => {
+            stuck_step(policy, ForceDetachReason::StuckAttaching, Step::Attach)
+        }
+        AttachmentPhase::Attaching => Step::Attach,
+
+        AttachmentPhase::Attached if here => Step::wait(Wait::Converged, Some(RESYNC_INTERVAL)),
+        AttachmentPhase::Attached => Step::ConnectionLost,
+
+        // Pending, Detached (after a forced detach of a live attachment) or Failed: attach anew.
+        _ if here => Step::BeginAttach,
+        _ if !others.is_empty() && !policy.multi_attach => Step::BlockAttach { holders: others },
+        _ => Step::BeginAttach,
+    }
+}
+
+/// A force-detach already under way goes on: a forced operation never falls back to a safe one.
+fn continue_force(status: &VolumeAttachmentStatus) -> Step {
+    let last = status.force_detach.as_ref();
+    Step::ForceDetach {
+        reason: last.map_or(ForceDetachReason::StuckDetaching, |f| f.reason),
+        token: last.and_then(|f| f.token.clone()),
+    }
+}
+
+/// A stuck attachment is forced loose when the Volume allows it; otherwise the normal step goes on
+/// (it may still succeed) and the Stuck condition asks a person to decide.
+fn stuck_step(policy: &VolumePolicy, reason: ForceDetachReason, otherwise: Step) -> Step {
+    if policy.auto_force_detach {
+        Step::ForceDetach {
+            reason,
+            token: None,
+        }
+    } else {
+        otherwise
+    }
+}

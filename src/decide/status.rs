@@ -1,0 +1,451 @@
+//! The next status of an attachment: what a step and the backend's answer make of the current one.
+//!
+//! Pure and idempotent: applying the same step to the same inputs twice gives the same status,
+//! and times (`phaseSince`, a condition's `lastTransitionTime`, `lastProbe.time`) move only when
+//! what they date changes. That is what lets the reconciler write only when something changed.
+
+use super::{Backend, Misconfiguration, Request, Step, VolumePolicy, phase_of, stuck_in};
+use crate::api::{
+    AttachmentPhase, ConditionStatus, ForceDetachState, ForceDetachStatus, ProbeRecord,
+    ProbeResult, VolumeAttachmentStatus, find_condition, set_condition,
+};
+use crate::driver::{ConnectionInfo, DriverError};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use std::time::Duration;
+
+pub const READY: &str = "Ready";
+pub const STUCK: &str = "Stuck";
+pub const BACKEND_IN_SYNC: &str = "BackendInSync";
+pub const ATTACH_BLOCKED: &str = "AttachBlocked";
+pub const REQUEST_REJECTED: &str = "RequestRejected";
+
+/// What the status is computed against, besides the step.
+#[derive(Clone, Debug)]
+pub struct Observed<'a> {
+    pub node: &'a str,
+    pub generation: Option<i64>,
+    pub policy: Option<&'a VolumePolicy>,
+    pub backend: Option<&'a Backend>,
+    pub request: &'a Request,
+    pub now: Timestamp,
+}
+
+impl Observed<'_> {
+    fn time(&self) -> Time {
+        Time(self.now)
+    }
+}
+
+/// The status after `step`, before any driver call it implies.
+pub fn after_step(
+    current: &VolumeAttachmentStatus,
+    step: &Step,
+    observed: &Observed,
+) -> VolumeAttachmentStatus {
+    let mut status = current.clone();
+    let now = observed.time();
+    match step {
+        Step::BeginAttach => {
+            set_phase(&mut status, AttachmentPhase::Attaching, observed.now);
+            status.connection_info.clear();
+        }
+        Step::MarkAttached { rolled_forward } => {
+            set_phase(&mut status, AttachmentPhase::Attached, observed.now);
+            let (reason, message) = if *rolled_forward {
+                (
+                    "RolledForward",
+                    "the attach was stuck, but the backend shows it completed; confirmed",
+                )
+            } else {
+                (
+                    "Attached",
+                    "the backend confirms the volume is connected to the node",
+                )
+            };
+            ready(
+                &mut status,
+                observed,
+                ConditionStatus::True,
+                reason,
+                message,
+            );
+        }
+        Step::BlockAttach { holders } => {
+            set_phase(&mut status, AttachmentPhase::Pending, observed.now);
+            let message = format!(
+                "the backend shows the volume connected to {}; it is not multiAttach, so it is not attached here until that node is detached",
+                holders.join(", ")
+            );
+            let generation = observed.generation;
+            set_condition(
+                &mut status.conditions,
+                ATTACH_BLOCKED,
+                ConditionStatus::True,
+                "HeldByAnotherNode",
+                message,
+                generation,
+                now,
+            );
+        }
+        Step::ConnectionLost => {
+            set_phase(&mut status, AttachmentPhase::Pending, observed.now);
+            status.connection_info.clear();
+            let message =
+                "the backend no longer shows the volume connected to the node; attaching again";
+            ready(
+                &mut status,
+                observed,
+                ConditionStatus::False,
+                "ConnectionLost",
+                message,
+            );
+        }
+        Step::BeginDetach => set_phase(&mut status, AttachmentPhase::Detaching, observed.now),
+        Step::ForceDetach { reason, token } => {
+            set_phase(&mut status, AttachmentPhase::Detaching, observed.now);
+            let attempts = match &status.force_detach {
+                Some(f)
+                    if f.state == ForceDetachState::InProgress
+                        && f.reason == *reason
+                        && f.token == *token =>
+                {
+                    f.attempts
+                }
+                _ => 0,
+            };
+            status.force_detach = Some(ForceDetachStatus {
+                token: token.clone(),
+                reason: *reason,
+                state: ForceDetachState::InProgress,
+                attempts: attempts + 1,
+                started_at: match &status.force_detach {
+                    Some(f) if attempts > 0 => f.started_at.clone(),
+                    _ => now.clone(),
+                },
+                finished_at: None,
+                message: None,
+            });
+        }
+        Step::MarkDetached => {
+            set_phase(&mut status, AttachmentPhase::Detached, observed.now);
+            status.connection_info.clear();
+            if let Some(force) = status
+                .force_detach
+                .as_mut()
+                .filter(|f| f.state == ForceDetachState::InProgress)
+            {
+                force.state = ForceDetachState::Succeeded;
+                force.finished_at = Some(now.clone());
+                force.message =
+                    Some("the backend confirmed the volume is disconnected from the node".into());
+            }
+        }
+        Step::Fail(problem) => {
+            // Only an attachment that never connected becomes Failed: for any other phase the
+            // backend's state is unknown, so the phase that says what was last confirmed stays.
+            if phase_of(&status) == AttachmentPhase::Pending {
+                set_phase(&mut status, AttachmentPhase::Failed, observed.now);
+            }
+            fail(&mut status, observed, problem);
+        }
+        Step::AddFinalizer
+        | Step::Attach
+        | Step::Detach
+        | Step::ReleaseFinalizer
+        | Step::Wait { .. } => {}
+    }
+    observe(&mut status, step, observed);
+    status
+}
+
+/// Records what the driver's attach returned.
+pub fn attached_with(status: &mut VolumeAttachmentStatus, info: ConnectionInfo) {
+    status.connection_info = info;
+}
+
+/// Records a driver call that did not succeed, so the status says why the attachment is not
+/// moving. The phase is left alone: a failed call proves nothing about the backend.
+pub fn driver_failed(
+    status: &mut VolumeAttachmentStatus,
+    step: &Step,
+    error: &DriverError,
+    observed: &Observed,
+) {
+    let (reason, what) = match step {
+        Step::Attach => ("AttachFailed", "attach"),
+        Step::Detach => ("DetachFailed", "detach"),
+        _ => ("ForceDetachFailed", "force_detach"),
+    };
+    let message = format!("{what} failed ({}): {error}", error.reason());
+    if let Some(force) = status
+        .force_detach
+        .as_mut()
+        .filter(|f| f.state == ForceDetachState::InProgress)
+    {
+        force.message = Some(message.clone());
+    }
+    ready(status, observed, ConditionStatus::False, reason, message);
+}
+
+/// The parts of the status that follow from the observation alone, whatever the step.
+fn observe(status: &mut VolumeAttachmentStatus, step: &Step, observed: &Observed) {
+    let now = observed.time();
+    let generation = observed.generation;
+    status.observed_generation = generation;
+
+    if let Some(backend) = observed.backend {
+        record_probe(status, backend, observed);
+        if let Backend::Answered(connections) = backend {
+            // `attached` is the backend's word, never our own: it follows the probe.
+            status.attached = connections.includes(observed.node);
+        }
+    }
+    let phase = phase_of(status);
+
+    if status.phase.is_none() {
+        set_phase(status, AttachmentPhase::Pending, observed.now);
+    }
+
+    let in_sync = match observed.backend {
+        None => None,
+        Some(Backend::Unreachable(message)) => Some((
+            ConditionStatus::Unknown,
+            "BackendUnreachable",
+            message.clone(),
+        )),
+        Some(Backend::Answered(_)) => Some(match (phase, status.attached) {
+            (AttachmentPhase::Attached, false) => (
+                ConditionStatus::False,
+                "NotConnected",
+                "recorded as attached, but the backend shows no connection".into(),
+            ),
+            (
+                AttachmentPhase::Pending | AttachmentPhase::Detached | AttachmentPhase::Failed,
+                true,
+            ) => (
+                ConditionStatus::False,
+                "ConnectedUnexpectedly",
+                "recorded as not attached, but the backend shows the volume connected to the node"
+                    .into(),
+            ),
+            _ => (
+                ConditionStatus::True,
+                "InSync",
+                "the backend agrees with this record".into(),
+            ),
+        }),
+    };
+    if let Some((condition_status, reason, message)) = in_sync {
+        set_condition(
+            &mut status.conditions,
+            BACKEND_IN_SYNC,
+            condition_status,
+            reason,
+            message,
+            generation,
+            now.clone(),
+        );
+    }
+
+    if let Some(policy) = observed.policy {
+        let stuck = match stuck_in(status, policy, observed.now) {
+            Some(Duration::ZERO) => {
+                let action = if policy.auto_force_detach {
+                    "resolving it with a backend-confirmed force-detach"
+                } else {
+                    "autoForceDetach is off: annotate with safedetach.io/force-detach=<new token> to force it"
+                };
+                let reason = if phase == AttachmentPhase::Attaching {
+                    "StuckAttaching"
+                } else {
+                    "StuckDetaching"
+                };
+                let message = format!(
+                    "{phase:?} for longer than stuckAfter ({:?}); {action}",
+                    policy.stuck_after
+                );
+                Some((ConditionStatus::True, reason, message))
+            }
+            _ if find_condition(&status.conditions, STUCK).is_some_and(|c| c.status == "True") => {
+                Some((
+                    ConditionStatus::False,
+                    "NotStuck",
+                    format!("{phase:?} within its deadline"),
+                ))
+            }
+            _ => None,
+        };
+        if let Some((condition_status, reason, message)) = stuck {
+            set_condition(
+                &mut status.conditions,
+                STUCK,
+                condition_status,
+                reason,
+                message,
+                generation,
+                now.clone(),
+            );
+        }
+    }
+
+    if !matches!(step, Step::BlockAttach { .. } | Step::Wait { .. })
+        && find_condition(&status.conditions, ATTACH_BLOCKED).is_some_and(|c| c.status == "True")
+    {
+        let message = "no other node holds the volume";
+        set_condition(
+            &mut status.conditions,
+            ATTACH_BLOCKED,
+            ConditionStatus::False,
+            "NotHeld",
+            message,
+            generation,
+            now.clone(),
+        );
+    }
+
+    match observed.request {
+        Request::Invalid { token, why } => {
+            let message =
+                format!("force-detach annotation value {token:?} ignored: {why}; set a new token");
+            set_condition(
+                &mut status.conditions,
+                REQUEST_REJECTED,
+                ConditionStatus::True,
+                "InvalidToken",
+                message,
+                generation,
+                now,
+            );
+        }
+        _ if find_condition(&status.conditions, REQUEST_REJECTED)
+            .is_some_and(|c| c.status == "True") =>
+        {
+            let message = "no invalid force-detach request pending";
+            set_condition(
+                &mut status.conditions,
+                REQUEST_REJECTED,
+                ConditionStatus::False,
+                "NoInvalidRequest",
+                message,
+                generation,
+                now,
+            );
+        }
+        _ => {}
+    }
+
+    // Ready follows the phase unless the step said something more specific. A driver failure
+    // recorded after this, in the same reconcile, overrides it again.
+    if !matches!(
+        step,
+        Step::MarkAttached { .. } | Step::ConnectionLost | Step::Fail(_)
+    ) {
+        let (value, reason, message) = match phase_of(status) {
+            AttachmentPhase::Attached => (
+                ConditionStatus::True,
+                "Attached",
+                "the backend confirms the volume is connected to the node",
+            ),
+            AttachmentPhase::Pending => (ConditionStatus::False, "Pending", "not attached yet"),
+            AttachmentPhase::Attaching => (ConditionStatus::False, "Attaching", "attaching"),
+            AttachmentPhase::Detaching => (ConditionStatus::False, "Detaching", "detaching"),
+            AttachmentPhase::Detached => (
+                ConditionStatus::False,
+                "Detached",
+                "the backend confirmed the volume is disconnected",
+            ),
+            AttachmentPhase::Failed => (
+                ConditionStatus::False,
+                "Failed",
+                "cannot attach; see the other conditions",
+            ),
+        };
+        ready(status, observed, value, reason, message);
+    }
+}
+
+fn record_probe(status: &mut VolumeAttachmentStatus, backend: &Backend, observed: &Observed) {
+    let (result, nodes, message) = match backend {
+        Backend::Unreachable(message) => {
+            (ProbeResult::Unreachable, Vec::new(), Some(message.clone()))
+        }
+        Backend::Answered(connections) => {
+            let result = if connections.includes(observed.node) {
+                ProbeResult::Connected
+            } else if connections.nodes.is_empty() {
+                ProbeResult::NotConnected
+            } else {
+                ProbeResult::ConnectedElsewhere
+            };
+            (result, connections.nodes.iter().cloned().collect(), None)
+        }
+    };
+    status.last_probe = Some(next_probe_record(
+        status.last_probe.take(),
+        result,
+        nodes,
+        message,
+        observed.now,
+    ));
+}
+
+/// A probe record whose time moves only when the answer changes: a steady backend writes nothing.
+pub fn next_probe_record(
+    previous: Option<ProbeRecord>,
+    result: ProbeResult,
+    nodes: Vec<String>,
+    message: Option<String>,
+    now: Timestamp,
+) -> ProbeRecord {
+    match previous {
+        Some(p) if p.result == result && p.nodes == nodes && p.message == message => p,
+        _ => ProbeRecord {
+            time: Time(now),
+            result,
+            nodes,
+            message,
+        },
+    }
+}
+
+fn set_phase(status: &mut VolumeAttachmentStatus, phase: AttachmentPhase, now: Timestamp) {
+    if status.phase != Some(phase) {
+        status.phase = Some(phase);
+        status.phase_since = Some(Time(now));
+    }
+}
+
+fn ready(
+    status: &mut VolumeAttachmentStatus,
+    observed: &Observed,
+    value: ConditionStatus,
+    reason: &str,
+    message: impl Into<String>,
+) {
+    set_condition(
+        &mut status.conditions,
+        READY,
+        value,
+        reason,
+        message,
+        observed.generation,
+        observed.time(),
+    );
+}
+
+fn fail(status: &mut VolumeAttachmentStatus, observed: &Observed, problem: &Misconfiguration) {
+    let message = problem.message()
+        + if phase_of(status) == AttachmentPhase::Failed {
+            ""
+        } else {
+            "; the backend cannot be asked, so the attachment stays as last confirmed"
+        };
+    ready(
+        status,
+        observed,
+        ConditionStatus::False,
+        problem.reason(),
+        message,
+    );
+}

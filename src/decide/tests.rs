@@ -1,0 +1,920 @@
+//! The decision table: the five cases of the design as named rows, then every combination of
+//! desired state × phase × backend answer × request × deadline × autoForceDetach × multiAttach,
+//! checked against the safety invariant, then a walk from every state to convergence.
+
+use super::status::{Observed, after_step};
+use super::*;
+use crate::api::{ForceDetachStatus, VolumeAttachmentStatus, find_condition};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+const NODE: &str = "node-a";
+const OTHER: &str = "node-b";
+const STUCK_AFTER: Duration = Duration::from_secs(120);
+
+fn t(seconds: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+}
+
+fn policy(auto_force_detach: bool, multi_attach: bool) -> VolumePolicy {
+    VolumePolicy {
+        multi_attach,
+        stuck_after: STUCK_AFTER,
+        auto_force_detach,
+    }
+}
+
+fn in_phase(phase: AttachmentPhase, since: i64) -> VolumeAttachmentStatus {
+    VolumeAttachmentStatus {
+        phase: Some(phase),
+        phase_since: Some(Time(t(since))),
+        ..Default::default()
+    }
+}
+
+fn connected(nodes: &[&str]) -> Backend {
+    Backend::Answered(Connections::to(nodes.iter().copied()))
+}
+
+/// One row: the attachment, its backend and the clock.
+struct Row {
+    deleting: bool,
+    status: VolumeAttachmentStatus,
+    backend: Backend,
+    request: Request,
+    policy: VolumePolicy,
+    now: Timestamp,
+}
+
+impl Row {
+    fn new(phase: AttachmentPhase, backend: Backend) -> Self {
+        Self {
+            deleting: false,
+            status: in_phase(phase, 0),
+            backend,
+            request: Request::None,
+            policy: policy(true, false),
+            now: t(10),
+        }
+    }
+    fn deleting(mut self) -> Self {
+        self.deleting = true;
+        self
+    }
+    fn stuck(mut self) -> Self {
+        self.now = t(1000);
+        self
+    }
+    fn manual(mut self) -> Self {
+        self.policy.auto_force_detach = false;
+        self
+    }
+    fn requested(mut self, token: &str) -> Self {
+        self.request = Request::New(token.into());
+        self
+    }
+    fn input(&self) -> Input<'_> {
+        Input {
+            deleting: self.deleting,
+            has_finalizer: true,
+            node: NODE,
+            status: &self.status,
+            request: &self.request,
+            volume: Ok(&self.policy),
+            backend: Some(&self.backend),
+            now: self.now,
+        }
+    }
+    fn decide(&self) -> Step {
+        decide(&self.input())
+    }
+}
+
+use AttachmentPhase::*;
+
+// The five cases of the design, by name.
+
+#[test]
+fn case_1_stuck_attaching_not_connected_is_cleaned_up_then_attached_from_scratch() {
+    let row = Row::new(Attaching, connected(&[])).stuck();
+    assert_eq!(
+        row.decide(),
+        Step::ForceDetach {
+            reason: ForceDetachReason::StuckAttaching,
+            token: None
+        }
+    );
+}
+
+#[test]
+fn case_2_stuck_attaching_connected_here_rolls_forward() {
+    let row = Row::new(Attaching, connected(&[NODE])).stuck();
+    assert_eq!(
+        row.decide(),
+        Step::MarkAttached {
+            rolled_forward: true
+        }
+    );
+}
+
+#[test]
+fn case_3_detaching_not_connected_is_marked_detached_then_released() {
+    let row = Row::new(Detaching, connected(&[])).deleting().stuck();
+    assert_eq!(row.decide(), Step::MarkDetached);
+    let row = Row::new(Detached, connected(&[])).deleting();
+    assert_eq!(row.decide(), Step::ReleaseFinalizer);
+}
+
+#[test]
+fn case_4_stuck_detaching_connected_is_force_detached() {
+    let row = Row::new(Detaching, connected(&[NODE])).deleting().stuck();
+    assert_eq!(
+        row.decide(),
+        Step::ForceDetach {
+            reason: ForceDetachReason::StuckDetaching,
+            token: None
+        }
+    );
+}
+
+// Case 5 (orphans) is the Volume's decision: see `volume_tests` below.
+
+#[test]
+fn normal_attach_records_intent_before_calling_the_driver() {
+    assert_eq!(
+        Row::new(Pending, connected(&[])).decide(),
+        Step::BeginAttach
+    );
+    assert_eq!(Row::new(Attaching, connected(&[])).decide(), Step::Attach);
+    let mut row = Row::new(Attaching, connected(&[NODE]));
+    assert_eq!(
+        row.decide(),
+        Step::Attach,
+        "connected but no connection info yet: fetch it idempotently"
+    );
+    row.status
+        .connection_info
+        .insert("uri".into(), "nbd://x".into());
+    assert_eq!(
+        row.decide(),
+        Step::MarkAttached {
+            rolled_forward: false
+        }
+    );
+    assert_eq!(
+        Row::new(Attached, connected(&[NODE])).decide(),
+        Step::Wait {
+            why: Wait::Converged,
+            recheck_after: Some(RESYNC_INTERVAL)
+        }
+    );
+}
+
+#[test]
+fn normal_detach_records_intent_then_detaches_safely() {
+    assert_eq!(
+        Row::new(Attached, connected(&[NODE])).deleting().decide(),
+        Step::BeginDetach
+    );
+    assert_eq!(
+        Row::new(Detaching, connected(&[NODE])).deleting().decide(),
+        Step::Detach
+    );
+    assert_eq!(
+        Row::new(Detaching, connected(&[])).deleting().decide(),
+        Step::MarkDetached
+    );
+}
+
+#[test]
+fn a_stuck_attachment_with_auto_force_detach_off_keeps_trying_safely() {
+    assert_eq!(
+        Row::new(Detaching, connected(&[NODE]))
+            .deleting()
+            .stuck()
+            .manual()
+            .decide(),
+        Step::Detach
+    );
+    assert_eq!(
+        Row::new(Attaching, connected(&[]))
+            .stuck()
+            .manual()
+            .decide(),
+        Step::Attach
+    );
+}
+
+#[test]
+fn a_new_token_forces_a_detach_in_any_phase() {
+    for phase in [Pending, Attaching, Attached, Detaching, Detached, Failed] {
+        for deleting in [false, true] {
+            let mut row = Row::new(phase, connected(&[NODE])).requested("t1");
+            row.deleting = deleting;
+            assert_eq!(
+                row.decide(),
+                Step::ForceDetach {
+                    reason: ForceDetachReason::Requested,
+                    token: Some("t1".into())
+                },
+                "{phase:?} deleting={deleting}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_token_acts_once() {
+    assert_eq!(Request::read(Some("t1"), Some("t1")), Request::None);
+    assert_eq!(
+        Request::read(Some("t2"), Some("t1")),
+        Request::New("t2".into())
+    );
+    assert_eq!(Request::read(None, Some("t1")), Request::None);
+    assert!(matches!(
+        Request::read(Some(""), None),
+        Request::Invalid { .. }
+    ));
+    assert!(matches!(
+        Request::read(Some(&"x".repeat(129)), None),
+        Request::Invalid { .. }
+    ));
+    assert!(matches!(
+        Request::read(Some("a\nb"), None),
+        Request::Invalid { .. }
+    ));
+}
+
+#[test]
+fn an_attach_is_blocked_while_another_node_holds_a_single_attach_volume() {
+    let step = Row::new(Pending, connected(&[OTHER])).decide();
+    assert_eq!(
+        step,
+        Step::BlockAttach {
+            holders: vec![OTHER.into()]
+        }
+    );
+    assert_eq!(
+        Row::new(Attaching, connected(&[OTHER])).decide(),
+        Step::BlockAttach {
+            holders: vec![OTHER.into()]
+        }
+    );
+    let mut multi = Row::new(Pending, connected(&[OTHER]));
+    multi.policy.multi_attach = true;
+    assert_eq!(multi.decide(), Step::BeginAttach);
+}
+
+#[test]
+fn a_connection_lost_out_of_band_is_recorded_then_reattached() {
+    assert_eq!(
+        Row::new(Attached, connected(&[])).decide(),
+        Step::ConnectionLost
+    );
+}
+
+#[test]
+fn a_force_detach_under_way_goes_on_after_a_restart() {
+    let mut row = Row::new(Detaching, connected(&[NODE]));
+    row.status.force_detach = Some(ForceDetachStatus {
+        token: Some("t1".into()),
+        reason: ForceDetachReason::Requested,
+        state: ForceDetachState::InProgress,
+        attempts: 1,
+        started_at: Time(t(0)),
+        finished_at: None,
+        message: None,
+    });
+    assert_eq!(
+        row.decide(),
+        Step::ForceDetach {
+            reason: ForceDetachReason::Requested,
+            token: Some("t1".into())
+        }
+    );
+}
+
+#[test]
+fn a_misconfiguration_fails_without_touching_the_backend() {
+    let row = Row::new(Attached, connected(&[NODE]));
+    let problem = Misconfiguration::VolumeNotFound("v".into());
+    let input = Input {
+        volume: Err(&problem),
+        backend: None,
+        ..row.input()
+    };
+    assert_eq!(decide(&input), Step::Fail(problem.clone()));
+}
+
+#[test]
+fn the_finalizer_comes_before_anything_else() {
+    let row = Row::new(Pending, connected(&[]));
+    assert_eq!(
+        decide(&Input {
+            has_finalizer: false,
+            ..row.input()
+        }),
+        Step::AddFinalizer
+    );
+    let row = row.deleting();
+    assert!(matches!(
+        decide(&Input {
+            has_finalizer: false,
+            ..row.input()
+        }),
+        Step::Wait { .. }
+    ));
+}
+
+// Every combination, against the invariant.
+
+fn all_rows() -> Vec<Row> {
+    let backends = [
+        connected(&[]),
+        connected(&[NODE]),
+        connected(&[OTHER]),
+        connected(&[NODE, OTHER]),
+        Backend::Unreachable("down".into()),
+    ];
+    let requests = [
+        Request::None,
+        Request::New("t".into()),
+        Request::Invalid {
+            token: String::new(),
+            why: "empty",
+        },
+    ];
+    let mut rows = Vec::new();
+    for phase in [Pending, Attaching, Attached, Detaching, Detached, Failed] {
+        for backend in &backends {
+            for request in &requests {
+                for deleting in [false, true] {
+                    for stuck in [false, true] {
+                        for auto in [false, true] {
+                            for multi in [false, true] {
+                                for forcing in [false, true] {
+                                    let mut row = Row::new(phase, backend.clone());
+                                    row.deleting = deleting;
+                                    row.request = request.clone();
+                                    row.policy = policy(auto, multi);
+                                    if stuck {
+                                        row = row.stuck();
+                                    }
+                                    if forcing {
+                                        row.status.force_detach = Some(ForceDetachStatus {
+                                            token: None,
+                                            reason: ForceDetachReason::StuckDetaching,
+                                            state: ForceDetachState::InProgress,
+                                            attempts: 1,
+                                            started_at: Time(t(0)),
+                                            finished_at: None,
+                                            message: None,
+                                        });
+                                    }
+                                    rows.push(row);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    rows
+}
+
+fn here(backend: &Backend) -> Option<bool> {
+    match backend {
+        Backend::Answered(c) => Some(c.includes(NODE)),
+        Backend::Unreachable(_) => None,
+    }
+}
+
+#[test]
+fn every_combination_keeps_the_invariant() {
+    let rows = all_rows();
+    assert_eq!(rows.len(), 6 * 5 * 3 * 2 * 2 * 2 * 2 * 2);
+    for row in &rows {
+        let step = row.decide();
+        let context = format!(
+            "phase={:?} backend={:?} request={:?} deleting={} now={} policy={:?} force={:?} -> {step:?}",
+            row.status.phase,
+            row.backend,
+            row.request,
+            row.deleting,
+            row.now,
+            row.policy,
+            row.status.force_detach
+        );
+        match (&step, here(&row.backend)) {
+            // 1. Detached only on the backend's word.
+            (Step::MarkDetached | Step::ReleaseFinalizer, h) => {
+                assert_eq!(h, Some(false), "{context}")
+            }
+            // 3. No answer, no conclusion.
+            (_, None) => assert!(
+                matches!(
+                    step,
+                    Step::Wait {
+                        why: Wait::BackendUnreachable,
+                        ..
+                    }
+                ),
+                "{context}"
+            ),
+            // 2. No attach while another node holds a single-attach volume.
+            (Step::Attach | Step::BeginAttach, Some(h)) => {
+                let others = matches!(&row.backend, Backend::Answered(c) if c.nodes.iter().any(|n| n != NODE));
+                assert!(h || !others || row.policy.multi_attach, "{context}");
+                assert!(!row.deleting, "{context}");
+            }
+            _ => {}
+        }
+        if let Request::New(token) = &row.request
+            && here(&row.backend).is_some()
+        {
+            assert_eq!(
+                step,
+                Step::ForceDetach {
+                    reason: ForceDetachReason::Requested,
+                    token: Some(token.clone())
+                },
+                "{context}"
+            );
+        }
+        if matches!(step, Step::ForceDetach { token: None, .. }) {
+            let forcing = row.status.force_detach.is_some();
+            assert!(
+                forcing || row.policy.auto_force_detach,
+                "automatic force only when allowed: {context}"
+            );
+            assert!(
+                forcing || row.now == t(1000),
+                "automatic force only when stuck: {context}"
+            );
+        }
+    }
+}
+
+/// A backend that does what it is told, to walk the steps to their end.
+fn simulate(backend: &mut Connections, step: &Step, multi: bool) {
+    match step {
+        Step::Attach => {
+            if multi || backend.nodes.iter().all(|n| n == NODE) {
+                backend.nodes.insert(NODE.into());
+            }
+        }
+        Step::Detach | Step::ForceDetach { .. } => {
+            backend.nodes.remove(NODE);
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_state_converges_when_the_backend_works() {
+    for phase in [Pending, Attaching, Attached, Detaching, Detached, Failed] {
+        for start in [vec![], vec![NODE]] {
+            for deleting in [false, true] {
+                let mut status = in_phase(phase, 0);
+                let mut backend = Connections::to(start.iter().copied());
+                let policy = policy(true, false);
+                let mut now = t(10);
+                let mut steps = Vec::new();
+                let done = loop {
+                    assert!(
+                        steps.len() < 10,
+                        "{phase:?} {start:?} deleting={deleting} does not converge: {steps:?}"
+                    );
+                    let answer = Backend::Answered(backend.clone());
+                    let input = Input {
+                        deleting,
+                        has_finalizer: true,
+                        node: NODE,
+                        status: &status,
+                        request: &Request::None,
+                        volume: Ok(&policy),
+                        backend: Some(&answer),
+                        now,
+                    };
+                    let step = decide(&input);
+                    steps.push(step.clone());
+                    let observed = Observed {
+                        node: NODE,
+                        generation: Some(1),
+                        policy: Some(&policy),
+                        backend: Some(&answer),
+                        request: &Request::None,
+                        now,
+                    };
+                    status = after_step(&status, &step, &observed);
+                    simulate(&mut backend, &step, false);
+                    if step == Step::Attach {
+                        status
+                            .connection_info
+                            .insert("uri".into(), "nbd://x".into());
+                    }
+                    now += Duration::from_secs(1);
+                    match step {
+                        Step::ReleaseFinalizer => break "released",
+                        Step::Wait {
+                            why: Wait::Converged,
+                            ..
+                        } => break "attached",
+                        _ => {}
+                    }
+                };
+                let want = if deleting { "released" } else { "attached" };
+                assert_eq!(
+                    done, want,
+                    "{phase:?} {start:?} deleting={deleting}: {steps:?}"
+                );
+                assert_eq!(status.attached, !deleting);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_requested_force_detach_of_a_live_attachment_reattaches() {
+    let policy = policy(true, false);
+    let mut status = in_phase(Attached, 0);
+    status.attached = true;
+    let mut backend = Connections::to([NODE]);
+    let mut now = t(10);
+    let mut steps = Vec::new();
+    for _ in 0..6 {
+        let handled = status
+            .force_detach
+            .as_ref()
+            .and_then(|f| f.token.as_deref());
+        let request = Request::read(Some("t1"), handled);
+        let answer = Backend::Answered(backend.clone());
+        let input = Input {
+            deleting: false,
+            has_finalizer: true,
+            node: NODE,
+            status: &status,
+            request: &request,
+            volume: Ok(&policy),
+            backend: Some(&answer),
+            now,
+        };
+        let step = decide(&input);
+        let observed = Observed {
+            node: NODE,
+            generation: Some(1),
+            policy: Some(&policy),
+            backend: Some(&answer),
+            request: &request,
+            now,
+        };
+        status = after_step(&status, &step, &observed);
+        simulate(&mut backend, &step, false);
+        if step == Step::Attach {
+            status
+                .connection_info
+                .insert("uri".into(), "nbd://x".into());
+        }
+        steps.push(step);
+        now += Duration::from_secs(1);
+    }
+    assert_eq!(
+        steps,
+        vec![
+            Step::ForceDetach {
+                reason: ForceDetachReason::Requested,
+                token: Some("t1".into())
+            },
+            Step::MarkDetached,
+            Step::BeginAttach,
+            Step::Attach,
+            Step::MarkAttached {
+                rolled_forward: false
+            },
+            Step::Wait {
+                why: Wait::Converged,
+                recheck_after: Some(RESYNC_INTERVAL)
+            },
+        ]
+    );
+    let force = status.force_detach.unwrap();
+    assert_eq!(
+        (force.state, force.token.as_deref(), force.attempts),
+        (ForceDetachState::Succeeded, Some("t1"), 1)
+    );
+}
+
+mod status_tests {
+    use super::*;
+    use crate::decide::events::{Severity, between};
+    use crate::decide::status::{ATTACH_BLOCKED, BACKEND_IN_SYNC, STUCK};
+
+    fn observed<'a>(
+        backend: &'a Backend,
+        policy: &'a VolumePolicy,
+        request: &'a Request,
+        now: Timestamp,
+    ) -> Observed<'a> {
+        Observed {
+            node: NODE,
+            generation: Some(3),
+            policy: Some(policy),
+            backend: Some(backend),
+            request,
+            now,
+        }
+    }
+
+    #[test]
+    fn recomputing_an_unchanged_state_changes_nothing() {
+        let policy = policy(true, false);
+        let backend = connected(&[NODE]);
+        let step = Step::Wait {
+            why: Wait::Converged,
+            recheck_after: None,
+        };
+        let first = after_step(
+            &in_phase(Attached, 0),
+            &step,
+            &observed(&backend, &policy, &Request::None, t(10)),
+        );
+        let again = after_step(
+            &first,
+            &step,
+            &observed(&backend, &policy, &Request::None, t(500)),
+        );
+        assert_eq!(
+            first, again,
+            "a later reconcile of a converged attachment must not produce a write"
+        );
+        assert!(between(&first, &again, "v", NODE).is_empty());
+    }
+
+    #[test]
+    fn phase_since_moves_only_on_a_phase_change() {
+        let policy = policy(true, false);
+        let backend = connected(&[]);
+        let s1 = after_step(
+            &in_phase(Pending, 0),
+            &Step::BeginAttach,
+            &observed(&backend, &policy, &Request::None, t(10)),
+        );
+        assert_eq!(s1.phase_since, Some(Time(t(10))));
+        let s2 = after_step(
+            &s1,
+            &Step::Attach,
+            &observed(&backend, &policy, &Request::None, t(20)),
+        );
+        assert_eq!(s2.phase_since, Some(Time(t(10))));
+    }
+
+    #[test]
+    fn stuck_shows_as_a_condition_and_one_warning() {
+        let policy = policy(false, false);
+        let backend = connected(&[NODE]);
+        let start = in_phase(Detaching, 0);
+        let before = after_step(
+            &start,
+            &Step::Detach,
+            &observed(&backend, &policy, &Request::None, t(10)),
+        );
+        let after = after_step(
+            &before,
+            &Step::Detach,
+            &observed(&backend, &policy, &Request::None, t(1000)),
+        );
+        let stuck = find_condition(&after.conditions, STUCK).unwrap();
+        assert_eq!(
+            (stuck.status.as_str(), stuck.reason.as_str()),
+            ("True", "StuckDetaching")
+        );
+        assert!(
+            stuck.message.contains("safedetach.io/force-detach"),
+            "{}",
+            stuck.message
+        );
+        let notices = between(&before, &after, "v", NODE);
+        assert_eq!(
+            notices
+                .iter()
+                .filter(|n| n.reason == "StuckDetaching" && n.severity == Severity::Warning)
+                .count(),
+            1
+        );
+        let later = after_step(
+            &after,
+            &Step::Detach,
+            &observed(&backend, &policy, &Request::None, t(2000)),
+        );
+        assert!(
+            between(&after, &later, "v", NODE).is_empty(),
+            "no repeated warning"
+        );
+    }
+
+    #[test]
+    fn a_forced_detach_says_it_was_forced_why_and_for_which_token() {
+        let policy = policy(true, false);
+        let request = Request::New("t9".into());
+        let step = Step::ForceDetach {
+            reason: ForceDetachReason::Requested,
+            token: Some("t9".into()),
+        };
+        let attached = in_phase(Attached, 0);
+        let forcing = after_step(
+            &attached,
+            &step,
+            &observed(&connected(&[NODE]), &policy, &request, t(10)),
+        );
+        let started = between(&attached, &forcing, "v", NODE);
+        assert_eq!(started[0].reason, "ForceDetaching");
+        assert!(
+            started[0].message.contains("Requested") && started[0].message.contains("t9"),
+            "{:?}",
+            started[0]
+        );
+        let detached = after_step(
+            &forcing,
+            &Step::MarkDetached,
+            &observed(&connected(&[]), &policy, &Request::None, t(11)),
+        );
+        let done = between(&forcing, &detached, "v", NODE);
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert_eq!(
+            (done[0].reason.as_str(), done[0].severity),
+            ("ForceDetached", Severity::Warning)
+        );
+        assert!(done[0].message.contains("confirmed by the backend"));
+        assert!(!detached.attached);
+    }
+
+    #[test]
+    fn attached_follows_the_backend_not_the_record() {
+        let policy = policy(true, false);
+        let step = Step::Wait {
+            why: Wait::Converged,
+            recheck_after: None,
+        };
+        let status = after_step(
+            &in_phase(Attached, 0),
+            &step,
+            &observed(&connected(&[]), &policy, &Request::None, t(10)),
+        );
+        assert!(!status.attached);
+        assert_eq!(
+            find_condition(&status.conditions, BACKEND_IN_SYNC)
+                .unwrap()
+                .status,
+            "False"
+        );
+        let unreachable = Backend::Unreachable("down".into());
+        let kept = after_step(
+            &VolumeAttachmentStatus {
+                attached: true,
+                ..in_phase(Attached, 0)
+            },
+            &step,
+            &observed(&unreachable, &policy, &Request::None, t(10)),
+        );
+        assert!(kept.attached, "no answer changes nothing");
+        assert_eq!(
+            find_condition(&kept.conditions, BACKEND_IN_SYNC)
+                .unwrap()
+                .status,
+            "Unknown"
+        );
+    }
+
+    #[test]
+    fn a_blocked_attach_names_the_holder_and_clears_when_free() {
+        let policy = policy(true, false);
+        let step = Step::BlockAttach {
+            holders: vec![OTHER.into()],
+        };
+        let blocked = after_step(
+            &in_phase(Pending, 0),
+            &step,
+            &observed(&connected(&[OTHER]), &policy, &Request::None, t(10)),
+        );
+        let condition = find_condition(&blocked.conditions, ATTACH_BLOCKED).unwrap();
+        assert_eq!(condition.status, "True");
+        assert!(condition.message.contains(OTHER));
+        let freed = after_step(
+            &blocked,
+            &Step::BeginAttach,
+            &observed(&connected(&[]), &policy, &Request::None, t(20)),
+        );
+        assert_eq!(
+            find_condition(&freed.conditions, ATTACH_BLOCKED)
+                .unwrap()
+                .status,
+            "False"
+        );
+    }
+
+    #[test]
+    fn a_misconfigured_attachment_that_was_attached_keeps_its_phase() {
+        let policy = policy(true, false);
+        let request = Request::None;
+        let observed = Observed {
+            node: NODE,
+            generation: Some(1),
+            policy: Some(&policy),
+            backend: None,
+            request: &request,
+            now: t(10),
+        };
+        let problem = Misconfiguration::UnknownDriver("iscsi".into());
+        let status = after_step(
+            &VolumeAttachmentStatus {
+                attached: true,
+                ..in_phase(Attached, 0)
+            },
+            &Step::Fail(problem.clone()),
+            &observed,
+        );
+        assert_eq!(status.phase, Some(Attached));
+        assert!(status.attached);
+        let pending = after_step(&in_phase(Pending, 0), &Step::Fail(problem), &observed);
+        assert_eq!(pending.phase, Some(Failed));
+    }
+}
+
+mod volume_tests {
+    use super::*;
+    use crate::api::{OrphanPolicy, VolumePhase, VolumeStatus};
+    use crate::decide::volume::{ORPHANED, VolumeInput, decide_volume};
+    use std::collections::BTreeSet;
+
+    fn input<'a>(
+        backend: &'a Backend,
+        claimed: &'a BTreeSet<String>,
+        policy: OrphanPolicy,
+        now: Timestamp,
+    ) -> VolumeInput<'a> {
+        VolumeInput {
+            generation: Some(1),
+            problem: None,
+            backend: Some(backend),
+            claimed,
+            attachment_phases: &[],
+            orphan_policy: policy,
+            grace: STUCK_AFTER,
+            now,
+        }
+    }
+
+    #[test]
+    fn case_5_an_unclaimed_connection_is_reported() {
+        let backend = connected(&[OTHER]);
+        let claimed = BTreeSet::new();
+        let decision = decide_volume(
+            &VolumeStatus::default(),
+            &input(&backend, &claimed, OrphanPolicy::Report, t(0)),
+        );
+        assert_eq!(decision.status.orphans.len(), 1);
+        assert_eq!(decision.status.orphans[0].node, OTHER);
+        assert_eq!(
+            find_condition(&decision.status.conditions, ORPHANED)
+                .unwrap()
+                .status,
+            "True"
+        );
+        assert!(decision.force_detach.is_empty());
+        let later = decide_volume(
+            &decision.status,
+            &input(&backend, &claimed, OrphanPolicy::Report, t(1000)),
+        );
+        assert!(later.force_detach.is_empty(), "Report never detaches");
+        assert_eq!(later.status, decision.status, "steady orphan, no write");
+    }
+
+    #[test]
+    fn case_5_an_unclaimed_connection_is_detached_after_the_grace_period() {
+        let backend = connected(&[OTHER, NODE]);
+        let claimed = BTreeSet::from([NODE.to_owned()]);
+        let first = decide_volume(
+            &VolumeStatus::default(),
+            &input(&backend, &claimed, OrphanPolicy::Detach, t(0)),
+        );
+        assert!(first.force_detach.is_empty(), "not before the grace period");
+        assert_eq!(first.recheck_after, Some(STUCK_AFTER));
+        let later = decide_volume(
+            &first.status,
+            &input(&backend, &claimed, OrphanPolicy::Detach, t(200)),
+        );
+        assert_eq!(later.force_detach, vec![OTHER.to_owned()]);
+        assert_eq!(later.status.phase, Some(VolumePhase::InUse));
+        let gone = decide_volume(
+            &later.status,
+            &input(&connected(&[NODE]), &claimed, OrphanPolicy::Detach, t(201)),
+        );
+        assert!(gone.status.orphans.is_empty());
+        assert_eq!(
+            find_condition(&gone.status.conditions, ORPHANED)
+                .unwrap()
+                .status,
+            "False"
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! The Volume's view: which backend connections no attachment claims (case 5, orphans), what to
+//! do about them, and the Volume's status. Pure, like the rest of the core.
+
+use super::{Backend, Misconfiguration, status::next_probe_record};
+use crate::api::{
+    AttachmentPhase, ConditionStatus, Orphan, OrphanPolicy, ProbeResult, VolumePhase, VolumeStatus,
+    find_condition, set_condition,
+};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+pub const ORPHANED: &str = "Orphaned";
+pub const READY: &str = "Ready";
+
+/// Everything the Volume's decision rests on.
+#[derive(Clone, Debug)]
+pub struct VolumeInput<'a> {
+    pub generation: Option<i64>,
+    /// Why the Volume cannot reach its backend, if it cannot.
+    pub problem: Option<&'a Misconfiguration>,
+    pub backend: Option<&'a Backend>,
+    /// Nodes for which a VolumeAttachment of this volume exists: those connections are claimed,
+    /// and their own controller resolves them.
+    pub claimed: &'a BTreeSet<String>,
+    /// The phases of this volume's attachments.
+    pub attachment_phases: &'a [AttachmentPhase],
+    pub orphan_policy: OrphanPolicy,
+    /// How long a connection must stay unclaimed before `Detach` acts on it, so that an attach
+    /// racing with the attachment's creation is never cut off.
+    pub grace: Duration,
+    pub now: Timestamp,
+}
+
+/// The Volume's next status, and the orphaned connections to force-detach now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeDecision {
+    pub status: VolumeStatus,
+    pub force_detach: Vec<String>,
+    /// When to look again: the end of the shortest remaining grace period.
+    pub recheck_after: Option<Duration>,
+}
+
+pub fn decide_volume(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecision {
+    let mut status = current.clone();
+    let now = Time(input.now);
+    let generation = input.generation;
+    status.observed_generation = generation;
+    let mut force_detach = Vec::new();
+    let mut recheck_after = None;
+
+    if let Some(problem) = input.problem {
+        status.phase = Some(VolumePhase::Error);
+        set_condition(
+            &mut status.conditions,
+            READY,
+            ConditionStatus::False,
+            problem.reason(),
+            problem.message(),
+            generation,
+            now,
+        );
+        return VolumeDecision {
+            status,
+            force_detach,
+            recheck_after,
+        };
+    }
+
+    match input.backend {
+        Some(Backend::Answered(connections)) => {
+            let nodes: Vec<String> = connections.nodes.iter().cloned().collect();
+            let result = if nodes.is_empty() {
+                ProbeResult::NotConnected
+            } else {
+                ProbeResult::Connected
+            };
+            status.last_probe = Some(next_probe_record(
+                status.last_probe.take(),
+                result,
+                nodes.clone(),
+                None,
+                input.now,
+            ));
+            status.connected_nodes = nodes;
+
+            let previous = std::mem::take(&mut status.orphans);
+            for node in connections
+                .nodes
+                .iter()
+                .filter(|n| !input.claimed.contains(*n))
+            {
+                let since = previous
+                    .iter()
+                    .find(|o| &o.node == node)
+                    .map_or(now.clone(), |o| o.since.clone());
+                let unclaimed_for = input.now.duration_since(since.0).unsigned_abs();
+                let remaining = input.grace.saturating_sub(unclaimed_for);
+                if input.orphan_policy == OrphanPolicy::Detach {
+                    if remaining.is_zero() {
+                        force_detach.push(node.clone());
+                    } else {
+                        recheck_after =
+                            Some(recheck_after.map_or(remaining, |r: Duration| r.min(remaining)));
+                    }
+                }
+                status.orphans.push(Orphan {
+                    node: node.clone(),
+                    since,
+                });
+            }
+            let (value, reason, message) = if status.orphans.is_empty() {
+                (
+                    ConditionStatus::False,
+                    "NoOrphans",
+                    "every backend connection is claimed by a VolumeAttachment".to_owned(),
+                )
+            } else {
+                let nodes: Vec<&str> = status.orphans.iter().map(|o| o.node.as_str()).collect();
+                let action = match input.orphan_policy {
+                    OrphanPolicy::Report => {
+                        "orphanPolicy is Report: detach it with a VolumeAttachment and delete that, or set orphanPolicy: Detach"
+                    }
+                    OrphanPolicy::Detach => {
+                        "orphanPolicy is Detach: it is force-detached once unclaimed for stuckAfter"
+                    }
+                };
+                (
+                    ConditionStatus::True,
+                    "UnclaimedConnection",
+                    format!(
+                        "connected to {} with no VolumeAttachment; {action}",
+                        nodes.join(", ")
+                    ),
+                )
+            };
+            if !status.orphans.is_empty() || find_condition(&status.conditions, ORPHANED).is_some()
+            {
+                set_condition(
+                    &mut status.conditions,
+                    ORPHANED,
+                    value,
+                    reason,
+                    message,
+                    generation,
+                    now.clone(),
+                );
+            }
+            set_condition(
+                &mut status.conditions,
+                READY,
+                ConditionStatus::True,
+                "BackendAnswers",
+                "the backend answers for this volume",
+                generation,
+                now,
+            );
+            status.phase = Some(phase(&status.connected_nodes, input.attachment_phases));
+        }
+        Some(Backend::Unreachable(message)) => {
+            status.last_probe = Some(next_probe_record(
+                status.last_probe.take(),
+                ProbeResult::Unreachable,
+                Vec::new(),
+                Some(message.clone()),
+                input.now,
+            ));
+            set_condition(
+                &mut status.conditions,
+                READY,
+                ConditionStatus::Unknown,
+                "BackendUnreachable",
+                message.clone(),
+                generation,
+                now,
+            );
+        }
+        None => {}
+    }
+    VolumeDecision {
+        status,
+        force_detach,
+        recheck_after,
+    }
+}
+
+/// A transition under way shows first; otherwise the backend's connections say in use or not.
+fn phase(connected: &[String], attachments: &[AttachmentPhase]) -> VolumePhase {
+    if attachments.contains(&AttachmentPhase::Detaching) {
+        VolumePhase::Detaching
+    } else if attachments.contains(&AttachmentPhase::Attaching) {
+        VolumePhase::Attaching
+    } else if connected.is_empty() {
+        VolumePhase::Available
+    } else {
+        VolumePhase::InUse
+    }
+}
