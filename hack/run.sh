@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The main job: a local control plane, the demo storage backend, the CRDs, RBAC and examples, and
+# the operator running under its own RBAC-bound identity. Idempotent; `make stop` ends it all.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+kubectl="$root/.local/bin/kubectl --kubeconfig $root/.local/kubeconfig"
+
+hack/setup.sh
+hack/cluster.sh up
+hack/backend.sh up
+cargo build --quiet
+
+$kubectl apply --server-side -f crds/safedetach.io.yaml >/dev/null
+$kubectl wait --for condition=Established --timeout 60s \
+  crd/volumes.safedetach.io crd/volumeattachments.safedetach.io >/dev/null
+$kubectl apply --server-side -f deploy/namespace.yaml -f deploy/rbac.yaml >/dev/null
+
+pidfile="$root/.local/operator.pid"
+if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  kill "$(cat "$pidfile")"; sleep 1
+fi
+KUBECONFIG="$root/.local/cluster/operator.kubeconfig" RUST_LOG="${RUST_LOG:-info,kube=warn}" \
+  nohup target/debug/safe-detach run --config "$root/.local/operator.yaml" \
+  >"$root/.local/operator.log" 2>&1 &
+echo $! > "$pidfile"
+
+$kubectl apply --server-side -f deploy/examples/ >/dev/null
+sleep 3
+$kubectl get sdvol,sdva
+cat <<DONE
+
+safe-detach is running (log: .local/operator.log). Try:
+  export KUBECONFIG=$root/.local/kubeconfig PATH=$root/.local/bin:\$PATH
+  kubectl get sdva -w
+See README.md for the walk-through; 'make stop' stops everything.
+DONE
