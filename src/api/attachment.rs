@@ -113,7 +113,8 @@ pub struct ForceDetachStatus {
     pub token: Option<String>,
     /// Why it ran: Requested, StuckAttaching, StuckDetaching or Orphan.
     pub reason: ForceDetachReason,
-    /// InProgress, Succeeded (the backend confirmed the volume disconnected) or Failed.
+    /// InProgress (retried until the backend confirms; `message` says what it answered last) or
+    /// Succeeded (the backend confirmed the volume disconnected).
     pub state: ForceDetachState,
     /// How many times the driver's force_detach was called for it.
     #[serde(default)]
@@ -142,5 +143,4 @@ pub enum ForceDetachReason {
 pub enum ForceDetachState {
     InProgress,
     Succeeded,
-    Failed,
 }

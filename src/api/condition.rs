@@ -72,7 +72,10 @@ pub fn set_condition(
 pub(crate) fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
     let mut schema = generator.subschema_for::<Vec<Condition>>();
     schema.insert("x-kubernetes-list-type".into(), "map".into());
-    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
+    schema.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
     schema.insert(
         "description".into(),
         "The latest observations of this object's state, one per condition type.".into(),
@@ -92,17 +95,44 @@ mod tests {
     #[test]
     fn transition_time_moves_only_on_a_flip() {
         let mut conditions = Vec::new();
-        set_condition(&mut conditions, "Ready", ConditionStatus::False, "Attaching", "a", Some(1), at(10));
-        set_condition(&mut conditions, "Ready", ConditionStatus::False, "Attaching", "b", Some(2), at(20));
+        set_condition(
+            &mut conditions,
+            "Ready",
+            ConditionStatus::False,
+            "Attaching",
+            "a",
+            Some(1),
+            at(10),
+        );
+        set_condition(
+            &mut conditions,
+            "Ready",
+            ConditionStatus::False,
+            "Attaching",
+            "b",
+            Some(2),
+            at(20),
+        );
         assert_eq!(conditions.len(), 1);
         assert_eq!(conditions[0].last_transition_time, at(10));
         assert_eq!(conditions[0].message, "b");
         assert_eq!(conditions[0].observed_generation, Some(2));
 
-        set_condition(&mut conditions, "Ready", ConditionStatus::True, "Attached", "c", Some(2), at(30));
+        set_condition(
+            &mut conditions,
+            "Ready",
+            ConditionStatus::True,
+            "Attached",
+            "c",
+            Some(2),
+            at(30),
+        );
         assert_eq!(conditions[0].last_transition_time, at(30));
         assert_eq!(conditions[0].status, "True");
-        assert_eq!(find_condition(&conditions, "Ready").unwrap().reason, "Attached");
+        assert_eq!(
+            find_condition(&conditions, "Ready").unwrap().reason,
+            "Attached"
+        );
         assert!(find_condition(&conditions, "Stuck").is_none());
     }
 }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DurationError {
-    #[error("{0:?} is not a duration: write it as digits and a unit (ms, s, m, h), e.g. 90s or 1h30m")]
+    #[error(
+        "{0:?} is not a duration: write it as digits and a unit (ms, s, m, h), e.g. 90s or 1h30m"
+    )]
     Malformed(String),
 }
 
@@ -18,13 +20,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         return Err(malformed());
     }
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(malformed)?;
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(malformed)?;
         if digits == 0 {
             return Err(malformed());
         }
         let value: u64 = rest[..digits].parse().map_err(|_| malformed())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(1),
             "s" => Duration::from_secs(1),

@@ -57,7 +57,6 @@ pub fn between(
                 "ForceDetached",
                 format!("volume {volume} was force-detached from node {node}, confirmed by the backend: {}", describe(force)),
             )),
-            ForceDetachState::Failed => {}
         }
     }
 
