@@ -69,6 +69,14 @@ pub async fn operator_client() -> Client {
     client_from(&operator_kubeconfig().await).await
 }
 
+/// A client of the admin impersonating `user`, which has only the rights bindings give it.
+pub async fn client_as(user: &str) -> Client {
+    let kubeconfig = admin_kubeconfig().await;
+    let mut config = config_from(kubeconfig).await;
+    config.auth_info.impersonate = Some(user.to_owned());
+    Client::try_from(config).expect("build a Kubernetes client")
+}
+
 /// A name no other test of this run or of an earlier run uses, so tests run in parallel on one
 /// cluster and a rerun does not trip over objects a crashed run left behind.
 pub fn unique_name(prefix: &str) -> String {
@@ -269,10 +277,13 @@ fn publishes(document: &Value, gvk: &Value) -> bool {
 }
 
 async fn client_from(kubeconfig: &Path) -> Client {
+    Client::try_from(config_from(kubeconfig).await).expect("build a Kubernetes client")
+}
+
+async fn config_from(kubeconfig: &Path) -> Config {
     let read = Kubeconfig::read_from(kubeconfig)
         .unwrap_or_else(|e| panic!("read kubeconfig {}: {e}", kubeconfig.display()));
-    let config = Config::from_custom_kubeconfig(read, &KubeConfigOptions::default())
+    Config::from_custom_kubeconfig(read, &KubeConfigOptions::default())
         .await
-        .unwrap_or_else(|e| panic!("load kubeconfig {}: {e}", kubeconfig.display()));
-    Client::try_from(config).expect("build a Kubernetes client")
+        .unwrap_or_else(|e| panic!("load kubeconfig {}: {e}", kubeconfig.display()))
 }
