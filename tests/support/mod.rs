@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod operator;
 pub mod qmp_proxy;
 pub mod qsd;
