@@ -25,7 +25,10 @@ impl Deadlined {
     ) -> Result<T, DriverError> {
         tokio::time::timeout(self.deadline, call)
             .await
-            .unwrap_or(Err(DriverError::Timeout { operation, deadline: self.deadline }))
+            .unwrap_or(Err(DriverError::Timeout {
+                operation,
+                deadline: self.deadline,
+            }))
     }
 }
 
@@ -43,15 +46,25 @@ impl Driver for Deadlined {
         self.run("attach", self.inner.attach(request)).await
     }
 
-    async fn terminate_connection(&self, volume_handle: &str, node: &str) -> Result<(), DriverError> {
-        self.run("terminate_connection", self.inner.terminate_connection(volume_handle, node)).await
+    async fn terminate_connection(
+        &self,
+        volume_handle: &str,
+        node: &str,
+    ) -> Result<(), DriverError> {
+        self.run(
+            "terminate_connection",
+            self.inner.terminate_connection(volume_handle, node),
+        )
+        .await
     }
 
     async fn detach(&self, volume_handle: &str, node: &str) -> Result<(), DriverError> {
-        self.run("detach", self.inner.detach(volume_handle, node)).await
+        self.run("detach", self.inner.detach(volume_handle, node))
+            .await
     }
 
     async fn force_detach(&self, volume_handle: &str, node: &str) -> Result<(), DriverError> {
-        self.run("force_detach", self.inner.force_detach(volume_handle, node)).await
+        self.run("force_detach", self.inner.force_detach(volume_handle, node))
+            .await
     }
 }

@@ -38,7 +38,9 @@ pub struct Connections {
 
 impl Connections {
     pub fn to(nodes: impl IntoIterator<Item = impl Into<String>>) -> Self {
-        Self { nodes: nodes.into_iter().map(Into::into).collect() }
+        Self {
+            nodes: nodes.into_iter().map(Into::into).collect(),
+        }
     }
 
     pub fn includes(&self, node: &str) -> bool {
@@ -68,13 +70,23 @@ pub enum DriverError {
     UnknownVolume(String),
     /// The volume is in use and a safe (non-forced) call refused to cut it off.
     #[error("volume {volume} is in use on node {node}: {message}")]
-    InUse { volume: String, node: String, message: String },
+    InUse {
+        volume: String,
+        node: String,
+        message: String,
+    },
     /// The call exceeded its deadline; it may still complete on the backend.
     #[error("{operation} did not answer within {deadline:?}")]
-    Timeout { operation: &'static str, deadline: Duration },
+    Timeout {
+        operation: &'static str,
+        deadline: Duration,
+    },
     /// The connection to the backend broke after the request was sent.
     #[error("lost the backend's reply to {operation}: {message}")]
-    LostReply { operation: &'static str, message: String },
+    LostReply {
+        operation: &'static str,
+        message: String,
+    },
     /// The backend could not be reached; nothing was sent.
     #[error("backend unreachable: {0}")]
     Unreachable(String),
@@ -89,7 +101,9 @@ pub enum DriverError {
 impl DriverError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::NotConnected { .. } | Self::UnknownVolume(_) | Self::Invalid(_) => ErrorClass::Final,
+            Self::NotConnected { .. } | Self::UnknownVolume(_) | Self::Invalid(_) => {
+                ErrorClass::Final
+            }
             Self::InUse { .. } | Self::Unreachable(_) | Self::Refused(_) => ErrorClass::Retryable,
             Self::Timeout { .. } | Self::LostReply { .. } => ErrorClass::UnknownOutcome,
         }
@@ -124,7 +138,11 @@ pub trait Driver: Send + Sync {
     async fn attach(&self, request: &AttachRequest) -> Result<ConnectionInfo, DriverError>;
 
     /// Tears down the backend's connection to the node, refusing if that would cut off a user.
-    async fn terminate_connection(&self, volume_handle: &str, node: &str) -> Result<(), DriverError>;
+    async fn terminate_connection(
+        &self,
+        volume_handle: &str,
+        node: &str,
+    ) -> Result<(), DriverError>;
 
     /// Releases whatever the attach reserved besides the connection.
     async fn detach(&self, volume_handle: &str, node: &str) -> Result<(), DriverError>;

@@ -1,0 +1,69 @@
+//! The operator's HTTP endpoints: `/metrics` for Prometheus, `/healthz` (the process serves) and
+//! `/readyz` (the caches are synced and this replica is acting, or standing by as a follower).
+
+use super::metrics::Metrics;
+use crate::api::VolumeAttachment;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use jiff::Timestamp;
+use kube::runtime::reflector::Store;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// What the endpoints report, shared with the controllers.
+#[derive(Default)]
+pub struct Health {
+    pub metrics: Metrics,
+    ready: AtomicBool,
+    attachments: OnceLock<Store<VolumeAttachment>>,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Gives the metrics the attachment cache, from which the per-phase and stuck gauges are
+    /// computed at each scrape.
+    pub fn observe_attachments(&self, store: Store<VolumeAttachment>) {
+        let _ = self.attachments.set(store);
+    }
+}
+
+/// Serves the endpoints on `address` until `shutdown` resolves.
+pub async fn serve(
+    address: SocketAddr,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(health);
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+async fn metrics(State(health): State<Arc<Health>>) -> Result<String, StatusCode> {
+    if let Some(store) = health.attachments.get() {
+        health.metrics.observe_attachments(&store.state(), Timestamp::now());
+    }
+    health.metrics.encode().map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
+    if health.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: caches syncing")
+    }
+}

@@ -1,0 +1,6 @@
+//! What runs around the controllers: logs, metrics, health endpoints and leader election.
+
+pub mod health;
+pub mod leader;
+pub mod metrics;
+pub mod telemetry;
