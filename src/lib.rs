@@ -8,10 +8,10 @@
 //! - [`config`], [`runtime`]: the configuration and what runs around the controllers.
 
 pub mod api;
-// pub mod config;
+pub mod config;
 pub mod decide;
 pub mod driver;
-// pub mod reconcile;
+pub mod reconcile;
 pub mod runtime;
 
 /// The name the operator writes under: status field manager, event reporter, lease field manager.

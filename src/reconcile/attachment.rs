@@ -1,0 +1,279 @@
+//! The VolumeAttachment controller: probe, decide, execute, until the decision is to wait.
+//!
+//! Writes follow the crash rule of the design: an intent (phase Attaching or Detaching, a
+//! force-detach in progress) is written before the driver call it announces, and anything that
+//! says "detached" is written only after the probe that confirmed it. Everything else is written
+//! once, at the end, and only if it changed.
+
+use super::{Context, Error, probe, retry_after};
+use crate::MANAGER;
+use crate::api::{FINALIZER, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment, VolumeAttachmentStatus, parse_duration};
+use crate::decide::events::between;
+use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
+use crate::decide::{Input, Misconfiguration, Request, Step, VolumePolicy, Wait, decide, stuck_in};
+use crate::driver::{AttachRequest, Driver, DriverError, ok_if_not_connected};
+use jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{Instrument, info, info_span, warn};
+
+/// More steps than any path needs (force, confirm, begin, attach, confirm): a bound, not a budget.
+const MAX_STEPS: usize = 8;
+
+/// The backend, as one attachment reaches it.
+struct Target {
+    driver: Arc<dyn Driver>,
+    handle: String,
+    policy: VolumePolicy,
+}
+
+pub async fn reconcile(attachment: Arc<VolumeAttachment>, context: Arc<Context>) -> Result<Action, Error> {
+    let name = attachment.name_any();
+    let token = attachment.annotations().get(FORCE_DETACH_ANNOTATION).cloned().unwrap_or_default();
+    let span = info_span!("reconcile", kind = "VolumeAttachment", name = %name, token = %token);
+    let action = Reconcile::new(&attachment, &context).run().instrument(span).await;
+    match &action {
+        Ok(_) => context.backoff.succeeded(&name),
+        Err(error) => warn!(name, %error, "reconcile failed"),
+    }
+    action
+}
+
+pub fn error_policy(attachment: Arc<VolumeAttachment>, _error: &Error, context: Arc<Context>) -> Action {
+    Action::requeue(context.backoff.failed(&attachment.name_any()))
+}
+
+/// One reconcile of one attachment: the state it carries between steps.
+struct Reconcile<'a> {
+    attachment: &'a VolumeAttachment,
+    context: &'a Context,
+    api: Api<VolumeAttachment>,
+    name: String,
+    /// The status as the server has it.
+    stored: VolumeAttachmentStatus,
+    /// The status as computed so far.
+    status: VolumeAttachmentStatus,
+    has_finalizer: bool,
+}
+
+impl<'a> Reconcile<'a> {
+    fn new(attachment: &'a VolumeAttachment, context: &'a Context) -> Self {
+        let status = attachment.status.clone().unwrap_or_default();
+        Self {
+            attachment,
+            context,
+            api: Api::all(context.client.clone()),
+            name: attachment.name_any(),
+            stored: status.clone(),
+            status,
+            has_finalizer: attachment.finalizers().iter().any(|f| f == FINALIZER),
+        }
+    }
+
+    async fn run(mut self) -> Result<Action, Error> {
+        let target = self.target();
+        let annotation = self.attachment.annotations().get(FORCE_DETACH_ANNOTATION).cloned();
+        let deleting = self.attachment.metadata.deletion_timestamp.is_some();
+
+        for _ in 0..MAX_STEPS {
+            let backend = match &target {
+                Ok(target) => Some(probe(target.driver.as_ref(), &target.handle).await),
+                Err(_) => None,
+            };
+            // Read against the token the status records, so that once a step has taken it, the
+            // request is spent: each token acts once.
+            let handled = self.status.force_detach.as_ref().and_then(|f| f.token.as_deref());
+            let request = Request::read(annotation.as_deref(), handled);
+            let now = Timestamp::now();
+            let input = Input {
+                deleting,
+                has_finalizer: self.has_finalizer,
+                node: &self.attachment.spec.node_name,
+                status: &self.status,
+                request: &request,
+                volume: target.as_ref().map(|t| &t.policy),
+                backend: backend.as_ref(),
+                now,
+            };
+            let step = decide(&input);
+            let observed = Observed {
+                node: &self.attachment.spec.node_name,
+                generation: self.attachment.metadata.generation,
+                policy: target.as_ref().ok().map(|t| &t.policy),
+                backend: backend.as_ref(),
+                request: &request,
+                now,
+            };
+            self.status = after_step(&self.status, &step, &observed);
+            info!(?step, "step");
+
+            match &step {
+                Step::AddFinalizer => {
+                    self.add_finalizer().await?;
+                    continue;
+                }
+                Step::ReleaseFinalizer => {
+                    self.persist().await?;
+                    self.remove_finalizer().await?;
+                    return Ok(Action::await_change());
+                }
+                Step::Wait { why, recheck_after } => {
+                    self.persist().await?;
+                    let resync = self.context.config.resync_interval;
+                    let stuck_in = target.as_ref().ok().and_then(|t| stuck_in(&self.status, &t.policy, now));
+                    return Ok(match why {
+                        Wait::Converged => Action::requeue(recheck_after.unwrap_or(resync).min(resync)),
+                        Wait::BackendUnreachable => retry_after(self.context.backoff.failed(&self.name), stuck_in),
+                    });
+                }
+                Step::Fail(problem) => {
+                    self.persist().await?;
+                    warn!(reason = problem.reason(), "cannot reach the backend: {}", problem.message());
+                    // A missing Volume or driver is fixed by a change that wakes us; the requeue
+                    // is only a safety net, slow enough never to spin.
+                    return Ok(Action::requeue(self.context.config.resync_interval));
+                }
+                Step::BlockAttach { .. } => {
+                    // The holder's detach changes the Volume's status, which wakes us.
+                    self.persist().await?;
+                    return Ok(Action::requeue(self.context.config.resync_interval));
+                }
+                _ => {}
+            }
+            // `decide` answers Fail for an attachment without a backend, before any backend step.
+            let Ok(target) = &target else {
+                self.persist().await?;
+                return Ok(Action::requeue(self.context.config.resync_interval));
+            };
+
+            let result = match &step {
+                Step::Attach => {
+                    self.persist().await?;
+                    self.attach(target).await
+                }
+                Step::Detach => {
+                    self.persist().await?;
+                    detach_safely(target, &self.attachment.spec.node_name).await
+                }
+                Step::ForceDetach { .. } => {
+                    self.persist().await?;
+                    ok_if_not_connected(target.driver.force_detach(&target.handle, &self.attachment.spec.node_name).await)
+                }
+                // Record-only steps: the next probe and decision follow at once.
+                _ => Ok(()),
+            };
+            if let Err(error) = result {
+                // The outcome is recorded and the attachment retried later; an unknown outcome is
+                // resolved by the probe that starts the next reconcile.
+                warn!(?step, %error, class = ?error.class(), "driver call failed");
+                driver_failed(&mut self.status, &step, &error, &observed);
+                self.persist().await?;
+                let delay = self.context.backoff.failed(&self.name);
+                return Ok(retry_after(delay, stuck_in(&self.status, &target.policy, Timestamp::now())));
+            }
+        }
+        self.persist().await?;
+        Ok(Action::requeue(Duration::from_secs(1)))
+    }
+
+    /// The Volume's backend and policy, or why there is none.
+    fn target(&self) -> Result<Target, Misconfiguration> {
+        let volume_name = &self.attachment.spec.volume_name;
+        let volume = self
+            .context
+            .volumes
+            .get(&ObjectRef::<Volume>::new(volume_name))
+            .ok_or_else(|| Misconfiguration::VolumeNotFound(volume_name.clone()))?;
+        let driver = self
+            .context
+            .config
+            .drivers
+            .get(&volume.spec.driver)
+            .cloned()
+            .ok_or_else(|| Misconfiguration::UnknownDriver(volume.spec.driver.clone()))?;
+        let stuck_after = match &volume.spec.stuck_after {
+            Some(text) => parse_duration(text).map_err(|e| Misconfiguration::InvalidVolume(format!("spec.stuckAfter: {e}")))?,
+            None => self.context.config.default_stuck_after,
+        };
+        Ok(Target {
+            driver,
+            handle: volume.spec.volume_handle.clone(),
+            policy: VolumePolicy {
+                multi_attach: volume.spec.multi_attach,
+                stuck_after,
+                auto_force_detach: volume.spec.auto_force_detach,
+            },
+        })
+    }
+
+    async fn attach(&mut self, target: &Target) -> Result<(), DriverError> {
+        let spec = &self.attachment.spec;
+        let request = AttachRequest {
+            volume_handle: target.handle.clone(),
+            node: spec.node_name.clone(),
+            connector: spec.connector.clone().unwrap_or_default(),
+            read_only: spec.read_only.unwrap_or(false),
+        };
+        let info = target.driver.attach(&request).await?;
+        attached_with(&mut self.status, info);
+        Ok(())
+    }
+
+    /// Writes the status if it changed, then publishes the events the change deserves.
+    async fn persist(&mut self) -> Result<(), Error> {
+        if self.status == self.stored {
+            return Ok(());
+        }
+        let patch = json!({
+            "apiVersion": "safedetach.io/v1alpha1",
+            "kind": "VolumeAttachment",
+            "status": self.status,
+        });
+        let params = PatchParams::apply(MANAGER).force();
+        self.api.patch_status(&self.name, &params, &Patch::Apply(&patch)).await?;
+        for notice in between(&self.stored, &self.status, &self.attachment.spec.volume_name, &self.attachment.spec.node_name) {
+            self.context.publish(self.attachment, &notice).await;
+        }
+        self.stored = self.status.clone();
+        Ok(())
+    }
+
+    /// Adds the finalizer before any backend call, so that a deletion always waits for a
+    /// confirmed detach. The resourceVersion test makes a concurrent change fail instead of lost.
+    async fn add_finalizer(&mut self) -> Result<(), Error> {
+        let patch = match &self.attachment.metadata.finalizers {
+            Some(_) => json!([{ "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }]),
+            None => json!([{ "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] }]),
+        };
+        self.json_patch(patch).await?;
+        self.has_finalizer = true;
+        Ok(())
+    }
+
+    /// Releases the finalizer; called only after the confirmed `Detached` is stored.
+    async fn remove_finalizer(&self) -> Result<(), Error> {
+        let Some(index) = self.attachment.finalizers().iter().position(|f| f == FINALIZER) else {
+            return Ok(());
+        };
+        let path = format!("/metadata/finalizers/{index}");
+        self.json_patch(json!([{ "op": "test", "path": path, "value": FINALIZER }, { "op": "remove", "path": path }]))
+            .await
+    }
+
+    async fn json_patch(&self, operations: serde_json::Value) -> Result<(), Error> {
+        let patch: json_patch::Patch = serde_json::from_value(operations)?;
+        self.api.patch(&self.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await?;
+        Ok(())
+    }
+}
+
+/// The safe detach: terminate the connection (refused while a user holds it), then detach.
+async fn detach_safely(target: &Target, node: &str) -> Result<(), DriverError> {
+    ok_if_not_connected(target.driver.terminate_connection(&target.handle, node).await)?;
+    ok_if_not_connected(target.driver.detach(&target.handle, node).await)
+}

@@ -1,0 +1,159 @@
+//! The controllers: they read the cluster and the backend, ask the decision core what to do, and
+//! do it — driver calls, status writes, events, requeues. They decide nothing on their own.
+
+mod attachment;
+mod backoff;
+mod volume;
+
+use crate::api::{Volume, VolumeAttachment};
+use crate::MANAGER;
+use crate::config::Config;
+use crate::decide::Backend;
+use crate::decide::events::{Notice, Severity};
+use crate::driver::Driver;
+use backoff::Backoff;
+use futures::StreamExt;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot encode the status: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A short, stable label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "KubeApi",
+            Self::Encode(_) => "Encode",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub config: Config,
+    recorder: Recorder,
+    volumes: Store<Volume>,
+    attachments: Store<VolumeAttachment>,
+    backoff: Backoff,
+}
+
+impl Context {
+    async fn publish<K: Resource<DynamicType = ()>>(&self, object: &K, notice: &Notice) {
+        let event = Event {
+            type_: match notice.severity {
+                Severity::Normal => EventType::Normal,
+                Severity::Warning => EventType::Warning,
+            },
+            reason: notice.reason.clone(),
+            note: Some(notice.message.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        // An event that cannot be published is logged, never allowed to stop the reconcile.
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            warn!(%error, reason = %notice.reason, "cannot publish event");
+        }
+    }
+}
+
+/// Runs both controllers until `shutdown` resolves. With a `label_selector`, only the Volumes and
+/// VolumeAttachments it matches are managed: one operator per backend or shard.
+pub async fn run(
+    client: Client,
+    config: Config,
+    label_selector: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let watch = match &label_selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
+    let attachments_api = Api::<VolumeAttachment>::all(client.clone());
+    let volumes_api = Api::<Volume>::all(client.clone());
+
+    let attachment_controller = Controller::new(attachments_api, watch.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(16));
+    let attachments = attachment_controller.store();
+    let volume_controller = Controller::new(volumes_api.clone(), watch.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(4));
+    let volumes = volume_controller.store();
+
+    let context = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: None }),
+        client,
+        config,
+        volumes,
+        attachments: attachments.clone(),
+        backoff: Backoff::default(),
+    });
+
+    // A Volume's change (its policy, its backend connections) concerns each of its attachments.
+    let attachments_of_volume = {
+        let attachments = attachments.clone();
+        move |volume: Volume| {
+            let name = volume.metadata.name.unwrap_or_default();
+            attachments
+                .state()
+                .into_iter()
+                .filter(|a| a.spec.volume_name == name)
+                .map(|a| ObjectRef::from_obj(&*a))
+                .collect::<Vec<_>>()
+        }
+    };
+    // An attachment's change concerns its Volume's view of which connections are claimed.
+    let volume_of_attachment =
+        |attachment: VolumeAttachment| Some(ObjectRef::<Volume>::new(&attachment.spec.volume_name));
+
+    let shutdown = futures::FutureExt::shared(shutdown);
+    let attachment_loop = attachment_controller
+        .watches(volumes_api, watch.clone(), attachments_of_volume)
+        .graceful_shutdown_on(shutdown.clone())
+        .run(attachment::reconcile, attachment::error_policy, context.clone())
+        .for_each(|result| async move { log_result("VolumeAttachment", result) });
+    let volume_loop = volume_controller
+        .watches(Api::<VolumeAttachment>::all(context.client.clone()), watch, volume_of_attachment)
+        .graceful_shutdown_on(shutdown)
+        .run(volume::reconcile, volume::error_policy, context)
+        .for_each(|result| async move { log_result("Volume", result) });
+    info!("controllers started");
+    futures::join!(attachment_loop, volume_loop);
+    info!("controllers stopped");
+}
+
+fn log_result<K, E: std::fmt::Display>(kind: &str, result: Result<(ObjectRef<K>, Action), E>)
+where
+    K: Resource,
+    K::DynamicType: std::fmt::Debug,
+{
+    match result {
+        Ok((object, _)) => tracing::debug!(kind, name = %object.name, "reconciled"),
+        Err(error) => warn!(kind, %error, "reconcile failed"),
+    }
+}
+
+/// Asks the backend where the volume is connected; no answer is recorded as such, never guessed.
+async fn probe(driver: &dyn Driver, handle: &str) -> Backend {
+    match driver.probe(handle).await {
+        Ok(connections) => Backend::Answered(connections),
+        Err(error) => Backend::Unreachable(error.to_string()),
+    }
+}
+
+/// The requeue after a reconcile that could not finish, bounded by when it must look again anyway.
+fn retry_after(delay: Duration, deadline: Option<Duration>) -> Action {
+    Action::requeue(deadline.map_or(delay, |d| delay.min(d.max(Duration::from_millis(200)))))
+}

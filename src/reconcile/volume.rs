@@ -1,0 +1,154 @@
+//! The Volume controller: the Volume's view of its backend — which nodes it is connected to,
+//! which of those no attachment claims (orphans, case 5), and, under `orphanPolicy: Detach`, the
+//! backend-confirmed force-detach of those.
+
+use super::{Context, Error, probe};
+use crate::MANAGER;
+use crate::api::{Volume, VolumeStatus, parse_duration};
+use crate::decide::events::{Notice, Severity};
+use crate::decide::volume::{VolumeInput, decide_volume};
+use crate::decide::{Backend, Misconfiguration};
+use crate::driver::{Driver, ok_if_not_connected};
+use jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use tracing::{Instrument, info_span, warn};
+
+pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Action, Error> {
+    let name = volume.name_any();
+    let span = info_span!("reconcile", kind = "Volume", name = %name);
+    let action = reconcile_volume(&volume, &context).instrument(span).await;
+    if action.is_ok() {
+        context.backoff.succeeded(&backoff_key(&name));
+    }
+    action
+}
+
+pub fn error_policy(volume: Arc<Volume>, _error: &Error, context: Arc<Context>) -> Action {
+    Action::requeue(context.backoff.failed(&backoff_key(&volume.name_any())))
+}
+
+/// Volumes and attachments may share names; their backoffs must not.
+fn backoff_key(name: &str) -> String {
+    format!("volume/{name}")
+}
+
+async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, Error> {
+    let name = volume.name_any();
+    let driver = context.config.drivers.get(&volume.spec.driver).cloned();
+    let grace = match &volume.spec.stuck_after {
+        Some(text) => parse_duration(text).map_err(|e| Misconfiguration::InvalidVolume(format!("spec.stuckAfter: {e}"))),
+        None => Ok(context.config.default_stuck_after),
+    };
+    let problem = match (&driver, &grace) {
+        (None, _) => Some(Misconfiguration::UnknownDriver(volume.spec.driver.clone())),
+        (_, Err(problem)) => Some(problem.clone()),
+        _ => None,
+    };
+    let backend = match &driver {
+        Some(driver) if problem.is_none() => Some(probe(driver.as_ref(), &volume.spec.volume_handle).await),
+        _ => None,
+    };
+
+    let attachments: Vec<_> = context
+        .attachments
+        .state()
+        .into_iter()
+        .filter(|a| a.spec.volume_name == name)
+        .collect();
+    let claimed: BTreeSet<String> = attachments.iter().map(|a| a.spec.node_name.clone()).collect();
+    let phases: Vec<_> = attachments.iter().filter_map(|a| a.status.as_ref()?.phase).collect();
+
+    let current = volume.status.clone().unwrap_or_default();
+    let decision = decide_volume(
+        &current,
+        &VolumeInput {
+            generation: volume.metadata.generation,
+            problem: problem.as_ref(),
+            backend: backend.as_ref(),
+            claimed: &claimed,
+            attachment_phases: &phases,
+            orphan_policy: volume.spec.orphan_policy,
+            grace: grace.unwrap_or(context.config.default_stuck_after),
+            now: Timestamp::now(),
+        },
+    );
+    persist(volume, context, &current, &decision.status).await?;
+
+    if let Some(driver) = &driver {
+        for node in &decision.force_detach {
+            force_detach_orphan(volume, context, driver.as_ref(), node).await;
+        }
+    }
+
+    let resync = context.config.resync_interval;
+    Ok(match (problem, decision.force_detach.is_empty()) {
+        (Some(problem), _) => {
+            warn!(reason = problem.reason(), "{}", problem.message());
+            Action::requeue(resync)
+        }
+        // Look again at once after a forced detach, to record what the backend now says.
+        (None, false) => Action::requeue(std::time::Duration::from_secs(1)),
+        (None, true) => Action::requeue(decision.recheck_after.map_or(resync, |r| r.min(resync))),
+    })
+}
+
+/// Forces an orphaned connection off and reports it; the Volume's next probe records the result.
+async fn force_detach_orphan(volume: &Volume, context: &Context, driver: &dyn Driver, node: &str) {
+    let handle = &volume.spec.volume_handle;
+    let name = volume.name_any();
+    let result = ok_if_not_connected(driver.force_detach(handle, node).await);
+    let confirmed = match &result {
+        Ok(()) => matches!(probe(driver, handle).await, Backend::Answered(c) if !c.includes(node)),
+        Err(_) => false,
+    };
+    let notice = match (&result, confirmed) {
+        (Ok(()), true) => Notice {
+            severity: Severity::Warning,
+            reason: "ForceDetached".into(),
+            message: format!(
+                "volume {name} was force-detached from node {node}, confirmed by the backend: reason Orphan (connected with no VolumeAttachment; orphanPolicy Detach)"
+            ),
+        },
+        (Ok(()), false) => Notice {
+            severity: Severity::Warning,
+            reason: "ForceDetachUnconfirmed".into(),
+            message: format!("force-detach of orphaned volume {name} from node {node} returned, but the backend does not confirm it yet; will retry"),
+        },
+        (Err(error), _) => Notice {
+            severity: Severity::Warning,
+            reason: "ForceDetachFailed".into(),
+            message: format!("force-detach of orphaned volume {name} from node {node} failed: {error}"),
+        },
+    };
+    context.publish(volume, &notice).await;
+}
+
+async fn persist(volume: &Volume, context: &Context, current: &VolumeStatus, next: &VolumeStatus) -> Result<(), Error> {
+    if current == next {
+        return Ok(());
+    }
+    let api = Api::<Volume>::all(context.client.clone());
+    let patch = json!({ "apiVersion": "safedetach.io/v1alpha1", "kind": "Volume", "status": next });
+    api.patch_status(&volume.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
+    let newly_orphaned = next.orphans.iter().filter(|o| !current.orphans.iter().any(|c| c.node == o.node));
+    for orphan in newly_orphaned {
+        let notice = Notice {
+            severity: Severity::Warning,
+            reason: "Orphaned".into(),
+            message: format!(
+                "the backend connects volume {} to node {} but no VolumeAttachment claims it (orphanPolicy {:?})",
+                volume.name_any(),
+                orphan.node,
+                volume.spec.orphan_policy
+            ),
+        };
+        context.publish(volume, &notice).await;
+    }
+    Ok(())
+}
