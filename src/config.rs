@@ -25,11 +25,17 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid configuration: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{field}: {source}")]
-    Duration { field: String, source: DurationError },
+    Duration {
+        field: String,
+        source: DurationError,
+    },
     #[error("driver {name:?}: {message}")]
     Driver { name: String, message: String },
     #[error("no drivers configured: add at least one under `drivers`")]
@@ -66,42 +72,79 @@ const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text).map_err(|error| match error {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
             other => other,
         })
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let file: ConfigFile = serde_saphyr::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
+        let file: ConfigFile = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
         if file.drivers.is_empty() {
             return Err(ConfigError::NoDrivers);
         }
         let mut drivers = BTreeMap::new();
         for entry in file.drivers {
-            let deadline = duration_or(&entry.deadline, DEFAULT_DEADLINE, &format!("drivers[{}].deadline", entry.name))?;
-            let driver_error = |message: String| ConfigError::Driver { name: entry.name.clone(), message };
-            let driver: Arc<dyn Driver> = match entry.nbd {
-                Some(nbd) => Arc::new(NbdDriver::new(nbd).map_err(|e| driver_error(e.to_string()))?),
-                None => return Err(driver_error("say which backend it drives: add an `nbd:` section".into())),
+            let deadline = duration_or(
+                &entry.deadline,
+                DEFAULT_DEADLINE,
+                &format!("drivers[{}].deadline", entry.name),
+            )?;
+            let driver_error = |message: String| ConfigError::Driver {
+                name: entry.name.clone(),
+                message,
             };
-            if drivers.insert(entry.name.clone(), Arc::new(Deadlined::new(driver, deadline)) as Arc<dyn Driver>).is_some() {
+            let driver: Arc<dyn Driver> = match entry.nbd {
+                Some(nbd) => {
+                    Arc::new(NbdDriver::new(nbd).map_err(|e| driver_error(e.to_string()))?)
+                }
+                None => {
+                    return Err(driver_error(
+                        "say which backend it drives: add an `nbd:` section".into(),
+                    ));
+                }
+            };
+            if drivers
+                .insert(
+                    entry.name.clone(),
+                    Arc::new(Deadlined::new(driver, deadline)) as Arc<dyn Driver>,
+                )
+                .is_some()
+            {
                 return Err(driver_error("configured twice".into()));
             }
         }
         Ok(Self {
-            default_stuck_after: duration_or(&file.default_stuck_after, DEFAULT_STUCK_AFTER, "defaultStuckAfter")?,
+            default_stuck_after: duration_or(
+                &file.default_stuck_after,
+                DEFAULT_STUCK_AFTER,
+                "defaultStuckAfter",
+            )?,
             resync_interval: duration_or(&file.resync_interval, DEFAULT_RESYNC, "resyncInterval")?,
             drivers,
         })
     }
 }
 
-fn duration_or(text: &Option<String>, default: Duration, field: &str) -> Result<Duration, ConfigError> {
+fn duration_or(
+    text: &Option<String>,
+    default: Duration,
+    field: &str,
+) -> Result<Duration, ConfigError> {
     text.as_deref()
         .map_or(Ok(default), parse_duration)
-        .map_err(|source| ConfigError::Duration { field: field.to_owned(), source })
+        .map_err(|source| ConfigError::Duration {
+            field: field.to_owned(),
+            source,
+        })
 }

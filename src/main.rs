@@ -28,7 +28,12 @@ enum Command {
         #[arg(long, env = "SAFE_DETACH_SELECTOR")]
         selector: Option<String>,
         /// Log format.
-        #[arg(long, value_enum, default_value = "text", env = "SAFE_DETACH_LOG_FORMAT")]
+        #[arg(
+            long,
+            value_enum,
+            default_value = "text",
+            env = "SAFE_DETACH_LOG_FORMAT"
+        )]
         log_format: LogFormat,
     },
 }
@@ -45,7 +50,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config, selector, log_format } => {
+        Command::Run {
+            config,
+            selector,
+            log_format,
+        } => {
             telemetry::init(log_format);
             let config = match Config::load(&config) {
                 Ok(config) => config,

@@ -5,6 +5,7 @@
 //! ([`ErrorClass::Final`], [`ErrorClass::Retryable`]) or may have happened
 //! ([`ErrorClass::UnknownOutcome`]), in which case the caller must probe before deciding.
 
+pub mod csi;
 pub mod deadline;
 pub mod nbd;
 

@@ -7,7 +7,10 @@
 
 use super::{Context, Error, probe, retry_after};
 use crate::MANAGER;
-use crate::api::{FINALIZER, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment, VolumeAttachmentStatus, parse_duration};
+use crate::api::{
+    FINALIZER, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment, VolumeAttachmentStatus,
+    parse_duration,
+};
 use crate::decide::events::between;
 use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
 use crate::decide::{Input, Misconfiguration, Request, Step, VolumePolicy, Wait, decide, stuck_in};
@@ -32,20 +35,47 @@ struct Target {
     policy: VolumePolicy,
 }
 
-pub async fn reconcile(attachment: Arc<VolumeAttachment>, context: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(
+    attachment: Arc<VolumeAttachment>,
+    context: Arc<Context>,
+) -> Result<Action, Error> {
     let name = attachment.name_any();
-    let token = attachment.annotations().get(FORCE_DETACH_ANNOTATION).cloned().unwrap_or_default();
+    let token = attachment
+        .annotations()
+        .get(FORCE_DETACH_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
     let span = info_span!("reconcile", kind = "VolumeAttachment", name = %name, token = %token);
-    let action = Reconcile::new(&attachment, &context).run().instrument(span).await;
-    match &action {
-        Ok(_) => context.backoff.succeeded(&name),
-        Err(error) => warn!(name, %error, "reconcile failed"),
+    let result = Reconcile::new(&attachment, &context)
+        .run()
+        .instrument(span)
+        .await;
+    match result {
+        Ok(Outcome::Settled(action)) => {
+            context.backoff.succeeded(&name);
+            Ok(action)
+        }
+        Ok(Outcome::Retry(action)) => Ok(action),
+        Err(error) => {
+            warn!(name, %error, "reconcile failed");
+            Err(error)
+        }
     }
-    action
 }
 
-pub fn error_policy(attachment: Arc<VolumeAttachment>, _error: &Error, context: Arc<Context>) -> Action {
+pub fn error_policy(
+    attachment: Arc<VolumeAttachment>,
+    _error: &Error,
+    context: Arc<Context>,
+) -> Action {
     Action::requeue(context.backoff.failed(&attachment.name_any()))
+}
+
+/// How a reconcile ended: settled (its backoff is forgotten), or to be retried with backoff after
+/// a failed driver call or an unreachable backend.
+enum Outcome {
+    Settled(Action),
+    Retry(Action),
 }
 
 /// One reconcile of one attachment: the state it carries between steps.
@@ -75,9 +105,13 @@ impl<'a> Reconcile<'a> {
         }
     }
 
-    async fn run(mut self) -> Result<Action, Error> {
+    async fn run(mut self) -> Result<Outcome, Error> {
         let target = self.target();
-        let annotation = self.attachment.annotations().get(FORCE_DETACH_ANNOTATION).cloned();
+        let annotation = self
+            .attachment
+            .annotations()
+            .get(FORCE_DETACH_ANNOTATION)
+            .cloned();
         let deleting = self.attachment.metadata.deletion_timestamp.is_some();
 
         for _ in 0..MAX_STEPS {
@@ -87,7 +121,11 @@ impl<'a> Reconcile<'a> {
             };
             // Read against the token the status records, so that once a step has taken it, the
             // request is spent: each token acts once.
-            let handled = self.status.force_detach.as_ref().and_then(|f| f.token.as_deref());
+            let handled = self
+                .status
+                .force_detach
+                .as_ref()
+                .and_then(|f| f.token.as_deref());
             let request = Request::read(annotation.as_deref(), handled);
             let now = Timestamp::now();
             let input = Input {
@@ -120,50 +158,67 @@ impl<'a> Reconcile<'a> {
                 Step::ReleaseFinalizer => {
                     self.persist().await?;
                     self.remove_finalizer().await?;
-                    return Ok(Action::await_change());
+                    return Ok(Outcome::Settled(Action::await_change()));
                 }
                 Step::Wait { why, recheck_after } => {
                     self.persist().await?;
                     let resync = self.context.config.resync_interval;
-                    let stuck_in = target.as_ref().ok().and_then(|t| stuck_in(&self.status, &t.policy, now));
+                    let stuck_in = target
+                        .as_ref()
+                        .ok()
+                        .and_then(|t| stuck_in(&self.status, &t.policy, now));
                     return Ok(match why {
-                        Wait::Converged => Action::requeue(recheck_after.unwrap_or(resync).min(resync)),
-                        Wait::BackendUnreachable => retry_after(self.context.backoff.failed(&self.name), stuck_in),
+                        Wait::Converged => Outcome::Settled(Action::requeue(
+                            recheck_after.unwrap_or(resync).min(resync),
+                        )),
+                        Wait::BackendUnreachable => Outcome::Retry(retry_after(
+                            self.context.backoff.failed(&self.name),
+                            stuck_in,
+                        )),
                     });
                 }
                 Step::Fail(problem) => {
                     self.persist().await?;
-                    warn!(reason = problem.reason(), "cannot reach the backend: {}", problem.message());
+                    warn!(
+                        reason = problem.reason(),
+                        "cannot reach the backend: {}",
+                        problem.message()
+                    );
                     // A missing Volume or driver is fixed by a change that wakes us; the requeue
                     // is only a safety net, slow enough never to spin.
-                    return Ok(Action::requeue(self.context.config.resync_interval));
+                    return Ok(Outcome::Settled(Action::requeue(
+                        self.context.config.resync_interval,
+                    )));
                 }
                 Step::BlockAttach { .. } => {
                     // The holder's detach changes the Volume's status, which wakes us.
                     self.persist().await?;
-                    return Ok(Action::requeue(self.context.config.resync_interval));
+                    return Ok(Outcome::Settled(Action::requeue(
+                        self.context.config.resync_interval,
+                    )));
                 }
                 _ => {}
             }
             // `decide` answers Fail for an attachment without a backend, before any backend step.
             let Ok(target) = &target else {
                 self.persist().await?;
-                return Ok(Action::requeue(self.context.config.resync_interval));
+                return Ok(Outcome::Settled(Action::requeue(
+                    self.context.config.resync_interval,
+                )));
             };
 
+            if matches!(step, Step::Attach | Step::Detach | Step::ForceDetach { .. }) {
+                self.persist_intent().await?;
+            }
             let result = match &step {
-                Step::Attach => {
-                    self.persist().await?;
-                    self.attach(target).await
-                }
-                Step::Detach => {
-                    self.persist().await?;
-                    detach_safely(target, &self.attachment.spec.node_name).await
-                }
-                Step::ForceDetach { .. } => {
-                    self.persist().await?;
-                    ok_if_not_connected(target.driver.force_detach(&target.handle, &self.attachment.spec.node_name).await)
-                }
+                Step::Attach => self.attach(target).await,
+                Step::Detach => detach_safely(target, &self.attachment.spec.node_name).await,
+                Step::ForceDetach { .. } => ok_if_not_connected(
+                    target
+                        .driver
+                        .force_detach(&target.handle, &self.attachment.spec.node_name)
+                        .await,
+                ),
                 // Record-only steps: the next probe and decision follow at once.
                 _ => Ok(()),
             };
@@ -174,11 +229,14 @@ impl<'a> Reconcile<'a> {
                 driver_failed(&mut self.status, &step, &error, &observed);
                 self.persist().await?;
                 let delay = self.context.backoff.failed(&self.name);
-                return Ok(retry_after(delay, stuck_in(&self.status, &target.policy, Timestamp::now())));
+                return Ok(Outcome::Retry(retry_after(
+                    delay,
+                    stuck_in(&self.status, &target.policy, Timestamp::now()),
+                )));
             }
         }
         self.persist().await?;
-        Ok(Action::requeue(Duration::from_secs(1)))
+        Ok(Outcome::Settled(Action::requeue(Duration::from_secs(1))))
     }
 
     /// The Volume's backend and policy, or why there is none.
@@ -197,7 +255,8 @@ impl<'a> Reconcile<'a> {
             .cloned()
             .ok_or_else(|| Misconfiguration::UnknownDriver(volume.spec.driver.clone()))?;
         let stuck_after = match &volume.spec.stuck_after {
-            Some(text) => parse_duration(text).map_err(|e| Misconfiguration::InvalidVolume(format!("spec.stuckAfter: {e}")))?,
+            Some(text) => parse_duration(text)
+                .map_err(|e| Misconfiguration::InvalidVolume(format!("spec.stuckAfter: {e}")))?,
             None => self.context.config.default_stuck_after,
         };
         Ok(Target {
@@ -224,19 +283,39 @@ impl<'a> Reconcile<'a> {
         Ok(())
     }
 
+    /// Writes the intent a driver call is about to act on — the phase, a force-detach and its
+    /// token — if the server does not have it yet. The rest waits for the end of the reconcile,
+    /// so that a call that keeps failing does not make the status flap between writes.
+    async fn persist_intent(&mut self) -> Result<(), Error> {
+        if self.status.phase == self.stored.phase
+            && self.status.force_detach == self.stored.force_detach
+        {
+            return Ok(());
+        }
+        self.persist().await
+    }
+
     /// Writes the status if it changed, then publishes the events the change deserves.
     async fn persist(&mut self) -> Result<(), Error> {
         if self.status == self.stored {
             return Ok(());
         }
+
         let patch = json!({
             "apiVersion": "safedetach.io/v1alpha1",
             "kind": "VolumeAttachment",
             "status": self.status,
         });
         let params = PatchParams::apply(MANAGER).force();
-        self.api.patch_status(&self.name, &params, &Patch::Apply(&patch)).await?;
-        for notice in between(&self.stored, &self.status, &self.attachment.spec.volume_name, &self.attachment.spec.node_name) {
+        self.api
+            .patch_status(&self.name, &params, &Patch::Apply(&patch))
+            .await?;
+        for notice in between(
+            &self.stored,
+            &self.status,
+            &self.attachment.spec.volume_name,
+            &self.attachment.spec.node_name,
+        ) {
             self.context.publish(self.attachment, &notice).await;
         }
         self.stored = self.status.clone();
@@ -247,7 +326,9 @@ impl<'a> Reconcile<'a> {
     /// confirmed detach. The resourceVersion test makes a concurrent change fail instead of lost.
     async fn add_finalizer(&mut self) -> Result<(), Error> {
         let patch = match &self.attachment.metadata.finalizers {
-            Some(_) => json!([{ "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }]),
+            Some(_) => {
+                json!([{ "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }])
+            }
             None => json!([{ "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] }]),
         };
         self.json_patch(patch).await?;
@@ -257,7 +338,12 @@ impl<'a> Reconcile<'a> {
 
     /// Releases the finalizer; called only after the confirmed `Detached` is stored.
     async fn remove_finalizer(&self) -> Result<(), Error> {
-        let Some(index) = self.attachment.finalizers().iter().position(|f| f == FINALIZER) else {
+        let Some(index) = self
+            .attachment
+            .finalizers()
+            .iter()
+            .position(|f| f == FINALIZER)
+        else {
             return Ok(());
         };
         let path = format!("/metadata/finalizers/{index}");
@@ -267,13 +353,24 @@ impl<'a> Reconcile<'a> {
 
     async fn json_patch(&self, operations: serde_json::Value) -> Result<(), Error> {
         let patch: json_patch::Patch = serde_json::from_value(operations)?;
-        self.api.patch(&self.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await?;
+        self.api
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Json::<()>(patch),
+            )
+            .await?;
         Ok(())
     }
 }
 
 /// The safe detach: terminate the connection (refused while a user holds it), then detach.
 async fn detach_safely(target: &Target, node: &str) -> Result<(), DriverError> {
-    ok_if_not_connected(target.driver.terminate_connection(&target.handle, node).await)?;
+    ok_if_not_connected(
+        target
+            .driver
+            .terminate_connection(&target.handle, node)
+            .await,
+    )?;
     ok_if_not_connected(target.driver.detach(&target.handle, node).await)
 }

@@ -16,16 +16,24 @@ pub struct Backoff {
 impl Backoff {
     /// Counts a failure of `key` and returns how long to wait before the next try.
     pub fn failed(&self, key: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let count = failures.entry(key.to_owned()).or_default();
-        let delay = FIRST.saturating_mul(2u32.saturating_pow(*count)).min(LONGEST);
+        let delay = FIRST
+            .saturating_mul(2u32.saturating_pow(*count))
+            .min(LONGEST);
         *count = count.saturating_add(1);
         delay
     }
 
     /// Forgets the failures of `key` once it succeeds.
     pub fn succeeded(&self, key: &str) {
-        self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(key);
+        self.failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(key);
     }
 }
 

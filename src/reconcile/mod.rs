@@ -5,8 +5,8 @@ mod attachment;
 mod backoff;
 mod volume;
 
-use crate::api::{Volume, VolumeAttachment};
 use crate::MANAGER;
+use crate::api::{Volume, VolumeAttachment};
 use crate::config::Config;
 use crate::decide::Backend;
 use crate::decide::events::{Notice, Severity};
@@ -93,7 +93,13 @@ pub async fn run(
     let volumes = volume_controller.store();
 
     let context = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: None }),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: None,
+            },
+        ),
         client,
         config,
         volumes,
@@ -122,10 +128,18 @@ pub async fn run(
     let attachment_loop = attachment_controller
         .watches(volumes_api, watch.clone(), attachments_of_volume)
         .graceful_shutdown_on(shutdown.clone())
-        .run(attachment::reconcile, attachment::error_policy, context.clone())
+        .run(
+            attachment::reconcile,
+            attachment::error_policy,
+            context.clone(),
+        )
         .for_each(|result| async move { log_result("VolumeAttachment", result) });
     let volume_loop = volume_controller
-        .watches(Api::<VolumeAttachment>::all(context.client.clone()), watch, volume_of_attachment)
+        .watches(
+            Api::<VolumeAttachment>::all(context.client.clone()),
+            watch,
+            volume_of_attachment,
+        )
         .graceful_shutdown_on(shutdown)
         .run(volume::reconcile, volume::error_policy, context)
         .for_each(|result| async move { log_result("Volume", result) });

@@ -41,7 +41,8 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
     let name = volume.name_any();
     let driver = context.config.drivers.get(&volume.spec.driver).cloned();
     let grace = match &volume.spec.stuck_after {
-        Some(text) => parse_duration(text).map_err(|e| Misconfiguration::InvalidVolume(format!("spec.stuckAfter: {e}"))),
+        Some(text) => parse_duration(text)
+            .map_err(|e| Misconfiguration::InvalidVolume(format!("spec.stuckAfter: {e}"))),
         None => Ok(context.config.default_stuck_after),
     };
     let problem = match (&driver, &grace) {
@@ -50,7 +51,9 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
         _ => None,
     };
     let backend = match &driver {
-        Some(driver) if problem.is_none() => Some(probe(driver.as_ref(), &volume.spec.volume_handle).await),
+        Some(driver) if problem.is_none() => {
+            Some(probe(driver.as_ref(), &volume.spec.volume_handle).await)
+        }
         _ => None,
     };
 
@@ -60,8 +63,14 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
         .into_iter()
         .filter(|a| a.spec.volume_name == name)
         .collect();
-    let claimed: BTreeSet<String> = attachments.iter().map(|a| a.spec.node_name.clone()).collect();
-    let phases: Vec<_> = attachments.iter().filter_map(|a| a.status.as_ref()?.phase).collect();
+    let claimed: BTreeSet<String> = attachments
+        .iter()
+        .map(|a| a.spec.node_name.clone())
+        .collect();
+    let phases: Vec<_> = attachments
+        .iter()
+        .filter_map(|a| a.status.as_ref()?.phase)
+        .collect();
 
     let current = volume.status.clone().unwrap_or_default();
     let decision = decide_volume(
@@ -117,26 +126,42 @@ async fn force_detach_orphan(volume: &Volume, context: &Context, driver: &dyn Dr
         (Ok(()), false) => Notice {
             severity: Severity::Warning,
             reason: "ForceDetachUnconfirmed".into(),
-            message: format!("force-detach of orphaned volume {name} from node {node} returned, but the backend does not confirm it yet; will retry"),
+            message: format!(
+                "force-detach of orphaned volume {name} from node {node} returned, but the backend does not confirm it yet; will retry"
+            ),
         },
         (Err(error), _) => Notice {
             severity: Severity::Warning,
             reason: "ForceDetachFailed".into(),
-            message: format!("force-detach of orphaned volume {name} from node {node} failed: {error}"),
+            message: format!(
+                "force-detach of orphaned volume {name} from node {node} failed: {error}"
+            ),
         },
     };
     context.publish(volume, &notice).await;
 }
 
-async fn persist(volume: &Volume, context: &Context, current: &VolumeStatus, next: &VolumeStatus) -> Result<(), Error> {
+async fn persist(
+    volume: &Volume,
+    context: &Context,
+    current: &VolumeStatus,
+    next: &VolumeStatus,
+) -> Result<(), Error> {
     if current == next {
         return Ok(());
     }
     let api = Api::<Volume>::all(context.client.clone());
     let patch = json!({ "apiVersion": "safedetach.io/v1alpha1", "kind": "Volume", "status": next });
-    api.patch_status(&volume.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
-    let newly_orphaned = next.orphans.iter().filter(|o| !current.orphans.iter().any(|c| c.node == o.node));
+    api.patch_status(
+        &volume.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    let newly_orphaned = next
+        .orphans
+        .iter()
+        .filter(|o| !current.orphans.iter().any(|c| c.node == o.node));
     for orphan in newly_orphaned {
         let notice = Notice {
             severity: Severity::Warning,

@@ -50,14 +50,21 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .with_state(health);
     let listener = tokio::net::TcpListener::bind(address).await?;
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn metrics(State(health): State<Arc<Health>>) -> Result<String, StatusCode> {
     if let Some(store) = health.attachments.get() {
-        health.metrics.observe_attachments(&store.state(), Timestamp::now());
+        health
+            .metrics
+            .observe_attachments(&store.state(), Timestamp::now());
     }
-    health.metrics.encode().map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
+    health
+        .metrics
+        .encode()
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {

@@ -76,11 +76,23 @@ impl Default for Metrics {
         let reconciles = Family::<KindLabels, Counter>::default();
         registry.register("reconciles", "Reconciles, by kind", reconciles.clone());
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
-        registry.register("reconcile_errors", "Reconciles that failed, by kind and reason", reconcile_errors.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by kind and reason",
+            reconcile_errors.clone(),
+        );
         let attachments = Family::<PhaseLabels, Gauge>::default();
-        registry.register("attachments", "VolumeAttachments, by phase", attachments.clone());
+        registry.register(
+            "attachments",
+            "VolumeAttachments, by phase",
+            attachments.clone(),
+        );
         let stuck = Gauge::default();
-        registry.register("stuck_attachments", "VolumeAttachments whose Stuck condition is True", stuck.clone());
+        registry.register(
+            "stuck_attachments",
+            "VolumeAttachments whose Stuck condition is True",
+            stuck.clone(),
+        );
         let oldest_stuck_seconds = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "oldest_stuck_attachment_seconds",
@@ -88,28 +100,58 @@ impl Default for Metrics {
             oldest_stuck_seconds.clone(),
         );
         let orphans = Gauge::default();
-        registry.register("orphans", "Backend connections that no VolumeAttachment claims", orphans.clone());
-        Self { registry, force_detaches, driver_calls, reconciles, reconcile_errors, attachments, stuck, oldest_stuck_seconds, orphans }
+        registry.register(
+            "orphans",
+            "Backend connections that no VolumeAttachment claims",
+            orphans.clone(),
+        );
+        Self {
+            registry,
+            force_detaches,
+            driver_calls,
+            reconciles,
+            reconcile_errors,
+            attachments,
+            stuck,
+            oldest_stuck_seconds,
+            orphans,
+        }
     }
 }
 
 impl Metrics {
     pub fn force_detach(&self, reason: &str, result: &str) {
-        let labels = ForceLabels { reason: reason.into(), result: result.into() };
+        let labels = ForceLabels {
+            reason: reason.into(),
+            result: result.into(),
+        };
         self.force_detaches.get_or_create(&labels).inc();
     }
 
     pub fn driver_call(&self, driver: &str, operation: &str, result: &str, elapsed: Duration) {
-        let labels = CallLabels { driver: driver.into(), operation: operation.into(), result: result.into() };
-        self.driver_calls.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        let labels = CallLabels {
+            driver: driver.into(),
+            operation: operation.into(),
+            result: result.into(),
+        };
+        self.driver_calls
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn reconciled(&self, kind: &str) {
-        self.reconciles.get_or_create(&KindLabels { kind: kind.into() }).inc();
+        self.reconciles
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
     }
 
     pub fn reconcile_failed(&self, kind: &str, reason: &str) {
-        self.reconcile_errors.get_or_create(&ErrorLabels { kind: kind.into(), reason: reason.into() }).inc();
+        self.reconcile_errors
+            .get_or_create(&ErrorLabels {
+                kind: kind.into(),
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn set_orphans(&self, count: usize) {
@@ -122,9 +164,15 @@ impl Metrics {
         let mut stuck = 0;
         let mut oldest = Duration::ZERO;
         for attachment in attachments {
-            let Some(status) = &attachment.status else { continue };
+            let Some(status) = &attachment.status else {
+                continue;
+            };
             let phase = status.phase.unwrap_or(AttachmentPhase::Pending);
-            self.attachments.get_or_create(&PhaseLabels { phase: format!("{phase:?}") }).inc();
+            self.attachments
+                .get_or_create(&PhaseLabels {
+                    phase: format!("{phase:?}"),
+                })
+                .inc();
             if find_condition(&status.conditions, STUCK).is_some_and(|c| c.status == "True") {
                 stuck += 1;
                 if let Some(since) = &status.phase_since {

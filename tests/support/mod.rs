@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod csi;
+pub mod grpc_proxy;
 pub mod operator;
 pub mod qmp_proxy;
 pub mod qsd;

@@ -91,7 +91,11 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!("--- operator log ({}) ---\n{}", self.log.display(), self.log());
+            eprintln!(
+                "--- operator log ({}) ---\n{}",
+                self.log.display(),
+                self.log()
+            );
         }
     }
 }
@@ -104,7 +108,16 @@ async fn install_rbac() {
         .get_or_init(|| async {
             let namespace = format!("{REPO}/deploy/namespace.yaml");
             let rbac = format!("{REPO}/deploy/rbac.yaml");
-            kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &namespace, "-f", &rbac]).await;
+            kubectl(&[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-f",
+                &namespace,
+                "-f",
+                &rbac,
+            ])
+            .await;
         })
         .await;
 }

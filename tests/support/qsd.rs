@@ -1,1 +1,317 @@
-//! (to be written)
+//! A real `qemu-storage-daemon` for the `nbd` driver's tests, and a real NBD client (`qemu-io`)
+//! that holds an export open.
+//!
+//! Each [`Qsd`] runs in its own temporary folder (sockets and images), so tests run in parallel
+//! without sharing state. Both processes are killed on drop.
+
+use safe_detach::driver::nbd::NbdConfig;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `qemu-storage-daemon` with a QMP socket and an empty image folder.
+pub struct Qsd {
+    child: Child,
+    dir: TempDir,
+}
+
+impl Qsd {
+    /// Starts the daemon and waits until its QMP socket greets.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("qsd")
+            .tempdir()
+            .expect("temporary folder");
+        std::fs::create_dir(dir.path().join("images")).expect("image folder");
+        let qmp = dir.path().join("qmp.sock");
+        let log = std::fs::File::create(dir.path().join("qsd.log")).expect("daemon log");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!("socket,id=m0,path={},server=on,wait=off", qmp.display()))
+            .args(["--monitor", "chardev=m0"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("daemon log"))
+            .stderr(log)
+            .spawn()
+            .expect("qemu-storage-daemon (Debian: apt-get install qemu-system-common) must be installed");
+        let mut qsd = Self { child, dir };
+        qsd.await_greeting();
+        qsd
+    }
+
+    fn await_greeting(&mut self) {
+        let give_up = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("daemon status") {
+                panic!("qemu-storage-daemon exited with {status}: {}", self.log());
+            }
+            // The monitor serves one client at a time; this one leaves at once.
+            if let Ok(stream) = UnixStream::connect(self.qmp_socket()) {
+                let mut greeting = String::new();
+                if BufReader::new(stream).read_line(&mut greeting).is_ok()
+                    && greeting.contains("\"QMP\"")
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < give_up,
+                "qemu-storage-daemon did not greet on QMP: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.path().join("qmp.sock")
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.dir.path().join("nbd.sock")
+    }
+
+    pub fn image_dir(&self) -> PathBuf {
+        self.dir.path().join("images")
+    }
+
+    /// The driver configuration for this daemon.
+    pub fn config(&self) -> NbdConfig {
+        NbdConfig {
+            qmp_socket: self.qmp_socket(),
+            nbd_socket: self.nbd_socket(),
+            image_dir: self.image_dir(),
+        }
+    }
+
+    /// The driver configuration with QMP going through `qmp_socket` (a fault-injecting proxy).
+    pub fn config_via(&self, qmp_socket: &Path) -> NbdConfig {
+        NbdConfig {
+            qmp_socket: qmp_socket.to_owned(),
+            ..self.config()
+        }
+    }
+
+    /// Creates a raw image of 1 MiB in the image folder, the volume `handle`.
+    pub fn create_image(&self, handle: &str) -> PathBuf {
+        let path = self.image_dir().join(handle);
+        let output = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "raw"])
+            .arg(&path)
+            .arg("1M")
+            .output()
+            .expect("qemu-img must be installed");
+        assert!(
+            output.status.success(),
+            "qemu-img create: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        path
+    }
+
+    /// The daemon's output so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("qsd.log")).unwrap_or_default()
+    }
+
+    /// Runs one QMP command directly on the daemon (not through the driver) and returns its
+    /// `return` value, or the `error` object as `Err`: the tests' own view of the daemon's state.
+    pub fn qmp(&self, command: &str, arguments: Value) -> Result<Value, Value> {
+        let stream = UnixStream::connect(self.qmp_socket()).expect("QMP socket");
+        stream
+            .set_read_timeout(Some(START_TIMEOUT))
+            .expect("QMP socket");
+        let mut writer = stream.try_clone().expect("QMP socket");
+        let mut reader = BufReader::new(stream);
+        let mut next = || {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("QMP reply");
+            serde_json::from_str::<Value>(&line).expect("QMP JSON")
+        };
+        assert!(next().get("QMP").is_some(), "QMP greeting");
+        let mut send = |request: Value| {
+            writeln!(writer, "{request}").expect("QMP request");
+            loop {
+                let message = next();
+                if message.get("event").is_none() {
+                    return message;
+                }
+            }
+        };
+        let negotiated = send(json!({"execute": "qmp_capabilities"}));
+        assert!(
+            negotiated.get("return").is_some(),
+            "qmp_capabilities: {negotiated}"
+        );
+        let reply = send(json!({"execute": command, "arguments": arguments}));
+        match reply.get("error") {
+            Some(error) => Err(error.clone()),
+            None => Ok(reply["return"].clone()),
+        }
+    }
+
+    /// The ids of the daemon's block exports.
+    pub fn export_ids(&self) -> Vec<String> {
+        let exports = self
+            .qmp("query-block-exports", json!({}))
+            .expect("query-block-exports");
+        let mut ids: Vec<String> = exports
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|e| e["id"].as_str().expect("an id").to_owned())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The names of the daemon's named block nodes (QEMU's automatic `#block…` names left out).
+    pub fn block_nodes(&self) -> Vec<String> {
+        let nodes = self
+            .qmp("query-named-block-nodes", json!({"flat": true}))
+            .expect("query-named-block-nodes");
+        let mut names: Vec<String> = nodes
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|n| n["node-name"].as_str())
+            .filter(|name| !name.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a read through [`NbdClient`] came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadOutcome {
+    Ok,
+    /// The read failed with an I/O error: the export was taken away.
+    IoError,
+    /// Anything else qemu-io said (or that it exited).
+    Other(String),
+}
+
+/// A `qemu-io` process connected to an NBD export, kept connected by an open stdin.
+///
+/// qemu-io reads its commands with stdio from a pipe, so a second line written before the first
+/// is done can sit in its buffer unread: commands go one at a time, each awaited.
+pub struct NbdClient {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl NbdClient {
+    /// Connects to the export `name` on `socket` and proves it with a first read.
+    pub async fn connect(socket: &Path, name: &str) -> Result<Self, String> {
+        let uri = format!("nbd+unix:///{name}?socket={}", socket.display());
+        Self::connect_uri(&uri).await
+    }
+
+    /// Connects to an NBD URI, as the driver's connection info gives it, for reading and writing.
+    pub async fn connect_uri(uri: &str) -> Result<Self, String> {
+        Self::open(uri, false).await
+    }
+
+    /// Connects to an NBD URI for reading only. (Opening a read-only export for writing fails.)
+    pub async fn connect_uri_read_only(uri: &str) -> Result<Self, String> {
+        Self::open(uri, true).await
+    }
+
+    async fn open(uri: &str, read_only: bool) -> Result<Self, String> {
+        let mut command = tokio::process::Command::new("qemu-io");
+        if read_only {
+            command.arg("-r");
+        }
+        let mut child = command
+            .args(["-f", "raw", uri])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            // qemu-io reports a failed open on stderr; merged into the test output.
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start qemu-io: {e}"))?;
+        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut client = Self {
+            child,
+            stdin,
+            stdout: tokio::io::BufReader::new(stdout).lines(),
+        };
+        match client.read().await {
+            ReadOutcome::Ok => Ok(client),
+            other => Err(format!("qemu-io could not read {uri}: {other:?}")),
+        }
+    }
+
+    /// Reads the first 512 bytes of the export.
+    pub async fn read(&mut self) -> ReadOutcome {
+        if let Err(e) = self.stdin.write_all(b"read 0 512\n").await {
+            return ReadOutcome::Other(format!("qemu-io took no command: {e}"));
+        }
+        if let Err(e) = self.stdin.flush().await {
+            return ReadOutcome::Other(format!("qemu-io took no command: {e}"));
+        }
+        let outcome = tokio::time::timeout(CLIENT_TIMEOUT, async {
+            let mut seen = Vec::new();
+            loop {
+                // Results follow the prompt of the command on the same line: "qemu-io> read ...".
+                match self.stdout.next_line().await {
+                    Ok(Some(line)) if line.contains("read 512/512 bytes at offset 0") => {
+                        return ReadOutcome::Ok;
+                    }
+                    Ok(Some(line)) if line.contains("read failed: Input/output error") => {
+                        return ReadOutcome::IoError;
+                    }
+                    Ok(Some(line)) if line.contains("failed") || line.contains("no file open") => {
+                        return ReadOutcome::Other(line);
+                    }
+                    Ok(Some(line)) => seen.push(line),
+                    Ok(None) => {
+                        return ReadOutcome::Other(format!("qemu-io exited after {seen:?}"));
+                    }
+                    Err(e) => {
+                        return ReadOutcome::Other(format!("cannot read qemu-io's output: {e}"));
+                    }
+                }
+            }
+        })
+        .await;
+        outcome.unwrap_or_else(|_| {
+            ReadOutcome::Other(format!("qemu-io did not answer within {CLIENT_TIMEOUT:?}"))
+        })
+    }
+
+    /// Disconnects cleanly and waits for qemu-io to exit.
+    pub async fn close(mut self) {
+        let _ = self.stdin.write_all(b"quit\n").await;
+        let _ = tokio::time::timeout(CLIENT_TIMEOUT, self.child.wait()).await;
+    }
+}

@@ -1,1 +1,453 @@
 //! The `nbd` driver: volumes served by QEMU's storage daemon, one NBD export per (volume, node).
+//!
+//! It owns everything the operator asks of `qemu-storage-daemon`, spoken over the daemon's QMP
+//! socket: its configuration ([`NbdConfig`]), the QMP client, and the names it gives things in
+//! the daemon.
+//!
+//! - A volume handle is the file name of a raw image directly in `imageDir` (handle `vol1` is
+//!   `imageDir/vol1`, no extension added). Handles match `[A-Za-z0-9][A-Za-z0-9.-]*` (at most 128
+//!   characters); node names are DNS subdomains. Anything else is [`DriverError::Invalid`].
+//! - Each volume has one block node in the daemon (`sd-<handle>`, or a hash for long handles),
+//!   opened read-write on first attach and shared by all of the volume's exports.
+//! - Attaching to a node adds an NBD export with id and export name `sd_<handle>__<node>`, so
+//!   `query-block-exports` alone says which nodes a volume is connected to. Several nodes can hold
+//!   writable exports of one volume at once: QEMU allows several exports of one block node, and
+//!   whether that is allowed is the operator's decision (`multiAttach`), not the daemon's.
+//!   Read-only attachments get a read-only export; an export that already exists is returned as it
+//!   is, whatever its mode.
+//! - The NBD server is started on `nbdSocket` by the first attach. A server the daemon already
+//!   runs is taken to listen there: QEMU 7.2 has no query that says where it listens.
+//! - Removing an export is asynchronous in QEMU: `block-export-del` only drops the user's
+//!   reference and asks clients to leave; the export leaves the list (and `BLOCK_EXPORT_DELETED`
+//!   is sent) once the last reference is gone, listed meanwhile with `shutting-down: true`. With
+//!   QEMU 7.2 that is quick (with no client the event precedes the reply; after a hard delete with
+//!   a client connected it follows it), but not promised, so detach paths return only once
+//!   `query-block-exports` no longer lists the export, and the probe counts exports that are
+//!   still shutting down.
+//! - The QMP monitor serves one client at a time and turns further connection attempts away, so
+//!   the driver's calls take turns, one QMP connection each.
+//! - Only exports whose id this driver made are reported; an export added by hand under another
+//!   id is invisible to the probe.
+
+mod config;
+mod names;
+mod qmp;
+
+pub use config::{NbdConfig, NbdConfigError};
+pub use names::{block_node_name, export_id, parse_export_id, validate_handle, validate_node};
+
+use crate::driver::{AttachRequest, ConnectionInfo, Connections, Driver, DriverError};
+use async_trait::async_trait;
+use qmp::{Qmp, QmpError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::ops::{Deref, DerefMut};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::{Mutex, MutexGuard};
+use tokio::time::Instant;
+
+/// How long a detach path waits for a deleted export to leave the daemon's list. QEMU drops it as
+/// soon as its clients are gone, which a hard delete forces at once: seconds mean something is
+/// wrong, and the caller must probe.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+const SETTLE_POLL: Duration = Duration::from_millis(50);
+/// Attempts at an attach whose block node or NBD server vanished under it (a concurrent detach
+/// released the node between our add and our export).
+const ATTACH_ATTEMPTS: usize = 3;
+
+/// The connection info key of the NBD URI.
+pub const INFO_URI: &str = "uri";
+/// The connection info key of the NBD export name.
+pub const INFO_EXPORT_NAME: &str = "exportName";
+/// The connection info key of the NBD server's socket path.
+pub const INFO_SOCKET: &str = "socket";
+
+/// How long to wait for the monitor to take us in before calling the daemon unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A driver for volumes served by one `qemu-storage-daemon`.
+#[derive(Debug)]
+pub struct NbdDriver {
+    config: NbdConfig,
+    /// QEMU's monitor serves one client at a time and turns further connection attempts away,
+    /// so this driver's calls take turns rather than race for it.
+    monitor: Mutex<()>,
+}
+
+/// A QMP session, holding this driver's turn at the monitor.
+struct Session<'a> {
+    qmp: Qmp,
+    _turn: MutexGuard<'a, ()>,
+}
+
+impl Deref for Session<'_> {
+    type Target = Qmp;
+
+    fn deref(&self) -> &Qmp {
+        &self.qmp
+    }
+}
+
+impl DerefMut for Session<'_> {
+    fn deref_mut(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+}
+
+/// One entry of `query-block-exports`.
+#[derive(Debug, Deserialize)]
+struct ExportInfo {
+    id: String,
+    #[serde(rename = "node-name")]
+    node_name: String,
+    #[serde(rename = "shutting-down")]
+    shutting_down: bool,
+}
+
+impl NbdDriver {
+    /// A driver for the daemon and images `config` names. Fails if the configuration is invalid;
+    /// the daemon need not be running yet.
+    pub fn new(config: NbdConfig) -> Result<Self, NbdConfigError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            monitor: Mutex::new(()),
+        })
+    }
+
+    pub fn config(&self) -> &NbdConfig {
+        &self.config
+    }
+
+    fn image_path(&self, handle: &str) -> PathBuf {
+        self.config.image_dir.join(handle)
+    }
+
+    /// What a node needs to reach an export. Depends only on the export and the configuration, so
+    /// an idempotent attach returns the same info every time.
+    fn connection_info(&self, export: &str) -> ConnectionInfo {
+        let socket = self.config.nbd_socket.to_string_lossy().into_owned();
+        ConnectionInfo::from([
+            (
+                INFO_URI.to_owned(),
+                format!("nbd+unix:///{export}?socket={}", names::uri_encode(&socket)),
+            ),
+            (INFO_EXPORT_NAME.to_owned(), export.to_owned()),
+            (INFO_SOCKET.to_owned(), socket),
+        ])
+    }
+
+    async fn connect(&self) -> Result<Session<'_>, DriverError> {
+        let turn = self.monitor.lock().await;
+        let qmp = Qmp::connect(&self.config.qmp_socket, CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| DriverError::Unreachable(e.to_string()))?;
+        Ok(Session { qmp, _turn: turn })
+    }
+
+    /// Fails with [`DriverError::UnknownVolume`] unless the volume's image is a file.
+    async fn check_image(&self, handle: &str) -> Result<PathBuf, DriverError> {
+        let path = self.image_path(handle);
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) if meta.is_file() => Ok(path),
+            Ok(_) => Err(DriverError::UnknownVolume(format!(
+                "{handle} ({} is not a file)",
+                path.display()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(DriverError::UnknownVolume(handle.to_owned()))
+            }
+            Err(e) => Err(DriverError::Refused(format!(
+                "cannot read {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    async fn ensure_server(
+        &self,
+        qmp: &mut Qmp,
+        operation: &'static str,
+    ) -> Result<(), DriverError> {
+        let socket = self.config.nbd_socket.to_string_lossy();
+        let arguments = json!({ "addr": { "type": "unix", "data": { "path": socket } } });
+        match qmp.execute("nbd-server-start", Some(arguments)).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.says("already running") => Ok(()),
+            Err(e) => Err(driver_error(e, operation)),
+        }
+    }
+
+    /// Adds the volume's block node, or checks that the node already there serves its image.
+    /// `Ok(false)`: a node was there but vanished before it could be checked; try again.
+    async fn ensure_block_node(
+        &self,
+        qmp: &mut Qmp,
+        handle: &str,
+        image: &Path,
+    ) -> Result<bool, DriverError> {
+        let node_name = block_node_name(handle);
+        let filename = image.to_string_lossy();
+        let arguments = json!({
+            "driver": "raw",
+            "node-name": node_name,
+            "file": { "driver": "file", "filename": filename },
+        });
+        match qmp.execute("blockdev-add", Some(arguments)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.says("duplicate node") => {
+                verify_block_node(qmp, &node_name, &filename).await
+            }
+            Err(e) if e.says("no such file") => Err(DriverError::UnknownVolume(handle.to_owned())),
+            Err(e) => Err(driver_error(e, "attach")),
+        }
+    }
+
+    /// Removes the volume's block node unless an export still uses it.
+    async fn release_block_node(
+        &self,
+        qmp: &mut Qmp,
+        handle: &str,
+        operation: &'static str,
+    ) -> Result<(), DriverError> {
+        let node_name = block_node_name(handle);
+        if list_exports(qmp, operation)
+            .await?
+            .iter()
+            .any(|export| export.node_name == node_name)
+        {
+            return Ok(());
+        }
+        match qmp
+            .execute("blockdev-del", Some(json!({ "node-name": node_name })))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // An attach got in between: the node is needed again.
+            Err(e) if e.says("is in use") => Ok(()),
+            Err(e) if e.says("failed to find node") => Ok(()),
+            Err(e) => Err(driver_error(e, operation)),
+        }
+    }
+
+    /// Waits until the daemon no longer lists the export.
+    async fn await_export_gone(
+        &self,
+        qmp: &mut Qmp,
+        id: &str,
+        operation: &'static str,
+    ) -> Result<(), DriverError> {
+        let give_up = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            if !list_exports(qmp, operation)
+                .await?
+                .iter()
+                .any(|export| export.id == id)
+            {
+                return Ok(());
+            }
+            if Instant::now() >= give_up {
+                tracing::warn!(export = id, "export still listed after its deletion");
+                return Err(DriverError::Timeout {
+                    operation,
+                    deadline: SETTLE_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
+    }
+}
+
+async fn list_exports(
+    qmp: &mut Qmp,
+    operation: &'static str,
+) -> Result<Vec<ExportInfo>, DriverError> {
+    let value = qmp
+        .execute("query-block-exports", None)
+        .await
+        .map_err(|e| driver_error(e, operation))?;
+    serde_json::from_value(value)
+        .map_err(|e| DriverError::Refused(format!("unexpected reply to query-block-exports: {e}")))
+}
+
+async fn verify_block_node(
+    qmp: &mut Qmp,
+    node_name: &str,
+    filename: &str,
+) -> Result<bool, DriverError> {
+    let nodes = qmp
+        .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+        .await
+        .map_err(|e| driver_error(e, "attach"))?;
+    let serves = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|node| node.get("node-name").and_then(Value::as_str) == Some(node_name))
+        .and_then(|node| node.get("file").and_then(Value::as_str));
+    match serves {
+        Some(file) if file == filename => Ok(true),
+        // Released by a concurrent detach between our add and our query.
+        None => Ok(false),
+        // Never export a node that serves another file: that would hand out the wrong disk.
+        Some(file) => Err(DriverError::Refused(format!(
+            "block node {node_name} serves {file}, not {filename}"
+        ))),
+    }
+}
+
+/// The default meaning of a QMP failure; call sites first pick out the errors they expect.
+fn driver_error(error: QmpError, operation: &'static str) -> DriverError {
+    match error {
+        QmpError::Unreachable(message) => DriverError::Unreachable(message),
+        QmpError::LostReply(message) => DriverError::LostReply { operation, message },
+        command @ QmpError::Command { .. } => {
+            DriverError::Refused(format!("{operation}: {command}"))
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for NbdDriver {
+    fn kind(&self) -> &'static str {
+        "nbd"
+    }
+
+    async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
+        validate_handle(volume_handle)?;
+        let mut qmp = self.connect().await?;
+        // Exports still shutting down keep their clients until they are gone, so they count.
+        let nodes: Vec<String> = list_exports(&mut qmp, "probe")
+            .await?
+            .iter()
+            .filter_map(|export| parse_export_id(&export.id))
+            .filter(|(handle, _)| *handle == volume_handle)
+            .map(|(_, node)| node.to_owned())
+            .collect();
+        if nodes.is_empty() {
+            // Connected nowhere, but say so only for a volume that exists.
+            self.check_image(volume_handle).await?;
+        }
+        Ok(Connections::to(nodes))
+    }
+
+    async fn attach(&self, request: &AttachRequest) -> Result<ConnectionInfo, DriverError> {
+        let handle = request.volume_handle.as_str();
+        validate_handle(handle)?;
+        validate_node(&request.node)?;
+        let image = self.check_image(handle).await?;
+        let id = export_id(handle, &request.node);
+        let mut qmp = self.connect().await?;
+        if let Some(existing) = list_exports(&mut qmp, "attach")
+            .await?
+            .iter()
+            .find(|export| export.id == id)
+        {
+            if existing.shutting_down {
+                return Err(DriverError::Refused(format!(
+                    "export {id} is being deleted; attach again once it is gone"
+                )));
+            }
+            return Ok(self.connection_info(&id));
+        }
+        let arguments = json!({
+            "type": "nbd",
+            "id": id,
+            "node-name": block_node_name(handle),
+            "name": id,
+            "writable": !request.read_only,
+        });
+        for attempt in 1..=ATTACH_ATTEMPTS {
+            self.ensure_server(&mut qmp, "attach").await?;
+            if !self.ensure_block_node(&mut qmp, handle, &image).await? {
+                continue;
+            }
+            match qmp
+                .execute("block-export-add", Some(arguments.clone()))
+                .await
+            {
+                Ok(_) => return Ok(self.connection_info(&id)),
+                // A concurrent attach of the same (volume, node) won: same export, same info.
+                Err(e) if e.says("already in use") || e.says("already has export named") => {
+                    return Ok(self.connection_info(&id));
+                }
+                Err(e)
+                    if (e.says("cannot find device") || e.says("server not running"))
+                        && attempt < ATTACH_ATTEMPTS => {}
+                Err(e) => return Err(driver_error(e, "attach")),
+            }
+        }
+        Err(DriverError::Refused(format!(
+            "the block node of {handle} kept vanishing while attaching"
+        )))
+    }
+
+    async fn terminate_connection(
+        &self,
+        volume_handle: &str,
+        node: &str,
+    ) -> Result<(), DriverError> {
+        validate_handle(volume_handle)?;
+        validate_node(node)?;
+        let id = export_id(volume_handle, node);
+        let mut qmp = self.connect().await?;
+        match qmp
+            .execute(
+                "block-export-del",
+                Some(json!({ "id": id, "mode": "safe" })),
+            )
+            .await
+        {
+            Ok(_) => {}
+            // Someone forced it already; it goes away on its own.
+            Err(e) if e.says("already shutting down") => {}
+            Err(e) if e.says("still in use") => {
+                return Err(DriverError::InUse {
+                    volume: volume_handle.to_owned(),
+                    node: node.to_owned(),
+                    message: e.to_string(),
+                });
+            }
+            Err(e) if e.says("not found") => {
+                return Err(DriverError::NotConnected {
+                    volume: volume_handle.to_owned(),
+                    node: node.to_owned(),
+                });
+            }
+            Err(e) => return Err(driver_error(e, "terminate_connection")),
+        }
+        self.await_export_gone(&mut qmp, &id, "terminate_connection")
+            .await
+    }
+
+    async fn detach(&self, volume_handle: &str, node: &str) -> Result<(), DriverError> {
+        validate_handle(volume_handle)?;
+        validate_node(node)?;
+        let mut qmp = self.connect().await?;
+        self.release_block_node(&mut qmp, volume_handle, "detach")
+            .await
+    }
+
+    async fn force_detach(&self, volume_handle: &str, node: &str) -> Result<(), DriverError> {
+        validate_handle(volume_handle)?;
+        validate_node(node)?;
+        let id = export_id(volume_handle, node);
+        let mut qmp = self.connect().await?;
+        match qmp
+            .execute(
+                "block-export-del",
+                Some(json!({ "id": id, "mode": "hard" })),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.says("not found") || e.says("already shutting down") => {}
+            Err(e) => return Err(driver_error(e, "force_detach")),
+        }
+        self.await_export_gone(&mut qmp, &id, "force_detach")
+            .await?;
+        self.release_block_node(&mut qmp, volume_handle, "force_detach")
+            .await
+    }
+}

@@ -1,0 +1,532 @@
+//! The `nbd` driver against a real `qemu-storage-daemon`, with real NBD clients (`qemu-io`) and a
+//! fault-injecting proxy for the failures a daemon cannot make on demand.
+
+mod support;
+
+use safe_detach::driver::nbd::{NbdConfig, NbdDriver};
+use safe_detach::driver::{AttachRequest, Connections, Deadlined, Driver, DriverError, ErrorClass};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use support::qmp_proxy::{Fault, QmpProxy};
+use support::qsd::{NbdClient, Qsd, ReadOutcome};
+
+fn driver(config: NbdConfig) -> NbdDriver {
+    NbdDriver::new(config).expect("valid configuration")
+}
+
+fn request(volume: &str, node: &str) -> AttachRequest {
+    AttachRequest {
+        volume_handle: volume.into(),
+        node: node.into(),
+        connector: BTreeMap::new(),
+        read_only: false,
+    }
+}
+
+fn export(volume: &str, node: &str) -> String {
+    format!("sd_{volume}__{node}")
+}
+
+/// A daemon with the images `vol1` and `vol2`, and a driver for it.
+fn setup() -> (Qsd, NbdDriver) {
+    let qsd = Qsd::start();
+    qsd.create_image("vol1");
+    qsd.create_image("vol2");
+    let driver = driver(qsd.config());
+    (qsd, driver)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_exports_the_volume_and_probe_shows_the_node() {
+    let (qsd, driver) = setup();
+    assert_eq!(driver.kind(), "nbd");
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
+
+    let info = driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach");
+    let name = export("vol1", "node-a");
+    assert_eq!(
+        info["uri"],
+        format!("nbd+unix:///{name}?socket={}", qsd.nbd_socket().display())
+    );
+    assert_eq!(info["exportName"], name);
+    assert_eq!(qsd.export_ids(), [name.as_str()]);
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-a"])));
+    assert_eq!(
+        driver.probe("vol2").await,
+        Ok(Connections::default()),
+        "another volume is untouched"
+    );
+
+    // The connection info is what a node really uses.
+    let mut client = NbdClient::connect_uri(&info["uri"])
+        .await
+        .expect("an NBD client reaches the export");
+    assert_eq!(client.read().await, ReadOutcome::Ok);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_twice_is_idempotent() {
+    let (qsd, driver) = setup();
+    let first = driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach");
+    let second = driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach again");
+    assert_eq!(first, second);
+    assert_eq!(qsd.export_ids(), [export("vol1", "node-a")]);
+    assert_eq!(qsd.block_nodes(), ["sd-vol1"]);
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-a"])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_can_hold_writable_exports_of_one_volume() {
+    let (qsd, driver) = setup();
+    let a = driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach to node-a");
+    let b = driver
+        .attach(&request("vol1", "node-b"))
+        .await
+        .expect("attach to node-b");
+    assert_ne!(a["uri"], b["uri"]);
+    assert_eq!(
+        driver.probe("vol1").await,
+        Ok(Connections::to(["node-a", "node-b"]))
+    );
+    assert_eq!(
+        qsd.block_nodes(),
+        ["sd-vol1"],
+        "one block node serves both exports"
+    );
+
+    let mut client_a = NbdClient::connect_uri(&a["uri"])
+        .await
+        .expect("client on node-a");
+    let mut client_b = NbdClient::connect_uri(&b["uri"])
+        .await
+        .expect("client on node-b");
+    assert_eq!(client_a.read().await, ReadOutcome::Ok);
+    assert_eq!(client_b.read().await, ReadOutcome::Ok);
+
+    // Cutting node-a off leaves node-b connected and the block node in place.
+    driver
+        .force_detach("vol1", "node-a")
+        .await
+        .expect("force_detach node-a");
+    assert_eq!(client_a.read().await, ReadOutcome::IoError);
+    assert_eq!(client_b.read().await, ReadOutcome::Ok);
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-b"])));
+    assert_eq!(qsd.block_nodes(), ["sd-vol1"]);
+
+    client_b.close().await;
+    driver
+        .terminate_connection("vol1", "node-b")
+        .await
+        .expect("terminate node-b once its client left");
+    driver
+        .detach("vol1", "node-b")
+        .await
+        .expect("detach node-b");
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
+    assert!(
+        qsd.block_nodes().is_empty(),
+        "the last detach releases the block node"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_refuses_while_a_client_holds_the_export() {
+    let (qsd, driver) = setup();
+    let info = driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach");
+    let mut client = NbdClient::connect_uri(&info["uri"]).await.expect("client");
+
+    let refused = driver.terminate_connection("vol1", "node-a").await;
+    let Err(error @ DriverError::InUse { .. }) = &refused else {
+        panic!("expected InUse, got {refused:?}")
+    };
+    assert_eq!(error.class(), ErrorClass::Retryable);
+    assert!(error.to_string().contains("still in use"), "{error}");
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-a"])));
+    assert_eq!(
+        client.read().await,
+        ReadOutcome::Ok,
+        "the client was not cut off"
+    );
+
+    // Detach does not release a block node an export still uses.
+    driver
+        .detach("vol1", "node-a")
+        .await
+        .expect("detach with the export left");
+    assert_eq!(qsd.block_nodes(), ["sd-vol1"]);
+    assert_eq!(client.read().await, ReadOutcome::Ok);
+
+    // Once the client has gone, the safe path works and is idempotent.
+    client.close().await;
+    driver
+        .terminate_connection("vol1", "node-a")
+        .await
+        .expect("terminate");
+    assert!(
+        qsd.export_ids().is_empty(),
+        "terminate returns only once the export is gone"
+    );
+    assert_eq!(
+        driver.terminate_connection("vol1", "node-a").await,
+        Err(DriverError::NotConnected {
+            volume: "vol1".into(),
+            node: "node-a".into()
+        })
+    );
+    driver.detach("vol1", "node-a").await.expect("detach");
+    driver.detach("vol1", "node-a").await.expect("detach again");
+    assert!(qsd.block_nodes().is_empty());
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_detach_cuts_the_client_off() {
+    let (qsd, driver) = setup();
+    let info = driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach");
+    let mut client = NbdClient::connect_uri(&info["uri"]).await.expect("client");
+
+    driver
+        .force_detach("vol1", "node-a")
+        .await
+        .expect("force_detach");
+    assert_eq!(
+        client.read().await,
+        ReadOutcome::IoError,
+        "the client's next read fails"
+    );
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
+    assert!(qsd.export_ids().is_empty());
+    assert!(
+        qsd.block_nodes().is_empty(),
+        "force_detach also releases the block node"
+    );
+
+    // The volume can be attached again from a clean state.
+    let again = driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach after force_detach");
+    assert_eq!(again, info);
+    let mut fresh = NbdClient::connect_uri(&again["uri"])
+        .await
+        .expect("a new client");
+    assert_eq!(fresh.read().await, ReadOutcome::Ok);
+    fresh.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_detach_of_a_detached_volume_succeeds_and_changes_nothing() {
+    let (qsd, driver) = setup();
+    let other = driver
+        .attach(&request("vol2", "node-a"))
+        .await
+        .expect("attach vol2");
+    let mut client = NbdClient::connect_uri(&other["uri"])
+        .await
+        .expect("client of vol2");
+    let before = (qsd.export_ids(), qsd.block_nodes());
+
+    driver
+        .force_detach("vol1", "node-a")
+        .await
+        .expect("force_detach of a never attached volume");
+    driver
+        .force_detach("vol1", "node-a")
+        .await
+        .expect("and again");
+    // vol2's export on the same node is another volume's: untouched.
+    driver
+        .force_detach("vol1", "node-b")
+        .await
+        .expect("another node");
+
+    assert_eq!((qsd.export_ids(), qsd.block_nodes()), before);
+    assert_eq!(client.read().await, ReadOutcome::Ok);
+    assert_eq!(driver.probe("vol2").await, Ok(Connections::to(["node-a"])));
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_volumes_and_invalid_names_are_final_errors() {
+    let (qsd, driver) = setup();
+    let unknown = driver.attach(&request("missing", "node-a")).await;
+    assert_eq!(unknown, Err(DriverError::UnknownVolume("missing".into())));
+    assert_eq!(
+        driver.probe("missing").await,
+        Err(DriverError::UnknownVolume("missing".into()))
+    );
+
+    for (volume, node) in [
+        ("vol1", "Node_A"),
+        ("vol1", "node_a"),
+        ("vol1", ""),
+        ("../vol1", "node-a"),
+        ("vol_1", "node-a"),
+    ] {
+        let attach = driver.attach(&request(volume, node)).await;
+        assert!(
+            matches!(attach, Err(DriverError::Invalid(_))),
+            "attach {volume:?} {node:?}: {attach:?}"
+        );
+        let force = driver.force_detach(volume, node).await;
+        assert!(
+            matches!(force, Err(DriverError::Invalid(_))),
+            "force_detach {volume:?} {node:?}: {force:?}"
+        );
+        assert_eq!(force.unwrap_err().class(), ErrorClass::Final);
+    }
+    assert!(matches!(
+        driver.probe("a/b").await,
+        Err(DriverError::Invalid(_))
+    ));
+    assert!(qsd.export_ids().is_empty(), "nothing reached the daemon");
+    assert!(qsd.block_nodes().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_attach_reply_is_an_unknown_outcome_and_the_probe_tells_the_truth() {
+    let qsd = Qsd::start();
+    qsd.create_image("vol1");
+    let proxy = QmpProxy::start(&qsd.dir().join("proxy.sock"), &qsd.qmp_socket()).await;
+    let driver = driver(qsd.config_via(proxy.socket()));
+
+    proxy.arm("block-export-add", Fault::DropReply);
+    let lost = driver.attach(&request("vol1", "node-a")).await;
+    let Err(
+        error @ DriverError::LostReply {
+            operation: "attach",
+            ..
+        },
+    ) = &lost
+    else {
+        panic!("expected LostReply, got {lost:?}")
+    };
+    assert_eq!(error.class(), ErrorClass::UnknownOutcome);
+    assert_eq!(proxy.fired(), 1);
+
+    // The command did run: the export exists, and the probe (through the same proxy) says so.
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-a"])));
+    assert_eq!(qsd.export_ids(), [export("vol1", "node-a")]);
+    // Attaching again after the unknown outcome converges on the existing export.
+    let info = driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach again");
+    assert_eq!(info["exportName"], export("vol1", "node-a"));
+    assert_eq!(qsd.export_ids(), [export("vol1", "node-a")]);
+
+    // A lost reply to a hard delete: the export is gone all the same, and force_detach is
+    // idempotent, so calling it again settles the question.
+    proxy.arm("block-export-del", Fault::DropReply);
+    let lost = driver.force_detach("vol1", "node-a").await;
+    assert!(
+        matches!(
+            lost,
+            Err(DriverError::LostReply {
+                operation: "force_detach",
+                ..
+            })
+        ),
+        "{lost:?}"
+    );
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
+    driver
+        .force_detach("vol1", "node-a")
+        .await
+        .expect("force_detach again");
+    assert_eq!(proxy.fired(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_reply_past_the_deadline_is_a_timeout() {
+    let qsd = Qsd::start();
+    qsd.create_image("vol1");
+    let proxy = QmpProxy::start(&qsd.dir().join("proxy.sock"), &qsd.qmp_socket()).await;
+    let deadline = Duration::from_millis(500);
+    let driver = Deadlined::new(Arc::new(driver(qsd.config_via(proxy.socket()))), deadline);
+
+    proxy.arm(
+        "block-export-add",
+        Fault::DelayReply(Duration::from_secs(3)),
+    );
+    let started = tokio::time::Instant::now();
+    let timed_out = driver.attach(&request("vol1", "node-a")).await;
+    assert_eq!(
+        timed_out,
+        Err(DriverError::Timeout {
+            operation: "attach",
+            deadline
+        })
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "gave up at the deadline, not after the delay"
+    );
+    assert_eq!(timed_out.unwrap_err().class(), ErrorClass::UnknownOutcome);
+    assert_eq!(proxy.fired(), 1);
+
+    // The daemon carried the command out; only its answer was late.
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-a"])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_daemon_is_retryable_and_nothing_happens() {
+    let qsd = Qsd::start();
+    qsd.create_image("vol1");
+    let proxy = QmpProxy::start(&qsd.dir().join("proxy.sock"), &qsd.qmp_socket()).await;
+    let driver = driver(qsd.config_via(proxy.socket()));
+
+    proxy.set_refusing(true).await;
+    let refused = driver.attach(&request("vol1", "node-a")).await;
+    let Err(error @ DriverError::Unreachable(_)) = &refused else {
+        panic!("expected Unreachable, got {refused:?}")
+    };
+    assert_eq!(error.class(), ErrorClass::Retryable);
+    assert!(matches!(
+        driver.probe("vol1").await,
+        Err(DriverError::Unreachable(_))
+    ));
+    assert!(matches!(
+        driver.force_detach("vol1", "node-a").await,
+        Err(DriverError::Unreachable(_))
+    ));
+    assert!(qsd.export_ids().is_empty(), "nothing was sent");
+
+    proxy.set_refusing(false).await;
+    driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach once the daemon is reachable");
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-a"])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_is_not_running_is_unreachable() {
+    let qsd = Qsd::start();
+    let driver = driver(NbdConfig {
+        qmp_socket: qsd.dir().join("nobody.sock"),
+        ..qsd.config()
+    });
+    assert!(matches!(
+        driver.probe("vol1").await,
+        Err(DriverError::Unreachable(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_attachments_get_a_read_only_export() {
+    let (qsd, driver) = setup();
+    let info = driver
+        .attach(&AttachRequest {
+            read_only: true,
+            ..request("vol1", "node-a")
+        })
+        .await
+        .expect("read-only attach");
+    // QEMU's NBD client refuses to open a read-only export for writing.
+    let writer = NbdClient::connect_uri(&info["uri"]).await;
+    assert!(writer.is_err(), "a read-write client was let in");
+    let mut reader = NbdClient::connect_uri_read_only(&info["uri"])
+        .await
+        .expect("read-only client");
+    assert_eq!(reader.read().await, ReadOutcome::Ok);
+    reader.close().await;
+    assert_eq!(qsd.export_ids(), [export("vol1", "node-a")]);
+}
+
+#[test]
+fn configuration_errors_name_the_field() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let config = NbdConfig {
+        qmp_socket: dir.path().join("qmp.sock"),
+        nbd_socket: dir.path().join("nbd.sock"),
+        image_dir: dir.path().join("missing"),
+    };
+    let error = NbdDriver::new(config).expect_err("a missing image folder");
+    assert!(error.to_string().starts_with("imageDir: "), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_the_single_client_monitor() {
+    let (qsd, driver) = setup();
+    let driver = Arc::new(driver);
+    let nodes: Vec<String> = (0..8).map(|i| format!("node-{i}")).collect();
+    let calls = nodes.iter().map(|node| {
+        let driver = driver.clone();
+        let node = node.clone();
+        tokio::spawn(async move { driver.attach(&request("vol1", &node)).await })
+    });
+    for result in futures::future::join_all(calls).await {
+        result.expect("task").expect("attach");
+    }
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::to(&nodes)));
+    assert_eq!(qsd.block_nodes(), ["sd-vol1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_handles_get_a_hashed_block_node_that_still_works() {
+    let (qsd, driver) = setup();
+    let handle = format!("pvc-{}", "0123456789abcdef".repeat(3));
+    qsd.create_image(&handle);
+    let info = driver
+        .attach(&request(&handle, "node-a"))
+        .await
+        .expect("attach");
+    let nodes = qsd.block_nodes();
+    assert_eq!(nodes.len(), 1);
+    assert!(
+        nodes[0].starts_with("sd_") && nodes[0].len() <= 31,
+        "{nodes:?}"
+    );
+    assert_eq!(driver.probe(&handle).await, Ok(Connections::to(["node-a"])));
+    let mut client = NbdClient::connect_uri(&info["uri"]).await.expect("client");
+    assert_eq!(client.read().await, ReadOutcome::Ok);
+    client.close().await;
+    driver
+        .force_detach(&handle, "node-a")
+        .await
+        .expect("force_detach");
+    assert!(qsd.block_nodes().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_node_of_the_volume_name_serving_another_file_is_never_exported() {
+    let (qsd, driver) = setup();
+    // Someone else's node under the name the driver would give vol1, opened on vol2's image.
+    let vol2 = qsd.image_dir().join("vol2");
+    qsd.qmp(
+        "blockdev-add",
+        serde_json::json!({"driver": "raw", "node-name": "sd-vol1", "file": {"driver": "file", "filename": vol2}}),
+    )
+    .expect("blockdev-add");
+    let refused = driver.attach(&request("vol1", "node-a")).await;
+    let Err(DriverError::Refused(message)) = &refused else {
+        panic!("expected Refused, got {refused:?}")
+    };
+    assert!(message.contains("serves"), "{message}");
+    assert!(
+        qsd.export_ids().is_empty(),
+        "the wrong disk was not handed out"
+    );
+}
