@@ -11,11 +11,15 @@
 //!       qmpSocket: /run/qsd/qmp.sock
 //!       nbdSocket: /run/qsd/nbd.sock
 //!       imageDir: /var/lib/safe-detach/images
+//!   - name: csi
+//!     csi:
+//!       endpoint: unix:///csi/csi.sock     # a CSI controller plugin's socket
 //! ```
 
 use crate::api::{DurationError, parse_duration};
+use crate::driver::csi::{CsiConfig, CsiDriver};
 use crate::driver::nbd::{NbdConfig, NbdDriver};
-use crate::driver::{Deadlined, Driver};
+use crate::driver::{CallObserver, Deadlined, Driver};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -56,6 +60,7 @@ struct DriverEntry {
     name: String,
     deadline: Option<String>,
     nbd: Option<NbdConfig>,
+    csi: Option<CsiConfig>,
 }
 
 /// The validated configuration the operator runs with.
@@ -71,21 +76,26 @@ const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    /// Reads, validates and connects: a CSI plugin is asked for its identity and capabilities
+    /// here, so that a wrong socket stops the operator at start. Every driver call is reported to
+    /// `observer`.
+    pub async fn load(path: &Path, observer: Arc<dyn CallObserver>) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|error| match error {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                message,
-            },
-            other => other,
-        })
+        Self::parse(&text, observer)
+            .await
+            .map_err(|error| match error {
+                ConfigError::Parse { message, .. } => ConfigError::Parse {
+                    path: path.to_owned(),
+                    message,
+                },
+                other => other,
+            })
     }
 
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+    pub async fn parse(text: &str, observer: Arc<dyn CallObserver>) -> Result<Self, ConfigError> {
         let file: ConfigFile = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
             message: e.to_string(),
@@ -95,30 +105,30 @@ impl Config {
         }
         let mut drivers = BTreeMap::new();
         for entry in file.drivers {
-            let deadline = duration_or(
-                &entry.deadline,
-                DEFAULT_DEADLINE,
-                &format!("drivers[{}].deadline", entry.name),
-            )?;
+            let field = format!("drivers[{}].deadline", entry.name);
+            let deadline = duration_or(&entry.deadline, DEFAULT_DEADLINE, &field)?;
             let driver_error = |message: String| ConfigError::Driver {
                 name: entry.name.clone(),
                 message,
             };
-            let driver: Arc<dyn Driver> = match entry.nbd {
-                Some(nbd) => {
+            let driver: Arc<dyn Driver> = match (entry.nbd, entry.csi) {
+                (Some(nbd), None) => {
                     Arc::new(NbdDriver::new(nbd).map_err(|e| driver_error(e.to_string()))?)
                 }
-                None => {
+                (None, Some(csi)) => Arc::new(
+                    CsiDriver::connect(&csi)
+                        .await
+                        .map_err(|e| driver_error(e.to_string()))?,
+                ),
+                _ => {
                     return Err(driver_error(
-                        "say which backend it drives: add an `nbd:` section".into(),
+                        "give exactly one backend section: `nbd:` or `csi:`".into(),
                     ));
                 }
             };
+            let driver = Deadlined::new(driver, deadline).observed_by(observer.clone());
             if drivers
-                .insert(
-                    entry.name.clone(),
-                    Arc::new(Deadlined::new(driver, deadline)) as Arc<dyn Driver>,
-                )
+                .insert(entry.name.clone(), Arc::new(driver) as Arc<dyn Driver>)
                 .is_some()
             {
                 return Err(driver_error("configured twice".into()));

@@ -1,8 +1,14 @@
 use clap::{Parser, Subcommand};
+use futures::FutureExt;
+use safe_detach::api::parse_duration;
 use safe_detach::config::Config;
+use safe_detach::runtime::health::{self, Health};
+use safe_detach::runtime::leader;
 use safe_detach::runtime::telemetry::{self, LogFormat};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use tracing::{error, info};
 
 /// safe-detach: a Kubernetes operator that resolves stuck volume attachments, changing the record
@@ -19,23 +25,47 @@ enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crds,
     /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
-    Run {
-        /// The driver configuration file (see docs/drivers.md).
-        #[arg(long, env = "SAFE_DETACH_CONFIG")]
-        config: PathBuf,
-        /// Manage only the Volumes and VolumeAttachments that match this label selector
-        /// (for example `storage=rack-1`): one operator per backend or shard.
-        #[arg(long, env = "SAFE_DETACH_SELECTOR")]
-        selector: Option<String>,
-        /// Log format.
-        #[arg(
-            long,
-            value_enum,
-            default_value = "text",
-            env = "SAFE_DETACH_LOG_FORMAT"
-        )]
-        log_format: LogFormat,
-    },
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The driver configuration file (see docs/drivers.md).
+    #[arg(long, env = "SAFE_DETACH_CONFIG")]
+    config: PathBuf,
+    /// Manage only the Volumes and VolumeAttachments that match this label selector
+    /// (for example `storage=rack-1`): one operator per backend or shard.
+    #[arg(long, env = "SAFE_DETACH_SELECTOR")]
+    selector: Option<String>,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:8080",
+        env = "SAFE_DETACH_HTTP_ADDRESS"
+    )]
+    http_address: SocketAddr,
+    /// Act only while holding the Lease `--lease-namespace/--lease-name`, so that of several
+    /// replicas exactly one acts.
+    #[arg(long, env = "SAFE_DETACH_LEADER_ELECT")]
+    leader_elect: bool,
+    #[arg(long, default_value = "safe-detach", env = "POD_NAMESPACE")]
+    lease_namespace: String,
+    #[arg(long, default_value = "safe-detach")]
+    lease_name: String,
+    /// How long a silent leader keeps the lease before another replica takes over.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: std::time::Duration,
+    /// This replica's name in the election (default: the pod name, else host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log format.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "SAFE_DETACH_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
 }
 
 fn main() -> ExitCode {
@@ -50,21 +80,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run {
-            config,
-            selector,
-            log_format,
-        } => {
-            telemetry::init(log_format);
-            let config = match Config::load(&config) {
-                Ok(config) => config,
-                Err(error) => {
-                    error!(%error, "invalid configuration");
-                    return ExitCode::FAILURE;
-                }
-            };
+        Command::Run(args) => {
+            telemetry::init(args.log_format);
             match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime.block_on(run(config, selector)),
+                Ok(runtime) => runtime.block_on(run(args)),
                 Err(error) => {
                     error!(%error, "cannot start the runtime");
                     ExitCode::FAILURE
@@ -74,7 +93,15 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, selector: Option<String>) -> ExitCode {
+async fn run(args: RunArgs) -> ExitCode {
+    let health = Arc::new(Health::default());
+    let config = match Config::load(&args.config, health.metrics.clone()).await {
+        Ok(config) => config,
+        Err(error) => {
+            error!(%error, "invalid configuration");
+            return ExitCode::FAILURE;
+        }
+    };
     let client = match kube::Client::try_default().await {
         Ok(client) => client,
         Err(error) => {
@@ -82,9 +109,72 @@ async fn run(config: Config, selector: Option<String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    info!(drivers = ?config.drivers.keys().collect::<Vec<_>>(), "starting");
-    safe_detach::reconcile::run(client, config, selector, shutdown_signal()).await;
-    ExitCode::SUCCESS
+    let shutdown = shutdown_signal().shared();
+    let server = tokio::spawn({
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        async move {
+            if let Err(error) = health::serve(args.http_address, health, shutdown).await {
+                error!(%error, address = %args.http_address, "cannot serve metrics and health");
+            }
+        }
+    });
+    info!(drivers = ?config.drivers.keys().collect::<Vec<_>>(), address = %args.http_address, "starting");
+
+    let mut leadership = None;
+    if args.leader_elect {
+        let identity = args.identity.clone().unwrap_or_else(default_identity);
+        let joined = leader::join(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            identity,
+            args.lease_duration,
+        )
+        .await;
+        let mut joined = match joined {
+            Ok(joined) => joined,
+            Err(error) => {
+                error!(%error, "cannot join the leader election");
+                return ExitCode::FAILURE;
+            }
+        };
+        // A follower is ready: it is standing by, as it should.
+        health.set_ready(true);
+        tokio::select! {
+            _ = joined.acquired() => {}
+            _ = shutdown.clone() => return ExitCode::SUCCESS,
+        }
+        health.set_ready(false);
+        leadership = Some(joined);
+    }
+
+    let controllers =
+        safe_detach::reconcile::run(client, config, args.selector, health, shutdown.clone());
+    let code = match leadership.as_mut() {
+        None => {
+            controllers.await;
+            ExitCode::SUCCESS
+        }
+        Some(leadership) => tokio::select! {
+            _ = controllers => ExitCode::SUCCESS,
+            // Stop acting at once: the reconciles under way are dropped where they stand. Each
+            // wrote its intent before calling the driver, so the next leader resumes from it.
+            _ = leadership.lost() => {
+                error!("lost the lease: stopping at once");
+                ExitCode::FAILURE
+            }
+        },
+    };
+    drop(leadership);
+    server.abort();
+    code
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "safe-detach".into());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Resolves on SIGTERM or SIGINT: the controllers then finish the reconciles under way.

@@ -1,5 +1,6 @@
 //! A deadline on every driver call. A call that runs past it has an unknown outcome: the backend
-//! may still carry it out, so the caller must probe before deciding anything.
+//! may still carry it out, so the caller must probe before deciding anything. Each call's
+//! duration and outcome is also reported to an optional observer (the operator's metrics).
 
 use super::{AttachRequest, ConnectionInfo, Connections, Driver, DriverError};
 use async_trait::async_trait;
@@ -7,15 +8,32 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Told of every finished driver call.
+pub trait CallObserver: Send + Sync {
+    /// `result` is `ok` or the error's [`DriverError::reason`].
+    fn call_finished(&self, driver: &str, operation: &'static str, result: &str, elapsed: Duration);
+}
+
 /// Wraps a driver so that each call gives up after `deadline` with [`DriverError::Timeout`].
 pub struct Deadlined {
     inner: Arc<dyn Driver>,
     deadline: Duration,
+    observer: Option<Arc<dyn CallObserver>>,
 }
 
 impl Deadlined {
     pub fn new(inner: Arc<dyn Driver>, deadline: Duration) -> Self {
-        Self { inner, deadline }
+        Self {
+            inner,
+            deadline,
+            observer: None,
+        }
+    }
+
+    /// Reports every call to `observer`.
+    pub fn observed_by(mut self, observer: Arc<dyn CallObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     async fn run<T>(
@@ -23,12 +41,18 @@ impl Deadlined {
         operation: &'static str,
         call: impl Future<Output = Result<T, DriverError>>,
     ) -> Result<T, DriverError> {
-        tokio::time::timeout(self.deadline, call)
+        let started = tokio::time::Instant::now();
+        let result = tokio::time::timeout(self.deadline, call)
             .await
             .unwrap_or(Err(DriverError::Timeout {
                 operation,
                 deadline: self.deadline,
-            }))
+            }));
+        if let Some(observer) = &self.observer {
+            let outcome = result.as_ref().map_or_else(DriverError::reason, |_| "ok");
+            observer.call_finished(self.inner.kind(), operation, outcome, started.elapsed());
+        }
+        result
     }
 }
 

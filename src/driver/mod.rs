@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-pub use deadline::Deadlined;
+pub use deadline::{CallObserver, Deadlined};
 
 /// What a driver returns when it connects a volume (an NBD URI, a CSI publish context).
 pub type ConnectionInfo = BTreeMap<String, String>;

@@ -5,11 +5,11 @@
 //! says "detached" is written only after the probe that confirmed it. Everything else is written
 //! once, at the end, and only if it changed.
 
-use super::{Context, Error, probe, retry_after};
+use super::{Context, Error, probe, retry_after, synced};
 use crate::MANAGER;
 use crate::api::{
-    FINALIZER, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment, VolumeAttachmentStatus,
-    parse_duration,
+    FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
+    VolumeAttachmentStatus, parse_duration,
 };
 use crate::decide::events::between;
 use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
@@ -46,6 +46,8 @@ pub async fn reconcile(
         .cloned()
         .unwrap_or_default();
     let span = info_span!("reconcile", kind = "VolumeAttachment", name = %name, token = %token);
+    // Until the Volume cache is filled, every Volume would look missing.
+    synced(&context.volumes).await;
     let result = Reconcile::new(&attachment, &context)
         .run()
         .instrument(span)
@@ -147,6 +149,13 @@ impl<'a> Reconcile<'a> {
                 request: &request,
                 now,
             };
+            if step == Step::MarkDetached
+                && let Some(force) = self.status.force_detach.as_ref()
+                && force.state == ForceDetachState::InProgress
+            {
+                let reason = format!("{:?}", force.reason);
+                self.context.metrics.force_detach(&reason, "Succeeded");
+            }
             self.status = after_step(&self.status, &step, &observed);
             info!(?step, "step");
 
@@ -227,6 +236,10 @@ impl<'a> Reconcile<'a> {
                 // resolved by the probe that starts the next reconcile.
                 warn!(?step, %error, class = ?error.class(), "driver call failed");
                 driver_failed(&mut self.status, &step, &error, &observed);
+                if let Step::ForceDetach { reason, .. } = &step {
+                    let reason = format!("{reason:?}");
+                    self.context.metrics.force_detach(&reason, "Failed");
+                }
                 self.persist().await?;
                 let delay = self.context.backoff.failed(&self.name);
                 return Ok(Outcome::Retry(retry_after(

@@ -11,9 +11,11 @@ use crate::config::Config;
 use crate::decide::Backend;
 use crate::decide::events::{Notice, Severity};
 use crate::driver::Driver;
+use crate::runtime::health::Health;
+use crate::runtime::metrics::Metrics;
 use backoff::Backoff;
 use futures::StreamExt;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -49,6 +51,7 @@ pub struct Context {
     volumes: Store<Volume>,
     attachments: Store<VolumeAttachment>,
     backoff: Backoff,
+    metrics: Arc<Metrics>,
 }
 
 impl Context {
@@ -76,6 +79,7 @@ pub async fn run(
     client: Client,
     config: Config,
     label_selector: Option<String>,
+    health: Arc<Health>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let watch = match &label_selector {
@@ -92,6 +96,16 @@ pub async fn run(
         .with_config(kube::runtime::controller::Config::default().concurrency(4));
     let volumes = volume_controller.store();
 
+    health.observe(attachments.clone(), volumes.clone());
+    tokio::spawn({
+        let (health, attachments, volumes) = (health.clone(), attachments.clone(), volumes.clone());
+        async move {
+            synced(&attachments).await;
+            synced(&volumes).await;
+            info!("caches synced");
+            health.set_ready(true);
+        }
+    });
     let context = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -105,6 +119,7 @@ pub async fn run(
         volumes,
         attachments: attachments.clone(),
         backoff: Backoff::default(),
+        metrics: health.metrics.clone(),
     });
 
     // A Volume's change (its policy, its backend connections) concerns each of its attachments.
@@ -133,7 +148,10 @@ pub async fn run(
             attachment::error_policy,
             context.clone(),
         )
-        .for_each(|result| async move { log_result("VolumeAttachment", result) });
+        .for_each(|result| {
+            record("VolumeAttachment", &health.metrics, result);
+            futures::future::ready(())
+        });
     let volume_loop = volume_controller
         .watches(
             Api::<VolumeAttachment>::all(context.client.clone()),
@@ -142,21 +160,52 @@ pub async fn run(
         )
         .graceful_shutdown_on(shutdown)
         .run(volume::reconcile, volume::error_policy, context)
-        .for_each(|result| async move { log_result("Volume", result) });
+        .for_each(|result| {
+            record("Volume", &health.metrics, result);
+            futures::future::ready(())
+        });
     info!("controllers started");
     futures::join!(attachment_loop, volume_loop);
     info!("controllers stopped");
 }
 
-fn log_result<K, E: std::fmt::Display>(kind: &str, result: Result<(ObjectRef<K>, Action), E>)
-where
+/// Counts and logs one finished reconcile.
+fn record<K>(
+    kind: &str,
+    metrics: &Metrics,
+    result: Result<(ObjectRef<K>, Action), ControllerError<Error, watcher::Error>>,
+) where
     K: Resource,
     K::DynamicType: std::fmt::Debug,
 {
-    match result {
-        Ok((object, _)) => tracing::debug!(kind, name = %object.name, "reconciled"),
-        Err(error) => warn!(kind, %error, "reconcile failed"),
+    metrics.reconciled(kind);
+    if let Err(error) = result {
+        let reason = match &error {
+            ControllerError::ReconcilerFailed(error, _) => error.reason(),
+            ControllerError::ObjectNotFound(_) => "ObjectNotFound",
+            ControllerError::QueueError(_) => "Watch",
+            _ => "Other",
+        };
+        metrics.reconcile_failed(kind, reason);
+        // A deleted object's last event is expected, not a problem.
+        if reason != "ObjectNotFound" {
+            warn!(kind, %error, "reconcile failed");
+        }
     }
+}
+
+/// Resolves once `store` holds the first full list. A store's readiness signal wakes only one of
+/// several waiters (the controller waits on it too), so each wait is bounded and retried.
+async fn synced<K>(store: &Store<K>)
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    // An error means the writer is gone with its controller: nothing will ever be synced.
+    while tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready())
+        .await
+        .is_err()
+    {}
 }
 
 /// Asks the backend where the volume is connected; no answer is recorded as such, never guessed.

@@ -115,6 +115,12 @@ async fn force_detach_orphan(volume: &Volume, context: &Context, driver: &dyn Dr
         Ok(()) => matches!(probe(driver, handle).await, Backend::Answered(c) if !c.includes(node)),
         Err(_) => false,
     };
+    let outcome = match (&result, confirmed) {
+        (Ok(()), true) => "Succeeded",
+        (Ok(()), false) => "Unconfirmed",
+        (Err(_), _) => "Failed",
+    };
+    context.metrics.force_detach("Orphan", outcome);
     let notice = match (&result, confirmed) {
         (Ok(()), true) => Notice {
             severity: Severity::Warning,

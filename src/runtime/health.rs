@@ -2,7 +2,7 @@
 //! `/readyz` (the caches are synced and this replica is acting, or standing by as a follower).
 
 use super::metrics::Metrics;
-use crate::api::VolumeAttachment;
+use crate::api::{Volume, VolumeAttachment};
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -17,9 +17,9 @@ use std::sync::{Arc, OnceLock};
 /// What the endpoints report, shared with the controllers.
 #[derive(Default)]
 pub struct Health {
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     ready: AtomicBool,
-    attachments: OnceLock<Store<VolumeAttachment>>,
+    caches: OnceLock<(Store<VolumeAttachment>, Store<Volume>)>,
 }
 
 impl Health {
@@ -31,10 +31,10 @@ impl Health {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Gives the metrics the attachment cache, from which the per-phase and stuck gauges are
-    /// computed at each scrape.
-    pub fn observe_attachments(&self, store: Store<VolumeAttachment>) {
-        let _ = self.attachments.set(store);
+    /// Gives the metrics the controllers' caches, from which the per-phase, stuck and orphan
+    /// gauges are computed at each scrape.
+    pub fn observe(&self, attachments: Store<VolumeAttachment>, volumes: Store<Volume>) {
+        let _ = self.caches.set((attachments, volumes));
     }
 }
 
@@ -56,10 +56,11 @@ pub async fn serve(
 }
 
 async fn metrics(State(health): State<Arc<Health>>) -> Result<String, StatusCode> {
-    if let Some(store) = health.attachments.get() {
+    if let Some((attachments, volumes)) = health.caches.get() {
         health
             .metrics
-            .observe_attachments(&store.state(), Timestamp::now());
+            .observe_attachments(&attachments.state(), Timestamp::now());
+        health.metrics.observe_volumes(&volumes.state());
     }
     health
         .metrics

@@ -1,8 +1,9 @@
 //! Prometheus metrics: what an operator of safe-detach alerts on (stuck attachments, forced
 //! detaches) and what tells a slow backend from a slow operator (driver call latency).
 
-use crate::api::{AttachmentPhase, VolumeAttachment, find_condition};
+use crate::api::{AttachmentPhase, Volume, VolumeAttachment, find_condition};
 use crate::decide::status::STUCK;
+use crate::driver::CallObserver;
 use jiff::Timestamp;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -128,17 +129,6 @@ impl Metrics {
         self.force_detaches.get_or_create(&labels).inc();
     }
 
-    pub fn driver_call(&self, driver: &str, operation: &str, result: &str, elapsed: Duration) {
-        let labels = CallLabels {
-            driver: driver.into(),
-            operation: operation.into(),
-            result: result.into(),
-        };
-        self.driver_calls
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
-    }
-
     pub fn reconciled(&self, kind: &str) {
         self.reconciles
             .get_or_create(&KindLabels { kind: kind.into() })
@@ -152,10 +142,6 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
-    }
-
-    pub fn set_orphans(&self, count: usize) {
-        self.orphans.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Recomputes the gauges that describe the attachments, from the controller's cache.
@@ -184,10 +170,39 @@ impl Metrics {
         self.oldest_stuck_seconds.set(oldest.as_secs_f64());
     }
 
+    /// Recomputes the orphan gauge from the Volume cache.
+    pub fn observe_volumes(&self, volumes: &[Arc<Volume>]) {
+        let orphans: usize = volumes
+            .iter()
+            .filter_map(|v| v.status.as_ref())
+            .map(|s| s.orphans.len())
+            .sum();
+        self.orphans.set(i64::try_from(orphans).unwrap_or(i64::MAX));
+    }
+
     /// The metrics in the Prometheus text format.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
+    }
+}
+
+impl CallObserver for Metrics {
+    fn call_finished(
+        &self,
+        driver: &str,
+        operation: &'static str,
+        result: &str,
+        elapsed: Duration,
+    ) {
+        let labels = CallLabels {
+            driver: driver.into(),
+            operation: operation.into(),
+            result: result.into(),
+        };
+        self.driver_calls
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 }

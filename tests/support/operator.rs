@@ -51,6 +51,9 @@ impl Operator {
             .arg("run")
             .arg("--config")
             .arg(&self.config)
+            // Tests run side by side: each operator serves its endpoints on a port of its own.
+            .arg("--http-address")
+            .arg("127.0.0.1:0")
             .arg("--selector")
             .arg(format!("{SHARD_LABEL}={}", self.shard))
             .env("KUBECONFIG", &self.kubeconfig)
