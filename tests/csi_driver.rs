@@ -39,6 +39,7 @@ async fn proxied(plugin: &CsiPlugin, call_timeout: Duration) -> (GrpcProxy, CsiD
     let proxy = GrpcProxy::start(plugin.socket(), &plugin.dir().join("proxy.sock"));
     let config = CsiConfig {
         endpoint: proxy.socket().to_owned(),
+        trust_published_nodes: true,
     };
     let driver = CsiDriver::connect_with_timeout(&config, call_timeout)
         .await

@@ -11,8 +11,9 @@ pub struct ProbeRecord {
     /// When the backend was asked.
     pub time: Time,
     /// The answer, as seen from this object: NotConnected, Connected (to this object's node, or
-    /// for a Volume to any node), ConnectedElsewhere (to other nodes only) or Unreachable (no answer;
-    /// nothing may be concluded from it).
+    /// for a Volume to any node), ConnectedElsewhere (to other nodes only), Unreachable (no answer;
+    /// nothing may be concluded from it) or NotProbeable (the backend cannot say where a volume is
+    /// connected; confirmations rest on its idempotent calls returning OK).
     pub result: ProbeResult,
     /// The nodes the backend reports the volume connected to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -29,4 +30,5 @@ pub enum ProbeResult {
     Connected,
     ConnectedElsewhere,
     Unreachable,
+    NotProbeable,
 }

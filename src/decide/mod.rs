@@ -76,6 +76,18 @@ pub enum Backend {
     Answered(Connections),
     /// No answer: nothing may be concluded, in either direction.
     Unreachable(String),
+    /// The backend cannot be probed (see [`crate::driver::Driver::can_probe`]). Its only word is
+    /// an idempotent call that just returned OK in this reconcile, if one did.
+    Unprobeable(Option<Confirmed>),
+}
+
+/// What an idempotent driver call that returned OK confirms, for a backend that cannot be probed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confirmed {
+    /// An attach returned OK: the volume is connected to the node.
+    Connected,
+    /// A detach or force-detach returned OK: the volume is disconnected from the node.
+    Disconnected,
 }
 
 /// The force-detach annotation, as read against the token already handled.
@@ -227,6 +239,7 @@ pub fn decide(input: &Input) -> Step {
 
     let connections = match input.backend {
         Some(Backend::Answered(connections)) => connections,
+        Some(Backend::Unprobeable(confirmed)) => return decide_unprobed(input, policy, *confirmed),
         // Unreachable: neither "connected" nor "not connected" may be concluded. Wake at the
         // stuck deadline so the Stuck condition appears on time, else retry with backoff.
         Some(Backend::Unreachable(_)) | None => {
@@ -305,6 +318,53 @@ pub fn decide(input: &Input) -> Step {
         // Pending, Detached (after a forced detach of a live attachment) or Failed: attach anew.
         _ if here => Step::BeginAttach,
         _ if !others.is_empty() && !policy.multi_attach => Step::BlockAttach { holders: others },
+        _ => Step::BeginAttach,
+    }
+}
+
+/// The same decisions for a backend that cannot be probed, with the word of a call that just
+/// succeeded in place of the probe. Without that word nothing is marked attached or detached.
+/// The multi-attach guard rests on the backend's own refusal here (a CSI plugin refuses to
+/// publish a single-writer volume to a second node), since it cannot be asked beforehand.
+fn decide_unprobed(input: &Input, policy: &VolumePolicy, confirmed: Option<Confirmed>) -> Step {
+    let phase = phase_of(input.status);
+    let stuck = stuck_in(input.status, policy, input.now) == Some(Duration::ZERO);
+    let forcing = input
+        .status
+        .force_detach
+        .as_ref()
+        .is_some_and(|f| f.state == ForceDetachState::InProgress);
+    if let Request::New(token) = input.request {
+        return Step::ForceDetach {
+            reason: ForceDetachReason::Requested,
+            token: Some(token.clone()),
+        };
+    }
+    match phase {
+        AttachmentPhase::Detaching if confirmed == Some(Confirmed::Disconnected) => {
+            Step::MarkDetached
+        }
+        AttachmentPhase::Detaching if forcing => continue_force(input.status),
+        AttachmentPhase::Detaching if stuck => {
+            stuck_step(policy, ForceDetachReason::StuckDetaching, Step::Detach)
+        }
+        AttachmentPhase::Detaching => Step::Detach,
+        _ if input.deleting => match phase {
+            AttachmentPhase::Detached => Step::ReleaseFinalizer,
+            // No attach was ever called: its intent is written before the call.
+            AttachmentPhase::Pending => Step::MarkDetached,
+            _ => Step::BeginDetach,
+        },
+        AttachmentPhase::Attaching if confirmed == Some(Confirmed::Connected) => {
+            Step::MarkAttached {
+                rolled_forward: false,
+            }
+        }
+        AttachmentPhase::Attaching if stuck => {
+            stuck_step(policy, ForceDetachReason::StuckAttaching, Step::Attach)
+        }
+        AttachmentPhase::Attaching => Step::Attach,
+        AttachmentPhase::Attached => Step::wait(Wait::Converged, Some(RESYNC_INTERVAL)),
         _ => Step::BeginAttach,
     }
 }

@@ -4,7 +4,9 @@
 //! and times (`phaseSince`, a condition's `lastTransitionTime`, `lastProbe.time`) move only when
 //! what they date changes. That is what lets the reconciler write only when something changed.
 
-use super::{Backend, Misconfiguration, Request, Step, VolumePolicy, phase_of, stuck_in};
+use super::{
+    Backend, Confirmed, Misconfiguration, Request, Step, VolumePolicy, phase_of, stuck_in,
+};
 use crate::api::{
     AttachmentPhase, ConditionStatus, ForceDetachState, ForceDetachStatus, ProbeRecord,
     ProbeResult, VolumeAttachmentStatus, find_condition, set_condition,
@@ -196,9 +198,14 @@ fn observe(status: &mut VolumeAttachmentStatus, step: &Step, observed: &Observed
 
     if let Some(backend) = observed.backend {
         record_probe(status, backend, observed);
-        if let Backend::Answered(connections) = backend {
-            // `attached` is the backend's word, never our own: it follows the probe.
-            status.attached = connections.includes(observed.node);
+        // `attached` is the backend's word, never our own: it follows the probe, or for a backend
+        // that cannot be probed, the call that just succeeded.
+        match backend {
+            Backend::Answered(connections) => status.attached = connections.includes(observed.node),
+            Backend::Unprobeable(Some(confirmed)) => {
+                status.attached = *confirmed == Confirmed::Connected;
+            }
+            Backend::Unprobeable(None) | Backend::Unreachable(_) => {}
         }
     }
     let phase = phase_of(status);
@@ -213,6 +220,11 @@ fn observe(status: &mut VolumeAttachmentStatus, step: &Step, observed: &Observed
             ConditionStatus::Unknown,
             "BackendUnreachable",
             message.clone(),
+        )),
+        Some(Backend::Unprobeable(_)) => Some((
+            ConditionStatus::Unknown,
+            "NotProbeable",
+            "the backend cannot be probed; the record rests on its calls returning OK".into(),
         )),
         Some(Backend::Answered(_)) => Some(match (phase, status.attached) {
             (AttachmentPhase::Attached, false) => (
@@ -367,6 +379,7 @@ fn observe(status: &mut VolumeAttachmentStatus, step: &Step, observed: &Observed
 
 fn record_probe(status: &mut VolumeAttachmentStatus, backend: &Backend, observed: &Observed) {
     let (result, nodes, message) = match backend {
+        Backend::Unprobeable(_) => (ProbeResult::NotProbeable, Vec::new(), None),
         Backend::Unreachable(message) => {
             (ProbeResult::Unreachable, Vec::new(), Some(message.clone()))
         }

@@ -223,6 +223,40 @@ fn a_new_token_forces_a_detach_in_any_phase() {
 }
 
 #[test]
+fn a_backend_that_cannot_be_probed_is_confirmed_only_by_its_calls() {
+    let unprobed = Backend::Unprobeable(None);
+    assert_eq!(
+        Row::new(Pending, unprobed.clone()).decide(),
+        Step::BeginAttach
+    );
+    assert_eq!(Row::new(Attaching, unprobed.clone()).decide(), Step::Attach);
+    let confirmed = Backend::Unprobeable(Some(Confirmed::Connected));
+    assert_eq!(
+        Row::new(Attaching, confirmed).decide(),
+        Step::MarkAttached {
+            rolled_forward: false
+        }
+    );
+    // Without a call's word, a Detaching attachment is never marked detached, stuck or not.
+    assert_eq!(
+        Row::new(Detaching, unprobed.clone()).deleting().decide(),
+        Step::Detach
+    );
+    assert_eq!(
+        Row::new(Detaching, unprobed).deleting().stuck().decide(),
+        Step::ForceDetach {
+            reason: ForceDetachReason::StuckDetaching,
+            token: None
+        }
+    );
+    let disconnected = Backend::Unprobeable(Some(Confirmed::Disconnected));
+    assert_eq!(
+        Row::new(Detaching, disconnected).deleting().decide(),
+        Step::MarkDetached
+    );
+}
+
+#[test]
 fn a_token_acts_once() {
     assert_eq!(Request::read(Some("t1"), Some("t1")), Request::None);
     assert_eq!(
@@ -334,6 +368,9 @@ fn all_rows() -> Vec<Row> {
         connected(&[OTHER]),
         connected(&[NODE, OTHER]),
         Backend::Unreachable("down".into()),
+        Backend::Unprobeable(None),
+        Backend::Unprobeable(Some(Confirmed::Connected)),
+        Backend::Unprobeable(Some(Confirmed::Disconnected)),
     ];
     let requests = [
         Request::None,
@@ -382,17 +419,20 @@ fn all_rows() -> Vec<Row> {
     rows
 }
 
+/// The backend's word on this node: its probe, or for a backend that cannot be probed, the call
+/// that just succeeded. `None`: no word.
 fn here(backend: &Backend) -> Option<bool> {
     match backend {
         Backend::Answered(c) => Some(c.includes(NODE)),
-        Backend::Unreachable(_) => None,
+        Backend::Unprobeable(Some(confirmed)) => Some(*confirmed == Confirmed::Connected),
+        Backend::Unprobeable(None) | Backend::Unreachable(_) => None,
     }
 }
 
 #[test]
 fn every_combination_keeps_the_invariant() {
     let rows = all_rows();
-    assert_eq!(rows.len(), 6 * 5 * 3 * 2 * 2 * 2 * 2 * 2);
+    assert_eq!(rows.len(), 6 * 8 * 3 * 2 * 2 * 2 * 2 * 2);
     for row in &rows {
         let step = row.decide();
         let context = format!(
@@ -405,11 +445,22 @@ fn every_combination_keeps_the_invariant() {
             row.policy,
             row.status.force_detach
         );
+        let unprobeable = matches!(row.backend, Backend::Unprobeable(_));
+        let phase = phase_of(&row.status);
         match (&step, here(&row.backend)) {
-            // 1. Detached only on the backend's word.
-            (Step::MarkDetached | Step::ReleaseFinalizer, h) => {
-                assert_eq!(h, Some(false), "{context}")
-            }
+            // 1. Detached only on the backend's word. Without a probe, two records stand for it:
+            // an attachment that never called attach (its intent precedes the call), and a
+            // `Detached` that was itself confirmed.
+            (Step::MarkDetached, h) => assert!(
+                h == Some(false) || (unprobeable && row.deleting && phase == Pending),
+                "{context}"
+            ),
+            (Step::ReleaseFinalizer, h) => assert!(
+                h == Some(false) || (unprobeable && phase == Detached),
+                "{context}"
+            ),
+            (Step::MarkAttached { .. }, h) => assert_eq!(h, Some(true), "{context}"),
+            (_, _) if unprobeable => {}
             // 3. No answer, no conclusion.
             (_, None) => assert!(
                 matches!(
@@ -430,7 +481,7 @@ fn every_combination_keeps_the_invariant() {
             _ => {}
         }
         if let Request::New(token) = &row.request
-            && here(&row.backend).is_some()
+            && !matches!(row.backend, Backend::Unreachable(_))
         {
             assert_eq!(
                 step,

@@ -156,7 +156,10 @@ pub fn decide_volume(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecis
                 generation,
                 now,
             );
-            status.phase = Some(phase(&status.connected_nodes, input.attachment_phases));
+            status.phase = Some(phase(
+                !status.connected_nodes.is_empty(),
+                input.attachment_phases,
+            ));
         }
         Some(Backend::Unreachable(message)) => {
             status.last_probe = Some(next_probe_record(
@@ -176,6 +179,28 @@ pub fn decide_volume(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecis
                 now,
             );
         }
+        Some(Backend::Unprobeable(_)) => {
+            status.last_probe = Some(next_probe_record(
+                status.last_probe.take(),
+                ProbeResult::NotProbeable,
+                Vec::new(),
+                None,
+                input.now,
+            ));
+            set_condition(
+                &mut status.conditions,
+                READY,
+                ConditionStatus::True,
+                "NotProbeable",
+                "the backend cannot be probed: connections are known only from the attachments' confirmed calls, and orphans cannot be found",
+                generation,
+                now,
+            );
+            // The attachments' confirmed phases are the only record of where the volume is.
+            let attached = input.attachment_phases.contains(&AttachmentPhase::Attached);
+            status.connected_nodes.clear();
+            status.phase = Some(phase(attached, input.attachment_phases));
+        }
         None => {}
     }
     VolumeDecision {
@@ -186,14 +211,14 @@ pub fn decide_volume(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecis
 }
 
 /// A transition under way shows first; otherwise the backend's connections say in use or not.
-fn phase(connected: &[String], attachments: &[AttachmentPhase]) -> VolumePhase {
+fn phase(connected: bool, attachments: &[AttachmentPhase]) -> VolumePhase {
     if attachments.contains(&AttachmentPhase::Detaching) {
         VolumePhase::Detaching
     } else if attachments.contains(&AttachmentPhase::Attaching) {
         VolumePhase::Attaching
-    } else if connected.is_empty() {
-        VolumePhase::Available
-    } else {
+    } else if connected {
         VolumePhase::InUse
+    } else {
+        VolumePhase::Available
     }
 }

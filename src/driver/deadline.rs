@@ -62,6 +62,10 @@ impl Driver for Deadlined {
         self.inner.kind()
     }
 
+    fn can_probe(&self) -> bool {
+        self.inner.can_probe()
+    }
+
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
         self.run("probe", self.inner.probe(volume_handle)).await
     }

@@ -132,6 +132,13 @@ pub trait Driver: Send + Sync {
     /// The driver's kind, for logs and metrics (`nbd`, `csi`).
     fn kind(&self) -> &'static str;
 
+    /// Whether [`probe`](Self::probe) can say where a volume is connected. A backend that cannot
+    /// (a CSI plugin that does not report published nodes) is confirmed only by its own calls:
+    /// an idempotent attach or detach that returned OK, as the CSI spec guarantees.
+    fn can_probe(&self) -> bool {
+        true
+    }
+
     /// Where the backend connects the volume. The truth every decision rests on.
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError>;
 

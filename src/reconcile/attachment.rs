@@ -13,7 +13,10 @@ use crate::api::{
 };
 use crate::decide::events::between;
 use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
-use crate::decide::{Input, Misconfiguration, Request, Step, VolumePolicy, Wait, decide, stuck_in};
+use crate::decide::{
+    Backend, Confirmed, Input, Misconfiguration, Request, Step, VolumePolicy, Wait, decide,
+    stuck_in,
+};
 use crate::driver::{AttachRequest, Driver, DriverError, ok_if_not_connected};
 use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -116,9 +119,14 @@ impl<'a> Reconcile<'a> {
             .cloned();
         let deleting = self.attachment.metadata.deletion_timestamp.is_some();
 
+        // For a backend that cannot be probed: what the last successful call confirmed.
+        let mut confirmed = None;
         for _ in 0..MAX_STEPS {
             let backend = match &target {
-                Ok(target) => Some(probe(target.driver.as_ref(), &target.handle).await),
+                Ok(target) if target.driver.can_probe() => {
+                    Some(probe(target.driver.as_ref(), &target.handle).await)
+                }
+                Ok(_) => Some(Backend::Unprobeable(confirmed.take())),
                 Err(_) => None,
             };
             // Read against the token the status records, so that once a step has taken it, the
@@ -230,6 +238,11 @@ impl<'a> Reconcile<'a> {
                 ),
                 // Record-only steps: the next probe and decision follow at once.
                 _ => Ok(()),
+            };
+            confirmed = match (&result, &step) {
+                (Ok(()), Step::Attach) => Some(Confirmed::Connected),
+                (Ok(()), Step::Detach | Step::ForceDetach { .. }) => Some(Confirmed::Disconnected),
+                _ => None,
             };
             if let Err(error) = result {
                 // The outcome is recorded and the attachment retried later; an unknown outcome is

@@ -51,6 +51,9 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
         _ => None,
     };
     let backend = match &driver {
+        Some(driver) if problem.is_none() && !driver.can_probe() => {
+            Some(Backend::Unprobeable(None))
+        }
         Some(driver) if problem.is_none() => {
             Some(probe(driver.as_ref(), &volume.spec.volume_handle).await)
         }

@@ -138,6 +138,7 @@ impl CsiPlugin {
     pub fn config(&self) -> CsiConfig {
         CsiConfig {
             endpoint: PathBuf::from(format!("unix://{}", self.socket.display())),
+            trust_published_nodes: true,
         }
     }
 

@@ -70,6 +70,17 @@ const MAX_LIST_PAGES: usize = 10_000;
 pub struct CsiConfig {
     /// The plugin's unix socket: a path, or `unix://` followed by a path.
     pub endpoint: PathBuf,
+    /// Whether to trust the plugin's published-node report (default true). Set it to false for a
+    /// plugin whose report does not follow ControllerPublish (the hostpath plugin reports the
+    /// nodes of NodePublish; the Kubernetes mock plugin reports its node for every volume): the
+    /// operator then never probes, and confirmation rests on the CSI spec's guarantee that an OK
+    /// ControllerPublish or ControllerUnpublish means published or unpublished.
+    #[serde(default = "trust_by_default")]
+    pub trust_published_nodes: bool,
+}
+
+fn trust_by_default() -> bool {
+    true
 }
 
 impl CsiConfig {
@@ -142,6 +153,7 @@ pub struct CsiDriver {
     socket: PathBuf,
     call_timeout: Duration,
     plugin: PluginInfo,
+    trust_published_nodes: bool,
 }
 
 /// How a call ended when it did not succeed: a gRPC status from the plugin (or from the transport
@@ -167,6 +179,7 @@ impl CsiDriver {
         let mut driver = Self {
             socket: config.socket_path(),
             call_timeout,
+            trust_published_nodes: config.trust_published_nodes,
             plugin: PluginInfo {
                 name: String::new(),
                 vendor_version: String::new(),
@@ -455,6 +468,11 @@ impl Driver for CsiDriver {
         "csi"
     }
 
+    fn can_probe(&self) -> bool {
+        self.trust_published_nodes
+            && self.plugin.capabilities.probe_method() != ProbeMethod::Unsupported
+    }
+
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
         if volume_handle.is_empty() {
             return Err(DriverError::Invalid("empty volume handle".into()));
@@ -656,6 +674,7 @@ mod tests {
         CsiDriver {
             socket: PathBuf::from("/nonexistent"),
             call_timeout: Duration::from_secs(3),
+            trust_published_nodes: true,
             plugin: PluginInfo {
                 name: "test".into(),
                 vendor_version: "0".into(),
@@ -713,6 +732,7 @@ mod tests {
         ));
         let config = CsiConfig {
             endpoint: "/nonexistent/csi.sock".into(),
+            trust_published_nodes: true,
         };
         assert!(matches!(
             CsiDriver::connect(&config).await,
