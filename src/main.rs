@@ -120,14 +120,14 @@ async fn run(args: RunArgs) -> ExitCode {
     });
     info!(drivers = ?config.drivers.keys().collect::<Vec<_>>(), address = %args.http_address, "starting");
 
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
     let mut leadership = None;
     if args.leader_elect {
-        let identity = args.identity.clone().unwrap_or_else(default_identity);
         let joined = leader::join(
             client.clone(),
             &args.lease_namespace,
             &args.lease_name,
-            identity,
+            identity.clone(),
             args.lease_duration,
         )
         .await;
@@ -148,8 +148,14 @@ async fn run(args: RunArgs) -> ExitCode {
         leadership = Some(joined);
     }
 
-    let controllers =
-        safe_detach::reconcile::run(client, config, args.selector, health, shutdown.clone());
+    let controllers = safe_detach::reconcile::run(
+        client,
+        config,
+        args.selector,
+        health,
+        identity,
+        shutdown.clone(),
+    );
     let code = match leadership.as_mut() {
         None => {
             controllers.await;
@@ -165,7 +171,9 @@ async fn run(args: RunArgs) -> ExitCode {
             }
         },
     };
-    drop(leadership);
+    if let Some(leadership) = leadership {
+        leadership.release().await;
+    }
     server.abort();
     code
 }

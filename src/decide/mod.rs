@@ -215,7 +215,12 @@ pub fn stuck_in(
     }
     // A phase with no recorded start began now: the clock starts at the first observation.
     let since = status.phase_since.as_ref().map_or(now, |t| t.0);
-    let elapsed = now.duration_since(since).unsigned_abs();
+    // A stored time is cut to whole seconds: count from the latest instant it can stand for, so
+    // that an attachment is never called stuck before its stuckAfter has passed.
+    let elapsed = now
+        .duration_since(since)
+        .unsigned_abs()
+        .saturating_sub(Duration::from_secs(1));
     Some(policy.stuck_after.saturating_sub(elapsed))
 }
 
@@ -312,6 +317,11 @@ pub fn decide(input: &Input) -> Step {
         }
         AttachmentPhase::Attaching => Step::Attach,
 
+        // Confirmed, but without the driver's connection info (a stuck attach rolled forward):
+        // the idempotent attach returns it without connecting anything new.
+        AttachmentPhase::Attached if here && input.status.connection_info.is_empty() => {
+            Step::Attach
+        }
         AttachmentPhase::Attached if here => Step::wait(Wait::Converged, Some(RESYNC_INTERVAL)),
         AttachmentPhase::Attached => Step::ConnectionLost,
 

@@ -157,7 +157,7 @@ pub fn after_step(
         | Step::ReleaseFinalizer
         | Step::Wait { .. } => {}
     }
-    observe(&mut status, step, observed);
+    observe(&mut status, current, step, observed);
     status
 }
 
@@ -191,7 +191,12 @@ pub fn driver_failed(
 }
 
 /// The parts of the status that follow from the observation alone, whatever the step.
-fn observe(status: &mut VolumeAttachmentStatus, step: &Step, observed: &Observed) {
+fn observe(
+    status: &mut VolumeAttachmentStatus,
+    before: &VolumeAttachmentStatus,
+    step: &Step,
+    observed: &Observed,
+) {
     let now = observed.time();
     let generation = observed.generation;
     status.observed_generation = generation;
@@ -260,9 +265,13 @@ fn observe(status: &mut VolumeAttachmentStatus, step: &Step, observed: &Observed
         );
     }
 
+    // Stuck describes the phase the step was decided in: a step that resolves a stuck phase
+    // (a force-detach of a stuck attach) still reports it, once, before the new phase clears it.
     if let Some(policy) = observed.policy {
-        let stuck = match stuck_in(status, policy, observed.now) {
+        let stuck_phase = phase_of(before);
+        let stuck = match stuck_in(before, policy, observed.now) {
             Some(Duration::ZERO) => {
+                let phase = stuck_phase;
                 let action = if policy.auto_force_detach {
                     "resolving it with a backend-confirmed force-detach"
                 } else {
@@ -283,7 +292,7 @@ fn observe(status: &mut VolumeAttachmentStatus, step: &Step, observed: &Observed
                 Some((
                     ConditionStatus::False,
                     "NotStuck",
-                    format!("{phase:?} within its deadline"),
+                    format!("{stuck_phase:?} within its deadline"),
                 ))
             }
             _ => None,
@@ -349,10 +358,15 @@ fn observe(status: &mut VolumeAttachmentStatus, step: &Step, observed: &Observed
 
     // Ready follows the phase unless the step said something more specific. A driver failure
     // recorded after this, in the same reconcile, overrides it again.
-    if !matches!(
-        step,
-        Step::MarkAttached { .. } | Step::ConnectionLost | Step::Fail(_)
-    ) {
+    // A confirmed Attached keeps the reason it was confirmed with (Attached or RolledForward).
+    let confirmed_attached = phase_of(status) == AttachmentPhase::Attached
+        && find_condition(&status.conditions, READY).is_some_and(|c| c.status == "True");
+    if !confirmed_attached
+        && !matches!(
+            step,
+            Step::MarkAttached { .. } | Step::ConnectionLost | Step::Fail(_)
+        )
+    {
         let (value, reason, message) = match phase_of(status) {
             AttachmentPhase::Attached => (
                 ConditionStatus::True,

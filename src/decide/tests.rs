@@ -160,12 +160,18 @@ fn normal_attach_records_intent_before_calling_the_driver() {
             rolled_forward: false
         }
     );
+    row.status.phase = Some(Attached);
     assert_eq!(
-        Row::new(Attached, connected(&[NODE])).decide(),
+        row.decide(),
         Step::Wait {
             why: Wait::Converged,
             recheck_after: Some(RESYNC_INTERVAL)
         }
+    );
+    assert_eq!(
+        Row::new(Attached, connected(&[NODE])).decide(),
+        Step::Attach,
+        "confirmed (rolled forward) without connection info: fetch it idempotently"
     );
 }
 

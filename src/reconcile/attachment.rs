@@ -5,13 +5,14 @@
 //! says "detached" is written only after the probe that confirmed it. Everything else is written
 //! once, at the end, and only if it changed.
 
-use super::{Context, Error, probe, retry_after, synced};
+use super::{Context, Error, probe, synced};
 use crate::MANAGER;
 use crate::api::{
     FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
-    VolumeAttachmentStatus, parse_duration,
+    VolumeAttachmentStatus, find_condition, parse_duration,
 };
-use crate::decide::events::between;
+use crate::decide::events::{Notice, between};
+use crate::decide::status::READY;
 use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
 use crate::decide::{
     Backend, Confirmed, Input, Misconfiguration, Request, Step, VolumePolicy, Wait, decide,
@@ -51,6 +52,13 @@ pub async fn reconcile(
     let span = info_span!("reconcile", kind = "VolumeAttachment", name = %name, token = %token);
     // Until the Volume cache is filled, every Volume would look missing.
     synced(&context.volumes).await;
+    // A failed try holds the object until its next try is due, whatever woke it (most often its
+    // own status write); only a person's new force-detach request goes ahead at once.
+    if let Some(left) = context.backoff.holding(&name)
+        && !has_new_request(&attachment)
+    {
+        return Ok(Action::requeue(left));
+    }
     let result = Reconcile::new(&attachment, &context)
         .run()
         .instrument(span)
@@ -68,12 +76,26 @@ pub async fn reconcile(
     }
 }
 
+/// Whether the annotation carries a token the status has not recorded yet.
+fn has_new_request(attachment: &VolumeAttachment) -> bool {
+    let handled = attachment
+        .status
+        .as_ref()
+        .and_then(|s| s.force_detach.as_ref())
+        .and_then(|f| f.token.as_deref());
+    let annotation = attachment.annotations().get(FORCE_DETACH_ANNOTATION);
+    matches!(
+        Request::read(annotation.map(String::as_str), handled),
+        Request::New(_)
+    )
+}
+
 pub fn error_policy(
     attachment: Arc<VolumeAttachment>,
     _error: &Error,
     context: Arc<Context>,
 ) -> Action {
-    Action::requeue(context.backoff.failed(&attachment.name_any()))
+    Action::requeue(context.backoff.failed(&attachment.name_any(), None))
 }
 
 /// How a reconcile ended: settled (its backoff is forgotten), or to be retried with backoff after
@@ -94,6 +116,14 @@ struct Reconcile<'a> {
     /// The status as computed so far.
     status: VolumeAttachmentStatus,
     has_finalizer: bool,
+    /// The events the steps so far deserve, published with the next write. Collected step by
+    /// step, so that a reason that is replaced within the reconcile (RolledForward, ConnectionLost)
+    /// is still told.
+    notices: Vec<Notice>,
+    /// The status the notices were last computed against.
+    noticed: VolumeAttachmentStatus,
+    /// The failure the stored status already reports: told once, not again at every retry.
+    reported_failure: Option<String>,
 }
 
 impl<'a> Reconcile<'a> {
@@ -105,6 +135,11 @@ impl<'a> Reconcile<'a> {
             api: Api::all(context.client.clone()),
             name: attachment.name_any(),
             stored: status.clone(),
+            noticed: status.clone(),
+            reported_failure: find_condition(&status.conditions, READY)
+                .filter(|c| c.status == "False")
+                .map(|c| c.reason.clone()),
+            notices: Vec::new(),
             status,
             has_finalizer: attachment.finalizers().iter().any(|f| f == FINALIZER),
         }
@@ -165,6 +200,7 @@ impl<'a> Reconcile<'a> {
                 self.context.metrics.force_detach(&reason, "Succeeded");
             }
             self.status = after_step(&self.status, &step, &observed);
+            self.notice();
             info!(?step, "step");
 
             match &step {
@@ -188,9 +224,8 @@ impl<'a> Reconcile<'a> {
                         Wait::Converged => Outcome::Settled(Action::requeue(
                             recheck_after.unwrap_or(resync).min(resync),
                         )),
-                        Wait::BackendUnreachable => Outcome::Retry(retry_after(
-                            self.context.backoff.failed(&self.name),
-                            stuck_in,
+                        Wait::BackendUnreachable => Outcome::Retry(Action::requeue(
+                            self.context.backoff.failed(&self.name, stuck_in),
                         )),
                     });
                 }
@@ -249,16 +284,15 @@ impl<'a> Reconcile<'a> {
                 // resolved by the probe that starts the next reconcile.
                 warn!(?step, %error, class = ?error.class(), "driver call failed");
                 driver_failed(&mut self.status, &step, &error, &observed);
+                self.notice();
                 if let Step::ForceDetach { reason, .. } = &step {
                     let reason = format!("{reason:?}");
                     self.context.metrics.force_detach(&reason, "Failed");
                 }
                 self.persist().await?;
-                let delay = self.context.backoff.failed(&self.name);
-                return Ok(Outcome::Retry(retry_after(
-                    delay,
-                    stuck_in(&self.status, &target.policy, Timestamp::now()),
-                )));
+                let deadline = stuck_in(&self.status, &target.policy, Timestamp::now());
+                let delay = self.context.backoff.failed(&self.name, deadline);
+                return Ok(Outcome::Retry(Action::requeue(delay)));
             }
         }
         self.persist().await?;
@@ -304,8 +338,14 @@ impl<'a> Reconcile<'a> {
             connector: spec.connector.clone().unwrap_or_default(),
             read_only: spec.read_only.unwrap_or(false),
         };
-        let info = target.driver.attach(&request).await?;
+        let mut info = target.driver.attach(&request).await?;
+        // Connection info is how a confirmed attachment shows it was attached by its driver; a
+        // driver with nothing to tell still leaves its name.
+        if info.is_empty() {
+            info.insert("driver".into(), target.driver.kind().into());
+        }
         attached_with(&mut self.status, info);
+        self.notice();
         Ok(())
     }
 
@@ -336,16 +376,29 @@ impl<'a> Reconcile<'a> {
         self.api
             .patch_status(&self.name, &params, &Patch::Apply(&patch))
             .await?;
-        for notice in between(
-            &self.stored,
-            &self.status,
-            &self.attachment.spec.volume_name,
-            &self.attachment.spec.node_name,
-        ) {
-            self.context.publish(self.attachment, &notice).await;
-        }
         self.stored = self.status.clone();
+        for notice in std::mem::take(&mut self.notices) {
+            self.context.events.publish(self.attachment, &notice).await;
+        }
         Ok(())
+    }
+
+    /// Collects the events that the change since the last call deserves.
+    fn notice(&mut self) {
+        let spec = &self.attachment.spec;
+        let notices = between(
+            &self.noticed,
+            &self.status,
+            &spec.volume_name,
+            &spec.node_name,
+        );
+        let reported = self.reported_failure.as_deref();
+        self.notices.extend(
+            notices
+                .into_iter()
+                .filter(|n| Some(n.reason.as_str()) != reported),
+        );
+        self.noticed = self.status.clone();
     }
 
     /// Adds the finalizer before any backend call, so that a deletion always waits for a

@@ -3,20 +3,20 @@
 
 mod attachment;
 mod backoff;
+mod events;
 mod volume;
 
-use crate::MANAGER;
 use crate::api::{Volume, VolumeAttachment};
 use crate::config::Config;
 use crate::decide::Backend;
-use crate::decide::events::{Notice, Severity};
+
 use crate::driver::Driver;
 use crate::runtime::health::Health;
 use crate::runtime::metrics::Metrics;
 use backoff::Backoff;
+use events::Publisher;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
@@ -47,30 +47,11 @@ impl Error {
 pub struct Context {
     pub client: Client,
     pub config: Config,
-    recorder: Recorder,
+    events: Publisher,
     volumes: Store<Volume>,
     attachments: Store<VolumeAttachment>,
     backoff: Backoff,
     metrics: Arc<Metrics>,
-}
-
-impl Context {
-    async fn publish<K: Resource<DynamicType = ()>>(&self, object: &K, notice: &Notice) {
-        let event = Event {
-            type_: match notice.severity {
-                Severity::Normal => EventType::Normal,
-                Severity::Warning => EventType::Warning,
-            },
-            reason: notice.reason.clone(),
-            note: Some(notice.message.clone()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        // An event that cannot be published is logged, never allowed to stop the reconcile.
-        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
-            warn!(%error, reason = %notice.reason, "cannot publish event");
-        }
-    }
 }
 
 /// Runs both controllers until `shutdown` resolves. With a `label_selector`, only the Volumes and
@@ -80,6 +61,7 @@ pub async fn run(
     config: Config,
     label_selector: Option<String>,
     health: Arc<Health>,
+    instance: String,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let watch = match &label_selector {
@@ -107,13 +89,7 @@ pub async fn run(
         }
     });
     let context = Arc::new(Context {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: None,
-            },
-        ),
+        events: Publisher::new(client.clone(), instance),
         client,
         config,
         volumes,
@@ -214,9 +190,4 @@ async fn probe(driver: &dyn Driver, handle: &str) -> Backend {
         Ok(connections) => Backend::Answered(connections),
         Err(error) => Backend::Unreachable(error.to_string()),
     }
-}
-
-/// The requeue after a reconcile that could not finish, bounded by when it must look again anyway.
-fn retry_after(delay: Duration, deadline: Option<Duration>) -> Action {
-    Action::requeue(deadline.map_or(delay, |d| delay.min(d.max(Duration::from_millis(200)))))
 }

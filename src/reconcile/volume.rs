@@ -29,7 +29,11 @@ pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Act
 }
 
 pub fn error_policy(volume: Arc<Volume>, _error: &Error, context: Arc<Context>) -> Action {
-    Action::requeue(context.backoff.failed(&backoff_key(&volume.name_any())))
+    Action::requeue(
+        context
+            .backoff
+            .failed(&backoff_key(&volume.name_any()), None),
+    )
 }
 
 /// Volumes and attachments may share names; their backoffs must not.
@@ -147,7 +151,7 @@ async fn force_detach_orphan(volume: &Volume, context: &Context, driver: &dyn Dr
             ),
         },
     };
-    context.publish(volume, &notice).await;
+    context.events.publish(volume, &notice).await;
 }
 
 async fn persist(
@@ -182,7 +186,7 @@ async fn persist(
                 volume.spec.orphan_policy
             ),
         };
-        context.publish(volume, &notice).await;
+        context.events.publish(volume, &notice).await;
     }
     Ok(())
 }

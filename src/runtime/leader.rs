@@ -2,16 +2,20 @@
 //! others wait. A replica that loses the lease stops acting at once.
 
 use kube::Client;
-use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder, LeaseManagerError};
 use std::time::Duration;
 use tokio::sync::watch;
-use tracing::info;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// This replica's standing in the election, kept up to date by a background task that renews the
 /// lease while held and takes it when it falls free.
 pub struct Leadership {
     leading: watch::Receiver<bool>,
     identity: String,
+    task: JoinHandle<Result<LeaseManager, LeaseManagerError>>,
 }
 
 /// Joins the election for the Lease `namespace/name` under `identity`. A leader that stops renewing
@@ -33,9 +37,13 @@ pub async fn join(
         .with_field_manager(crate::MANAGER)
         .build()
         .await?;
-    // The renewal task lives as long as the receiver: dropping `Leadership` releases the lease.
-    let (leading, _task) = manager.watch().await;
-    Ok(Leadership { leading, identity })
+    // The renewal task lives as long as the receiver, and releases the lease once it is dropped.
+    let (leading, task) = manager.watch().await;
+    Ok(Leadership {
+        leading,
+        identity,
+        task,
+    })
 }
 
 impl Leadership {
@@ -49,5 +57,17 @@ impl Leadership {
     /// Resolves when this replica no longer holds the lease (or can no longer tell).
     pub async fn lost(&mut self) {
         let _ = self.leading.wait_for(|leading| !*leading).await;
+    }
+
+    /// Gives the lease up, so that another replica takes over at once rather than after the
+    /// lease has run out (a rolling update, a SIGTERM).
+    pub async fn release(self) {
+        let Self { leading, task, .. } = self;
+        drop(leading);
+        match tokio::time::timeout(RELEASE_TIMEOUT, task).await {
+            Ok(Ok(Ok(_))) => info!("released the lease"),
+            Ok(Ok(Err(error))) => warn!(%error, "cannot release the lease; it expires on its own"),
+            Ok(Err(_)) | Err(_) => warn!("cannot release the lease in time; it expires on its own"),
+        }
     }
 }

@@ -1,0 +1,918 @@
+//! The operator end to end on the `csi` driver: the real operator binary, the real control plane,
+//! and the Kubernetes mock CSI plugin, with the fault-injecting gRPC proxy between them.
+//!
+//! The mock lists its node as published for every volume, so the operator runs with
+//! `trustPublishedNodes: false`: it never probes, and confirmation rests on an OK
+//! `ControllerPublishVolume` / `ControllerUnpublishVolume`. What really happened on the backend
+//! is read from the plugin's own publish record (`CsiPlugin::controller_published_nodes`,
+//! asked directly, not through the proxy) and from the proxy's call counts.
+//!
+//! The mock has one node id, its driver name, and every attachment here uses it.
+
+mod support;
+
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use safe_detach::api::{
+    AttachmentPhase, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason, ForceDetachState,
+    ProbeResult, Volume, VolumeAttachment, VolumePhase,
+};
+use safe_detach::driver::csi::{DRIVER_KEY, NODE_ID_KEY};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use support::cluster::{TestObjects, admin_client, unique_name};
+use support::csi::{CsiPlugin, DRIVER_NAME};
+use support::grpc_proxy::{Fault, GrpcProxy};
+use support::operator::{Operator, SHARD_LABEL};
+use support::scenario::{
+    SeenEvent, attached, condition, describe_events, events_in, has, phase, volume_condition,
+};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+const PUBLISH: &str = "/csi.v1.Controller/ControllerPublishVolume";
+const UNPUBLISH: &str = "/csi.v1.Controller/ControllerUnpublishVolume";
+const GET_VOLUME: &str = "/csi.v1.Controller/ControllerGetVolume";
+const LIST_VOLUMES: &str = "/csi.v1.Controller/ListVolumes";
+
+/// The stuck clock of every Volume here: the operator's default, the CRD's minimum.
+const STUCK_AFTER: Duration = Duration::from_secs(5);
+/// How often the operator looks again at converged objects.
+const RESYNC: Duration = Duration::from_secs(2);
+/// `phaseSince` is stored with whole seconds, so the stuck clock read back can run up to a
+/// second ahead of the real one.
+const CLOCK_GRAIN: Duration = Duration::from_secs(1);
+/// The longest any wait may take before the test fails: a reconcile can wait for a deadline, the
+/// stuck clock and a backoff in a row.
+const WAIT: Duration = Duration::from_secs(40);
+const POLL: Duration = Duration::from_millis(50);
+const TEST_MANAGER: &str = "safe-detach-e2e";
+
+struct Setup {
+    /// Each driver call's deadline, as the operator's configuration writes it.
+    deadline: &'static str,
+    /// Whether the operator reaches the plugin through the proxy (else directly).
+    via_proxy: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            deadline: "2s",
+            via_proxy: true,
+        }
+    }
+}
+
+/// One scenario: a plugin, the proxy in front of it, an operator for this test's shard, and the
+/// objects the test creates. Fields drop in order: the operator is killed before the objects are
+/// deleted (so that it cannot put a finalizer back), and the plugin goes last.
+struct CsiScenario {
+    operator: Operator,
+    objects: TestObjects,
+    proxy: Arc<GrpcProxy>,
+    plugin: CsiPlugin,
+    volumes: Api<Volume>,
+    attachments: Api<VolumeAttachment>,
+    events: Api<Event>,
+    shard: String,
+}
+
+impl CsiScenario {
+    async fn start(setup: Setup) -> Self {
+        let plugin = CsiPlugin::start().await;
+        let proxy = Arc::new(GrpcProxy::start(
+            plugin.socket(),
+            &plugin.dir().join("proxy.sock"),
+        ));
+        let endpoint = if setup.via_proxy {
+            proxy.socket().to_owned()
+        } else {
+            plugin.socket().to_owned()
+        };
+        let config = format!(
+            "defaultStuckAfter: {stuck}s\nresyncInterval: {resync}s\ndrivers:\n  - name: csi\n    deadline: {deadline}\n    csi:\n      endpoint: unix://{endpoint}\n      trustPublishedNodes: false\n",
+            stuck = STUCK_AFTER.as_secs(),
+            resync = RESYNC.as_secs(),
+            deadline = setup.deadline,
+            endpoint = endpoint.display(),
+        );
+        let shard = unique_name("csi-shard");
+        let operator = Operator::start(&shard, &config).await;
+        let client = admin_client().await;
+        Self {
+            operator,
+            objects: TestObjects::default(),
+            proxy,
+            plugin,
+            volumes: Api::all(client.clone()),
+            attachments: Api::all(client.clone()),
+            events: Api::namespaced(client, "default"),
+            shard,
+        }
+    }
+
+    fn node(&self) -> &'static str {
+        self.plugin.node()
+    }
+
+    /// Creates a volume on the plugin and a Volume of the `csi` driver for it; returns the
+    /// Volume's name and the plugin's volume id.
+    async fn volume(&mut self, prefix: &str) -> (String, String) {
+        let name = self.objects.volume(prefix);
+        let handle = self.plugin.create_volume(&name).await;
+        let object = json!({
+            "apiVersion": "safedetach.io/v1alpha1",
+            "kind": "Volume",
+            "metadata": { "name": name, "labels": { SHARD_LABEL: self.shard } },
+            "spec": { "driver": "csi", "volumeHandle": handle },
+        });
+        self.volumes
+            .patch(&name, &apply(), &Patch::Apply(&object))
+            .await
+            .unwrap_or_else(|e| panic!("create Volume {name}: {e}"));
+        (name, handle)
+    }
+
+    /// Creates a VolumeAttachment of `volume` to the plugin's node.
+    async fn attachment(&mut self, prefix: &str, volume: &str) -> String {
+        let name = self.objects.attachment(prefix);
+        let object = json!({
+            "apiVersion": "safedetach.io/v1alpha1",
+            "kind": "VolumeAttachment",
+            "metadata": { "name": name, "labels": { SHARD_LABEL: self.shard } },
+            "spec": { "volumeName": volume, "nodeName": self.node() },
+        });
+        self.attachments
+            .patch(&name, &apply(), &Patch::Apply(&object))
+            .await
+            .unwrap_or_else(|e| panic!("create VolumeAttachment {name}: {e}"));
+        name
+    }
+
+    async fn get(&self, name: &str) -> Option<VolumeAttachment> {
+        self.attachments
+            .get_opt(name)
+            .await
+            .unwrap_or_else(|e| panic!("get VolumeAttachment {name}: {e}"))
+    }
+
+    /// Polls the attachment until `done` holds for what the server returns (`None`: gone).
+    /// Fails with the last object seen and the end of the operator's log.
+    async fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        done: impl Fn(Option<&VolumeAttachment>) -> bool,
+    ) -> Option<VolumeAttachment> {
+        let give_up = Instant::now() + WAIT;
+        loop {
+            let seen = self.get(name).await;
+            if done(seen.as_ref()) {
+                return seen;
+            }
+            if Instant::now() >= give_up {
+                panic!(
+                    "{name}: not {what} within {WAIT:?}; last seen:\n{}\n--- operator log (end) ---\n{}",
+                    show(seen.as_ref()),
+                    self.log_tail(60)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn wait_attached(&self, name: &str) -> VolumeAttachment {
+        self.wait_for(name, "Attached and confirmed", |a| {
+            a.is_some_and(is_attached)
+        })
+        .await
+        .expect("present")
+    }
+
+    async fn wait_gone(&self, name: &str) {
+        self.wait_for(name, "gone (finalizer released)", |a| a.is_none())
+            .await;
+    }
+
+    async fn delete(&self, name: &str) {
+        self.attachments
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete VolumeAttachment {name}: {e}"));
+    }
+
+    /// Merges `annotations` into the attachment's, as `kubectl annotate --overwrite` does.
+    async fn annotate(&self, name: &str, annotations: Value) {
+        self.attachments
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "annotations": annotations } })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("annotate VolumeAttachment {name}: {e}"));
+    }
+
+    async fn request_force_detach(&self, name: &str, token: &str) {
+        self.annotate(name, json!({ FORCE_DETACH_ANNOTATION: token }))
+            .await;
+    }
+
+    async fn events_about(&self, name: &str) -> Vec<SeenEvent> {
+        events_in(&self.events, "VolumeAttachment", name).await
+    }
+
+    /// Waits for an Event of `reason` about the attachment whose note contains every one of
+    /// `notes`.
+    async fn wait_event(&self, name: &str, reason: &str, notes: &[&str]) -> SeenEvent {
+        let give_up = Instant::now() + WAIT;
+        loop {
+            let events = self.events_about(name).await;
+            if let Some(found) = find_event(&events, reason, notes) {
+                return found.clone();
+            }
+            if Instant::now() >= give_up {
+                panic!(
+                    "no {reason} event about {name} saying {notes:?} within {WAIT:?}; events:\n{}\n--- operator log (end) ---\n{}",
+                    describe_events(&events),
+                    self.log_tail(60)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// How many times an Event of `reason` whose note contains `note` was reported.
+    async fn occurrences(&self, name: &str, reason: &str, note: &str) -> i32 {
+        self.events_about(name)
+            .await
+            .iter()
+            .filter(|e| e.reason == reason && e.note.contains(note))
+            .map(|e| e.count)
+            .sum()
+    }
+
+    /// Waits until an Event of `reason` whose note contains `note` was reported `count` times.
+    async fn wait_occurrences(&self, name: &str, reason: &str, note: &str, count: i32) {
+        let give_up = Instant::now() + WAIT;
+        loop {
+            let seen = self.occurrences(name, reason, note).await;
+            if seen == count {
+                return;
+            }
+            assert!(
+                seen < count && Instant::now() < give_up,
+                "{reason} events about {name}: {seen}, expected {count}:\n{}",
+                describe_events(&self.events_about(name).await)
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The plugin's own record of where the volume is controller-published.
+    async fn published(&self, handle: &str) -> BTreeSet<String> {
+        self.plugin.controller_published_nodes(handle).await
+    }
+
+    /// How many reconciles of the attachment the operator has finished converged so far.
+    fn converged_reconciles(&self, name: &str) -> usize {
+        let log = strip_ansi(&self.operator.log());
+        let marks = [format!("name={name} "), format!("name={name}}}")];
+        log.lines()
+            .filter(|line| marks.iter().any(|m| line.contains(m.as_str())))
+            .filter(|line| line.contains("Converged"))
+            .count()
+    }
+
+    /// Waits until the operator has finished a converged reconcile of the attachment beyond the
+    /// `before` it had finished earlier: it has seen whatever changed since.
+    async fn wait_converged_reconcile(&self, name: &str, before: usize) {
+        let give_up = Instant::now() + WAIT;
+        while self.converged_reconciles(name) <= before {
+            assert!(
+                Instant::now() < give_up,
+                "the operator did not reconcile {name} again within {WAIT:?}:\n{}",
+                self.log_tail(60)
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let log = strip_ansi(&self.operator.log());
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Disarms `method` as soon as `trigger` has been called `count` times, from a task of its
+    /// own that polls every millisecond; returns when that was and how many calls of `method`
+    /// the proxy had seen by then.
+    fn disarm_after(
+        &self,
+        method: &'static str,
+        trigger: &'static str,
+        count: usize,
+    ) -> JoinHandle<(Instant, usize)> {
+        let proxy = self.proxy.clone();
+        tokio::spawn(async move {
+            let give_up = Instant::now() + 2 * WAIT;
+            while proxy.calls(trigger) < count {
+                assert!(
+                    Instant::now() < give_up,
+                    "{trigger} was not called {count} times"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            proxy.disarm(method);
+            (Instant::now(), proxy.calls(method))
+        })
+    }
+}
+
+fn apply() -> PatchParams {
+    PatchParams::apply(TEST_MANAGER).force()
+}
+
+fn is_attached(attachment: &VolumeAttachment) -> bool {
+    phase(attachment) == Some(AttachmentPhase::Attached) && attached(attachment)
+}
+
+fn find_event<'a>(events: &'a [SeenEvent], reason: &str, notes: &[&str]) -> Option<&'a SeenEvent> {
+    events
+        .iter()
+        .find(|e| e.reason == reason && notes.iter().all(|n| e.note.contains(n)))
+}
+
+fn show(attachment: Option<&VolumeAttachment>) -> String {
+    attachment.map_or_else(
+        || "not found".to_owned(),
+        |a| {
+            let value = serde_json::to_value(a).expect("serializable");
+            let shown = json!({
+                "metadata": {
+                    "finalizers": value["metadata"]["finalizers"],
+                    "deletionTimestamp": value["metadata"]["deletionTimestamp"],
+                    "annotations": value["metadata"]["annotations"],
+                },
+                "status": value["status"],
+            });
+            serde_json::to_string_pretty(&shown).expect("serializable")
+        },
+    )
+}
+
+/// The text without terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn nodes(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|n| (*n).to_owned()).collect()
+}
+
+/// The status parts that say the backend cannot be probed, plainly.
+fn assert_not_probeable(attachment: &VolumeAttachment) {
+    let status = attachment.status.as_ref().expect("a status");
+    let probe = status.last_probe.as_ref().expect("a lastProbe");
+    assert_eq!(probe.result, ProbeResult::NotProbeable, "{probe:?}");
+    assert!(probe.nodes.is_empty(), "{probe:?}");
+    let in_sync = condition(attachment, "BackendInSync");
+    assert!(
+        has(in_sync, "Unknown", Some("NotProbeable")),
+        "BackendInSync: {in_sync:?}"
+    );
+    assert!(
+        in_sync.is_some_and(|c| c.message.contains("cannot be probed")),
+        "{in_sync:?}"
+    );
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attach_and_detach_rest_on_ok_calls_and_the_status_says_not_probeable() {
+    let mut s = CsiScenario::start(Setup::default()).await;
+    let (volume, handle) = s.volume("csi-vol").await;
+    let name = s.attachment("csi-va", &volume).await;
+
+    let attachment = s.wait_attached(&name).await;
+    let status = attachment.status.as_ref().expect("a status");
+    assert_eq!(
+        status.connection_info.get(NODE_ID_KEY).map(String::as_str),
+        Some(s.node())
+    );
+    assert_eq!(
+        status.connection_info.get(DRIVER_KEY).map(String::as_str),
+        Some(DRIVER_NAME)
+    );
+    assert!(
+        attachment
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == FINALIZER),
+        "the finalizer holds the attachment"
+    );
+    assert!(has(
+        condition(&attachment, "Ready"),
+        "True",
+        Some("Attached")
+    ));
+    assert_not_probeable(&attachment);
+    assert_eq!(s.published(&handle).await, nodes(&[s.node()]));
+    assert_eq!(s.proxy.calls(PUBLISH), 1, "one publish");
+    s.wait_event(&name, "Attached", &[&volume, s.node()]).await;
+
+    // The Volume says so too: in use, not probeable, no node list it cannot know.
+    let give_up = Instant::now() + WAIT;
+    let volume_object = loop {
+        let v = s.volumes.get(&volume).await.expect("get Volume");
+        let status = v.status.as_ref();
+        if status.and_then(|s| s.phase) == Some(VolumePhase::InUse) {
+            break v;
+        }
+        assert!(Instant::now() < give_up, "Volume not InUse: {:?}", v.status);
+        tokio::time::sleep(POLL).await;
+    };
+    let volume_status = volume_object.status.as_ref().expect("a status");
+    assert_eq!(
+        volume_status.last_probe.as_ref().map(|p| p.result),
+        Some(ProbeResult::NotProbeable)
+    );
+    assert!(volume_status.connected_nodes.is_empty());
+    assert!(has(
+        volume_condition(&volume_object, "Ready"),
+        "True",
+        Some("NotProbeable")
+    ));
+
+    s.delete(&name).await;
+    s.wait_gone(&name).await;
+    assert!(
+        s.published(&handle).await.is_empty(),
+        "the finalizer was released with the volume still published"
+    );
+    assert_eq!(s.proxy.calls(UNPUBLISH), 1, "one unpublish");
+    s.wait_event(&name, "Detached", &[&volume]).await;
+    // Nothing asked the plugin where the volume is published: its answer is not trusted.
+    assert_eq!(
+        s.proxy.calls(GET_VOLUME),
+        0,
+        "ControllerGetVolume was called"
+    );
+    assert_eq!(s.proxy.calls(LIST_VOLUMES), 0, "ListVolumes was called");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn force_detach_on_request_acts_once_per_token_then_attaches_again() {
+    let mut s = CsiScenario::start(Setup::default()).await;
+    let (volume, handle) = s.volume("csi-vol").await;
+    let name = s.attachment("csi-va", &volume).await;
+    s.wait_attached(&name).await;
+    let (publishes, unpublishes) = (s.proxy.calls(PUBLISH), s.proxy.calls(UNPUBLISH));
+
+    let token = "2026-11-25T10:00:00Z";
+    s.request_force_detach(&name, token).await;
+    s.wait_event(&name, "ForceDetaching", &["Requested", token])
+        .await;
+    s.wait_event(&name, "ForceDetached", &["Requested", token])
+        .await;
+    let attachment = s
+        .wait_for(&name, "attached again after the forced detach", |a| {
+            a.is_some_and(|a| {
+                is_attached(a)
+                    && a.status
+                        .as_ref()
+                        .and_then(|s| s.force_detach.as_ref())
+                        .is_some_and(|f| f.token.as_deref() == Some(token))
+            })
+        })
+        .await
+        .expect("present");
+    let force = attachment
+        .status
+        .as_ref()
+        .and_then(|s| s.force_detach.clone())
+        .expect("forceDetach");
+    assert_eq!(force.reason, ForceDetachReason::Requested);
+    assert_eq!(force.state, ForceDetachState::Succeeded);
+    assert_eq!(force.attempts, 1);
+    assert!(force.finished_at.is_some());
+    assert_not_probeable(&attachment);
+    // The plugin saw one unpublish and one publish, and its record ends published: the publish
+    // came last.
+    assert_eq!(s.proxy.calls(UNPUBLISH), unpublishes + 1, "unpublishes");
+    assert_eq!(s.proxy.calls(PUBLISH), publishes + 1, "publishes");
+    assert_eq!(s.published(&handle).await, nodes(&[s.node()]));
+    s.wait_occurrences(&name, "Attached", &volume, 2).await;
+
+    // The same token again, with another change to make the operator look: nothing happens.
+    let seen = s.converged_reconciles(&name);
+    s.annotate(
+        &name,
+        json!({ FORCE_DETACH_ANNOTATION: token, "test.safedetach.io/touched": "1" }),
+    )
+    .await;
+    // Two more converged reconciles: at most one of them (a resync) can predate the change.
+    s.wait_converged_reconcile(&name, seen + 1).await;
+    assert_eq!(
+        s.proxy.calls(UNPUBLISH),
+        unpublishes + 1,
+        "acted twice on {token}"
+    );
+    assert_eq!(s.proxy.calls(PUBLISH), publishes + 1);
+    assert_eq!(s.occurrences(&name, "ForceDetached", token).await, 1);
+    assert!(is_attached(&s.get(&name).await.expect("present")));
+
+    // A new token asks again. (Its Event is the subject of
+    // `every_forced_detach_has_an_event_naming_its_token`.)
+    let again = "2026-11-25T10:05:00Z";
+    s.request_force_detach(&name, again).await;
+    let attachment = s
+        .wait_for(&name, "attached again after the second request", |a| {
+            a.is_some_and(|a| {
+                is_attached(a)
+                    && a.status
+                        .as_ref()
+                        .and_then(|s| s.force_detach.as_ref())
+                        .is_some_and(|f| {
+                            f.token.as_deref() == Some(again)
+                                && f.state == ForceDetachState::Succeeded
+                        })
+            })
+        })
+        .await
+        .expect("present");
+    assert_not_probeable(&attachment);
+    assert_eq!(s.proxy.calls(UNPUBLISH), unpublishes + 2);
+    assert_eq!(s.proxy.calls(PUBLISH), publishes + 2);
+    assert_eq!(s.published(&handle).await, nodes(&[s.node()]));
+}
+
+/// Each forced detach is announced by Events that name its token (docs/design.md: "they say
+/// forced, the reason and the token"), the second request's as much as the first's.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_forced_detach_has_an_event_naming_its_token() {
+    let mut s = CsiScenario::start(Setup::default()).await;
+    let (volume, _) = s.volume("csi-vol").await;
+    let name = s.attachment("csi-va", &volume).await;
+    s.wait_attached(&name).await;
+    for token in ["first-token", "second-token"] {
+        s.request_force_detach(&name, token).await;
+        s.wait_event(&name, "ForceDetaching", &["Requested", token])
+            .await;
+        s.wait_event(&name, "ForceDetached", &["Requested", token])
+            .await;
+        s.wait_for(&name, "attached again", |a| {
+            a.is_some_and(|a| {
+                is_attached(a)
+                    && a.status
+                        .as_ref()
+                        .and_then(|s| s.force_detach.as_ref())
+                        .is_some_and(|f| f.token.as_deref() == Some(token))
+            })
+        })
+        .await;
+    }
+}
+
+/// Case 1: every publish answers past the driver's deadline (its outcome unknown) until the
+/// attachment is stuck; the operator then cleans up with force_detach (an unpublish) and attaches
+/// from scratch.
+#[tokio::test(flavor = "multi_thread")]
+async fn case1_publish_times_out_until_stuck_then_clean_up_and_attach_from_scratch() {
+    let mut s = CsiScenario::start(Setup {
+        deadline: "1s",
+        ..Setup::default()
+    })
+    .await;
+    let (volume, handle) = s.volume("csi-vol").await;
+    s.proxy.arm(PUBLISH, Fault::Delay(Duration::from_secs(3)));
+    // The clean-up's unpublish clears the way for the attach from scratch.
+    let cleared = s.disarm_after(PUBLISH, UNPUBLISH, 1);
+    let created = Instant::now();
+    let name = s.attachment("csi-va", &volume).await;
+
+    // Until the clean-up, the record never says attached, whatever the plugin did.
+    let give_up = Instant::now() + WAIT;
+    while s.proxy.calls(UNPUBLISH) == 0 {
+        if let Some(a) = s.get(&name).await {
+            assert!(
+                !attached(&a) && phase(&a) != Some(AttachmentPhase::Attached),
+                "attached on a publish that timed out:\n{}",
+                show(Some(&a))
+            );
+        }
+        assert!(Instant::now() < give_up, "no clean-up within {WAIT:?}");
+        tokio::time::sleep(POLL).await;
+    }
+    let (cleared, timed_out_publishes) = cleared.await.expect("the disarming task");
+    assert!(timed_out_publishes >= 1);
+    assert!(
+        cleared - created >= STUCK_AFTER - CLOCK_GRAIN,
+        "cleaned up {:?} after creation, before stuckAfter {STUCK_AFTER:?}",
+        cleared - created
+    );
+
+    let attachment = s.wait_attached(&name).await;
+    let status = attachment.status.as_ref().expect("a status");
+    let force = status.force_detach.as_ref().expect("forceDetach");
+    assert_eq!(force.reason, ForceDetachReason::StuckAttaching);
+    assert_eq!(force.state, ForceDetachState::Succeeded);
+    assert_eq!(force.token, None);
+    assert_eq!(
+        status.connection_info.get(NODE_ID_KEY).map(String::as_str),
+        Some(s.node())
+    );
+    assert_not_probeable(&attachment);
+    assert_eq!(s.published(&handle).await, nodes(&[s.node()]));
+    s.wait_event(&name, "AttachFailed", &["Timeout"]).await;
+    s.wait_event(&name, "ForceDetaching", &["StuckAttaching"])
+        .await;
+    s.wait_event(&name, "ForceDetached", &["StuckAttaching"])
+        .await;
+    eprintln!(
+        "case 1: {timed_out_publishes} publish(es) delayed past the deadline, clean-up {:?} after creation, {} publish(es) in all",
+        cleared - created,
+        s.proxy.calls(PUBLISH)
+    );
+}
+
+/// Case 4: the plugin refuses the unpublish (FAILED_PRECONDITION: in use) while the attachment is
+/// deleted. It stays Detaching — through the stuck clock and the forced unpublishes, which CSI
+/// cannot make harder — and is released only after an unpublish returns OK.
+#[tokio::test(flavor = "multi_thread")]
+async fn case4_refused_unpublish_stays_detaching_until_an_unpublish_succeeds() {
+    let mut s = CsiScenario::start(Setup::default()).await;
+    let (volume, handle) = s.volume("csi-vol").await;
+    let name = s.attachment("csi-va", &volume).await;
+    s.wait_attached(&name).await;
+
+    s.proxy.arm(
+        UNPUBLISH,
+        Fault::Fail {
+            code: tonic::Code::FailedPrecondition,
+            message: "volume is still in use on the node".into(),
+        },
+    );
+    let deleted = Instant::now();
+    s.delete(&name).await;
+
+    // While every unpublish is refused: still there, finalizer held, Detaching, still attached,
+    // still published — until the forced path has been refused twice.
+    let give_up = Instant::now() + WAIT;
+    let mut forced_first: Option<Instant> = None;
+    let (forced_seen, attempts) = loop {
+        let a = s
+            .get(&name)
+            .await
+            .expect("the attachment was released while every unpublish was refused");
+        let shown = || show(Some(&a));
+        assert!(
+            a.metadata
+                .finalizers
+                .iter()
+                .flatten()
+                .any(|f| f == FINALIZER),
+            "{}",
+            shown()
+        );
+        assert!(a.metadata.deletion_timestamp.is_some());
+        assert!(
+            attached(&a),
+            "attached turned false unconfirmed:\n{}",
+            shown()
+        );
+        if phase(&a) != Some(AttachmentPhase::Attached) {
+            assert_eq!(phase(&a), Some(AttachmentPhase::Detaching), "{}", shown());
+        }
+        assert_eq!(s.published(&handle).await, nodes(&[s.node()]));
+        let force = a.status.as_ref().and_then(|s| s.force_detach.clone());
+        if let Some(force) = &force {
+            assert_eq!(
+                force.reason,
+                ForceDetachReason::StuckDetaching,
+                "{}",
+                shown()
+            );
+            assert_eq!(force.state, ForceDetachState::InProgress, "{}", shown());
+            let first = *forced_first.get_or_insert_with(Instant::now);
+            if force.attempts >= 2
+                && force
+                    .message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("InUse"))
+            {
+                break (first, force.attempts);
+            }
+        }
+        assert!(
+            Instant::now() < give_up,
+            "no second forced attempt within {WAIT:?}:\n{}",
+            shown()
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    assert!(
+        forced_seen - deleted >= STUCK_AFTER - CLOCK_GRAIN,
+        "forced {:?} after the deletion, before stuckAfter {STUCK_AFTER:?}",
+        forced_seen - deleted
+    );
+    let refused = s.proxy.calls(UNPUBLISH);
+    assert!(
+        refused >= 3,
+        "a safe unpublish and two forced ones: {refused}"
+    );
+    assert!(s.occurrences(&name, "DetachFailed", "InUse").await >= 1);
+    s.wait_event(&name, "StuckDetaching", &[]).await;
+    s.wait_event(&name, "ForceDetachFailed", &["InUse"]).await;
+    eprintln!(
+        "case 4: forced {:?} after the deletion; {attempts} forced attempts seen {:?} after the first",
+        forced_seen - deleted,
+        Instant::now() - forced_seen
+    );
+
+    s.proxy.disarm(UNPUBLISH);
+    s.wait_gone(&name).await;
+    assert!(
+        s.proxy.calls(UNPUBLISH) > refused,
+        "released without an unpublish that returned OK"
+    );
+    assert!(s.published(&handle).await.is_empty());
+    s.wait_event(&name, "ForceDetached", &["StuckDetaching"])
+        .await;
+}
+
+/// The plugin publishes, but its reply is lost: an unknown outcome, never "attached". The
+/// operator publishes again (idempotent) and ends Attached with one publish record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_publish_reply_is_retried_and_ends_attached_with_one_publish_record() {
+    let mut s = CsiScenario::start(Setup::default()).await;
+    let (volume, handle) = s.volume("csi-vol").await;
+    s.proxy.arm(PUBLISH, Fault::Drop);
+    let disarmed = s.disarm_after(PUBLISH, PUBLISH, 1);
+    let name = s.attachment("csi-va", &volume).await;
+
+    let give_up = Instant::now() + WAIT;
+    let attachment = loop {
+        let seen = s.get(&name).await;
+        // Read after the object: an Attached record must rest on the second publish.
+        let publishes = s.proxy.calls(PUBLISH);
+        if let Some(a) = seen {
+            if attached(&a) || phase(&a) == Some(AttachmentPhase::Attached) {
+                assert!(
+                    publishes >= 2,
+                    "attached on the publish whose reply was lost:\n{}",
+                    show(Some(&a))
+                );
+            }
+            if is_attached(&a) {
+                break a;
+            }
+        }
+        assert!(Instant::now() < give_up, "not attached within {WAIT:?}");
+        tokio::time::sleep(POLL).await;
+    };
+    disarmed.await.expect("the disarming task");
+    let publishes = s.proxy.calls(PUBLISH);
+    assert!(
+        publishes >= 2,
+        "the lost publish and its retry: {publishes}"
+    );
+    eprintln!("lost publish reply: {publishes} publishes in all");
+    assert_eq!(s.published(&handle).await, nodes(&[s.node()]));
+    let status = attachment.status.as_ref().expect("a status");
+    assert_eq!(
+        status.connection_info.get(NODE_ID_KEY).map(String::as_str),
+        Some(s.node())
+    );
+    assert_not_probeable(&attachment);
+    s.wait_event(&name, "AttachFailed", &["LostReply"]).await;
+}
+
+/// A force-detach the plugin keeps refusing is retried with the operator's backoff (docs/design.md,
+/// Backoff: "so that a failing backend neither hot-loops nor delays the stuck resolution"), not
+/// as fast as the API server answers. Exponential backoff from 1 s allows at most 4 attempts in
+/// the 5 s after the first; 6 leaves room.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_force_detach_is_retried_with_backoff() {
+    const WINDOW: Duration = Duration::from_secs(5);
+    const MOST: u32 = 6;
+    let mut s = CsiScenario::start(Setup::default()).await;
+    let (volume, _) = s.volume("csi-vol").await;
+    let name = s.attachment("csi-va", &volume).await;
+    s.wait_attached(&name).await;
+    s.proxy.arm(
+        UNPUBLISH,
+        Fault::Fail {
+            code: tonic::Code::FailedPrecondition,
+            message: "volume is still in use on the node".into(),
+        },
+    );
+    s.delete(&name).await;
+    let forcing = |a: Option<&VolumeAttachment>| {
+        a.and_then(|a| a.status.as_ref()?.force_detach.as_ref())
+            .is_some_and(|f| f.state == ForceDetachState::InProgress)
+    };
+    let first = s.wait_for(&name, "force-detaching", forcing).await;
+    let attempts = |a: &VolumeAttachment| {
+        a.status
+            .as_ref()
+            .and_then(|s| s.force_detach.as_ref())
+            .map_or(0, |f| f.attempts)
+    };
+    let (start, from) = (Instant::now(), attempts(first.as_ref().expect("present")));
+    let unpublishes = s.proxy.calls(UNPUBLISH);
+    // Passes once the window has gone by within the bound; fails as soon as it is exceeded.
+    loop {
+        let seen = s.get(&name).await.expect("still held");
+        let made = attempts(&seen) - from;
+        let calls = s.proxy.calls(UNPUBLISH) - unpublishes;
+        let elapsed = start.elapsed();
+        assert!(
+            made <= MOST,
+            "{made} more forced attempts ({calls} ControllerUnpublishVolume calls) within {elapsed:?} of the first: no backoff"
+        );
+        if elapsed >= WINDOW {
+            eprintln!("refused force_detach: {made} more attempts in {elapsed:?}");
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    s.proxy.disarm(UNPUBLISH);
+    s.wait_gone(&name).await;
+}
+
+/// Median over 5 runs, through the real plugin (no proxy), of the time from a VolumeAttachment's
+/// creation to its confirmed `Attached`, and from the force-detach annotation to the
+/// `ForceDetached` Event. Printed as FIGURE lines (`-- --nocapture`), bounded loosely.
+#[tokio::test(flavor = "multi_thread")]
+async fn figures_attach_and_force_detach_latency() {
+    const RUNS: usize = 5;
+    const FIGURE_POLL: Duration = Duration::from_millis(10);
+    let mut s = CsiScenario::start(Setup {
+        via_proxy: false,
+        ..Setup::default()
+    })
+    .await;
+    let (mut to_attached, mut to_forced) = (Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let (volume, handle) = s.volume("csi-fig").await;
+        let started = Instant::now();
+        let name = s.attachment("csi-fig", &volume).await;
+        loop {
+            if s.get(&name).await.as_ref().is_some_and(is_attached) {
+                break;
+            }
+            assert!(started.elapsed() < WAIT, "run {run}: not attached");
+            tokio::time::sleep(FIGURE_POLL).await;
+        }
+        to_attached.push(started.elapsed());
+        assert_eq!(s.published(&handle).await, nodes(&[s.node()]));
+
+        let token = format!("figure-{run}");
+        let started = Instant::now();
+        s.request_force_detach(&name, &token).await;
+        loop {
+            let events = s.events_about(&name).await;
+            if find_event(&events, "ForceDetached", &[&token]).is_some() {
+                break;
+            }
+            assert!(
+                started.elapsed() < WAIT,
+                "run {run}: no ForceDetached event"
+            );
+            tokio::time::sleep(FIGURE_POLL).await;
+        }
+        to_forced.push(started.elapsed());
+        s.wait_attached(&name).await;
+    }
+    let (attach, force) = (median(to_attached.clone()), median(to_forced.clone()));
+    println!(
+        "FIGURE: csi (mock plugin), VolumeAttachment created -> Attached: median {attach:?} over {RUNS} runs {to_attached:?}"
+    );
+    println!(
+        "FIGURE: csi (mock plugin), force-detach annotation -> ForceDetached event: median {force:?} over {RUNS} runs {to_forced:?}"
+    );
+    assert!(attach < Duration::from_secs(10) && force < Duration::from_secs(10));
+}
