@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod conformance;
 pub mod csi;
 pub mod grpc_proxy;
 pub mod operator;
 pub mod qmp_proxy;
 pub mod qsd;
+pub mod scenario;

@@ -3,8 +3,9 @@
 //! tests run side by side on one control plane without acting on each other's objects.
 
 use super::cluster::{kubectl, operator_kubeconfig};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use tokio::sync::OnceCell;
 
 /// The label that assigns an object to one test's operator.
@@ -18,23 +19,55 @@ pub struct Operator {
     log: PathBuf,
     shard: String,
     kubeconfig: PathBuf,
+    args: Vec<String>,
+    http_address: Option<SocketAddr>,
     _dir: tempfile::TempDir,
+}
+
+/// How to start an operator beyond its shard and configuration, for [`Operator::start_with`].
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// More arguments for `safe-detach run`, e.g. `--leader-elect`.
+    pub args: Vec<String>,
+    /// Run under this kubeconfig instead of the operator's own identity.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Operator {
     /// Starts the operator with the given configuration file contents, for objects labelled
     /// `SHARD_LABEL=shard`.
     pub async fn start(shard: &str, config: &str) -> Self {
+        Self::launch(shard, config, Options::default(), None).await
+    }
+
+    /// Starts the operator as [`start`](Self::start) does, with `options`, serving its endpoints
+    /// on a fixed free port of the loopback: [`http_address`](Self::http_address) tells which.
+    pub async fn start_with(shard: &str, config: &str, options: Options) -> Self {
+        Self::launch(shard, config, options, Some(free_local_address())).await
+    }
+
+    async fn launch(
+        shard: &str,
+        config: &str,
+        options: Options,
+        http_address: Option<SocketAddr>,
+    ) -> Self {
         install_rbac().await;
         let dir = tempfile::tempdir().expect("create the operator's directory");
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, config).expect("write the operator's configuration");
+        let kubeconfig = match options.kubeconfig {
+            Some(kubeconfig) => kubeconfig,
+            None => operator_kubeconfig().await,
+        };
         let mut operator = Self {
             child: None,
             config: config_path,
             log: dir.path().join("operator.log"),
             shard: shard.to_owned(),
-            kubeconfig: operator_kubeconfig().await,
+            kubeconfig,
+            args: options.args,
+            http_address,
             _dir: dir,
         };
         operator.spawn();
@@ -53,9 +86,13 @@ impl Operator {
             .arg(&self.config)
             // Tests run side by side: each operator serves its endpoints on a port of its own.
             .arg("--http-address")
-            .arg("127.0.0.1:0")
+            .arg(
+                self.http_address
+                    .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string()),
+            )
             .arg("--selector")
             .arg(format!("{SHARD_LABEL}={}", self.shard))
+            .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdin(Stdio::null())
@@ -74,6 +111,18 @@ impl Operator {
         }
     }
 
+    /// Stops the operator with SIGTERM, as Kubernetes does, and waits until it has exited.
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {} failed", child.id());
+        Some(child.wait().expect("the operator's exit status"))
+    }
+
     /// Starts the operator again after [`kill`](Self::kill).
     pub fn restart(&mut self) {
         self.kill();
@@ -88,6 +137,20 @@ impl Operator {
     pub fn log_path(&self) -> &Path {
         &self.log
     }
+
+    /// Where the operator serves /metrics, /healthz and /readyz. Only for an operator started
+    /// with [`start_with`](Self::start_with); [`start`](Self::start) lets it pick any port.
+    pub fn http_address(&self) -> SocketAddr {
+        self.http_address
+            .expect("an operator started with `start_with` has a known HTTP address")
+    }
+}
+
+/// A loopback address with a port that is free now: the operator binds it a moment later.
+fn free_local_address() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port on the loopback")
 }
 
 impl Drop for Operator {

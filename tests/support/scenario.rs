@@ -1,0 +1,953 @@
+//! One end-to-end scenario of the operator: a real `qemu-storage-daemon` (optionally behind the
+//! fault-injecting QMP proxy), the real operator binary managing one shard, the objects the test
+//! creates in that shard, and the ways a test waits for and inspects what happened: the objects'
+//! status, the Events, and the daemon's own lists read over QMP.
+//!
+//! On drop the operator is killed before the objects are deleted (so it cannot put a finalizer
+//! back), and the daemon goes last.
+
+use super::cluster::operator_kubeconfig;
+use super::cluster::{TestObjects, admin_client, unique_name};
+use super::operator::{Operator, Options, SHARD_LABEL};
+use super::qmp_proxy::QmpProxy;
+use super::qsd::Qsd;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Resource};
+use safe_detach::api::{
+    AttachmentPhase, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment, find_condition,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedReadHalf;
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// The field manager of the objects the tests write.
+const TEST_MANAGER: &str = "safe-detach-e2e";
+/// How long a wait may take before the test fails: generous, since a reconcile can wait for a
+/// driver deadline, a stuck clock and a backoff in a row.
+pub const WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+const QMP_TIMEOUT: Duration = Duration::from_secs(15);
+/// The stuck clock of every Volume that sets none (the CRD's minimum).
+pub const STUCK_AFTER: Duration = Duration::from_secs(5);
+/// How often the operator looks again at converged objects.
+pub const RESYNC: Duration = Duration::from_secs(2);
+
+/// Scenarios normally run side by side; one that must observe the whole control plane quiet
+/// (no other test's operator writing) takes this for writing, which waits for the others to end
+/// and keeps new ones from starting.
+static SIDE_BY_SIDE: RwLock<()> = RwLock::const_new(());
+
+/// How a scenario is set up.
+pub struct Setup {
+    /// Each driver call's deadline, as the operator's configuration writes it.
+    pub deadline: &'static str,
+    /// Put the fault-injecting QMP proxy between the operator and the daemon.
+    pub via_proxy: bool,
+    /// Do not run side by side with the other scenarios: the test will call
+    /// [`Scenario::exclusive`] and must not hold a shared turn meanwhile.
+    pub exclusive: bool,
+    /// Route the operator's API requests through an [`ApiCounter`], which counts its writes.
+    pub count_writes: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            deadline: "2s",
+            via_proxy: false,
+            exclusive: false,
+            count_writes: false,
+        }
+    }
+}
+
+pub struct Scenario {
+    pub operator: Operator,
+    /// The operator's API requests, when the scenario counts them (`Setup::count_writes`).
+    pub api: Option<ApiCounter>,
+    objects: TestObjects,
+    pub proxy: Option<QmpProxy>,
+    pub qsd: Qsd,
+    pub client: Client,
+    pub volumes: Api<Volume>,
+    pub attachments: Api<VolumeAttachment>,
+    pub events: Api<Event>,
+    pub shard: String,
+    /// The objects created, for a clean-up that no operator can race (see `Drop`).
+    created: Vec<(&'static str, String)>,
+    _turn: Option<RwLockReadGuard<'static, ()>>,
+}
+
+impl Scenario {
+    pub async fn start() -> Self {
+        Self::with(Setup::default()).await
+    }
+
+    pub async fn with(setup: Setup) -> Self {
+        let turn = if setup.exclusive {
+            None
+        } else {
+            Some(SIDE_BY_SIDE.read().await)
+        };
+        let qsd = Qsd::start();
+        let proxy = if setup.via_proxy {
+            Some(QmpProxy::start(&qsd.dir().join("proxy.sock"), &qsd.qmp_socket()).await)
+        } else {
+            None
+        };
+        let qmp_socket = proxy
+            .as_ref()
+            .map_or_else(|| qsd.qmp_socket(), |p| p.socket().to_owned());
+        let shard = unique_name("shard");
+        let config = operator_config(&qsd, &qmp_socket, setup.deadline);
+        let (operator, api) = if setup.count_writes {
+            let api = ApiCounter::start().await;
+            let options = Options {
+                kubeconfig: Some(api.kubeconfig.clone()),
+                ..Options::default()
+            };
+            let operator = Operator::start_with(&shard, &config, options).await;
+            (operator, Some(api))
+        } else {
+            (Operator::start(&shard, &config).await, None)
+        };
+        let client = admin_client().await;
+        Self {
+            operator,
+            api,
+            objects: TestObjects::default(),
+            proxy,
+            qsd,
+            volumes: Api::all(client.clone()),
+            attachments: Api::all(client.clone()),
+            events: Api::namespaced(client.clone(), "default"),
+            client,
+            shard,
+            created: Vec::new(),
+            _turn: turn,
+        }
+    }
+
+    /// Waits until no other scenario runs, and keeps new ones from starting until the guard drops.
+    pub async fn exclusive(&self) -> RwLockWriteGuard<'static, ()> {
+        assert!(
+            self._turn.is_none(),
+            "a scenario that holds a shared turn cannot become exclusive"
+        );
+        SIDE_BY_SIDE.write().await
+    }
+
+    /// The counter of the operator's API requests (`Setup::count_writes`).
+    pub fn api(&self) -> &ApiCounter {
+        self.api
+            .as_ref()
+            .expect("the scenario counts the operator's writes")
+    }
+
+    pub fn proxy(&self) -> &QmpProxy {
+        self.proxy.as_ref().expect("the scenario runs with a proxy")
+    }
+
+    fn labels(&self) -> Value {
+        json!({ SHARD_LABEL: self.shard })
+    }
+
+    /// Creates a raw image `handle` (unless it exists) and a Volume of the `nbd` driver for it in
+    /// this scenario's shard. `spec` is merged over `{driver: nbd, volumeHandle: handle}`.
+    pub async fn volume(&mut self, prefix: &str, handle: &str, spec: Value) -> String {
+        let name = self.volume_name(prefix);
+        self.create_volume(&name, handle, spec).await;
+        name
+    }
+
+    /// A unique Volume name, deleted with the scenario, for a Volume created later.
+    pub fn volume_name(&mut self, prefix: &str) -> String {
+        let name = self.objects.volume(prefix);
+        self.created.push(("Volume", name.clone()));
+        name
+    }
+
+    /// Creates the Volume `name` as [`volume`](Self::volume) does.
+    pub async fn create_volume(&self, name: &str, handle: &str, spec: Value) {
+        if !self.qsd.image_dir().join(handle).exists() {
+            self.qsd.create_image(handle);
+        }
+        let mut full = json!({ "driver": "nbd", "volumeHandle": handle });
+        merge(&mut full, spec);
+        let object = json!({
+            "apiVersion": "safedetach.io/v1alpha1",
+            "kind": "Volume",
+            "metadata": { "name": name, "labels": self.labels() },
+            "spec": full,
+        });
+        self.volumes
+            .patch(name, &apply(), &Patch::Apply(&object))
+            .await
+            .unwrap_or_else(|e| panic!("create Volume {name}: {e}"));
+    }
+
+    /// Creates a VolumeAttachment of `volume` to `node` in this scenario's shard.
+    pub async fn attachment(&mut self, prefix: &str, volume: &str, node: &str) -> String {
+        let name = self.objects.attachment(prefix);
+        self.created.push(("VolumeAttachment", name.clone()));
+        let object = json!({
+            "apiVersion": "safedetach.io/v1alpha1",
+            "kind": "VolumeAttachment",
+            "metadata": { "name": name, "labels": self.labels() },
+            "spec": { "volumeName": volume, "nodeName": node },
+        });
+        self.attachments
+            .patch(&name, &apply(), &Patch::Apply(&object))
+            .await
+            .unwrap_or_else(|e| panic!("create VolumeAttachment {name}: {e}"));
+        name
+    }
+
+    /// Creates an attachment and waits until the backend-confirmed `Attached` is recorded.
+    pub async fn attach(
+        &mut self,
+        prefix: &str,
+        volume: &str,
+        node: &str,
+    ) -> (String, VolumeAttachment) {
+        let name = self.attachment(prefix, volume, node).await;
+        let attached = self.wait_attached(&name).await;
+        (name, attached)
+    }
+
+    pub async fn wait_attached(&self, name: &str) -> VolumeAttachment {
+        self.wait_attachment(name, "Attached and confirmed", |a| {
+            phase(a) == Some(AttachmentPhase::Attached) && attached(a)
+        })
+        .await
+    }
+
+    pub async fn get_attachment(&self, name: &str) -> Option<VolumeAttachment> {
+        self.attachments
+            .get_opt(name)
+            .await
+            .unwrap_or_else(|e| panic!("get VolumeAttachment {name}: {e}"))
+    }
+
+    pub async fn get_volume(&self, name: &str) -> Volume {
+        self.volumes
+            .get(name)
+            .await
+            .unwrap_or_else(|e| panic!("get Volume {name}: {e}"))
+    }
+
+    /// Waits until the attachment exists and satisfies `done`.
+    pub async fn wait_attachment(
+        &self,
+        name: &str,
+        what: &str,
+        done: impl Fn(&VolumeAttachment) -> bool,
+    ) -> VolumeAttachment {
+        self.wait_for(&self.attachments, name, what, WAIT, |a| {
+            a.is_some_and(&done)
+        })
+        .await
+        .expect("present")
+    }
+
+    /// Waits until the Volume exists and satisfies `done`.
+    pub async fn wait_volume(
+        &self,
+        name: &str,
+        what: &str,
+        done: impl Fn(&Volume) -> bool,
+    ) -> Volume {
+        self.wait_for(&self.volumes, name, what, WAIT, |v| v.is_some_and(&done))
+            .await
+            .expect("present")
+    }
+
+    /// Waits until the attachment is gone: its finalizer released by the operator.
+    pub async fn wait_attachment_gone(&self, name: &str) {
+        self.wait_for(
+            &self.attachments,
+            name,
+            "gone (finalizer released)",
+            WAIT,
+            |a| a.is_none(),
+        )
+        .await;
+    }
+
+    /// Polls `name` until `done` holds for what the server returns (`None`: not found). Fails
+    /// with the last object seen and the end of the operator's log.
+    pub async fn wait_for<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(Option<&K>) -> bool,
+    ) -> Option<K>
+    where
+        K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+    {
+        let give_up = Instant::now() + timeout;
+        loop {
+            let seen = api
+                .get_opt(name)
+                .await
+                .unwrap_or_else(|e| panic!("get {name}: {e}"));
+            if done(seen.as_ref()) {
+                return seen;
+            }
+            if Instant::now() >= give_up {
+                let shown = seen.as_ref().map_or_else(
+                    || "not found".to_owned(),
+                    |object| {
+                        let value = serde_json::to_value(object).expect("serializable");
+                        let shown = json!({
+                            "metadata": {
+                                "finalizers": value["metadata"]["finalizers"],
+                                "deletionTimestamp": value["metadata"]["deletionTimestamp"],
+                                "annotations": value["metadata"]["annotations"],
+                            },
+                            "status": value["status"],
+                        });
+                        serde_json::to_string_pretty(&shown).expect("serializable")
+                    },
+                );
+                panic!(
+                    "{name}: not {what} within {timeout:?}; last seen:\n{shown}\n--- operator log (end) ---\n{}",
+                    self.log_tail(80)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Deletes the attachment (its finalizer then holds it until the operator releases it).
+    pub async fn delete_attachment(&self, name: &str) {
+        self.attachments
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete VolumeAttachment {name}: {e}"));
+    }
+
+    /// Sets the force-detach annotation to `token`, as `kubectl annotate --overwrite` does.
+    /// Returns the resourceVersion the change produced.
+    pub async fn annotate(&self, name: &str, token: &str) -> String {
+        self.merge_metadata(
+            name,
+            json!({ "annotations": { FORCE_DETACH_ANNOTATION: token } }),
+        )
+        .await
+    }
+
+    /// Merges `metadata` into the attachment's metadata; returns the new resourceVersion.
+    pub async fn merge_metadata(&self, name: &str, metadata: Value) -> String {
+        let patched = self
+            .attachments
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": metadata })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("patch VolumeAttachment {name}: {e}"));
+        patched
+            .metadata
+            .resource_version
+            .expect("a resourceVersion")
+    }
+
+    /// The Events the operator published about the object `kind`/`name`, oldest first.
+    pub async fn events_about(&self, kind: &str, name: &str) -> Vec<SeenEvent> {
+        events_in(&self.events, kind, name).await
+    }
+
+    /// How many times an Event of `reason` was reported about the object, counting repeats that
+    /// the event recorder folded into one Event's series.
+    pub async fn occurrences(&self, kind: &str, name: &str, reason: &str) -> i32 {
+        self.events_about(kind, name)
+            .await
+            .iter()
+            .filter(|e| e.reason == reason)
+            .map(|e| e.count)
+            .sum()
+    }
+
+    /// Waits for an Event of `reason` about the object whose note contains every one of `notes`.
+    pub async fn wait_event(
+        &self,
+        kind: &str,
+        name: &str,
+        reason: &str,
+        notes: &[&str],
+    ) -> SeenEvent {
+        let give_up = Instant::now() + WAIT;
+        loop {
+            let events = self.events_about(kind, name).await;
+            if let Some(found) = events
+                .iter()
+                .find(|e| e.reason == reason && notes.iter().all(|n| e.note.contains(n)))
+            {
+                return found.clone();
+            }
+            if Instant::now() >= give_up {
+                panic!(
+                    "no {reason} event about {kind} {name} saying {notes:?} within {WAIT:?}; events seen:\n{}\n--- operator log (end) ---\n{}",
+                    describe_events(&events),
+                    self.log_tail(80)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The daemon's export ids, asked directly (not through the proxy or the driver).
+    pub async fn exports(&self) -> Vec<String> {
+        let value = qmp(&self.qsd.qmp_socket(), "query-block-exports", json!({}))
+            .await
+            .expect("query-block-exports");
+        let mut ids: Vec<String> = value
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|e| e["id"].as_str().expect("an id").to_owned())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The daemon's named block nodes (QEMU's automatic `#block…` names left out).
+    pub async fn block_nodes(&self) -> Vec<String> {
+        let value = qmp(
+            &self.qsd.qmp_socket(),
+            "query-named-block-nodes",
+            json!({ "flat": true }),
+        )
+        .await
+        .expect("query-named-block-nodes");
+        let mut names: Vec<String> = value
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|n| n["node-name"].as_str())
+            .filter(|n| !n.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Exports the image `handle` for `node` behind the operator's back, exactly as the driver
+    /// would have (same block node and export names), and returns the export's NBD URI.
+    pub async fn export_out_of_band(&self, handle: &str, node: &str, read_only: bool) -> String {
+        let socket = self.qsd.qmp_socket();
+        let image = self.qsd.image_dir().join(handle);
+        let node_name = safe_detach::driver::nbd::block_node_name(handle);
+        let added = qmp(
+            &socket,
+            "blockdev-add",
+            json!({
+                "driver": "raw",
+                "node-name": node_name,
+                "read-only": read_only,
+                "file": { "driver": "file", "filename": image },
+            }),
+        )
+        .await;
+        if let Err(error) = &added {
+            assert!(
+                error.to_string().to_lowercase().contains("duplicate node"),
+                "blockdev-add: {error}"
+            );
+        }
+        let nbd = self.qsd.nbd_socket();
+        let started = qmp(
+            &socket,
+            "nbd-server-start",
+            json!({ "addr": { "type": "unix", "data": { "path": nbd } } }),
+        )
+        .await;
+        if let Err(error) = &started {
+            assert!(
+                error.to_string().contains("already running"),
+                "nbd-server-start: {error}"
+            );
+        }
+        let id = export_id(handle, node);
+        qmp(
+            &socket,
+            "block-export-add",
+            json!({
+                "type": "nbd",
+                "id": id,
+                "node-name": node_name,
+                "name": id,
+                "writable": !read_only,
+            }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("block-export-add {id}: {e}"));
+        format!("nbd+unix:///{id}?socket={}", nbd.display())
+    }
+
+    /// Deletes an export behind the operator's back (mode `hard`: connected clients are cut off)
+    /// and waits until the daemon no longer lists it.
+    pub async fn delete_export_out_of_band(&self, handle: &str, node: &str) {
+        let id = export_id(handle, node);
+        qmp(
+            &self.qsd.qmp_socket(),
+            "block-export-del",
+            json!({ "id": id, "mode": "hard" }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("block-export-del {id}: {e}"));
+        let give_up = Instant::now() + WAIT;
+        while self.exports().await.contains(&id) {
+            assert!(Instant::now() < give_up, "export {id} stayed listed");
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Checks that no operator manages objects outside the test shards — one started without a
+    /// selector, such as the demo operator of `make run`. Such an operator acts on every test's
+    /// objects too (it probes its own backend for them and writes its view into their status,
+    /// fighting the test's operator), so counts of writes would mean nothing. Probed with a
+    /// canary attachment in a shard no test serves: a finalizer on it is someone else's doing.
+    pub async fn assert_no_foreign_operator(&mut self) {
+        let name = self.objects.attachment("canary");
+        let object = json!({
+            "apiVersion": "safedetach.io/v1alpha1",
+            "kind": "VolumeAttachment",
+            "metadata": { "name": name, "labels": { SHARD_LABEL: unique_name("unserved") } },
+            "spec": { "volumeName": "canary-volume", "nodeName": "canary-node" },
+        });
+        self.attachments
+            .patch(&name, &apply(), &Patch::Apply(&object))
+            .await
+            .unwrap_or_else(|e| panic!("create the canary {name}: {e}"));
+        let give_up = Instant::now() + 2 * RESYNC;
+        let mut finalizers = Vec::new();
+        while Instant::now() < give_up && finalizers.is_empty() {
+            tokio::time::sleep(POLL).await;
+            let canary = self.get_attachment(&name).await.expect("the canary");
+            finalizers = canary.metadata.finalizers.unwrap_or_default();
+        }
+        // Delete first, then strip: no finalizer can be added to an object being deleted.
+        let _ = self
+            .attachments
+            .delete(&name, &DeleteParams::default())
+            .await;
+        let strip = Patch::Merge(json!({ "metadata": { "finalizers": null } }));
+        let _ = self
+            .attachments
+            .patch(&name, &PatchParams::default(), &strip)
+            .await;
+        assert!(
+            finalizers.is_empty(),
+            "another operator manages VolumeAttachments outside the test shards (it put {finalizers:?} on the canary {name}); it writes to every test's objects, so this measurement cannot be made. Stop it (e.g. `make stop` for the demo of `make run`) and run again."
+        );
+    }
+
+    /// The last `lines` lines of the operator's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.operator.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The admin's view of the apiserver's own metrics: the sum of `apiserver_request_total`
+    /// over write verbs for `safedetach.io` Volumes and VolumeAttachments, by resource, subresource
+    /// and verb.
+    pub async fn apiserver_writes(&self) -> BTreeMap<String, f64> {
+        let request = http::Request::get("/metrics")
+            .body(Vec::new())
+            .expect("a request");
+        let text = self
+            .client
+            .request_text(request)
+            .await
+            .expect("GET /metrics");
+        write_requests(&text)
+    }
+}
+
+impl Drop for Scenario {
+    /// Kills the operator, then deletes the objects before stripping their finalizers: once an
+    /// object is being deleted no finalizer can be added, so even an operator outside the test's
+    /// control (one without a selector) cannot keep it. (`TestObjects` strips, then deletes.)
+    fn drop(&mut self) {
+        self.operator.kill();
+        let created = std::mem::take(&mut self.created);
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for clean-up");
+            runtime.block_on(async {
+                let client = admin_client().await;
+                let attachments = Api::<VolumeAttachment>::all(client.clone());
+                let volumes = Api::<Volume>::all(client);
+                for (kind, name) in created.iter().rev() {
+                    match *kind {
+                        "VolumeAttachment" => delete_then_strip(&attachments, name).await,
+                        _ => delete_then_strip(&volumes, name).await,
+                    }
+                }
+            });
+        });
+        // Whatever is left, `TestObjects` deletes after this.
+        let _ = cleanup.join();
+    }
+}
+
+async fn delete_then_strip<K>(api: &Api<K>, name: &str)
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    let strip = Patch::Merge(json!({ "metadata": { "finalizers": null } }));
+    let _ = api.patch(name, &PatchParams::default(), &strip).await;
+}
+
+/// A write request the operator sent to the apiserver.
+#[derive(Clone, Debug)]
+pub struct ApiWrite {
+    pub at: Instant,
+    pub method: String,
+    /// The request's path (no query).
+    pub path: String,
+}
+
+impl ApiWrite {
+    /// A write to a Volume or a VolumeAttachment (object or status).
+    pub fn to_safedetach(&self) -> bool {
+        self.path.starts_with("/apis/safedetach.io/")
+    }
+
+    pub fn to_status(&self) -> bool {
+        self.to_safedetach() && self.path.ends_with("/status")
+    }
+
+    pub fn to_event(&self) -> bool {
+        self.path.starts_with("/apis/events.k8s.io/")
+    }
+}
+
+/// A plain-HTTP front for the apiserver, on the loopback, for one operator: it forwards every
+/// request under the operator's own identity (its RBAC-bound token) and records each write. The
+/// apiserver's own metrics count every client of a shared cluster; this counts one operator.
+pub struct ApiCounter {
+    writes: Arc<Mutex<Vec<ApiWrite>>>,
+    /// A kubeconfig that points at the front, without credentials of its own.
+    pub kubeconfig: PathBuf,
+    task: JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl ApiCounter {
+    pub async fn start() -> Self {
+        let path = operator_kubeconfig().await;
+        let read =
+            Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let config = kube::Config::from_custom_kubeconfig(read, &KubeConfigOptions::default())
+            .await
+            .expect("the operator's kubeconfig");
+        let upstream = Client::try_from(config).expect("a client with the operator's identity");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let address = listener.local_addr().expect("its address");
+        let writes: Arc<Mutex<Vec<ApiWrite>>> = Arc::default();
+        let app = axum::Router::new().fallback({
+            let writes = writes.clone();
+            move |request: axum::extract::Request| {
+                forward(upstream.clone(), writes.clone(), request)
+            }
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let dir = tempfile::tempdir().expect("a folder for the kubeconfig");
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: counted\n  cluster:\n    server: http://{address}\nusers:\n- name: operator\n  user: {{}}\ncontexts:\n- name: counted\n  context:\n    cluster: counted\n    user: operator\ncurrent-context: counted\n"
+            ),
+        )
+        .expect("write the kubeconfig");
+        Self {
+            writes,
+            kubeconfig,
+            task,
+            _dir: dir,
+        }
+    }
+
+    /// Every write so far, oldest first.
+    pub fn writes(&self) -> Vec<ApiWrite> {
+        self.writes.lock().expect("the counter").clone()
+    }
+
+    /// The writes recorded at or after `since`.
+    pub fn writes_since(&self, since: Instant) -> Vec<ApiWrite> {
+        self.writes()
+            .into_iter()
+            .filter(|w| w.at >= since)
+            .collect()
+    }
+}
+
+impl Drop for ApiCounter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward(
+    upstream: Client,
+    writes: Arc<Mutex<Vec<ApiWrite>>>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (mut parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return (http::StatusCode::BAD_REQUEST, "unreadable body").into_response();
+    };
+    if !matches!(parts.method, http::Method::GET | http::Method::HEAD) {
+        writes.lock().expect("the counter").push(ApiWrite {
+            at: Instant::now(),
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+        });
+    }
+    parts.headers.remove(http::header::HOST);
+    let request = http::Request::from_parts(parts, kube::client::Body::from(bytes.to_vec()));
+    match upstream.send(request).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            for hop in [http::header::TRANSFER_ENCODING, http::header::CONNECTION] {
+                parts.headers.remove(hop);
+            }
+            axum::response::Response::from_parts(parts, axum::body::Body::new(body))
+        }
+        Err(error) => (http::StatusCode::BAD_GATEWAY, error.to_string()).into_response(),
+    }
+}
+
+/// Sums `apiserver_request_total` for write verbs on this project's resources, keyed by
+/// `resource/subresource verb`.
+pub fn write_requests(metrics: &str) -> BTreeMap<String, f64> {
+    let mut sums = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let labels: BTreeMap<&str, &str> = labels
+            .split("\",")
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k, v.trim_matches('"')))
+            .collect();
+        let verb = labels.get("verb").copied().unwrap_or_default();
+        let writes = [
+            "POST",
+            "PUT",
+            "PATCH",
+            "APPLY",
+            "DELETE",
+            "DELETECOLLECTION",
+        ];
+        if labels.get("group") != Some(&"safedetach.io") || !writes.contains(&verb) {
+            continue;
+        }
+        let key = format!(
+            "{}/{} {verb}",
+            labels.get("resource").copied().unwrap_or_default(),
+            labels.get("subresource").copied().unwrap_or_default()
+        );
+        *sums.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    sums
+}
+
+/// The operator's configuration file for a daemon reached at `qmp_socket`, with the short clocks
+/// the tests run on.
+fn operator_config(qsd: &Qsd, qmp_socket: &Path, deadline: &str) -> String {
+    format!(
+        "defaultStuckAfter: {stuck}s\nresyncInterval: {resync}s\ndrivers:\n  - name: nbd\n    deadline: {deadline}\n    nbd:\n      qmpSocket: {qmp}\n      nbdSocket: {nbd}\n      imageDir: {images}\n",
+        stuck = STUCK_AFTER.as_secs(),
+        resync = RESYNC.as_secs(),
+        qmp = qmp_socket.display(),
+        nbd = qsd.nbd_socket().display(),
+        images = qsd.image_dir().display(),
+    )
+}
+
+fn apply() -> PatchParams {
+    PatchParams::apply(TEST_MANAGER).force()
+}
+
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(base), Value::Object(over)) => {
+            for (key, value) in over {
+                merge(base.entry(key).or_insert(Value::Null), value);
+            }
+        }
+        (base, over) => *base = over,
+    }
+}
+
+/// The driver's id (and NBD name) of the export of `handle` for `node`.
+pub fn export_id(handle: &str, node: &str) -> String {
+    safe_detach::driver::nbd::export_id(handle, node)
+}
+
+pub fn phase(attachment: &VolumeAttachment) -> Option<AttachmentPhase> {
+    attachment.status.as_ref()?.phase
+}
+
+pub fn attached(attachment: &VolumeAttachment) -> bool {
+    attachment.status.as_ref().is_some_and(|s| s.attached)
+}
+
+/// The attachment's condition of `type_`, if it has one.
+pub fn condition<'a>(attachment: &'a VolumeAttachment, type_: &str) -> Option<&'a Condition> {
+    find_condition(&attachment.status.as_ref()?.conditions, type_)
+}
+
+/// The Volume's condition of `type_`, if it has one.
+pub fn volume_condition<'a>(volume: &'a Volume, type_: &str) -> Option<&'a Condition> {
+    find_condition(&volume.status.as_ref()?.conditions, type_)
+}
+
+/// Whether the condition `type_` has `status` (and, if given, `reason`).
+pub fn has(condition: Option<&Condition>, status: &str, reason: Option<&str>) -> bool {
+    condition.is_some_and(|c| c.status == status && reason.is_none_or(|r| c.reason == r))
+}
+
+/// The Events in `api` about the object `kind`/`name`, oldest first.
+pub async fn events_in(api: &Api<Event>, kind: &str, name: &str) -> Vec<SeenEvent> {
+    let list = api
+        .list(&ListParams::default().fields(&format!("regarding.name={name}")))
+        .await
+        .unwrap_or_else(|e| panic!("list events of {name}: {e}"));
+    let mut seen: Vec<SeenEvent> = list
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some(kind))
+        .map(SeenEvent::from)
+        .collect();
+    seen.sort_by_key(|e| e.first);
+    seen
+}
+
+/// An Event as a test looks at it.
+#[derive(Clone, Debug)]
+pub struct SeenEvent {
+    pub reason: String,
+    pub type_: String,
+    pub note: String,
+    /// How often it was reported: 1, or the count of the series the recorder folded repeats into.
+    pub count: i32,
+    /// When it was first reported.
+    pub first: jiff::Timestamp,
+}
+
+impl From<Event> for SeenEvent {
+    fn from(event: Event) -> Self {
+        Self {
+            reason: event.reason.unwrap_or_default(),
+            type_: event.type_.unwrap_or_default(),
+            note: event.note.unwrap_or_default(),
+            count: event.series.as_ref().map_or(1, |s| s.count),
+            first: event
+                .event_time
+                .map(|t| t.0)
+                .or(event.metadata.creation_timestamp.map(|t| t.0))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+pub fn describe_events(events: &[SeenEvent]) -> String {
+    events
+        .iter()
+        .map(|e| format!("  {} {} (x{}): {}", e.type_, e.reason, e.count, e.note))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs one QMP command on the socket and returns its `return` value, or its `error` as `Err`.
+/// The monitor serves one client at a time; a connection turned away is tried again.
+pub async fn qmp(socket: &Path, command: &str, arguments: Value) -> Result<Value, Value> {
+    let socket: PathBuf = socket.to_owned();
+    let session = async {
+        let stream = loop {
+            match UnixStream::connect(&socket).await {
+                Ok(stream) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("connect to QMP at {}: {e}", socket.display()),
+            }
+        };
+        let (reader, mut writer) = stream.into_split();
+        let mut lines = BufReader::new(reader).lines();
+        assert!(
+            next_message(&mut lines).await.get("QMP").is_some(),
+            "QMP greeting"
+        );
+        for request in [
+            json!({ "execute": "qmp_capabilities" }),
+            json!({ "execute": command, "arguments": arguments }),
+        ] {
+            writer
+                .write_all(format!("{request}\n").as_bytes())
+                .await
+                .expect("send QMP");
+            let reply = next_message(&mut lines).await;
+            if let Some(error) = reply.get("error") {
+                return Err(error.clone());
+            }
+            if request["execute"] == command {
+                return Ok(reply["return"].clone());
+            }
+        }
+        unreachable!("the loop returns at the command's reply")
+    };
+    tokio::time::timeout(QMP_TIMEOUT, session)
+        .await
+        .unwrap_or_else(|_| panic!("QMP {command} at {} did not answer", socket.display()))
+}
+
+/// The next QMP message that is not an asynchronous event.
+async fn next_message(lines: &mut Lines<BufReader<OwnedReadHalf>>) -> Value {
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .expect("read QMP")
+            .expect("QMP connection open");
+        let message: Value = serde_json::from_str(&line).expect("QMP JSON");
+        if message.get("event").is_none() {
+            return message;
+        }
+    }
+}
