@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job: a local control plane, the demo storage backend, the CRDs, RBAC and examples, and
 # the operator running under its own RBAC-bound identity. Idempotent; `make stop` ends it all.
+# The demo operator leaves alone the objects of the end-to-end tests (label
+# safedetach.io/test-shard), which run their own operators: `make test` can run beside it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -22,10 +24,11 @@ if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
 fi
 KUBECONFIG="$root/.local/cluster/operator.kubeconfig" RUST_LOG="${RUST_LOG:-info,kube=warn}" \
   nohup target/debug/safe-detach run --config "$root/.local/operator.yaml" \
+  --selector '!safedetach.io/test-shard' \
   >"$root/.local/operator.log" 2>&1 &
 echo $! > "$pidfile"
 
-$kubectl apply --server-side -f deploy/examples/ >/dev/null
+$kubectl apply --server-side -k deploy/examples >/dev/null
 sleep 3
 $kubectl get sdvol,sdva
 cat <<DONE

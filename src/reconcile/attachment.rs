@@ -49,7 +49,7 @@ pub async fn reconcile(
         .get(FORCE_DETACH_ANNOTATION)
         .cloned()
         .unwrap_or_default();
-    let span = info_span!("reconcile", kind = "VolumeAttachment", name = %name, token = %token);
+    let span = info_span!("reconcile", kind = "VolumeAttachment", object = %name, token = %token);
     // Until the Volume cache is filled, every Volume would look missing.
     synced(&context.volumes).await;
     // A failed try holds the object until its next try is due, whatever woke it (most often its

@@ -20,7 +20,7 @@ use tracing::{Instrument, info_span, warn};
 
 pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Action, Error> {
     let name = volume.name_any();
-    let span = info_span!("reconcile", kind = "Volume", name = %name);
+    let span = info_span!("reconcile", kind = "Volume", object = %name);
     let action = reconcile_volume(&volume, &context).instrument(span).await;
     if action.is_ok() {
         context.backoff.succeeded(&backoff_key(&name));

@@ -59,8 +59,9 @@ impl Leadership {
         let _ = self.leading.wait_for(|leading| !*leading).await;
     }
 
-    /// Gives the lease up, so that another replica takes over at once rather than after the
-    /// lease has run out (a rolling update, a SIGTERM).
+    /// Gives the lease up on the way out (a rolling update, a SIGTERM): the lease is free at
+    /// once, and a waiting replica takes it at its next look, which kube-lease-manager schedules
+    /// at the expiry it last read — so the hand-over still takes up to one lease duration.
     pub async fn release(self) {
         let Self { leading, task, .. } = self;
         drop(leading);

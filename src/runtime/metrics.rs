@@ -106,6 +106,16 @@ impl Default for Metrics {
             "Backend connections that no VolumeAttachment claims",
             orphans.clone(),
         );
+        // Every forced-detach series exists from the start, at zero, so that `increase()` sees
+        // the first forced detach too.
+        for reason in ["Requested", "StuckAttaching", "StuckDetaching", "Orphan"] {
+            for result in ["Succeeded", "Failed"] {
+                force_detaches.get_or_create(&ForceLabels {
+                    reason: reason.into(),
+                    result: result.into(),
+                });
+            }
+        }
         Self {
             registry,
             force_detaches,

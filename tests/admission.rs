@@ -1,0 +1,370 @@
+//! deploy/'s ValidatingAdmissionPolicy on the real apiserver: the cure for `cinder reset-state`.
+//! A hand edit of an attachment's status by a cluster admin is refused with a message that points
+//! to the force-detach annotation, while the operator, under its own identity, keeps writing
+//! status: it attaches, and it force-detaches and re-attaches on request.
+//!
+//! The policy binds cluster-wide, and other test binaries write status as the admin, so the
+//! policy and its binding are deleted when the test ends, whether it passed or not.
+
+mod support;
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use safe_detach::api::{
+    AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
+};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use support::cluster::{TestObjects, admin_client, admin_kubeconfig, kubectl, unique_name};
+use support::operator::{Operator, SHARD_LABEL};
+use support::qsd::Qsd;
+use tokio::time::Instant;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const POLICY: &str = "safe-detach-status-writer";
+const OPERATOR_IDENTITY: &str = "system:serviceaccount:safe-detach:safe-detach";
+const MANAGER: &str = "safe-detach-admission-test";
+/// How long the apiserver may take to load a new policy, and the operator to attach.
+const WAIT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(200);
+
+fn policy_file() -> PathBuf {
+    Path::new(REPO).join("deploy/admission-policy.yaml")
+}
+
+/// Deletes deploy/'s policy and binding when dropped, passed or failed.
+struct PolicyInstalled;
+
+impl PolicyInstalled {
+    async fn apply() -> Self {
+        let guard = Self;
+        let file = policy_file();
+        kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            file.to_str().expect("a UTF-8 path"),
+        ])
+        .await;
+        guard
+    }
+}
+
+impl Drop for PolicyInstalled {
+    fn drop(&mut self) {
+        // `drop` cannot await, and the test's runtime may be unwinding: a thread with its own.
+        let removed = std::thread::spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for clean-up")
+                .block_on(async {
+                    let file = policy_file();
+                    kubectl(&[
+                        "delete",
+                        "--ignore-not-found",
+                        "--wait",
+                        "-f",
+                        file.to_str().expect("a UTF-8 path"),
+                    ])
+                    .await;
+                })
+        })
+        .join();
+        if removed.is_err() {
+            // Leaving the binding would break every later test that writes status as the admin.
+            eprintln!(
+                "could not delete the admission policy binding {POLICY}: delete it by hand with \
+                 `kubectl delete validatingadmissionpolicybinding {POLICY}`"
+            );
+            if !std::thread::panicking() {
+                panic!("clean-up of the admission policy failed");
+            }
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing with `what` after `WAIT`.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let give_up = Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < give_up, "timed out after {WAIT:?}: {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The status edit an administrator would make to "reset" a stuck attachment by hand.
+fn reset_state() -> Patch<Value> {
+    Patch::Merge(json!({ "status": { "phase": "Detached", "attached": false } }))
+}
+
+/// What the apiserver answered a refused request: its code and message.
+fn refusal<T: std::fmt::Debug>(result: kube::Result<T>) -> Option<(u16, String)> {
+    match result {
+        Err(kube::Error::Api(status)) => Some((status.code, status.message)),
+        Ok(_) => None,
+        Err(other) => panic!("expected an answer from the apiserver, got {other}"),
+    }
+}
+
+fn phase(attachment: &VolumeAttachment) -> Option<AttachmentPhase> {
+    attachment.status.as_ref().and_then(|s| s.phase)
+}
+
+fn attached_and_confirmed(attachment: &VolumeAttachment) -> bool {
+    let status = attachment.status.as_ref();
+    phase(attachment) == Some(AttachmentPhase::Attached) && status.is_some_and(|s| s.attached)
+}
+
+async fn create(client: &Client, object: Value) {
+    let name = object["metadata"]["name"]
+        .as_str()
+        .expect("a name")
+        .to_owned();
+    let params = PatchParams::apply(MANAGER);
+    let result = match object["kind"].as_str() {
+        Some("Volume") => Api::<Volume>::all(client.clone())
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map(drop),
+        _ => Api::<VolumeAttachment>::all(client.clone())
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map(drop),
+    };
+    result.unwrap_or_else(|e| panic!("create {name}: {e}"));
+}
+
+/// Runs kubectl as the admin and returns its standard error, expecting it to fail.
+async fn kubectl_refused(args: &[&str]) -> String {
+    let local = Path::new(REPO).join(".local/bin/kubectl");
+    let program = if local.exists() {
+        local
+    } else {
+        PathBuf::from("kubectl")
+    };
+    let output = tokio::process::Command::new(&program)
+        .arg("--kubeconfig")
+        .arg(admin_kubeconfig().await)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    assert!(
+        !output.status.success(),
+        "kubectl {} succeeded, expected a refusal:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
+    let client = admin_client().await;
+    let attachments = Api::<VolumeAttachment>::all(client.clone());
+    let volumes = Api::<Volume>::all(client.clone());
+
+    // Dropped in reverse order: the operator, the policy, the objects, the daemon.
+    let qsd = Qsd::start();
+    let mut objects = TestObjects::default();
+    let shard = unique_name("shard");
+    let driver = format!("nbd-{shard}");
+    let handle = "disk-1";
+    qsd.create_image(handle);
+    let volume = objects.volume("vap-volume");
+    let attachment = objects.attachment("vap-attachment");
+    let labels = json!({ SHARD_LABEL: shard });
+
+    let _policy = PolicyInstalled::apply().await;
+
+    // (A full cluster's controller manager also type-checks the policy into its status; this
+    // control plane runs none, so the expressions are proven by the requests below.)
+    let policy: Value = serde_json::from_str(
+        &kubectl(&["get", "validatingadmissionpolicy", POLICY, "-o", "json"]).await,
+    )
+    .expect("the policy as JSON");
+    assert_eq!(
+        policy["spec"]["variables"][0]["expression"],
+        format!("'{OPERATOR_IDENTITY}'"),
+        "the policy names the operator's identity"
+    );
+
+    create(
+        &client,
+        json!({
+            "apiVersion": "safedetach.io/v1alpha1",
+            "kind": "Volume",
+            "metadata": { "name": volume, "labels": labels },
+            "spec": { "driver": driver, "volumeHandle": handle },
+        }),
+    )
+    .await;
+    create(
+        &client,
+        json!({
+            "apiVersion": "safedetach.io/v1alpha1",
+            "kind": "VolumeAttachment",
+            "metadata": { "name": attachment, "labels": labels },
+            "spec": { "volumeName": volume, "nodeName": "node-a" },
+        }),
+    )
+    .await;
+
+    // A new policy takes a moment to load. Probe with a dry run, which passes admission but
+    // changes nothing, until the admin's status edit is refused.
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    let started = Instant::now();
+    let (code, message) = eventually("the policy refuses the admin's status edit", || async {
+        refusal(
+            attachments
+                .patch_status(&attachment, &dry_run, &reset_state())
+                .await,
+        )
+    })
+    .await;
+    println!(
+        "FIGURE: policy effective {:?} after it was applied",
+        started.elapsed()
+    );
+    assert_eq!(code, 403, "{message}");
+
+    // The operator, under its own identity, writes status as usual: it attaches.
+    let config = format!(
+        "defaultStuckAfter: 30s\nresyncInterval: 5s\ndrivers:\n  - name: {driver}\n    \
+         deadline: 5s\n    nbd:\n      qmpSocket: {}\n      nbdSocket: {}\n      imageDir: {}\n",
+        qsd.qmp_socket().display(),
+        qsd.nbd_socket().display(),
+        qsd.image_dir().display()
+    );
+    let _operator = Operator::start(&shard, &config).await;
+    let attached = eventually("the operator attaches under the policy", || async {
+        let current = attachments.get(&attachment).await.ok()?;
+        attached_and_confirmed(&current).then_some(current)
+    })
+    .await;
+    let status_managers: Vec<_> = attached
+        .managed_fields()
+        .iter()
+        .filter(|f| f.subresource.as_deref() == Some("status"))
+        .filter_map(|f| f.manager.clone())
+        .collect();
+    assert_eq!(
+        status_managers,
+        ["safe-detach"],
+        "only the operator wrote status"
+    );
+    let exports = qsd.export_ids();
+    assert_eq!(
+        exports.len(),
+        1,
+        "the backend exports the volume: {exports:?}"
+    );
+
+    // The administrator's reset-state, for real this time: refused, naming the safe way.
+    let (code, message) = refusal(
+        attachments
+            .patch_status(&attachment, &PatchParams::default(), &reset_state())
+            .await,
+    )
+    .expect("the admin's hand edit of the status is refused");
+    assert_eq!(code, 403, "{message}");
+    for expected in [
+        format!("ValidatingAdmissionPolicy '{POLICY}'"),
+        format!(
+            "volumeattachments.safedetach.io {attachment} is written only by the safe-detach operator ({OPERATOR_IDENTITY})"
+        ),
+        format!(
+            "kubectl annotate volumeattachments.safedetach.io {attachment} \
+             {FORCE_DETACH_ANNOTATION}=$(date +%s) --overwrite"
+        ),
+    ] {
+        assert!(
+            message.contains(&expected),
+            "expected {expected:?} in {message:?}"
+        );
+    }
+    // As the admin sees it in kubectl.
+    let stderr = kubectl_refused(&[
+        "patch",
+        "volumeattachments.safedetach.io",
+        &attachment,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Detached","attached":false}}"#,
+    ])
+    .await;
+    assert!(
+        stderr.contains("is forbidden") && stderr.contains(FORCE_DETACH_ANNOTATION),
+        "{stderr}"
+    );
+    println!("FIGURE: kubectl says: {}", stderr.trim());
+    // The Volume's status is guarded too.
+    let (code, message) = refusal(
+        volumes
+            .patch_status(
+                &volume,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": { "phase": "Available", "connectedNodes": [] } })),
+            )
+            .await,
+    )
+    .expect("the admin's hand edit of a Volume's status is refused");
+    assert_eq!(code, 403, "{message}");
+    assert!(
+        message.contains(&format!("volumes.safedetach.io {volume}"))
+            && message.contains(FORCE_DETACH_ANNOTATION),
+        "{message}"
+    );
+
+    // Nothing changed: the record still says what the backend says.
+    let unchanged = attachments.get(&attachment).await.expect("the attachment");
+    assert!(attached_and_confirmed(&unchanged), "{:?}", unchanged.status);
+    assert_eq!(qsd.export_ids(), exports);
+
+    // The safe way works under the policy: the operator force-detaches through the backend,
+    // records it, and attaches again from a clean state.
+    let token = format!("reset-{}", jiff::Timestamp::now().as_second());
+    attachments
+        .patch(
+            &attachment,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "metadata": { "annotations": { FORCE_DETACH_ANNOTATION: token } } }),
+            ),
+        )
+        .await
+        .expect("annotate the attachment");
+    let forced = eventually(
+        "the force-detach is confirmed and the volume re-attached",
+        || async {
+            let current = attachments.get(&attachment).await.ok()?;
+            let force = current.status.as_ref()?.force_detach.as_ref()?;
+            (force.token.as_deref() == Some(token.as_str())
+                && force.state == ForceDetachState::Succeeded
+                && attached_and_confirmed(&current))
+            .then_some(current)
+        },
+    )
+    .await;
+    assert_eq!(
+        qsd.export_ids().len(),
+        1,
+        "re-attached: {:?}",
+        forced.status
+    );
+}
