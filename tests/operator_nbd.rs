@@ -24,8 +24,8 @@ use std::time::Duration;
 use support::qmp_proxy::Fault;
 use support::qsd::{NbdClient, ReadOutcome};
 use support::scenario::{
-    RESYNC, STUCK_AFTER, Scenario, Setup, WAIT, attached, condition, describe_events, export_id,
-    has, phase, qmp, volume_condition,
+    ApiWrite, RESYNC, STUCK_AFTER, Scenario, Setup, WAIT, attached, condition, describe_events,
+    export_id, has, phase, qmp, volume_condition,
 };
 use tokio::time::Instant;
 
@@ -333,7 +333,9 @@ async fn stuck_attach_that_completed(s: &mut Scenario, volume: &str) -> String {
 
 /// Case 2 proper: Attaching past stuckAfter, and the backend shows the volume connected to this
 /// node (the attach completed, the operator never heard). It is rolled forward: confirmed and
-/// marked Attached on the one export, nothing forced.
+/// marked Attached on the one export, announced as RolledForward (event and Ready reason) so a
+/// person can tell it from a plain attach, with the connection info a node needs (the idempotent
+/// attach returns it without connecting anything), and nothing forced.
 #[tokio::test(flavor = "multi_thread")]
 async fn case2_stuck_attach_that_completed_on_the_backend_is_rolled_forward() {
     let mut s = Scenario::with(Setup {
@@ -345,68 +347,36 @@ async fn case2_stuck_attach_that_completed_on_the_backend_is_rolled_forward() {
     let volume = s.volume("rollfwd", HANDLE, json!({})).await;
     let name = stuck_attach_that_completed(&mut s, &volume).await;
 
-    let attachment = s.wait_attached(&name).await;
-    assert!(has(condition(&attachment, "Ready"), "True", None));
-    assert!(has(condition(&attachment, "BackendInSync"), "True", None));
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
-    assert!(force_detach_absent(&attachment), "nothing was forced");
-    assert_eq!(s.occurrences(VA, &name, "ForceDetaching").await, 0);
-    // Still one export after the operator has looked again.
-    tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
-}
-
-/// A roll-forward is announced as one: the design's `RolledForward` event (and Ready reason), so
-/// that a person can tell an attach that was stuck and confirmed afterwards from a plain one.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "operator bug: the RolledForward Ready reason is overwritten by the next step of the same reconcile before it is stored, so no RolledForward event is ever published (see the report)"]
-async fn a_rolled_forward_attachment_is_announced_as_rolled_forward() {
-    let mut s = Scenario::with(Setup {
-        via_proxy: true,
-        deadline: "10s",
-        ..Setup::default()
-    })
-    .await;
-    let volume = s.volume("rollev", HANDLE, json!({})).await;
-    let name = stuck_attach_that_completed(&mut s, &volume).await;
-    s.wait_attached(&name).await;
-    s.wait_event(VA, &name, "RolledForward", &[&volume, NODE_A])
-        .await;
-}
-
-/// A rolled-forward attachment must be usable like any other Attached one: it records the
-/// connection info a node needs (the idempotent attach returns it without connecting anything).
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "operator bug: a rolled-forward attachment (case 2) stays Attached with an empty connectionInfo; decide() returns MarkAttached without the idempotent attach when stuck (see the report)"]
-async fn a_rolled_forward_attachment_records_its_connection_info() {
-    let mut s = Scenario::with(Setup {
-        via_proxy: true,
-        deadline: "10s",
-        ..Setup::default()
-    })
-    .await;
-    let volume = s.volume("rollinfo", HANDLE, json!({})).await;
-    let name = stuck_attach_that_completed(&mut s, &volume).await;
-    s.wait_attached(&name).await;
-    // Whether at once or on a later resync: the record must carry the URI.
     let attachment = s
         .wait_attachment(&name, "Attached with connectionInfo.uri", |a| {
             phase(a) == Some(AttachmentPhase::Attached)
+                && attached(a)
                 && a.status
                     .as_ref()
                     .is_some_and(|st| st.connection_info.contains_key("uri"))
         })
         .await;
+    s.wait_event(VA, &name, "RolledForward", &[&volume, NODE_A])
+        .await;
+    let now = s.get_attachment(&name).await.expect("present");
+    assert!(has(condition(&now, "Ready"), "True", Some("RolledForward")));
+    assert!(has(condition(&now, "BackendInSync"), "True", None));
+    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert!(force_detach_absent(&now), "nothing was forced");
+    assert_eq!(s.occurrences(VA, &name, "ForceDetaching").await, 0);
     let mut client = client_of(&attachment).await;
     assert_eq!(client.read().await, ReadOutcome::Ok);
     client.close().await;
+    // Still one export after the operator has looked again.
+    tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
+    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
 }
 
-/// An Attached attachment whose export disappears behind the operator's back (the daemon
-/// restarted it away, an admin deleted it): the operator notices on its next probe, records the
-/// truth and attaches again, so the node gets a working export back.
+/// An Attached attachment whose export disappears behind the operator's back (an admin deleted
+/// it, the daemon lost it): the operator notices on its next probe, says so with a ConnectionLost
+/// Warning, records the truth and attaches again, so the node gets a working export back.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_export_lost_out_of_band_is_noticed_and_attached_again() {
+async fn an_export_lost_out_of_band_is_reported_and_attached_again() {
     let mut s = Scenario::start().await;
     let volume = s.volume("lostconn", HANDLE, json!({})).await;
     let (name, attachment) = s.attach("lostconn", &volume, NODE_A).await;
@@ -416,6 +386,8 @@ async fn an_export_lost_out_of_band_is_noticed_and_attached_again() {
     s.delete_export_out_of_band(HANDLE, NODE_A).await;
     assert_eq!(client.read().await, ReadOutcome::IoError);
     let again = wait_reattached(&s, &name, attached_events).await;
+    let lost = s.wait_event(VA, &name, "ConnectionLost", &[]).await;
+    assert_eq!(lost.type_, "Warning");
     assert!(force_detach_absent(&again));
     let mut fresh = client_of(&again).await;
     assert_eq!(fresh.read().await, ReadOutcome::Ok);
@@ -438,21 +410,6 @@ async fn wait_reattached(s: &Scenario, name: &str, attached_events: i32) -> Volu
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     s.wait_attached(name).await
-}
-
-/// The design lists a `ConnectionLost` Warning: a connection lost out of band is something a
-/// person should hear about, even though the operator attaches again on its own.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "operator bug: the ConnectionLost Ready reason is overwritten by the re-attach steps of the same reconcile before it is stored, so no ConnectionLost event is ever published (see the report)"]
-async fn a_connection_lost_out_of_band_is_announced_by_a_warning() {
-    let mut s = Scenario::start().await;
-    let volume = s.volume("lostev", HANDLE, json!({})).await;
-    let (name, _) = s.attach("lostev", &volume, NODE_A).await;
-    let attached_events = s.occurrences(VA, &name, "Attached").await;
-    s.delete_export_out_of_band(HANDLE, NODE_A).await;
-    wait_reattached(&s, &name, attached_events).await;
-    let event = s.wait_event(VA, &name, "ConnectionLost", &[]).await;
-    assert_eq!(event.type_, "Warning");
 }
 
 /// Case 3: Detaching, and the backend shows no connection. A node's client holds the export, so
@@ -578,7 +535,6 @@ async fn a_stuck_detach_without_auto_force_detach_waits_for_a_person() {
 /// detach, but with the per-object backoff the design promises (1s doubling to 5min), not at a
 /// fixed short interval: a stuck volume must not hammer its backend.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "operator bug: once stuck, retry_after() caps the backoff by the time left before stuck (zero), so the safe detach is retried every 200 ms for as long as nobody acts (see the report)"]
 async fn a_stuck_attachment_waiting_for_a_person_backs_off() {
     let mut s = Scenario::start().await;
     let volume = s
@@ -799,7 +755,7 @@ async fn force_and_reattach(s: &Scenario, name: &str, token: &str) -> VolumeAtta
 
 /// The same token applied again (a manifest re-applied with an unrelated change, the annotation
 /// unchanged) is not a request: no new ForceDetaching event, the attempts unchanged, the export
-/// and its client untouched. A new token acts again.
+/// and its client untouched. A new token acts again, and its own events name it.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_token_acts_once_and_a_new_token_acts_again() {
     let mut s = Scenario::start().await;
@@ -854,24 +810,15 @@ async fn the_same_token_acts_once_and_a_new_token_acts_again() {
         "one more forced detach:\n{}",
         describe_events(&s.events_about(VA, &name).await)
     );
-}
-
-/// Every forced detach is announced by an Event that says it was forced, why, and for which
-/// request: the second token's detach too, not only the first.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "operator bug: kube's event Recorder folds every later event of the same reason about the same object into the first one's series, keeping the first note, so the second token's forced detach is reported under the first token (see the report)"]
-async fn each_forced_detach_is_announced_by_an_event_naming_its_token() {
-    let mut s = Scenario::start().await;
-    let volume = s.volume("tokenev", HANDLE, json!({})).await;
-    let (name, _) = s.attach("tokenev", &volume, NODE_A).await;
-    force_and_reattach(&s, &name, "first-token").await;
-    s.wait_event(VA, &name, "ForceDetached", &["\"first-token\""])
+    s.wait_event(VA, &name, "ForceDetaching", &["Requested", "\"t2\""])
         .await;
-    force_and_reattach(&s, &name, "second-token").await;
-    s.wait_event(VA, &name, "ForceDetaching", &["\"second-token\""])
-        .await;
-    s.wait_event(VA, &name, "ForceDetached", &["\"second-token\""])
-        .await;
+    s.wait_event(
+        VA,
+        &name,
+        "ForceDetached",
+        &["Requested", "\"t2\"", "confirmed"],
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1211,23 +1158,30 @@ async fn converged_attachments_cause_no_writes() {
 
 /// Figures for the record: how long from the annotation to the confirmed forced detach (the
 /// ForceDetached event, and the status saying Succeeded), and how many writes one forced detach
-/// of a live attachment costs, re-attach included. Five forced detaches, each with a client
+/// of a live attachment costs, re-attach included: the changes a watch sees, and the write
+/// requests the operator sends (status, object, events). Five forced detaches, each with a client
 /// holding the export.
 #[tokio::test(flavor = "multi_thread")]
 async fn figures_force_detach_latency_and_status_writes() {
-    let mut s = Scenario::start().await;
+    let mut s = Scenario::with(Setup {
+        count_writes: true,
+        ..Setup::default()
+    })
+    .await;
     s.assert_no_foreign_operator().await;
     let volume = s.volume("figures", HANDLE, json!({})).await;
     let (name, mut attachment) = s.attach("figures", &volume, NODE_A).await;
     let mut to_event = Vec::new();
     let mut to_status = Vec::new();
-    let mut writes = Vec::new();
+    let mut changes = Vec::new();
+    let mut starts = Vec::new();
     for run in 1..=5 {
         let token = format!("figure-{run}");
         let mut client = client_of(&attachment).await;
         let events_before = s.occurrences(VA, &name, "ForceDetached").await;
 
         let started = Instant::now();
+        starts.push(started);
         let version = s.annotate(&name, &token).await;
         let events = s.events.clone();
         let watch_events = {
@@ -1260,28 +1214,54 @@ async fn figures_force_detach_latency_and_status_writes() {
         );
         to_status.push(status_at - started);
         to_event.push(event_at - started);
-        writes.push(count);
+        changes.push(count);
         attachment = last;
     }
+    // Let the last run's events go out, then split the operator's writes by run.
+    tokio::time::sleep(RESYNC).await;
+    let writes = s.api().writes();
+    let runs: Vec<[usize; 4]> = (0..starts.len())
+        .map(|i| {
+            let of_run: Vec<_> = writes
+                .iter()
+                .filter(|w| w.at >= starts[i] && starts.get(i + 1).is_none_or(|next| w.at < *next))
+                .collect();
+            let count = |what: fn(&ApiWrite) -> bool| of_run.iter().filter(|w| what(w)).count();
+            [
+                count(ApiWrite::to_attachment_status),
+                count(|w| w.to_safedetach() && !w.to_status()),
+                count(ApiWrite::to_volume_status),
+                count(ApiWrite::to_event),
+            ]
+        })
+        .collect();
     let median = |values: &mut Vec<Duration>| {
         values.sort();
         values[values.len() / 2]
     };
     println!(
-        "FIGURE: annotation -> ForceDetached event, median of 5: {:?} (all: {to_event:?})",
+        "FIGURE: annotation -> ForceDetached event seen, median of 5: {:?} (all: {to_event:?})",
         median(&mut to_event.clone())
     );
     println!(
-        "FIGURE: annotation -> status forceDetach Succeeded, median of 5: {:?} (all: {to_status:?})",
+        "FIGURE: annotation -> status forceDetach Succeeded seen, median of 5: {:?} (all: {to_status:?})",
         median(&mut to_status.clone())
     );
     println!(
-        "FIGURE: writes to the attachment per forced detach of a live attachment, re-attach included (all by the operator): {writes:?}"
+        "FIGURE: per forced detach of a live attachment, re-attach included: changes a watch sees {changes:?}; operator write requests [attachment status, attachment object, volume status, events] {runs:?}"
     );
-    for count in &writes {
+    for (run, [status, object, _, _]) in runs.iter().enumerate() {
+        assert_eq!(
+            *status,
+            changes[run],
+            "run {}: every status write changes the object",
+            run + 1
+        );
+        assert_eq!(*object, 0, "run {}: the finalizer stays", run + 1);
         assert!(
-            (2..=4).contains(count),
-            "an intent before the force, a confirmation after, an attach: {writes:?}"
+            (2..=3).contains(status),
+            "run {}: an intent before the force, the confirmation with the new attach's intent, the attach's confirmation: {runs:?}",
+            run + 1
         );
     }
 }

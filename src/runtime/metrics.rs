@@ -110,10 +110,11 @@ impl Default for Metrics {
         // the first forced detach too.
         for reason in ["Requested", "StuckAttaching", "StuckDetaching", "Orphan"] {
             for result in ["Succeeded", "Failed"] {
-                force_detaches.get_or_create(&ForceLabels {
+                let labels = ForceLabels {
                     reason: reason.into(),
                     result: result.into(),
-                });
+                };
+                drop(force_detaches.get_or_create(&labels));
             }
         }
         Self {

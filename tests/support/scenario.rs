@@ -641,6 +641,16 @@ impl ApiWrite {
         self.to_safedetach() && self.path.ends_with("/status")
     }
 
+    /// A write to a VolumeAttachment's status.
+    pub fn to_attachment_status(&self) -> bool {
+        self.to_status() && self.path.contains("/volumeattachments/")
+    }
+
+    /// A write to a Volume's status.
+    pub fn to_volume_status(&self) -> bool {
+        self.to_status() && self.path.contains("/volumes/")
+    }
+
     pub fn to_event(&self) -> bool {
         self.path.starts_with("/apis/events.k8s.io/")
     }
