@@ -23,14 +23,33 @@ fn main() {
     };
     let now = Timestamp::now();
     let cases = [
-        ("converged (Attached, connected)", AttachmentPhase::Attached, vec!["node-a"], false),
-        ("stuck Detaching, connected (case 4)", AttachmentPhase::Detaching, vec!["node-a"], true),
-        ("Pending, held elsewhere (blocked)", AttachmentPhase::Pending, vec!["node-b"], false),
+        (
+            "converged (Attached, connected)",
+            AttachmentPhase::Attached,
+            vec!["node-a"],
+            false,
+        ),
+        (
+            "stuck Detaching, connected (case 4)",
+            AttachmentPhase::Detaching,
+            vec!["node-a"],
+            true,
+        ),
+        (
+            "Pending, held elsewhere (blocked)",
+            AttachmentPhase::Pending,
+            vec!["node-b"],
+            false,
+        ),
     ];
     println!("| state | decide + status, ns per call |");
     println!("|---|---|");
     for (name, phase, nodes, stuck) in cases {
-        let since = if stuck { now - Duration::from_secs(600) } else { now };
+        let since = if stuck {
+            now - Duration::from_secs(600)
+        } else {
+            now
+        };
         let status = VolumeAttachmentStatus {
             phase: Some(phase),
             phase_since: Some(Time(since)),

@@ -180,15 +180,17 @@ impl Drop for TestObjects {
     }
 }
 
-/// Strips an object's finalizers and deletes it; an object already gone is fine.
+/// Deletes an object and strips its finalizers; an object already gone is fine.
 async fn delete<K>(api: &Api<K>, name: &str)
 where
     K: Resource + Clone + Debug + DeserializeOwned,
 {
+    // Delete first: once an object is being deleted, no finalizer can be added back, so the
+    // strip that follows is the last word even if an operator still watches it.
     let strip = Patch::Merge(json!({ "metadata": { "finalizers": null } }));
     let result = async {
-        api.patch(name, &PatchParams::default(), &strip).await?;
         api.delete(name, &DeleteParams::default()).await?;
+        api.patch(name, &PatchParams::default(), &strip).await?;
         Ok::<_, kube::Error>(())
     };
     match result.await {
