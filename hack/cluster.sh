@@ -87,6 +87,13 @@ up() {
   "$root/hack/build-controlplane.sh"
   stop_pid "$state/kube-apiserver.pid"
   stop_pid "$state/etcd.pid"
+  for port in "$apiserver_port" "$etcd_port" "$((etcd_port + 1))"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "port $port is taken by another process (another checkout's control plane?);" \
+        "stop it, or set SAFE_DETACH_APISERVER_PORT / SAFE_DETACH_ETCD_PORT" >&2
+      return 1
+    fi
+  done
   make_credentials
   mkdir -p "$state/logs"
   local started=$SECONDS

@@ -280,7 +280,7 @@ impl CsiScenario {
     /// How many reconciles of the attachment the operator has finished converged so far.
     fn converged_reconciles(&self, name: &str) -> usize {
         let log = strip_ansi(&self.operator.log());
-        let marks = [format!("name={name} "), format!("name={name}}}")];
+        let marks = [format!("object={name} "), format!("object={name}}}")];
         log.lines()
             .filter(|line| marks.iter().any(|m| line.contains(m.as_str())))
             .filter(|line| line.contains("Converged"))
