@@ -475,10 +475,24 @@ async fn endpoints_report_health_readiness_and_metrics() {
         (scrape.sum("safedetach_attachments", &[("phase", "Attached")]) == 1.0).then_some(scrape)
     })
     .await;
-    // A labelled family appears with its first sample: none forced and none failed yet.
-    for family in ["safedetach_force_detaches", "safedetach_reconcile_errors"] {
-        assert!(!scrape.has_family(family), "{family} in:\n{}", scrape.0);
-    }
+    // Forced-detach series exist from the start, at zero, so that alerts see the first one;
+    // reconcile errors appear with their first sample. None forced and none failed yet.
+    assert!(
+        scrape.has_family("safedetach_force_detaches"),
+        "{}",
+        scrape.0
+    );
+    assert_eq!(
+        scrape.sum("safedetach_force_detaches_total", &[]),
+        0.0,
+        "{}",
+        scrape.0
+    );
+    assert!(
+        !scrape.has_family("safedetach_reconcile_errors"),
+        "{}",
+        scrape.0
+    );
     for family in [
         "safedetach_driver_call_duration_seconds",
         "safedetach_reconciles",
