@@ -242,9 +242,10 @@ pub fn decide(input: &Input) -> Step {
         Err(problem) => return Step::Fail(problem.clone()),
     };
 
-    let connections = match input.backend {
-        Some(Backend::Answered(connections)) => connections,
-        Some(Backend::Unprobeable(confirmed)) => return decide_unprobed(input, policy, *confirmed),
+    // The probe's answer, or for a backend that cannot be probed, what a call just confirmed.
+    let (connections, confirmed) = match input.backend {
+        Some(Backend::Answered(connections)) => (Some(connections), None),
+        Some(Backend::Unprobeable(confirmed)) => (None, *confirmed),
         // Unreachable: neither "connected" nor "not connected" may be concluded. Wake at the
         // stuck deadline so the Stuck condition appears on time, else retry with backoff.
         Some(Backend::Unreachable(_)) | None => {
@@ -254,20 +255,6 @@ pub fn decide(input: &Input) -> Step {
             );
         }
     };
-    let here = connections.includes(input.node);
-    let others: Vec<String> = connections
-        .nodes
-        .iter()
-        .filter(|n| *n != input.node)
-        .cloned()
-        .collect();
-    let stuck_in = stuck_in(input.status, policy, input.now);
-    let stuck = stuck_in == Some(Duration::ZERO);
-    let forcing = input
-        .status
-        .force_detach
-        .as_ref()
-        .is_some_and(|f| f.state == ForceDetachState::InProgress);
 
     // A person's request comes first, whatever the phase.
     if let Request::New(token) = input.request {
@@ -276,6 +263,23 @@ pub fn decide(input: &Input) -> Step {
             token: Some(token.clone()),
         };
     }
+
+    let stuck = stuck_in(input.status, policy, input.now) == Some(Duration::ZERO);
+    let forcing = input
+        .status
+        .force_detach
+        .as_ref()
+        .is_some_and(|f| f.state == ForceDetachState::InProgress);
+    let Some(connections) = connections else {
+        return decide_unprobed(input, policy, confirmed, stuck, forcing);
+    };
+    let here = connections.includes(input.node);
+    let others: Vec<String> = connections
+        .nodes
+        .iter()
+        .filter(|n| *n != input.node)
+        .cloned()
+        .collect();
 
     match phase {
         // Detaching is finished the same way whether the attachment is live or being deleted:
@@ -336,20 +340,14 @@ pub fn decide(input: &Input) -> Step {
 /// succeeded in place of the probe. Without that word nothing is marked attached or detached.
 /// The multi-attach guard rests on the backend's own refusal here (a CSI plugin refuses to
 /// publish a single-writer volume to a second node), since it cannot be asked beforehand.
-fn decide_unprobed(input: &Input, policy: &VolumePolicy, confirmed: Option<Confirmed>) -> Step {
+fn decide_unprobed(
+    input: &Input,
+    policy: &VolumePolicy,
+    confirmed: Option<Confirmed>,
+    stuck: bool,
+    forcing: bool,
+) -> Step {
     let phase = phase_of(input.status);
-    let stuck = stuck_in(input.status, policy, input.now) == Some(Duration::ZERO);
-    let forcing = input
-        .status
-        .force_detach
-        .as_ref()
-        .is_some_and(|f| f.state == ForceDetachState::InProgress);
-    if let Request::New(token) = input.request {
-        return Step::ForceDetach {
-            reason: ForceDetachReason::Requested,
-            token: Some(token.clone()),
-        };
-    }
     match phase {
         AttachmentPhase::Detaching if confirmed == Some(Confirmed::Disconnected) => {
             Step::MarkDetached
