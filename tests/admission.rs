@@ -14,10 +14,11 @@ use safe_detach::api::{
     AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
 };
 use serde_json::{Value, json};
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use support::cluster::{TestObjects, admin_client, admin_kubeconfig, kubectl, unique_name};
+use support::cluster::{
+    TestObjects, admin_client, admin_kubeconfig, eventually, kubectl, unique_name,
+};
 use support::operator::{Operator, SHARD_LABEL};
 use support::qsd::Qsd;
 use tokio::time::Instant;
@@ -84,22 +85,6 @@ impl Drop for PolicyInstalled {
                 panic!("clean-up of the admission policy failed");
             }
         }
-    }
-}
-
-/// Polls `check` until it returns `Some`, failing with `what` after `WAIT`.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let give_up = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < give_up, "timed out after {WAIT:?}: {what}");
-        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -228,13 +213,18 @@ async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
         ..PatchParams::default()
     };
     let started = Instant::now();
-    let (code, message) = eventually("the policy refuses the admin's status edit", || async {
-        refusal(
-            attachments
-                .patch_status(&attachment, &dry_run, &reset_state())
-                .await,
-        )
-    })
+    let (code, message) = eventually(
+        "the policy refuses the admin's status edit",
+        WAIT,
+        POLL,
+        || async {
+            refusal(
+                attachments
+                    .patch_status(&attachment, &dry_run, &reset_state())
+                    .await,
+            )
+        },
+    )
     .await;
     println!(
         "FIGURE: policy effective {:?} after it was applied",
@@ -251,10 +241,15 @@ async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
         qsd.image_dir().display()
     );
     let _operator = Operator::start(&shard, &config).await;
-    let attached = eventually("the operator attaches under the policy", || async {
-        let current = attachments.get(&attachment).await.ok()?;
-        attached_and_confirmed(&current).then_some(current)
-    })
+    let attached = eventually(
+        "the operator attaches under the policy",
+        WAIT,
+        POLL,
+        || async {
+            let current = attachments.get(&attachment).await.ok()?;
+            attached_and_confirmed(&current).then_some(current)
+        },
+    )
     .await;
     let status_managers: Vec<_> = attached
         .managed_fields()
@@ -351,6 +346,8 @@ async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
         .expect("annotate the attachment");
     let forced = eventually(
         "the force-detach is confirmed and the volume re-attached",
+        WAIT,
+        POLL,
         || async {
             let current = attachments.get(&attachment).await.ok()?;
             let force = current.status.as_ref()?.force_detach.as_ref()?;

@@ -21,12 +21,13 @@ use safe_detach::config::{Config, ConfigError};
 use safe_detach::runtime::metrics::Metrics;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use support::cluster::{TestObjects, admin_client, admin_kubeconfig, kubectl, unique_name};
+use support::cluster::{
+    TestObjects, admin_client, admin_kubeconfig, eventually, kubectl, unique_name,
+};
 use support::operator::{Operator, Options, SHARD_LABEL};
 use support::qsd::Qsd;
 use tokio::time::Instant;
@@ -37,22 +38,6 @@ const LEASE_NAMESPACE: &str = "safe-detach";
 /// Long enough for an operator to start, sync its caches and attach, or for a lease to expire.
 const WAIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
-
-/// Polls `check` until it returns `Some`, failing with `what` after `WAIT`.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let give_up = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < give_up, "timed out after {WAIT:?}: {what}");
-        tokio::time::sleep(POLL).await;
-    }
-}
 
 /// A shard of objects on a daemon of its own, and the operator configuration for it.
 struct Backend {
@@ -130,10 +115,15 @@ impl Backend {
 
     /// Waits until the backend-confirmed `Attached` is recorded.
     async fn wait_attached(&self, name: &str) -> VolumeAttachment {
-        eventually(&format!("{name} Attached and confirmed"), || async {
-            let attachment = self.attachments.get(name).await.ok()?;
-            attached(&attachment).then_some(attachment)
-        })
+        eventually(
+            &format!("{name} Attached and confirmed"),
+            WAIT,
+            POLL,
+            || async {
+                let attachment = self.attachments.get(name).await.ok()?;
+                attached(&attachment).then_some(attachment)
+            },
+        )
         .await
     }
 }
@@ -199,7 +189,7 @@ async fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
 /// Waits until `path` answers 200 and returns the body.
 async fn wait_ok(operator: &Operator, path: &str) -> String {
     let address = operator.http_address();
-    eventually(&format!("GET {path} answers 200"), || async {
+    eventually(&format!("GET {path} answers 200"), WAIT, POLL, || async {
         match http_get(address, path).await {
             Some((200, body)) => Some(body),
             _ => None,
@@ -284,7 +274,7 @@ async fn one_replica_acts_and_another_takes_over_when_it_dies() {
         replica(&lease, "5s", &first),
     )
     .await;
-    let held = eventually("the first replica takes the lease", || async {
+    let held = eventually("the first replica takes the lease", WAIT, POLL, || async {
         holder(&backend.client, &lease)
             .await
             .filter(|h| *h == first)
@@ -339,7 +329,7 @@ async fn one_replica_acts_and_another_takes_over_when_it_dies() {
     // The leader dies without a word: its lease runs out, and the follower takes over.
     leader.kill();
     let killed = Instant::now();
-    eventually("the second replica takes the lease", || async {
+    eventually("the second replica takes the lease", WAIT, POLL, || async {
         holder(&backend.client, &lease)
             .await
             .filter(|h| *h == second)
@@ -409,7 +399,7 @@ async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
         replica(&lease, "30s", &first),
     )
     .await;
-    eventually("the first replica takes the lease", || async {
+    eventually("the first replica takes the lease", WAIT, POLL, || async {
         holder(&backend.client, &lease)
             .await
             .filter(|h| *h == first)
@@ -438,7 +428,7 @@ async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
         "the leader exited still holding the lease; its log:\n{}",
         leader.log()
     );
-    eventually("the second replica takes the lease", || async {
+    eventually("the second replica takes the lease", WAIT, POLL, || async {
         holder(&backend.client, &lease)
             .await
             .filter(|h| *h == second)
@@ -470,10 +460,16 @@ async fn endpoints_report_health_readiness_and_metrics() {
     let name = backend.attachment("node-a").await;
     backend.wait_attached(&name).await;
     // The gauges are computed from the caches at each scrape: wait until the cache has caught up.
-    let scrape = eventually("the metrics show one Attached attachment", || async {
-        let scrape = Scrape::of(&operator).await;
-        (scrape.sum("safedetach_attachments", &[("phase", "Attached")]) == 1.0).then_some(scrape)
-    })
+    let scrape = eventually(
+        "the metrics show one Attached attachment",
+        WAIT,
+        POLL,
+        || async {
+            let scrape = Scrape::of(&operator).await;
+            (scrape.sum("safedetach_attachments", &[("phase", "Attached")]) == 1.0)
+                .then_some(scrape)
+        },
+    )
     .await;
     // Forced-detach series exist from the start, at zero, so that alerts see the first one;
     // reconcile errors appear with their first sample. None forced and none failed yet.
@@ -569,6 +565,8 @@ async fn endpoints_report_health_readiness_and_metrics() {
         .expect("annotate");
     eventually(
         "the force-detach is confirmed and the volume re-attached",
+        WAIT,
+        POLL,
         || async {
             let attachment = backend.attachments.get(&name).await.ok()?;
             let force = attachment.status.as_ref()?.force_detach.as_ref()?;
@@ -702,16 +700,21 @@ async fn a_missing_permission_is_reported_not_a_silent_stall() {
         "User \"{user}\" cannot patch resource \"volumeattachments/status\" in API group \
          \"safedetach.io\""
     );
-    let line = eventually("the log names the forbidden verb and resource", || async {
-        operator
-            .log()
-            .lines()
-            .find(|line| line.contains("reconcile failed") && line.contains(&expected))
-            .map(str::to_owned)
-    })
+    let line = eventually(
+        "the log names the forbidden verb and resource",
+        WAIT,
+        POLL,
+        || async {
+            operator
+                .log()
+                .lines()
+                .find(|line| line.contains("reconcile failed") && line.contains(&expected))
+                .map(str::to_owned)
+        },
+    )
     .await;
     println!("FIGURE: the operator logs: {line}");
-    let scrape = eventually("the error is counted", || async {
+    let scrape = eventually("the error is counted", WAIT, POLL, || async {
         let scrape = Scrape::of(&operator).await;
         let errors = scrape.sum(
             "safedetach_reconcile_errors_total",
@@ -725,7 +728,7 @@ async fn a_missing_permission_is_reported_not_a_silent_stall() {
         "safedetach_reconcile_errors_total",
         &[("reason", "KubeApi")],
     );
-    eventually("the failing reconcile is retried", || async {
+    eventually("the failing reconcile is retried", WAIT, POLL, || async {
         let scrape = Scrape::of(&operator).await;
         (scrape.sum(
             "safedetach_reconcile_errors_total",

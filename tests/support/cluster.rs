@@ -289,3 +289,22 @@ async fn config_from(kubeconfig: &Path) -> Config {
         .await
         .unwrap_or_else(|e| panic!("load kubeconfig {}: {e}", kubeconfig.display()))
 }
+
+/// Polls `check` every `poll` until it returns `Some`, failing with `what` after `wait`.
+pub async fn eventually<T, F, Fut>(what: &str, wait: Duration, poll: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let give_up = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out after {wait:?}: {what}"
+        );
+        tokio::time::sleep(poll).await;
+    }
+}
