@@ -141,7 +141,10 @@ async fn run(args: RunArgs) -> ExitCode {
         // A follower is ready: it is standing by, as it should.
         health.set_ready(true);
         tokio::select! {
-            _ = joined.acquired() => {}
+            acquired = joined.acquired() => if !acquired {
+                error!("the leader election ended without this replica acting");
+                return ExitCode::FAILURE;
+            },
             _ = shutdown.clone() => return ExitCode::SUCCESS,
         }
         health.set_ready(false);

@@ -382,9 +382,6 @@ fn replica(lease: &str, duration: &str, identity: &str) -> Options {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "operator bug: the leader releases its Lease on SIGTERM, but a follower (kube-lease-manager \
-            0.13) sleeps until the expiry it last read and only then looks again, so the handover \
-            still takes up to --lease-duration (29.8s of a 30s lease)"]
 async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
     let backend = Backend::start().await;
     let lease = unique_name("lease");
