@@ -10,7 +10,7 @@ stop:
 	hack/cluster.sh down
 
 test: lint setup cluster
-	cargo test --all-targets
+	cargo test --lib --bins --tests
 
 lint:
 	cargo fmt --all -- --check
