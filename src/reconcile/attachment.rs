@@ -5,7 +5,7 @@
 //! says "detached" is written only after the probe that confirmed it. Everything else is written
 //! once, at the end, and only if it changed.
 
-use super::{Context, Error, probe, synced};
+use super::{Context, Error, finalizer, probe, synced};
 use crate::MANAGER;
 use crate::api::{
     FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
@@ -205,12 +205,15 @@ impl<'a> Reconcile<'a> {
 
             match &step {
                 Step::AddFinalizer => {
-                    self.add_finalizer().await?;
+                    // Before any backend call, so that a deletion always waits for a confirmed
+                    // detach.
+                    finalizer::add(&self.api, self.attachment, FINALIZER).await?;
+                    self.has_finalizer = true;
                     continue;
                 }
                 Step::ReleaseFinalizer => {
                     self.persist().await?;
-                    self.remove_finalizer().await?;
+                    finalizer::remove(&self.api, self.attachment, FINALIZER).await?;
                     return Ok(Outcome::Settled(Action::await_change()));
                 }
                 Step::Wait { why, recheck_after } => {
@@ -399,47 +402,6 @@ impl<'a> Reconcile<'a> {
                 .filter(|n| Some(n.reason.as_str()) != reported),
         );
         self.noticed = self.status.clone();
-    }
-
-    /// Adds the finalizer before any backend call, so that a deletion always waits for a
-    /// confirmed detach. The resourceVersion test makes a concurrent change fail instead of lost.
-    async fn add_finalizer(&mut self) -> Result<(), Error> {
-        let patch = match &self.attachment.metadata.finalizers {
-            Some(_) => {
-                json!([{ "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }])
-            }
-            None => json!([{ "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] }]),
-        };
-        self.json_patch(patch).await?;
-        self.has_finalizer = true;
-        Ok(())
-    }
-
-    /// Releases the finalizer; called only after the confirmed `Detached` is stored.
-    async fn remove_finalizer(&self) -> Result<(), Error> {
-        let Some(index) = self
-            .attachment
-            .finalizers()
-            .iter()
-            .position(|f| f == FINALIZER)
-        else {
-            return Ok(());
-        };
-        let path = format!("/metadata/finalizers/{index}");
-        self.json_patch(json!([{ "op": "test", "path": path, "value": FINALIZER }, { "op": "remove", "path": path }]))
-            .await
-    }
-
-    async fn json_patch(&self, operations: serde_json::Value) -> Result<(), Error> {
-        let patch: json_patch::Patch = serde_json::from_value(operations)?;
-        self.api
-            .patch(
-                &self.name,
-                &PatchParams::default(),
-                &Patch::Json::<()>(patch),
-            )
-            .await?;
-        Ok(())
     }
 }
 

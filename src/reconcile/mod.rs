@@ -4,6 +4,7 @@
 mod attachment;
 mod backoff;
 mod events;
+mod finalizer;
 mod volume;
 
 use crate::api::{Volume, VolumeAttachment};
