@@ -17,7 +17,7 @@ use kube::ResourceExt;
 use kube::api::{Api, WatchEvent, WatchParams};
 use safe_detach::api::{
     AttachmentPhase, FINALIZER, ForceDetachReason, ForceDetachState, OrphanPolicy,
-    VolumeAttachment, VolumePhase,
+    VOLUME_FINALIZER, VolumeAttachment, VolumePhase,
 };
 use serde_json::json;
 use std::time::Duration;
@@ -181,6 +181,56 @@ async fn normal_attach_serves_the_volume_and_delete_detaches_and_releases_the_fi
         })
     })
     .await;
+}
+
+/// A Volume deleted while an attachment names it stays until that attachment is detached and
+/// gone: otherwise the attachment could never confirm its detach. No new attach happens on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_volume_waits_for_its_attachments_and_attaches_nothing_new() {
+    let mut s = Scenario::start().await;
+    let volume = s.volume("protected", HANDLE, json!({})).await;
+    let (name, _) = s.attach("protected", &volume, NODE_A).await;
+    s.wait_volume(&volume, "holding the attachments finalizer", |v| {
+        v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)
+    })
+    .await;
+
+    s.volumes
+        .delete(&volume, &Default::default())
+        .await
+        .expect("delete the Volume");
+    let waiting = s
+        .wait_volume(&volume, "waiting for its attachments", |v| {
+            v.status.as_ref().is_some_and(|st| {
+                st.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.reason == "WaitingForAttachments")
+            })
+        })
+        .await;
+    assert!(waiting.metadata.deletion_timestamp.is_some());
+    s.wait_event("Volume", &volume, "WaitingForAttachments", &[NODE_A])
+        .await;
+    assert_eq!(
+        s.exports().await,
+        [export_id(HANDLE, NODE_A)],
+        "the attachment is untouched"
+    );
+
+    // A new attachment to the Volume on its way out is refused, without a backend call.
+    let late = s.attachment("late", &volume, NODE_B).await;
+    s.wait_attachment(&late, "refused: the Volume is being deleted", |a| {
+        has(condition(a, "Ready"), "False", Some("VolumeDeleting"))
+    })
+    .await;
+    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+
+    s.delete_attachment(&late).await;
+    s.delete_attachment(&name).await;
+    s.wait_attachment_gone(&name).await;
+    assert!(s.exports().await.is_empty(), "detached through the Volume");
+    s.wait_for(&s.volumes, &volume, "gone", WAIT, |v| v.is_none())
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ pub const FORCE_DETACH_ANNOTATION: &str = "safedetach.io/force-detach";
 /// The finalizer that holds a `VolumeAttachment` until the backend confirms the detach.
 pub const FINALIZER: &str = "safedetach.io/detach";
 
+/// The finalizer that holds a `Volume` while a `VolumeAttachment` names it, so that the
+/// attachment's detach can still reach the backend.
+pub const VOLUME_FINALIZER: &str = "safedetach.io/attachments";
+
 /// Both CRDs, in the order they are installed.
 pub fn crds() -> [CustomResourceDefinition; 2] {
     [Volume::crd(), VolumeAttachment::crd()]

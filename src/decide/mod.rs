@@ -45,6 +45,8 @@ pub enum Misconfiguration {
     UnknownDriver(String),
     /// The Volume's spec cannot be used (for example a stuckAfter the schema should have refused).
     InvalidVolume(String),
+    /// The Volume is being deleted: nothing is attached to it anew.
+    VolumeDeleting(String),
 }
 
 impl Misconfiguration {
@@ -54,6 +56,7 @@ impl Misconfiguration {
             Self::VolumeNotFound(_) => "VolumeNotFound",
             Self::UnknownDriver(_) => "UnknownDriver",
             Self::InvalidVolume(_) => "InvalidVolume",
+            Self::VolumeDeleting(_) => "VolumeDeleting",
         }
     }
 
@@ -66,6 +69,9 @@ impl Misconfiguration {
                 )
             }
             Self::InvalidVolume(why) => why.clone(),
+            Self::VolumeDeleting(name) => format!(
+                "Volume {name:?} is being deleted: it is not attached anywhere new; delete this attachment to let it go"
+            ),
         }
     }
 }

@@ -899,7 +899,7 @@ mod status_tests {
 mod volume_tests {
     use super::*;
     use crate::api::{OrphanPolicy, VolumePhase, VolumeStatus};
-    use crate::decide::volume::{ORPHANED, VolumeInput, decide_volume};
+    use crate::decide::volume::{ORPHANED, READY, VolumeInput, decide_volume};
     use std::collections::BTreeSet;
 
     fn input<'a>(
@@ -916,8 +916,44 @@ mod volume_tests {
             attachment_phases: &[],
             orphan_policy: policy,
             grace: STUCK_AFTER,
+            deleting: false,
             now,
         }
+    }
+
+    #[test]
+    fn a_deleted_volume_stays_while_an_attachment_names_it() {
+        let backend = connected(&[NODE]);
+        let claimed = BTreeSet::from([NODE.to_owned()]);
+        let held = decide_volume(
+            &VolumeStatus::default(),
+            &VolumeInput {
+                deleting: true,
+                ..input(&backend, &claimed, OrphanPolicy::Report, t(0))
+            },
+        );
+        assert!(!held.release);
+        let ready = find_condition(&held.status.conditions, READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "WaitingForAttachments")
+        );
+        assert!(ready.message.contains(NODE), "{}", ready.message);
+
+        let unclaimed = BTreeSet::new();
+        let free = decide_volume(
+            &held.status,
+            &VolumeInput {
+                deleting: true,
+                ..input(&connected(&[]), &unclaimed, OrphanPolicy::Report, t(1))
+            },
+        );
+        assert!(free.release);
+        let live = decide_volume(
+            &VolumeStatus::default(),
+            &input(&connected(&[]), &unclaimed, OrphanPolicy::Report, t(1)),
+        );
+        assert!(!live.release, "a live Volume keeps its finalizer");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct VolumeInput<'a> {
     /// How long a connection must stay unclaimed before `Detach` acts on it, so that an attach
     /// racing with the attachment's creation is never cut off.
     pub grace: Duration,
+    /// The Volume is being deleted: its finalizer goes once no attachment names it.
+    pub deleting: bool,
     pub now: Timestamp,
 }
 
@@ -40,9 +42,36 @@ pub struct VolumeDecision {
     pub force_detach: Vec<String>,
     /// When to look again: the end of the shortest remaining grace period.
     pub recheck_after: Option<Duration>,
+    /// The Volume is being deleted and no attachment names it: its finalizer may go. While one
+    /// does, the Volume stays, so that the attachment's detach can still reach the backend.
+    pub release: bool,
 }
 
 pub fn decide_volume(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecision {
+    let mut decision = observe_backend(current, input);
+    if input.deleting {
+        decision.release = input.claimed.is_empty();
+        if !decision.release {
+            let nodes: Vec<&str> = input.claimed.iter().map(String::as_str).collect();
+            let message = format!(
+                "being deleted; waits until no VolumeAttachment names it (still attached or detaching on {})",
+                nodes.join(", ")
+            );
+            set_condition(
+                &mut decision.status.conditions,
+                READY,
+                ConditionStatus::False,
+                "WaitingForAttachments",
+                message,
+                input.generation,
+                Time(input.now),
+            );
+        }
+    }
+    decision
+}
+
+fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecision {
     let mut status = current.clone();
     let now = Time(input.now);
     let generation = input.generation;
@@ -65,6 +94,7 @@ pub fn decide_volume(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecis
             status,
             force_detach,
             recheck_after,
+            release: false,
         };
     }
 
@@ -207,6 +237,7 @@ pub fn decide_volume(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecis
         status,
         force_detach,
         recheck_after,
+        release: false,
     }
 }
 

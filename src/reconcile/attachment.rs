@@ -310,6 +310,12 @@ impl<'a> Reconcile<'a> {
             .volumes
             .get(&ObjectRef::<Volume>::new(volume_name))
             .ok_or_else(|| Misconfiguration::VolumeNotFound(volume_name.clone()))?;
+        // A Volume on its way out is not attached anywhere new; a detach still reaches it.
+        if volume.metadata.deletion_timestamp.is_some()
+            && self.attachment.metadata.deletion_timestamp.is_none()
+        {
+            return Err(Misconfiguration::VolumeDeleting(volume_name.clone()));
+        }
         let driver = self
             .context
             .config

@@ -2,14 +2,15 @@
 //! which of those no attachment claims (orphans, case 5), and, under `orphanPolicy: Detach`, the
 //! backend-confirmed force-detach of those.
 
-use super::{Context, Error, probe};
+use super::{Context, Error, finalizer, probe};
 use crate::MANAGER;
-use crate::api::{Volume, VolumeStatus, parse_duration};
+use crate::api::{VOLUME_FINALIZER, Volume, VolumeStatus, find_condition, parse_duration};
 use crate::decide::events::{Notice, Severity};
-use crate::decide::volume::{VolumeInput, decide_volume};
+use crate::decide::volume::{READY, VolumeInput, decide_volume};
 use crate::decide::{Backend, Misconfiguration};
 use crate::driver::{Driver, ok_if_not_connected};
 use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
@@ -43,6 +44,11 @@ fn backoff_key(name: &str) -> String {
 
 async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, Error> {
     let name = volume.name_any();
+    let api = Api::<Volume>::all(context.client.clone());
+    let deleting = volume.metadata.deletion_timestamp.is_some();
+    if !deleting {
+        finalizer::add(&api, volume, VOLUME_FINALIZER).await?;
+    }
     let driver = context.config.drivers.get(&volume.spec.driver).cloned();
     let grace = match &volume.spec.stuck_after {
         Some(text) => parse_duration(text)
@@ -90,10 +96,15 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
             attachment_phases: &phases,
             orphan_policy: volume.spec.orphan_policy,
             grace: grace.unwrap_or(context.config.default_stuck_after),
+            deleting,
             now: Timestamp::now(),
         },
     );
     persist(volume, context, &current, &decision.status).await?;
+    if decision.release {
+        finalizer::remove(&api, volume, VOLUME_FINALIZER).await?;
+        return Ok(Action::await_change());
+    }
 
     if let Some(driver) = &driver {
         for node in &decision.force_detach {
@@ -185,6 +196,19 @@ async fn persist(
                 orphan.node,
                 volume.spec.orphan_policy
             ),
+        };
+        context.events.publish(volume, &notice).await;
+    }
+    fn waiting(status: &VolumeStatus) -> Option<&Condition> {
+        find_condition(&status.conditions, READY).filter(|c| c.reason == "WaitingForAttachments")
+    }
+    if let Some(condition) = waiting(next)
+        && waiting(current).is_none()
+    {
+        let notice = Notice {
+            severity: Severity::Normal,
+            reason: condition.reason.clone(),
+            message: condition.message.clone(),
         };
         context.events.publish(volume, &notice).await;
     }
