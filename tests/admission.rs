@@ -72,6 +72,7 @@ impl Drop for PolicyInstalled {
                         file.to_str().expect("a UTF-8 path"),
                     ])
                     .await;
+                    await_policy_unloaded().await;
                 })
         })
         .join();
@@ -86,6 +87,40 @@ impl Drop for PolicyInstalled {
             }
         }
     }
+}
+
+/// Waits until the apiserver has dropped the policy (as it took a moment to load it): the test
+/// binaries after this one write status as the admin.
+async fn await_policy_unloaded() {
+    let client = admin_client().await;
+    let attachments = Api::<VolumeAttachment>::all(client.clone());
+    let name = unique_name("admission-unloaded");
+    create(
+        &client,
+        json!({
+            "apiVersion": "safedetach.io/v1alpha1",
+            "kind": "VolumeAttachment",
+            // Labelled as a test's, so that no operator outside the tests takes it up.
+            "metadata": { "name": name, "labels": { SHARD_LABEL: name } },
+            "spec": { "volumeName": name, "nodeName": "node-a" },
+        }),
+    )
+    .await;
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    eventually("the apiserver drops the policy", WAIT, POLL, || async {
+        let result = attachments
+            .patch_status(&name, &dry_run, &reset_state())
+            .await;
+        result.is_ok().then_some(())
+    })
+    .await;
+    attachments
+        .delete(&name, &Default::default())
+        .await
+        .expect("delete the probe attachment");
 }
 
 /// The status edit an administrator would make to "reset" a stuck attachment by hand.
