@@ -463,7 +463,12 @@ async fn endpoints_report_health_readiness_and_metrics() {
         POLL,
         || async {
             let scrape = Scrape::of(&operator).await;
-            (scrape.sum("safedetach_attachments", &[("phase", "Attached")]) == 1.0)
+            // A reconcile is counted when it returns, a moment after its write reached the cache.
+            (scrape.sum("safedetach_attachments", &[("phase", "Attached")]) == 1.0
+                && scrape.sum(
+                    "safedetach_reconciles_total",
+                    &[("kind", "VolumeAttachment")],
+                ) >= 1.0)
                 .then_some(scrape)
         },
     )
@@ -596,6 +601,30 @@ async fn endpoints_report_health_readiness_and_metrics() {
             &[("reason", "KubeApi")]
         ),
         0.0
+    );
+
+    // The backend goes away: the acting replica is no longer ready, and says which driver.
+    backend.qsd.stop();
+    let why = eventually(
+        "/readyz reports the unreachable driver",
+        WAIT,
+        POLL,
+        || async {
+            http_get(address, "/readyz")
+                .await
+                .filter(|(code, _)| *code == 503)
+                .map(|(_, body)| body)
+        },
+    )
+    .await;
+    assert!(
+        why.contains("drivers unreachable") && why.contains(&backend.driver),
+        "{why}"
+    );
+    assert_eq!(
+        wait_ok(&operator, "/healthz").await,
+        "ok",
+        "alive all the same"
     );
 }
 

@@ -66,6 +66,10 @@ impl Driver for Deadlined {
         self.inner.can_probe()
     }
 
+    async fn check(&self) -> Result<(), DriverError> {
+        self.run("check", self.inner.check()).await
+    }
+
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
         self.run("probe", self.inner.probe(volume_handle)).await
     }

@@ -139,6 +139,11 @@ pub trait Driver: Send + Sync {
         true
     }
 
+    /// Whether the backend answers at all, for the operator's readiness.
+    async fn check(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     /// Where the backend connects the volume. The truth every decision rests on.
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError>;
 

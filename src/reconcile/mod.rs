@@ -89,6 +89,11 @@ pub async fn run(
             health.set_ready(true);
         }
     });
+    tokio::spawn(check_drivers(
+        config.drivers.clone(),
+        health.clone(),
+        config.resync_interval.min(DRIVER_CHECK_INTERVAL),
+    ));
     let context = Arc::new(Context {
         events: Publisher::new(client.clone(), instance),
         client,
@@ -168,6 +173,30 @@ fn record<K>(
         if reason != "ObjectNotFound" {
             warn!(kind, %error, "reconcile failed");
         }
+    }
+}
+
+/// How often an acting replica checks that its drivers answer, for its readiness.
+const DRIVER_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Checks every driver now and then and records the ones that do not answer.
+async fn check_drivers(
+    drivers: std::collections::BTreeMap<String, Arc<dyn Driver>>,
+    health: Arc<Health>,
+    every: Duration,
+) {
+    loop {
+        let mut unreachable = Vec::new();
+        for (name, driver) in &drivers {
+            if let Err(error) = driver.check().await {
+                unreachable.push(format!("{name}: {error}"));
+            }
+        }
+        if !unreachable.is_empty() {
+            warn!(?unreachable, "drivers do not answer");
+        }
+        health.set_unreachable(unreachable);
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -1,5 +1,6 @@
 //! The operator's HTTP endpoints: `/metrics` for Prometheus, `/healthz` (the process serves) and
-//! `/readyz` (the caches are synced and this replica is acting, or standing by as a follower).
+//! `/readyz` (a follower standing by; an acting replica once its caches are synced and its
+//! drivers answer).
 
 use super::metrics::Metrics;
 use crate::api::{Volume, VolumeAttachment};
@@ -12,13 +13,15 @@ use kube::runtime::reflector::Store;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// What the endpoints report, shared with the controllers.
 #[derive(Default)]
 pub struct Health {
     pub metrics: Arc<Metrics>,
     ready: AtomicBool,
+    /// The drivers that did not answer their last check, with why.
+    unreachable: Mutex<Vec<String>>,
     caches: OnceLock<(Store<VolumeAttachment>, Store<Volume>)>,
 }
 
@@ -29,6 +32,33 @@ impl Health {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Records which drivers did not answer their last check (`driver: why`).
+    pub fn set_unreachable(&self, drivers: Vec<String>) {
+        *self
+            .unreachable
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = drivers;
+    }
+
+    /// Ready: caches synced and, for an acting replica, every driver answering.
+    fn readiness(&self) -> Result<(), String> {
+        if !self.is_ready() {
+            return Err("not ready: caches syncing".into());
+        }
+        let unreachable = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if unreachable.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "not ready: drivers unreachable: {}",
+                unreachable.join("; ")
+            ))
+        }
     }
 
     /// Gives the metrics the controllers' caches, from which the per-phase, stuck and orphan
@@ -68,10 +98,9 @@ async fn metrics(State(health): State<Arc<Health>>) -> Result<String, StatusCode
         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
-    if health.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: caches syncing")
+async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+    match health.readiness() {
+        Ok(()) => (StatusCode::OK, "ready".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }

@@ -71,6 +71,12 @@ impl Qsd {
         }
     }
 
+    /// Stops the daemon, as a backend outage would.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

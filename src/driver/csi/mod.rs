@@ -473,6 +473,18 @@ impl Driver for CsiDriver {
             && self.plugin.capabilities.probe_method() != ProbeMethod::Unsupported
     }
 
+    async fn check(&self) -> Result<(), DriverError> {
+        let timeout = self.call_timeout;
+        self.call("Probe", |channel| async move {
+            IdentityClient::new(channel)
+                .probe(driver_request(proto::ProbeRequest {}, timeout))
+                .await
+        })
+        .await
+        .map(drop)
+        .map_err(|failure| self.classify("Probe", failure))
+    }
+
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
         if volume_handle.is_empty() {
             return Err(DriverError::Invalid("empty volume handle".into()));

@@ -314,6 +314,14 @@ impl Driver for NbdDriver {
         "nbd"
     }
 
+    async fn check(&self) -> Result<(), DriverError> {
+        let mut qmp = self.connect().await?;
+        qmp.execute("query-version", None)
+            .await
+            .map(drop)
+            .map_err(|e| driver_error(e, "check"))
+    }
+
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
         validate_handle(volume_handle)?;
         let mut qmp = self.connect().await?;
