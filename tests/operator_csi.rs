@@ -27,7 +27,7 @@ use support::csi::{CsiPlugin, DRIVER_NAME};
 use support::grpc_proxy::{Fault, GrpcProxy};
 use support::operator::{Operator, SHARD_LABEL};
 use support::scenario::{
-    SeenEvent, attached, condition, describe_events, events_in, has, phase, volume_condition,
+    SeenEvent, attached, condition, describe_events, events_in, has, phase, show, volume_condition,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -344,24 +344,6 @@ fn find_event<'a>(events: &'a [SeenEvent], reason: &str, notes: &[&str]) -> Opti
     events
         .iter()
         .find(|e| e.reason == reason && notes.iter().all(|n| e.note.contains(n)))
-}
-
-fn show(attachment: Option<&VolumeAttachment>) -> String {
-    attachment.map_or_else(
-        || "not found".to_owned(),
-        |a| {
-            let value = serde_json::to_value(a).expect("serializable");
-            let shown = json!({
-                "metadata": {
-                    "finalizers": value["metadata"]["finalizers"],
-                    "deletionTimestamp": value["metadata"]["deletionTimestamp"],
-                    "annotations": value["metadata"]["annotations"],
-                },
-                "status": value["status"],
-            });
-            serde_json::to_string_pretty(&shown).expect("serializable")
-        },
-    )
 }
 
 /// The text without terminal colour sequences (`ESC [ ... m`).

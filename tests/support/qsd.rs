@@ -188,16 +188,7 @@ impl Qsd {
         let nodes = self
             .qmp("query-named-block-nodes", json!({"flat": true}))
             .expect("query-named-block-nodes");
-        let mut names: Vec<String> = nodes
-            .as_array()
-            .expect("a list")
-            .iter()
-            .filter_map(|n| n["node-name"].as_str())
-            .filter(|name| !name.starts_with('#'))
-            .map(str::to_owned)
-            .collect();
-        names.sort();
-        names
+        named_block_nodes(&nodes)
     }
 
     /// Whether the daemon process is still running.
@@ -320,4 +311,19 @@ impl NbdClient {
         let _ = self.stdin.write_all(b"quit\n").await;
         let _ = tokio::time::timeout(CLIENT_TIMEOUT, self.child.wait()).await;
     }
+}
+
+/// The sorted names in a `query-named-block-nodes` answer, QEMU's automatic `#block…` names left
+/// out.
+pub fn named_block_nodes(answer: &Value) -> Vec<String> {
+    let mut names: Vec<String> = answer
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|name| !name.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names
 }

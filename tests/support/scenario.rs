@@ -10,7 +10,7 @@ use super::cluster::operator_kubeconfig;
 use super::cluster::{TestObjects, admin_client, unique_name};
 use super::operator::{Operator, Options, SHARD_LABEL};
 use super::qmp_proxy::QmpProxy;
-use super::qsd::Qsd;
+use super::qsd::{Qsd, named_block_nodes};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -311,21 +311,7 @@ impl Scenario {
                 return seen;
             }
             if Instant::now() >= give_up {
-                let shown = seen.as_ref().map_or_else(
-                    || "not found".to_owned(),
-                    |object| {
-                        let value = serde_json::to_value(object).expect("serializable");
-                        let shown = json!({
-                            "metadata": {
-                                "finalizers": value["metadata"]["finalizers"],
-                                "deletionTimestamp": value["metadata"]["deletionTimestamp"],
-                                "annotations": value["metadata"]["annotations"],
-                            },
-                            "status": value["status"],
-                        });
-                        serde_json::to_string_pretty(&shown).expect("serializable")
-                    },
-                );
+                let shown = show(seen.as_ref());
                 panic!(
                     "{name}: not {what} within {timeout:?}; last seen:\n{shown}\n--- operator log (end) ---\n{}",
                     self.log_tail(80)
@@ -438,16 +424,7 @@ impl Scenario {
         )
         .await
         .expect("query-named-block-nodes");
-        let mut names: Vec<String> = value
-            .as_array()
-            .expect("a list")
-            .iter()
-            .filter_map(|n| n["node-name"].as_str())
-            .filter(|n| !n.starts_with('#'))
-            .map(str::to_owned)
-            .collect();
-        names.sort();
-        names
+        named_block_nodes(&value)
     }
 
     /// Exports the image `handle` for `node` behind the operator's back, exactly as the driver
@@ -960,4 +937,23 @@ async fn next_message(lines: &mut Lines<BufReader<OwnedReadHalf>>) -> Value {
             return message;
         }
     }
+}
+
+/// What a failure message shows of an object: the metadata that matters here, and its status.
+pub fn show<K: serde::Serialize>(object: Option<&K>) -> String {
+    object.map_or_else(
+        || "not found".to_owned(),
+        |object| {
+            let value = serde_json::to_value(object).expect("serializable");
+            let shown = json!({
+                "metadata": {
+                    "finalizers": value["metadata"]["finalizers"],
+                    "deletionTimestamp": value["metadata"]["deletionTimestamp"],
+                    "annotations": value["metadata"]["annotations"],
+                },
+                "status": value["status"],
+            });
+            serde_json::to_string_pretty(&shown).expect("serializable")
+        },
+    )
 }
