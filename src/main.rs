@@ -151,12 +151,16 @@ async fn run(args: RunArgs) -> ExitCode {
         leadership = Some(joined);
     }
 
+    let fence = leadership
+        .as_ref()
+        .map_or_else(leader::Fence::open, leader::Leadership::fence);
     let controllers = safe_detach::reconcile::run(
         client,
         config,
         args.selector,
         health,
         identity,
+        fence,
         shutdown.clone(),
     );
     let code = match leadership.as_mut() {

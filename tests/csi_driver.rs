@@ -21,6 +21,7 @@ fn request(volume: &str, node: &str) -> AttachRequest {
         node: node.to_owned(),
         connector: BTreeMap::from([("initiator".to_owned(), "iqn.2026-11.io.test:a".to_owned())]),
         read_only: false,
+        exclusive: false,
     }
 }
 

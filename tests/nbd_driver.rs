@@ -21,6 +21,7 @@ fn request(volume: &str, node: &str) -> AttachRequest {
         node: node.into(),
         connector: BTreeMap::new(),
         read_only: false,
+        exclusive: false,
     }
 }
 
@@ -529,4 +530,103 @@ async fn a_block_node_of_the_volume_name_serving_another_file_is_never_exported(
         qsd.export_ids().is_empty(),
         "the wrong disk was not handed out"
     );
+}
+
+fn exclusive(volume: &str, node: &str) -> AttachRequest {
+    AttachRequest {
+        exclusive: true,
+        ..request(volume, node)
+    }
+}
+
+/// A single-attach volume held by one node is refused to another, and the refusal names the
+/// holder; the holder's own attach stays idempotent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_attach_is_refused_while_another_node_holds_the_volume() {
+    let (qsd, driver) = setup();
+    driver
+        .attach(&exclusive("vol1", "node-a"))
+        .await
+        .expect("attach to node-a");
+    assert_eq!(
+        driver.attach(&exclusive("vol1", "node-b")).await,
+        Err(DriverError::HeldElsewhere {
+            volume: "vol1".into(),
+            holders: vec!["node-a".into()],
+        })
+    );
+    assert_eq!(qsd.export_ids(), [export("vol1", "node-a")]);
+    driver
+        .attach(&exclusive("vol1", "node-a"))
+        .await
+        .expect("the holder's attach is idempotent");
+    // Another volume is not held by it.
+    driver
+        .attach(&exclusive("vol2", "node-b"))
+        .await
+        .expect("attach vol2 to node-b");
+}
+
+/// An export of the volume's block node that this driver did not make (added by hand, under
+/// another id) holds the volume just the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_made_by_hand_holds_the_volume_against_an_exclusive_attach() {
+    let (qsd, driver) = setup();
+    driver
+        .attach(&exclusive("vol1", "node-a"))
+        .await
+        .expect("attach to node-a");
+    qsd.qmp(
+        "block-export-add",
+        serde_json::json!({
+            "type": "nbd", "id": "by-hand", "node-name": "sd-vol1", "name": "by-hand",
+        }),
+    )
+    .expect("an export by hand");
+    driver
+        .force_detach("vol1", "node-a")
+        .await
+        .expect("force node-a off");
+    assert_eq!(
+        driver.attach(&exclusive("vol1", "node-b")).await,
+        Err(DriverError::HeldElsewhere {
+            volume: "vol1".into(),
+            holders: vec!["export by-hand".into()],
+        })
+    );
+}
+
+/// Exclusive attaches of one volume to many nodes at once, from two drivers that share nothing
+/// but the daemon (as two operator replicas would): exactly one wins, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_exclusive_attaches_from_two_drivers_connect_exactly_one_node() {
+    let (qsd, first) = setup();
+    let second = driver(qsd.config());
+    for round in 0..10 {
+        let handle = format!("race{round}");
+        qsd.create_image(&handle);
+        let nodes = ["node-a", "node-b", "node-c", "node-d"];
+        let attaches = nodes.iter().enumerate().map(|(i, node)| {
+            let driver = if i % 2 == 0 { &first } else { &second };
+            let request = exclusive(&handle, node);
+            async move { driver.attach(&request).await }
+        });
+        let results = futures::future::join_all(attaches).await;
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(DriverError::HeldElsewhere { .. })))
+            .count();
+        assert_eq!(
+            (won, refused),
+            (1, nodes.len() - 1),
+            "round {round}: {results:?}"
+        );
+        let exports: Vec<String> = qsd
+            .export_ids()
+            .into_iter()
+            .filter(|id| id.starts_with(&format!("sd_{handle}__")))
+            .collect();
+        assert_eq!(exports.len(), 1, "round {round}: {exports:?}");
+    }
 }

@@ -28,6 +28,34 @@ pub const RESYNC_INTERVAL: Duration = Duration::from_secs(300);
 /// field should carry.
 pub const MAX_TOKEN_LEN: usize = 128;
 
+/// How soon an attachment whose volume another reconcile is working on looks again.
+pub const BUSY_RECHECK: Duration = Duration::from_millis(200);
+
+/// How soon a replica that cannot be sure of its lease looks again (it stops once it knows).
+pub const FENCED_RECHECK: Duration = Duration::from_secs(1);
+
+/// Whether the record a decision rests on is known to be the current one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Basis {
+    /// Read from the apiserver, or returned by its answer to a write, in this reconcile.
+    Fresh,
+    /// From the watch cache, which may lag the operator's own last write.
+    Cached,
+    /// The last write was refused as based on an old version: nothing may be decided on it.
+    Conflicted,
+}
+
+/// Whether this reconcile may act on the volume's backend now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// This reconcile holds the volume's lock, and the replica its lease.
+    Ours,
+    /// Another reconcile of the same backend volume is between its probe and its confirmation.
+    VolumeBusy,
+    /// The replica cannot be sure it still holds the lease: another replica may be acting.
+    Fenced,
+}
+
 /// What the Volume asks of its attachments.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumePolicy {
@@ -142,8 +170,12 @@ pub struct Input<'a> {
     pub request: &'a Request,
     /// The Volume's policy, or why the attachment cannot reach its backend.
     pub volume: Result<&'a VolumePolicy, &'a Misconfiguration>,
-    /// The backend's answer; absent when there was nothing to probe (a misconfiguration).
+    /// The backend's answer; absent when there was nothing to probe (a misconfiguration) or
+    /// it was not this reconcile's turn to probe.
     pub backend: Option<&'a Backend>,
+    /// Whether `status` (and the rest of the record) is known to be current.
+    pub basis: Basis,
+    pub turn: Turn,
     pub now: Timestamp,
 }
 
@@ -183,6 +215,9 @@ pub enum Step {
     },
     /// The attachment cannot reach its backend; record why and wait for a fix.
     Fail(Misconfiguration),
+    /// Read the attachment from the apiserver and decide again: the next step would act on a
+    /// record that may be out of date.
+    Refresh,
 }
 
 /// Why a reconcile ends without acting.
@@ -192,11 +227,24 @@ pub enum Wait {
     Converged,
     /// The backend did not answer; nothing may be decided.
     BackendUnreachable,
+    /// Another reconcile holds the volume's lock.
+    VolumeBusy,
+    /// The replica cannot be sure it holds the lease: it neither calls a driver nor writes.
+    Fenced,
 }
 
 impl Step {
     fn wait(why: Wait, recheck_after: Option<Duration>) -> Self {
         Self::Wait { why, recheck_after }
+    }
+
+    /// Whether the step acts outside the status write (which the apiserver refuses when its
+    /// version is old): those steps are taken only on a fresh record.
+    pub fn needs_fresh_record(&self) -> bool {
+        matches!(
+            self,
+            Self::Attach | Self::Detach | Self::ForceDetach { .. } | Self::ReleaseFinalizer
+        )
     }
 }
 
@@ -232,6 +280,21 @@ pub fn stuck_in(
 
 /// Decides the next step. See the module docs for the invariant it keeps.
 pub fn decide(input: &Input) -> Step {
+    if input.turn == Turn::Fenced {
+        return Step::wait(Wait::Fenced, Some(FENCED_RECHECK));
+    }
+    if input.basis == Basis::Conflicted {
+        return Step::Refresh;
+    }
+    let step = decide_on_record(input);
+    if input.basis == Basis::Cached && step.needs_fresh_record() {
+        Step::Refresh
+    } else {
+        step
+    }
+}
+
+fn decide_on_record(input: &Input) -> Step {
     let phase = phase_of(input.status);
 
     if !input.has_finalizer {
@@ -247,6 +310,9 @@ pub fn decide(input: &Input) -> Step {
         Ok(policy) => policy,
         Err(problem) => return Step::Fail(problem.clone()),
     };
+    if input.turn == Turn::VolumeBusy {
+        return Step::wait(Wait::VolumeBusy, Some(BUSY_RECHECK));
+    }
 
     // The probe's answer, or for a backend that cannot be probed, what a call just confirmed.
     let (connections, confirmed) = match input.backend {

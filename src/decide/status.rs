@@ -155,6 +155,7 @@ pub fn after_step(
         | Step::Attach
         | Step::Detach
         | Step::ReleaseFinalizer
+        | Step::Refresh
         | Step::Wait { .. } => {}
     }
     observe(&mut status, current, step, observed);
@@ -231,7 +232,27 @@ fn observe(
             "NotProbeable",
             "the backend cannot be probed; the record rests on its calls returning OK".into(),
         )),
-        Some(Backend::Answered(_)) => Some(match (phase, status.attached) {
+        Some(Backend::Answered(connections)) => Some(match (phase, status.attached) {
+            // The one state the invariant exists to prevent: say so wherever it shows.
+            (_, true)
+                if observed.policy.is_some_and(|p| !p.multi_attach)
+                    && connections.nodes.len() > 1 =>
+            {
+                let others: Vec<&str> = connections
+                    .nodes
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|n| *n != observed.node)
+                    .collect();
+                (
+                    ConditionStatus::False,
+                    "MultiAttached",
+                    format!(
+                        "the backend connects this single-attach volume to {} as well",
+                        others.join(", ")
+                    ),
+                )
+            }
             (AttachmentPhase::Attached, false) => (
                 ConditionStatus::False,
                 "NotConnected",

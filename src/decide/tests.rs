@@ -42,6 +42,8 @@ struct Row {
     backend: Backend,
     request: Request,
     policy: VolumePolicy,
+    basis: Basis,
+    turn: Turn,
     now: Timestamp,
 }
 
@@ -53,6 +55,8 @@ impl Row {
             backend,
             request: Request::None,
             policy: policy(true, false),
+            basis: Basis::Fresh,
+            turn: Turn::Ours,
             now: t(10),
         }
     }
@@ -81,6 +85,8 @@ impl Row {
             request: &self.request,
             volume: Ok(&self.policy),
             backend: Some(&self.backend),
+            basis: self.basis,
+            turn: self.turn,
             now: self.now,
         }
     }
@@ -395,25 +401,31 @@ fn all_rows() -> Vec<Row> {
                         for auto in [false, true] {
                             for multi in [false, true] {
                                 for forcing in [false, true] {
-                                    let mut row = Row::new(phase, backend.clone());
-                                    row.deleting = deleting;
-                                    row.request = request.clone();
-                                    row.policy = policy(auto, multi);
-                                    if stuck {
-                                        row = row.stuck();
+                                    for basis in [Basis::Fresh, Basis::Cached, Basis::Conflicted] {
+                                        for turn in [Turn::Ours, Turn::VolumeBusy, Turn::Fenced] {
+                                            let mut row = Row::new(phase, backend.clone());
+                                            row.basis = basis;
+                                            row.turn = turn;
+                                            row.deleting = deleting;
+                                            row.request = request.clone();
+                                            row.policy = policy(auto, multi);
+                                            if stuck {
+                                                row = row.stuck();
+                                            }
+                                            if forcing {
+                                                row.status.force_detach = Some(ForceDetachStatus {
+                                                    token: None,
+                                                    reason: ForceDetachReason::StuckDetaching,
+                                                    state: ForceDetachState::InProgress,
+                                                    attempts: 1,
+                                                    started_at: Time(t(0)),
+                                                    finished_at: None,
+                                                    message: None,
+                                                });
+                                            }
+                                            rows.push(row);
+                                        }
                                     }
-                                    if forcing {
-                                        row.status.force_detach = Some(ForceDetachStatus {
-                                            token: None,
-                                            reason: ForceDetachReason::StuckDetaching,
-                                            state: ForceDetachState::InProgress,
-                                            attempts: 1,
-                                            started_at: Time(t(0)),
-                                            finished_at: None,
-                                            message: None,
-                                        });
-                                    }
-                                    rows.push(row);
                                 }
                             }
                         }
@@ -438,19 +450,75 @@ fn here(backend: &Backend) -> Option<bool> {
 #[test]
 fn every_combination_keeps_the_invariant() {
     let rows = all_rows();
-    assert_eq!(rows.len(), 6 * 8 * 3 * 2 * 2 * 2 * 2 * 2);
+    assert_eq!(rows.len(), 6 * 8 * 3 * 2 * 2 * 2 * 2 * 2 * 3 * 3);
     for row in &rows {
         let step = row.decide();
         let context = format!(
-            "phase={:?} backend={:?} request={:?} deleting={} now={} policy={:?} force={:?} -> {step:?}",
+            "phase={:?} backend={:?} request={:?} deleting={} now={} policy={:?} force={:?} basis={:?} turn={:?} -> {step:?}",
             row.status.phase,
             row.backend,
             row.request,
             row.deleting,
             row.now,
             row.policy,
-            row.status.force_detach
+            row.status.force_detach,
+            row.basis,
+            row.turn,
         );
+        // The running system's rules: one actor, on the volume's turn, on a current record.
+        let on_record = decide(&Input {
+            basis: Basis::Fresh,
+            turn: Turn::Ours,
+            ..row.input()
+        });
+        match (row.turn, row.basis) {
+            (Turn::Fenced, _) => {
+                assert!(
+                    matches!(
+                        step,
+                        Step::Wait {
+                            why: Wait::Fenced,
+                            ..
+                        }
+                    ),
+                    "a fenced replica does nothing: {context}"
+                );
+                continue;
+            }
+            (_, Basis::Conflicted) => {
+                assert_eq!(
+                    step,
+                    Step::Refresh,
+                    "a refused write is read again: {context}"
+                );
+                continue;
+            }
+            (Turn::VolumeBusy, _) => {
+                assert!(
+                    matches!(
+                        step,
+                        Step::AddFinalizer
+                            | Step::Fail(_)
+                            | Step::Wait {
+                                why: Wait::VolumeBusy | Wait::Converged,
+                                ..
+                            }
+                    ),
+                    "nothing touches a volume another reconcile is working on: {context}"
+                );
+                continue;
+            }
+            (Turn::Ours, Basis::Cached) => {
+                assert!(!step.needs_fresh_record(), "{context}");
+                if on_record.needs_fresh_record() {
+                    assert_eq!(step, Step::Refresh, "{context}");
+                } else {
+                    assert_eq!(step, on_record, "{context}");
+                }
+                continue;
+            }
+            (Turn::Ours, Basis::Fresh) => {}
+        }
         let unprobeable = matches!(row.backend, Backend::Unprobeable(_));
         let phase = phase_of(&row.status);
         match (&step, here(&row.backend)) {
@@ -550,6 +618,8 @@ fn every_state_converges_when_the_backend_works() {
                         request: &Request::None,
                         volume: Ok(&policy),
                         backend: Some(&answer),
+                        basis: Basis::Fresh,
+                        turn: Turn::Ours,
                         now,
                     };
                     let step = decide(&input);
@@ -613,6 +683,8 @@ fn a_requested_force_detach_of_a_live_attachment_reattaches() {
             request: &request,
             volume: Ok(&policy),
             backend: Some(&answer),
+            basis: Basis::Fresh,
+            turn: Turn::Ours,
             now,
         };
         let step = decide(&input);
@@ -915,6 +987,7 @@ mod volume_tests {
             claimed,
             attachment_phases: &[],
             orphan_policy: policy,
+            multi_attach: false,
             grace: STUCK_AFTER,
             deleting: false,
             now,
@@ -1009,4 +1082,55 @@ mod volume_tests {
             "False"
         );
     }
+}
+
+// The running system's inputs, by name.
+
+#[test]
+fn a_driver_call_decided_on_the_watch_cache_reads_the_record_fresh_first() {
+    // The cache may not yet hold the record of a token the operator already handled: acting on
+    // it would force the volume again.
+    let mut row = Row::new(Attached, connected(&[NODE])).requested("t1");
+    row.basis = Basis::Cached;
+    assert_eq!(row.decide(), Step::Refresh);
+    row.basis = Basis::Fresh;
+    assert!(matches!(row.decide(), Step::ForceDetach { .. }));
+    // A step that only writes the status is taken on the cache: the write itself is refused if
+    // the record is old.
+    let mut row = Row::new(Pending, connected(&[]));
+    row.basis = Basis::Cached;
+    assert_eq!(row.decide(), Step::BeginAttach);
+}
+
+#[test]
+fn a_refused_write_is_read_again_before_anything_else() {
+    let mut row = Row::new(Detaching, connected(&[]));
+    row.basis = Basis::Conflicted;
+    assert_eq!(row.decide(), Step::Refresh);
+}
+
+#[test]
+fn a_volume_another_reconcile_works_on_is_left_alone() {
+    let mut row = Row::new(Pending, connected(&[]));
+    row.turn = Turn::VolumeBusy;
+    assert_eq!(
+        row.decide(),
+        Step::Wait {
+            why: Wait::VolumeBusy,
+            recheck_after: Some(BUSY_RECHECK)
+        }
+    );
+}
+
+#[test]
+fn a_replica_unsure_of_its_lease_does_nothing() {
+    let mut row = Row::new(Detaching, connected(&[NODE])).stuck();
+    row.turn = Turn::Fenced;
+    assert_eq!(
+        row.decide(),
+        Step::Wait {
+            why: Wait::Fenced,
+            recheck_after: Some(FENCED_RECHECK)
+        }
+    );
 }

@@ -12,6 +12,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 pub const ORPHANED: &str = "Orphaned";
+/// True while a single-attach Volume is connected to more than one node: two writers.
+pub const MULTI_ATTACHED: &str = "MultiAttached";
 pub const READY: &str = "Ready";
 
 /// Everything the Volume's decision rests on.
@@ -27,6 +29,7 @@ pub struct VolumeInput<'a> {
     /// The phases of this volume's attachments.
     pub attachment_phases: &'a [AttachmentPhase],
     pub orphan_policy: OrphanPolicy,
+    pub multi_attach: bool,
     /// How long a connection must stay unclaimed before `Detach` acts on it, so that an attach
     /// racing with the attachment's creation is never cut off.
     pub grace: Duration,
@@ -170,6 +173,34 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                 set_condition(
                     &mut status.conditions,
                     ORPHANED,
+                    value,
+                    reason,
+                    message,
+                    generation,
+                    now.clone(),
+                );
+            }
+            let several = !input.multi_attach && connections.nodes.len() > 1;
+            if several || find_condition(&status.conditions, MULTI_ATTACHED).is_some() {
+                let (value, reason, message) = if several {
+                    (
+                        ConditionStatus::True,
+                        "ConnectedToSeveralNodes",
+                        format!(
+                            "the backend connects this single-attach volume to {}: two writers can corrupt it; detach all but one",
+                            status.connected_nodes.join(", ")
+                        ),
+                    )
+                } else {
+                    (
+                        ConditionStatus::False,
+                        "AtMostOneNode",
+                        "connected to at most one node".to_owned(),
+                    )
+                };
+                set_condition(
+                    &mut status.conditions,
+                    MULTI_ATTACHED,
                     value,
                     reason,
                     message,

@@ -28,6 +28,10 @@ pub struct AttachRequest {
     /// Initiator details, passed through from the attachment (Cinder's connector).
     pub connector: BTreeMap<String, String>,
     pub read_only: bool,
+    /// Refuse with [`DriverError::HeldElsewhere`] if the backend connects the volume to any
+    /// other node. The check and the connect are one step at the backend, so that two attaches
+    /// racing from anywhere (two reconciles, two replicas) cannot both pass it.
+    pub exclusive: bool,
 }
 
 /// The backend's answer to "where is this volume connected?".
@@ -88,6 +92,16 @@ pub enum DriverError {
         operation: &'static str,
         message: String,
     },
+    /// An exclusive attach was refused: the backend connects the volume elsewhere. Nothing was
+    /// connected. `holders` names the other nodes where the backend says which.
+    #[error(
+        "volume {volume} is connected to another node ({}); not attached",
+        describe_holders(holders)
+    )]
+    HeldElsewhere {
+        volume: String,
+        holders: Vec<String>,
+    },
     /// The backend could not be reached; nothing was sent.
     #[error("backend unreachable: {0}")]
     Unreachable(String),
@@ -105,7 +119,10 @@ impl DriverError {
             Self::NotConnected { .. } | Self::UnknownVolume(_) | Self::Invalid(_) => {
                 ErrorClass::Final
             }
-            Self::InUse { .. } | Self::Unreachable(_) | Self::Refused(_) => ErrorClass::Retryable,
+            Self::InUse { .. }
+            | Self::HeldElsewhere { .. }
+            | Self::Unreachable(_)
+            | Self::Refused(_) => ErrorClass::Retryable,
             Self::Timeout { .. } | Self::LostReply { .. } => ErrorClass::UnknownOutcome,
         }
     }
@@ -116,6 +133,7 @@ impl DriverError {
             Self::NotConnected { .. } => "NotConnected",
             Self::UnknownVolume(_) => "UnknownVolume",
             Self::InUse { .. } => "InUse",
+            Self::HeldElsewhere { .. } => "HeldElsewhere",
             Self::Timeout { .. } => "Timeout",
             Self::LostReply { .. } => "LostReply",
             Self::Unreachable(_) => "Unreachable",
@@ -165,6 +183,14 @@ pub trait Driver: Send + Sync {
     async fn force_detach(&self, volume_handle: &str, node: &str) -> Result<(), DriverError> {
         ok_if_not_connected(self.terminate_connection(volume_handle, node).await)?;
         ok_if_not_connected(self.detach(volume_handle, node).await)
+    }
+}
+
+fn describe_holders(holders: &[String]) -> String {
+    if holders.is_empty() {
+        "the backend does not say which".to_owned()
+    } else {
+        holders.join(", ")
     }
 }
 

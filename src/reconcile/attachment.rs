@@ -4,19 +4,26 @@
 //! force-detach in progress) is written before the driver call it announces, and anything that
 //! says "detached" is written only after the probe that confirmed it. Everything else is written
 //! once, at the end, and only if it changed.
+//!
+//! And the rules of a running system: each status write carries the `resourceVersion` it was
+//! decided on, and the reconcile continues from the object the apiserver returns; a refused
+//! write, or a driver call about to be made on a record from the watch cache, means reading the
+//! attachment again first. The steps of one reconcile are taken on the volume's turn (one
+//! reconcile per backend volume), and no driver is called once the replica cannot be sure it
+//! still holds its lease.
 
-use super::{Context, Error, finalizer, probe, synced};
+use super::{Context, Error, TURN_WAIT, finalizer, probe, synced};
 use crate::MANAGER;
 use crate::api::{
-    FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
-    VolumeAttachmentStatus, find_condition, parse_duration,
+    FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason, ForceDetachState, Volume,
+    VolumeAttachment, VolumeAttachmentStatus, find_condition, parse_duration,
 };
 use crate::decide::events::{Notice, between};
 use crate::decide::status::READY;
 use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
 use crate::decide::{
-    Backend, Confirmed, Input, Misconfiguration, Request, Step, VolumePolicy, Wait, decide,
-    stuck_in,
+    BUSY_RECHECK, Backend, Basis, Confirmed, FENCED_RECHECK, Input, Misconfiguration, Request,
+    Step, Turn, VolumePolicy, Wait, decide, stuck_in,
 };
 use crate::driver::{AttachRequest, Driver, DriverError, ok_if_not_connected};
 use jiff::Timestamp;
@@ -27,7 +34,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// More steps than any path needs (force, confirm, begin, attach, confirm): a bound, not a budget.
 const MAX_STEPS: usize = 8;
@@ -35,6 +42,8 @@ const MAX_STEPS: usize = 8;
 /// The backend, as one attachment reaches it.
 struct Target {
     driver: Arc<dyn Driver>,
+    /// The driver's name in the configuration: with the handle, what the volume's lock is keyed by.
+    driver_name: String,
     handle: String,
     policy: VolumePolicy,
 }
@@ -59,7 +68,7 @@ pub async fn reconcile(
     {
         return Ok(Action::requeue(left));
     }
-    let result = Reconcile::new(&attachment, &context)
+    let result = Reconcile::new(attachment.as_ref().clone(), &context)
         .run()
         .instrument(span)
         .await;
@@ -107,7 +116,11 @@ enum Outcome {
 
 /// One reconcile of one attachment: the state it carries between steps.
 struct Reconcile<'a> {
-    attachment: &'a VolumeAttachment,
+    /// The attachment as last read or written, with the `resourceVersion` every write is
+    /// conditioned on.
+    attachment: VolumeAttachment,
+    /// Whether `attachment` is known to be current.
+    basis: Basis,
     context: &'a Context,
     api: Api<VolumeAttachment>,
     name: String,
@@ -115,7 +128,6 @@ struct Reconcile<'a> {
     stored: VolumeAttachmentStatus,
     /// The status as computed so far.
     status: VolumeAttachmentStatus,
-    has_finalizer: bool,
     /// The events the steps so far deserve, published with the next write. Collected step by
     /// step, so that a reason that is replaced within the reconcile (RolledForward, ConnectionLost)
     /// is still told.
@@ -127,43 +139,85 @@ struct Reconcile<'a> {
 }
 
 impl<'a> Reconcile<'a> {
-    fn new(attachment: &'a VolumeAttachment, context: &'a Context) -> Self {
-        let status = attachment.status.clone().unwrap_or_default();
-        Self {
+    fn new(attachment: VolumeAttachment, context: &'a Context) -> Self {
+        let mut reconcile = Self {
+            name: attachment.name_any(),
             attachment,
+            basis: Basis::Cached,
             context,
             api: Api::all(context.client.clone()),
-            name: attachment.name_any(),
-            stored: status.clone(),
-            noticed: status.clone(),
-            reported_failure: find_condition(&status.conditions, READY)
-                .filter(|c| c.status == "False")
-                .map(|c| c.reason.clone()),
+            stored: VolumeAttachmentStatus::default(),
+            status: VolumeAttachmentStatus::default(),
             notices: Vec::new(),
-            status,
-            has_finalizer: attachment.finalizers().iter().any(|f| f == FINALIZER),
-        }
+            noticed: VolumeAttachmentStatus::default(),
+            reported_failure: None,
+        };
+        reconcile.start_from_stored();
+        reconcile
+    }
+
+    /// Continues from `attachment` as the server has it.
+    fn adopt(&mut self, attachment: VolumeAttachment, basis: Basis) {
+        self.attachment = attachment;
+        self.basis = basis;
+        self.start_from_stored();
+    }
+
+    /// Computes on from the status stored in `attachment`: what was computed but not written is
+    /// dropped, since it was decided on an older version.
+    fn start_from_stored(&mut self) {
+        let status = self.attachment.status.clone().unwrap_or_default();
+        self.reported_failure = find_condition(&status.conditions, READY)
+            .filter(|c| c.status == "False")
+            .map(|c| c.reason.clone());
+        self.stored = status.clone();
+        self.noticed = status.clone();
+        self.status = status;
+        self.notices.clear();
+    }
+
+    fn has_finalizer(&self) -> bool {
+        self.attachment.finalizers().iter().any(|f| f == FINALIZER)
     }
 
     async fn run(mut self) -> Result<Outcome, Error> {
         let target = self.target();
-        let annotation = self
-            .attachment
-            .annotations()
-            .get(FORCE_DETACH_ANNOTATION)
-            .cloned();
-        let deleting = self.attachment.metadata.deletion_timestamp.is_some();
+        // One turn for the whole reconcile: from the probe that authorizes a step to the probe
+        // that confirms it, no other reconcile of the same backend volume acts.
+        let held = match &target {
+            Ok(target) => {
+                self.context
+                    .locks
+                    .turn(&target.driver_name, &target.handle, TURN_WAIT)
+                    .await
+            }
+            Err(_) => None,
+        };
+        let resync = self.context.config.resync_interval;
 
         // For a backend that cannot be probed: what the last successful call confirmed.
         let mut confirmed = None;
         for _ in 0..MAX_STEPS {
+            let turn = if !self.context.fence.permits() {
+                Turn::Fenced
+            } else if held.is_some() || target.is_err() {
+                Turn::Ours
+            } else {
+                Turn::VolumeBusy
+            };
+            let may_probe = turn == Turn::Ours && self.basis != Basis::Conflicted;
             let backend = match &target {
-                Ok(target) if target.driver.can_probe() => {
+                Ok(target) if may_probe && target.driver.can_probe() => {
                     Some(probe(target.driver.as_ref(), &target.handle).await)
                 }
-                Ok(_) => Some(Backend::Unprobeable(confirmed.take())),
-                Err(_) => None,
+                Ok(_) if may_probe => Some(Backend::Unprobeable(confirmed)),
+                _ => None,
             };
+            let annotation = self
+                .attachment
+                .annotations()
+                .get(FORCE_DETACH_ANNOTATION)
+                .cloned();
             // Read against the token the status records, so that once a step has taken it, the
             // request is spent: each token acts once.
             let handled = self
@@ -174,66 +228,99 @@ impl<'a> Reconcile<'a> {
             let request = Request::read(annotation.as_deref(), handled);
             let now = Timestamp::now();
             let input = Input {
-                deleting,
-                has_finalizer: self.has_finalizer,
+                deleting: self.attachment.metadata.deletion_timestamp.is_some(),
+                has_finalizer: self.has_finalizer(),
                 node: &self.attachment.spec.node_name,
                 status: &self.status,
                 request: &request,
                 volume: target.as_ref().map(|t| &t.policy),
                 backend: backend.as_ref(),
+                basis: self.basis,
+                turn,
                 now,
             };
             let step = decide(&input);
+            info!(?step, "step");
+            match &step {
+                Step::Refresh => {
+                    if !self.refresh().await? {
+                        return Ok(Outcome::Settled(Action::await_change()));
+                    }
+                    continue;
+                }
+                // Not this reconcile's turn: it neither writes nor calls, and looks again soon.
+                Step::Wait {
+                    why: Wait::Fenced | Wait::VolumeBusy,
+                    recheck_after,
+                } => {
+                    return Ok(Outcome::Retry(Action::requeue(
+                        recheck_after.unwrap_or(BUSY_RECHECK),
+                    )));
+                }
+                _ => {}
+            }
+            let node = self.attachment.spec.node_name.clone();
+            let request = request.clone();
             let observed = Observed {
-                node: &self.attachment.spec.node_name,
+                node: &node,
                 generation: self.attachment.metadata.generation,
                 policy: target.as_ref().ok().map(|t| &t.policy),
                 backend: backend.as_ref(),
                 request: &request,
                 now,
             };
-            if step == Step::MarkDetached
-                && let Some(force) = self.status.force_detach.as_ref()
-                && force.state == ForceDetachState::InProgress
-            {
-                let reason = format!("{:?}", force.reason);
-                self.context.metrics.force_detach(&reason, "Succeeded");
-            }
             self.status = after_step(&self.status, &step, &observed);
             self.notice();
-            info!(?step, "step");
 
             match &step {
                 Step::AddFinalizer => {
                     // Before any backend call, so that a deletion always waits for a confirmed
                     // detach.
-                    finalizer::add(&self.api, self.attachment, FINALIZER).await?;
-                    self.has_finalizer = true;
+                    match finalizer::add(&self.api, &self.attachment, FINALIZER).await {
+                        Ok(Some(written)) => self.adopt(written, Basis::Fresh),
+                        Ok(None) => {}
+                        Err(Error::Conflict(_)) => self.basis = Basis::Conflicted,
+                        Err(error) => return Err(error),
+                    }
                     continue;
                 }
                 Step::ReleaseFinalizer => {
-                    self.persist().await?;
-                    finalizer::remove(&self.api, self.attachment, FINALIZER).await?;
-                    return Ok(Outcome::Settled(Action::await_change()));
+                    if !self.persist().await? {
+                        continue;
+                    }
+                    match finalizer::remove(&self.api, &self.attachment, FINALIZER).await {
+                        Ok(()) => return Ok(Outcome::Settled(Action::await_change())),
+                        Err(Error::Conflict(_)) => {
+                            self.basis = Basis::Conflicted;
+                            continue;
+                        }
+                        Err(error) if error.is_not_found() => {
+                            return Ok(Outcome::Settled(Action::await_change()));
+                        }
+                        Err(error) => return Err(error),
+                    }
                 }
                 Step::Wait { why, recheck_after } => {
-                    self.persist().await?;
-                    let resync = self.context.config.resync_interval;
+                    if !self.persist().await? {
+                        continue;
+                    }
                     let stuck_in = target
                         .as_ref()
                         .ok()
                         .and_then(|t| stuck_in(&self.status, &t.policy, now));
                     return Ok(match why {
-                        Wait::Converged => Outcome::Settled(Action::requeue(
-                            recheck_after.unwrap_or(resync).min(resync),
-                        )),
                         Wait::BackendUnreachable => Outcome::Retry(Action::requeue(
                             self.context.backoff.failed(&self.name, stuck_in),
+                        )),
+                        _ => Outcome::Settled(Action::requeue(
+                            recheck_after.unwrap_or(resync).min(resync),
                         )),
                     });
                 }
                 Step::Fail(problem) => {
-                    self.persist().await?;
+                    if !self.persist().await? {
+                        continue;
+                    }
                     warn!(
                         reason = problem.reason(),
                         "cannot reach the backend: {}",
@@ -241,39 +328,39 @@ impl<'a> Reconcile<'a> {
                     );
                     // A missing Volume or driver is fixed by a change that wakes us; the requeue
                     // is only a safety net, slow enough never to spin.
-                    return Ok(Outcome::Settled(Action::requeue(
-                        self.context.config.resync_interval,
-                    )));
+                    return Ok(Outcome::Settled(Action::requeue(resync)));
                 }
                 Step::BlockAttach { .. } => {
                     // The holder's detach changes the Volume's status, which wakes us.
-                    self.persist().await?;
-                    return Ok(Outcome::Settled(Action::requeue(
-                        self.context.config.resync_interval,
-                    )));
+                    if !self.persist().await? {
+                        continue;
+                    }
+                    return Ok(Outcome::Settled(Action::requeue(resync)));
                 }
                 _ => {}
             }
             // `decide` answers Fail for an attachment without a backend, before any backend step.
             let Ok(target) = &target else {
                 self.persist().await?;
-                return Ok(Outcome::Settled(Action::requeue(
-                    self.context.config.resync_interval,
-                )));
+                return Ok(Outcome::Settled(Action::requeue(resync)));
             };
 
             if matches!(step, Step::Attach | Step::Detach | Step::ForceDetach { .. }) {
-                self.persist_intent().await?;
+                if !self.persist_intent().await? {
+                    continue;
+                }
+                // The intent write may have taken long (a slow or cut-off apiserver): the lease
+                // is checked again right before the call it allows.
+                if !self.context.fence.permits() {
+                    return Ok(Outcome::Retry(Action::requeue(FENCED_RECHECK)));
+                }
             }
             let result = match &step {
                 Step::Attach => self.attach(target).await,
-                Step::Detach => detach_safely(target, &self.attachment.spec.node_name).await,
-                Step::ForceDetach { .. } => ok_if_not_connected(
-                    target
-                        .driver
-                        .force_detach(&target.handle, &self.attachment.spec.node_name)
-                        .await,
-                ),
+                Step::Detach => detach_safely(target, &node).await,
+                Step::ForceDetach { .. } => {
+                    ok_if_not_connected(target.driver.force_detach(&target.handle, &node).await)
+                }
                 // Record-only steps: the next probe and decision follow at once.
                 _ => Ok(()),
             };
@@ -282,23 +369,47 @@ impl<'a> Reconcile<'a> {
                 (Ok(()), Step::Detach | Step::ForceDetach { .. }) => Some(Confirmed::Disconnected),
                 _ => None,
             };
-            if let Err(error) = result {
-                // The outcome is recorded and the attachment retried later; an unknown outcome is
-                // resolved by the probe that starts the next reconcile.
-                warn!(?step, %error, class = ?error.class(), "driver call failed");
-                driver_failed(&mut self.status, &step, &error, &observed);
-                self.notice();
-                if let Step::ForceDetach { reason, .. } = &step {
-                    let reason = format!("{reason:?}");
-                    self.context.metrics.force_detach(&reason, "Failed");
+            match result {
+                Ok(()) => {}
+                // The backend's refusal is its answer to the probe this attach rested on:
+                // another node holds the volume.
+                Err(DriverError::HeldElsewhere { holders, .. }) => {
+                    let holders = if holders.is_empty() {
+                        vec!["another node".to_owned()]
+                    } else {
+                        holders
+                    };
+                    warn!(?holders, "the backend refused an exclusive attach");
+                    self.status =
+                        after_step(&self.status, &Step::BlockAttach { holders }, &observed);
+                    self.notice();
+                    if !self.persist().await? {
+                        continue;
+                    }
+                    return Ok(Outcome::Settled(Action::requeue(resync)));
                 }
-                self.persist().await?;
-                let deadline = stuck_in(&self.status, &target.policy, Timestamp::now());
-                let delay = self.context.backoff.failed(&self.name, deadline);
-                return Ok(Outcome::Retry(Action::requeue(delay)));
+                Err(error) => {
+                    // The outcome is recorded and the attachment retried later; an unknown
+                    // outcome is resolved by the probe that starts the next reconcile.
+                    warn!(?step, %error, class = ?error.class(), "driver call failed");
+                    driver_failed(&mut self.status, &step, &error, &observed);
+                    self.notice();
+                    if let Step::ForceDetach { reason, .. } = &step {
+                        let reason = format!("{reason:?}");
+                        self.context.metrics.force_detach(&reason, "Failed");
+                    }
+                    if !self.persist().await? {
+                        continue;
+                    }
+                    let deadline = stuck_in(&self.status, &target.policy, Timestamp::now());
+                    let delay = self.context.backoff.failed(&self.name, deadline);
+                    return Ok(Outcome::Retry(Action::requeue(delay)));
+                }
             }
         }
-        self.persist().await?;
+        if self.basis != Basis::Conflicted {
+            self.persist().await?;
+        }
         Ok(Outcome::Settled(Action::requeue(Duration::from_secs(1))))
     }
 
@@ -330,6 +441,7 @@ impl<'a> Reconcile<'a> {
         };
         Ok(Target {
             driver,
+            driver_name: volume.spec.driver.clone(),
             handle: volume.spec.volume_handle.clone(),
             policy: VolumePolicy {
                 multi_attach: volume.spec.multi_attach,
@@ -346,6 +458,7 @@ impl<'a> Reconcile<'a> {
             node: spec.node_name.clone(),
             connector: spec.connector.clone().unwrap_or_default(),
             read_only: spec.read_only.unwrap_or(false),
+            exclusive: !target.policy.multi_attach,
         };
         let mut info = target.driver.attach(&request).await?;
         // Connection info is how a confirmed attachment shows it was attached by its driver; a
@@ -358,38 +471,70 @@ impl<'a> Reconcile<'a> {
         Ok(())
     }
 
+    /// Reads the attachment from the apiserver and continues from it. `false` if it is gone, or
+    /// was replaced by a new object of the same name (which has reconciles of its own).
+    async fn refresh(&mut self) -> Result<bool, Error> {
+        match self.api.get_opt(&self.name).await? {
+            Some(fresh) if fresh.uid() == self.attachment.uid() => {
+                self.adopt(fresh, Basis::Fresh);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Writes the intent a driver call is about to act on — the phase, a force-detach and its
     /// token — if the server does not have it yet. The rest waits for the end of the reconcile,
     /// so that a call that keeps failing does not make the status flap between writes.
-    async fn persist_intent(&mut self) -> Result<(), Error> {
+    async fn persist_intent(&mut self) -> Result<bool, Error> {
         if self.status.phase == self.stored.phase
             && self.status.force_detach == self.stored.force_detach
         {
-            return Ok(());
+            return Ok(true);
         }
         self.persist().await
     }
 
-    /// Writes the status if it changed, then publishes the events the change deserves.
-    async fn persist(&mut self) -> Result<(), Error> {
+    /// Writes the status if it changed, on the condition that the attachment is still the
+    /// version it was decided on, then publishes the events the change deserves. `false` when
+    /// the apiserver refused it as based on an older version: nothing was written, and nothing
+    /// may be done before the attachment is read again.
+    async fn persist(&mut self) -> Result<bool, Error> {
         if self.status == self.stored {
-            return Ok(());
+            return Ok(true);
         }
-
         let patch = json!({
             "apiVersion": "safedetach.io/v1alpha1",
             "kind": "VolumeAttachment",
+            "metadata": { "resourceVersion": self.attachment.resource_version() },
             "status": self.status,
         });
         let params = PatchParams::apply(MANAGER).force();
-        self.api
+        let written = match self
+            .api
             .patch_status(&self.name, &params, &Patch::Apply(&patch))
-            .await?;
-        self.stored = self.status.clone();
-        for notice in std::mem::take(&mut self.notices) {
-            self.context.events.publish(self.attachment, &notice).await;
+            .await
+            .map_err(Error::from_write)
+        {
+            Ok(written) => written,
+            Err(Error::Conflict(error)) => {
+                debug!(%error, "status write refused: the attachment changed since it was read");
+                self.context.metrics.write_conflict("VolumeAttachment");
+                self.basis = Basis::Conflicted;
+                return Ok(false);
+            }
+            Err(error) => return Err(error),
+        };
+        if let Some(reason) = force_confirmed(&self.stored, &self.status) {
+            self.context
+                .metrics
+                .force_detach(&format!("{reason:?}"), "Succeeded");
         }
-        Ok(())
+        for notice in std::mem::take(&mut self.notices) {
+            self.context.events.publish(&written, &notice).await;
+        }
+        self.adopt(written, Basis::Fresh);
+        Ok(true)
     }
 
     /// Collects the events that the change since the last call deserves.
@@ -409,6 +554,19 @@ impl<'a> Reconcile<'a> {
         );
         self.noticed = self.status.clone();
     }
+}
+
+/// The reason of a forced detach that `next` records as confirmed and `stored` as under way.
+fn force_confirmed(
+    stored: &VolumeAttachmentStatus,
+    next: &VolumeAttachmentStatus,
+) -> Option<ForceDetachReason> {
+    let before = stored.force_detach.as_ref()?;
+    let after = next.force_detach.as_ref()?;
+    (before.state == ForceDetachState::InProgress
+        && after.state == ForceDetachState::Succeeded
+        && before.token == after.token)
+        .then_some(after.reason)
 }
 
 /// The safe detach: terminate the connection (refused while a user holds it), then detach.

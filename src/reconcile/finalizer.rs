@@ -1,5 +1,9 @@
 //! Adding and removing one finalizer with JSON patches that touch only that entry, so that the
 //! finalizers of other controllers are never replaced or lost.
+//!
+//! Both are guarded against a cache that lags: the add tests that the list is still the one read
+//! (as kube-runtime's own finalizer helper does), the removal that the object is still the
+//! version its decision was taken on. A failed guard is a [`Error::Conflict`]: read again.
 
 use super::Error;
 use kube::api::{Patch, PatchParams};
@@ -8,23 +12,32 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::fmt::Debug;
 
-/// Adds `finalizer` to `object` unless it is there.
-pub async fn add<K>(api: &Api<K>, object: &K, finalizer: &str) -> Result<(), Error>
+/// Adds `finalizer` to `object` unless it is there; returns the object as the server now has it,
+/// or `None` if nothing was written.
+pub async fn add<K>(api: &Api<K>, object: &K, finalizer: &str) -> Result<Option<K>, Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
 {
     if object.finalizers().iter().any(|f| f == finalizer) {
-        return Ok(());
+        return Ok(None);
     }
-    let patch = match &object.meta().finalizers {
-        Some(_) => json!([{ "op": "add", "path": "/metadata/finalizers/-", "value": finalizer }]),
-        None => json!([{ "op": "add", "path": "/metadata/finalizers", "value": [finalizer] }]),
+    // Kubernetes neither merges nor deduplicates finalizers: without the test, an add from an
+    // old read would replace a list someone extended since, or add ours twice.
+    let patch = if object.finalizers().is_empty() {
+        json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": null },
+            { "op": "add", "path": "/metadata/finalizers", "value": [finalizer] },
+        ])
+    } else {
+        json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": object.finalizers() },
+            { "op": "add", "path": "/metadata/finalizers/-", "value": finalizer },
+        ])
     };
-    json_patch(api, &object.name_any(), patch).await
+    json_patch(api, &object.name_any(), patch).await.map(Some)
 }
 
-/// Removes `finalizer` from `object`. The `test` operation makes the patch fail, rather than
-/// remove another entry, if the list changed since `object` was read.
+/// Removes `finalizer` from `object`, provided the server still has the version `object` is.
 pub async fn remove<K>(api: &Api<K>, object: &K, finalizer: &str) -> Result<(), Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
@@ -34,18 +47,19 @@ where
     };
     let path = format!("/metadata/finalizers/{index}");
     let patch = json!([
+        { "op": "test", "path": "/metadata/resourceVersion", "value": object.resource_version() },
         { "op": "test", "path": path, "value": finalizer },
         { "op": "remove", "path": path },
     ]);
-    json_patch(api, &object.name_any(), patch).await
+    json_patch(api, &object.name_any(), patch).await.map(drop)
 }
 
-async fn json_patch<K>(api: &Api<K>, name: &str, operations: serde_json::Value) -> Result<(), Error>
+async fn json_patch<K>(api: &Api<K>, name: &str, operations: serde_json::Value) -> Result<K, Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
 {
     let patch: json_patch::Patch = serde_json::from_value(operations)?;
     api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
-        .await?;
-    Ok(())
+        .await
+        .map_err(Error::from_write)
 }

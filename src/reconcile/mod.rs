@@ -5,6 +5,7 @@ mod attachment;
 mod backoff;
 mod events;
 mod finalizer;
+mod lock;
 mod volume;
 
 use crate::api::{Volume, VolumeAttachment};
@@ -13,6 +14,7 @@ use crate::decide::Backend;
 
 use crate::driver::Driver;
 use crate::runtime::health::Health;
+use crate::runtime::leader::Fence;
 use crate::runtime::metrics::Metrics;
 use backoff::Backoff;
 use events::Publisher;
@@ -21,6 +23,7 @@ use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
+use lock::VolumeLocks;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +33,9 @@ use tracing::{info, warn};
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// A guarded write found the object changed since the version it was decided on.
+    #[error("the object changed since it was read: {0}")]
+    Conflict(kube::Error),
     #[error("cannot encode the status: {0}")]
     Encode(#[from] serde_json::Error),
 }
@@ -39,7 +45,25 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Kube(_) => "KubeApi",
+            Self::Conflict(_) => "Conflict",
             Self::Encode(_) => "Encode",
+        }
+    }
+
+    /// Whether the object is gone.
+    fn is_not_found(&self) -> bool {
+        matches!(self, Self::Kube(kube::Error::Api(status)) if status.code == 404)
+    }
+
+    /// The error of a guarded write: a stale `resourceVersion` is answered 409, a JSON patch
+    /// whose `test` failed 422 (the apiserver's answer to a patch that cannot be applied).
+    fn from_write(error: kube::Error) -> Self {
+        match &error {
+            kube::Error::Api(status) if status.code == 409 => Self::Conflict(error),
+            kube::Error::Api(status) if status.code == 422 && status.message.contains("test") => {
+                Self::Conflict(error)
+            }
+            _ => Self::Kube(error),
         }
     }
 }
@@ -53,6 +77,10 @@ pub struct Context {
     attachments: Store<VolumeAttachment>,
     backoff: Backoff,
     metrics: Arc<Metrics>,
+    /// One reconcile per backend volume between its authorizing probe and its confirmation.
+    locks: VolumeLocks,
+    /// Closed when this replica cannot be sure it still holds the lease.
+    fence: Fence,
 }
 
 /// Runs both controllers until `shutdown` resolves. With a `label_selector`, only the Volumes and
@@ -63,6 +91,7 @@ pub async fn run(
     label_selector: Option<String>,
     health: Arc<Health>,
     instance: String,
+    fence: Fence,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let watch = match &label_selector {
@@ -102,6 +131,8 @@ pub async fn run(
         attachments: attachments.clone(),
         backoff: Backoff::default(),
         metrics: health.metrics.clone(),
+        locks: VolumeLocks::default(),
+        fence,
     });
 
     // A Volume's change (its policy, its backend connections) concerns each of its attachments.
@@ -175,6 +206,9 @@ fn record<K>(
         }
     }
 }
+
+/// How long a reconcile waits for its volume's turn before it looks again later.
+const TURN_WAIT: Duration = Duration::from_secs(2);
 
 /// How often an acting replica checks that its drivers answer, for its readiness.
 const DRIVER_CHECK_INTERVAL: Duration = Duration::from_secs(10);

@@ -2,12 +2,12 @@
 //! which of those no attachment claims (orphans, case 5), and, under `orphanPolicy: Detach`, the
 //! backend-confirmed force-detach of those.
 
-use super::{Context, Error, finalizer, probe};
+use super::{Context, Error, TURN_WAIT, finalizer, probe};
 use crate::MANAGER;
 use crate::api::{VOLUME_FINALIZER, Volume, VolumeStatus, find_condition, parse_duration};
 use crate::decide::events::{Notice, Severity};
-use crate::decide::volume::{READY, VolumeInput, decide_volume};
-use crate::decide::{Backend, Misconfiguration};
+use crate::decide::volume::{MULTI_ATTACHED, READY, VolumeInput, decide_volume};
+use crate::decide::{BUSY_RECHECK, Backend, Misconfiguration};
 use crate::driver::{Driver, ok_if_not_connected};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -17,6 +17,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::{Instrument, info_span, warn};
 
 pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Action, Error> {
@@ -42,12 +43,20 @@ fn backoff_key(name: &str) -> String {
     format!("volume/{name}")
 }
 
+/// How soon a Volume whose status write was refused as stale looks again.
+const CONFLICT_RECHECK: Duration = Duration::from_millis(200);
+
 async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, Error> {
-    let name = volume.name_any();
     let api = Api::<Volume>::all(context.client.clone());
     let deleting = volume.metadata.deletion_timestamp.is_some();
+    let mut volume = volume.clone();
     if !deleting {
-        finalizer::add(&api, volume, VOLUME_FINALIZER).await?;
+        match finalizer::add(&api, &volume, VOLUME_FINALIZER).await {
+            Ok(Some(written)) => volume = written,
+            Ok(None) => {}
+            Err(Error::Conflict(_)) => return Ok(Action::requeue(CONFLICT_RECHECK)),
+            Err(error) => return Err(error),
+        }
     }
     let driver = context.config.drivers.get(&volume.spec.driver).cloned();
     let grace = match &volume.spec.stuck_after {
@@ -60,6 +69,21 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
         (_, Err(problem)) => Some(problem.clone()),
         _ => None,
     };
+    // The probe and any forced detach of an orphan are taken on the volume's turn, so that an
+    // attachment between its attach and its confirmation is not mistaken for an orphan.
+    let _turn = match &driver {
+        Some(_) if problem.is_none() => {
+            let turn = context
+                .locks
+                .turn(&volume.spec.driver, &volume.spec.volume_handle, TURN_WAIT)
+                .await;
+            if turn.is_none() {
+                return Ok(Action::requeue(BUSY_RECHECK));
+            }
+            turn
+        }
+        _ => None,
+    };
     let backend = match &driver {
         Some(driver) if problem.is_none() && !driver.can_probe() => {
             Some(Backend::Unprobeable(None))
@@ -70,6 +94,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
         _ => None,
     };
 
+    let name = volume.name_any();
     let attachments: Vec<_> = context
         .attachments
         .state()
@@ -95,20 +120,31 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
             claimed: &claimed,
             attachment_phases: &phases,
             orphan_policy: volume.spec.orphan_policy,
+            multi_attach: volume.spec.multi_attach,
             grace: grace.unwrap_or(context.config.default_stuck_after),
             deleting,
             now: Timestamp::now(),
         },
     );
-    persist(volume, context, &current, &decision.status).await?;
+    match persist(&volume, context, &current, &decision.status).await {
+        Ok(()) => {}
+        // Decided on an older Volume: nothing is forced or released on it.
+        Err(Error::Conflict(_)) => {
+            context.metrics.write_conflict("Volume");
+            return Ok(Action::requeue(CONFLICT_RECHECK));
+        }
+        Err(error) => return Err(error),
+    }
     if decision.release {
-        finalizer::remove(&api, volume, VOLUME_FINALIZER).await?;
+        finalizer::remove(&api, &volume, VOLUME_FINALIZER).await?;
         return Ok(Action::await_change());
     }
 
-    if let Some(driver) = &driver {
+    if let Some(driver) = &driver
+        && context.fence.permits()
+    {
         for node in &decision.force_detach {
-            force_detach_orphan(volume, context, driver.as_ref(), node).await;
+            force_detach_orphan(&volume, context, driver.as_ref(), node).await;
         }
     }
 
@@ -119,7 +155,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
             Action::requeue(resync)
         }
         // Look again at once after a forced detach, to record what the backend now says.
-        (None, false) => Action::requeue(std::time::Duration::from_secs(1)),
+        (None, false) => Action::requeue(Duration::from_secs(1)),
         (None, true) => Action::requeue(decision.recheck_after.map_or(resync, |r| r.min(resync))),
     })
 }
@@ -175,13 +211,31 @@ async fn persist(
         return Ok(());
     }
     let api = Api::<Volume>::all(context.client.clone());
-    let patch = json!({ "apiVersion": "safedetach.io/v1alpha1", "kind": "Volume", "status": next });
+    // Conditioned on the version the status was computed from: the apiserver refuses the write
+    // if the Volume changed since.
+    let patch = json!({
+        "apiVersion": "safedetach.io/v1alpha1",
+        "kind": "Volume",
+        "metadata": { "resourceVersion": volume.resource_version() },
+        "status": next,
+    });
     api.patch_status(
         &volume.name_any(),
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(&patch),
     )
-    .await?;
+    .await
+    .map_err(Error::from_write)?;
+    if let Some(condition) = multi_attached(next)
+        && multi_attached(current).is_none()
+    {
+        let notice = Notice {
+            severity: Severity::Warning,
+            reason: MULTI_ATTACHED.into(),
+            message: condition.message.clone(),
+        };
+        context.events.publish(volume, &notice).await;
+    }
     let newly_orphaned = next
         .orphans
         .iter()
@@ -198,6 +252,9 @@ async fn persist(
             ),
         };
         context.events.publish(volume, &notice).await;
+    }
+    fn multi_attached(status: &VolumeStatus) -> Option<&Condition> {
+        find_condition(&status.conditions, MULTI_ATTACHED).filter(|c| c.status == "True")
     }
     fn waiting(status: &VolumeStatus) -> Option<&Condition> {
         find_condition(&status.conditions, READY).filter(|c| c.reason == "WaitingForAttachments")

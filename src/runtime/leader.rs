@@ -1,11 +1,19 @@
 //! Leader election through a `coordination.k8s.io` Lease: of several replicas, one acts; the
 //! others wait. A replica that loses the lease stops acting at once.
 //!
+//! A leader cut off from the apiserver cannot learn that it lost the lease, and kube-lease-manager
+//! keeps saying it leads while its renewals fail. So the replica fences itself: it confirms
+//! each renewal by reading the Lease back, and acts only while the last renewal it saw there is
+//! younger than the renew deadline, three quarters of the lease. Another replica takes over no
+//! sooner than a whole lease after that renewal, so the fenced replica has stopped calling drivers
+//! by then (see [`Fence`]); it then stops altogether.
+//!
 //! kube-lease-manager renews and takes the lease. A waiting replica of it looks at the lease
 //! again only when the term it last saw would end, so a lease that a leader gave up on its way
 //! out would stay free for up to a whole term; the waiting replica here also checks every second
 //! whether the lease is free, and if so joins again at once.
 
+use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder, LeaseManagerError};
@@ -16,16 +24,80 @@ use tracing::{info, warn};
 
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 const FREE_LEASE_CHECK: Duration = Duration::from_secs(1);
+/// How often a new leader looks whether its first renewal has been read back.
+const FENCE_POLL: Duration = Duration::from_millis(50);
 
 /// This replica's standing in the election, kept up to date by a background task that renews the
 /// lease while held and takes it when it falls free.
 pub struct Leadership {
     leading: watch::Receiver<bool>,
     identity: String,
+    fence: Fence,
     task: JoinHandle<()>,
+    confirmations: JoinHandle<()>,
+}
+
+/// Whether this replica may act on the backend now. Without leader election it always may; a
+/// candidate may while the last renewal of its lease that it read back is younger than the renew
+/// deadline, by its own clock (the clock kube-lease-manager and every other replica judge the
+/// lease by).
+#[derive(Clone, Debug)]
+pub struct Fence {
+    /// The renew time of the lease as last read back while this replica held it; `None` once
+    /// it is known not to hold it. Absent for a replica without election.
+    renewed: Option<watch::Receiver<Option<Timestamp>>>,
+    deadline: Duration,
+}
+
+impl Fence {
+    /// The fence of a replica that runs alone: always open.
+    pub fn open() -> Self {
+        Self {
+            renewed: None,
+            deadline: Duration::ZERO,
+        }
+    }
+
+    /// Whether a driver call may start now.
+    pub fn permits(&self) -> bool {
+        self.left().is_some_and(|left| !left.is_zero())
+    }
+
+    /// How long the fence stays open without another confirmed renewal; `None` once closed.
+    fn left(&self) -> Option<Duration> {
+        let Some(renewed) = &self.renewed else {
+            return Some(Duration::MAX);
+        };
+        let renewed = (*renewed.borrow())?;
+        let age = Timestamp::now().duration_since(renewed);
+        // A renewal stamped ahead of this clock is no younger than now.
+        let age = Duration::try_from(age).unwrap_or(Duration::ZERO);
+        Some(self.deadline.saturating_sub(age))
+    }
+
+    /// Resolves once the fence is closed: no renewal confirmed within the renew deadline, or
+    /// the lease seen held by another replica. Never, for a replica without election.
+    pub async fn closed(&self) {
+        let Some(renewed) = &self.renewed else {
+            return std::future::pending().await;
+        };
+        let mut renewed = renewed.clone();
+        loop {
+            match self.left() {
+                Some(left) if !left.is_zero() => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(left) => {}
+                        changed = renewed.changed() => if changed.is_err() { return },
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
 }
 
 /// What it takes to join the election again.
+#[derive(Clone)]
 struct Candidate {
     client: Client,
     namespace: String,
@@ -40,22 +112,57 @@ impl Candidate {
             .with_namespace(&self.namespace)
             .with_identity(self.identity.clone())
             .with_duration(self.seconds)
-            // Renew when a third of the lease is left, so a slow API call does not cost the lease.
-            .with_grace((self.seconds / 3).max(1))
-            .with_field_manager(crate::MANAGER)
+            // Renew at half the lease: the renewal is then read back well within the renew
+            // deadline (three quarters), and a slow API call does not cost the lease.
+            .with_grace((self.seconds / 2).max(1))
+            // One field manager per candidate, as the library requires: candidates must not
+            // take each other's fields silently.
+            .with_field_manager(format!("{}-{}", crate::MANAGER, self.identity))
             .build()
             .await
     }
 
+    fn leases(&self) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
     /// Whether nobody holds the lease (it was given up, or never taken).
     async fn lease_is_free(&self) -> bool {
-        let leases = Api::<Lease>::namespaced(self.client.clone(), &self.namespace);
-        match leases.get_opt(&self.name).await {
+        match self.leases().get_opt(&self.name).await {
             Ok(Some(lease)) => lease
                 .spec
                 .and_then(|spec| spec.holder_identity)
                 .is_none_or(|holder| holder.is_empty()),
             Ok(None) | Err(_) => false,
+        }
+    }
+
+    /// The renew deadline: how long after its last confirmed renewal a leader still acts.
+    fn renew_deadline(&self) -> Duration {
+        Duration::from_secs(self.seconds) * 3 / 4
+    }
+
+    /// Reads the lease back every tenth of its term and publishes its renew time while this
+    /// candidate holds it. A read that fails or hangs publishes nothing, so the fence closes on
+    /// its own once the renew deadline passes.
+    async fn confirm_renewals(self, renewed: watch::Sender<Option<Timestamp>>) {
+        let every = (Duration::from_secs(self.seconds) / 10).max(Duration::from_millis(100));
+        loop {
+            if let Ok(Ok(lease)) = tokio::time::timeout(every, self.leases().get(&self.name)).await
+            {
+                let spec = lease.spec.unwrap_or_default();
+                let ours = spec.holder_identity.as_deref() == Some(self.identity.as_str());
+                let confirmed = spec.renew_time.filter(|_| ours).map(|time| time.0);
+                renewed.send_if_modified(|last| {
+                    let changed = *last != confirmed;
+                    *last = confirmed;
+                    changed
+                });
+            }
+            if renewed.is_closed() {
+                return;
+            }
+            tokio::time::sleep(every).await;
         }
     }
 }
@@ -78,12 +185,20 @@ pub async fn join(
     };
     // The first manager is built here, so that a Lease that cannot be used stops the start.
     let manager = candidate.manager().await?;
+    let (renewed_sender, renewed) = watch::channel(None);
+    let fence = Fence {
+        renewed: Some(renewed),
+        deadline: candidate.renew_deadline(),
+    };
+    let confirmations = tokio::spawn(candidate.clone().confirm_renewals(renewed_sender));
     let (sender, leading) = watch::channel(false);
     let task = tokio::spawn(campaign(candidate, manager, sender));
     Ok(Leadership {
         leading,
         identity,
+        fence,
         task,
+        confirmations,
     })
 }
 
@@ -132,25 +247,47 @@ async fn campaign(candidate: Candidate, mut manager: LeaseManager, leading: watc
 }
 
 impl Leadership {
-    /// Resolves once this replica holds the lease (true), or the election has ended without it
-    /// (false): then this replica must not act.
+    /// Resolves once this replica holds the lease and has read its renewal back (true), or the
+    /// election has ended without it (false): then this replica must not act.
     pub async fn acquired(&mut self) -> bool {
-        let acquired = self.leading.wait_for(|leading| *leading).await.is_ok();
-        if acquired {
-            info!(identity = %self.identity, "acquired the lease: acting");
+        loop {
+            if self.leading.wait_for(|leading| *leading).await.is_err() {
+                return false;
+            }
+            if self.fence.permits() {
+                info!(identity = %self.identity, "acquired the lease: acting");
+                return true;
+            }
+            tokio::time::sleep(FENCE_POLL).await;
         }
-        acquired
     }
 
-    /// Resolves when this replica no longer holds the lease (or can no longer tell).
+    /// What the controllers check before each driver call.
+    pub fn fence(&self) -> Fence {
+        self.fence.clone()
+    }
+
+    /// Resolves when this replica no longer holds the lease, or can no longer be sure it does.
     pub async fn lost(&mut self) {
-        let _ = self.leading.wait_for(|leading| !*leading).await;
+        let fence = self.fence.clone();
+        tokio::select! {
+            _ = self.leading.wait_for(|leading| !*leading) => {}
+            _ = fence.closed() => {
+                warn!(identity = %self.identity, "no renewal of the lease confirmed within the renew deadline");
+            }
+        }
     }
 
     /// Gives the lease up on the way out (a rolling update, a SIGTERM), so that a waiting replica
     /// takes over within a second instead of after the lease has run out.
     pub async fn release(self) {
-        let Self { leading, task, .. } = self;
+        let Self {
+            leading,
+            task,
+            confirmations,
+            ..
+        } = self;
+        confirmations.abort();
         drop(leading);
         if tokio::time::timeout(RELEASE_TIMEOUT * 2, task)
             .await

@@ -52,6 +52,7 @@ pub struct Metrics {
     driver_calls: HistogramFamily,
     reconciles: Family<KindLabels, Counter>,
     reconcile_errors: Family<ErrorLabels, Counter>,
+    write_conflicts: Family<KindLabels, Counter>,
     attachments: Family<PhaseLabels, Gauge>,
     stuck: Gauge,
     oldest_stuck_seconds: Gauge<f64, AtomicU64>,
@@ -81,6 +82,12 @@ impl Default for Metrics {
             "reconcile_errors",
             "Reconciles that failed, by kind and reason",
             reconcile_errors.clone(),
+        );
+        let write_conflicts = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "status_write_conflicts",
+            "Status writes the apiserver refused as decided on an older version of the object, by kind",
+            write_conflicts.clone(),
         );
         let attachments = Family::<PhaseLabels, Gauge>::default();
         registry.register(
@@ -123,6 +130,7 @@ impl Default for Metrics {
             driver_calls,
             reconciles,
             reconcile_errors,
+            write_conflicts,
             attachments,
             stuck,
             oldest_stuck_seconds,
@@ -152,6 +160,13 @@ impl Metrics {
                 kind: kind.into(),
                 reason: reason.into(),
             })
+            .inc();
+    }
+
+    /// A status write refused as decided on an older version: the object is read again.
+    pub fn write_conflict(&self, kind: &str) {
+        self.write_conflicts
+            .get_or_create(&KindLabels { kind: kind.into() })
             .inc();
     }
 

@@ -136,6 +136,7 @@ fn request(volume: &str, node: &str) -> AttachRequest {
             "iqn.2026-11.io.safedetach:conformance".to_owned(),
         )]),
         read_only: false,
+        exclusive: false,
     }
 }
 

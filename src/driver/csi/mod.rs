@@ -513,8 +513,14 @@ impl Driver for CsiDriver {
             volume_id: request.volume_handle.clone(),
             node_id: request.node.clone(),
             volume_capability: Some(proto::VolumeCapability {
+                // A single-node mode is the plugin's promise to refuse a second node, checked
+                // where the publish records live: the exclusivity check and the publish are one.
                 access_mode: Some(AccessMode {
-                    mode: Mode::SingleNodeWriter.into(),
+                    mode: if request.exclusive {
+                        Mode::SingleNodeWriter.into()
+                    } else {
+                        Mode::MultiNodeMultiWriter.into()
+                    },
                 }),
                 access_type: Some(AccessType::Mount(MountVolume::default())),
             }),
@@ -543,8 +549,17 @@ impl Driver for CsiDriver {
             Err(Failure::Status(status)) if status.code() == Code::NotFound => {
                 Err(self.not_found_on_publish(request, &status).await)
             }
-            // FAILED_PRECONDITION: published elsewhere with a single-node capability, or a node
-            // that cannot take it now; ALREADY_EXISTS: published here incompatibly.
+            // FAILED_PRECONDITION: "published at another node and does not have MULTI_NODE
+            // volume capability" (the spec's only meaning of it for this call).
+            Err(Failure::Status(status))
+                if status.code() == Code::FailedPrecondition && request.exclusive =>
+            {
+                Err(DriverError::HeldElsewhere {
+                    volume: request.volume_handle.clone(),
+                    holders: Vec::new(),
+                })
+            }
+            // ALREADY_EXISTS: published here incompatibly.
             Err(failure) => Err(self.classify("ControllerPublishVolume", failure)),
         }
     }

@@ -12,7 +12,8 @@
 //! - Attaching to a node adds an NBD export with id and export name `sd_<handle>__<node>`, so
 //!   `query-block-exports` alone says which nodes a volume is connected to. Several nodes can hold
 //!   writable exports of one volume at once: QEMU allows several exports of one block node, and
-//!   whether that is allowed is the operator's decision (`multiAttach`), not the daemon's.
+//!   whether that is allowed is the operator's decision (`multiAttach`), which an exclusive
+//!   attach enforces at the daemon (see below).
 //!   Read-only attachments get a read-only export; an export that already exists is returned as it
 //!   is, whatever its mode.
 //! - The NBD server is started on `nbdSocket` by the first attach. A server the daemon already
@@ -26,8 +27,10 @@
 //!   still shutting down.
 //! - The QMP monitor serves one client at a time and turns further connection attempts away, so
 //!   the driver's calls take turns, one QMP connection each.
-//! - Only exports whose id this driver made are reported; an export added by hand under another
-//!   id is invisible to the probe.
+//! - An exclusive attach (a single-attach volume) lists the exports and adds its own in one QMP
+//!   session, and refuses while any export of the volume's block node is listed, whoever made it.
+//! - Only exports whose id this driver made are reported by the probe; an export added by hand
+//!   under another id is invisible to it.
 
 mod config;
 mod names;
@@ -259,6 +262,20 @@ impl NbdDriver {
     }
 }
 
+/// Who holds exports of the volume: the node of each export this driver made, and the id of any
+/// other export of the volume's block node (one added by hand), which serves the disk just as well.
+fn holders_of(exports: &[ExportInfo], handle: &str) -> Vec<String> {
+    let block_node = block_node_name(handle);
+    exports
+        .iter()
+        .filter_map(|export| match parse_export_id(&export.id) {
+            Some((of, node)) if of == handle => Some(node.to_owned()),
+            _ if export.node_name == block_node => Some(format!("export {}", export.id)),
+            _ => None,
+        })
+        .collect()
+}
+
 async fn list_exports(
     qmp: &mut Qmp,
     operation: &'static str,
@@ -346,18 +363,26 @@ impl Driver for NbdDriver {
         validate_node(&request.node)?;
         let image = self.check_image(handle).await?;
         let id = export_id(handle, &request.node);
+        // One session from the listing to the export: the monitor serves no other client in
+        // between, this process's or another's, so the exclusivity check cannot go stale.
         let mut qmp = self.connect().await?;
-        if let Some(existing) = list_exports(&mut qmp, "attach")
-            .await?
-            .iter()
-            .find(|export| export.id == id)
-        {
+        let exports = list_exports(&mut qmp, "attach").await?;
+        if let Some(existing) = exports.iter().find(|export| export.id == id) {
             if existing.shutting_down {
                 return Err(DriverError::Refused(format!(
                     "export {id} is being deleted; attach again once it is gone"
                 )));
             }
             return Ok(self.connection_info(&id));
+        }
+        if request.exclusive {
+            let holders = holders_of(&exports, handle);
+            if !holders.is_empty() {
+                return Err(DriverError::HeldElsewhere {
+                    volume: handle.to_owned(),
+                    holders,
+                });
+            }
         }
         let arguments = json!({
             "type": "nbd",
