@@ -145,7 +145,11 @@ async fn run(args: RunArgs) -> ExitCode {
                 error!("the leader election ended without this replica acting");
                 return ExitCode::FAILURE;
             },
-            _ = shutdown.clone() => return ExitCode::SUCCESS,
+            // The lease may have been taken a moment ago: give it up for the next replica.
+            _ = shutdown.clone() => {
+                joined.release().await;
+                return ExitCode::SUCCESS;
+            }
         }
         health.set_ready(false);
         leadership = Some(joined);

@@ -59,7 +59,16 @@ where
     K: Resource + Clone + DeserializeOwned + Debug,
 {
     let patch: json_patch::Patch = serde_json::from_value(operations)?;
-    api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
         .await
-        .map_err(Error::from_write)
+    {
+        Ok(object) => Ok(object),
+        // The apiserver's answer to a JSON patch that cannot be applied: here, a `test` that
+        // found the object changed.
+        Err(kube::Error::Api(status)) if status.code == 422 => {
+            Err(Error::Conflict(kube::Error::Api(status)))
+        }
+        Err(error) => Err(Error::from_write(error)),
+    }
 }

@@ -55,14 +55,10 @@ impl Error {
         matches!(self, Self::Kube(kube::Error::Api(status)) if status.code == 404)
     }
 
-    /// The error of a guarded write: a stale `resourceVersion` is answered 409, a JSON patch
-    /// whose `test` failed 422 (the apiserver's answer to a patch that cannot be applied).
+    /// The error of a write conditioned on a `resourceVersion`: a stale one is answered 409.
     fn from_write(error: kube::Error) -> Self {
         match &error {
             kube::Error::Api(status) if status.code == 409 => Self::Conflict(error),
-            kube::Error::Api(status) if status.code == 422 && status.message.contains("test") => {
-                Self::Conflict(error)
-            }
             _ => Self::Kube(error),
         }
     }

@@ -142,11 +142,13 @@ impl Candidate {
         Duration::from_secs(self.seconds) * 3 / 4
     }
 
-    /// Reads the lease back every tenth of its term and publishes its renew time while this
-    /// candidate holds it. A read that fails or hangs publishes nothing, so the fence closes on
-    /// its own once the renew deadline passes.
+    /// Reads the lease back every tenth of its term (at least every second, so that a new
+    /// leader starts soon) and publishes its renew time while this candidate holds it. A read
+    /// that fails or hangs publishes nothing, so the fence closes on its own once the renew
+    /// deadline passes.
     async fn confirm_renewals(self, renewed: watch::Sender<Option<Timestamp>>) {
-        let every = (Duration::from_secs(self.seconds) / 10).max(Duration::from_millis(100));
+        let every = (Duration::from_secs(self.seconds) / 10)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
         loop {
             if let Ok(Ok(lease)) = tokio::time::timeout(every, self.leases().get(&self.name)).await
             {
