@@ -171,7 +171,7 @@ async fn unpublish_clears_the_plugin_record() {
 }
 
 #[tokio::test]
-async fn unpublish_of_what_is_not_published_succeeds() {
+async fn unpublish_of_what_is_not_published_succeeds_and_not_found_is_no_success() {
     let plugin = CsiPlugin::start().await;
     let driver = driver(&plugin).await;
     let node = plugin.node();
@@ -193,11 +193,16 @@ async fn unpublish_of_what_is_not_published_succeeds() {
         .force_detach("no-such-volume", node)
         .await
         .expect("force detach, unknown volume");
-    // The plugin does not know the node: NOT_FOUND, so not published there.
-    driver
+    // The plugin does not know the node: NOT_FOUND, which the spec says is not "unpublished":
+    // never taken for a confirmed detach.
+    let error = driver
         .terminate_connection(&volume, "other-node")
         .await
-        .expect("unknown node");
+        .expect_err("unknown node");
+    assert!(
+        matches!(error, DriverError::Refused(_)) && error.class() == ErrorClass::Retryable,
+        "{error:?}"
+    );
     assert!(plugin.controller_published_nodes(&volume).await.is_empty());
 }
 
@@ -360,10 +365,11 @@ async fn statuses_from_the_wire_are_classified() {
         .expect_err("in use");
     assert!(matches!(error, DriverError::InUse { .. }), "{error:?}");
     proxy.arm(UNPUBLISH, fail(tonic::Code::NotFound, "no such volume"));
-    driver
+    let error = driver
         .terminate_connection(&volume, node)
         .await
-        .expect("NOT_FOUND is not published");
+        .expect_err("NOT_FOUND is not assumed unpublished");
+    assert!(matches!(error, DriverError::Refused(_)), "{error:?}");
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@
 mod support;
 
 use k8s_openapi::api::events::v1::Event;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use safe_detach::api::{
     AttachmentPhase, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason, ForceDetachState,
@@ -743,6 +744,52 @@ async fn case4_refused_unpublish_stays_detaching_until_an_unpublish_succeeds() {
     assert!(s.published(&handle).await.is_empty());
     s.wait_event(&name, "ForceDetached", &["StuckDetaching"])
         .await;
+}
+
+/// An unpublish answered `NOT_FOUND` is, in the CSI spec's words, "not assumed unpublished": on a
+/// plugin that cannot be probed, the attachment keeps its finalizer and `attached: true` while
+/// every unpublish says so, and is released only after one returns OK.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unpublish_answered_not_found_is_not_taken_for_a_detach() {
+    let mut s = CsiScenario::start(Setup::default()).await;
+    let (volume, handle) = s.volume("csi-vol").await;
+    let name = s.attachment("csi-va", &volume).await;
+    s.wait_attached(&name).await;
+
+    s.proxy.arm(
+        UNPUBLISH,
+        Fault::Fail {
+            code: tonic::Code::NotFound,
+            message: "node not found".into(),
+        },
+    );
+    s.delete(&name).await;
+    let held_until = Instant::now() + STUCK_AFTER + RESYNC * 2;
+    while Instant::now() < held_until {
+        let a = s
+            .get(&name)
+            .await
+            .expect("released on a NOT_FOUND unpublish");
+        assert!(
+            attached(&a) && a.finalizers().iter().any(|f| f == FINALIZER),
+            "said detached on a NOT_FOUND unpublish:\n{}",
+            show(Some(&a))
+        );
+        assert_ne!(
+            phase(&a),
+            Some(AttachmentPhase::Detached),
+            "{}",
+            show(Some(&a))
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let refused = s.proxy.calls(UNPUBLISH);
+    assert!(refused >= 2, "the unpublish is retried: {refused} calls");
+    assert_eq!(s.published(&handle).await, nodes(&[s.node()]));
+
+    s.proxy.disarm(UNPUBLISH);
+    s.wait_gone(&name).await;
+    assert!(s.published(&handle).await.is_empty());
 }
 
 /// The plugin publishes, but its reply is lost: an unknown outcome, never "attached". The

@@ -271,11 +271,14 @@ pub fn stuck_in(
     let since = status.phase_since.as_ref().map_or(now, |t| t.0);
     // A stored time is cut to whole seconds: count from the latest instant it can stand for, so
     // that an attachment is never called stuck before its stuckAfter has passed.
-    let elapsed = now
-        .duration_since(since)
-        .unsigned_abs()
-        .saturating_sub(Duration::from_secs(1));
+    let elapsed = elapsed_since(since, now).saturating_sub(Duration::from_secs(1));
     Some(policy.stuck_after.saturating_sub(elapsed))
+}
+
+/// How long ago `since` was. A time ahead of `now` (another replica's clock, or this one stepped
+/// back) has not passed at all: counting it as elapsed would make a deadline fire early.
+pub fn elapsed_since(since: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
 }
 
 /// Decides the next step. See the module docs for the invariant it keeps.

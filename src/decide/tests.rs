@@ -1134,3 +1134,18 @@ fn a_replica_unsure_of_its_lease_does_nothing() {
         }
     );
 }
+
+#[test]
+fn a_phase_that_began_in_the_future_has_not_begun_to_count() {
+    // phaseSince written by a replica whose clock runs ahead, or read by one stepped back.
+    let mut row = Row::new(Detaching, connected(&[NODE]));
+    row.status.phase_since = Some(Time(t(10_000)));
+    row.now = t(10);
+    assert_eq!(row.decide(), Step::Detach, "not forced early");
+    assert_eq!(
+        stuck_in(&row.status, &row.policy, row.now),
+        Some(STUCK_AFTER)
+    );
+    assert_eq!(elapsed_since(t(10), t(5)), Duration::ZERO);
+    assert_eq!(elapsed_since(t(5), t(10)), Duration::from_secs(5));
+}

@@ -1,7 +1,7 @@
 //! The Volume's view: which backend connections no attachment claims (case 5, orphans), what to
 //! do about them, and the Volume's status. Pure, like the rest of the core.
 
-use super::{Backend, Misconfiguration, status::next_probe_record};
+use super::{Backend, Misconfiguration, elapsed_since, status::next_probe_record};
 use crate::api::{
     AttachmentPhase, ConditionStatus, Orphan, OrphanPolicy, ProbeResult, VolumePhase, VolumeStatus,
     find_condition, set_condition,
@@ -128,7 +128,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                     .iter()
                     .find(|o| &o.node == node)
                     .map_or(now.clone(), |o| o.since.clone());
-                let unclaimed_for = input.now.duration_since(since.0).unsigned_abs();
+                let unclaimed_for = elapsed_since(since.0, input.now);
                 let remaining = input.grace.saturating_sub(unclaimed_for);
                 if input.orphan_policy == OrphanPolicy::Detach {
                     if remaining.is_zero() {

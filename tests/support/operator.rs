@@ -80,7 +80,7 @@ impl Operator {
             .append(true)
             .open(&self.log)
             .expect("open the operator's log");
-        let child = Command::new(env!("CARGO_BIN_EXE_safe-detach"))
+        let child = Command::new(operator_binary())
             .arg("run")
             .arg("--config")
             .arg(&self.config)
@@ -129,6 +129,13 @@ impl Operator {
         self.spawn();
     }
 
+    /// Whether the process runs (it was started and has not exited, e.g. after losing its lease).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
     /// What the operator logged so far, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -144,6 +151,15 @@ impl Operator {
         self.http_address
             .expect("an operator started with `start_with` has a known HTTP address")
     }
+}
+
+/// The operator binary under test: this crate's, or the build `SAFE_DETACH_OPERATOR_BIN` names
+/// (a release build, or another version to compare against).
+fn operator_binary() -> PathBuf {
+    std::env::var_os("SAFE_DETACH_OPERATOR_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_safe-detach")),
+        PathBuf::from,
+    )
 }
 
 /// A loopback address with a port that is free now: the operator binds it a moment later.

@@ -34,6 +34,17 @@ struct Shared {
     armed: Mutex<Vec<(String, Fault)>>,
     /// How many armed faults have been applied.
     fired: AtomicUsize,
+    /// Every command forwarded, in order: what a test checks the backend was told.
+    calls: Mutex<Vec<Call>>,
+}
+
+/// A command the proxy forwarded to the daemon.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub at: std::time::Instant,
+    /// The command's `execute`.
+    pub command: String,
+    pub arguments: Value,
 }
 
 /// A running proxy; see the module doc.
@@ -76,6 +87,16 @@ impl QmpProxy {
             .lock()
             .expect("proxy state")
             .push((command.to_owned(), fault));
+    }
+
+    /// Forgets the armed faults that have not fired yet.
+    pub fn disarm(&self) {
+        self.shared.armed.lock().expect("proxy state").clear();
+    }
+
+    /// The commands forwarded so far, oldest first.
+    pub fn calls(&self) -> Vec<Call> {
+        self.shared.calls.lock().expect("proxy state").clone()
     }
 
     /// How many armed faults have been applied so far.
@@ -171,6 +192,11 @@ async fn forward(client: UnixStream, upstream: PathBuf, shared: Arc<Shared>) {
                         .get("execute")
                         .and_then(Value::as_str)
                         .unwrap_or_default();
+                    shared.calls.lock().expect("proxy state").push(Call {
+                        at: std::time::Instant::now(),
+                        command: name.to_owned(),
+                        arguments: command.get("arguments").cloned().unwrap_or(Value::Null),
+                    });
                     let mut armed = shared.armed.lock().expect("proxy state");
                     if let Some(index) = armed.iter().position(|(armed_name, _)| armed_name == name)
                     {

@@ -31,17 +31,7 @@ impl Qsd {
             .tempdir()
             .expect("temporary folder");
         std::fs::create_dir(dir.path().join("images")).expect("image folder");
-        let qmp = dir.path().join("qmp.sock");
-        let log = std::fs::File::create(dir.path().join("qsd.log")).expect("daemon log");
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--chardev")
-            .arg(format!("socket,id=m0,path={},server=on,wait=off", qmp.display()))
-            .args(["--monitor", "chardev=m0"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("daemon log"))
-            .stderr(log)
-            .spawn()
-            .expect("qemu-storage-daemon (Debian: apt-get install qemu-system-common) must be installed");
+        let child = spawn_daemon(dir.path());
         let mut qsd = Self { child, dir };
         qsd.await_greeting();
         qsd
@@ -75,6 +65,16 @@ impl Qsd {
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the daemon again in the same folder, after [`stop`](Self::stop) or a crash: the
+    /// same sockets and images, and none of the block nodes or exports, as a restarted backend.
+    pub fn restart(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(self.qmp_socket());
+        let _ = std::fs::remove_file(self.nbd_socket());
+        self.child = spawn_daemon(self.dir.path());
+        self.await_greeting();
     }
 
     pub fn dir(&self) -> &Path {
@@ -195,6 +195,30 @@ impl Qsd {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+}
+
+/// Starts a daemon with its QMP socket and log in `dir` (the log is appended to).
+fn spawn_daemon(dir: &Path) -> Child {
+    let qmp = dir.join("qmp.sock");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("qsd.log"))
+        .expect("daemon log");
+    Command::new("qemu-storage-daemon")
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=m0,path={},server=on,wait=off",
+            qmp.display()
+        ))
+        .args(["--monitor", "chardev=m0"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("daemon log"))
+        .stderr(log)
+        .spawn()
+        .expect(
+            "qemu-storage-daemon (Debian: apt-get install qemu-system-common) must be installed",
+        )
 }
 
 impl Drop for Qsd {

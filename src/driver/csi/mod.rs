@@ -28,8 +28,10 @@
 //! may have happened); `INVALID_ARGUMENT`, `OUT_OF_RANGE` and `UNIMPLEMENTED` are
 //! [`DriverError::Invalid`]; `NOT_FOUND` is [`DriverError::UnknownVolume`] for a publish or a probe
 //! (or [`DriverError::Invalid`] when `ControllerGetVolume` shows the volume exists, so the node was
-//! unknown) and success for an unpublish; `FAILED_PRECONDITION` is [`DriverError::InUse`] for an
-//! unpublish; anything else is a definite failure, [`DriverError::Refused`].
+//! unknown); for an unpublish it is [`DriverError::Refused`], never success, since the spec says
+//! it does not mean unpublished; `FAILED_PRECONDITION` is [`DriverError::InUse`] for an
+//! unpublish and [`DriverError::HeldElsewhere`] for an exclusive publish; anything else is a
+//! definite failure, [`DriverError::Refused`].
 //!
 //! The Kubernetes project's hostpath plugin cannot be probed: it advertises `GET_VOLUME` and
 //! `LIST_VOLUMES` but not `LIST_VOLUMES_PUBLISHED_NODES`; the node it lists is the one recorded by
@@ -353,8 +355,15 @@ impl CsiDriver {
             .await;
         match result {
             Ok(_) => Ok(()),
-            // "Volume or node does not exist": then it is not published there.
-            Err(Failure::Status(status)) if status.code() == Code::NotFound => Ok(()),
+            // The spec: "the volume or node does not exist and the volume is *not* assumed
+            // unpublished". A plugin that can regard it unpublished answers OK; this is no word
+            // of "detached", and the call is retried.
+            Err(Failure::Status(status)) if status.code() == Code::NotFound => {
+                Err(DriverError::Refused(format!(
+                    "ControllerUnpublishVolume answered NOT_FOUND ({}): the plugin does not know the volume or the node, and does not say it is unpublished",
+                    describe(&status)
+                )))
+            }
             Err(Failure::Status(status)) if status.code() == Code::FailedPrecondition => {
                 Err(DriverError::InUse {
                     volume: volume_handle.to_owned(),

@@ -1,0 +1,515 @@
+//! The observer: the campaign's own view of the system, taken without the operator's help. Each
+//! round reads the records (one LIST of the shard's VolumeAttachments) and then the backend
+//! (`query-block-exports`, straight on the daemon's socket, not through the proxy), in that
+//! order: the operator writes "detached" only after the backend confirmed, so an export listed
+//! after a record said "detached" was listed while the record said so.
+//!
+//! The checks that need two rounds, or the Events, keep their state here; every finding is a
+//! [`Violation`] with the rule it breaks.
+
+use jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use safe_detach::api::{AttachmentPhase, VolumeAttachment};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+
+/// The rules the campaign checks; see docs/reliability.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Rule {
+    /// A record says detached while the backend still exports that (volume, node).
+    DetachedWhileExported,
+    /// A single-attach volume exported to two nodes at once.
+    DoubleAttach,
+    /// A token forced more than once on one object.
+    TokenReplayed,
+    /// An automatic force before `stuckAfter`, or on a Volume that does not allow it.
+    EarlyOrUnallowedForce,
+    /// Not converged within the bound once the faults stopped.
+    NoConvergence,
+    /// The operator panicked.
+    Panic,
+    /// The operator kept writing while everything was converged.
+    HotLoop,
+}
+
+impl Rule {
+    pub const ALL: [Rule; 7] = [
+        Rule::DetachedWhileExported,
+        Rule::DoubleAttach,
+        Rule::TokenReplayed,
+        Rule::EarlyOrUnallowedForce,
+        Rule::NoConvergence,
+        Rule::Panic,
+        Rule::HotLoop,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::DetachedWhileExported => "detached-while-exported",
+            Rule::DoubleAttach => "double-attach",
+            Rule::TokenReplayed => "token-replayed",
+            Rule::EarlyOrUnallowedForce => "early-or-unallowed-force",
+            Rule::NoConvergence => "no-convergence",
+            Rule::Panic => "panic",
+            Rule::HotLoop => "hot-loop",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Violation {
+    pub rule: Rule,
+    pub at: Instant,
+    pub detail: String,
+}
+
+/// What happened, in order, with timestamps: operations, faults, and changes the observer saw.
+#[derive(Clone)]
+pub struct History {
+    start: Instant,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl History {
+    pub fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            lines: Arc::default(),
+        }
+    }
+
+    pub fn note(&self, line: impl Into<String>) {
+        self.lines
+            .lock()
+            .expect("history")
+            .push((Instant::now(), line.into()));
+    }
+
+    pub fn offset(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.start).as_secs_f64()
+    }
+
+    /// The last `before` lines up to `at` and the `after` lines following it.
+    pub fn around(&self, at: Instant, before: usize, after: usize) -> String {
+        let lines = self.lines.lock().expect("history");
+        let split = lines.partition_point(|(t, _)| *t <= at);
+        let from = split.saturating_sub(before);
+        let to = (split + after).min(lines.len());
+        lines[from..to]
+            .iter()
+            .map(|(t, line)| {
+                let mark = if *t <= at { ' ' } else { '+' };
+                format!("{mark}{:8.3}s {line}", self.offset(*t))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// One attachment as a round saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub name: String,
+    pub uid: String,
+    pub resource_version: String,
+    pub volume: String,
+    pub node: String,
+    pub phase: Option<AttachmentPhase>,
+    pub attached: bool,
+    pub deleting: bool,
+    pub phase_since: Option<Timestamp>,
+    pub token: Option<String>,
+}
+
+impl Record {
+    fn of(attachment: &VolumeAttachment) -> Self {
+        let status = attachment.status.as_ref();
+        Self {
+            name: attachment.name_any(),
+            uid: attachment.uid().unwrap_or_default(),
+            resource_version: attachment.resource_version().unwrap_or_default(),
+            volume: attachment.spec.volume_name.clone(),
+            node: attachment.spec.node_name.clone(),
+            phase: status.and_then(|s| s.phase),
+            attached: status.is_some_and(|s| s.attached),
+            deleting: attachment.metadata.deletion_timestamp.is_some(),
+            phase_since: status.and_then(|s| s.phase_since.as_ref()).map(|t| t.0),
+            token: status
+                .and_then(|s| s.force_detach.as_ref())
+                .and_then(|f| f.token.clone()),
+        }
+    }
+
+    /// Whether the record says the volume is not connected to the node: detached, released, or
+    /// never (again) attached. Attaching, Attached and Detaching claim the connection, and so
+    /// does a record without a status yet (conservatively: it may be a moment from Attaching).
+    fn denies(&self) -> bool {
+        match self.phase {
+            Some(AttachmentPhase::Detached | AttachmentPhase::Pending | AttachmentPhase::Failed) => {
+                true
+            }
+            Some(AttachmentPhase::Attached) => !self.attached,
+            _ => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} uid {} rv {} {}@{} phase {:?} attached {} deleting {} token {:?}",
+            self.name,
+            short(&self.uid),
+            self.resource_version,
+            self.volume,
+            self.node,
+            self.phase,
+            self.attached,
+            self.deleting,
+            self.token
+        )
+    }
+}
+
+fn short(uid: &str) -> &str {
+    &uid[..uid.len().min(8)]
+}
+
+/// A create the workload sent: its window decides whether an attachment the observer could not
+/// yet list may account for an export.
+#[derive(Clone, Debug)]
+pub struct CreateWindow {
+    pub volume: String,
+    pub node: String,
+    pub sent: Instant,
+    pub answered: Option<Instant>,
+}
+
+/// One observation round.
+#[derive(Clone, Debug)]
+pub struct Round {
+    pub listed_at: Instant,
+    pub backend_at: Instant,
+    pub records: Vec<Record>,
+    /// The backend's exports as (volume name, node); `None` when it could not be asked.
+    pub exports: Option<BTreeSet<(String, String)>>,
+    /// Export ids no Volume of the schedule accounts for.
+    pub stray: Vec<String>,
+}
+
+/// A possible "detached while exported", waiting for the next round to rule out a record that
+/// moved on in between.
+struct Candidate {
+    pair: (String, String),
+    round: Round,
+    /// Live, not-deleting records that deny the connection: they must be unchanged next round.
+    live: Vec<(String, String)>,
+}
+
+/// The observer's state across rounds.
+pub struct Observer {
+    /// Volume name → handle, for reading export ids.
+    handles: BTreeMap<String, String>,
+    /// Handle → single-attach Volume name (only those).
+    single: BTreeMap<String, String>,
+    /// Every attachment ever seen, by uid: its spec and every distinct record seen.
+    pub seen: BTreeMap<String, Vec<(Timestamp, Record)>>,
+    previous: Vec<Record>,
+    candidates: Vec<Candidate>,
+    pub creates: Arc<Mutex<Vec<CreateWindow>>>,
+    pub violations: Vec<Violation>,
+    pub rounds: usize,
+    history: History,
+    last_exports: Option<BTreeSet<(String, String)>>,
+}
+
+impl Observer {
+    pub fn new(
+        handles: BTreeMap<String, String>,
+        single: BTreeMap<String, String>,
+        creates: Arc<Mutex<Vec<CreateWindow>>>,
+        history: History,
+    ) -> Self {
+        Self {
+            handles,
+            single,
+            seen: BTreeMap::new(),
+            previous: Vec::new(),
+            candidates: Vec::new(),
+            creates,
+            violations: Vec::new(),
+            rounds: 0,
+            history,
+            last_exports: None,
+        }
+    }
+
+    /// Takes one round: the records, then the backend.
+    pub async fn round(
+        &mut self,
+        attachments: &Api<VolumeAttachment>,
+        selector: &str,
+        qmp_socket: &Path,
+    ) -> Option<Round> {
+        let listed_at = Instant::now();
+        let listed = attachments
+            .list(&ListParams::default().labels(selector))
+            .await
+            .ok()?;
+        let records: Vec<Record> = listed.items.iter().map(Record::of).collect();
+        let exports = query_exports(qmp_socket).await.ok();
+        let backend_at = Instant::now();
+        let mut stray = Vec::new();
+        let exports = exports.map(|ids| {
+            let mut pairs = BTreeSet::new();
+            for id in ids {
+                match safe_detach::driver::nbd::parse_export_id(&id) {
+                    Some((handle, node)) => match self
+                        .handles
+                        .iter()
+                        .find(|(_, h)| h.as_str() == handle)
+                    {
+                        Some((volume, _)) => {
+                            pairs.insert((volume.clone(), node.to_owned()));
+                        }
+                        None => stray.push(id),
+                    },
+                    None => stray.push(id),
+                }
+            }
+            pairs
+        });
+        let round = Round {
+            listed_at,
+            backend_at,
+            records,
+            exports,
+            stray,
+        };
+        self.check(&round);
+        self.rounds += 1;
+        Some(round)
+    }
+
+    fn check(&mut self, round: &Round) {
+        let now = Timestamp::now();
+        for record in &round.records {
+            let versions = self.seen.entry(record.uid.clone()).or_default();
+            if versions.last().is_none_or(|(_, last)| last != record) {
+                versions.push((now, record.clone()));
+                self.history.note(format!("saw {}", record.describe()));
+            }
+        }
+        for gone in self
+            .previous
+            .iter()
+            .filter(|p| !round.records.iter().any(|r| r.uid == p.uid))
+        {
+            self.history
+                .note(format!("saw {} uid {} gone", gone.name, short(&gone.uid)));
+        }
+        if round.exports != self.last_exports {
+            self.history
+                .note(format!("backend exports {:?}", round.exports));
+            self.last_exports = round.exports.clone();
+        }
+
+        // Candidates of the previous round: confirmed if every live record that denied the
+        // connection is unchanged now, so that no write (an Attaching intent) fell in between.
+        for candidate in std::mem::take(&mut self.candidates) {
+            let unchanged = candidate.live.iter().all(|(uid, rv)| {
+                round
+                    .records
+                    .iter()
+                    .any(|r| &r.uid == uid && &r.resource_version == rv)
+            });
+            if unchanged {
+                self.confirm(&candidate.pair, &candidate.round);
+            }
+        }
+
+        let Some(exports) = &round.exports else {
+            self.previous = round.records.clone();
+            return;
+        };
+
+        for (handle_volume, nodes) in by_volume(exports) {
+            if let Some(volume) = self.single.values().find(|v| **v == handle_volume)
+                && nodes.len() > 1
+            {
+                self.violate(
+                    Rule::DoubleAttach,
+                    round.backend_at,
+                    format!("single-attach volume {volume} exported to {nodes:?} at once"),
+                );
+            }
+        }
+
+        let creates = self.creates.lock().expect("creates").clone();
+        for pair in exports {
+            let of_pair: Vec<&Record> = round
+                .records
+                .iter()
+                .filter(|r| r.volume == pair.0 && r.node == pair.1)
+                .collect();
+            if of_pair.iter().any(|r| !r.denies()) {
+                continue;
+            }
+            let ever = self
+                .seen
+                .values()
+                .any(|v| v.last().is_some_and(|(_, r)| r.volume == pair.0 && r.node == pair.1));
+            if !ever {
+                continue;
+            }
+            // A create answered after the list began may have made an attachment the list missed.
+            let racing = creates.iter().any(|c| {
+                c.volume == pair.0
+                    && c.node == pair.1
+                    && c.sent < round.backend_at
+                    && c.answered.is_none_or(|a| a >= round.listed_at)
+            });
+            if racing {
+                continue;
+            }
+            let live: Vec<(String, String)> = of_pair
+                .iter()
+                .filter(|r| !r.deleting)
+                .map(|r| (r.uid.clone(), r.resource_version.clone()))
+                .collect();
+            if live.is_empty() {
+                self.confirm(pair, round);
+            } else {
+                self.candidates.push(Candidate {
+                    pair: pair.clone(),
+                    round: round.clone(),
+                    live,
+                });
+            }
+        }
+        self.previous = round.records.clone();
+    }
+
+    fn confirm(&mut self, pair: &(String, String), round: &Round) {
+        let records: Vec<String> = round
+            .records
+            .iter()
+            .filter(|r| r.volume == pair.0 && r.node == pair.1)
+            .map(Record::describe)
+            .collect();
+        let released: Vec<String> = self
+            .seen
+            .values()
+            .filter_map(|v| v.last())
+            .filter(|(_, r)| {
+                r.volume == pair.0 && r.node == pair.1 && !round.records.iter().any(|x| x.uid == r.uid)
+            })
+            .map(|(_, r)| format!("{} uid {} (released)", r.name, short(&r.uid)))
+            .collect();
+        self.violate(
+            Rule::DetachedWhileExported,
+            round.backend_at,
+            format!(
+                "the backend exports {}@{} (read {:.3}s after the records) while every record of the pair denies it: {records:?} {released:?}",
+                pair.0,
+                pair.1,
+                round.backend_at.duration_since(round.listed_at).as_secs_f64()
+            ),
+        );
+    }
+
+    pub fn violate(&mut self, rule: Rule, at: Instant, detail: String) {
+        // One report per rule and detail: the same condition seen round after round is one finding.
+        let same_rule = self.violations.iter().filter(|v| v.rule == rule).count();
+        if same_rule >= 3 || self.violations.iter().any(|v| v.detail == detail) {
+            return;
+        }
+        self.history
+            .note(format!("VIOLATION {}: {detail}", rule.name()));
+        self.violations.push(Violation { rule, at, detail });
+    }
+
+    /// The last record seen of `uid` at or before `at`, in the phase `phase`.
+    pub fn phase_since_before(
+        &self,
+        uid: &str,
+        at: Timestamp,
+        phase: AttachmentPhase,
+    ) -> Option<Timestamp> {
+        self.seen
+            .get(uid)?
+            .iter()
+            .rev()
+            .find(|(seen, r)| *seen <= at && r.phase == Some(phase))
+            .and_then(|(_, r)| r.phase_since)
+    }
+}
+
+fn by_volume(exports: &BTreeSet<(String, String)>) -> BTreeMap<String, Vec<String>> {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (volume, node) in exports {
+        map.entry(volume.clone()).or_default().push(node.clone());
+    }
+    map
+}
+
+/// The daemon's export ids, asked on its own QMP socket. An error (the daemon restarting, or its
+/// monitor busy past the timeout) is an unanswered round, not a failure.
+pub async fn query_exports(socket: &Path) -> Result<Vec<String>, String> {
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        qmp(socket, "query-block-exports", json!({})),
+    )
+    .await
+    .map_err(|_| "QMP did not answer".to_owned())??;
+    Ok(answer
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|e| e["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+async fn qmp(socket: &Path, command: &str, arguments: Value) -> Result<Value, String> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (reader, mut writer) = stream.into_split();
+    let mut lines = BufReader::new(reader).lines();
+    let mut next = async || loop {
+        let line = lines
+            .next_line()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("closed")?;
+        let message: Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+        if message.get("event").is_none() {
+            return Ok::<Value, String>(message);
+        }
+    };
+    next().await?;
+    for request in [
+        json!({ "execute": "qmp_capabilities" }),
+        json!({ "execute": command, "arguments": arguments }),
+    ] {
+        writer
+            .write_all(format!("{request}\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = next().await?;
+        if let Some(error) = reply.get("error") {
+            return Err(error.to_string());
+        }
+        if request["execute"] == command {
+            return Ok(reply["return"].clone());
+        }
+    }
+    Err("no reply".into())
+}

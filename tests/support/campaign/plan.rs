@@ -1,0 +1,377 @@
+//! A schedule drawn from a seed: the Volumes, the nodes, which faults are on, and a timeline of
+//! workload operations and faults. The timeline is drawn in full before anything runs, from the
+//! seed alone, so a seed names one schedule: a failing seed is run again as it was.
+
+use super::super::qmp_proxy::Fault;
+use std::fmt;
+use std::time::Duration;
+
+/// splitmix64: small, fast, and the same numbers on every machine for a seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn index(&mut self, len: usize) -> usize {
+        self.below(len as u64) as usize
+    }
+
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    /// A duration in `lo..=hi` milliseconds.
+    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+
+    /// One of `weights.len()` choices, each as likely as its weight.
+    pub fn weighted(&mut self, weights: &[u64]) -> usize {
+        let mut roll = self.below(weights.iter().sum());
+        for (i, w) in weights.iter().enumerate() {
+            if roll < *w {
+                return i;
+            }
+            roll -= w;
+        }
+        unreachable!("the roll is below the sum of the weights")
+    }
+}
+
+/// A Volume of the schedule, on the nbd driver.
+#[derive(Clone, Debug)]
+pub struct VolumePlan {
+    pub handle: String,
+    pub multi_attach: bool,
+    pub auto_force_detach: bool,
+    /// `orphanPolicy: Detach` (else `Report`).
+    pub orphan_detach: bool,
+}
+
+/// Which kinds of fault a schedule injects.
+#[derive(Clone, Debug, Default)]
+pub struct FaultSwitches {
+    /// Lost and late QMP replies through the proxy.
+    pub qmp_replies: bool,
+    /// QMP refusing connections for a while: every driver call fails.
+    pub qmp_outage: bool,
+    /// SIGKILL of an operator process, restarted after a pause.
+    pub kill: bool,
+    /// Two replicas under `--leader-elect`, the leader stopped with SIGTERM now and then.
+    pub replicas: bool,
+    /// The qemu-storage-daemon killed and started again: every export gone at once.
+    pub qsd_restart: bool,
+    /// The operator's watch streams lag (needs an API proxy in front of the operator).
+    pub watch_lag: bool,
+    /// The operator cut off from the apiserver for a while (needs an API proxy).
+    pub partition: bool,
+}
+
+/// One step of the workload. Volumes and slots are indexes; a slot is a VolumeAttachment name
+/// of a Volume, re-used across creates.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Create {
+        volume: usize,
+        slot: usize,
+        node: usize,
+        /// A force-detach token already on the object when it is created.
+        token: Option<String>,
+    },
+    Delete {
+        volume: usize,
+        slot: usize,
+    },
+    Annotate {
+        volume: usize,
+        slot: usize,
+        token: String,
+        /// How the token was drawn: new, repeated, or reverted to an earlier one.
+        kind: TokenKind,
+    },
+    /// An NBD client (qemu-io) opens the slot's recorded export and holds it.
+    Connect {
+        volume: usize,
+        slot: usize,
+    },
+    Disconnect {
+        volume: usize,
+        slot: usize,
+    },
+    DeleteVolume {
+        volume: usize,
+    },
+    /// Creates the Volume again once it is gone (skipped while it exists).
+    RecreateVolume {
+        volume: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenKind {
+    New,
+    Repeated,
+    Reverted,
+}
+
+/// One fault of the timeline.
+#[derive(Clone, Debug)]
+pub enum FaultOp {
+    /// Spoil the next QMP command of that name.
+    Qmp { command: &'static str, fault: Fault },
+    /// QMP refuses connections for this long.
+    Outage(Duration),
+    /// SIGKILL of one replica (index), started again after `down`.
+    Kill { replica: usize, down: Duration },
+    /// SIGTERM of whichever replica holds the lease, started again after `down`.
+    HandOver { down: Duration },
+    RestartQsd,
+    /// The operator's watch streams lag by this much, for `lasting`.
+    WatchLag { lag: Duration, lasting: Duration },
+    /// The operator cannot reach the apiserver for this long.
+    Partition(Duration),
+}
+
+impl fmt::Display for FaultOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Qmp { command, fault } => write!(f, "qmp {command} {fault:?}"),
+            Self::Outage(d) => write!(f, "qmp outage {d:?}"),
+            Self::Kill { replica, down } => write!(f, "SIGKILL replica {replica}, down {down:?}"),
+            Self::HandOver { down } => write!(f, "SIGTERM leader, down {down:?}"),
+            Self::RestartQsd => write!(f, "restart qemu-storage-daemon"),
+            Self::WatchLag { lag, lasting } => write!(f, "watch lag {lag:?} for {lasting:?}"),
+            Self::Partition(d) => write!(f, "partition {d:?}"),
+        }
+    }
+}
+
+impl FaultOp {
+    /// The kind, as the summary counts it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Qmp {
+                fault: Fault::DropReply,
+                ..
+            } => "qmp lost reply",
+            Self::Qmp { .. } => "qmp late reply",
+            Self::Outage(_) => "qmp outage",
+            Self::Kill { .. } => "operator SIGKILL",
+            Self::HandOver { .. } => "leader SIGTERM",
+            Self::RestartQsd => "qsd restart",
+            Self::WatchLag { .. } => "watch lag",
+            Self::Partition(_) => "partition",
+        }
+    }
+}
+
+/// Slots (VolumeAttachment names) per Volume.
+pub const SLOTS: usize = 3;
+
+/// A whole schedule.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub seed: u64,
+    pub volumes: Vec<VolumePlan>,
+    pub nodes: Vec<String>,
+    pub faults: FaultSwitches,
+    /// Workload operations at their offsets from the start, in order.
+    pub ops: Vec<(Duration, Op)>,
+    /// Faults at their offsets from the start, in order.
+    pub fault_ops: Vec<(Duration, FaultOp)>,
+    /// How long operations and faults go on; convergence is judged after.
+    pub active: Duration,
+}
+
+/// QMP commands the nbd driver sends, any of which a fault may spoil.
+const QMP_COMMANDS: [&str; 6] = [
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+    "blockdev-add",
+    "blockdev-del",
+    "nbd-server-start",
+];
+
+impl Plan {
+    /// Draws the schedule of `seed`. `api_faults`: whether an API proxy can lag and partition
+    /// the operator (otherwise those faults stay off).
+    pub fn draw(seed: u64, active: Duration, api_faults: bool) -> Self {
+        let mut rng = Rng::new(seed);
+        let nodes = (0..3 + rng.below(3)).map(|i| format!("n{i}")).collect();
+        let volume_count = 2 + rng.index(2);
+        let mut volumes: Vec<VolumePlan> = (0..volume_count)
+            .map(|i| VolumePlan {
+                handle: format!("h{i}"),
+                multi_attach: rng.chance(30),
+                auto_force_detach: rng.chance(60),
+                orphan_detach: rng.chance(50),
+            })
+            .collect();
+        // Every schedule has a single-attach Volume: the double attach is the rule most worth
+        // attacking.
+        volumes[0].multi_attach = false;
+        let faults = FaultSwitches {
+            qmp_replies: rng.chance(60),
+            qmp_outage: rng.chance(40),
+            kill: rng.chance(50),
+            replicas: rng.chance(40),
+            qsd_restart: rng.chance(25),
+            watch_lag: api_faults && rng.chance(30),
+            partition: api_faults && rng.chance(20),
+        };
+        let ops = draw_ops(&mut rng, &volumes, active);
+        let fault_ops = draw_faults(&mut rng, &faults, active);
+        Self {
+            seed,
+            volumes,
+            nodes,
+            faults,
+            ops,
+            fault_ops,
+            active,
+        }
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+}
+
+fn draw_ops(rng: &mut Rng, volumes: &[VolumePlan], active: Duration) -> Vec<(Duration, Op)> {
+    // The generator's own model of each slot's annotation history, so that "repeat" and "revert"
+    // name real earlier tokens. Drawn tokens are unique in the schedule.
+    let mut history: Vec<Vec<Vec<String>>> = vec![vec![Vec::new(); SLOTS]; volumes.len()];
+    let mut next_token = 0;
+    let mut new_token = |next: &mut usize| {
+        *next += 1;
+        format!("t{next}")
+    };
+    let mut ops = Vec::new();
+    let mut at = rng.millis(0, 300);
+    while at < active {
+        let volume = rng.index(volumes.len());
+        let slot = rng.index(SLOTS);
+        let op = match rng.weighted(&[30, 16, 16, 16, 8, 3, 4]) {
+            0 => {
+                let token = rng.chance(15).then(|| new_token(&mut next_token));
+                if let Some(token) = &token {
+                    history[volume][slot].push(token.clone());
+                }
+                Op::Create {
+                    volume,
+                    slot,
+                    node: rng.index(5),
+                    token,
+                }
+            }
+            1 => Op::Delete { volume, slot },
+            2 => {
+                let seen = &mut history[volume][slot];
+                let (token, kind) = match rng.weighted(&[6, 2, 2]) {
+                    1 if !seen.is_empty() => (seen.last().expect("seen").clone(), TokenKind::Repeated),
+                    2 if seen.len() >= 2 => {
+                        (seen[seen.len() - 2].clone(), TokenKind::Reverted)
+                    }
+                    _ => (new_token(&mut next_token), TokenKind::New),
+                };
+                seen.push(token.clone());
+                Op::Annotate {
+                    volume,
+                    slot,
+                    token,
+                    kind,
+                }
+            }
+            3 => Op::Connect { volume, slot },
+            4 => Op::Disconnect { volume, slot },
+            5 => Op::DeleteVolume { volume },
+            _ => Op::RecreateVolume { volume },
+        };
+        ops.push((at, op));
+        at += rng.millis(80, 600);
+    }
+    ops
+}
+
+fn draw_faults(rng: &mut Rng, faults: &FaultSwitches, active: Duration) -> Vec<(Duration, FaultOp)> {
+    let mut drawn = Vec::new();
+    let ms = active.as_millis() as u64;
+    if faults.qmp_replies {
+        let mut at = rng.millis(100, 1500);
+        while at < active {
+            let command = QMP_COMMANDS[rng.index(QMP_COMMANDS.len())];
+            let fault = if rng.chance(50) {
+                Fault::DropReply
+            } else {
+                // Some beyond the driver's deadline of 2 s: a timeout, an unknown outcome.
+                Fault::DelayReply(rng.millis(200, 3000))
+            };
+            drawn.push((at, FaultOp::Qmp { command, fault }));
+            at += rng.millis(300, 1500);
+        }
+    }
+    if faults.qmp_outage {
+        for _ in 0..1 + rng.below(2) {
+            drawn.push((rng.millis(0, ms), FaultOp::Outage(rng.millis(500, 3000))));
+        }
+    }
+    let replicas = if faults.replicas { 2 } else { 1 };
+    if faults.kill {
+        for _ in 0..1 + rng.below(2) {
+            let replica = rng.index(replicas);
+            let down = rng.millis(100, 2000);
+            drawn.push((rng.millis(0, ms), FaultOp::Kill { replica, down }));
+        }
+    }
+    if faults.replicas {
+        for _ in 0..1 + rng.below(2) {
+            let down = rng.millis(200, 2000);
+            drawn.push((rng.millis(ms / 5, ms), FaultOp::HandOver { down }));
+        }
+    }
+    if faults.qsd_restart {
+        drawn.push((rng.millis(ms / 4, ms), FaultOp::RestartQsd));
+    }
+    if faults.watch_lag {
+        let lag = rng.millis(200, 3000);
+        let lasting = rng.millis(1000, 5000);
+        drawn.push((rng.millis(0, ms), FaultOp::WatchLag { lag, lasting }));
+    }
+    if faults.partition {
+        drawn.push((rng.millis(0, ms), FaultOp::Partition(rng.millis(1000, 6000))));
+    }
+    drawn.sort_by_key(|(at, _)| *at);
+    drawn
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_names_one_schedule() {
+        let a = Plan::draw(42, Duration::from_secs(10), true);
+        let b = Plan::draw(42, Duration::from_secs(10), true);
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        let c = Plan::draw(43, Duration::from_secs(10), true);
+        assert_ne!(format!("{a:?}"), format!("{c:?}"));
+    }
+}

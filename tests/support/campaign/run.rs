@@ -1,0 +1,918 @@
+//! Runs one schedule against the real system: a qemu-storage-daemon behind the fault-injecting
+//! QMP proxy, one or two operator processes (under `--leader-elect` when two) reaching the
+//! apiserver through a write-recording front, the workload and the faults of the plan, and the
+//! observer beside them. Then the faults stop, the workload tidies up as a person would, and the
+//! schedule is judged: convergence, quiet once converged, no panic, and the Events.
+
+use super::observe::{CreateWindow, History, Observer, Rule, Violation};
+use super::plan::{FaultOp, Op, Plan, SLOTS, VolumePlan};
+use crate::support::cluster::{TestObjects, admin_client, unique_name};
+use crate::support::operator::{Operator, Options, SHARD_LABEL};
+use crate::support::qmp_proxy::QmpProxy;
+use crate::support::qsd::{NbdClient, Qsd};
+use crate::support::scenario::ApiCounter;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use safe_detach::api::{AttachmentPhase, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment};
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Every Volume's stuck clock: the CRD's minimum, so that forces happen within a schedule.
+pub const STUCK_AFTER: Duration = Duration::from_secs(5);
+const RESYNC: Duration = Duration::from_secs(2);
+const DEADLINE: &str = "2s";
+const LEASE_NAMESPACE: &str = "safe-detach";
+const LEASE_DURATION: &str = "5s";
+/// How long the system may take to converge once the faults stop: a lease to expire, a backoff
+/// or two, a stuck clock and a resync, with room to spare on a loaded machine.
+pub const CONVERGE_WITHIN: Duration = Duration::from_secs(90);
+/// How long a converged system is watched for writes, and how many it may make meanwhile.
+const QUIET_WINDOW: Duration = Duration::from_secs(6);
+const QUIET_WRITES: usize = 6;
+const OBSERVE_EVERY: Duration = Duration::from_millis(100);
+
+/// The faults an API proxy in front of the operator can make. The write-recording front used
+/// until then makes none; a schedule draws those faults only when the front can.
+pub trait ApiFaults: Send + Sync {
+    fn can_fault(&self) -> bool;
+    fn set_watch_delay(&self, delay: Duration);
+    fn freeze(&self);
+    fn thaw(&self);
+}
+
+/// [`ApiCounter`] records the writes and injects nothing.
+impl ApiFaults for ApiCounter {
+    fn can_fault(&self) -> bool {
+        false
+    }
+    fn set_watch_delay(&self, _: Duration) {}
+    fn freeze(&self) {}
+    fn thaw(&self) {}
+}
+
+/// What one schedule came to.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub seed: u64,
+    pub ops: usize,
+    pub ops_applied: usize,
+    pub faults: BTreeMap<&'static str, usize>,
+    pub violations: Vec<Violation>,
+    /// Each violation with the seed, the rule and the history around it.
+    pub reports: Vec<String>,
+    pub wall: Duration,
+    pub observations: usize,
+    pub converged_after: Option<Duration>,
+    pub quiet_writes: usize,
+    pub hard_deletes: usize,
+}
+
+struct Replica {
+    operator: Operator,
+    identity: String,
+    /// Started again by the watchdog once this has passed (a process that exits by itself, as
+    /// on losing its lease, is started again at once, as a Deployment would).
+    down_until: Option<Instant>,
+}
+
+struct World {
+    plan: Plan,
+    client: Client,
+    attachments: Api<VolumeAttachment>,
+    volumes: Api<Volume>,
+    volume_names: Vec<String>,
+    slot_names: Vec<Vec<String>>,
+    shard: String,
+    history: History,
+    creates: Arc<Mutex<Vec<CreateWindow>>>,
+    qmp_socket: PathBuf,
+    volume_uids: Mutex<BTreeMap<String, usize>>,
+}
+
+impl World {
+    fn labels(&self) -> serde_json::Value {
+        json!({ SHARD_LABEL: self.shard })
+    }
+
+    async fn create_volume(&self, index: usize) -> Result<(), kube::Error> {
+        let plan: &VolumePlan = &self.plan.volumes[index];
+        let name = &self.volume_names[index];
+        let object = json!({
+            "apiVersion": "safedetach.io/v1alpha1",
+            "kind": "Volume",
+            "metadata": { "name": name, "labels": self.labels() },
+            "spec": {
+                "driver": "nbd",
+                "volumeHandle": plan.handle,
+                "multiAttach": plan.multi_attach,
+                "autoForceDetach": plan.auto_force_detach,
+                "orphanPolicy": if plan.orphan_detach { "Detach" } else { "Report" },
+                "stuckAfter": format!("{}s", STUCK_AFTER.as_secs()),
+            },
+        });
+        let volume: Volume = serde_json::from_value(object).expect("a Volume");
+        let created = self.volumes.create(&PostParams::default(), &volume).await?;
+        self.volume_uids
+            .lock()
+            .expect("uids")
+            .insert(created.uid().unwrap_or_default(), index);
+        Ok(())
+    }
+}
+
+/// Runs `plan` and judges it.
+pub async fn run(plan: Plan) -> Outcome {
+    let started = Instant::now();
+    let history = History::new();
+    let mut objects = TestObjects::default();
+    let mut qsd = Qsd::start();
+    for volume in &plan.volumes {
+        qsd.create_image(&volume.handle);
+    }
+    let qmp_socket = qsd.qmp_socket();
+    let proxy = Arc::new(QmpProxy::start(&qsd.dir().join("proxy.sock"), &qmp_socket).await);
+    let shard = unique_name("campaign");
+    let config = format!(
+        "defaultStuckAfter: {}s\nresyncInterval: {}s\ndrivers:\n  - name: nbd\n    deadline: {DEADLINE}\n    nbd:\n      qmpSocket: {}\n      nbdSocket: {}\n      imageDir: {}\n",
+        STUCK_AFTER.as_secs(),
+        RESYNC.as_secs(),
+        proxy.socket().display(),
+        qsd.nbd_socket().display(),
+        qsd.image_dir().display(),
+    );
+    let api = Arc::new(ApiCounter::start().await);
+    let lease = unique_name("campaign-lease");
+    let replica_count = if plan.faults.replicas { 2 } else { 1 };
+    let mut replicas = Vec::new();
+    for i in 0..replica_count {
+        let identity = format!("r{i}-{lease}");
+        let mut args = Vec::new();
+        if plan.faults.replicas {
+            args = [
+                "--leader-elect",
+                "--lease-name",
+                &lease,
+                "--lease-duration",
+                LEASE_DURATION,
+                "--identity",
+                &identity,
+            ]
+            .map(str::to_owned)
+            .to_vec();
+        }
+        let options = Options {
+            args,
+            kubeconfig: Some(api.kubeconfig.clone()),
+        };
+        replicas.push(Replica {
+            operator: Operator::start_with(&shard, &config, options).await,
+            identity,
+            down_until: None,
+        });
+    }
+    let replicas = Arc::new(tokio::sync::Mutex::new(replicas));
+    let qsd_running = Arc::new(AtomicBool::new(true));
+
+    let client = admin_client().await;
+    let volume_names: Vec<String> = (0..plan.volumes.len())
+        .map(|i| objects.volume(&format!("cv{i}")))
+        .collect();
+    let slot_names: Vec<Vec<String>> = (0..plan.volumes.len())
+        .map(|v| {
+            (0..SLOTS)
+                .map(|s| objects.attachment(&format!("ca{v}s{s}")))
+                .collect()
+        })
+        .collect();
+    let world = Arc::new(World {
+        plan: plan.clone(),
+        attachments: Api::all(client.clone()),
+        volumes: Api::all(client.clone()),
+        client: client.clone(),
+        volume_names,
+        slot_names,
+        shard: shard.clone(),
+        history: history.clone(),
+        creates: Arc::default(),
+        qmp_socket: qmp_socket.clone(),
+        volume_uids: Mutex::default(),
+    });
+    history.note(format!(
+        "seed {} volumes {:?} nodes {:?} faults {:?}",
+        plan.seed, plan.volumes, plan.nodes, plan.faults
+    ));
+    for (i, name) in world.volume_names.iter().enumerate() {
+        history.note(format!("volume {i} is {name}"));
+        world
+            .create_volume(i)
+            .await
+            .unwrap_or_else(|e| panic!("create Volume {name}: {e}"));
+    }
+
+    // The observer.
+    let stop = Arc::new(AtomicBool::new(false));
+    let observer = {
+        let handles = world
+            .volume_names
+            .iter()
+            .zip(&plan.volumes)
+            .map(|(n, v)| (n.clone(), v.handle.clone()))
+            .collect();
+        let single = world
+            .volume_names
+            .iter()
+            .zip(&plan.volumes)
+            .filter(|(_, v)| !v.multi_attach)
+            .map(|(n, v)| (v.handle.clone(), n.clone()))
+            .collect();
+        let mut observer = Observer::new(handles, single, world.creates.clone(), history.clone());
+        let world = world.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let selector = format!("{SHARD_LABEL}={}", world.shard);
+            while !stop.load(Ordering::SeqCst) {
+                observer
+                    .round(&world.attachments, &selector, &world.qmp_socket)
+                    .await;
+                tokio::time::sleep(OBSERVE_EVERY).await;
+            }
+            observer
+        })
+    };
+
+    // The watchdog: starts stopped replicas again, as a Deployment would.
+    let watchdog = {
+        let replicas = replicas.clone();
+        let stop = stop.clone();
+        let history = history.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let mut replicas = replicas.lock().await;
+                for replica in replicas.iter_mut() {
+                    let due = replica.down_until.is_none_or(|d| Instant::now() >= d);
+                    if due && !replica.operator.is_running() {
+                        replica.operator.restart();
+                        replica.down_until = None;
+                        history.note(format!("started {} again", replica.identity));
+                    }
+                }
+                drop(replicas);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+
+    // The workload and the faults, side by side.
+    let applied = Arc::new(AtomicUsize::new(0));
+    let workload = {
+        let world = world.clone();
+        let applied = applied.clone();
+        tokio::spawn(async move { workload(world, started, applied).await })
+    };
+    let faults = {
+        let world = world.clone();
+        let proxy = proxy.clone();
+        let replicas = replicas.clone();
+        let qsd_running = qsd_running.clone();
+        let api = api.clone();
+        let lease = lease.clone();
+        tokio::task::spawn(async move {
+            let mut qsd = qsd;
+            let counts = inject(
+                &world,
+                started,
+                &proxy,
+                &replicas,
+                &mut qsd,
+                &qsd_running,
+                api.as_ref(),
+                &lease,
+            )
+            .await;
+            (qsd, counts)
+        })
+    };
+    let clients = workload.await.expect("the workload task");
+    let (qsd, fault_counts) = faults.await.expect("the fault task");
+
+    // The faults stop: nothing armed, QMP answers, every replica may run.
+    proxy.disarm();
+    proxy.set_refusing(false).await;
+    api.thaw();
+    api.set_watch_delay(Duration::ZERO);
+    for replica in replicas.lock().await.iter_mut() {
+        replica.down_until = None;
+    }
+    history.note("faults stop; clients close");
+    for (_, client) in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(3), client.close()).await;
+    }
+
+    let quiesced = Instant::now();
+    let converged = converge(&world).await;
+    let mut late = Vec::new();
+    let mut quiet_writes = 0;
+    match converged {
+        Ok(()) => {
+            let at = Instant::now();
+            history.note("converged");
+            tokio::time::sleep(QUIET_WINDOW).await;
+            let writes: Vec<_> = api
+                .writes_since(at)
+                .into_iter()
+                .filter(|w| w.to_safedetach() || w.to_event())
+                .collect();
+            quiet_writes = writes.len();
+            if writes.len() > QUIET_WRITES {
+                late.push((
+                    Rule::HotLoop,
+                    format!(
+                        "{} writes in the {QUIET_WINDOW:?} after convergence (at most {QUIET_WRITES}): {:?}",
+                        writes.len(),
+                        writes
+                            .iter()
+                            .map(|w| format!("{} {}", w.method, w.path))
+                            .collect::<Vec<_>>()
+                    ),
+                ));
+            }
+        }
+        Err(state) => late.push((
+            Rule::NoConvergence,
+            format!("not converged {CONVERGE_WITHIN:?} after the faults stopped: {state}"),
+        )),
+    }
+    let converged_after = late
+        .iter()
+        .all(|(rule, _)| *rule != Rule::NoConvergence)
+        .then(|| quiesced.elapsed().saturating_sub(QUIET_WINDOW));
+
+    stop.store(true, Ordering::SeqCst);
+    let mut observer = observer.await.expect("the observer task");
+    let _ = watchdog.await;
+    let mut replicas = Arc::try_unwrap(replicas)
+        .ok()
+        .expect("no other owner of the replicas")
+        .into_inner();
+    for replica in &mut replicas {
+        replica.operator.kill();
+        let log = replica.operator.log();
+        if let Some(at) = log.find("panicked at") {
+            let end = (at + 600).min(log.len());
+            let start = log[..at].rfind('\n').map_or(0, |n| n + 1);
+            late.push((
+                Rule::Panic,
+                format!("{} panicked: {}", replica.identity, &log[start..end]),
+            ));
+        }
+    }
+    let now = Instant::now();
+    for (rule, detail) in late {
+        observer.violate(rule, now, detail);
+    }
+    check_events(&world, &mut observer).await;
+
+    let hard_deletes = proxy
+        .calls()
+        .iter()
+        .filter(|c| c.command == "block-export-del" && c.arguments["mode"] == "hard")
+        .count();
+    let reports = observer
+        .violations
+        .iter()
+        .map(|v| {
+            format!(
+                "VIOLATION seed {} rule {} at {:.3}s: {}\n--- history (seed {}; reproduce: make campaign SCHEDULES=1 SEED={}) ---\n{}\n--- operator log (end) ---\n{}",
+                plan.seed,
+                v.rule.name(),
+                history.offset(v.at),
+                v.detail,
+                plan.seed,
+                plan.seed,
+                history.around(v.at, 60, 10),
+                tail(&replicas[0].operator.log(), 40),
+            )
+        })
+        .collect();
+
+    // Clean up: the operators are dead, so nothing puts a finalizer back.
+    let leases = Api::<Lease>::namespaced(client.clone(), LEASE_NAMESPACE);
+    let _ = leases.delete(&lease, &DeleteParams::default()).await;
+    drop(replicas);
+    drop(objects);
+    drop(qsd);
+    let mut counts = fault_counts;
+    if plan.faults.replicas || plan.faults.kill {
+        counts.entry("operator processes").or_insert(0);
+    }
+    Outcome {
+        seed: plan.seed,
+        ops: plan.ops.len(),
+        ops_applied: applied.load(Ordering::SeqCst),
+        faults: counts,
+        violations: observer.violations.clone(),
+        reports,
+        wall: started.elapsed(),
+        observations: observer.rounds,
+        converged_after,
+        quiet_writes,
+        hard_deletes,
+    }
+}
+
+fn tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs the plan's workload operations at their times; returns the NBD clients still open.
+async fn workload(
+    world: Arc<World>,
+    started: Instant,
+    applied: Arc<AtomicUsize>,
+) -> BTreeMap<(usize, usize), NbdClient> {
+    let mut clients: BTreeMap<(usize, usize), NbdClient> = BTreeMap::new();
+    for (at, op) in world.plan.ops.clone() {
+        tokio::time::sleep_until(started + at).await;
+        let outcome = apply(&world, &op, &mut clients).await;
+        if outcome.starts_with("ok") {
+            applied.fetch_add(1, Ordering::SeqCst);
+        }
+        world.history.note(format!("op {op:?}: {outcome}"));
+    }
+    tokio::time::sleep_until(started + world.plan.active).await;
+    clients
+}
+
+async fn apply(
+    world: &World,
+    op: &Op,
+    clients: &mut BTreeMap<(usize, usize), NbdClient>,
+) -> String {
+    let said = |result: Result<(), kube::Error>| match result {
+        Ok(()) => "ok".to_owned(),
+        Err(kube::Error::Api(status)) => format!("refused {} {}", status.code, status.reason),
+        Err(e) => format!("error {e}"),
+    };
+    match op {
+        Op::Create {
+            volume,
+            slot,
+            node,
+            token,
+        } => {
+            let name = &world.slot_names[*volume][*slot];
+            let node = &world.plan.nodes[*node % world.plan.node_count()];
+            let mut metadata = json!({ "name": name, "labels": world.labels() });
+            if let Some(token) = token {
+                metadata["annotations"] = json!({ FORCE_DETACH_ANNOTATION: token });
+            }
+            let object: VolumeAttachment = serde_json::from_value(json!({
+                "apiVersion": "safedetach.io/v1alpha1",
+                "kind": "VolumeAttachment",
+                "metadata": metadata,
+                "spec": { "volumeName": world.volume_names[*volume], "nodeName": node },
+            }))
+            .expect("a VolumeAttachment");
+            let index = {
+                let mut creates = world.creates.lock().expect("creates");
+                creates.push(CreateWindow {
+                    volume: world.volume_names[*volume].clone(),
+                    node: node.clone(),
+                    sent: Instant::now(),
+                    answered: None,
+                });
+                creates.len() - 1
+            };
+            let result = world
+                .attachments
+                .create(&PostParams::default(), &object)
+                .await;
+            world.creates.lock().expect("creates")[index].answered = Some(Instant::now());
+            match result {
+                Ok(created) => format!("ok uid {}", created.uid().unwrap_or_default()),
+                Err(e) => said(Err(e)),
+            }
+        }
+        Op::Delete { volume, slot } => {
+            let name = &world.slot_names[*volume][*slot];
+            said(
+                world
+                    .attachments
+                    .delete(name, &DeleteParams::default())
+                    .await
+                    .map(|_| ()),
+            )
+        }
+        Op::Annotate {
+            volume,
+            slot,
+            token,
+            ..
+        } => {
+            let name = &world.slot_names[*volume][*slot];
+            let patch = json!({ "metadata": { "annotations": { FORCE_DETACH_ANNOTATION: token } } });
+            said(
+                world
+                    .attachments
+                    .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ()),
+            )
+        }
+        Op::Connect { volume, slot } => {
+            if clients.contains_key(&(*volume, *slot)) {
+                return "skipped: a client is connected".into();
+            }
+            let name = &world.slot_names[*volume][*slot];
+            let Ok(Some(attachment)) = world.attachments.get_opt(name).await else {
+                return "skipped: no attachment".into();
+            };
+            let status = attachment.status.unwrap_or_default();
+            let Some(uri) = status.connection_info.get("uri").cloned() else {
+                return "skipped: no uri".into();
+            };
+            if status.phase != Some(AttachmentPhase::Attached) {
+                return format!("skipped: phase {:?}", status.phase);
+            }
+            match tokio::time::timeout(Duration::from_secs(3), NbdClient::connect_uri(&uri)).await
+            {
+                Ok(Ok(client)) => {
+                    clients.insert((*volume, *slot), client);
+                    format!("ok connected to {uri}")
+                }
+                Ok(Err(e)) => format!("failed: {e}"),
+                Err(_) => "failed: connect timed out".into(),
+            }
+        }
+        Op::Disconnect { volume, slot } => match clients.remove(&(*volume, *slot)) {
+            Some(client) => {
+                let _ = tokio::time::timeout(Duration::from_secs(3), client.close()).await;
+                "ok".into()
+            }
+            None => "skipped: no client".into(),
+        },
+        Op::DeleteVolume { volume } => said(
+            world
+                .volumes
+                .delete(&world.volume_names[*volume], &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        ),
+        Op::RecreateVolume { volume } => {
+            match world.volumes.get_opt(&world.volume_names[*volume]).await {
+                Ok(None) => said(world.create_volume(*volume).await),
+                Ok(Some(_)) => "skipped: exists".into(),
+                Err(e) => said(Err(e)),
+            }
+        }
+    }
+}
+
+/// Runs the plan's faults at their times; returns how many of each kind were injected.
+#[allow(clippy::too_many_arguments)]
+async fn inject(
+    world: &World,
+    started: Instant,
+    proxy: &QmpProxy,
+    replicas: &tokio::sync::Mutex<Vec<Replica>>,
+    qsd: &mut Qsd,
+    qsd_running: &AtomicBool,
+    api: &dyn ApiFaults,
+    lease: &str,
+) -> BTreeMap<&'static str, usize> {
+    let mut counts = BTreeMap::new();
+    for (at, fault) in world.plan.fault_ops.clone() {
+        tokio::time::sleep_until(started + at).await;
+        let note = match &fault {
+            FaultOp::Qmp { command, fault } => {
+                proxy.arm(command, *fault);
+                "armed".to_owned()
+            }
+            FaultOp::Outage(lasting) => {
+                world.history.note(format!("fault {fault}: begins"));
+                proxy.set_refusing(true).await;
+                tokio::time::sleep(*lasting).await;
+                proxy.set_refusing(false).await;
+                "over".to_owned()
+            }
+            FaultOp::Kill { replica, down } => {
+                let mut replicas = replicas.lock().await;
+                let index = replica % replicas.len();
+                let target = &mut replicas[index];
+                target.operator.kill();
+                target.down_until = Some(Instant::now() + *down);
+                format!("killed {}", target.identity)
+            }
+            FaultOp::HandOver { down } => {
+                let holder = Api::<Lease>::namespaced(world.client.clone(), LEASE_NAMESPACE)
+                    .get_opt(lease)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|l| l.spec?.holder_identity);
+                let mut replicas = replicas.lock().await;
+                match replicas
+                    .iter_mut()
+                    .find(|r| Some(&r.identity) == holder.as_ref())
+                {
+                    Some(leader) => {
+                        let status = leader.operator.terminate();
+                        leader.down_until = Some(Instant::now() + *down);
+                        format!("terminated leader {} ({status:?})", leader.identity)
+                    }
+                    None => format!("skipped: no leader ({holder:?})"),
+                }
+            }
+            FaultOp::RestartQsd => {
+                qsd_running.store(false, Ordering::SeqCst);
+                tokio::task::block_in_place(|| qsd.restart());
+                qsd_running.store(true, Ordering::SeqCst);
+                "restarted".to_owned()
+            }
+            FaultOp::WatchLag { lag, lasting } => {
+                api.set_watch_delay(*lag);
+                tokio::time::sleep(*lasting).await;
+                api.set_watch_delay(Duration::ZERO);
+                "over".to_owned()
+            }
+            FaultOp::Partition(lasting) => {
+                api.freeze();
+                tokio::time::sleep(*lasting).await;
+                api.thaw();
+                "over".to_owned()
+            }
+        };
+        if !note.starts_with("skipped") {
+            *counts.entry(fault.kind()).or_insert(0) += 1;
+        }
+        world.history.note(format!("fault {fault}: {note}"));
+    }
+    counts
+}
+
+/// Tidies up as a person would, then waits until everything is converged: each attachment
+/// Attached and confirmed, each deleted one and each deleted Volume gone, and the backend
+/// exporting exactly the attached (volume, node) pairs. Returns what was still off on timeout.
+async fn converge(world: &World) -> Result<(), String> {
+    let selector = format!("{SHARD_LABEL}={}", world.shard);
+    let give_up = Instant::now() + CONVERGE_WITHIN;
+    let mut tidied = false;
+    let mut decided = false;
+    let begun = Instant::now();
+    loop {
+        let attachments = world
+            .attachments
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| e.to_string())?
+            .items;
+        let volumes = world
+            .volumes
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| e.to_string())?
+            .items;
+        if !tidied {
+            tidy(world, &attachments, &volumes).await;
+            tidied = true;
+            continue;
+        }
+        // A person decides for a detach that waits for one (autoForceDetach: false): its client
+        // is gone now, but the safe retries may be backed off for minutes.
+        if !decided && begun.elapsed() > Duration::from_secs(15) {
+            decided = true;
+            for attachment in attachments
+                .iter()
+                .filter(|a| a.metadata.deletion_timestamp.is_some())
+            {
+                let patch = json!({ "metadata": { "annotations": { FORCE_DETACH_ANNOTATION: format!("decided-{}", world.plan.seed) } } });
+                let _ = world
+                    .attachments
+                    .patch(
+                        &attachment.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await;
+                world
+                    .history
+                    .note(format!("a person decides for {}", attachment.name_any()));
+            }
+        }
+        let exports = super::observe::query_exports(&world.qmp_socket).await;
+        let mut off = Vec::new();
+        let mut wanted = BTreeSet::new();
+        for a in &attachments {
+            let status = a.status.as_ref();
+            let phase = status.and_then(|s| s.phase);
+            let attached = status.is_some_and(|s| s.attached);
+            if a.metadata.deletion_timestamp.is_some()
+                || phase != Some(AttachmentPhase::Attached)
+                || !attached
+            {
+                off.push(format!(
+                    "{} {}@{} phase {phase:?} attached {attached} deleting {}",
+                    a.name_any(),
+                    a.spec.volume_name,
+                    a.spec.node_name,
+                    a.metadata.deletion_timestamp.is_some()
+                ));
+            }
+            let handle = world
+                .volume_names
+                .iter()
+                .position(|n| *n == a.spec.volume_name)
+                .map(|i| world.plan.volumes[i].handle.clone())
+                .unwrap_or_default();
+            wanted.insert(safe_detach::driver::nbd::export_id(&handle, &a.spec.node_name));
+        }
+        for v in volumes
+            .iter()
+            .filter(|v| v.metadata.deletion_timestamp.is_some())
+        {
+            off.push(format!("Volume {} still being deleted", v.name_any()));
+        }
+        match &exports {
+            Ok(ids) => {
+                let listed: BTreeSet<String> = ids.iter().cloned().collect();
+                if listed != wanted {
+                    off.push(format!("backend exports {listed:?}, attachments want {wanted:?}"));
+                }
+            }
+            Err(e) => off.push(format!("backend unreadable: {e}")),
+        }
+        if off.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= give_up {
+            return Err(off.join("; "));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Deletes what can never converge to Attached: attachments of a Volume being deleted or gone,
+/// all but one node's attachments of a single-attach Volume, and duplicates of a (volume, node).
+async fn tidy(world: &World, attachments: &[VolumeAttachment], volumes: &[Volume]) {
+    let live: Vec<&VolumeAttachment> = attachments
+        .iter()
+        .filter(|a| a.metadata.deletion_timestamp.is_none())
+        .collect();
+    let mut keep: BTreeSet<String> = BTreeSet::new();
+    let mut kept_pairs: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut single_node: BTreeMap<String, String> = BTreeMap::new();
+    // Attached ones first, so that what is kept is what already works.
+    let mut ordered = live.clone();
+    ordered.sort_by_key(|a| {
+        let attached = a.status.as_ref().is_some_and(|s| s.attached);
+        (!attached, a.name_any())
+    });
+    for a in ordered {
+        let volume = &a.spec.volume_name;
+        let Some(v) = volumes
+            .iter()
+            .find(|v| v.name_any() == *volume && v.metadata.deletion_timestamp.is_none())
+        else {
+            continue;
+        };
+        if !v.spec.multi_attach {
+            let node = single_node
+                .entry(volume.clone())
+                .or_insert_with(|| a.spec.node_name.clone());
+            if *node != a.spec.node_name {
+                continue;
+            }
+        }
+        if kept_pairs.insert((volume.clone(), a.spec.node_name.clone())) {
+            keep.insert(a.name_any());
+        }
+    }
+    for a in live {
+        if !keep.contains(&a.name_any()) {
+            let _ = world
+                .attachments
+                .delete(&a.name_any(), &DeleteParams::default())
+                .await;
+            world
+                .history
+                .note(format!("tidy: delete {}", a.name_any()));
+        }
+    }
+}
+
+/// The Events' rules: each token forces at most once on an object; no automatic force before
+/// `stuckAfter` or where the Volume does not allow it; no orphan forced under `orphanPolicy:
+/// Report`.
+async fn check_events(world: &World, observer: &mut Observer) {
+    let events = Api::<Event>::namespaced(world.client.clone(), "default");
+    let Ok(list) = events.list(&ListParams::default()).await else {
+        return;
+    };
+    let volume_uids = world.volume_uids.lock().expect("uids").clone();
+    // (uid, token) → (the latest force's time, each force).
+    let mut per_token: BTreeMap<(String, String), (Option<jiff::Timestamp>, Vec<String>)> =
+        BTreeMap::new();
+    let mut found: Vec<(Rule, Option<jiff::Timestamp>, String)> = Vec::new();
+    for event in list.items {
+        let Some(regarding) = event.regarding.as_ref() else {
+            continue;
+        };
+        let uid = regarding.uid.clone().unwrap_or_default();
+        let reason = event.reason.clone().unwrap_or_default();
+        let note = event.note.clone().unwrap_or_default();
+        let time = event.event_time.as_ref().map(|t| t.0);
+        if let Some(index) = volume_uids.get(&uid) {
+            let plan = &world.plan.volumes[*index];
+            if !plan.orphan_detach && reason.starts_with("ForceDetach") {
+                found.push((
+                    Rule::EarlyOrUnallowedForce,
+                    time,
+                    format!("orphanPolicy Report, yet {reason} on Volume {}: {note}", world.volume_names[*index]),
+                ));
+            }
+            continue;
+        }
+        let Some(versions) = observer.seen.get(&uid) else {
+            continue;
+        };
+        let record = versions.last().expect("seen").1.clone();
+        if reason != "ForceDetaching" {
+            continue;
+        }
+        let count = event.series.as_ref().map_or(1, |s| s.count);
+        if let Some(token) = token_of(&note) {
+            let entry = per_token.entry((uid.clone(), token.clone())).or_default();
+            entry.0 = entry.0.max(time);
+            for _ in 0..count {
+                entry.1.push(format!("{} {time:?}: {note}", record.name));
+            }
+        }
+        let stuck_phase = if note.contains("reason StuckDetaching") {
+            Some(AttachmentPhase::Detaching)
+        } else if note.contains("reason StuckAttaching") {
+            Some(AttachmentPhase::Attaching)
+        } else {
+            None
+        };
+        if let Some(phase) = stuck_phase {
+            let index = world.volume_names.iter().position(|n| *n == record.volume);
+            let allowed = index.is_some_and(|i| world.plan.volumes[i].auto_force_detach);
+            if !allowed {
+                found.push((
+                    Rule::EarlyOrUnallowedForce,
+                    Some(time).flatten(),
+                    format!("autoForceDetach false, yet {} was forced automatically: {note}", record.name),
+                ));
+            }
+            if let Some(time) = time
+                && let Some(since) = observer.phase_since_before(&uid, time, phase)
+            {
+                let stuck = jiff::SignedDuration::try_from(STUCK_AFTER).expect("small");
+                // phaseSince has whole seconds, event times microseconds: a second of slack.
+                if time < since + stuck - jiff::SignedDuration::from_secs(1) {
+                    found.push((
+                        Rule::EarlyOrUnallowedForce,
+                        Some(time),
+                        format!(
+                            "{} forced at {time} though in {phase:?} only since {since} (stuckAfter {STUCK_AFTER:?}): {note}",
+                            record.name
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    for ((_, token), (first, notes)) in per_token {
+        if notes.len() > 1 {
+            found.push((
+                Rule::TokenReplayed,
+                first,
+                format!("token {token:?} forced {} times: {notes:#?}", notes.len()),
+            ));
+        }
+    }
+    // History is kept in monotonic time: an Event's wall time is placed by its distance from now.
+    let (now, wall) = (Instant::now(), jiff::Timestamp::now());
+    for (rule, time, detail) in found {
+        let ago = time
+            .map(|t| wall.duration_since(t))
+            .filter(|d| d.is_positive())
+            .map_or(Duration::ZERO, |d| d.unsigned_abs());
+        observer.violate(rule, now.checked_sub(ago).unwrap_or(now), detail);
+    }
+}
+
+/// The token a force-detach Event names (`..., token "t1", attempt 1`).
+fn token_of(note: &str) -> Option<String> {
+    let start = note.find("token \"")? + "token \"".len();
+    let end = note[start..].find('"')? + start;
+    Some(note[start..end].to_owned())
+}
