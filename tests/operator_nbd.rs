@@ -21,11 +21,12 @@ use safe_detach::api::{
 };
 use serde_json::json;
 use std::time::Duration;
+use support::api_proxy::ApiWrite;
 use support::qmp_proxy::Fault;
 use support::qsd::{NbdClient, ReadOutcome};
 use support::scenario::{
-    ApiWrite, RESYNC, STUCK_AFTER, Scenario, Setup, WAIT, attached, condition, describe_events,
-    export_id, has, phase, qmp, volume_condition,
+    RESYNC, STUCK_AFTER, Scenario, Setup, WAIT, attached, condition, describe_events, export_id,
+    has, phase, qmp, volume_condition,
 };
 use tokio::time::Instant;
 

@@ -23,11 +23,32 @@ use tracing::{Instrument, info_span, warn};
 pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Action, Error> {
     let name = volume.name_any();
     let span = info_span!("reconcile", kind = "Volume", object = %name);
-    let action = reconcile_volume(&volume, &context).instrument(span).await;
+    let action = reconcile_fresh_on_conflict(volume.as_ref().clone(), &context)
+        .instrument(span)
+        .await;
     if action.is_ok() {
         context.backoff.succeeded(&backoff_key(&name));
     }
     action
+}
+
+/// Reconciles the Volume as the cache has it; if a write finds it changed since, reads it from
+/// the apiserver and reconciles that once more. Nothing is forced or released on a Volume whose
+/// write was refused.
+async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Result<Action, Error> {
+    match reconcile_volume(&volume, context).await {
+        Err(Error::Conflict(_)) => {
+            context.metrics.write_conflict("Volume");
+            let api = Api::<Volume>::all(context.client.clone());
+            match api.get_opt(&volume.name_any()).await? {
+                Some(fresh) if fresh.uid() == volume.uid() => {
+                    reconcile_volume(&fresh, context).await
+                }
+                _ => Ok(Action::await_change()),
+            }
+        }
+        other => other,
+    }
 }
 
 pub fn error_policy(volume: Arc<Volume>, _error: &Error, context: Arc<Context>) -> Action {
@@ -43,20 +64,12 @@ fn backoff_key(name: &str) -> String {
     format!("volume/{name}")
 }
 
-/// How soon a Volume whose status write was refused as stale looks again.
-const CONFLICT_RECHECK: Duration = Duration::from_millis(200);
-
 async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, Error> {
     let api = Api::<Volume>::all(context.client.clone());
     let deleting = volume.metadata.deletion_timestamp.is_some();
     let mut volume = volume.clone();
-    if !deleting {
-        match finalizer::add(&api, &volume, VOLUME_FINALIZER).await {
-            Ok(Some(written)) => volume = written,
-            Ok(None) => {}
-            Err(Error::Conflict(_)) => return Ok(Action::requeue(CONFLICT_RECHECK)),
-            Err(error) => return Err(error),
-        }
+    if !deleting && let Some(written) = finalizer::add(&api, &volume, VOLUME_FINALIZER).await? {
+        volume = written;
     }
     let driver = context.config.drivers.get(&volume.spec.driver).cloned();
     let grace = match &volume.spec.stuck_after {
@@ -126,15 +139,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
             now: Timestamp::now(),
         },
     );
-    match persist(&volume, context, &current, &decision.status).await {
-        Ok(()) => {}
-        // Decided on an older Volume: nothing is forced or released on it.
-        Err(Error::Conflict(_)) => {
-            context.metrics.write_conflict("Volume");
-            return Ok(Action::requeue(CONFLICT_RECHECK));
-        }
-        Err(error) => return Err(error),
-    }
+    persist(&volume, context, &current, &decision.status).await?;
     if decision.release {
         finalizer::remove(&api, &volume, VOLUME_FINALIZER).await?;
         return Ok(Action::await_change());

@@ -2,6 +2,7 @@
 //! and fault injection in front of it. Each test binary uses a part of it.
 #![allow(dead_code)]
 
+pub mod api_proxy;
 pub mod cluster;
 pub mod conformance;
 pub mod csi;

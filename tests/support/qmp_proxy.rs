@@ -99,6 +99,15 @@ impl QmpProxy {
         self.shared.calls.lock().expect("proxy state").clone()
     }
 
+    /// The arguments of every command named `command` forwarded so far, oldest first.
+    pub fn calls_of(&self, command: &str) -> Vec<Value> {
+        self.calls()
+            .into_iter()
+            .filter(|call| call.command == command)
+            .map(|call| call.arguments)
+            .collect()
+    }
+
     /// How many armed faults have been applied so far.
     pub fn fired(&self) -> usize {
         self.shared.fired.load(Ordering::SeqCst)

@@ -3,18 +3,22 @@
 //! creates in that shard, and the ways a test waits for and inspects what happened: the objects'
 //! status, the Events, and the daemon's own lists read over QMP.
 //!
+//! The operator's API traffic can go through an [`ApiProxy`], which records its writes and cuts
+//! or delays its view of the apiserver on demand; a second replica of the operator can join it,
+//! behind a proxy of its own, for leader-election scenarios.
+//!
 //! On drop the operator is killed before the objects are deleted (so it cannot put a finalizer
 //! back), and the daemon goes last.
 
-use super::cluster::operator_kubeconfig;
+use super::api_proxy::ApiProxy;
 use super::cluster::{TestObjects, admin_client, unique_name};
 use super::operator::{Operator, Options, SHARD_LABEL};
 use super::qmp_proxy::QmpProxy;
 use super::qsd::{Qsd, named_block_nodes};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Resource};
 use safe_detach::api::{
     AttachmentPhase, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment, find_condition,
@@ -25,13 +29,11 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// The field manager of the objects the tests write.
@@ -45,6 +47,11 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(15);
 pub const STUCK_AFTER: Duration = Duration::from_secs(5);
 /// How often the operator looks again at converged objects.
 pub const RESYNC: Duration = Duration::from_secs(2);
+/// Where the replicas of a leader election keep their Lease (the operator's default).
+pub const LEASE_NAMESPACE: &str = "safe-detach";
+/// The election identity of the scenario's operator, when it runs in one
+/// (`Setup::leader_election`).
+pub const FIRST_REPLICA: &str = "replica-1";
 
 /// Scenarios normally run side by side; one that must observe the whole control plane quiet
 /// (no other test's operator writing) takes this for writing, which waits for the others to end
@@ -60,8 +67,16 @@ pub struct Setup {
     /// Do not run side by side with the other scenarios: the test will call
     /// [`Scenario::exclusive`] and must not hold a shared turn meanwhile.
     pub exclusive: bool,
-    /// Route the operator's API requests through an [`ApiCounter`], which counts its writes.
+    /// Route the operator's API requests through an [`ApiProxy`], to count its writes
+    /// ([`Scenario::api`]).
     pub count_writes: bool,
+    /// Route the operator's API requests through an [`ApiProxy`], to lag or cut its view of the
+    /// apiserver ([`Scenario::api`]).
+    pub api_proxy: bool,
+    /// Run the operator as one replica of a leader election (`--leader-elect`), identity
+    /// [`FIRST_REPLICA`], for a Lease of the scenario's own that lasts this long (e.g. "4s");
+    /// [`Scenario::second_operator`] starts another replica of the same election.
+    pub leader_election: Option<&'static str>,
 }
 
 impl Default for Setup {
@@ -71,14 +86,20 @@ impl Default for Setup {
             via_proxy: false,
             exclusive: false,
             count_writes: false,
+            api_proxy: false,
+            leader_election: None,
         }
     }
 }
 
 pub struct Scenario {
     pub operator: Operator,
-    /// The operator's API requests, when the scenario counts them (`Setup::count_writes`).
-    pub api: Option<ApiCounter>,
+    /// The front of the operator's API requests (`Setup::api_proxy` or `Setup::count_writes`).
+    pub api: Option<ApiProxy>,
+    /// The operator's configuration file, as every replica of it gets it.
+    config: String,
+    /// The election's Lease (`Setup::leader_election`), and how long it lasts.
+    election: Option<(String, &'static str)>,
     objects: TestObjects,
     pub proxy: Option<QmpProxy>,
     pub qsd: Qsd,
@@ -114,21 +135,37 @@ impl Scenario {
             .map_or_else(|| qsd.qmp_socket(), |p| p.socket().to_owned());
         let shard = unique_name("shard");
         let config = operator_config(&qsd, &qmp_socket, setup.deadline);
-        let (operator, api) = if setup.count_writes {
-            let api = ApiCounter::start().await;
-            let options = Options {
-                kubeconfig: Some(api.kubeconfig.clone()),
-                ..Options::default()
-            };
-            let operator = Operator::start_with(&shard, &config, options).await;
-            (operator, Some(api))
+        let election = setup
+            .leader_election
+            .map(|duration| (unique_name("lease"), duration));
+        let mut created = Vec::new();
+        if let Some((lease, _)) = &election {
+            created.push(("Lease", lease.clone()));
+        }
+        let args = election
+            .as_ref()
+            .map(|(lease, duration)| replica_args(lease, duration, FIRST_REPLICA))
+            .unwrap_or_default();
+        let api = if setup.count_writes || setup.api_proxy {
+            Some(ApiProxy::start().await)
         } else {
-            (Operator::start(&shard, &config).await, None)
+            None
+        };
+        let operator = if api.is_none() && args.is_empty() {
+            Operator::start(&shard, &config).await
+        } else {
+            let options = Options {
+                args,
+                kubeconfig: api.as_ref().map(|api| api.kubeconfig.clone()),
+            };
+            Operator::start_with(&shard, &config, options).await
         };
         let client = admin_client().await;
         Self {
             operator,
             api,
+            config,
+            election,
             objects: TestObjects::default(),
             proxy,
             qsd,
@@ -137,7 +174,7 @@ impl Scenario {
             events: Api::namespaced(client.clone(), "default"),
             client,
             shard,
-            created: Vec::new(),
+            created,
             _turn: turn,
         }
     }
@@ -151,11 +188,60 @@ impl Scenario {
         SIDE_BY_SIDE.write().await
     }
 
-    /// The counter of the operator's API requests (`Setup::count_writes`).
-    pub fn api(&self) -> &ApiCounter {
+    /// The front of the operator's API requests (`Setup::api_proxy` or `Setup::count_writes`).
+    pub fn api(&self) -> &ApiProxy {
         self.api
             .as_ref()
-            .expect("the scenario counts the operator's writes")
+            .expect("the scenario routes the operator's API requests through a proxy")
+    }
+
+    /// Starts another operator for this scenario's shard, daemon and configuration, behind an
+    /// [`ApiProxy`] of its own. In a leader election (`Setup::leader_election`) it joins the same
+    /// election as `identity`. The caller owns both; dropping the operator kills it.
+    pub async fn second_operator(&self, identity: &str) -> (Operator, ApiProxy) {
+        let api = ApiProxy::start().await;
+        let args = self
+            .election
+            .as_ref()
+            .map(|(lease, duration)| replica_args(lease, duration, identity))
+            .unwrap_or_default();
+        let options = Options {
+            args,
+            kubeconfig: Some(api.kubeconfig.clone()),
+        };
+        let operator = Operator::start_with(&self.shard, &self.config, options).await;
+        (operator, api)
+    }
+
+    /// Who holds the election's Lease now (`None`: nobody, or no Lease yet).
+    pub async fn lease_holder(&self) -> Option<String> {
+        let (lease, _) = self
+            .election
+            .as_ref()
+            .expect("the scenario runs a leader election");
+        let leases = Api::<Lease>::namespaced(self.client.clone(), LEASE_NAMESPACE);
+        let found = leases
+            .get_opt(lease)
+            .await
+            .unwrap_or_else(|e| panic!("read the Lease {lease}: {e}"))?;
+        found.spec?.holder_identity.filter(|h| !h.is_empty())
+    }
+
+    /// Waits until `identity` holds the election's Lease.
+    pub async fn wait_leader(&self, identity: &str, timeout: Duration) {
+        let give_up = Instant::now() + timeout;
+        loop {
+            let holder = self.lease_holder().await;
+            if holder.as_deref() == Some(identity) {
+                return;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "{identity} did not take the lease within {timeout:?} (holder: {holder:?})\n--- operator log (end) ---\n{}",
+                self.log_tail(40)
+            );
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     pub fn proxy(&self) -> &QmpProxy {
@@ -202,8 +288,21 @@ impl Scenario {
 
     /// Creates a VolumeAttachment of `volume` to `node` in this scenario's shard.
     pub async fn attachment(&mut self, prefix: &str, volume: &str, node: &str) -> String {
+        let name = self.attachment_name(prefix);
+        self.create_attachment(&name, volume, node).await;
+        name
+    }
+
+    /// A unique VolumeAttachment name, deleted with the scenario, for an attachment created
+    /// later (several of them at once, for instance).
+    pub fn attachment_name(&mut self, prefix: &str) -> String {
         let name = self.objects.attachment(prefix);
         self.created.push(("VolumeAttachment", name.clone()));
+        name
+    }
+
+    /// Creates the VolumeAttachment `name` of `volume` to `node` in this scenario's shard.
+    pub async fn create_attachment(&self, name: &str, volume: &str, node: &str) {
         let object = json!({
             "apiVersion": "safedetach.io/v1alpha1",
             "kind": "VolumeAttachment",
@@ -211,10 +310,9 @@ impl Scenario {
             "spec": { "volumeName": volume, "nodeName": node },
         });
         self.attachments
-            .patch(&name, &apply(), &Patch::Apply(&object))
+            .patch(name, &apply(), &Patch::Apply(&object))
             .await
             .unwrap_or_else(|e| panic!("create VolumeAttachment {name}: {e}"));
-        name
     }
 
     /// Creates an attachment and waits until the backend-confirmed `Attached` is recorded.
@@ -576,10 +674,14 @@ impl Drop for Scenario {
             runtime.block_on(async {
                 let client = admin_client().await;
                 let attachments = Api::<VolumeAttachment>::all(client.clone());
-                let volumes = Api::<Volume>::all(client);
+                let volumes = Api::<Volume>::all(client.clone());
+                let leases = Api::<Lease>::namespaced(client, LEASE_NAMESPACE);
                 for (kind, name) in created.iter().rev() {
                     match *kind {
                         "VolumeAttachment" => delete_then_strip(&attachments, name).await,
+                        "Lease" => {
+                            let _ = leases.delete(name, &DeleteParams::default()).await;
+                        }
                         _ => delete_then_strip(&volumes, name).await,
                     }
                 }
@@ -597,142 +699,6 @@ where
     let _ = api.delete(name, &DeleteParams::default()).await;
     let strip = Patch::Merge(json!({ "metadata": { "finalizers": null } }));
     let _ = api.patch(name, &PatchParams::default(), &strip).await;
-}
-
-/// A write request the operator sent to the apiserver.
-#[derive(Clone, Debug)]
-pub struct ApiWrite {
-    pub at: Instant,
-    pub method: String,
-    /// The request's path (no query).
-    pub path: String,
-}
-
-impl ApiWrite {
-    /// A write to a Volume or a VolumeAttachment (object or status).
-    pub fn to_safedetach(&self) -> bool {
-        self.path.starts_with("/apis/safedetach.io/")
-    }
-
-    pub fn to_status(&self) -> bool {
-        self.to_safedetach() && self.path.ends_with("/status")
-    }
-
-    /// A write to a VolumeAttachment's status.
-    pub fn to_attachment_status(&self) -> bool {
-        self.to_status() && self.path.contains("/volumeattachments/")
-    }
-
-    /// A write to a Volume's status.
-    pub fn to_volume_status(&self) -> bool {
-        self.to_status() && self.path.contains("/volumes/")
-    }
-
-    pub fn to_event(&self) -> bool {
-        self.path.starts_with("/apis/events.k8s.io/")
-    }
-}
-
-/// A plain-HTTP front for the apiserver, on the loopback, for one operator: it forwards every
-/// request under the operator's own identity (its RBAC-bound token) and records each write. The
-/// apiserver's own metrics count every client of a shared cluster; this counts one operator.
-pub struct ApiCounter {
-    writes: Arc<Mutex<Vec<ApiWrite>>>,
-    /// A kubeconfig that points at the front, without credentials of its own.
-    pub kubeconfig: PathBuf,
-    task: JoinHandle<()>,
-    _dir: tempfile::TempDir,
-}
-
-impl ApiCounter {
-    pub async fn start() -> Self {
-        let path = operator_kubeconfig().await;
-        let read =
-            Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        let config = kube::Config::from_custom_kubeconfig(read, &KubeConfigOptions::default())
-            .await
-            .expect("the operator's kubeconfig");
-        let upstream = Client::try_from(config).expect("a client with the operator's identity");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a loopback port");
-        let address = listener.local_addr().expect("its address");
-        let writes: Arc<Mutex<Vec<ApiWrite>>> = Arc::default();
-        let app = axum::Router::new().fallback({
-            let writes = writes.clone();
-            move |request: axum::extract::Request| {
-                forward(upstream.clone(), writes.clone(), request)
-            }
-        });
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        let dir = tempfile::tempdir().expect("a folder for the kubeconfig");
-        let kubeconfig = dir.path().join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: counted\n  cluster:\n    server: http://{address}\nusers:\n- name: operator\n  user: {{}}\ncontexts:\n- name: counted\n  context:\n    cluster: counted\n    user: operator\ncurrent-context: counted\n"
-            ),
-        )
-        .expect("write the kubeconfig");
-        Self {
-            writes,
-            kubeconfig,
-            task,
-            _dir: dir,
-        }
-    }
-
-    /// Every write so far, oldest first.
-    pub fn writes(&self) -> Vec<ApiWrite> {
-        self.writes.lock().expect("the counter").clone()
-    }
-
-    /// The writes recorded at or after `since`.
-    pub fn writes_since(&self, since: Instant) -> Vec<ApiWrite> {
-        self.writes()
-            .into_iter()
-            .filter(|w| w.at >= since)
-            .collect()
-    }
-}
-
-impl Drop for ApiCounter {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn forward(
-    upstream: Client,
-    writes: Arc<Mutex<Vec<ApiWrite>>>,
-    request: axum::extract::Request,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let (mut parts, body) = request.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
-        return (http::StatusCode::BAD_REQUEST, "unreadable body").into_response();
-    };
-    if !matches!(parts.method, http::Method::GET | http::Method::HEAD) {
-        writes.lock().expect("the counter").push(ApiWrite {
-            at: Instant::now(),
-            method: parts.method.to_string(),
-            path: parts.uri.path().to_owned(),
-        });
-    }
-    parts.headers.remove(http::header::HOST);
-    let request = http::Request::from_parts(parts, kube::client::Body::from(bytes.to_vec()));
-    match upstream.send(request).await {
-        Ok(response) => {
-            let (mut parts, body) = response.into_parts();
-            for hop in [http::header::TRANSFER_ENCODING, http::header::CONNECTION] {
-                parts.headers.remove(hop);
-            }
-            axum::response::Response::from_parts(parts, axum::body::Body::new(body))
-        }
-        Err(error) => (http::StatusCode::BAD_GATEWAY, error.to_string()).into_response(),
-    }
 }
 
 /// Sums `apiserver_request_total` for write verbs on this project's resources, keyed by
@@ -784,6 +750,21 @@ fn operator_config(qsd: &Qsd, qmp_socket: &Path, deadline: &str) -> String {
         nbd = qsd.nbd_socket().display(),
         images = qsd.image_dir().display(),
     )
+}
+
+/// The arguments of one replica in the election for `lease`.
+fn replica_args(lease: &str, duration: &str, identity: &str) -> Vec<String> {
+    [
+        "--leader-elect",
+        "--lease-name",
+        lease,
+        "--lease-duration",
+        duration,
+        "--identity",
+        identity,
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 fn apply() -> PatchParams {

@@ -1,0 +1,621 @@
+//! The operator's promises under races and lag, end to end: the real binary under its RBAC-bound
+//! identity, on the real control plane, against a real `qemu-storage-daemon`. The faults are the
+//! ones that make a record and the backend drift apart without anyone editing a record by hand:
+//! attachments that race for one volume, a volume released to several waiting nodes at once, an
+//! informer cache that lags the apiserver, a leader cut off from the apiserver while another
+//! replica takes over, and another controller's finalizer added before the operator has seen the
+//! object.
+//!
+//! Every check is what a user or the backend sees: the daemon's own list of exports (read over
+//! QMP, directly), the commands the daemon was sent (logged by the QMP proxy), the objects' status
+//! and finalizers, and the Events. Clocks are those of `support::scenario`: `defaultStuckAfter:
+//! 5s`, `resyncInterval: 2s`, a driver deadline of 2s.
+
+mod support;
+
+use futures::future::join_all;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use safe_detach::api::{
+    AttachmentPhase, FINALIZER, ForceDetachState, VOLUME_FINALIZER, VolumeAttachment,
+};
+use safe_detach::driver::nbd::parse_export_id;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use support::scenario::{
+    FIRST_REPLICA, RESYNC, Scenario, Setup, attached, condition, describe_events, export_id, has,
+    phase, show,
+};
+use tokio::time::Instant;
+
+const VA: &str = "VolumeAttachment";
+const NODE_A: &str = "node-a";
+const HANDLE: &str = "vol1";
+/// How often the daemon's exports are read while a race runs: often enough to see an export
+/// that lives for a single reconcile.
+const EXPORT_POLL: Duration = Duration::from_millis(20);
+/// Another controller's finalizer, as a backup or replication tool would put on an attachment.
+const OTHER_FINALIZER: &str = "example.com/other";
+
+// ---------------------------------------------------------------------------------------------
+// Watching the backend while a race runs
+// ---------------------------------------------------------------------------------------------
+
+/// What the daemon's exports showed over a watched stretch of time.
+#[derive(Default)]
+struct ExportLog {
+    polls: usize,
+    /// For each volume handle ever exported to more than one node: the node sets seen.
+    shared: BTreeMap<String, BTreeSet<Vec<String>>>,
+    /// Every export id seen at least once.
+    ever: BTreeSet<String>,
+}
+
+impl ExportLog {
+    fn record(&mut self, ids: &[String]) {
+        self.polls += 1;
+        let mut nodes_of: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for id in ids {
+            self.ever.insert(id.clone());
+            if let Some((handle, node)) = parse_export_id(id) {
+                nodes_of.entry(handle).or_default().push(node.to_owned());
+            }
+        }
+        for (handle, nodes) in nodes_of {
+            if nodes.len() > 1 {
+                self.shared
+                    .entry(handle.to_owned())
+                    .or_default()
+                    .insert(nodes);
+            }
+        }
+    }
+
+    /// The handles that were exported to two nodes or more at one moment, and to which.
+    fn describe_shared(&self) -> String {
+        self.shared
+            .iter()
+            .map(|(handle, sets)| format!("  {handle}: {sets:?}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Runs `work` while reading the daemon's exports every [`EXPORT_POLL`], and returns its result
+/// with what the daemon showed meanwhile.
+async fn watching_exports<T>(s: &Scenario, work: impl Future<Output = T>) -> (T, ExportLog) {
+    let done = AtomicBool::new(false);
+    let watch = async {
+        let mut log = ExportLog::default();
+        while !done.load(Ordering::SeqCst) {
+            log.record(&s.exports().await);
+            tokio::time::sleep(EXPORT_POLL).await;
+        }
+        log
+    };
+    let work = async {
+        let result = work.await;
+        done.store(true, Ordering::SeqCst);
+        result
+    };
+    futures::join!(work, watch)
+}
+
+/// Attached, as the backend confirmed it.
+fn is_attached(attachment: &VolumeAttachment) -> bool {
+    phase(attachment) == Some(AttachmentPhase::Attached) && attached(attachment)
+}
+
+/// Not attached, and told why: another node holds the volume.
+fn is_blocked(attachment: &VolumeAttachment) -> bool {
+    !attached(attachment)
+        && phase(attachment) != Some(AttachmentPhase::Attached)
+        && has(
+            condition(attachment, "AttachBlocked"),
+            "True",
+            Some("HeldByAnotherNode"),
+        )
+}
+
+/// One Volume and the attachments that compete for it, each with its node.
+struct Contest {
+    volume: String,
+    handle: String,
+    attachments: Vec<(String, &'static str)>,
+}
+
+impl Contest {
+    /// Creates a Volume on a new image, waits until the operator has taken it in (its finalizer,
+    /// so that an attachment of it is not turned away as naming an unknown Volume), and names an
+    /// attachment for each of `nodes`, created later.
+    async fn prepare(s: &mut Scenario, handle: &str, nodes: &[&'static str]) -> Self {
+        let volume = s.volume("race", handle, json!({})).await;
+        s.wait_volume(&volume, "taken in by the operator", |v| {
+            v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)
+        })
+        .await;
+        let attachments = nodes
+            .iter()
+            .map(|node| (s.attachment_name("race"), *node))
+            .collect();
+        Self {
+            volume,
+            handle: handle.to_owned(),
+            attachments,
+        }
+    }
+
+    /// Creates all the attachments at once.
+    async fn create_all(&self, s: &Scenario) {
+        join_all(
+            self.attachments
+                .iter()
+                .map(|(name, node)| s.create_attachment(name, &self.volume, node)),
+        )
+        .await;
+    }
+
+    /// The attachments' current records.
+    async fn records(&self, s: &Scenario) -> Vec<(String, &'static str, VolumeAttachment)> {
+        let mut records = Vec::new();
+        for (name, node) in &self.attachments {
+            let record = s.get_attachment(name).await.expect("the attachment exists");
+            records.push((name.clone(), *node, record));
+        }
+        records
+    }
+
+    /// Waits until every attachment is either attached or blocked.
+    async fn wait_settled(&self, s: &Scenario) {
+        for (name, _) in &self.attachments {
+            s.wait_attachment(name, "attached, or blocked by another node", |a| {
+                is_attached(a) || is_blocked(a)
+            })
+            .await;
+        }
+    }
+
+    /// What is wrong with the outcome, if anything: it must be exactly one attachment attached,
+    /// every other one blocked.
+    async fn judge(&self, s: &Scenario) -> Option<String> {
+        let records = self.records(s).await;
+        let winners: Vec<&str> = records
+            .iter()
+            .filter(|(_, _, a)| is_attached(a))
+            .map(|(_, node, _)| *node)
+            .collect();
+        let not_blocked: Vec<&str> = records
+            .iter()
+            .filter(|(_, _, a)| !is_attached(a) && !is_blocked(a))
+            .map(|(_, node, _)| *node)
+            .collect();
+        (winners.len() != 1 || !not_blocked.is_empty()).then(|| {
+            format!(
+                "  {} ({}): attached on {winners:?}; neither attached nor blocked on {not_blocked:?}",
+                self.volume, self.handle
+            )
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single-attach under concurrency
+// ---------------------------------------------------------------------------------------------
+
+/// Nodes that ask for the same single-attach Volume at the same moment: the backend never exports
+/// it to two of them at once, and in the end one node has it while the others are told another
+/// node holds it. Six Volumes race at once, each with an attachment for each of three nodes, all
+/// eighteen created in one burst.
+#[tokio::test(flavor = "multi_thread")]
+async fn attachments_created_at_once_never_export_a_single_attach_volume_to_two_nodes() {
+    let mut s = Scenario::start().await;
+    let nodes = ["node-a", "node-b", "node-c"];
+    let mut contests = Vec::new();
+    for i in 0..6 {
+        contests.push(Contest::prepare(&mut s, &format!("burst{i}"), &nodes).await);
+    }
+
+    let ((), exports) = watching_exports(&s, async {
+        join_all(contests.iter().map(|c| c.create_all(&s))).await;
+        for contest in &contests {
+            contest.wait_settled(&s).await;
+        }
+        // Settled is not the end of a race: the next resyncs must not undo it either.
+        tokio::time::sleep(2 * RESYNC).await;
+    })
+    .await;
+
+    println!(
+        "FIGURE: burst of {} attachments: {} of {} volumes exported to two nodes at once ({} reads of the exports)",
+        contests.len() * nodes.len(),
+        exports.shared.len(),
+        contests.len(),
+        exports.polls
+    );
+    let mut wrong = Vec::new();
+    for contest in &contests {
+        wrong.extend(contest.judge(&s).await);
+    }
+    assert!(
+        exports.shared.is_empty() && wrong.is_empty(),
+        "attachments created at once: {} of {} single-attach volumes were exported to two nodes at once:\n{}\n{} of {} did not end with exactly one node attached and the others blocked:\n{}\n--- operator log (end) ---\n{}",
+        exports.shared.len(),
+        contests.len(),
+        exports.describe_shared(),
+        wrong.len(),
+        contests.len(),
+        wrong.join("\n"),
+        s.log_tail(60)
+    );
+}
+
+/// A single-attach Volume that the backend connects to two nodes anyway (here, an export made
+/// behind the operator's back) is never taken as normal: the Volume's `MultiAttached` condition
+/// turns True with a Warning Event, the attachment's `BackendInSync` turns False, and both clear
+/// once the second connection is gone. The operator attaches nothing more meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_single_attach_volume_seen_on_two_nodes_is_reported() {
+    let mut s = Scenario::start().await;
+    let volume = s.volume("seen-twice", HANDLE, json!({})).await;
+    let name = s.attachment("seen-twice", &volume, NODE_A).await;
+    s.wait_attached(&name).await;
+
+    s.export_out_of_band(HANDLE, "node-b", false).await;
+    let reported = s
+        .wait_volume(&volume, "MultiAttached=True", |v| {
+            has(
+                support::scenario::volume_condition(v, "MultiAttached"),
+                "True",
+                Some("ConnectedToSeveralNodes"),
+            )
+        })
+        .await;
+    let message = &support::scenario::volume_condition(&reported, "MultiAttached")
+        .expect("the condition")
+        .message;
+    assert!(message.contains("node-a") && message.contains("node-b"), "{message}");
+    let event = s
+        .wait_event("Volume", &volume, "MultiAttached", &["node-b"])
+        .await;
+    assert_eq!(event.type_, "Warning", "{event:?}");
+    s.wait_attachment(&name, "BackendInSync=False MultiAttached", |a| {
+        has(condition(a, "BackendInSync"), "False", Some("MultiAttached"))
+    })
+    .await;
+
+    s.delete_export_out_of_band(HANDLE, "node-b").await;
+    s.wait_volume(&volume, "MultiAttached=False", |v| {
+        has(
+            support::scenario::volume_condition(v, "MultiAttached"),
+            "False",
+            None,
+        )
+    })
+    .await;
+    s.wait_attachment(&name, "BackendInSync=True", |a| {
+        has(condition(a, "BackendInSync"), "True", None) && is_attached(a)
+    })
+    .await;
+    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(
+        s.occurrences("Volume", &volume, "MultiAttached").await,
+        1,
+        "one Warning for one episode"
+    );
+}
+
+/// A Volume released by the node that held it goes to exactly one of the nodes waiting for it:
+/// the others stay blocked, and the backend never exports it to two of them at once. Four Volumes,
+/// each held by node-a with three more nodes waiting, are released at the same moment.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_released_volume_goes_to_exactly_one_waiting_node() {
+    let mut s = Scenario::start().await;
+    let waiting = ["node-b", "node-c", "node-d"];
+    let mut contests = Vec::new();
+    let mut holders = Vec::new();
+    for i in 0..4 {
+        let handle = format!("storm{i}");
+        let contest = Contest::prepare(&mut s, &handle, &waiting).await;
+        let (holder, _) = s.attach("holder", &contest.volume, NODE_A).await;
+        contest.create_all(&s).await;
+        for (name, _) in &contest.attachments {
+            s.wait_attachment(name, "blocked by node-a", is_blocked)
+                .await;
+        }
+        holders.push(holder);
+        contests.push(contest);
+    }
+
+    let ((), exports) = watching_exports(&s, async {
+        join_all(holders.iter().map(|h| s.delete_attachment(h))).await;
+        for holder in &holders {
+            s.wait_attachment_gone(holder).await;
+        }
+        for contest in &contests {
+            contest.wait_settled(&s).await;
+        }
+        tokio::time::sleep(2 * RESYNC).await;
+    })
+    .await;
+
+    println!(
+        "FIGURE: release storm: {} of {} volumes exported to two nodes at once ({} reads of the exports)",
+        exports.shared.len(),
+        contests.len(),
+        exports.polls
+    );
+    let mut wrong = Vec::new();
+    for contest in &contests {
+        wrong.extend(contest.judge(&s).await);
+    }
+    assert!(
+        exports.shared.is_empty() && wrong.is_empty(),
+        "released to several waiting nodes: {} of {} volumes were exported to two nodes at once:\n{}\n{} of {} did not end with exactly one waiting node attached:\n{}\n--- operator log (end) ---\n{}",
+        exports.shared.len(),
+        contests.len(),
+        exports.describe_shared(),
+        wrong.len(),
+        contests.len(),
+        wrong.join("\n"),
+        s.log_tail(60)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A lagging cache
+// ---------------------------------------------------------------------------------------------
+
+/// How late the operator's informer cache learns of a change, its own writes included.
+const WATCH_LAG: Duration = Duration::from_millis(300);
+
+/// A force-detach token acts once, even when the operator's cache sees its own writes 300 ms late:
+/// the backend is told once to cut the export off, one ForceDetached event is published, and the
+/// attachment is attached again and stays attached.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_force_detach_token_acts_once_while_the_operators_cache_lags() {
+    let mut s = Scenario::with(Setup {
+        via_proxy: true,
+        api_proxy: true,
+        ..Setup::default()
+    })
+    .await;
+    let volume = s.volume("token", HANDLE, json!({})).await;
+    let (name, _) = s.attach("token", &volume, NODE_A).await;
+    let export = export_id(HANDLE, NODE_A);
+    let hard_deletes = |s: &Scenario| {
+        s.proxy()
+            .calls_of("block-export-del")
+            .iter()
+            .filter(|arguments| arguments["id"] == export && arguments["mode"] == "hard")
+            .count()
+    };
+    assert_eq!(hard_deletes(&s), 0, "nothing was forced before the request");
+
+    s.api().set_watch_delay(WATCH_LAG);
+    let token = "lagging-1";
+    s.annotate(&name, token).await;
+    s.wait_attachment(
+        &name,
+        "force-detached by the token, then Attached again",
+        |a| {
+            let forced = a.status.as_ref().and_then(|st| st.force_detach.as_ref());
+            forced.is_some_and(|f| {
+                f.token.as_deref() == Some(token) && f.state == ForceDetachState::Succeeded
+            }) && is_attached(a)
+        },
+    )
+    .await;
+    // Long enough for every write of the force to come back through the lagging cache many times.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    let forced = hard_deletes(&s);
+    let events = s.occurrences(VA, &name, "ForceDetached").await;
+    println!(
+        "FIGURE: one token under a {WATCH_LAG:?} watch lag: {forced} forced deletes of the export, {events} ForceDetached events"
+    );
+    assert!(
+        forced == 1 && events == 1,
+        "the token {token:?} forced the export off {forced} times at the backend and was announced by {events} ForceDetached events (want 1 and 1); events:\n{}\n--- operator log (end) ---\n{}",
+        describe_events(&s.events_about(VA, &name).await),
+        s.log_tail(60)
+    );
+    let last = s.get_attachment(&name).await;
+    assert!(
+        last.as_ref().is_some_and(is_attached),
+        "not Attached after the force: {}",
+        show(last.as_ref())
+    );
+    assert_eq!(s.exports().await, [export]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leader election
+// ---------------------------------------------------------------------------------------------
+
+/// The election identity of the second replica.
+const SECOND_REPLICA: &str = "replica-2";
+/// How long a silent leader keeps the lease.
+const LEASE: &str = "4s";
+/// Long enough for the lease to run out and the other replica to take it and start acting.
+const TAKEOVER: Duration = Duration::from_secs(20);
+
+/// A leader cut off from the apiserver keeps running on what it saw last. Meanwhile the other
+/// replica takes the lease, and a user deletes an attachment: the new leader detaches it and
+/// releases its finalizer (another controller's finalizer keeps the object, Detached, as a backup
+/// tool's would). The cut-off replica must not act on it again: the daemon does not export it
+/// again, during the partition or after it heals; the record the new leader wrote stays Detached;
+/// and the lease stays with the new leader.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_leader_does_not_act_after_another_replica_took_over() {
+    let mut s = Scenario::with(Setup {
+        api_proxy: true,
+        leader_election: Some(LEASE),
+        ..Setup::default()
+    })
+    .await;
+    s.wait_leader(FIRST_REPLICA, TAKEOVER).await;
+    let (_second, _second_api) = s.second_operator(SECOND_REPLICA).await;
+    let volume = s.volume("fenced", HANDLE, json!({})).await;
+    let (name, _) = s.attach("fenced", &volume, NODE_A).await;
+    add_finalizer(&s.attachments, &name, OTHER_FINALIZER).await;
+    let export = export_id(HANDLE, NODE_A);
+    assert_eq!(s.exports().await, std::slice::from_ref(&export));
+    // Cut the leader off only once it is done with the attach (its Event sent, the Volume's
+    // status written) and has looked again with nothing to write: what it holds is then a cache
+    // that says Attached, not a write half sent.
+    s.wait_event(VA, &name, "Attached", &[]).await;
+    s.wait_volume(&volume, "InUse", |v| {
+        v.status
+            .as_ref()
+            .is_some_and(|st| st.connected_nodes == [NODE_A])
+    })
+    .await;
+    tokio::time::sleep(RESYNC).await;
+
+    s.api().freeze();
+    s.wait_leader(SECOND_REPLICA, TAKEOVER).await;
+    s.delete_attachment(&name).await;
+    s.wait_attachment(&name, "Detached, and released by the new leader", |a| {
+        phase(a) == Some(AttachmentPhase::Detached)
+            && !attached(a)
+            && a.finalizers() == [OTHER_FINALIZER]
+    })
+    .await;
+    assert!(
+        !s.exports().await.contains(&export),
+        "the new leader recorded Detached while the daemon still exports {export}"
+    );
+
+    // The cut-off replica's cache still says Attached, and at every resync it probes the daemon
+    // and finds the export gone.
+    let window = 3 * RESYNC + Duration::from_secs(1);
+    let ((), during) = watching_exports(&s, tokio::time::sleep(window)).await;
+    s.api().thaw();
+    let ((), after) = watching_exports(&s, tokio::time::sleep(window)).await;
+
+    let record = s.get_attachment(&name).await;
+    let holder = s.lease_holder().await;
+    remove_finalizer(&s.attachments, &name, OTHER_FINALIZER).await;
+    println!(
+        "FIGURE: partitioned leader: {export} exported again during the partition: {}, after it healed: {}; the record after: {:?}; lease holder after: {holder:?}",
+        during.ever.contains(&export),
+        after.ever.contains(&export),
+        record.as_ref().and_then(phase),
+    );
+    let mut problems = Vec::new();
+    if during.ever.contains(&export) {
+        problems.push(format!(
+            "during the partition the daemon exported {export} again"
+        ));
+    }
+    if after.ever.contains(&export) {
+        problems.push(format!(
+            "after the partition healed the daemon exported {export} again"
+        ));
+    }
+    let stays = |a: &VolumeAttachment| phase(a) == Some(AttachmentPhase::Detached) && !attached(a);
+    if !record.as_ref().is_some_and(stays) {
+        problems.push(format!(
+            "the record the new leader wrote was overwritten; it now says:\n{}",
+            show(record.as_ref())
+        ));
+    }
+    if holder.as_deref() != Some(SECOND_REPLICA) {
+        problems.push(format!(
+            "after the partition healed the lease is held by {holder:?}, not by the replica that took over ({SECOND_REPLICA})"
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "the replica cut off from the apiserver acted after another took over:\n  {}\n--- its log (end) ---\n{}",
+        problems.join("\n  "),
+        s.log_tail(40)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finalizers
+// ---------------------------------------------------------------------------------------------
+
+/// How late the operator's cache learns of a change, so that another controller's change lands
+/// before the operator has seen the object at all.
+const SLOW_WATCH: Duration = Duration::from_secs(2);
+
+/// Another controller's finalizer, added after the attachment was created but before the operator
+/// has seen it, survives the operator adding its own: the attachment ends Attached with both
+/// finalizers, each once.
+#[tokio::test(flavor = "multi_thread")]
+async fn adding_the_finalizer_keeps_another_controllers_finalizer() {
+    let mut s = Scenario::with(Setup {
+        api_proxy: true,
+        ..Setup::default()
+    })
+    .await;
+    let volume = s.volume("shared", HANDLE, json!({})).await;
+    s.wait_volume(&volume, "taken in by the operator", |v| {
+        v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)
+    })
+    .await;
+
+    s.api().set_watch_delay(SLOW_WATCH);
+    let created = Instant::now();
+    let name = s.attachment("shared", &volume, NODE_A).await;
+    // The other controller comes a moment later, well before the operator's cache has the object,
+    // so that the operator first acts on the object as created, without any finalizer.
+    tokio::time::sleep(SLOW_WATCH / 4).await;
+    let fresh = s.get_attachment(&name).await.expect("just created");
+    assert!(
+        fresh.finalizers().is_empty() && created.elapsed() < SLOW_WATCH,
+        "the operator reached the attachment before the other controller; the test proves nothing"
+    );
+    // Conditional on the version read, so that nothing the operator wrote meanwhile is replaced.
+    s.merge_metadata(
+        &name,
+        json!({ "resourceVersion": fresh.resource_version(), "finalizers": [OTHER_FINALIZER] }),
+    )
+    .await;
+    let attached = s.wait_attached(&name).await;
+
+    let finalizers = attached.finalizers().to_vec();
+    let count = |f: &str| finalizers.iter().filter(|x| *x == f).count();
+    let (other, ours) = (count(OTHER_FINALIZER), count(FINALIZER));
+    // Let the object go once the operator has released it; the scenario's clean-up would too.
+    remove_finalizer(&s.attachments, &name, OTHER_FINALIZER).await;
+    assert!(
+        other == 1 && ours == 1,
+        "after the attach the finalizers are {finalizers:?}: {OTHER_FINALIZER} {other} times, {FINALIZER} {ours} times (want once each)"
+    );
+}
+
+/// Adds `finalizer` at the end of the object's finalizers, which must exist already.
+async fn add_finalizer(api: &Api<VolumeAttachment>, name: &str, finalizer: &str) {
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        { "op": "add", "path": "/metadata/finalizers/-", "value": finalizer },
+    ]))
+    .expect("a JSON patch");
+    api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .unwrap_or_else(|e| panic!("add {finalizer} to {name}: {e}"));
+}
+
+/// Removes `finalizer` from the object, if it is there, without touching the others.
+async fn remove_finalizer(api: &Api<VolumeAttachment>, name: &str, finalizer: &str) {
+    let Some(object) = api.get_opt(name).await.expect("read the attachment") else {
+        return;
+    };
+    let Some(index) = object.finalizers().iter().position(|f| f == finalizer) else {
+        return;
+    };
+    let path = format!("/metadata/finalizers/{index}");
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        { "op": "test", "path": path, "value": finalizer },
+        { "op": "remove", "path": path },
+    ]))
+    .expect("a JSON patch");
+    api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .unwrap_or_else(|e| panic!("remove {finalizer} from {name}: {e}"));
+}
