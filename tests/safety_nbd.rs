@@ -619,3 +619,168 @@ async fn remove_finalizer(api: &Api<VolumeAttachment>, name: &str, finalizer: &s
         .await
         .unwrap_or_else(|e| panic!("remove {finalizer} from {name}: {e}"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tokens act at most once over an object's life
+// ---------------------------------------------------------------------------------------------
+
+/// How many times the daemon was told to cut `handle`'s export for `node` off.
+fn hard_deletes_of(s: &Scenario, handle: &str, node: &str) -> usize {
+    let export = export_id(handle, node);
+    s.proxy()
+        .calls_of("block-export-del")
+        .iter()
+        .filter(|arguments| arguments["id"] == export && arguments["mode"] == "hard")
+        .count()
+}
+
+/// The tokens the attachment records as handled.
+fn handled_tokens(attachment: &VolumeAttachment) -> Vec<String> {
+    attachment
+        .status
+        .as_ref()
+        .map(|s| s.handled_tokens.clone())
+        .unwrap_or_default()
+}
+
+/// Waits until the attachment is Attached again after the force-detach of `token` succeeded.
+async fn forced_and_reattached(s: &Scenario, name: &str, token: &str) {
+    s.wait_attachment(name, &format!("forced by {token}, then Attached"), |a| {
+        let forced = a.status.as_ref().and_then(|st| st.force_detach.as_ref());
+        forced.is_some_and(|f| {
+            f.token.as_deref() == Some(token) && f.state == ForceDetachState::Succeeded
+        }) && is_attached(a)
+    })
+    .await;
+}
+
+/// t1, then t2, then t1 again (a manifest reverted in Git): t1 and t2 each force once; going
+/// back to t1 is no request, and the export and its client are left alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reverted_token_does_not_force_again() {
+    let mut s = Scenario::with(Setup {
+        via_proxy: true,
+        ..Setup::default()
+    })
+    .await;
+    let volume = s.volume("revert", HANDLE, json!({})).await;
+    let (name, _) = s.attach("revert", &volume, NODE_A).await;
+
+    s.annotate(&name, "t1").await;
+    forced_and_reattached(&s, &name, "t1").await;
+    s.annotate(&name, "t2").await;
+    forced_and_reattached(&s, &name, "t2").await;
+    assert_eq!(hard_deletes_of(&s, HANDLE, NODE_A), 2);
+
+    s.annotate(&name, "t1").await;
+    // Several resyncs: time for any reconcile to take t1 for new.
+    tokio::time::sleep(3 * RESYNC).await;
+    let last = s.get_attachment(&name).await.expect("present");
+    assert_eq!(
+        hard_deletes_of(&s, HANDLE, NODE_A),
+        2,
+        "the reverted token t1 forced again:\n{}",
+        show(Some(&last))
+    );
+    assert_eq!(handled_tokens(&last), ["t1", "t2"], "{}", show(Some(&last)));
+    assert!(is_attached(&last), "{}", show(Some(&last)));
+    assert_eq!(s.occurrences(VA, &name, "ForceDetached").await, 2);
+}
+
+/// A requested force-detach, then an automatic one (a deleted attachment whose client will not
+/// let go, stuck detaching): the automatic force leaves the handled token handled, so the old
+/// annotation does not force a third time on the way out.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_automatic_force_does_not_revive_an_old_token() {
+    let mut s = Scenario::with(Setup {
+        via_proxy: true,
+        ..Setup::default()
+    })
+    .await;
+    let volume = s.volume("auto-after-token", HANDLE, json!({})).await;
+    let (name, _) = s.attach("auto-after-token", &volume, NODE_A).await;
+    s.annotate(&name, "t1").await;
+    forced_and_reattached(&s, &name, "t1").await;
+    assert_eq!(hard_deletes_of(&s, HANDLE, NODE_A), 1);
+
+    let attached = s.get_attachment(&name).await.expect("present");
+    let uri = attached
+        .status
+        .as_ref()
+        .and_then(|st| st.connection_info.get("uri").cloned())
+        .expect("an NBD URI");
+    let client = support::qsd::NbdClient::connect_uri(&uri)
+        .await
+        .expect("a client holds the export");
+    s.delete_attachment(&name).await;
+    s.wait_attachment_gone(&name).await;
+    drop(client);
+
+    let requested = s
+        .events_about(VA, &name)
+        .await
+        .into_iter()
+        .filter(|e| e.reason == "ForceDetached" && e.note.contains("Requested"))
+        .count();
+    let stuck = s
+        .events_about(VA, &name)
+        .await
+        .into_iter()
+        .filter(|e| e.reason == "ForceDetached" && e.note.contains("StuckDetaching"))
+        .count();
+    assert_eq!(
+        (requested, stuck, hard_deletes_of(&s, HANDLE, NODE_A)),
+        (1, 1, 2),
+        "want t1 once and the stuck detach once; events:\n{}",
+        describe_events(&s.events_about(VA, &name).await)
+    );
+}
+
+/// An attachment created with the annotation already on it (a manifest re-applied after the
+/// object was deleted, or restored from Git) attaches and is not forced: the token is recorded as
+/// handled and an Event says so. A new token forces as usual.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_present_at_creation_is_recorded_not_acted_on() {
+    let mut s = Scenario::with(Setup {
+        via_proxy: true,
+        ..Setup::default()
+    })
+    .await;
+    let volume = s.volume("born-with-token", HANDLE, json!({})).await;
+    let name = s.attachment_name("born-with-token");
+    let object = json!({
+        "apiVersion": "safedetach.io/v1alpha1",
+        "kind": "VolumeAttachment",
+        "metadata": {
+            "name": name,
+            "labels": { support::operator::SHARD_LABEL: s.shard },
+            "annotations": { safe_detach::api::FORCE_DETACH_ANNOTATION: "from-git" },
+        },
+        "spec": { "volumeName": volume, "nodeName": NODE_A },
+    });
+    s.attachments
+        .patch(
+            &name,
+            &PatchParams::apply("safe-detach-e2e"),
+            &Patch::Apply(&object),
+        )
+        .await
+        .expect("create the attachment");
+    let attached = s.wait_attached(&name).await;
+    tokio::time::sleep(2 * RESYNC).await;
+    assert_eq!(
+        hard_deletes_of(&s, HANDLE, NODE_A),
+        0,
+        "a token present at creation forced:\n{}",
+        show(Some(&attached))
+    );
+    let last = s.get_attachment(&name).await.expect("present");
+    assert_eq!(handled_tokens(&last), ["from-git"], "{}", show(Some(&last)));
+    assert!(last.status.as_ref().is_some_and(|st| st.force_detach.is_none()));
+    s.wait_event(VA, &name, "TokenPresentAtCreation", &["from-git"])
+        .await;
+
+    s.annotate(&name, "fresh").await;
+    forced_and_reattached(&s, &name, "fresh").await;
+    assert_eq!(hard_deletes_of(&s, HANDLE, NODE_A), 1);
+}

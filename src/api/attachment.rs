@@ -80,6 +80,13 @@ pub struct VolumeAttachmentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force_detach: Option<ForceDetachStatus>,
 
+    /// The `safedetach.io/force-detach` tokens already handled, oldest first, at most 16: each
+    /// acted on once, or was present when the operator first saw the attachment (a past request
+    /// carried by a re-created or restored manifest, recorded without acting). A token listed
+    /// here never acts again; set a new one to ask again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handled_tokens: Vec<String>,
+
     /// Conditions: `Ready` (attached and confirmed), `Stuck` (in Attaching or Detaching past the
     /// volume's stuckAfter), `BackendInSync` (the backend agrees with this record) and
     /// `AttachBlocked` (another node holds the volume).

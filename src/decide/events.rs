@@ -60,6 +60,21 @@ pub fn between(
         }
     }
 
+    for token in new
+        .handled_tokens
+        .iter()
+        .filter(|t| !old.handled_tokens.contains(t))
+        .filter(|t| new.force_detach.as_ref().and_then(|f| f.token.as_ref()) != Some(*t))
+    {
+        notices.push(Notice::new(
+            Severity::Normal,
+            "TokenPresentAtCreation",
+            format!(
+                "the force-detach token {token:?} was on the attachment when it was created: recorded as handled, not acted on; set a new token to force a detach"
+            ),
+        ));
+    }
+
     if old.phase != new.phase {
         match new.phase {
             Some(AttachmentPhase::Attached) => {

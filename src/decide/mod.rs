@@ -124,24 +124,33 @@ pub enum Confirmed {
     Disconnected,
 }
 
-/// The force-detach annotation, as read against the token already handled.
+/// How many handled tokens an attachment remembers. A token older than that could act again;
+/// tokens are meant to be new each time (a timestamp), so a person never reaches back that far.
+pub const MAX_HANDLED_TOKENS: usize = 16;
+
+/// The force-detach annotation, as read against the tokens already handled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    /// No annotation, or its token was already acted on.
+    /// No annotation, or its token was already handled.
     None,
     /// A new token: force-detach once.
     New(String),
+    /// A token already on the attachment when the operator first saw it: a past request that a
+    /// re-created or restored manifest carries. Recorded as handled, never acted on.
+    AtCreation(String),
     /// The annotation's value cannot be a token; it is reported and otherwise ignored.
     Invalid { token: String, why: &'static str },
 }
 
 impl Request {
-    /// Reads the annotation value against the last token handled, so that each token acts once
-    /// and a manifest that keeps carrying the annotation does not force-detach over and over.
-    pub fn read(annotation: Option<&str>, handled: Option<&str>) -> Self {
+    /// Reads the annotation value against the tokens the status records as handled, so that
+    /// each token acts at most once over the object's life, whatever came between (another
+    /// token, an automatic force), and a manifest that keeps carrying the annotation does not
+    /// force-detach over and over.
+    pub fn read(annotation: Option<&str>, status: &VolumeAttachmentStatus) -> Self {
         match annotation {
             None => Self::None,
-            Some(token) if Some(token) == handled => Self::None,
+            Some(token) if is_handled(status, token) => Self::None,
             Some("") => Self::Invalid {
                 token: String::new(),
                 why: "the token is empty",
@@ -154,9 +163,21 @@ impl Request {
                 token: token.escape_default().to_string(),
                 why: "the token contains control characters",
             },
+            // Never reconciled yet: the object arrived with the token.
+            Some(token) if status.phase.is_none() => Self::AtCreation(token.to_owned()),
             Some(token) => Self::New(token.to_owned()),
         }
     }
+}
+
+/// Whether `token` was already handled on this attachment. The last force-detach's token counts
+/// too, for records written before the list was kept.
+pub fn is_handled(status: &VolumeAttachmentStatus, token: &str) -> bool {
+    status.handled_tokens.iter().any(|t| t == token)
+        || status
+            .force_detach
+            .as_ref()
+            .is_some_and(|f| f.token.as_deref() == Some(token))
 }
 
 /// Everything a decision rests on.

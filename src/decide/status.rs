@@ -5,7 +5,8 @@
 //! what they date changes. That is what lets the reconciler write only when something changed.
 
 use super::{
-    Backend, Confirmed, Misconfiguration, Request, Step, VolumePolicy, phase_of, stuck_in,
+    Backend, Confirmed, MAX_HANDLED_TOKENS, Misconfiguration, Request, Step, VolumePolicy,
+    phase_of, stuck_in,
 };
 use crate::api::{
     AttachmentPhase, ConditionStatus, ForceDetachState, ForceDetachStatus, ProbeRecord,
@@ -116,6 +117,9 @@ pub fn after_step(
                 }
                 _ => 0,
             };
+            if let Some(token) = token {
+                remember_token(&mut status, token);
+            }
             status.force_detach = Some(ForceDetachStatus {
                 token: token.clone(),
                 reason: *reason,
@@ -346,6 +350,9 @@ fn observe(
         );
     }
 
+    if let Request::AtCreation(token) = observed.request {
+        remember_token(status, token);
+    }
     match observed.request {
         Request::Invalid { token, why } => {
             let message =
@@ -455,6 +462,16 @@ pub fn next_probe_record(
             message,
         },
     }
+}
+
+/// Records `token` as handled, forgetting the oldest beyond [`MAX_HANDLED_TOKENS`].
+fn remember_token(status: &mut VolumeAttachmentStatus, token: &str) {
+    if status.handled_tokens.iter().any(|t| t == token) {
+        return;
+    }
+    status.handled_tokens.push(token.to_owned());
+    let excess = status.handled_tokens.len().saturating_sub(MAX_HANDLED_TOKENS);
+    status.handled_tokens.drain(..excess);
 }
 
 fn set_phase(status: &mut VolumeAttachmentStatus, phase: AttachmentPhase, now: Timestamp) {

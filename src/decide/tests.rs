@@ -268,26 +268,137 @@ fn a_backend_that_cannot_be_probed_is_confirmed_only_by_its_calls() {
     );
 }
 
+fn handled(tokens: &[&str]) -> VolumeAttachmentStatus {
+    VolumeAttachmentStatus {
+        handled_tokens: tokens.iter().map(|t| t.to_string()).collect(),
+        ..in_phase(Attached, 0)
+    }
+}
+
 #[test]
 fn a_token_acts_once() {
-    assert_eq!(Request::read(Some("t1"), Some("t1")), Request::None);
+    assert_eq!(Request::read(Some("t1"), &handled(&["t1"])), Request::None);
     assert_eq!(
-        Request::read(Some("t2"), Some("t1")),
+        Request::read(Some("t2"), &handled(&["t1"])),
         Request::New("t2".into())
     );
-    assert_eq!(Request::read(None, Some("t1")), Request::None);
+    // Reverting to an earlier token is no new request.
+    assert_eq!(
+        Request::read(Some("t1"), &handled(&["t1", "t2"])),
+        Request::None
+    );
+    assert_eq!(Request::read(None, &handled(&["t1"])), Request::None);
     assert!(matches!(
-        Request::read(Some(""), None),
+        Request::read(Some(""), &handled(&[])),
         Request::Invalid { .. }
     ));
     assert!(matches!(
-        Request::read(Some(&"x".repeat(129)), None),
+        Request::read(Some(&"x".repeat(129)), &handled(&[])),
         Request::Invalid { .. }
     ));
     assert!(matches!(
-        Request::read(Some("a\nb"), None),
+        Request::read(Some("a\nb"), &handled(&[])),
         Request::Invalid { .. }
     ));
+    // A record written before the list was kept names its token in the force-detach record.
+    let mut older = handled(&[]);
+    older.force_detach = Some(ForceDetachStatus {
+        token: Some("t1".into()),
+        reason: ForceDetachReason::Requested,
+        state: ForceDetachState::Succeeded,
+        attempts: 1,
+        started_at: Time(t(0)),
+        finished_at: None,
+        message: None,
+    });
+    assert_eq!(Request::read(Some("t1"), &older), Request::None);
+}
+
+#[test]
+fn a_token_present_at_creation_is_recorded_not_acted_on() {
+    let never_seen = VolumeAttachmentStatus::default();
+    let request = Request::read(Some("t1"), &never_seen);
+    assert_eq!(request, Request::AtCreation("t1".into()));
+    let mut row = Row::new(Pending, connected(&[]));
+    row.status = never_seen;
+    row.request = request.clone();
+    let step = row.decide();
+    assert_eq!(step, Step::BeginAttach);
+    let observed = Observed {
+        node: NODE,
+        generation: Some(1),
+        policy: Some(&row.policy),
+        backend: Some(&row.backend),
+        request: &request,
+        now: row.now,
+    };
+    let status = after_step(&row.status, &step, &observed);
+    assert_eq!(status.handled_tokens, ["t1"]);
+    assert_eq!(Request::read(Some("t1"), &status), Request::None);
+    let notices = super::events::between(&row.status, &status, "v", NODE);
+    assert!(
+        notices.iter().any(|n| n.reason == "TokenPresentAtCreation"),
+        "{notices:?}"
+    );
+}
+
+#[test]
+fn an_automatic_force_does_not_make_a_handled_token_new_again() {
+    let policy = policy(true, false);
+    let mut status = handled(&["t1"]);
+    status.phase = Some(Detaching);
+    let answer = connected(&[NODE]);
+    let observed = Observed {
+        node: NODE,
+        generation: Some(1),
+        policy: Some(&policy),
+        backend: Some(&answer),
+        request: &Request::None,
+        now: t(1000),
+    };
+    let forced = after_step(
+        &status,
+        &Step::ForceDetach {
+            reason: ForceDetachReason::StuckDetaching,
+            token: None,
+        },
+        &observed,
+    );
+    assert_eq!(forced.force_detach.as_ref().unwrap().token, None);
+    assert_eq!(Request::read(Some("t1"), &forced), Request::None);
+}
+
+#[test]
+fn the_handled_tokens_are_bounded_and_forget_the_oldest() {
+    let policy = policy(true, false);
+    let answer = connected(&[NODE]);
+    let mut status = in_phase(Attached, 0);
+    for i in 0..MAX_HANDLED_TOKENS + 3 {
+        let token = format!("t{i}");
+        let request = Request::read(Some(&token), &status);
+        let observed = Observed {
+            node: NODE,
+            generation: Some(1),
+            policy: Some(&policy),
+            backend: Some(&answer),
+            request: &request,
+            now: t(10),
+        };
+        status = after_step(
+            &status,
+            &Step::ForceDetach {
+                reason: ForceDetachReason::Requested,
+                token: Some(token),
+            },
+            &observed,
+        );
+    }
+    assert_eq!(status.handled_tokens.len(), MAX_HANDLED_TOKENS);
+    assert_eq!(status.handled_tokens.first().map(String::as_str), Some("t3"));
+    assert_eq!(
+        status.handled_tokens.last().map(String::as_str),
+        Some(format!("t{}", MAX_HANDLED_TOKENS + 2).as_str())
+    );
 }
 
 #[test]
@@ -387,6 +498,7 @@ fn all_rows() -> Vec<Row> {
     let requests = [
         Request::None,
         Request::New("t".into()),
+        Request::AtCreation("t".into()),
         Request::Invalid {
             token: String::new(),
             why: "empty",
@@ -450,7 +562,7 @@ fn here(backend: &Backend) -> Option<bool> {
 #[test]
 fn every_combination_keeps_the_invariant() {
     let rows = all_rows();
-    assert_eq!(rows.len(), 6 * 8 * 3 * 2 * 2 * 2 * 2 * 2 * 3 * 3);
+    assert_eq!(rows.len(), 6 * 8 * 4 * 2 * 2 * 2 * 2 * 2 * 3 * 3);
     for row in &rows {
         let step = row.decide();
         let context = format!(
@@ -566,6 +678,12 @@ fn every_combination_keeps_the_invariant() {
                 "{context}"
             );
         }
+        if let Request::AtCreation(token) = &row.request {
+            assert!(
+                !matches!(&step, Step::ForceDetach { token: Some(t), .. } if t == token),
+                "a token present at creation never acts: {context}"
+            );
+        }
         if matches!(step, Step::ForceDetach { token: None, .. }) {
             let forcing = row.status.force_detach.is_some();
             assert!(
@@ -669,11 +787,7 @@ fn a_requested_force_detach_of_a_live_attachment_reattaches() {
     let mut now = t(10);
     let mut steps = Vec::new();
     for _ in 0..6 {
-        let handled = status
-            .force_detach
-            .as_ref()
-            .and_then(|f| f.token.as_deref());
-        let request = Request::read(Some("t1"), handled);
+        let request = Request::read(Some("t1"), &status);
         let answer = Backend::Answered(backend.clone());
         let input = Input {
             deleting: false,

@@ -87,14 +87,10 @@ pub async fn reconcile(
 
 /// Whether the annotation carries a token the status has not recorded yet.
 fn has_new_request(attachment: &VolumeAttachment) -> bool {
-    let handled = attachment
-        .status
-        .as_ref()
-        .and_then(|s| s.force_detach.as_ref())
-        .and_then(|f| f.token.as_deref());
     let annotation = attachment.annotations().get(FORCE_DETACH_ANNOTATION);
+    let status = attachment.status.clone().unwrap_or_default();
     matches!(
-        Request::read(annotation.map(String::as_str), handled),
+        Request::read(annotation.map(String::as_str), &status),
         Request::New(_)
     )
 }
@@ -218,14 +214,9 @@ impl<'a> Reconcile<'a> {
                 .annotations()
                 .get(FORCE_DETACH_ANNOTATION)
                 .cloned();
-            // Read against the token the status records, so that once a step has taken it, the
-            // request is spent: each token acts once.
-            let handled = self
-                .status
-                .force_detach
-                .as_ref()
-                .and_then(|f| f.token.as_deref());
-            let request = Request::read(annotation.as_deref(), handled);
+            // Read against the tokens the status records, so that once a step has taken one,
+            // the request is spent: each token acts once.
+            let request = Request::read(annotation.as_deref(), &self.status);
             let now = Timestamp::now();
             let input = Input {
                 deleting: self.attachment.metadata.deletion_timestamp.is_some(),
