@@ -276,13 +276,20 @@ async fn a_single_attach_volume_seen_on_two_nodes_is_reported() {
     let message = &support::scenario::volume_condition(&reported, "MultiAttached")
         .expect("the condition")
         .message;
-    assert!(message.contains("node-a") && message.contains("node-b"), "{message}");
+    assert!(
+        message.contains("node-a") && message.contains("node-b"),
+        "{message}"
+    );
     let event = s
         .wait_event("Volume", &volume, "MultiAttached", &["node-b"])
         .await;
     assert_eq!(event.type_, "Warning", "{event:?}");
     s.wait_attachment(&name, "BackendInSync=False MultiAttached", |a| {
-        has(condition(a, "BackendInSync"), "False", Some("MultiAttached"))
+        has(
+            condition(a, "BackendInSync"),
+            "False",
+            Some("MultiAttached"),
+        )
     })
     .await;
 
@@ -776,11 +783,52 @@ async fn a_token_present_at_creation_is_recorded_not_acted_on() {
     );
     let last = s.get_attachment(&name).await.expect("present");
     assert_eq!(handled_tokens(&last), ["from-git"], "{}", show(Some(&last)));
-    assert!(last.status.as_ref().is_some_and(|st| st.force_detach.is_none()));
+    assert!(
+        last.status
+            .as_ref()
+            .is_some_and(|st| st.force_detach.is_none())
+    );
     s.wait_event(VA, &name, "TokenPresentAtCreation", &["from-git"])
         .await;
 
     s.annotate(&name, "fresh").await;
     forced_and_reattached(&s, &name, "fresh").await;
     assert_eq!(hard_deletes_of(&s, HANDLE, NODE_A), 1);
+}
+
+/// An attachment that is deleted while blocked (Pending: its volume held by another node) is
+/// never marked Detached on the record alone: an attach of unknown outcome may lie behind a
+/// block, so the idempotent detach is called for its node first. The holder is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocked_attachment_is_detached_before_it_is_released() {
+    let mut s = Scenario::with(Setup {
+        via_proxy: true,
+        ..Setup::default()
+    })
+    .await;
+    let volume = s.volume("blocked-delete", HANDLE, json!({})).await;
+    let (holder, _) = s.attach("holder", &volume, NODE_A).await;
+    let waiter = s.attachment("waiter", &volume, "node-b").await;
+    s.wait_attachment(&waiter, "blocked", is_blocked).await;
+
+    s.delete_attachment(&waiter).await;
+    s.wait_attachment_gone(&waiter).await;
+    let detaches = s
+        .proxy()
+        .calls_of("block-export-del")
+        .iter()
+        .filter(|arguments| arguments["id"] == export_id(HANDLE, "node-b"))
+        .count();
+    assert!(
+        detaches >= 1,
+        "released without a detach call for node-b: {:?}",
+        s.proxy().calls_of("block-export-del")
+    );
+    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    let holder = s.get_attachment(&holder).await;
+    assert!(
+        holder.as_ref().is_some_and(is_attached),
+        "{}",
+        show(holder.as_ref())
+    );
 }

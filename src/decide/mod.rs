@@ -218,7 +218,8 @@ pub enum Step {
     ConnectionLost,
     /// Record the intent to detach (phase Detaching, its clock restarted), before calling the driver.
     BeginDetach,
-    /// Call the driver's safe detach (terminate_connection, then detach).
+    /// Call the driver's safe detach (terminate_connection, then detach), in phase Detaching
+    /// (entered now, as the call's intent, if the attachment was not there yet).
     Detach,
     /// Record the intent, then call the driver's force_detach.
     ForceDetach {
@@ -390,11 +391,12 @@ fn decide_on_record(input: &Input) -> Step {
 
         _ if input.deleting => match phase {
             AttachmentPhase::Detached if !here => Step::ReleaseFinalizer,
-            // Never attached (or cleanly detached before) and the backend agrees: nothing to undo.
-            AttachmentPhase::Pending if !here => Step::MarkDetached,
-            // Attaching, Attached, Failed, or connected despite the record: an idempotent detach
-            // first, so that an attach still in flight cannot survive the release.
-            _ => Step::BeginDetach,
+            AttachmentPhase::Attached => Step::BeginDetach,
+            // Attaching, Failed, Pending (which may follow an attach of unknown outcome and a
+            // block), or connected despite the record: the idempotent detach is called before
+            // anything says detached, even when the probe shows nothing, so that an attach
+            // still in flight cannot survive the release.
+            _ => Step::Detach,
         },
 
         AttachmentPhase::Attaching if here => {
@@ -455,9 +457,8 @@ fn decide_unprobed(
         AttachmentPhase::Detaching => Step::Detach,
         _ if input.deleting => match phase {
             AttachmentPhase::Detached => Step::ReleaseFinalizer,
-            // No attach was ever called: its intent is written before the call.
-            AttachmentPhase::Pending => Step::MarkDetached,
-            _ => Step::BeginDetach,
+            AttachmentPhase::Attached => Step::BeginDetach,
+            _ => Step::Detach,
         },
         AttachmentPhase::Attaching if confirmed == Some(Confirmed::Connected) => {
             Step::MarkAttached {

@@ -104,7 +104,9 @@ pub fn after_step(
                 message,
             );
         }
-        Step::BeginDetach => set_phase(&mut status, AttachmentPhase::Detaching, observed.now),
+        Step::BeginDetach | Step::Detach => {
+            set_phase(&mut status, AttachmentPhase::Detaching, observed.now);
+        }
         Step::ForceDetach { reason, token } => {
             set_phase(&mut status, AttachmentPhase::Detaching, observed.now);
             let attempts = match &status.force_detach {
@@ -157,7 +159,6 @@ pub fn after_step(
         }
         Step::AddFinalizer
         | Step::Attach
-        | Step::Detach
         | Step::ReleaseFinalizer
         | Step::Refresh
         | Step::Wait { .. } => {}
@@ -470,7 +471,10 @@ fn remember_token(status: &mut VolumeAttachmentStatus, token: &str) {
         return;
     }
     status.handled_tokens.push(token.to_owned());
-    let excess = status.handled_tokens.len().saturating_sub(MAX_HANDLED_TOKENS);
+    let excess = status
+        .handled_tokens
+        .len()
+        .saturating_sub(MAX_HANDLED_TOKENS);
     status.handled_tokens.drain(..excess);
 }
 

@@ -394,7 +394,10 @@ fn the_handled_tokens_are_bounded_and_forget_the_oldest() {
         );
     }
     assert_eq!(status.handled_tokens.len(), MAX_HANDLED_TOKENS);
-    assert_eq!(status.handled_tokens.first().map(String::as_str), Some("t3"));
+    assert_eq!(
+        status.handled_tokens.first().map(String::as_str),
+        Some("t3")
+    );
     assert_eq!(
         status.handled_tokens.last().map(String::as_str),
         Some(format!("t{}", MAX_HANDLED_TOKENS + 2).as_str())
@@ -634,13 +637,9 @@ fn every_combination_keeps_the_invariant() {
         let unprobeable = matches!(row.backend, Backend::Unprobeable(_));
         let phase = phase_of(&row.status);
         match (&step, here(&row.backend)) {
-            // 1. Detached only on the backend's word. Without a probe, two records stand for it:
-            // an attachment that never called attach (its intent precedes the call), and a
-            // `Detached` that was itself confirmed.
-            (Step::MarkDetached, h) => assert!(
-                h == Some(false) || (unprobeable && row.deleting && phase == Pending),
-                "{context}"
-            ),
+            // 1. Detached only on the backend's word. Without a probe, a `Detached` that was
+            // itself confirmed stands for it.
+            (Step::MarkDetached, h) => assert!(h == Some(false), "{context}"),
             (Step::ReleaseFinalizer, h) => assert!(
                 h == Some(false) || (unprobeable && phase == Detached),
                 "{context}"
@@ -1262,4 +1261,26 @@ fn a_phase_that_began_in_the_future_has_not_begun_to_count() {
     );
     assert_eq!(elapsed_since(t(10), t(5)), Duration::ZERO);
     assert_eq!(elapsed_since(t(5), t(10)), Duration::from_secs(5));
+}
+
+#[test]
+fn a_deleted_attachment_that_never_attached_is_detached_before_release() {
+    // Pending may follow an attach of unknown outcome (then a block): nothing is marked
+    // Detached before an idempotent detach.
+    for backend in [connected(&[]), Backend::Unprobeable(None)] {
+        let row = Row::new(Pending, backend.clone()).deleting();
+        let step = row.decide();
+        assert_eq!(step, Step::Detach, "{backend:?}");
+        let observed = Observed {
+            node: NODE,
+            generation: Some(1),
+            policy: Some(&row.policy),
+            backend: Some(&backend),
+            request: &Request::None,
+            now: row.now,
+        };
+        // The call's intent: recorded before it, as every detach's.
+        let status = after_step(&row.status, &step, &observed);
+        assert_eq!(status.phase, Some(Detaching));
+    }
 }
