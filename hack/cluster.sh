@@ -150,6 +150,12 @@ down() {
   echo "control plane stopped"
 }
 
+# One caller at a time: test processes started side by side each bring the control plane up,
+# and two starts racing would each kill what the other started.
+mkdir -p "$root/.local"
+exec 9>"$root/.local/cluster.lock"
+flock 9
+
 case "${1:-}" in
   up) up ;;
   down) down ;;

@@ -630,3 +630,32 @@ async fn racing_exclusive_attaches_from_two_drivers_connect_exactly_one_node() {
         assert_eq!(exports.len(), 1, "round {round}: {exports:?}");
     }
 }
+
+/// An export of the volume's block node under a name this driver does not give names no node:
+/// the probe reports it as unattributed, never as "connected nowhere".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_made_by_hand_is_reported_as_unattributed() {
+    let (qsd, driver) = setup();
+    driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach to node-a");
+    qsd.qmp(
+        "block-export-add",
+        serde_json::json!({
+            "type": "nbd", "id": "by-hand", "node-name": "sd-vol1", "name": "by-hand",
+        }),
+    )
+    .expect("an export by hand");
+    driver
+        .force_detach("vol1", "node-a")
+        .await
+        .expect("force node-a off");
+    let connections = driver.probe("vol1").await.expect("probe");
+    assert!(connections.nodes.is_empty(), "{connections:?}");
+    assert_eq!(
+        connections.unattributed,
+        std::collections::BTreeSet::from(["by-hand".to_owned()])
+    );
+    assert_eq!(driver.probe("vol2").await, Ok(Connections::default()));
+}

@@ -832,3 +832,57 @@ async fn a_blocked_attachment_is_detached_before_it_is_released() {
         show(holder.as_ref())
     );
 }
+
+/// An export of the volume's disk that the operator did not make (added by hand, under another
+/// name) may serve any node: while it exists, a deleted attachment is not released (its own
+/// export is gone, but "not connected" cannot be said), `BackendInSync` says why, and no other
+/// node attaches the single-attach volume. Once it is removed, the release follows.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_that_names_no_node_keeps_the_volume_held() {
+    let mut s = Scenario::start().await;
+    let volume = s.volume("by-hand", HANDLE, json!({})).await;
+    let (name, _) = s.attach("by-hand", &volume, NODE_A).await;
+    support::scenario::qmp(
+        &s.qsd.qmp_socket(),
+        "block-export-add",
+        json!({
+            "type": "nbd", "id": "by-hand", "node-name": "sd-vol1", "name": "by-hand",
+        }),
+    )
+    .await
+    .expect("an export by hand");
+
+    s.delete_attachment(&name).await;
+    let waiter = s.attachment("waiter", &volume, "node-b").await;
+    s.wait_attachment(&name, "BackendInSync=False UnattributedConnection", |a| {
+        has(
+            condition(a, "BackendInSync"),
+            "False",
+            Some("UnattributedConnection"),
+        )
+    })
+    .await;
+    tokio::time::sleep(2 * RESYNC).await;
+    let held = s.get_attachment(&name).await;
+    assert!(
+        held.as_ref().is_some_and(|a| a.finalizers().iter().any(|f| f == FINALIZER)),
+        "released while an unattributed export of its disk exists: {}",
+        show(held.as_ref())
+    );
+    let blocked = s.get_attachment(&waiter).await.expect("the waiter");
+    assert!(is_blocked(&blocked), "{}", show(Some(&blocked)));
+    assert!(
+        !s.exports().await.contains(&export_id(HANDLE, "node-b")),
+        "attached to node-b past an unattributed export"
+    );
+
+    support::scenario::qmp(
+        &s.qsd.qmp_socket(),
+        "block-export-del",
+        json!({ "id": "by-hand", "mode": "hard" }),
+    )
+    .await
+    .expect("remove the export by hand");
+    s.wait_attachment_gone(&name).await;
+    s.wait_attached(&waiter).await;
+}

@@ -253,6 +253,9 @@ pub enum Wait {
     VolumeBusy,
     /// The replica cannot be sure it holds the lease: it neither calls a driver nor writes.
     Fenced,
+    /// The backend has a connection of the volume that names no node: it may be this node's, so
+    /// the detach is not confirmed until it is gone.
+    UnattributedConnection,
 }
 
 impl Step {
@@ -371,14 +374,21 @@ fn decide_on_record(input: &Input) -> Step {
         return decide_unprobed(input, policy, confirmed, stuck, forcing);
     };
     let here = connections.includes(input.node);
+    // A connection that names no node may be this node's: while one exists, nothing is
+    // confirmed detached from here, and it holds the volume against attaches elsewhere.
+    let unattributed = !connections.unattributed.is_empty();
     let others: Vec<String> = connections
         .nodes
         .iter()
         .filter(|n| *n != input.node)
         .cloned()
+        .chain(connections.unattributed.iter().map(|id| format!("export {id}")))
         .collect();
 
     match phase {
+        AttachmentPhase::Detaching if !here && unattributed => {
+            Step::wait(Wait::UnattributedConnection, None)
+        }
         // Detaching is finished the same way whether the attachment is live or being deleted:
         // a live one is attached again afterwards, from scratch.
         AttachmentPhase::Detaching if !here => Step::MarkDetached,
@@ -390,6 +400,9 @@ fn decide_on_record(input: &Input) -> Step {
         AttachmentPhase::Detaching => Step::Detach,
 
         _ if input.deleting => match phase {
+            AttachmentPhase::Detached if !here && unattributed => {
+                Step::wait(Wait::UnattributedConnection, None)
+            }
             AttachmentPhase::Detached if !here => Step::ReleaseFinalizer,
             AttachmentPhase::Attached => Step::BeginDetach,
             // Attaching, Failed, Pending (which may follow an attach of unknown outcome and a

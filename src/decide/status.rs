@@ -238,6 +238,17 @@ fn observe(
             "the backend cannot be probed; the record rests on its calls returning OK".into(),
         )),
         Some(Backend::Answered(connections)) => Some(match (phase, status.attached) {
+            _ if !connections.unattributed.is_empty() => {
+                let ids: Vec<&str> = connections.unattributed.iter().map(String::as_str).collect();
+                (
+                    ConditionStatus::False,
+                    "UnattributedConnection",
+                    format!(
+                        "the backend also serves this volume as {}, which names no node: it may be connected here, so no detach is confirmed and no other node attaches it until that is removed",
+                        ids.join(", ")
+                    ),
+                )
+            }
             // The one state the invariant exists to prevent: say so wherever it shows.
             (_, true)
                 if observed.policy.is_some_and(|p| !p.multi_attach)

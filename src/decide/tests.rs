@@ -35,6 +35,13 @@ fn connected(nodes: &[&str]) -> Backend {
     Backend::Answered(Connections::to(nodes.iter().copied()))
 }
 
+/// The backend connects the volume to `nodes`, and also through an export that names no node.
+fn unattributed(nodes: &[&str]) -> Backend {
+    let mut connections = Connections::to(nodes.iter().copied());
+    connections.unattributed.insert("by-hand".into());
+    Backend::Answered(connections)
+}
+
 /// One row: the attachment, its backend and the clock.
 struct Row {
     deleting: bool,
@@ -493,6 +500,8 @@ fn all_rows() -> Vec<Row> {
         connected(&[NODE]),
         connected(&[OTHER]),
         connected(&[NODE, OTHER]),
+        unattributed(&[]),
+        unattributed(&[NODE]),
         Backend::Unreachable("down".into()),
         Backend::Unprobeable(None),
         Backend::Unprobeable(Some(Confirmed::Connected)),
@@ -565,7 +574,7 @@ fn here(backend: &Backend) -> Option<bool> {
 #[test]
 fn every_combination_keeps_the_invariant() {
     let rows = all_rows();
-    assert_eq!(rows.len(), 6 * 8 * 4 * 2 * 2 * 2 * 2 * 2 * 3 * 3);
+    assert_eq!(rows.len(), 6 * 10 * 4 * 2 * 2 * 2 * 2 * 2 * 3 * 3);
     for row in &rows {
         let step = row.decide();
         let context = format!(
@@ -636,6 +645,26 @@ fn every_combination_keeps_the_invariant() {
         }
         let unprobeable = matches!(row.backend, Backend::Unprobeable(_));
         let phase = phase_of(&row.status);
+        if let Backend::Answered(c) = &row.backend
+            && !c.unattributed.is_empty()
+        {
+            // A connection that names no node: never "detached" from here on its word, never
+            // attached elsewhere past it.
+            assert!(
+                !matches!(
+                    step,
+                    Step::MarkDetached | Step::ReleaseFinalizer | Step::MarkAttached { .. }
+                ) || (c.includes(NODE) && matches!(step, Step::MarkAttached { .. })),
+                "{context}"
+            );
+            if !c.includes(NODE) && !row.policy.multi_attach {
+                assert!(
+                    !matches!(step, Step::Attach | Step::BeginAttach),
+                    "{context}"
+                );
+            }
+            continue;
+        }
         match (&step, here(&row.backend)) {
             // 1. Detached only on the backend's word. Without a probe, a `Detached` that was
             // itself confirmed stands for it.

@@ -39,12 +39,16 @@ pub struct AttachRequest {
 pub struct Connections {
     /// The nodes the backend connects the volume to.
     pub nodes: BTreeSet<String>,
+    /// Connections of the volume that name no node (an export made by hand, under a name this
+    /// driver does not give): they may serve any node, this one included.
+    pub unattributed: BTreeSet<String>,
 }
 
 impl Connections {
     pub fn to(nodes: impl IntoIterator<Item = impl Into<String>>) -> Self {
         Self {
             nodes: nodes.into_iter().map(Into::into).collect(),
+            unattributed: BTreeSet::new(),
         }
     }
 

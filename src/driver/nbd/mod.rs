@@ -29,8 +29,9 @@
 //!   the driver's calls take turns, one QMP connection each.
 //! - An exclusive attach (a single-attach volume) lists the exports and adds its own in one QMP
 //!   session, and refuses while any export of the volume's block node is listed, whoever made it.
-//! - Only exports whose id this driver made are reported by the probe; an export added by hand
-//!   under another id is invisible to it.
+//! - The probe names the node of each export this driver made; an export of the volume's block
+//!   node under another id (added by hand) names no node, and is reported as unattributed: it may
+//!   serve any node, so nothing is confirmed detached, or attached elsewhere, while it exists.
 
 mod config;
 mod names;
@@ -343,18 +344,26 @@ impl Driver for NbdDriver {
         validate_handle(volume_handle)?;
         let mut qmp = self.connect().await?;
         // Exports still shutting down keep their clients until they are gone, so they count.
-        let nodes: Vec<String> = list_exports(&mut qmp, "probe")
-            .await?
-            .iter()
-            .filter_map(|export| parse_export_id(&export.id))
-            .filter(|(handle, _)| *handle == volume_handle)
-            .map(|(_, node)| node.to_owned())
-            .collect();
-        if nodes.is_empty() {
+        let exports = list_exports(&mut qmp, "probe").await?;
+        let block_node = block_node_name(volume_handle);
+        let mut connections = Connections::default();
+        for export in &exports {
+            match parse_export_id(&export.id) {
+                Some((handle, node)) if handle == volume_handle => {
+                    connections.nodes.insert(node.to_owned());
+                }
+                // Another name for the same disk: it may serve any node.
+                _ if export.node_name == block_node => {
+                    connections.unattributed.insert(export.id.clone());
+                }
+                _ => {}
+            }
+        }
+        if connections.nodes.is_empty() && connections.unattributed.is_empty() {
             // Connected nowhere, but say so only for a volume that exists.
             self.check_image(volume_handle).await?;
         }
-        Ok(Connections::to(nodes))
+        Ok(connections)
     }
 
     async fn attach(&self, request: &AttachRequest) -> Result<ConnectionInfo, DriverError> {
