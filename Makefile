@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make run` (the main job) and `make test` (everything).
-.PHONY: run stop test lint fmt unit e2e crds cluster cluster-down backend setup
+.PHONY: run stop test lint fmt unit e2e crds cluster cluster-down backend setup test-programs
 
 run:
 	hack/run.sh
@@ -9,7 +9,7 @@ stop:
 	hack/backend.sh down
 	hack/cluster.sh down
 
-test: lint setup cluster
+test: lint setup cluster test-programs
 	cargo test --lib --bins --tests
 
 lint:
@@ -22,7 +22,7 @@ fmt:
 unit:
 	cargo test --lib
 
-e2e: setup cluster
+e2e: setup cluster test-programs
 	cargo test --tests
 
 crds:
@@ -33,6 +33,10 @@ setup:
 
 cluster:
 	hack/cluster.sh up
+
+# The programs only the tests use: the mock CSI plugin and csi-sanity.
+test-programs:
+	hack/build-controlplane.sh --with-test-programs
 
 cluster-down:
 	hack/cluster.sh down

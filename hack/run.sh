@@ -8,16 +8,24 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 kubectl="$root/.local/bin/kubectl --kubeconfig $root/.local/kubeconfig"
 
-hack/setup.sh
-hack/cluster.sh up
-hack/backend.sh up
-cargo build --quiet
+step() { printf '\n==> %s\n' "$*"; }
 
+step "checking the QEMU tools (installs qemu-utils with apt on first use)"
+hack/setup.sh
+step "starting the local control plane (the first run builds it from Go modules: 10-20 minutes on 2 cores)"
+hack/cluster.sh up
+step "starting the demo storage backend (qemu-storage-daemon, three demo images)"
+hack/backend.sh up
+step "building the operator (first build: about 5-8 minutes on 2 cores; later: seconds)"
+cargo build --bin safe-detach
+
+step "installing the CRDs, RBAC and the operator's identity"
 $kubectl apply --server-side -f crds/safedetach.io.yaml >/dev/null
 $kubectl wait --for condition=Established --timeout 60s \
   crd/volumes.safedetach.io crd/volumeattachments.safedetach.io >/dev/null
 $kubectl apply --server-side -f deploy/namespace.yaml -f deploy/rbac.yaml >/dev/null
 
+step "starting the operator (log: .local/operator.log) and applying deploy/examples"
 pidfile="$root/.local/operator.pid"
 if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
   kill "$(cat "$pidfile")"; sleep 1

@@ -4,7 +4,7 @@ use safe_detach::api::parse_duration;
 use safe_detach::config::Config;
 use safe_detach::runtime::health::{self, Health};
 use safe_detach::runtime::leader;
-use safe_detach::runtime::telemetry::{self, LogFormat};
+use safe_detach::runtime::telemetry::{self, LogColor, LogFormat};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +66,9 @@ struct RunArgs {
         env = "SAFE_DETACH_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Colour in text logs: on a terminal only (auto), always, or never.
+    #[arg(long, value_enum, default_value = "auto", env = "SAFE_DETACH_LOG_COLOR")]
+    log_color: LogColor,
 }
 
 fn main() -> ExitCode {
@@ -81,7 +84,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            telemetry::init(args.log_format);
+            telemetry::init(args.log_format, args.log_color);
             match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime.block_on(run(args)),
                 Err(error) => {

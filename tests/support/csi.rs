@@ -35,12 +35,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 static BUILT: OnceCell<()> = OnceCell::const_new();
 
-/// Runs `hack/build-controlplane.sh` once per test process; it returns at once when the binaries
-/// are up to date, and takes minutes on a cold Go cache.
+/// Runs `hack/build-controlplane.sh --with-test-programs` once per test process; it returns at
+/// once when the binaries are up to date, and takes minutes on a cold Go cache.
 pub async fn ensure_built() {
     BUILT
         .get_or_init(|| async {
             let status = Command::new(Path::new(REPO).join("hack/build-controlplane.sh"))
+                .arg("--with-test-programs")
                 .status()
                 .await
                 .expect("run hack/build-controlplane.sh");
