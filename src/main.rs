@@ -67,7 +67,12 @@ struct RunArgs {
     )]
     log_format: LogFormat,
     /// Colour in text logs: on a terminal only (auto), always, or never.
-    #[arg(long, value_enum, default_value = "auto", env = "SAFE_DETACH_LOG_COLOR")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        env = "SAFE_DETACH_LOG_COLOR"
+    )]
     log_color: LogColor,
 }
 

@@ -865,7 +865,8 @@ async fn an_export_that_names_no_node_keeps_the_volume_held() {
     tokio::time::sleep(2 * RESYNC).await;
     let held = s.get_attachment(&name).await;
     assert!(
-        held.as_ref().is_some_and(|a| a.finalizers().iter().any(|f| f == FINALIZER)),
+        held.as_ref()
+            .is_some_and(|a| a.finalizers().iter().any(|f| f == FINALIZER)),
         "released while an unattributed export of its disk exists: {}",
         show(held.as_ref())
     );
@@ -885,4 +886,57 @@ async fn an_export_that_names_no_node_keeps_the_volume_held() {
     .expect("remove the export by hand");
     s.wait_attachment_gone(&name).await;
     s.wait_attached(&waiter).await;
+}
+
+/// A Volume replaced under a live attachment (its finalizer removed by hand, deleted, and created
+/// again under the same name with another handle) does not get the attachment attached to the new
+/// handle: the attachment says so (`Ready=False, VolumeReplaced`). Deleted, the attachment is
+/// detached from what it attached — the old export goes before the release — and the new handle
+/// is never exported.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attachment_is_detached_from_what_it_attached_after_its_volume_was_replaced() {
+    let mut s = Scenario::start().await;
+    let volume = s.volume("replaced", HANDLE, json!({})).await;
+    let (name, _) = s.attach("replaced", &volume, NODE_A).await;
+
+    // Replace the Volume behind the attachment's back.
+    s.volumes
+        .patch(
+            &volume,
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([{ "op": "remove", "path": "/metadata/finalizers" }]))
+                    .expect("a JSON patch"),
+            ),
+        )
+        .await
+        .expect("remove the Volume's finalizer by hand");
+    s.volumes
+        .delete(&volume, &Default::default())
+        .await
+        .expect("delete the Volume");
+    s.wait_for(&s.volumes, &volume, "gone", Duration::from_secs(30), |v| {
+        v.is_none()
+    })
+    .await;
+    s.create_volume(&volume, "vol2", json!({})).await;
+
+    s.wait_attachment(&name, "Ready=False VolumeReplaced", |a| {
+        has(condition(a, "Ready"), "False", Some("VolumeReplaced"))
+    })
+    .await;
+    tokio::time::sleep(2 * RESYNC).await;
+    assert_eq!(
+        s.exports().await,
+        [export_id(HANDLE, NODE_A)],
+        "the attachment was attached to the replacing Volume's handle"
+    );
+
+    s.delete_attachment(&name).await;
+    s.wait_attachment_gone(&name).await;
+    assert!(
+        s.exports().await.is_empty(),
+        "released while what it attached is still exported: {:?}",
+        s.exports().await
+    );
 }

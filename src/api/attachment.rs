@@ -80,6 +80,11 @@ pub struct VolumeAttachmentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force_detach: Option<ForceDetachStatus>,
 
+    /// What the attachment connected, recorded with its intent to attach and cleared once the
+    /// backend confirms it detached: the detach goes there, whatever its Volume names by then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_to: Option<Binding>,
+
     /// The `safedetach.io/force-detach` tokens already handled, oldest first, at most 16: each
     /// acted on once, or was present when the operator first saw the attachment (a past request
     /// carried by a re-created or restored manifest, recorded without acting). A token listed
@@ -97,6 +102,18 @@ pub struct VolumeAttachmentStatus {
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// The backend volume an attachment connected, and the Volume it connected it through.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Binding {
+    /// The driver's name in the operator's configuration.
+    pub driver: String,
+    /// The backend's id of the volume.
+    pub volume_handle: String,
+    /// The UID of the Volume: a Volume of the same name created later is another Volume.
+    pub volume_uid: String,
 }
 
 /// The phase of an attachment.

@@ -10,8 +10,8 @@ mod probe;
 mod volume;
 
 pub use attachment::{
-    AttachmentPhase, ForceDetachReason, ForceDetachState, ForceDetachStatus, VolumeAttachment,
-    VolumeAttachmentSpec, VolumeAttachmentStatus,
+    AttachmentPhase, Binding, ForceDetachReason, ForceDetachState, ForceDetachStatus,
+    VolumeAttachment, VolumeAttachmentSpec, VolumeAttachmentStatus,
 };
 pub use condition::{ConditionStatus, find_condition, set_condition};
 pub use duration::{DurationError, parse_duration};

@@ -16,7 +16,9 @@ pub mod volume;
 #[cfg(test)]
 mod tests;
 
-use crate::api::{AttachmentPhase, ForceDetachReason, ForceDetachState, VolumeAttachmentStatus};
+use crate::api::{
+    AttachmentPhase, Binding, ForceDetachReason, ForceDetachState, VolumeAttachmentStatus,
+};
 use crate::driver::Connections;
 use jiff::Timestamp;
 use std::time::Duration;
@@ -75,6 +77,9 @@ pub enum Misconfiguration {
     InvalidVolume(String),
     /// The Volume is being deleted: nothing is attached to it anew.
     VolumeDeleting(String),
+    /// The attachment connected another backend volume, or through another Volume, than its
+    /// Volume names now (the Volume was replaced under it).
+    BindingChanged { recorded: Binding, now: Binding },
 }
 
 impl Misconfiguration {
@@ -85,6 +90,7 @@ impl Misconfiguration {
             Self::UnknownDriver(_) => "UnknownDriver",
             Self::InvalidVolume(_) => "InvalidVolume",
             Self::VolumeDeleting(_) => "VolumeDeleting",
+            Self::BindingChanged { .. } => "VolumeReplaced",
         }
     }
 
@@ -97,6 +103,15 @@ impl Misconfiguration {
                 )
             }
             Self::InvalidVolume(why) => why.clone(),
+            Self::BindingChanged { recorded, now } => format!(
+                "attached volume {:?} of driver {:?} through Volume UID {}, but its Volume now names volume {:?} of driver {:?} (UID {}): nothing is attached anew; delete this attachment to detach what it attached",
+                recorded.volume_handle,
+                recorded.driver,
+                recorded.volume_uid,
+                now.volume_handle,
+                now.driver,
+                now.volume_uid
+            ),
             Self::VolumeDeleting(name) => format!(
                 "Volume {name:?} is being deleted: it is not attached anywhere new; delete this attachment to let it go"
             ),
@@ -191,6 +206,9 @@ pub struct Input<'a> {
     pub request: &'a Request,
     /// The Volume's policy, or why the attachment cannot reach its backend.
     pub volume: Result<&'a VolumePolicy, &'a Misconfiguration>,
+    /// What the attachment reaches now: the Volume's driver, handle and UID, or, for a deleted
+    /// attachment, what it recorded when it attached. Absent with a misconfiguration.
+    pub target: Option<&'a Binding>,
     /// The backend's answer; absent when there was nothing to probe (a misconfiguration) or
     /// it was not this reconcile's turn to probe.
     pub backend: Option<&'a Backend>,
@@ -338,6 +356,16 @@ fn decide_on_record(input: &Input) -> Step {
         Ok(policy) => policy,
         Err(problem) => return Step::Fail(problem.clone()),
     };
+    // Bound to what it attached: a live attachment whose Volume was replaced under it is not
+    // attached to the new one (a deleted one is detached from what it recorded).
+    if let (Some(recorded), Some(now)) = (&input.status.bound_to, input.target)
+        && recorded != now
+    {
+        return Step::Fail(Misconfiguration::BindingChanged {
+            recorded: recorded.clone(),
+            now: now.clone(),
+        });
+    }
     if input.turn == Turn::VolumeBusy {
         return Step::wait(Wait::VolumeBusy, Some(BUSY_RECHECK));
     }
@@ -382,7 +410,12 @@ fn decide_on_record(input: &Input) -> Step {
         .iter()
         .filter(|n| *n != input.node)
         .cloned()
-        .chain(connections.unattributed.iter().map(|id| format!("export {id}")))
+        .chain(
+            connections
+                .unattributed
+                .iter()
+                .map(|id| format!("export {id}")),
+        )
         .collect();
 
     match phase {

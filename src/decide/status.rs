@@ -9,7 +9,7 @@ use super::{
     phase_of, stuck_in,
 };
 use crate::api::{
-    AttachmentPhase, ConditionStatus, ForceDetachState, ForceDetachStatus, ProbeRecord,
+    AttachmentPhase, Binding, ConditionStatus, ForceDetachState, ForceDetachStatus, ProbeRecord,
     ProbeResult, VolumeAttachmentStatus, find_condition, set_condition,
 };
 use crate::driver::{ConnectionInfo, DriverError};
@@ -27,6 +27,8 @@ pub const REQUEST_REJECTED: &str = "RequestRejected";
 #[derive(Clone, Debug)]
 pub struct Observed<'a> {
     pub node: &'a str,
+    /// What the attachment reaches (see [`super::Input::target`]).
+    pub target: Option<&'a Binding>,
     pub generation: Option<i64>,
     pub policy: Option<&'a VolumePolicy>,
     pub backend: Option<&'a Backend>,
@@ -52,9 +54,13 @@ pub fn after_step(
         Step::BeginAttach => {
             set_phase(&mut status, AttachmentPhase::Attaching, observed.now);
             status.connection_info.clear();
+            bind(&mut status, observed);
         }
+        // A record from before bindings were kept learns it on its next attach.
+        Step::Attach => bind(&mut status, observed),
         Step::MarkAttached { rolled_forward } => {
             set_phase(&mut status, AttachmentPhase::Attached, observed.now);
+            bind(&mut status, observed);
             let (reason, message) = if *rolled_forward {
                 (
                     "RolledForward",
@@ -94,6 +100,7 @@ pub fn after_step(
         Step::ConnectionLost => {
             set_phase(&mut status, AttachmentPhase::Pending, observed.now);
             status.connection_info.clear();
+            status.bound_to = None;
             let message =
                 "the backend no longer shows the volume connected to the node; attaching again";
             ready(
@@ -138,6 +145,7 @@ pub fn after_step(
         Step::MarkDetached => {
             set_phase(&mut status, AttachmentPhase::Detached, observed.now);
             status.connection_info.clear();
+            status.bound_to = None;
             if let Some(force) = status
                 .force_detach
                 .as_mut()
@@ -157,11 +165,7 @@ pub fn after_step(
             }
             fail(&mut status, observed, problem);
         }
-        Step::AddFinalizer
-        | Step::Attach
-        | Step::ReleaseFinalizer
-        | Step::Refresh
-        | Step::Wait { .. } => {}
+        Step::AddFinalizer | Step::ReleaseFinalizer | Step::Refresh | Step::Wait { .. } => {}
     }
     observe(&mut status, current, step, observed);
     status
@@ -239,7 +243,11 @@ fn observe(
         )),
         Some(Backend::Answered(connections)) => Some(match (phase, status.attached) {
             _ if !connections.unattributed.is_empty() => {
-                let ids: Vec<&str> = connections.unattributed.iter().map(String::as_str).collect();
+                let ids: Vec<&str> = connections
+                    .unattributed
+                    .iter()
+                    .map(String::as_str)
+                    .collect();
                 (
                     ConditionStatus::False,
                     "UnattributedConnection",
@@ -473,6 +481,13 @@ pub fn next_probe_record(
             nodes,
             message,
         },
+    }
+}
+
+/// Records what the attachment reaches as what it attached, unless it recorded that already.
+fn bind(status: &mut VolumeAttachmentStatus, observed: &Observed) {
+    if status.bound_to.is_none() {
+        status.bound_to = observed.target.cloned();
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::status::{Observed, after_step};
 use super::*;
-use crate::api::{ForceDetachStatus, VolumeAttachmentStatus, find_condition};
+use crate::api::{Binding, ForceDetachStatus, VolumeAttachmentStatus, find_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 const NODE: &str = "node-a";
@@ -91,6 +91,7 @@ impl Row {
             status: &self.status,
             request: &self.request,
             volume: Ok(&self.policy),
+            target: None,
             backend: Some(&self.backend),
             basis: self.basis,
             turn: self.turn,
@@ -333,6 +334,7 @@ fn a_token_present_at_creation_is_recorded_not_acted_on() {
     assert_eq!(step, Step::BeginAttach);
     let observed = Observed {
         node: NODE,
+        target: None,
         generation: Some(1),
         policy: Some(&row.policy),
         backend: Some(&row.backend),
@@ -357,6 +359,7 @@ fn an_automatic_force_does_not_make_a_handled_token_new_again() {
     let answer = connected(&[NODE]);
     let observed = Observed {
         node: NODE,
+        target: None,
         generation: Some(1),
         policy: Some(&policy),
         backend: Some(&answer),
@@ -385,6 +388,7 @@ fn the_handled_tokens_are_bounded_and_forget_the_oldest() {
         let request = Request::read(Some(&token), &status);
         let observed = Observed {
             node: NODE,
+            target: None,
             generation: Some(1),
             policy: Some(&policy),
             backend: Some(&answer),
@@ -763,6 +767,7 @@ fn every_state_converges_when_the_backend_works() {
                         status: &status,
                         request: &Request::None,
                         volume: Ok(&policy),
+                        target: None,
                         backend: Some(&answer),
                         basis: Basis::Fresh,
                         turn: Turn::Ours,
@@ -772,6 +777,7 @@ fn every_state_converges_when_the_backend_works() {
                     steps.push(step.clone());
                     let observed = Observed {
                         node: NODE,
+                        target: None,
                         generation: Some(1),
                         policy: Some(&policy),
                         backend: Some(&answer),
@@ -824,6 +830,7 @@ fn a_requested_force_detach_of_a_live_attachment_reattaches() {
             status: &status,
             request: &request,
             volume: Ok(&policy),
+            target: None,
             backend: Some(&answer),
             basis: Basis::Fresh,
             turn: Turn::Ours,
@@ -832,6 +839,7 @@ fn a_requested_force_detach_of_a_live_attachment_reattaches() {
         let step = decide(&input);
         let observed = Observed {
             node: NODE,
+            target: None,
             generation: Some(1),
             policy: Some(&policy),
             backend: Some(&answer),
@@ -887,6 +895,7 @@ mod status_tests {
     ) -> Observed<'a> {
         Observed {
             node: NODE,
+            target: None,
             generation: Some(3),
             policy: Some(policy),
             backend: Some(backend),
@@ -1088,6 +1097,7 @@ mod status_tests {
         let request = Request::None;
         let observed = Observed {
             node: NODE,
+            target: None,
             generation: Some(1),
             policy: Some(&policy),
             backend: None,
@@ -1302,6 +1312,7 @@ fn a_deleted_attachment_that_never_attached_is_detached_before_release() {
         assert_eq!(step, Step::Detach, "{backend:?}");
         let observed = Observed {
             node: NODE,
+            target: None,
             generation: Some(1),
             policy: Some(&row.policy),
             backend: Some(&backend),
@@ -1312,4 +1323,60 @@ fn a_deleted_attachment_that_never_attached_is_detached_before_release() {
         let status = after_step(&row.status, &step, &observed);
         assert_eq!(status.phase, Some(Detaching));
     }
+}
+
+fn binding(handle: &str, uid: &str) -> Binding {
+    Binding {
+        driver: "nbd".into(),
+        volume_handle: handle.into(),
+        volume_uid: uid.into(),
+    }
+}
+
+#[test]
+fn an_attach_records_what_it_attached_and_a_confirmed_detach_forgets_it() {
+    let row = Row::new(Pending, connected(&[]));
+    let now = binding("vol1", "uid-1");
+    let observed = Observed {
+        node: NODE,
+        target: Some(&now),
+        generation: Some(1),
+        policy: Some(&row.policy),
+        backend: Some(&row.backend),
+        request: &Request::None,
+        now: row.now,
+    };
+    let attaching = after_step(&row.status, &Step::BeginAttach, &observed);
+    assert_eq!(
+        attaching.bound_to.as_ref(),
+        Some(&now),
+        "recorded with the intent"
+    );
+    let detached = after_step(&attaching, &Step::MarkDetached, &observed);
+    assert_eq!(detached.bound_to, None);
+}
+
+#[test]
+fn a_live_attachment_whose_volume_was_replaced_is_not_attached_to_the_new_one() {
+    let mut row = Row::new(Attached, connected(&[]));
+    row.status.bound_to = Some(binding("vol1", "uid-1"));
+    let replaced = binding("vol2", "uid-2");
+    let step = decide(&Input {
+        target: Some(&replaced),
+        ..row.input()
+    });
+    assert!(
+        matches!(&step, Step::Fail(Misconfiguration::BindingChanged { recorded, now })
+            if recorded.volume_handle == "vol1" && now.volume_handle == "vol2"),
+        "{step:?}"
+    );
+    // The same Volume: nothing to say.
+    let same = binding("vol1", "uid-1");
+    assert_eq!(
+        decide(&Input {
+            target: Some(&same),
+            ..row.input()
+        }),
+        Step::ConnectionLost
+    );
 }

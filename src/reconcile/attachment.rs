@@ -15,7 +15,7 @@
 use super::{Context, Error, TURN_WAIT, finalizer, probe, synced};
 use crate::MANAGER;
 use crate::api::{
-    FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason, ForceDetachState, Volume,
+    Binding, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason, ForceDetachState, Volume,
     VolumeAttachment, VolumeAttachmentStatus, find_condition, parse_duration,
 };
 use crate::decide::events::{Notice, between};
@@ -46,6 +46,8 @@ struct Target {
     driver_name: String,
     handle: String,
     policy: VolumePolicy,
+    /// The driver, handle and Volume UID together: what an attach records.
+    binding: Binding,
 }
 
 pub async fn reconcile(
@@ -225,6 +227,7 @@ impl<'a> Reconcile<'a> {
                 status: &self.status,
                 request: &request,
                 volume: target.as_ref().map(|t| &t.policy),
+                target: target.as_ref().ok().map(|t| &t.binding),
                 backend: backend.as_ref(),
                 basis: self.basis,
                 turn,
@@ -254,6 +257,7 @@ impl<'a> Reconcile<'a> {
             let request = request.clone();
             let observed = Observed {
                 node: &node,
+                target: target.as_ref().ok().map(|t| &t.binding),
                 generation: self.attachment.metadata.generation,
                 policy: target.as_ref().ok().map(|t| &t.policy),
                 backend: backend.as_ref(),
@@ -404,27 +408,34 @@ impl<'a> Reconcile<'a> {
         Ok(Outcome::Settled(Action::requeue(Duration::from_secs(1))))
     }
 
-    /// The Volume's backend and policy, or why there is none.
+    /// The Volume's backend and policy, or why there is none. A deleted attachment that
+    /// recorded what it attached goes there, even if its Volume was replaced or is gone.
     fn target(&self) -> Result<Target, Misconfiguration> {
         let volume_name = &self.attachment.spec.volume_name;
         let volume = self
             .context
             .volumes
-            .get(&ObjectRef::<Volume>::new(volume_name))
-            .ok_or_else(|| Misconfiguration::VolumeNotFound(volume_name.clone()))?;
-        // A Volume on its way out is not attached anywhere new; a detach still reaches it.
-        if volume.metadata.deletion_timestamp.is_some()
-            && self.attachment.metadata.deletion_timestamp.is_none()
+            .get(&ObjectRef::<Volume>::new(volume_name));
+        let deleting = self.attachment.metadata.deletion_timestamp.is_some();
+        let recorded = self
+            .attachment
+            .status
+            .as_ref()
+            .and_then(|s| s.bound_to.as_ref());
+        if deleting
+            && let Some(recorded) = recorded
+            && volume
+                .as_ref()
+                .is_none_or(|v| v.uid().as_deref() != Some(recorded.volume_uid.as_str()))
         {
+            return self.recorded_target(recorded);
+        }
+        let volume = volume.ok_or_else(|| Misconfiguration::VolumeNotFound(volume_name.clone()))?;
+        // A Volume on its way out is not attached anywhere new; a detach still reaches it.
+        if volume.metadata.deletion_timestamp.is_some() && !deleting {
             return Err(Misconfiguration::VolumeDeleting(volume_name.clone()));
         }
-        let driver = self
-            .context
-            .config
-            .drivers
-            .get(&volume.spec.driver)
-            .cloned()
-            .ok_or_else(|| Misconfiguration::UnknownDriver(volume.spec.driver.clone()))?;
+        let driver = self.driver(&volume.spec.driver)?;
         let stuck_after = match &volume.spec.stuck_after {
             Some(text) => parse_duration(text)
                 .map_err(|e| Misconfiguration::InvalidVolume(format!("spec.stuckAfter: {e}")))?,
@@ -439,7 +450,39 @@ impl<'a> Reconcile<'a> {
                 stuck_after,
                 auto_force_detach: volume.spec.auto_force_detach,
             },
+            binding: Binding {
+                driver: volume.spec.driver.clone(),
+                volume_handle: volume.spec.volume_handle.clone(),
+                volume_uid: volume.uid().unwrap_or_default(),
+            },
         })
+    }
+
+    /// The backend volume a deleted attachment recorded, when its Volume no longer names it. Its
+    /// Volume's policy is gone with it: the operator's defaults apply to the detach.
+    fn recorded_target(&self, recorded: &Binding) -> Result<Target, Misconfiguration> {
+        Ok(Target {
+            driver: self.driver(&recorded.driver)?,
+            driver_name: recorded.driver.clone(),
+            handle: recorded.volume_handle.clone(),
+            policy: VolumePolicy {
+                // A detach never attaches: the multi-attach guard has nothing to guard.
+                multi_attach: false,
+                stuck_after: self.context.config.default_stuck_after,
+                // Nothing says a client may be cut off: a stuck detach waits for a person.
+                auto_force_detach: false,
+            },
+            binding: recorded.clone(),
+        })
+    }
+
+    fn driver(&self, name: &str) -> Result<Arc<dyn Driver>, Misconfiguration> {
+        self.context
+            .config
+            .drivers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Misconfiguration::UnknownDriver(name.to_owned()))
     }
 
     async fn attach(&mut self, target: &Target) -> Result<(), DriverError> {

@@ -25,9 +25,7 @@ pub fn init(format: LogFormat, color: LogColor) {
     let ansi = match color {
         LogColor::Always => true,
         LogColor::Never => false,
-        LogColor::Auto => {
-            std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
-        }
+        LogColor::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
