@@ -940,3 +940,43 @@ async fn an_attachment_is_detached_from_what_it_attached_after_its_volume_was_re
         s.exports().await
     );
 }
+
+/// Two attachments of one Volume to one node share one connection (a GitOps rename creates the
+/// new name before it prunes the old one). Deleting one hands the connection over: it is released
+/// without a detach, the node's client keeps reading, the other stays Attached, and an Event on
+/// each names the other.
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_one_of_two_attachments_of_a_node_keeps_the_connection() {
+    let mut s = Scenario::start().await;
+    let volume = s.volume("renamed", HANDLE, json!({})).await;
+    let (old, attached) = s.attach("old-name", &volume, NODE_A).await;
+    let uri = attached
+        .status
+        .as_ref()
+        .and_then(|st| st.connection_info.get("uri").cloned())
+        .expect("an NBD URI");
+    let mut client = support::qsd::NbdClient::connect_uri(&uri)
+        .await
+        .expect("a client on node-a");
+    let (new, _) = s.attach("new-name", &volume, NODE_A).await;
+
+    s.delete_attachment(&old).await;
+    s.wait_attachment_gone(&old).await;
+    // Past stuckAfter: a detach of the shared export would have been forced by now.
+    tokio::time::sleep(support::scenario::STUCK_AFTER + 2 * RESYNC).await;
+    assert_eq!(
+        client.read().await,
+        support::qsd::ReadOutcome::Ok,
+        "the client of the remaining attachment was cut off"
+    );
+    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    let kept = s.get_attachment(&new).await;
+    assert!(
+        kept.as_ref().is_some_and(is_attached),
+        "{}",
+        show(kept.as_ref())
+    );
+    s.wait_event(VA, &old, "HandedOver", &[&new]).await;
+    s.wait_event(VA, &new, "ConnectionKept", &[&old]).await;
+    client.close().await;
+}

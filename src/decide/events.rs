@@ -155,3 +155,24 @@ fn describe(force: &ForceDetachStatus) -> String {
         force.reason, force.attempts
     )
 }
+
+/// The events of a connection handed over from a deleted attachment to another one of the same
+/// Volume and node: one on each, naming the other.
+pub fn handed_over(from: &str, to: &str, volume: &str, node: &str) -> (Notice, Notice) {
+    (
+        Notice::new(
+            Severity::Normal,
+            "HandedOver",
+            format!(
+                "released without a detach: attachment {to} claims the same connection of volume {volume} to node {node}, which stays"
+            ),
+        ),
+        Notice::new(
+            Severity::Normal,
+            "ConnectionKept",
+            format!(
+                "attachment {from} was deleted; the connection of volume {volume} to node {node} it shared with this one stays"
+            ),
+        ),
+    )
+}

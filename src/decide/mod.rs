@@ -209,6 +209,9 @@ pub struct Input<'a> {
     /// What the attachment reaches now: the Volume's driver, handle and UID, or, for a deleted
     /// attachment, what it recorded when it attached. Absent with a misconfiguration.
     pub target: Option<&'a Binding>,
+    /// Another attachment of the same Volume to the same node that is not being deleted: it
+    /// claims the same connection (a GitOps rename creates one before it prunes the other).
+    pub sibling: Option<&'a str>,
     /// The backend's answer; absent when there was nothing to probe (a misconfiguration) or
     /// it was not this reconcile's turn to probe.
     pub backend: Option<&'a Backend>,
@@ -248,6 +251,9 @@ pub enum Step {
     MarkDetached,
     /// Detached and confirmed, and the attachment is being deleted: release the finalizer.
     ReleaseFinalizer,
+    /// The attachment is being deleted, and another live attachment of the same Volume and node
+    /// claims the same connection: release the finalizer and leave the connection to it.
+    HandOver { to: String },
     /// Nothing to do until something changes or `recheck_after` passes.
     Wait {
         why: Wait,
@@ -286,7 +292,11 @@ impl Step {
     pub fn needs_fresh_record(&self) -> bool {
         matches!(
             self,
-            Self::Attach | Self::Detach | Self::ForceDetach { .. } | Self::ReleaseFinalizer
+            Self::Attach
+                | Self::Detach
+                | Self::ForceDetach { .. }
+                | Self::ReleaseFinalizer
+                | Self::HandOver { .. }
         )
     }
 }
@@ -389,6 +399,20 @@ fn decide_on_record(input: &Input) -> Step {
         return Step::ForceDetach {
             reason: ForceDetachReason::Requested,
             token: Some(token.clone()),
+        };
+    }
+    // Deleting one of two claims on one connection detaches nothing: the other keeps it. A
+    // forced detach under way goes on (it was decided before the other claim was seen).
+    if input.deleting
+        && let Some(sibling) = input.sibling
+        && !input
+            .status
+            .force_detach
+            .as_ref()
+            .is_some_and(|f| f.state == ForceDetachState::InProgress)
+    {
+        return Step::HandOver {
+            to: sibling.to_owned(),
         };
     }
 

@@ -165,7 +165,11 @@ pub fn after_step(
             }
             fail(&mut status, observed, problem);
         }
-        Step::AddFinalizer | Step::ReleaseFinalizer | Step::Refresh | Step::Wait { .. } => {}
+        Step::AddFinalizer
+        | Step::ReleaseFinalizer
+        | Step::HandOver { .. }
+        | Step::Refresh
+        | Step::Wait { .. } => {}
     }
     observe(&mut status, current, step, observed);
     status

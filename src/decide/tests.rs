@@ -92,6 +92,7 @@ impl Row {
             request: &self.request,
             volume: Ok(&self.policy),
             target: None,
+            sibling: None,
             backend: Some(&self.backend),
             basis: self.basis,
             turn: self.turn,
@@ -768,6 +769,7 @@ fn every_state_converges_when_the_backend_works() {
                         request: &Request::None,
                         volume: Ok(&policy),
                         target: None,
+                        sibling: None,
                         backend: Some(&answer),
                         basis: Basis::Fresh,
                         turn: Turn::Ours,
@@ -831,6 +833,7 @@ fn a_requested_force_detach_of_a_live_attachment_reattaches() {
             request: &request,
             volume: Ok(&policy),
             target: None,
+            sibling: None,
             backend: Some(&answer),
             basis: Basis::Fresh,
             turn: Turn::Ours,
@@ -1379,4 +1382,31 @@ fn a_live_attachment_whose_volume_was_replaced_is_not_attached_to_the_new_one() 
         }),
         Step::ConnectionLost
     );
+}
+
+#[test]
+fn deleting_one_of_two_claims_on_a_connection_hands_it_over() {
+    let row = Row::new(Attached, connected(&[NODE])).deleting();
+    assert_eq!(
+        decide(&Input {
+            sibling: Some("renamed"),
+            ..row.input()
+        }),
+        Step::HandOver {
+            to: "renamed".into()
+        }
+    );
+    // Without another claim, the normal detach.
+    assert_eq!(row.decide(), Step::BeginDetach);
+    // A person's request still cuts it off.
+    let requested = Row::new(Attached, connected(&[NODE]))
+        .deleting()
+        .requested("t1");
+    assert!(matches!(
+        decide(&Input {
+            sibling: Some("renamed"),
+            ..requested.input()
+        }),
+        Step::ForceDetach { .. }
+    ));
 }

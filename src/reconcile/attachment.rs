@@ -18,7 +18,7 @@ use crate::api::{
     Binding, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason, ForceDetachState, Volume,
     VolumeAttachment, VolumeAttachmentStatus, find_condition, parse_duration,
 };
-use crate::decide::events::{Notice, between};
+use crate::decide::events::{Notice, between, handed_over};
 use crate::decide::status::READY;
 use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
 use crate::decide::{
@@ -134,6 +134,9 @@ struct Reconcile<'a> {
     noticed: VolumeAttachmentStatus,
     /// The failure the stored status already reports: told once, not again at every retry.
     reported_failure: Option<String>,
+    /// Attachments the cache showed claiming the same connection that the apiserver says no
+    /// longer do: not handed over to.
+    gone_siblings: Vec<String>,
 }
 
 impl<'a> Reconcile<'a> {
@@ -149,6 +152,7 @@ impl<'a> Reconcile<'a> {
             notices: Vec::new(),
             noticed: VolumeAttachmentStatus::default(),
             reported_failure: None,
+            gone_siblings: Vec::new(),
         };
         reconcile.start_from_stored();
         reconcile
@@ -219,6 +223,7 @@ impl<'a> Reconcile<'a> {
             // Read against the tokens the status records, so that once a step has taken one,
             // the request is spent: each token acts once.
             let request = Request::read(annotation.as_deref(), &self.status);
+            let sibling = self.sibling();
             let now = Timestamp::now();
             let input = Input {
                 deleting: self.attachment.metadata.deletion_timestamp.is_some(),
@@ -228,6 +233,7 @@ impl<'a> Reconcile<'a> {
                 request: &request,
                 volume: target.as_ref().map(|t| &t.policy),
                 target: target.as_ref().ok().map(|t| &t.binding),
+                sibling: sibling.as_deref(),
                 backend: backend.as_ref(),
                 basis: self.basis,
                 turn,
@@ -294,6 +300,12 @@ impl<'a> Reconcile<'a> {
                         }
                         Err(error) => return Err(error),
                     }
+                }
+                Step::HandOver { to } => {
+                    if !self.hand_over(to).await? {
+                        continue;
+                    }
+                    return Ok(Outcome::Settled(Action::await_change()));
                 }
                 Step::Wait { why, recheck_after } => {
                     if !self.persist().await? {
@@ -503,6 +515,62 @@ impl<'a> Reconcile<'a> {
         attached_with(&mut self.status, info);
         self.notice();
         Ok(())
+    }
+
+    /// Another attachment of the same Volume to the same node, not being deleted, as the cache
+    /// shows it: it claims the same connection.
+    fn sibling(&self) -> Option<String> {
+        // Only a deleted attachment asks: the others need no answer, and the cache is large.
+        self.attachment.metadata.deletion_timestamp.as_ref()?;
+        let spec = &self.attachment.spec;
+        let mut siblings: Vec<String> = self
+            .context
+            .attachments
+            .state()
+            .iter()
+            .filter(|a| {
+                a.spec.volume_name == spec.volume_name
+                    && a.spec.node_name == spec.node_name
+                    && a.metadata.deletion_timestamp.is_none()
+                    && a.uid() != self.attachment.uid()
+            })
+            .map(|a| a.name_any())
+            .filter(|name| !self.gone_siblings.contains(name))
+            .collect();
+        siblings.sort();
+        siblings.into_iter().next()
+    }
+
+    /// Leaves the connection to `to`, once the apiserver confirms it claims it, and releases
+    /// this attachment without a detach. `false` if it does not (gone, or being deleted too), or
+    /// the release was refused: decide again.
+    async fn hand_over(&mut self, to: &str) -> Result<bool, Error> {
+        let live = self.api.get_opt(to).await?.filter(|sibling| {
+            sibling.metadata.deletion_timestamp.is_none()
+                && sibling.spec.volume_name == self.attachment.spec.volume_name
+                && sibling.spec.node_name == self.attachment.spec.node_name
+        });
+        let Some(sibling) = live else {
+            self.gone_siblings.push(to.to_owned());
+            return Ok(false);
+        };
+        match finalizer::remove(&self.api, &self.attachment, FINALIZER).await {
+            Ok(()) => {}
+            Err(Error::Conflict(_)) => {
+                self.basis = Basis::Conflicted;
+                return Ok(false);
+            }
+            Err(error) if error.is_not_found() => return Ok(true),
+            Err(error) => return Err(error),
+        }
+        let spec = &self.attachment.spec;
+        let (released, kept) = handed_over(&self.name, to, &spec.volume_name, &spec.node_name);
+        self.context
+            .events
+            .publish(&self.attachment, &released)
+            .await;
+        self.context.events.publish(&sibling, &kept).await;
+        Ok(true)
     }
 
     /// Reads the attachment from the apiserver and continues from it. `false` if it is gone, or
