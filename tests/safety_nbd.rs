@@ -980,3 +980,58 @@ async fn deleting_one_of_two_attachments_of_a_node_keeps_the_connection() {
     s.wait_event(VA, &new, "ConnectionKept", &[&old]).await;
     client.close().await;
 }
+
+/// A second Volume that names the same backend volume as an existing one (an alias, here
+/// `multiAttach: true` over a single-attach Volume's handle) would let two writers in, since
+/// policy is per Volume and the backend's truth per handle. It is refused visibly: the alias says
+/// `DuplicateVolumeHandle` with a Warning, nothing is attached through it, and its attachment can
+/// still be deleted without touching the owner's connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_aliasing_another_ones_handle_is_refused() {
+    let mut s = Scenario::start().await;
+    let owner = s.volume("owner", HANDLE, json!({})).await;
+    let (held, _) = s.attach("owner", &owner, NODE_A).await;
+    // Creation times have whole seconds: the alias is created a second later, so it is younger.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let alias = s
+        .volume("alias", HANDLE, json!({ "multiAttach": true }))
+        .await;
+    let through_alias = s.attachment("through-alias", &alias, "node-b").await;
+
+    s.wait_attachment(&through_alias, "Ready=False DuplicateVolumeHandle", |a| {
+        has(
+            condition(a, "Ready"),
+            "False",
+            Some("DuplicateVolumeHandle"),
+        )
+    })
+    .await;
+    s.wait_volume(&alias, "Ready=False DuplicateVolumeHandle", |v| {
+        has(
+            support::scenario::volume_condition(v, "Ready"),
+            "False",
+            Some("DuplicateVolumeHandle"),
+        )
+    })
+    .await;
+    let warning = s
+        .wait_event("Volume", &alias, "DuplicateVolumeHandle", &[&owner])
+        .await;
+    assert_eq!(warning.type_, "Warning");
+    tokio::time::sleep(2 * RESYNC).await;
+    assert_eq!(
+        s.exports().await,
+        [export_id(HANDLE, NODE_A)],
+        "attached through an alias of a single-attach volume's handle"
+    );
+
+    s.delete_attachment(&through_alias).await;
+    s.wait_attachment_gone(&through_alias).await;
+    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    let still = s.get_attachment(&held).await;
+    assert!(
+        still.as_ref().is_some_and(is_attached),
+        "{}",
+        show(still.as_ref())
+    );
+}

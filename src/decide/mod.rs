@@ -77,6 +77,9 @@ pub enum Misconfiguration {
     InvalidVolume(String),
     /// The Volume is being deleted: nothing is attached to it anew.
     VolumeDeleting(String),
+    /// Another, older Volume names the same backend volume (driver and handle): two Volumes may
+    /// not alias one handle, since policy is per Volume and the backend's truth per handle.
+    DuplicateHandle { owner: String },
     /// The attachment connected another backend volume, or through another Volume, than its
     /// Volume names now (the Volume was replaced under it).
     BindingChanged { recorded: Binding, now: Binding },
@@ -91,6 +94,7 @@ impl Misconfiguration {
             Self::InvalidVolume(_) => "InvalidVolume",
             Self::VolumeDeleting(_) => "VolumeDeleting",
             Self::BindingChanged { .. } => "VolumeReplaced",
+            Self::DuplicateHandle { .. } => "DuplicateVolumeHandle",
         }
     }
 
@@ -103,6 +107,9 @@ impl Misconfiguration {
                 )
             }
             Self::InvalidVolume(why) => why.clone(),
+            Self::DuplicateHandle { owner } => format!(
+                "Volume {owner:?} already names the same driver and volumeHandle: two Volumes may not alias one backend volume; nothing is attached through this one (delete it, or its attachments to detach them)"
+            ),
             Self::BindingChanged { recorded, now } => format!(
                 "attached volume {:?} of driver {:?} through Volume UID {}, but its Volume now names volume {:?} of driver {:?} (UID {}): nothing is attached anew; delete this attachment to detach what it attached",
                 recorded.volume_handle,

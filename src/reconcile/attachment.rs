@@ -12,7 +12,7 @@
 //! reconcile per backend volume), and no driver is called once the replica cannot be sure it
 //! still holds its lease.
 
-use super::{Context, Error, TURN_WAIT, finalizer, probe, synced};
+use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe, synced};
 use crate::MANAGER;
 use crate::api::{
     Binding, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason, ForceDetachState, Volume,
@@ -443,9 +443,14 @@ impl<'a> Reconcile<'a> {
             return self.recorded_target(recorded);
         }
         let volume = volume.ok_or_else(|| Misconfiguration::VolumeNotFound(volume_name.clone()))?;
-        // A Volume on its way out is not attached anywhere new; a detach still reaches it.
+        // A Volume on its way out, or an alias of another's backend volume, is not attached
+        // anywhere new; a detach still reaches it.
         if volume.metadata.deletion_timestamp.is_some() && !deleting {
             return Err(Misconfiguration::VolumeDeleting(volume_name.clone()));
+        }
+        let aliases = aliases_of(&self.context.volumes, &volume);
+        if !deleting && let Some(owner) = owner_of_handle(&aliases, &volume) {
+            return Err(Misconfiguration::DuplicateHandle { owner });
         }
         let driver = self.driver(&volume.spec.driver)?;
         let stuck_after = match &volume.spec.stuck_after {
@@ -458,7 +463,10 @@ impl<'a> Reconcile<'a> {
             driver_name: volume.spec.driver.clone(),
             handle: volume.spec.volume_handle.clone(),
             policy: VolumePolicy {
-                multi_attach: volume.spec.multi_attach,
+                // Exclusive unless every Volume that names the backend volume allows more: an
+                // alias created at the same moment must not let a second writer in.
+                multi_attach: volume.spec.multi_attach
+                    && aliases.iter().all(|a| a.spec.multi_attach),
                 stuck_after,
                 auto_force_detach: volume.spec.auto_force_detach,
             },
@@ -523,16 +531,26 @@ impl<'a> Reconcile<'a> {
         // Only a deleted attachment asks: the others need no answer, and the cache is large.
         self.attachment.metadata.deletion_timestamp.as_ref()?;
         let spec = &self.attachment.spec;
+        let backend_volume = |name: &str| {
+            self.context
+                .volumes
+                .get(&ObjectRef::<Volume>::new(name))
+                .map(|v| (v.spec.driver.clone(), v.spec.volume_handle.clone()))
+        };
+        let ours = backend_volume(&spec.volume_name);
         let mut siblings: Vec<String> = self
             .context
             .attachments
-            .state()
-            .iter()
-            .filter(|a| {
-                a.spec.volume_name == spec.volume_name
-                    && a.spec.node_name == spec.node_name
+            .state_filter(|a| {
+                a.spec.node_name == spec.node_name
                     && a.metadata.deletion_timestamp.is_none()
                     && a.uid() != self.attachment.uid()
+            })
+            .iter()
+            // The same connection: the same Volume, or an alias of its backend volume.
+            .filter(|a| {
+                a.spec.volume_name == spec.volume_name
+                    || (ours.is_some() && backend_volume(&a.spec.volume_name) == ours)
             })
             .map(|a| a.name_any())
             .filter(|name| !self.gone_siblings.contains(name))
@@ -547,7 +565,6 @@ impl<'a> Reconcile<'a> {
     async fn hand_over(&mut self, to: &str) -> Result<bool, Error> {
         let live = self.api.get_opt(to).await?.filter(|sibling| {
             sibling.metadata.deletion_timestamp.is_none()
-                && sibling.spec.volume_name == self.attachment.spec.volume_name
                 && sibling.spec.node_name == self.attachment.spec.node_name
         });
         let Some(sibling) = live else {

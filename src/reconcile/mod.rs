@@ -22,7 +22,7 @@ use futures::StreamExt;
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use lock::VolumeLocks;
 use std::future::Future;
 use std::sync::Arc;
@@ -242,6 +242,32 @@ where
         .await
         .is_err()
     {}
+}
+
+/// The other Volumes that name the same backend volume (driver and handle) as `volume`.
+fn aliases_of(volumes: &Store<Volume>, volume: &Volume) -> Vec<Arc<Volume>> {
+    volumes.state_filter(|other| {
+        other.spec.driver == volume.spec.driver
+            && other.spec.volume_handle == volume.spec.volume_handle
+            && other.uid() != volume.uid()
+    })
+}
+
+/// The Volume that owns the backend volume `volume` names, if it is another one: the first Volume
+/// of a (driver, handle) owns it, by creation time and then name (Volumes created within the same
+/// second are ordered by name); a later one is an alias, through which nothing is attached.
+fn owner_of_handle(aliases: &[Arc<Volume>], volume: &Volume) -> Option<String> {
+    let key = |v: &Volume| {
+        (
+            v.metadata.creation_timestamp.clone().map(|t| t.0),
+            v.name_any(),
+        )
+    };
+    aliases
+        .iter()
+        .filter(|other| key(other) < key(volume))
+        .min_by_key(|other| key(other))
+        .map(|owner| owner.name_any())
 }
 
 /// Asks the backend where the volume is connected; no answer is recorded as such, never guessed.

@@ -2,9 +2,11 @@
 //! which of those no attachment claims (orphans, case 5), and, under `orphanPolicy: Detach`, the
 //! backend-confirmed force-detach of those.
 
-use super::{Context, Error, TURN_WAIT, finalizer, probe};
+use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe};
 use crate::MANAGER;
-use crate::api::{VOLUME_FINALIZER, Volume, VolumeStatus, find_condition, parse_duration};
+use crate::api::{
+    VOLUME_FINALIZER, Volume, VolumePhase, VolumeStatus, find_condition, parse_duration,
+};
 use crate::decide::events::{Notice, Severity};
 use crate::decide::volume::{MULTI_ATTACHED, READY, VolumeInput, decide_volume};
 use crate::decide::{BUSY_RECHECK, Backend, Misconfiguration};
@@ -77,9 +79,11 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
             .map_err(|e| Misconfiguration::InvalidVolume(format!("spec.stuckAfter: {e}"))),
         None => Ok(context.config.default_stuck_after),
     };
-    let problem = match (&driver, &grace) {
-        (None, _) => Some(Misconfiguration::UnknownDriver(volume.spec.driver.clone())),
-        (_, Err(problem)) => Some(problem.clone()),
+    let owner = owner_of_handle(&aliases_of(&context.volumes, &volume), &volume);
+    let problem = match (&driver, &grace, owner) {
+        (None, _, _) => Some(Misconfiguration::UnknownDriver(volume.spec.driver.clone())),
+        (_, Err(problem), _) => Some(problem.clone()),
+        (_, _, Some(owner)) => Some(Misconfiguration::DuplicateHandle { owner }),
         _ => None,
     };
     // The probe and any forced detach of an orphan are taken on the volume's turn, so that an
@@ -255,6 +259,21 @@ async fn persist(
                 orphan.node,
                 volume.spec.orphan_policy
             ),
+        };
+        context.events.publish(volume, &notice).await;
+    }
+    // A Volume that cannot be used says so once, when it becomes unusable or why changes.
+    fn unusable(status: &VolumeStatus) -> Option<&Condition> {
+        find_condition(&status.conditions, READY)
+            .filter(|c| c.status == "False" && status.phase == Some(VolumePhase::Error))
+    }
+    if let Some(condition) = unusable(next)
+        && unusable(current).is_none_or(|c| c.reason != condition.reason)
+    {
+        let notice = Notice {
+            severity: Severity::Warning,
+            reason: condition.reason.clone(),
+            message: condition.message.clone(),
         };
         context.events.publish(volume, &notice).await;
     }
