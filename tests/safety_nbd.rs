@@ -1035,3 +1035,57 @@ async fn a_volume_aliasing_another_ones_handle_is_refused() {
         show(still.as_ref())
     );
 }
+
+/// A `phaseSince` ahead of the operator's clock (written by a replica whose clock runs ahead, or
+/// read after this one was stepped back) has not begun to count: a detach held by a client is not
+/// forced before `stuckAfter` has really passed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_phase_since_in_the_future_does_not_make_an_attachment_stuck() {
+    let mut s = Scenario::start().await;
+    let volume = s.volume("skewed", HANDLE, json!({})).await;
+    let (name, attached) = s.attach("skewed", &volume, NODE_A).await;
+    let uri = attached
+        .status
+        .as_ref()
+        .and_then(|st| st.connection_info.get("uri").cloned())
+        .expect("an NBD URI");
+    let mut client = support::qsd::NbdClient::connect_uri(&uri)
+        .await
+        .expect("a client holds the export");
+    s.delete_attachment(&name).await;
+    let detaching = s
+        .wait_attachment(&name, "Detaching", |a| {
+            phase(a) == Some(AttachmentPhase::Detaching)
+        })
+        .await;
+
+    // The record as another replica, an hour ahead, would have written it.
+    let ahead = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+    let as_operator: Api<VolumeAttachment> =
+        Api::all(support::cluster::operator_client().await);
+    let mut status = detaching.status.clone().expect("a status");
+    status.phase_since = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ahead));
+    as_operator
+        .patch_status(
+            &name,
+            &PatchParams::apply(safe_detach::MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "safedetach.io/v1alpha1",
+                "kind": "VolumeAttachment",
+                "status": status,
+            })),
+        )
+        .await
+        .expect("write phaseSince ahead of the clock");
+
+    tokio::time::sleep(support::scenario::STUCK_AFTER + 2 * RESYNC).await;
+    assert_eq!(
+        client.read().await,
+        support::qsd::ReadOutcome::Ok,
+        "forced off on a clock that had not run: {}",
+        show(s.get_attachment(&name).await.as_ref())
+    );
+    assert_eq!(s.occurrences(VA, &name, "ForceDetaching").await, 0);
+    client.close().await;
+    s.wait_attachment_gone(&name).await;
+}
