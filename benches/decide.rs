@@ -8,7 +8,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use safe_detach::api::{AttachmentPhase, VolumeAttachmentStatus};
 use safe_detach::decide::status::{Observed, after_step};
-use safe_detach::decide::{Backend, Input, Request, VolumePolicy, decide};
+use safe_detach::decide::{Backend, Basis, Input, Request, Turn, VolumePolicy, decide};
 use safe_detach::driver::Connections;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -66,12 +66,17 @@ fn main() {
                 status: black_box(&status),
                 request: &request,
                 volume: Ok(&policy),
+                target: None,
+                sibling: None,
                 backend: Some(&backend),
+                basis: Basis::Fresh,
+                turn: Turn::Ours,
                 now,
             };
             let step = decide(&input);
             let observed = Observed {
                 node: "node-a",
+                target: None,
                 generation: Some(1),
                 policy: Some(&policy),
                 backend: Some(&backend),

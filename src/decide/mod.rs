@@ -82,7 +82,10 @@ pub enum Misconfiguration {
     DuplicateHandle { owner: String },
     /// The attachment connected another backend volume, or through another Volume, than its
     /// Volume names now (the Volume was replaced under it).
-    BindingChanged { recorded: Binding, now: Binding },
+    BindingChanged {
+        recorded: Box<Binding>,
+        now: Box<Binding>,
+    },
 }
 
 impl Misconfiguration {
@@ -379,8 +382,8 @@ fn decide_on_record(input: &Input) -> Step {
         && recorded != now
     {
         return Step::Fail(Misconfiguration::BindingChanged {
-            recorded: recorded.clone(),
-            now: now.clone(),
+            recorded: Box::new(recorded.clone()),
+            now: Box::new(now.clone()),
         });
     }
     if input.turn == Turn::VolumeBusy {

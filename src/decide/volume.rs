@@ -104,7 +104,16 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
     match input.backend {
         Some(Backend::Answered(connections)) => {
             let nodes: Vec<String> = connections.nodes.iter().cloned().collect();
-            let result = if nodes.is_empty() {
+            // A connection that names no node still connects the volume.
+            let unattributed = (!connections.unattributed.is_empty()).then(|| {
+                let ids: Vec<&str> = connections
+                    .unattributed
+                    .iter()
+                    .map(String::as_str)
+                    .collect();
+                format!("also served as {}, which names no node", ids.join(", "))
+            });
+            let result = if nodes.is_empty() && unattributed.is_none() {
                 ProbeResult::NotConnected
             } else {
                 ProbeResult::Connected
@@ -113,7 +122,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                 status.last_probe.take(),
                 result,
                 nodes.clone(),
-                None,
+                unattributed.clone(),
                 input.now,
             ));
             status.connected_nodes = nodes;
@@ -218,7 +227,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                 now,
             );
             status.phase = Some(phase(
-                !status.connected_nodes.is_empty(),
+                !status.connected_nodes.is_empty() || unattributed.is_some(),
                 input.attachment_phases,
             ));
         }

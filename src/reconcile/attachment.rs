@@ -33,11 +33,11 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Duration;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-/// More steps than any path needs (force, confirm, begin, attach, confirm): a bound, not a budget.
-const MAX_STEPS: usize = 8;
+/// More steps than any path needs (a re-read, force, confirm, begin, attach, confirm, and a
+/// re-read after a refused write): a bound, not a budget.
+const MAX_STEPS: usize = 12;
 
 /// The backend, as one attachment reaches it.
 struct Target {
@@ -183,7 +183,11 @@ impl<'a> Reconcile<'a> {
     }
 
     async fn run(mut self) -> Result<Outcome, Error> {
-        let target = self.target();
+        let cached = self
+            .context
+            .volumes
+            .get(&ObjectRef::<Volume>::new(&self.attachment.spec.volume_name));
+        let mut target = self.target(cached);
         // One turn for the whole reconcile: from the probe that authorizes a step to the probe
         // that confirms it, no other reconcile of the same backend volume acts.
         let held = match &target {
@@ -195,7 +199,15 @@ impl<'a> Reconcile<'a> {
             }
             Err(_) => None,
         };
+        let locked = target
+            .as_ref()
+            .ok()
+            .map(|t| (t.driver_name.clone(), t.handle.clone()));
         let resync = self.context.config.resync_interval;
+        // Whether the Volume the target rests on was read from the apiserver in this reconcile:
+        // a driver call is made only on a fresh attachment *and* a fresh Volume (its policy, its
+        // deletion).
+        let mut volume_fresh = false;
 
         // For a backend that cannot be probed: what the last successful call confirmed.
         let mut confirmed = None;
@@ -223,7 +235,7 @@ impl<'a> Reconcile<'a> {
             // Read against the tokens the status records, so that once a step has taken one,
             // the request is spent: each token acts once.
             let request = Request::read(annotation.as_deref(), &self.status);
-            let sibling = self.sibling();
+            let sibling = self.sibling(target.as_ref().ok().map(|t| &t.binding));
             let now = Timestamp::now();
             let input = Input {
                 deleting: self.attachment.metadata.deletion_timestamp.is_some(),
@@ -235,7 +247,10 @@ impl<'a> Reconcile<'a> {
                 target: target.as_ref().ok().map(|t| &t.binding),
                 sibling: sibling.as_deref(),
                 backend: backend.as_ref(),
-                basis: self.basis,
+                basis: match self.basis {
+                    Basis::Fresh if !volume_fresh => Basis::Cached,
+                    basis => basis,
+                },
                 turn,
                 now,
             };
@@ -243,8 +258,22 @@ impl<'a> Reconcile<'a> {
             info!(?step, "step");
             match &step {
                 Step::Refresh => {
-                    if !self.refresh().await? {
+                    if self.basis != Basis::Fresh && !self.refresh().await? {
                         return Ok(Outcome::Settled(Action::await_change()));
+                    }
+                    let volume = Api::<Volume>::all(self.context.client.clone())
+                        .get_opt(&self.attachment.spec.volume_name)
+                        .await?;
+                    target = self.target(volume.map(Arc::new));
+                    volume_fresh = true;
+                    // A Volume replaced since the turn was taken names another backend volume:
+                    // start over on its turn.
+                    let key = target
+                        .as_ref()
+                        .ok()
+                        .map(|t| (t.driver_name.clone(), t.handle.clone()));
+                    if key.is_some() && key != locked {
+                        return Ok(Outcome::Retry(Action::requeue(BUSY_RECHECK)));
                     }
                     continue;
                 }
@@ -417,17 +446,19 @@ impl<'a> Reconcile<'a> {
         if self.basis != Basis::Conflicted {
             self.persist().await?;
         }
-        Ok(Outcome::Settled(Action::requeue(Duration::from_secs(1))))
+        // Out of steps without settling (writes refused again and again): not at once, but
+        // with backoff.
+        warn!("no settled state within {MAX_STEPS} steps");
+        Ok(Outcome::Retry(Action::requeue(
+            self.context.backoff.failed(&self.name, None),
+        )))
     }
 
-    /// The Volume's backend and policy, or why there is none. A deleted attachment that
-    /// recorded what it attached goes there, even if its Volume was replaced or is gone.
-    fn target(&self) -> Result<Target, Misconfiguration> {
+    /// The backend and policy of `volume` (the attachment's Volume, from the cache or read
+    /// fresh), or why there is none. A deleted attachment that recorded what it attached goes
+    /// there, even if its Volume was replaced or is gone.
+    fn target(&self, volume: Option<Arc<Volume>>) -> Result<Target, Misconfiguration> {
         let volume_name = &self.attachment.spec.volume_name;
-        let volume = self
-            .context
-            .volumes
-            .get(&ObjectRef::<Volume>::new(volume_name));
         let deleting = self.attachment.metadata.deletion_timestamp.is_some();
         let recorded = self
             .attachment
@@ -527,17 +558,23 @@ impl<'a> Reconcile<'a> {
 
     /// Another attachment of the same Volume to the same node, not being deleted, as the cache
     /// shows it: it claims the same connection.
-    fn sibling(&self) -> Option<String> {
+    fn sibling(&self, ours: Option<&Binding>) -> Option<String> {
         // Only a deleted attachment asks: the others need no answer, and the cache is large.
         self.attachment.metadata.deletion_timestamp.as_ref()?;
+        let ours = ours?;
         let spec = &self.attachment.spec;
-        let backend_volume = |name: &str| {
-            self.context
-                .volumes
-                .get(&ObjectRef::<Volume>::new(name))
-                .map(|v| (v.spec.driver.clone(), v.spec.volume_handle.clone()))
-        };
-        let ours = backend_volume(&spec.volume_name);
+        // The backend volume another attachment claims: what it recorded attaching, else what
+        // its Volume names.
+        let claimed =
+            |a: &VolumeAttachment| match a.status.as_ref().and_then(|s| s.bound_to.as_ref()) {
+                Some(bound) => Some((bound.driver.clone(), bound.volume_handle.clone())),
+                None => self
+                    .context
+                    .volumes
+                    .get(&ObjectRef::<Volume>::new(&a.spec.volume_name))
+                    .map(|v| (v.spec.driver.clone(), v.spec.volume_handle.clone())),
+            };
+        let ours = Some((ours.driver.clone(), ours.volume_handle.clone()));
         let mut siblings: Vec<String> = self
             .context
             .attachments
@@ -547,11 +584,8 @@ impl<'a> Reconcile<'a> {
                     && a.uid() != self.attachment.uid()
             })
             .iter()
-            // The same connection: the same Volume, or an alias of its backend volume.
-            .filter(|a| {
-                a.spec.volume_name == spec.volume_name
-                    || (ours.is_some() && backend_volume(&a.spec.volume_name) == ours)
-            })
+            // The same connection: the same backend volume on the same node.
+            .filter(|a| claimed(a) == ours)
             .map(|a| a.name_any())
             .filter(|name| !self.gone_siblings.contains(name))
             .collect();
@@ -563,9 +597,22 @@ impl<'a> Reconcile<'a> {
     /// this attachment without a detach. `false` if it does not (gone, or being deleted too), or
     /// the release was refused: decide again.
     async fn hand_over(&mut self, to: &str) -> Result<bool, Error> {
+        let ours = self
+            .attachment
+            .status
+            .as_ref()
+            .and_then(|s| s.bound_to.as_ref());
         let live = self.api.get_opt(to).await?.filter(|sibling| {
+            let recorded = sibling.status.as_ref().and_then(|s| s.bound_to.as_ref());
             sibling.metadata.deletion_timestamp.is_none()
                 && sibling.spec.node_name == self.attachment.spec.node_name
+                && match (ours, recorded) {
+                    (Some(ours), Some(theirs)) => {
+                        (&ours.driver, &ours.volume_handle)
+                            == (&theirs.driver, &theirs.volume_handle)
+                    }
+                    _ => true,
+                }
         });
         let Some(sibling) = live else {
             self.gone_siblings.push(to.to_owned());
@@ -622,27 +669,44 @@ impl<'a> Reconcile<'a> {
         if self.status == self.stored {
             return Ok(true);
         }
-        let patch = json!({
-            "apiVersion": "safedetach.io/v1alpha1",
-            "kind": "VolumeAttachment",
-            "metadata": { "resourceVersion": self.attachment.resource_version() },
-            "status": self.status,
-        });
         let params = PatchParams::apply(MANAGER).force();
-        let written = match self
-            .api
-            .patch_status(&self.name, &params, &Patch::Apply(&patch))
-            .await
-            .map_err(Error::from_write)
-        {
-            Ok(written) => written,
-            Err(Error::Conflict(error)) => {
-                debug!(%error, "status write refused: the attachment changed since it was read");
-                self.context.metrics.write_conflict("VolumeAttachment");
-                self.basis = Basis::Conflicted;
-                return Ok(false);
+        let mut version = self.attachment.resource_version();
+        let mut tries = 0;
+        let written = loop {
+            let patch = json!({
+                "apiVersion": "safedetach.io/v1alpha1",
+                "kind": "VolumeAttachment",
+                "metadata": { "resourceVersion": version },
+                "status": self.status,
+            });
+            match self
+                .api
+                .patch_status(&self.name, &params, &Patch::Apply(&patch))
+                .await
+                .map_err(Error::from_write)
+            {
+                Ok(written) => break written,
+                Err(Error::Conflict(error)) => {
+                    debug!(%error, "status write refused: the attachment changed since it was read");
+                    self.context.metrics.write_conflict("VolumeAttachment");
+                    tries += 1;
+                    // Another writer touched what this decision does not rest on (a label,
+                    // another controller's field): the same status still holds on the new
+                    // version. Anything else, and the decision is taken again.
+                    match self.api.get_opt(&self.name).await? {
+                        Some(fresh)
+                            if tries < WRITE_TRIES && same_grounds(&fresh, &self.attachment) =>
+                        {
+                            version = fresh.resource_version();
+                        }
+                        _ => {
+                            self.basis = Basis::Conflicted;
+                            return Ok(false);
+                        }
+                    }
+                }
+                Err(error) => return Err(error),
             }
-            Err(error) => return Err(error),
         };
         if let Some(reason) = force_confirmed(&self.stored, &self.status) {
             self.context
@@ -673,6 +737,21 @@ impl<'a> Reconcile<'a> {
         );
         self.noticed = self.status.clone();
     }
+}
+
+/// How often a status write is tried on new versions that changed nothing it rests on, before the
+/// decision is taken again.
+const WRITE_TRIES: usize = 3;
+
+/// Whether `fresh` is the object `read` was, with nothing a decision rests on changed: the same
+/// object (UID), spec, status, annotations (the force-detach request), finalizers and deletion.
+fn same_grounds(fresh: &VolumeAttachment, read: &VolumeAttachment) -> bool {
+    fresh.uid() == read.uid()
+        && fresh.spec == read.spec
+        && fresh.status == read.status
+        && fresh.metadata.annotations == read.metadata.annotations
+        && fresh.metadata.finalizers == read.metadata.finalizers
+        && fresh.metadata.deletion_timestamp == read.metadata.deletion_timestamp
 }
 
 /// The reason of a forced detach that `next` records as confirmed and `stored` as under way.

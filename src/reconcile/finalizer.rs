@@ -1,9 +1,10 @@
 //! Adding and removing one finalizer with JSON patches that touch only that entry, so that the
 //! finalizers of other controllers are never replaced or lost.
 //!
-//! Both are guarded against a cache that lags: the add tests that the list is still the one read
-//! (as kube-runtime's own finalizer helper does), the removal that the object is still the
-//! version its decision was taken on. A failed guard is a [`Error::Conflict`]: read again.
+//! Both are guarded against a cache that lags: the add tests that the object is the one read and
+//! its list is still the one read (as kube-runtime's own finalizer helper does), the removal that
+//! the object is still the version its decision was taken on. A failed guard is a
+//! [`Error::Conflict`]: read again.
 
 use super::Error;
 use kube::api::{Patch, PatchParams};
@@ -22,14 +23,18 @@ where
         return Ok(None);
     }
     // Kubernetes neither merges nor deduplicates finalizers: without the test, an add from an
-    // old read would replace a list someone extended since, or add ours twice.
+    // old read would replace a list someone extended since, or add ours twice. The UID test keeps
+    // it off a new object created under the same name since that read.
+    let uid = json!({ "op": "test", "path": "/metadata/uid", "value": object.uid() });
     let patch = if object.finalizers().is_empty() {
         json!([
+            uid,
             { "op": "test", "path": "/metadata/finalizers", "value": null },
             { "op": "add", "path": "/metadata/finalizers", "value": [finalizer] },
         ])
     } else {
         json!([
+            uid,
             { "op": "test", "path": "/metadata/finalizers", "value": object.finalizers() },
             { "op": "add", "path": "/metadata/finalizers/-", "value": finalizer },
         ])

@@ -5,11 +5,12 @@
 use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe};
 use crate::MANAGER;
 use crate::api::{
-    VOLUME_FINALIZER, Volume, VolumePhase, VolumeStatus, find_condition, parse_duration,
+    VOLUME_FINALIZER, Volume, VolumeAttachment, VolumePhase, VolumeStatus, find_condition,
+    parse_duration,
 };
 use crate::decide::events::{Notice, Severity};
 use crate::decide::volume::{MULTI_ATTACHED, READY, VolumeInput, decide_volume};
-use crate::decide::{BUSY_RECHECK, Backend, Misconfiguration};
+use crate::decide::{BUSY_RECHECK, Backend, FENCED_RECHECK, Misconfiguration};
 use crate::driver::{Driver, ok_if_not_connected};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -34,25 +35,6 @@ pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Act
     action
 }
 
-/// Reconciles the Volume as the cache has it; if a write finds it changed since, reads it from
-/// the apiserver and reconciles that once more. Nothing is forced or released on a Volume whose
-/// write was refused.
-async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Result<Action, Error> {
-    match reconcile_volume(&volume, context).await {
-        Err(Error::Conflict(_)) => {
-            context.metrics.write_conflict("Volume");
-            let api = Api::<Volume>::all(context.client.clone());
-            match api.get_opt(&volume.name_any()).await? {
-                Some(fresh) if fresh.uid() == volume.uid() => {
-                    reconcile_volume(&fresh, context).await
-                }
-                _ => Ok(Action::await_change()),
-            }
-        }
-        other => other,
-    }
-}
-
 pub fn error_policy(volume: Arc<Volume>, _error: &Error, context: Arc<Context>) -> Action {
     Action::requeue(
         context
@@ -66,7 +48,54 @@ fn backoff_key(name: &str) -> String {
     format!("volume/{name}")
 }
 
-async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, Error> {
+/// How a pass over one Volume ended.
+enum Pass {
+    Done(Action),
+    /// It would force an orphan off on what the cache says: read the Volume and its
+    /// attachments from the apiserver, and decide again on those.
+    ReadAgain,
+}
+
+/// Reconciles the Volume as the cache has it; if a write finds it changed since, or an orphan
+/// would be forced off, reads it (and its attachments) from the apiserver and reconciles that
+/// once more. Nothing is forced or released on a Volume whose write was refused, and no orphan is
+/// forced off on the cache's word that nothing claims it.
+async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Result<Action, Error> {
+    match reconcile_volume(&volume, context, None).await {
+        Ok(Pass::Done(action)) => return Ok(action),
+        Ok(Pass::ReadAgain) => {}
+        Err(Error::Conflict(_)) => context.metrics.write_conflict("Volume"),
+        Err(error) => return Err(error),
+    }
+    let api = Api::<Volume>::all(context.client.clone());
+    let Some(fresh) = api
+        .get_opt(&volume.name_any())
+        .await?
+        .filter(|fresh| fresh.uid() == volume.uid())
+    else {
+        return Ok(Action::await_change());
+    };
+    let attachments = Api::<VolumeAttachment>::all(context.client.clone())
+        .list(&Default::default())
+        .await?
+        .items;
+    match reconcile_volume(&fresh, context, Some(&attachments)).await? {
+        Pass::Done(action) => Ok(action),
+        Pass::ReadAgain => Ok(Action::requeue(Duration::from_secs(1))),
+    }
+}
+
+/// One pass over `volume`. `fresh_attachments`: the attachments as the apiserver has them, for a
+/// pass on a Volume read from the apiserver; without them, the pass is on the cache.
+async fn reconcile_volume(
+    volume: &Volume,
+    context: &Context,
+    fresh_attachments: Option<&[VolumeAttachment]>,
+) -> Result<Pass, Error> {
+    // A replica unsure of its lease writes nothing and calls nothing.
+    if !context.fence.permits() {
+        return Ok(Pass::Done(Action::requeue(FENCED_RECHECK)));
+    }
     let api = Api::<Volume>::all(context.client.clone());
     let deleting = volume.metadata.deletion_timestamp.is_some();
     let mut volume = volume.clone();
@@ -95,7 +124,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
                 .turn(&volume.spec.driver, &volume.spec.volume_handle, TURN_WAIT)
                 .await;
             if turn.is_none() {
-                return Ok(Action::requeue(BUSY_RECHECK));
+                return Ok(Pass::Done(Action::requeue(BUSY_RECHECK)));
             }
             turn
         }
@@ -112,12 +141,24 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
     };
 
     let name = volume.name_any();
-    let attachments: Vec<_> = context
-        .attachments
-        .state()
-        .into_iter()
-        .filter(|a| a.spec.volume_name == name)
+    // A connection is claimed by an attachment of this Volume, or of another Volume naming the
+    // same backend volume: an alias never takes another's connection for an orphan.
+    let mut names: BTreeSet<String> = aliases_of(&context.volumes, &volume)
+        .iter()
+        .map(|alias| alias.name_any())
         .collect();
+    names.insert(name.clone());
+    let attachments: Vec<Arc<VolumeAttachment>> = match fresh_attachments {
+        Some(fresh) => fresh
+            .iter()
+            .filter(|a| names.contains(&a.spec.volume_name))
+            .cloned()
+            .map(Arc::new)
+            .collect(),
+        None => context
+            .attachments
+            .state_filter(|a| names.contains(&a.spec.volume_name)),
+    };
     let claimed: BTreeSet<String> = attachments
         .iter()
         .map(|a| a.spec.node_name.clone())
@@ -143,34 +184,52 @@ async fn reconcile_volume(volume: &Volume, context: &Context) -> Result<Action, 
             now: Timestamp::now(),
         },
     );
+    if fresh_attachments.is_none() && !decision.force_detach.is_empty() {
+        return Ok(Pass::ReadAgain);
+    }
     persist(&volume, context, &current, &decision.status).await?;
     if decision.release {
         finalizer::remove(&api, &volume, VOLUME_FINALIZER).await?;
-        return Ok(Action::await_change());
+        return Ok(Pass::Done(Action::await_change()));
     }
 
+    let mut failed = false;
     if let Some(driver) = &driver
         && context.fence.permits()
     {
         for node in &decision.force_detach {
-            force_detach_orphan(&volume, context, driver.as_ref(), node).await;
+            failed |= !force_detach_orphan(&volume, context, driver.as_ref(), node).await;
         }
     }
 
     let resync = context.config.resync_interval;
-    Ok(match (problem, decision.force_detach.is_empty()) {
-        (Some(problem), _) => {
-            warn!(reason = problem.reason(), "{}", problem.message());
-            Action::requeue(resync)
-        }
-        // Look again at once after a forced detach, to record what the backend now says.
-        (None, false) => Action::requeue(Duration::from_secs(1)),
-        (None, true) => Action::requeue(decision.recheck_after.map_or(resync, |r| r.min(resync))),
-    })
+    Ok(Pass::Done(
+        match (problem, decision.force_detach.is_empty()) {
+            (Some(problem), _) => {
+                warn!(reason = problem.reason(), "{}", problem.message());
+                Action::requeue(resync)
+            }
+            // A forced detach that failed is tried again with backoff, not at once.
+            (None, false) if failed => {
+                Action::requeue(context.backoff.failed(&backoff_key(&name), None))
+            }
+            // Look again at once after a forced detach, to record what the backend now says.
+            (None, false) => Action::requeue(Duration::from_secs(1)),
+            (None, true) => {
+                Action::requeue(decision.recheck_after.map_or(resync, |r| r.min(resync)))
+            }
+        },
+    ))
 }
 
 /// Forces an orphaned connection off and reports it; the Volume's next probe records the result.
-async fn force_detach_orphan(volume: &Volume, context: &Context, driver: &dyn Driver, node: &str) {
+/// `false` if the driver call failed.
+async fn force_detach_orphan(
+    volume: &Volume,
+    context: &Context,
+    driver: &dyn Driver,
+    node: &str,
+) -> bool {
     let handle = &volume.spec.volume_handle;
     let name = volume.name_any();
     let result = ok_if_not_connected(driver.force_detach(handle, node).await);
@@ -208,6 +267,7 @@ async fn force_detach_orphan(volume: &Volume, context: &Context, driver: &dyn Dr
         },
     };
     context.events.publish(volume, &notice).await;
+    result.is_ok()
 }
 
 async fn persist(
