@@ -1061,8 +1061,7 @@ async fn a_phase_since_in_the_future_does_not_make_an_attachment_stuck() {
 
     // The record as another replica, an hour ahead, would have written it.
     let ahead = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
-    let as_operator: Api<VolumeAttachment> =
-        Api::all(support::cluster::operator_client().await);
+    let as_operator: Api<VolumeAttachment> = Api::all(support::cluster::operator_client().await);
     let mut status = detaching.status.clone().expect("a status");
     status.phase_since = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ahead));
     as_operator
