@@ -16,8 +16,10 @@ step "starting the local control plane (the first run builds it from Go modules:
 hack/cluster.sh up
 step "starting the demo storage backend (qemu-storage-daemon, three demo images)"
 hack/backend.sh up
-step "building the operator (first build: about 5-8 minutes on 2 cores; later: seconds)"
-cargo build --bin safe-detach
+step "building the operator and its kubectl plugin (first build: about 5-8 minutes on 2 cores; later: seconds)"
+cargo build --bin safe-detach --bin kubectl-safe_detach
+# On the PATH the walk-through sets, where kubectl finds plugins.
+install -D -m 0755 "${CARGO_TARGET_DIR:-target}/debug/kubectl-safe_detach" "$root/.local/bin/kubectl-safe_detach"
 
 step "installing the CRDs, RBAC and the operator's identity"
 $kubectl apply --server-side -f crds/safedetach.io.yaml >/dev/null
@@ -44,5 +46,6 @@ cat <<DONE
 safe-detach is running (log: .local/operator.log). Try:
   export KUBECONFIG=$root/.local/kubeconfig PATH=$root/.local/bin:\$PATH
   kubectl get sdva -w
+  kubectl safe-detach status          # the plugin, from .local/bin (built in target/debug)
 See README.md for the walk-through; 'make stop' stops everything.
 DONE
