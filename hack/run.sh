@@ -33,7 +33,7 @@ if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
   kill "$(cat "$pidfile")"; sleep 1
 fi
 KUBECONFIG="$root/.local/cluster/operator.kubeconfig" RUST_LOG="${RUST_LOG:-info,kube=warn}" \
-  nohup target/debug/safe-detach run --config "$root/.local/operator.yaml" \
+  nohup "${CARGO_TARGET_DIR:-target}/debug/safe-detach" run --config "$root/.local/operator.yaml" \
   --selector '!safedetach.io/test-shard' \
   >"$root/.local/operator.log" 2>&1 &
 echo $! > "$pidfile"
