@@ -219,8 +219,9 @@ pub struct Input<'a> {
     /// What the attachment reaches now: the Volume's driver, handle and UID, or, for a deleted
     /// attachment, what it recorded when it attached. Absent with a misconfiguration.
     pub target: Option<&'a Binding>,
-    /// Another attachment of the same Volume to the same node that is not being deleted: it
-    /// claims the same connection (a GitOps rename creates one before it prunes the other).
+    /// Another attachment of the same backend volume to the same node, not being deleted and
+    /// Attached as the backend confirmed: it holds the same connection (a GitOps rename creates
+    /// one before it prunes the other).
     pub sibling: Option<&'a str>,
     /// The backend's answer; absent when there was nothing to probe (a misconfiguration) or
     /// it was not this reconcile's turn to probe.

@@ -582,6 +582,7 @@ impl<'a> Reconcile<'a> {
                 a.spec.node_name == spec.node_name
                     && a.metadata.deletion_timestamp.is_none()
                     && a.uid() != self.attachment.uid()
+                    && holds_its_connection(a)
             })
             .iter()
             // The same connection: the same backend volume on the same node.
@@ -606,6 +607,7 @@ impl<'a> Reconcile<'a> {
             let recorded = sibling.status.as_ref().and_then(|s| s.bound_to.as_ref());
             sibling.metadata.deletion_timestamp.is_none()
                 && sibling.spec.node_name == self.attachment.spec.node_name
+                && holds_its_connection(sibling)
                 && match (ours, recorded) {
                     (Some(ours), Some(theirs)) => {
                         (&ours.driver, &ours.volume_handle)
@@ -737,6 +739,14 @@ impl<'a> Reconcile<'a> {
         );
         self.noticed = self.status.clone();
     }
+}
+
+/// Whether an attachment holds its connection, so that another may leave it to it: Attached, as
+/// the backend confirmed. One that is Pending, Failed or on its way cannot keep what it is given.
+fn holds_its_connection(attachment: &VolumeAttachment) -> bool {
+    attachment.status.as_ref().is_some_and(|status| {
+        status.phase == Some(crate::api::AttachmentPhase::Attached) && status.attached
+    })
 }
 
 /// How often a status write is tried on new versions that changed nothing it rests on, before the
