@@ -79,10 +79,27 @@ current-context: local
 KUBECONFIG
 }
 
+# Whether the process of a pid file runs.
+alive() {
+  [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
 up() {
   if ready; then
     echo "control plane already running at $server"
     return 0
+  fi
+  # Running but slow to answer (a busy machine): wait for it rather than restart it under the
+  # tests that use it.
+  if alive "$state/kube-apiserver.pid" && alive "$state/etcd.pid"; then
+    for _ in $(seq 60); do
+      if ready; then
+        echo "control plane running at $server"
+        return 0
+      fi
+      sleep 1
+    done
+    echo "control plane at $server does not answer after 60s; restarting it" >&2
   fi
   "$root/hack/build-controlplane.sh"
   stop_pid "$state/kube-apiserver.pid"
@@ -104,7 +121,7 @@ up() {
     --listen-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
     --initial-advertise-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
     --initial-cluster "local=http://127.0.0.1:$((etcd_port + 1))" \
-    >"$state/logs/etcd.log" 2>&1 &
+    >"$state/logs/etcd.log" 2>&1 9>&- &
   echo $! > "$state/etcd.pid"
 
   "$bin/kube-apiserver" \
@@ -120,7 +137,7 @@ up() {
     --authorization-mode RBAC \
     --disable-admission-plugins ServiceAccount \
     --endpoint-reconciler-type none \
-    >"$state/logs/kube-apiserver.log" 2>&1 &
+    >"$state/logs/kube-apiserver.log" 2>&1 9>&- &
   echo $! > "$state/kube-apiserver.pid"
 
   for _ in $(seq 600); do
@@ -151,7 +168,8 @@ down() {
 }
 
 # One caller at a time: test processes started side by side each bring the control plane up,
-# and two starts racing would each kill what the other started.
+# and two starts racing would each kill what the other started. (The servers it starts do not
+# inherit the lock: they close descriptor 9.)
 mkdir -p "$root/.local"
 exec 9>"$root/.local/cluster.lock"
 flock 9
