@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make run` (the main job) and `make test` (everything).
-.PHONY: run stop test lint fmt unit e2e crds cluster cluster-down backend setup test-programs
+.PHONY: run stop test lint fmt unit e2e crds cluster cluster-down backend setup test-programs campaign
 
 run:
 	hack/run.sh
@@ -24,6 +24,15 @@ unit:
 
 e2e: setup cluster test-programs
 	cargo test --tests
+
+# The long fault-injecting campaign (docs/reliability.md): make campaign SCHEDULES=200 SEED=1000
+SCHEDULES ?= 50
+SEED ?= 1000
+PARALLEL ?= 4
+ACTIVE ?= 15
+campaign: setup cluster
+	CAMPAIGN_SCHEDULES=$(SCHEDULES) CAMPAIGN_SEED=$(SEED) CAMPAIGN_PARALLEL=$(PARALLEL) \
+	CAMPAIGN_ACTIVE_SECS=$(ACTIVE) cargo test --test campaign long_campaign -- --ignored --nocapture
 
 crds:
 	cargo run --quiet -- crds > crds/safedetach.io.yaml

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod api_proxy;
+pub mod campaign;
 pub mod cluster;
 pub mod conformance;
 pub mod csi;

@@ -129,6 +129,11 @@ impl Operator {
         self.spawn();
     }
 
+    /// The process id, while it runs: to signal it without waiting for it.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process runs (it was started and has not exited, e.g. after losing its lease).
     pub fn is_running(&mut self) -> bool {
         self.child

@@ -147,16 +147,19 @@ impl Record {
         }
     }
 
-    /// Whether the record says the volume is not connected to the node: detached, released, or
-    /// never (again) attached. Attaching, Attached and Detaching claim the connection, and so
-    /// does a record without a status yet (conservatively: it may be a moment from Attaching).
-    fn denies(&self) -> bool {
+    /// Whether the record says the volume is not connected to the node: `Detached`; `Failed`
+    /// (never connected, cannot reach its backend); or `attached: false` outside an intent phase
+    /// once it had been true (`ever_attached`). `Attaching` and `Detaching` claim the connection,
+    /// and so does an attachment not attached yet (`Pending`, or no status): it may be a moment
+    /// from its intent, or the one a deleted attachment of the same (volume, node) handed its
+    /// connection over to (design.md, "Hand-over").
+    fn denies(&self, ever_attached: bool) -> bool {
         match self.phase {
-            Some(AttachmentPhase::Detached | AttachmentPhase::Pending | AttachmentPhase::Failed) => {
-                true
+            Some(AttachmentPhase::Detached | AttachmentPhase::Failed) => true,
+            Some(AttachmentPhase::Attaching | AttachmentPhase::Detaching) | None => false,
+            Some(AttachmentPhase::Attached | AttachmentPhase::Pending) => {
+                !self.attached && ever_attached
             }
-            Some(AttachmentPhase::Attached) => !self.attached,
-            _ => false,
         }
     }
 
@@ -269,16 +272,14 @@ impl Observer {
             let mut pairs = BTreeSet::new();
             for id in ids {
                 match safe_detach::driver::nbd::parse_export_id(&id) {
-                    Some((handle, node)) => match self
-                        .handles
-                        .iter()
-                        .find(|(_, h)| h.as_str() == handle)
-                    {
-                        Some((volume, _)) => {
-                            pairs.insert((volume.clone(), node.to_owned()));
+                    Some((handle, node)) => {
+                        match self.handles.iter().find(|(_, h)| h.as_str() == handle) {
+                            Some((volume, _)) => {
+                                pairs.insert((volume.clone(), node.to_owned()));
+                            }
+                            None => stray.push(id),
                         }
-                        None => stray.push(id),
-                    },
+                    }
                     None => stray.push(id),
                 }
             }
@@ -296,7 +297,8 @@ impl Observer {
         Some(round)
     }
 
-    fn check(&mut self, round: &Round) {
+    /// Judges one round against the rounds before it.
+    pub fn check(&mut self, round: &Round) {
         let now = Timestamp::now();
         for record in &round.records {
             let versions = self.seen.entry(record.uid.clone()).or_default();
@@ -357,13 +359,16 @@ impl Observer {
                 .iter()
                 .filter(|r| r.volume == pair.0 && r.node == pair.1)
                 .collect();
-            if of_pair.iter().any(|r| !r.denies()) {
+            if of_pair
+                .iter()
+                .any(|r| !r.denies(self.ever_attached(&r.uid)))
+            {
                 continue;
             }
-            let ever = self
-                .seen
-                .values()
-                .any(|v| v.last().is_some_and(|(_, r)| r.volume == pair.0 && r.node == pair.1));
+            let ever = self.seen.values().any(|v| {
+                v.last()
+                    .is_some_and(|(_, r)| r.volume == pair.0 && r.node == pair.1)
+            });
             if !ever {
                 continue;
             }
@@ -407,7 +412,9 @@ impl Observer {
             .values()
             .filter_map(|v| v.last())
             .filter(|(_, r)| {
-                r.volume == pair.0 && r.node == pair.1 && !round.records.iter().any(|x| x.uid == r.uid)
+                r.volume == pair.0
+                    && r.node == pair.1
+                    && !round.records.iter().any(|x| x.uid == r.uid)
             })
             .map(|(_, r)| format!("{} uid {} (released)", r.name, short(&r.uid)))
             .collect();
@@ -432,6 +439,13 @@ impl Observer {
         self.history
             .note(format!("VIOLATION {}: {detail}", rule.name()));
         self.violations.push(Violation { rule, at, detail });
+    }
+
+    /// Whether any record of `uid` seen so far said `attached: true`.
+    fn ever_attached(&self, uid: &str) -> bool {
+        self.seen
+            .get(uid)
+            .is_some_and(|v| v.iter().any(|(_, r)| r.attached))
     }
 
     /// The last record seen of `uid` at or before `at`, in the phase `phase`.

@@ -78,9 +78,9 @@ pub struct FaultSwitches {
     pub replicas: bool,
     /// The qemu-storage-daemon killed and started again: every export gone at once.
     pub qsd_restart: bool,
-    /// The operator's watch streams lag (needs an API proxy in front of the operator).
+    /// The operator's watch streams lag (the API proxy in front of the operators).
     pub watch_lag: bool,
-    /// The operator cut off from the apiserver for a while (needs an API proxy).
+    /// The operators cut off from the apiserver for a while (the API proxy).
     pub partition: bool,
 }
 
@@ -94,6 +94,12 @@ pub enum Op {
         node: usize,
         /// A force-detach token already on the object when it is created.
         token: Option<String>,
+    },
+    /// Creates every slot of a Volume at once, each on another node: the race of attachments
+    /// that all see the volume free.
+    CreateAll {
+        volume: usize,
+        nodes: Vec<usize>,
     },
     Delete {
         volume: usize,
@@ -135,16 +141,27 @@ pub enum TokenKind {
 #[derive(Clone, Debug)]
 pub enum FaultOp {
     /// Spoil the next QMP command of that name.
-    Qmp { command: &'static str, fault: Fault },
+    Qmp {
+        command: &'static str,
+        fault: Fault,
+    },
     /// QMP refuses connections for this long.
     Outage(Duration),
     /// SIGKILL of one replica (index), started again after `down`.
-    Kill { replica: usize, down: Duration },
+    Kill {
+        replica: usize,
+        down: Duration,
+    },
     /// SIGTERM of whichever replica holds the lease, started again after `down`.
-    HandOver { down: Duration },
+    HandOver {
+        down: Duration,
+    },
     RestartQsd,
     /// The operator's watch streams lag by this much, for `lasting`.
-    WatchLag { lag: Duration, lasting: Duration },
+    WatchLag {
+        lag: Duration,
+        lasting: Duration,
+    },
     /// The operator cannot reach the apiserver for this long.
     Partition(Duration),
 }
@@ -211,9 +228,8 @@ const QMP_COMMANDS: [&str; 6] = [
 ];
 
 impl Plan {
-    /// Draws the schedule of `seed`. `api_faults`: whether an API proxy can lag and partition
-    /// the operator (otherwise those faults stay off).
-    pub fn draw(seed: u64, active: Duration, api_faults: bool) -> Self {
+    /// Draws the schedule of `seed`.
+    pub fn draw(seed: u64, active: Duration) -> Self {
         let mut rng = Rng::new(seed);
         let nodes = (0..3 + rng.below(3)).map(|i| format!("n{i}")).collect();
         let volume_count = 2 + rng.index(2);
@@ -234,8 +250,8 @@ impl Plan {
             kill: rng.chance(50),
             replicas: rng.chance(40),
             qsd_restart: rng.chance(25),
-            watch_lag: api_faults && rng.chance(30),
-            partition: api_faults && rng.chance(20),
+            watch_lag: rng.chance(30),
+            partition: rng.chance(20),
         };
         let ops = draw_ops(&mut rng, &volumes, active);
         let fault_ops = draw_faults(&mut rng, &faults, active);
@@ -260,7 +276,7 @@ fn draw_ops(rng: &mut Rng, volumes: &[VolumePlan], active: Duration) -> Vec<(Dur
     // name real earlier tokens. Drawn tokens are unique in the schedule.
     let mut history: Vec<Vec<Vec<String>>> = vec![vec![Vec::new(); SLOTS]; volumes.len()];
     let mut next_token = 0;
-    let mut new_token = |next: &mut usize| {
+    let new_token = |next: &mut usize| {
         *next += 1;
         format!("t{next}")
     };
@@ -269,7 +285,7 @@ fn draw_ops(rng: &mut Rng, volumes: &[VolumePlan], active: Duration) -> Vec<(Dur
     while at < active {
         let volume = rng.index(volumes.len());
         let slot = rng.index(SLOTS);
-        let op = match rng.weighted(&[30, 16, 16, 16, 8, 3, 4]) {
+        let op = match rng.weighted(&[30, 16, 16, 16, 8, 3, 4, 5]) {
             0 => {
                 let token = rng.chance(15).then(|| new_token(&mut next_token));
                 if let Some(token) = &token {
@@ -286,10 +302,10 @@ fn draw_ops(rng: &mut Rng, volumes: &[VolumePlan], active: Duration) -> Vec<(Dur
             2 => {
                 let seen = &mut history[volume][slot];
                 let (token, kind) = match rng.weighted(&[6, 2, 2]) {
-                    1 if !seen.is_empty() => (seen.last().expect("seen").clone(), TokenKind::Repeated),
-                    2 if seen.len() >= 2 => {
-                        (seen[seen.len() - 2].clone(), TokenKind::Reverted)
+                    1 if !seen.is_empty() => {
+                        (seen.last().expect("seen").clone(), TokenKind::Repeated)
                     }
+                    2 if seen.len() >= 2 => (seen[seen.len() - 2].clone(), TokenKind::Reverted),
                     _ => (new_token(&mut next_token), TokenKind::New),
                 };
                 seen.push(token.clone());
@@ -303,7 +319,14 @@ fn draw_ops(rng: &mut Rng, volumes: &[VolumePlan], active: Duration) -> Vec<(Dur
             3 => Op::Connect { volume, slot },
             4 => Op::Disconnect { volume, slot },
             5 => Op::DeleteVolume { volume },
-            _ => Op::RecreateVolume { volume },
+            6 => Op::RecreateVolume { volume },
+            _ => {
+                let first = rng.index(5);
+                Op::CreateAll {
+                    volume,
+                    nodes: (0..SLOTS).map(|i| first + i).collect(),
+                }
+            }
         };
         ops.push((at, op));
         at += rng.millis(80, 600);
@@ -311,7 +334,11 @@ fn draw_ops(rng: &mut Rng, volumes: &[VolumePlan], active: Duration) -> Vec<(Dur
     ops
 }
 
-fn draw_faults(rng: &mut Rng, faults: &FaultSwitches, active: Duration) -> Vec<(Duration, FaultOp)> {
+fn draw_faults(
+    rng: &mut Rng,
+    faults: &FaultSwitches,
+    active: Duration,
+) -> Vec<(Duration, FaultOp)> {
     let mut drawn = Vec::new();
     let ms = active.as_millis() as u64;
     if faults.qmp_replies {
@@ -356,22 +383,11 @@ fn draw_faults(rng: &mut Rng, faults: &FaultSwitches, active: Duration) -> Vec<(
         drawn.push((rng.millis(0, ms), FaultOp::WatchLag { lag, lasting }));
     }
     if faults.partition {
-        drawn.push((rng.millis(0, ms), FaultOp::Partition(rng.millis(1000, 6000))));
+        drawn.push((
+            rng.millis(0, ms),
+            FaultOp::Partition(rng.millis(1000, 6000)),
+        ));
     }
     drawn.sort_by_key(|(at, _)| *at);
     drawn
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_seed_names_one_schedule() {
-        let a = Plan::draw(42, Duration::from_secs(10), true);
-        let b = Plan::draw(42, Duration::from_secs(10), true);
-        assert_eq!(format!("{a:?}"), format!("{b:?}"));
-        let c = Plan::draw(43, Duration::from_secs(10), true);
-        assert_ne!(format!("{a:?}"), format!("{c:?}"));
-    }
 }

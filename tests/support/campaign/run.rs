@@ -1,16 +1,17 @@
 //! Runs one schedule against the real system: a qemu-storage-daemon behind the fault-injecting
 //! QMP proxy, one or two operator processes (under `--leader-elect` when two) reaching the
-//! apiserver through a write-recording front, the workload and the faults of the plan, and the
+//! apiserver through the API proxy (which records their writes, lags their watches and
+//! partitions them), the workload and the faults of the plan, and the
 //! observer beside them. Then the faults stop, the workload tidies up as a person would, and the
 //! schedule is judged: convergence, quiet once converged, no panic, and the Events.
 
 use super::observe::{CreateWindow, History, Observer, Rule, Violation};
 use super::plan::{FaultOp, Op, Plan, SLOTS, VolumePlan};
+use crate::support::api_proxy::ApiProxy;
 use crate::support::cluster::{TestObjects, admin_client, unique_name};
 use crate::support::operator::{Operator, Options, SHARD_LABEL};
 use crate::support::qmp_proxy::QmpProxy;
 use crate::support::qsd::{NbdClient, Qsd};
-use crate::support::scenario::ApiCounter;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -33,29 +34,13 @@ const LEASE_DURATION: &str = "5s";
 /// How long the system may take to converge once the faults stop: a lease to expire, a backoff
 /// or two, a stuck clock and a resync, with room to spare on a loaded machine.
 pub const CONVERGE_WITHIN: Duration = Duration::from_secs(90);
-/// How long a converged system is watched for writes, and how many it may make meanwhile.
+/// How long a converged system is watched for writes, and how many it may make meanwhile. The
+/// watch begins a while after convergence: a token set just before the faults stopped may still
+/// be acted on then (a force and an attach, a burst of writes that ends), a hot loop goes on.
+const QUIET_SETTLE: Duration = Duration::from_secs(3);
 const QUIET_WINDOW: Duration = Duration::from_secs(6);
 const QUIET_WRITES: usize = 6;
 const OBSERVE_EVERY: Duration = Duration::from_millis(100);
-
-/// The faults an API proxy in front of the operator can make. The write-recording front used
-/// until then makes none; a schedule draws those faults only when the front can.
-pub trait ApiFaults: Send + Sync {
-    fn can_fault(&self) -> bool;
-    fn set_watch_delay(&self, delay: Duration);
-    fn freeze(&self);
-    fn thaw(&self);
-}
-
-/// [`ApiCounter`] records the writes and injects nothing.
-impl ApiFaults for ApiCounter {
-    fn can_fault(&self) -> bool {
-        false
-    }
-    fn set_watch_delay(&self, _: Duration) {}
-    fn freeze(&self) {}
-    fn thaw(&self) {}
-}
 
 /// What one schedule came to.
 #[derive(Debug, Default)]
@@ -132,7 +117,7 @@ pub async fn run(plan: Plan) -> Outcome {
     let started = Instant::now();
     let history = History::new();
     let mut objects = TestObjects::default();
-    let mut qsd = Qsd::start();
+    let qsd = Qsd::start();
     for volume in &plan.volumes {
         qsd.create_image(&volume.handle);
     }
@@ -147,7 +132,7 @@ pub async fn run(plan: Plan) -> Outcome {
         qsd.nbd_socket().display(),
         qsd.image_dir().display(),
     );
-    let api = Arc::new(ApiCounter::start().await);
+    let api = Arc::new(ApiProxy::start().await);
     let lease = unique_name("campaign-lease");
     let replica_count = if plan.faults.replicas { 2 } else { 1 };
     let mut replicas = Vec::new();
@@ -321,8 +306,9 @@ pub async fn run(plan: Plan) -> Outcome {
     let mut quiet_writes = 0;
     match converged {
         Ok(()) => {
-            let at = Instant::now();
             history.note("converged");
+            tokio::time::sleep(QUIET_SETTLE).await;
+            let at = Instant::now();
             tokio::time::sleep(QUIET_WINDOW).await;
             let writes: Vec<_> = api
                 .writes_since(at)
@@ -334,7 +320,7 @@ pub async fn run(plan: Plan) -> Outcome {
                 late.push((
                     Rule::HotLoop,
                     format!(
-                        "{} writes in the {QUIET_WINDOW:?} after convergence (at most {QUIET_WRITES}): {:?}",
+                        "{} writes in {QUIET_WINDOW:?}, {QUIET_SETTLE:?} after convergence (at most {QUIET_WRITES}): {:?}",
                         writes.len(),
                         writes
                             .iter()
@@ -352,7 +338,11 @@ pub async fn run(plan: Plan) -> Outcome {
     let converged_after = late
         .iter()
         .all(|(rule, _)| *rule != Rule::NoConvergence)
-        .then(|| quiesced.elapsed().saturating_sub(QUIET_WINDOW));
+        .then(|| {
+            quiesced
+                .elapsed()
+                .saturating_sub(QUIET_SETTLE + QUIET_WINDOW)
+        });
 
     stop.store(true, Ordering::SeqCst);
     let mut observer = observer.await.expect("the observer task");
@@ -389,15 +379,20 @@ pub async fn run(plan: Plan) -> Outcome {
         .iter()
         .map(|v| {
             format!(
-                "VIOLATION seed {} rule {} at {:.3}s: {}\n--- history (seed {}; reproduce: make campaign SCHEDULES=1 SEED={}) ---\n{}\n--- operator log (end) ---\n{}",
+                "VIOLATION seed {} rule {} at {:.3}s: {}\n--- history (seed {}; reproduce: make campaign SCHEDULES=1 SEED={} ACTIVE={}) ---\n{}\n--- operator log (end) ---\n{}",
                 plan.seed,
                 v.rule.name(),
                 history.offset(v.at),
                 v.detail,
                 plan.seed,
                 plan.seed,
+                plan.active.as_secs(),
                 history.around(v.at, 60, 10),
-                tail(&replicas[0].operator.log(), 40),
+                replicas
+                    .iter()
+                    .map(|r| format!("[{}]\n{}", r.identity, tail(&r.operator.log(), 30)))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
             )
         })
         .collect();
@@ -405,13 +400,13 @@ pub async fn run(plan: Plan) -> Outcome {
     // Clean up: the operators are dead, so nothing puts a finalizer back.
     let leases = Api::<Lease>::namespaced(client.clone(), LEASE_NAMESPACE);
     let _ = leases.delete(&lease, &DeleteParams::default()).await;
-    drop(replicas);
-    drop(objects);
-    drop(qsd);
-    let mut counts = fault_counts;
-    if plan.faults.replicas || plan.faults.kill {
-        counts.entry("operator processes").or_insert(0);
-    }
+    // Dropping these waits for processes and for the clean-up's own thread: not on a worker.
+    tokio::task::block_in_place(move || {
+        drop(replicas);
+        drop(objects);
+        drop(qsd);
+    });
+    let counts = fault_counts;
     Outcome {
         seed: plan.seed,
         ops: plan.ops.len(),
@@ -427,9 +422,20 @@ pub async fn run(plan: Plan) -> Outcome {
     }
 }
 
+/// The last `lines` lines of a log, its terminal colour codes taken out.
 fn tail(log: &str, lines: usize) -> String {
     let all: Vec<&str> = log.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    let mut plain = String::new();
+    let mut escape = false;
+    for c in all[all.len().saturating_sub(lines)..].join("\n").chars() {
+        match (escape, c) {
+            (false, '\u{1b}') => escape = true,
+            (true, 'm') => escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    plain
 }
 
 /// Runs the plan's workload operations at their times; returns the NBD clients still open.
@@ -467,39 +473,13 @@ async fn apply(
             slot,
             node,
             token,
-        } => {
-            let name = &world.slot_names[*volume][*slot];
-            let node = &world.plan.nodes[*node % world.plan.node_count()];
-            let mut metadata = json!({ "name": name, "labels": world.labels() });
-            if let Some(token) = token {
-                metadata["annotations"] = json!({ FORCE_DETACH_ANNOTATION: token });
-            }
-            let object: VolumeAttachment = serde_json::from_value(json!({
-                "apiVersion": "safedetach.io/v1alpha1",
-                "kind": "VolumeAttachment",
-                "metadata": metadata,
-                "spec": { "volumeName": world.volume_names[*volume], "nodeName": node },
-            }))
-            .expect("a VolumeAttachment");
-            let index = {
-                let mut creates = world.creates.lock().expect("creates");
-                creates.push(CreateWindow {
-                    volume: world.volume_names[*volume].clone(),
-                    node: node.clone(),
-                    sent: Instant::now(),
-                    answered: None,
-                });
-                creates.len() - 1
-            };
-            let result = world
-                .attachments
-                .create(&PostParams::default(), &object)
-                .await;
-            world.creates.lock().expect("creates")[index].answered = Some(Instant::now());
-            match result {
-                Ok(created) => format!("ok uid {}", created.uid().unwrap_or_default()),
-                Err(e) => said(Err(e)),
-            }
+        } => create(world, *volume, *slot, *node, token.as_deref()).await,
+        Op::CreateAll { volume, nodes } => {
+            let creates = nodes
+                .iter()
+                .enumerate()
+                .map(|(slot, node)| create(world, *volume, slot, *node, None));
+            futures::future::join_all(creates).await.join("; ")
         }
         Op::Delete { volume, slot } => {
             let name = &world.slot_names[*volume][*slot];
@@ -518,7 +498,8 @@ async fn apply(
             ..
         } => {
             let name = &world.slot_names[*volume][*slot];
-            let patch = json!({ "metadata": { "annotations": { FORCE_DETACH_ANNOTATION: token } } });
+            let patch =
+                json!({ "metadata": { "annotations": { FORCE_DETACH_ANNOTATION: token } } });
             said(
                 world
                     .attachments
@@ -542,8 +523,7 @@ async fn apply(
             if status.phase != Some(AttachmentPhase::Attached) {
                 return format!("skipped: phase {:?}", status.phase);
             }
-            match tokio::time::timeout(Duration::from_secs(3), NbdClient::connect_uri(&uri)).await
-            {
+            match tokio::time::timeout(Duration::from_secs(3), NbdClient::connect_uri(&uri)).await {
                 Ok(Ok(client)) => {
                     clients.insert((*volume, *slot), client);
                     format!("ok connected to {uri}")
@@ -576,6 +556,50 @@ async fn apply(
     }
 }
 
+/// Creates the attachment of `slot` of `volume` on `node` (an index into the plan's nodes, taken
+/// modulo their number), with `token` already set if given.
+async fn create(
+    world: &World,
+    volume: usize,
+    slot: usize,
+    node: usize,
+    token: Option<&str>,
+) -> String {
+    let name = &world.slot_names[volume][slot];
+    let node = &world.plan.nodes[node % world.plan.node_count()];
+    let mut metadata = json!({ "name": name, "labels": world.labels() });
+    if let Some(token) = token {
+        metadata["annotations"] = json!({ FORCE_DETACH_ANNOTATION: token });
+    }
+    let object: VolumeAttachment = serde_json::from_value(json!({
+        "apiVersion": "safedetach.io/v1alpha1",
+        "kind": "VolumeAttachment",
+        "metadata": metadata,
+        "spec": { "volumeName": world.volume_names[volume], "nodeName": node },
+    }))
+    .expect("a VolumeAttachment");
+    let index = {
+        let mut creates = world.creates.lock().expect("creates");
+        creates.push(CreateWindow {
+            volume: world.volume_names[volume].clone(),
+            node: node.clone(),
+            sent: Instant::now(),
+            answered: None,
+        });
+        creates.len() - 1
+    };
+    let result = world
+        .attachments
+        .create(&PostParams::default(), &object)
+        .await;
+    world.creates.lock().expect("creates")[index].answered = Some(Instant::now());
+    match result {
+        Ok(created) => format!("ok uid {}", created.uid().unwrap_or_default()),
+        Err(kube::Error::Api(status)) => format!("refused {} {}", status.code, status.reason),
+        Err(e) => format!("error {e}"),
+    }
+}
+
 /// Runs the plan's faults at their times; returns how many of each kind were injected.
 #[allow(clippy::too_many_arguments)]
 async fn inject(
@@ -585,7 +609,7 @@ async fn inject(
     replicas: &tokio::sync::Mutex<Vec<Replica>>,
     qsd: &mut Qsd,
     qsd_running: &AtomicBool,
-    api: &dyn ApiFaults,
+    api: &ApiProxy,
     lease: &str,
 ) -> BTreeMap<&'static str, usize> {
     let mut counts = BTreeMap::new();
@@ -624,9 +648,9 @@ async fn inject(
                     .find(|r| Some(&r.identity) == holder.as_ref())
                 {
                     Some(leader) => {
-                        let status = leader.operator.terminate();
+                        let how = stop_gracefully(&mut leader.operator).await;
                         leader.down_until = Some(Instant::now() + *down);
-                        format!("terminated leader {} ({status:?})", leader.identity)
+                        format!("stopped leader {}: {how}", leader.identity)
                     }
                     None => format!("skipped: no leader ({holder:?})"),
                 }
@@ -658,6 +682,33 @@ async fn inject(
     counts
 }
 
+/// How long a SIGTERM'd replica may take to exit before it is killed, as Kubernetes' grace period.
+const GRACE: Duration = Duration::from_secs(20);
+
+/// SIGTERM, then waiting without blocking the runtime (the replica's last requests go through the
+/// API proxy, which runs on it), then SIGKILL after the grace period.
+async fn stop_gracefully(operator: &mut Operator) -> String {
+    let Some(pid) = operator.id() else {
+        return "not running".into();
+    };
+    let sent = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await;
+    if !sent.is_ok_and(|s| s.success()) {
+        return format!("kill -TERM {pid} failed");
+    }
+    let given_up = Instant::now() + GRACE;
+    while operator.is_running() {
+        if Instant::now() >= given_up {
+            operator.kill();
+            return format!("did not exit within {GRACE:?} of SIGTERM: killed");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    "exited".into()
+}
+
 /// Tidies up as a person would, then waits until everything is converged: each attachment
 /// Attached and confirmed, each deleted one and each deleted Volume gone, and the backend
 /// exporting exactly the attached (volume, node) pairs. Returns what was still off on timeout.
@@ -684,6 +735,18 @@ async fn converge(world: &World) -> Result<(), String> {
             tidy(world, &attachments, &volumes).await;
             tidied = true;
             continue;
+        }
+        // An attachment whose Volume is gone cannot confirm its detach (by design); a person
+        // creates the Volume again so that it can.
+        for (index, name) in world.volume_names.iter().enumerate() {
+            let named = attachments.iter().any(|a| a.spec.volume_name == *name);
+            if named && !volumes.iter().any(|v| v.name_any() == *name) {
+                let created = world.create_volume(index).await;
+                world.history.note(format!(
+                    "a person creates Volume {name} again: {:?}",
+                    created.map(|_| ())
+                ));
+            }
         }
         // A person decides for a detach that waits for one (autoForceDetach: false): its client
         // is gone now, but the safe retries may be backed off for minutes.
@@ -732,7 +795,10 @@ async fn converge(world: &World) -> Result<(), String> {
                 .position(|n| *n == a.spec.volume_name)
                 .map(|i| world.plan.volumes[i].handle.clone())
                 .unwrap_or_default();
-            wanted.insert(safe_detach::driver::nbd::export_id(&handle, &a.spec.node_name));
+            wanted.insert(safe_detach::driver::nbd::export_id(
+                &handle,
+                &a.spec.node_name,
+            ));
         }
         for v in volumes
             .iter()
@@ -744,7 +810,9 @@ async fn converge(world: &World) -> Result<(), String> {
             Ok(ids) => {
                 let listed: BTreeSet<String> = ids.iter().cloned().collect();
                 if listed != wanted {
-                    off.push(format!("backend exports {listed:?}, attachments want {wanted:?}"));
+                    off.push(format!(
+                        "backend exports {listed:?}, attachments want {wanted:?}"
+                    ));
                 }
             }
             Err(e) => off.push(format!("backend unreadable: {e}")),
@@ -801,9 +869,7 @@ async fn tidy(world: &World, attachments: &[VolumeAttachment], volumes: &[Volume
                 .attachments
                 .delete(&a.name_any(), &DeleteParams::default())
                 .await;
-            world
-                .history
-                .note(format!("tidy: delete {}", a.name_any()));
+            world.history.note(format!("tidy: delete {}", a.name_any()));
         }
     }
 }
@@ -835,7 +901,10 @@ async fn check_events(world: &World, observer: &mut Observer) {
                 found.push((
                     Rule::EarlyOrUnallowedForce,
                     time,
-                    format!("orphanPolicy Report, yet {reason} on Volume {}: {note}", world.volume_names[*index]),
+                    format!(
+                        "orphanPolicy Report, yet {reason} on Volume {}: {note}",
+                        world.volume_names[*index]
+                    ),
                 ));
             }
             continue;
@@ -868,8 +937,11 @@ async fn check_events(world: &World, observer: &mut Observer) {
             if !allowed {
                 found.push((
                     Rule::EarlyOrUnallowedForce,
-                    Some(time).flatten(),
-                    format!("autoForceDetach false, yet {} was forced automatically: {note}", record.name),
+                    time,
+                    format!(
+                        "autoForceDetach false, yet {} was forced automatically: {note}",
+                        record.name
+                    ),
                 ));
             }
             if let Some(time) = time

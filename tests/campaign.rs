@@ -1,0 +1,299 @@
+//! The campaign: seeded schedules of concurrent attach, detach and force-detach requests, NBD
+//! clients holding exports, Volume deletes, and faults (lost and late QMP replies, QMP outages,
+//! SIGKILL of the operator, leader hand-overs, a restarted qemu-storage-daemon), judged by an
+//! observer independent of the operator. See docs/reliability.md.
+//!
+//! `cargo test --test campaign` runs the short campaign (fixed seeds, a few minutes);
+//! `make campaign SCHEDULES=N SEED=S` runs `long_campaign` and writes its figures to
+//! docs/reliability.md. Any violation prints the seed, the rule and the history around it.
+
+mod support;
+
+use std::time::Duration;
+use support::campaign::campaign;
+use support::cluster::admin_client;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse().unwrap_or_else(|e| panic!("{name}={v}: {e}")))
+        .unwrap_or(default)
+}
+
+fn fail_on_violations(summary: &support::campaign::Summary) {
+    // Each violation's report (seed, rule, history) was printed with its schedule's outcome.
+    assert!(
+        summary.violations.is_empty(),
+        "the campaign found violations (rule: seeds) {:?}; the VIOLATION reports above tell each seed's history",
+        summary.violations
+    );
+}
+
+/// The short campaign `make test` runs: the same seeds every time, so that a failure is a rule
+/// broken by a schedule anyone can run again, never a different draw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn short_campaign() {
+    admin_client().await;
+    let first = env_number("CAMPAIGN_SEED", 1);
+    let schedules = env_number("CAMPAIGN_SCHEDULES", 20);
+    let seeds: Vec<u64> = (first..first + schedules).collect();
+    let summary = campaign(&seeds, 4, Duration::from_secs(10)).await;
+    println!("{}", summary.table(first, "this tree"));
+    fail_on_violations(&summary);
+}
+
+/// The long campaign of `make campaign`: `CAMPAIGN_SCHEDULES` schedules from `CAMPAIGN_SEED`,
+/// its figures written to docs/reliability.md between the markers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "long: run with make campaign"]
+async fn long_campaign() {
+    admin_client().await;
+    let first = env_number("CAMPAIGN_SEED", 1000);
+    let schedules = env_number("CAMPAIGN_SCHEDULES", 50);
+    let parallel = env_number("CAMPAIGN_PARALLEL", 4) as usize;
+    let active = Duration::from_secs(env_number("CAMPAIGN_ACTIVE_SECS", 15));
+    let seeds: Vec<u64> = (first..first + schedules).collect();
+    let summary = campaign(&seeds, parallel, active).await;
+    let code = std::process::Command::new("git")
+        .args(["-C", REPO, "rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let table = summary.table(first, &format!("commit {code} (and its working tree)"));
+    println!("{table}");
+    write_figures(&table);
+    fail_on_violations(&summary);
+}
+
+/// Replaces the figures between the markers of docs/reliability.md.
+fn write_figures(table: &str) {
+    let path = format!("{REPO}/docs/reliability.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    let (begin, end) = (
+        "<!-- campaign figures -->",
+        "<!-- end of campaign figures -->",
+    );
+    let (Some(from), Some(to)) = (doc.find(begin), doc.find(end)) else {
+        panic!("{path} lacks the markers {begin} and {end}");
+    };
+    let updated = format!("{}{begin}\n{table}{}", &doc[..from], &doc[to..]);
+    std::fs::write(&path, updated).unwrap_or_else(|e| panic!("write {path}: {e}"));
+}
+
+/// The checker judged on rounds made up here: each rule must fire on the history that breaks it
+/// and stay quiet on the orderings the design allows, or the campaign could not fail.
+mod observe {
+    use safe_detach::api::AttachmentPhase;
+    use std::sync::Arc;
+    use support::campaign::observe::{CreateWindow, History, Observer, Record, Round, Rule};
+    use tokio::time::Instant;
+
+    use super::support;
+
+    fn observer() -> Observer {
+        let handles = [("va".to_owned(), "h0".to_owned())].into();
+        let single = [("h0".to_owned(), "va".to_owned())].into();
+        Observer::new(handles, single, Arc::default(), History::new())
+    }
+
+    fn record(uid: &str, rv: &str, phase: AttachmentPhase, deleting: bool) -> Record {
+        Record {
+            name: format!("a-{uid}"),
+            uid: uid.to_owned(),
+            resource_version: rv.to_owned(),
+            volume: "va".to_owned(),
+            node: "n0".to_owned(),
+            phase: Some(phase),
+            attached: phase == AttachmentPhase::Attached,
+            deleting,
+            phase_since: None,
+            token: None,
+        }
+    }
+
+    fn round(records: Vec<Record>, nodes: &[&str]) -> Round {
+        let now = Instant::now();
+        Round {
+            listed_at: now,
+            backend_at: now,
+            records,
+            exports: Some(
+                nodes
+                    .iter()
+                    .map(|n| ("va".to_owned(), (*n).to_owned()))
+                    .collect(),
+            ),
+            stray: Vec::new(),
+        }
+    }
+
+    fn rules(observer: &Observer) -> Vec<Rule> {
+        observer.violations.iter().map(|v| v.rule).collect()
+    }
+
+    #[test]
+    fn a_deleted_attachment_recorded_detached_while_exported_is_a_violation() {
+        let mut o = observer();
+        o.check(&round(
+            vec![record("u", "1", AttachmentPhase::Detaching, true)],
+            &["n0"],
+        ));
+        assert!(rules(&o).is_empty());
+        o.check(&round(
+            vec![record("u", "2", AttachmentPhase::Detached, true)],
+            &["n0"],
+        ));
+        assert_eq!(rules(&o), [Rule::DetachedWhileExported]);
+    }
+
+    #[test]
+    fn an_attachment_released_while_exported_is_a_violation_unless_a_create_races() {
+        let mut o = observer();
+        o.check(&round(
+            vec![record("u", "1", AttachmentPhase::Attached, false)],
+            &["n0"],
+        ));
+        let creates = o.creates.clone();
+        creates.lock().expect("creates").push(CreateWindow {
+            volume: "va".into(),
+            node: "n0".into(),
+            sent: Instant::now(),
+            answered: None,
+        });
+        o.check(&round(Vec::new(), &["n0"]));
+        assert!(
+            rules(&o).is_empty(),
+            "a create in flight may own the export"
+        );
+        creates.lock().expect("creates").clear();
+        o.check(&round(Vec::new(), &["n0"]));
+        assert_eq!(rules(&o), [Rule::DetachedWhileExported]);
+    }
+
+    #[test]
+    fn a_live_detached_record_that_moves_on_is_the_allowed_order_and_one_that_stays_is_not() {
+        let mut o = observer();
+        // Detached, then the intent to attach again is written and the export added in between.
+        o.check(&round(
+            vec![record("u", "5", AttachmentPhase::Detached, false)],
+            &["n0"],
+        ));
+        o.check(&round(
+            vec![record("u", "6", AttachmentPhase::Attaching, false)],
+            &["n0"],
+        ));
+        assert!(rules(&o).is_empty());
+        let mut o = observer();
+        o.check(&round(
+            vec![record("u", "5", AttachmentPhase::Detached, false)],
+            &["n0"],
+        ));
+        o.check(&round(
+            vec![record("u", "5", AttachmentPhase::Detached, false)],
+            &["n0"],
+        ));
+        assert_eq!(rules(&o), [Rule::DetachedWhileExported]);
+    }
+
+    #[test]
+    fn another_attachment_of_the_pair_claims_the_export() {
+        let mut o = observer();
+        let mut other = record("w", "9", AttachmentPhase::Attached, false);
+        other.name = "other".into();
+        o.check(&round(
+            vec![record("u", "2", AttachmentPhase::Detached, true), other],
+            &["n0"],
+        ));
+        assert!(rules(&o).is_empty());
+    }
+
+    #[test]
+    fn a_connection_handed_over_to_an_attachment_not_attached_yet_is_claimed() {
+        let mut o = observer();
+        o.check(&round(
+            vec![
+                record("u", "1", AttachmentPhase::Attached, false),
+                record("w", "2", AttachmentPhase::Pending, false),
+            ],
+            &["n0"],
+        ));
+        o.check(&round(
+            vec![record("w", "2", AttachmentPhase::Pending, false)],
+            &["n0"],
+        ));
+        o.check(&round(
+            vec![record("w", "2", AttachmentPhase::Pending, false)],
+            &["n0"],
+        ));
+        assert!(rules(&o).is_empty());
+    }
+
+    #[test]
+    fn a_connection_left_to_a_failed_attachment_is_a_violation() {
+        let mut o = observer();
+        o.check(&round(
+            vec![
+                record("u", "1", AttachmentPhase::Attached, false),
+                record("w", "2", AttachmentPhase::Failed, false),
+            ],
+            &["n0"],
+        ));
+        o.check(&round(
+            vec![record("w", "2", AttachmentPhase::Failed, false)],
+            &["n0"],
+        ));
+        o.check(&round(
+            vec![record("w", "2", AttachmentPhase::Failed, false)],
+            &["n0"],
+        ));
+        assert_eq!(rules(&o), [Rule::DetachedWhileExported]);
+    }
+
+    #[test]
+    fn a_record_that_lost_its_connection_yet_is_exported_is_a_violation() {
+        let mut o = observer();
+        o.check(&round(
+            vec![record("u", "1", AttachmentPhase::Attached, false)],
+            &["n0"],
+        ));
+        o.check(&round(
+            vec![record("u", "2", AttachmentPhase::Pending, false)],
+            &["n0"],
+        ));
+        o.check(&round(
+            vec![record("u", "2", AttachmentPhase::Pending, false)],
+            &["n0"],
+        ));
+        assert_eq!(rules(&o), [Rule::DetachedWhileExported]);
+    }
+
+    #[test]
+    fn a_single_attach_volume_on_two_nodes_is_a_double_attach() {
+        let mut o = observer();
+        let mut on_n1 = record("w", "3", AttachmentPhase::Attached, false);
+        on_n1.node = "n1".into();
+        o.check(&round(
+            vec![record("u", "2", AttachmentPhase::Attached, false), on_n1],
+            &["n0", "n1"],
+        ));
+        assert_eq!(rules(&o), [Rule::DoubleAttach]);
+    }
+}
+
+mod plan {
+    use super::support::campaign::plan::Plan;
+    use std::time::Duration;
+
+    #[test]
+    fn a_seed_names_one_schedule() {
+        let a = Plan::draw(42, Duration::from_secs(10));
+        let b = Plan::draw(42, Duration::from_secs(10));
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        let c = Plan::draw(43, Duration::from_secs(10));
+        assert_ne!(format!("{a:?}"), format!("{c:?}"));
+    }
+}
