@@ -830,7 +830,9 @@ async fn deploy_renders_and_the_apiserver_accepts_it() {
 
     // The CSI component, through an overlay as a user would write it (inside the repository:
     // kustomize refuses absolute paths).
-    let overlay = tempfile::tempdir_in(Path::new(REPO).join("target")).expect("an overlay folder");
+    let inside = Path::new(REPO).join("target");
+    std::fs::create_dir_all(&inside).expect("a folder inside the repository");
+    let overlay = tempfile::tempdir_in(&inside).expect("an overlay folder");
     std::fs::write(
         overlay.path().join("kustomization.yaml"),
         "resources: [../../deploy]\ncomponents: [../../deploy/csi-sidecar]\n",
