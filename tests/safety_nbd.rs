@@ -392,13 +392,7 @@ async fn a_force_detach_token_acts_once_while_the_operators_cache_lags() {
     let volume = s.volume("token", HANDLE, json!({})).await;
     let (name, _) = s.attach("token", &volume, NODE_A).await;
     let export = export_id(HANDLE, NODE_A);
-    let hard_deletes = |s: &Scenario| {
-        s.proxy()
-            .calls_of("block-export-del")
-            .iter()
-            .filter(|arguments| arguments["id"] == export && arguments["mode"] == "hard")
-            .count()
-    };
+    let hard_deletes = |s: &Scenario| hard_deletes_of(s, HANDLE, NODE_A);
     assert_eq!(hard_deletes(&s), 0, "nothing was forced before the request");
 
     s.api().set_watch_delay(WATCH_LAG);
@@ -641,6 +635,15 @@ fn hard_deletes_of(s: &Scenario, handle: &str, node: &str) -> usize {
         .count()
 }
 
+/// The NBD URI the operator recorded for an attachment.
+fn uri_of(attachment: &VolumeAttachment) -> String {
+    attachment
+        .status
+        .as_ref()
+        .and_then(|st| st.connection_info.get("uri").cloned())
+        .expect("an NBD URI")
+}
+
 /// The tokens the attachment records as handled.
 fn handled_tokens(attachment: &VolumeAttachment) -> Vec<String> {
     attachment
@@ -711,11 +714,7 @@ async fn an_automatic_force_does_not_revive_an_old_token() {
     assert_eq!(hard_deletes_of(&s, HANDLE, NODE_A), 1);
 
     let attached = s.get_attachment(&name).await.expect("present");
-    let uri = attached
-        .status
-        .as_ref()
-        .and_then(|st| st.connection_info.get("uri").cloned())
-        .expect("an NBD URI");
+    let uri = uri_of(&attached);
     let client = support::qsd::NbdClient::connect_uri(&uri)
         .await
         .expect("a client holds the export");
@@ -899,7 +898,12 @@ async fn an_attachment_is_detached_from_what_it_attached_after_its_volume_was_re
     let volume = s.volume("replaced", HANDLE, json!({})).await;
     let (name, _) = s.attach("replaced", &volume, NODE_A).await;
 
-    // Replace the Volume behind the attachment's back.
+    // Replace the Volume behind the attachment's back: delete it (the operator then adds no
+    // finalizer again), and remove its finalizer by hand.
+    s.volumes
+        .delete(&volume, &Default::default())
+        .await
+        .expect("delete the Volume");
     s.volumes
         .patch(
             &volume,
@@ -911,10 +915,6 @@ async fn an_attachment_is_detached_from_what_it_attached_after_its_volume_was_re
         )
         .await
         .expect("remove the Volume's finalizer by hand");
-    s.volumes
-        .delete(&volume, &Default::default())
-        .await
-        .expect("delete the Volume");
     s.wait_for(&s.volumes, &volume, "gone", Duration::from_secs(30), |v| {
         v.is_none()
     })
@@ -950,11 +950,7 @@ async fn deleting_one_of_two_attachments_of_a_node_keeps_the_connection() {
     let mut s = Scenario::start().await;
     let volume = s.volume("renamed", HANDLE, json!({})).await;
     let (old, attached) = s.attach("old-name", &volume, NODE_A).await;
-    let uri = attached
-        .status
-        .as_ref()
-        .and_then(|st| st.connection_info.get("uri").cloned())
-        .expect("an NBD URI");
+    let uri = uri_of(&attached);
     let mut client = support::qsd::NbdClient::connect_uri(&uri)
         .await
         .expect("a client on node-a");
@@ -1044,11 +1040,7 @@ async fn a_phase_since_in_the_future_does_not_make_an_attachment_stuck() {
     let mut s = Scenario::start().await;
     let volume = s.volume("skewed", HANDLE, json!({})).await;
     let (name, attached) = s.attach("skewed", &volume, NODE_A).await;
-    let uri = attached
-        .status
-        .as_ref()
-        .and_then(|st| st.connection_info.get("uri").cloned())
-        .expect("an NBD URI");
+    let uri = uri_of(&attached);
     let mut client = support::qsd::NbdClient::connect_uri(&uri)
         .await
         .expect("a client holds the export");
