@@ -463,12 +463,14 @@ async fn endpoints_report_health_readiness_and_metrics() {
         POLL,
         || async {
             let scrape = Scrape::of(&operator).await;
-            // A reconcile is counted when it returns, a moment after its write reached the cache.
+            // A reconcile is counted when it returns, a moment after its write reached the cache;
+            // the Volume's waits for its turn while an attachment of it is being attached.
             (scrape.sum("safedetach_attachments", &[("phase", "Attached")]) == 1.0
                 && scrape.sum(
                     "safedetach_reconciles_total",
                     &[("kind", "VolumeAttachment")],
-                ) >= 1.0)
+                ) >= 1.0
+                && scrape.sum("safedetach_reconciles_total", &[("kind", "Volume")]) >= 1.0)
                 .then_some(scrape)
         },
     )
