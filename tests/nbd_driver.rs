@@ -532,6 +532,17 @@ async fn a_block_node_of_the_volume_name_serving_another_file_is_never_exported(
     );
 }
 
+/// Exports vol1's block node under an id this driver does not give, as a person might by hand.
+fn export_by_hand(qsd: &Qsd) {
+    qsd.qmp(
+        "block-export-add",
+        serde_json::json!({
+            "type": "nbd", "id": "by-hand", "node-name": "sd-vol1", "name": "by-hand",
+        }),
+    )
+    .expect("an export by hand");
+}
+
 fn exclusive(volume: &str, node: &str) -> AttachRequest {
     AttachRequest {
         exclusive: true,
@@ -576,13 +587,7 @@ async fn an_export_made_by_hand_holds_the_volume_against_an_exclusive_attach() {
         .attach(&exclusive("vol1", "node-a"))
         .await
         .expect("attach to node-a");
-    qsd.qmp(
-        "block-export-add",
-        serde_json::json!({
-            "type": "nbd", "id": "by-hand", "node-name": "sd-vol1", "name": "by-hand",
-        }),
-    )
-    .expect("an export by hand");
+    export_by_hand(&qsd);
     driver
         .force_detach("vol1", "node-a")
         .await
@@ -640,13 +645,7 @@ async fn an_export_made_by_hand_is_reported_as_unattributed() {
         .attach(&request("vol1", "node-a"))
         .await
         .expect("attach to node-a");
-    qsd.qmp(
-        "block-export-add",
-        serde_json::json!({
-            "type": "nbd", "id": "by-hand", "node-name": "sd-vol1", "name": "by-hand",
-        }),
-    )
-    .expect("an export by hand");
+    export_by_hand(&qsd);
     driver
         .force_detach("vol1", "node-a")
         .await
