@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make run` (the main job) and `make test` (everything).
-.PHONY: run stop test lint fmt unit e2e crds cluster cluster-down backend setup test-programs campaign
+.PHONY: run stop test lint fmt unit e2e crds cluster cluster-down backend setup test-programs campaign bench
 
 run:
 	hack/run.sh
@@ -33,6 +33,14 @@ ACTIVE ?= 15
 campaign: setup cluster
 	CAMPAIGN_SCHEDULES=$(SCHEDULES) CAMPAIGN_SEED=$(SEED) CAMPAIGN_PARALLEL=$(PARALLEL) \
 	CAMPAIGN_ACTIVE_SECS=$(ACTIVE) cargo test --test campaign long_campaign -- --ignored --nocapture
+
+# Storms on the nbd driver against a release build (docs/benchmarks.md):
+# make bench N=10000 SCENARIOS=attach,detach QUIET=300
+N ?= 1000
+SCENARIOS ?= attach,quiet,token,detach,stuck
+QUIET ?= 300
+bench: setup cluster
+	BENCH_N=$(N) BENCH_SCENARIOS=$(SCENARIOS) BENCH_QUIET_SECS=$(QUIET) cargo bench --bench storm
 
 crds:
 	cargo run --quiet -- crds > crds/safedetach.io.yaml

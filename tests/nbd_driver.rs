@@ -658,3 +658,81 @@ async fn an_export_made_by_hand_is_reported_as_unattributed() {
     );
     assert_eq!(driver.probe("vol2").await, Ok(Connections::default()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_of_calls_shares_one_connection_and_one_listing() {
+    let qsd = Qsd::start();
+    let handles: Vec<String> = (0..24).map(|i| format!("wave{i}")).collect();
+    for handle in &handles {
+        qsd.create_image(handle);
+    }
+    let proxy = QmpProxy::start(&qsd.dir().join("proxy.sock"), &qsd.qmp_socket()).await;
+    let driver = Arc::new(driver(qsd.config_via(proxy.socket())));
+    let wave = |call: &'static str| {
+        let driver = driver.clone();
+        handles.iter().map(move |handle| {
+            let (driver, handle) = (driver.clone(), handle.clone());
+            tokio::spawn(async move {
+                match call {
+                    "attach" => {
+                        let mut request = request(&handle, "node-a");
+                        request.exclusive = true;
+                        driver.attach(&request).await.map(drop)
+                    }
+                    "probe" => driver
+                        .probe(&handle)
+                        .await
+                        .map(|c| assert_eq!(c, Connections::to(["node-a"]))),
+                    _ => driver.force_detach(&handle, "node-a").await,
+                }
+            })
+        })
+    };
+    for call in ["attach", "probe", "force_detach"] {
+        for result in futures::future::join_all(wave(call)).await {
+            result
+                .expect("task")
+                .unwrap_or_else(|e| panic!("{call}: {e}"));
+        }
+    }
+    assert!(qsd.export_ids().is_empty(), "{:?}", qsd.export_ids());
+    assert!(qsd.block_nodes().is_empty(), "{:?}", qsd.block_nodes());
+    // 72 calls, each of which needs the daemon's exports: the calls waiting for their turn take
+    // the connection over from the one before, with its listing, instead of listing again.
+    let listings = proxy.calls_of("query-block-exports").len();
+    let connections = proxy.calls_of("qmp_capabilities").len();
+    assert!(
+        listings < 24 && connections < 24,
+        "{listings} listings on {connections} connections for 72 calls"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_learns_of_deletions_from_the_daemon() {
+    let (qsd, driver) = setup();
+    let driver = Arc::new(driver);
+    let info = driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach");
+    // A client holds the export, so the hard delete's event follows its reply.
+    let mut client = NbdClient::connect_uri(&info["uri"]).await.expect("client");
+    assert_eq!(client.read().await, ReadOutcome::Ok);
+    // Calls keep arriving, so the connection (and what it knows) passes from one to the next.
+    let busy = {
+        let driver = driver.clone();
+        tokio::spawn(async move {
+            for _ in 0..50 {
+                let _ = driver.probe("vol2").await;
+            }
+        })
+    };
+    driver
+        .force_detach("vol1", "node-a")
+        .await
+        .expect("force_detach");
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
+    assert!(qsd.export_ids().is_empty());
+    busy.await.expect("probes");
+    client.close().await;
+}

@@ -897,6 +897,14 @@ async fn an_attachment_is_detached_from_what_it_attached_after_its_volume_was_re
     let mut s = Scenario::start().await;
     let volume = s.volume("replaced", HANDLE, json!({})).await;
     let (name, _) = s.attach("replaced", &volume, NODE_A).await;
+    s.wait_for(
+        &s.volumes,
+        &volume,
+        "the Volume's finalizer",
+        Duration::from_secs(30),
+        |v| v.is_some_and(|v| v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)),
+    )
+    .await;
 
     // Replace the Volume behind the attachment's back: delete it (the operator then adds no
     // finalizer again), and remove its finalizer by hand.

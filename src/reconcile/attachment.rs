@@ -70,6 +70,24 @@ pub async fn reconcile(
     {
         return Ok(Action::requeue(left));
     }
+    // Detaches of deleted attachments take turns in a lane of their own, so that a storm of them
+    // (a drained rack) does not hold up a person's attach queued behind it.
+    let lane = if attachment.metadata.deletion_timestamp.is_some() {
+        &context.lanes.releasing
+    } else {
+        &context.lanes.others
+    };
+    let Ok(_permit) = lane.acquire().await else {
+        return Ok(Action::requeue(BUSY_RECHECK));
+    };
+    // The wait may have been long: start from the cache's latest copy.
+    let attachment = match context
+        .attachments
+        .get(&ObjectRef::from_obj(attachment.as_ref()))
+    {
+        Some(latest) if latest.uid() == attachment.uid() => latest,
+        Some(_) | None => return Ok(Action::await_change()),
+    };
     let result = Reconcile::new(attachment.as_ref().clone(), &context)
         .run()
         .instrument(span)

@@ -77,6 +77,25 @@ pub struct Context {
     locks: VolumeLocks,
     /// Closed when this replica cannot be sure it still holds the lease.
     fence: Fence,
+    /// How many attachment reconciles run at once, by kind.
+    lanes: Lanes,
+}
+
+/// The attachment reconciles that may run at once: those of attachments being deleted, and the
+/// others, each up to the configured concurrency. The controller itself runs every reconcile it
+/// has work for; they wait here for their lane.
+struct Lanes {
+    releasing: tokio::sync::Semaphore,
+    others: tokio::sync::Semaphore,
+}
+
+impl Lanes {
+    fn new(concurrency: usize) -> Self {
+        Self {
+            releasing: tokio::sync::Semaphore::new(concurrency),
+            others: tokio::sync::Semaphore::new(concurrency),
+        }
+    }
 }
 
 /// Runs both controllers until `shutdown` resolves. With a `label_selector`, only the Volumes and
@@ -97,11 +116,16 @@ pub async fn run(
     let attachments_api = Api::<VolumeAttachment>::all(client.clone());
     let volumes_api = Api::<Volume>::all(client.clone());
 
-    let attachment_controller = Controller::new(attachments_api, watch.clone())
-        .with_config(kube::runtime::controller::Config::default().concurrency(16));
+    // Unbounded here: the lanes (`Lanes`) bound what runs.
+    let attachment_controller = Controller::new(attachments_api, watch.clone());
     let attachments = attachment_controller.store();
-    let volume_controller = Controller::new(volumes_api.clone(), watch.clone())
-        .with_config(kube::runtime::controller::Config::default().concurrency(4));
+    // A Volume's status sums up its attachments, so a burst of attachment changes asks for one
+    // reconcile of it, not one per change.
+    let volume_controller = Controller::new(volumes_api.clone(), watch.clone()).with_config(
+        kube::runtime::controller::Config::default()
+            .concurrency(4)
+            .debounce(VOLUME_DEBOUNCE),
+    );
     let volumes = volume_controller.store();
 
     health.observe(attachments.clone(), volumes.clone());
@@ -123,18 +147,39 @@ pub async fn run(
         events: Publisher::new(client.clone(), instance),
         client,
         config,
-        volumes,
+        volumes: volumes.clone(),
         attachments: attachments.clone(),
         backoff: Backoff::default(),
         metrics: health.metrics.clone(),
         locks: VolumeLocks::default(),
+        lanes: Lanes::new(ATTACHMENT_CONCURRENCY),
         fence,
     });
 
     // A Volume's change (its policy, its backend connections) concerns each of its attachments.
+    // Only what an attachment's decision rests on, though: the Volume's spec (its generation),
+    // its deletion, and the nodes its backend volume is connected to (a holder's detach, which a
+    // blocked attach waits for). Its other status writes wake no one.
     let attachments_of_volume = {
-        let attachments = attachments.clone();
+        let (attachments, volumes) = (attachments.clone(), volumes.clone());
+        let seen = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
         move |volume: Volume| {
+            let digest = concerns_attachments(&volume);
+            let uid = volume.uid().unwrap_or_default();
+            let unchanged = {
+                let mut seen = seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Deleted Volumes leave their digests behind: forget them all now and then (each
+                // Volume's next change then wakes its attachments once more, which is harmless).
+                if seen.len() > 2 * volumes.state().len() + 1024 {
+                    seen.clear();
+                }
+                seen.insert(uid, digest) == Some(digest)
+            };
+            if unchanged {
+                return Vec::new();
+            }
             let name = volume.metadata.name.unwrap_or_default();
             attachments
                 .state()
@@ -176,6 +221,30 @@ pub async fn run(
     info!("controllers started");
     futures::join!(attachment_loop, volume_loop);
     info!("controllers stopped");
+}
+
+/// Attachment reconciles at once, in each lane.
+const ATTACHMENT_CONCURRENCY: usize = 16;
+
+/// How long the Volume controller waits for a burst of changes to one Volume to end.
+const VOLUME_DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// A digest of what the attachments of `volume` decide on (see [`run`]).
+fn concerns_attachments(volume: &Volume) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    volume.metadata.generation.hash(&mut hasher);
+    volume
+        .metadata
+        .deletion_timestamp
+        .is_some()
+        .hash(&mut hasher);
+    volume
+        .status
+        .as_ref()
+        .map(|s| &s.connected_nodes)
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Counts and logs one finished reconcile.

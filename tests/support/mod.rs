@@ -9,6 +9,7 @@ pub mod conformance;
 pub mod csi;
 pub mod grpc_proxy;
 pub mod operator;
+pub mod peer;
 pub mod qmp_proxy;
 pub mod qsd;
 pub mod scenario;

@@ -7,7 +7,9 @@
 //!   connection, the daemon a completed command: a lost reply.
 //! - [`Fault::DelayReply`]: the reply is held back for a while.
 //!
-//! And [`QmpProxy::set_refusing`] makes connection attempts fail, as a daemon that is down.
+//! And [`QmpProxy::set_refusing`] makes connection attempts fail, as a daemon that is down;
+//! [`QmpProxy::set_in_use`] answers every safe `block-export-del` itself with QEMU's "still in
+//! use" error, as if a client held every export (more clients than a test can connect).
 //!
 //! The proxy's tasks run on the runtime that started it and stop when it is dropped.
 
@@ -36,6 +38,8 @@ struct Shared {
     fired: AtomicUsize,
     /// Every command forwarded, in order: what a test checks the backend was told.
     calls: Mutex<Vec<Call>>,
+    /// Whether safe export deletes are refused as in use.
+    in_use: std::sync::atomic::AtomicBool,
 }
 
 /// A command the proxy forwarded to the daemon.
@@ -113,6 +117,11 @@ impl QmpProxy {
         self.shared.fired.load(Ordering::SeqCst)
     }
 
+    /// While on, a safe `block-export-del` is answered "still in use" without reaching the daemon.
+    pub fn set_in_use(&self, on: bool) {
+        self.shared.in_use.store(on, Ordering::SeqCst);
+    }
+
     /// While refusing, nothing listens on the socket: connecting fails with "connection refused".
     pub async fn set_refusing(&self, refusing: bool) {
         self.refusing.send_replace(refusing);
@@ -186,13 +195,15 @@ async fn forward(client: UnixStream, upstream: PathBuf, shared: Arc<Shared>) {
     let Ok(daemon) = UnixStream::connect(&upstream).await else {
         return;
     };
-    let (client_read, mut client_write) = client.into_split();
+    let (client_read, client_write) = client.into_split();
+    let client_write = Arc::new(tokio::sync::Mutex::new(client_write));
     let (daemon_read, mut daemon_write) = daemon.into_split();
     let pending: Arc<Mutex<Option<Pending>>> = Arc::default();
 
     let to_daemon = {
         let pending = pending.clone();
         let shared = shared.clone();
+        let client_write = client_write.clone();
         async move {
             let mut lines = BufReader::new(client_read).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -206,6 +217,32 @@ async fn forward(client: UnixStream, upstream: PathBuf, shared: Arc<Shared>) {
                         command: name.to_owned(),
                         arguments: command.get("arguments").cloned().unwrap_or(Value::Null),
                     });
+                    if name == "block-export-del"
+                        && shared.in_use.load(Ordering::SeqCst)
+                        && command.pointer("/arguments/mode").and_then(Value::as_str)
+                            == Some("safe")
+                    {
+                        let export = command
+                            .pointer("/arguments/id")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        let refusal = serde_json::json!({
+                            "error": {
+                                "class": "GenericError",
+                                "desc": format!("Export '{export}' still in use"),
+                            },
+                            "id": command.get("id").cloned().unwrap_or(Value::Null),
+                        });
+                        let mut client = client_write.lock().await;
+                        if client
+                            .write_all(format!("{refusal}\n").as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
                     let mut armed = shared.armed.lock().expect("proxy state");
                     if let Some(index) = armed.iter().position(|(armed_name, _)| armed_name == name)
                     {
@@ -257,6 +294,8 @@ async fn forward(client: UnixStream, upstream: PathBuf, shared: Arc<Shared>) {
                 None => {}
             }
             if client_write
+                .lock()
+                .await
                 .write_all(format!("{line}\n").as_bytes())
                 .await
                 .is_err()

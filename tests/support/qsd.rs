@@ -61,6 +61,11 @@ impl Qsd {
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.child.id())
+    }
+
     /// Stops the daemon, as a backend outage would.
     pub fn stop(&mut self) {
         let _ = self.child.kill();

@@ -45,8 +45,8 @@ use async_trait::async_trait;
 use qmp::{Qmp, QmpError};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio::time::Instant;
@@ -55,7 +55,7 @@ use tokio::time::Instant;
 /// soon as its clients are gone, which a hard delete forces at once: seconds mean something is
 /// wrong, and the caller must probe.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
-const SETTLE_POLL: Duration = Duration::from_millis(50);
+const SETTLE_POLL: Duration = Duration::from_millis(20);
 /// Attempts at an attach whose block node or NBD server vanished under it (a concurrent detach
 /// released the node between our add and our export).
 const ATTACH_ATTEMPTS: usize = 3;
@@ -74,33 +74,115 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct NbdDriver {
     config: NbdConfig,
-    /// QEMU's monitor serves one client at a time and turns further connection attempts away,
-    /// so this driver's calls take turns rather than race for it.
-    monitor: Mutex<()>,
+    monitor: Monitor,
+}
+
+/// How many calls one QMP connection serves before it is closed, so that another client of the
+/// daemon (another replica, a person with `qmp-shell`) gets its turn during a long storm.
+const CALLS_PER_CONNECTION: u32 = 256;
+
+/// QEMU's monitor serves one client at a time and turns further connection attempts away, so this
+/// driver's calls take turns rather than race for it. While calls are waiting, the connection is
+/// handed from one to the next instead of closed: no other client of the daemon can change its
+/// exports in between, so the listing read on the connection stays true, changed only by this
+/// driver's own commands and the deletions the daemon announces on it.
+#[derive(Debug, Default)]
+struct Monitor {
+    kept: Mutex<Option<Kept>>,
+    waiting: AtomicUsize,
+}
+
+/// A connection kept for the next call, and what it knows of the daemon's exports.
+struct Kept {
+    qmp: Qmp,
+    /// The daemon's exports as listed on this connection and kept up to date since: `None` until
+    /// the first listing. Exports shutting down stay until the daemon says they are gone.
+    exports: Option<Vec<ExportInfo>>,
+    calls: u32,
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kept")
+            .field("exports", &self.exports.as_ref().map(Vec::len))
+            .field("calls", &self.calls)
+            .finish()
+    }
 }
 
 /// A QMP session, holding this driver's turn at the monitor.
 struct Session<'a> {
-    qmp: Qmp,
-    _turn: MutexGuard<'a, ()>,
+    kept: Option<Kept>,
+    slot: MutexGuard<'a, Option<Kept>>,
+    waiting: &'a AtomicUsize,
 }
 
-impl Deref for Session<'_> {
-    type Target = Qmp;
+impl Session<'_> {
+    fn qmp(&mut self) -> &mut Qmp {
+        &mut self
+            .kept
+            .as_mut()
+            .expect("a session holds its connection")
+            .qmp
+    }
 
-    fn deref(&self) -> &Qmp {
-        &self.qmp
+    fn kept(&mut self) -> &mut Kept {
+        self.kept.as_mut().expect("a session holds its connection")
+    }
+
+    async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        self.qmp().execute(command, arguments).await
+    }
+
+    /// The daemon's exports: listed once per connection, then kept up to date.
+    async fn exports(&mut self, operation: &'static str) -> Result<&[ExportInfo], DriverError> {
+        let kept = self.kept();
+        let deleted = kept.qmp.take_deleted_exports();
+        if let Some(exports) = kept.exports.as_mut() {
+            exports.retain(|export| !deleted.contains(&export.id));
+        } else {
+            kept.exports = Some(list_exports(&mut kept.qmp, operation).await?);
+        }
+        Ok(kept.exports.as_deref().unwrap_or_default())
+    }
+
+    /// Lists the exports again, whatever is known.
+    async fn relist(&mut self, operation: &'static str) -> Result<&[ExportInfo], DriverError> {
+        self.kept().exports = None;
+        self.exports(operation).await
+    }
+
+    /// Records what a command of this session did to the exports.
+    fn exports_changed(&mut self, change: impl FnOnce(&mut Vec<ExportInfo>)) {
+        if let Some(exports) = self.kept().exports.as_mut() {
+            change(exports);
+        }
+    }
+
+    /// Forgets the listing: the daemon said something this session did not expect.
+    fn forget_exports(&mut self) {
+        self.kept().exports = None;
     }
 }
 
-impl DerefMut for Session<'_> {
-    fn deref_mut(&mut self) -> &mut Qmp {
-        &mut self.qmp
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if let Some(kept) = self.kept.take()
+            && !kept.qmp.is_spent()
+            && kept.calls < CALLS_PER_CONNECTION
+            && self.waiting.load(Ordering::SeqCst) > 0
+        {
+            *self.slot = Some(kept);
+        }
     }
 }
 
 /// One entry of `query-block-exports`.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 struct ExportInfo {
     id: String,
     #[serde(rename = "node-name")]
@@ -116,7 +198,7 @@ impl NbdDriver {
         config.validate()?;
         Ok(Self {
             config,
-            monitor: Mutex::new(()),
+            monitor: Monitor::default(),
         })
     }
 
@@ -142,12 +224,27 @@ impl NbdDriver {
         ])
     }
 
+    /// This driver's turn at the monitor, on the connection the last call left, or a new one.
     async fn connect(&self) -> Result<Session<'_>, DriverError> {
-        let turn = self.monitor.lock().await;
-        let qmp = Qmp::connect(&self.config.qmp_socket, CONNECT_TIMEOUT)
-            .await
-            .map_err(|e| DriverError::Unreachable(e.to_string()))?;
-        Ok(Session { qmp, _turn: turn })
+        self.monitor.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut slot = self.monitor.kept.lock().await;
+        self.monitor.waiting.fetch_sub(1, Ordering::SeqCst);
+        let mut kept = match slot.take() {
+            Some(kept) => kept,
+            None => Kept {
+                qmp: Qmp::connect(&self.config.qmp_socket, CONNECT_TIMEOUT)
+                    .await
+                    .map_err(|e| DriverError::Unreachable(e.to_string()))?,
+                exports: None,
+                calls: 0,
+            },
+        };
+        kept.calls += 1;
+        Ok(Session {
+            kept: Some(kept),
+            slot,
+            waiting: &self.monitor.waiting,
+        })
     }
 
     /// Fails with [`DriverError::UnknownVolume`] unless the volume's image is a file.
@@ -211,19 +308,20 @@ impl NbdDriver {
     /// Removes the volume's block node unless an export still uses it.
     async fn release_block_node(
         &self,
-        qmp: &mut Qmp,
+        session: &mut Session<'_>,
         handle: &str,
         operation: &'static str,
     ) -> Result<(), DriverError> {
         let node_name = block_node_name(handle);
-        if list_exports(qmp, operation)
+        if session
+            .exports(operation)
             .await?
             .iter()
             .any(|export| export.node_name == node_name)
         {
             return Ok(());
         }
-        match qmp
+        match session
             .execute("blockdev-del", Some(json!({ "node-name": node_name })))
             .await
         {
@@ -235,20 +333,28 @@ impl NbdDriver {
         }
     }
 
-    /// Waits until the daemon no longer lists the export.
+    /// Waits until the daemon no longer lists the export: it says so with an event, which
+    /// arrives before the reply to the delete or soon after; a listing now and then settles it
+    /// when the event is not seen.
     async fn await_export_gone(
         &self,
-        qmp: &mut Qmp,
+        session: &mut Session<'_>,
         id: &str,
         operation: &'static str,
     ) -> Result<(), DriverError> {
+        session.exports_changed(|exports| {
+            for export in exports.iter_mut().filter(|export| export.id == id) {
+                export.shutting_down = true;
+            }
+        });
         let give_up = Instant::now() + SETTLE_TIMEOUT;
-        loop {
-            if !list_exports(qmp, operation)
-                .await?
-                .iter()
-                .any(|export| export.id == id)
-            {
+        for round in 0.. {
+            let exports = if round % 4 == 3 {
+                session.relist(operation).await?
+            } else {
+                session.exports(operation).await?
+            };
+            if !exports.iter().any(|export| export.id == id) {
                 return Ok(());
             }
             if Instant::now() >= give_up {
@@ -259,7 +365,13 @@ impl NbdDriver {
                 });
             }
             tokio::time::sleep(SETTLE_POLL).await;
+            // Reads the events that arrived meanwhile.
+            session
+                .execute("query-version", None)
+                .await
+                .map_err(|e| driver_error(e, operation))?;
         }
+        unreachable!("the loop returns")
     }
 }
 
@@ -333,8 +445,9 @@ impl Driver for NbdDriver {
     }
 
     async fn check(&self) -> Result<(), DriverError> {
-        let mut qmp = self.connect().await?;
-        qmp.execute("query-version", None)
+        let mut session = self.connect().await?;
+        session
+            .execute("query-version", None)
             .await
             .map(drop)
             .map_err(|e| driver_error(e, "check"))
@@ -342,12 +455,12 @@ impl Driver for NbdDriver {
 
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
         validate_handle(volume_handle)?;
-        let mut qmp = self.connect().await?;
+        let mut session = self.connect().await?;
         // Exports still shutting down keep their clients until they are gone, so they count.
-        let exports = list_exports(&mut qmp, "probe").await?;
+        let exports = session.exports("probe").await?;
         let block_node = block_node_name(volume_handle);
         let mut connections = Connections::default();
-        for export in &exports {
+        for export in exports {
             match parse_export_id(&export.id) {
                 Some((handle, node)) if handle == volume_handle => {
                     connections.nodes.insert(node.to_owned());
@@ -360,6 +473,7 @@ impl Driver for NbdDriver {
             }
         }
         if connections.nodes.is_empty() && connections.unattributed.is_empty() {
+            drop(session);
             // Connected nowhere, but say so only for a volume that exists.
             self.check_image(volume_handle).await?;
         }
@@ -374,8 +488,8 @@ impl Driver for NbdDriver {
         let id = export_id(handle, &request.node);
         // One session from the listing to the export: the monitor serves no other client in
         // between, this process's or another's, so the exclusivity check cannot go stale.
-        let mut qmp = self.connect().await?;
-        let exports = list_exports(&mut qmp, "attach").await?;
+        let mut session = self.connect().await?;
+        let exports = session.exports("attach").await?;
         if let Some(existing) = exports.iter().find(|export| export.id == id) {
             if existing.shutting_down {
                 return Err(DriverError::Refused(format!(
@@ -385,7 +499,7 @@ impl Driver for NbdDriver {
             return Ok(self.connection_info(&id));
         }
         if request.exclusive {
-            let holders = holders_of(&exports, handle);
+            let holders = holders_of(exports, handle);
             if !holders.is_empty() {
                 return Err(DriverError::HeldElsewhere {
                     volume: handle.to_owned(),
@@ -400,18 +514,33 @@ impl Driver for NbdDriver {
             "name": id,
             "writable": !request.read_only,
         });
+        let block_node = block_node_name(handle);
         for attempt in 1..=ATTACH_ATTEMPTS {
-            self.ensure_server(&mut qmp, "attach").await?;
-            if !self.ensure_block_node(&mut qmp, handle, &image).await? {
+            self.ensure_server(session.qmp(), "attach").await?;
+            if !self
+                .ensure_block_node(session.qmp(), handle, &image)
+                .await?
+            {
                 continue;
             }
-            match qmp
+            match session
                 .execute("block-export-add", Some(arguments.clone()))
                 .await
             {
-                Ok(_) => return Ok(self.connection_info(&id)),
-                // A concurrent attach of the same (volume, node) won: same export, same info.
+                Ok(_) => {
+                    session.exports_changed(|exports| {
+                        exports.push(ExportInfo {
+                            id: id.clone(),
+                            node_name: block_node.clone(),
+                            shutting_down: false,
+                        })
+                    });
+                    return Ok(self.connection_info(&id));
+                }
+                // The export exists after all (made by another client before this session):
+                // same export, same info.
                 Err(e) if e.says("already in use") || e.says("already has export named") => {
+                    session.forget_exports();
                     return Ok(self.connection_info(&id));
                 }
                 Err(e)
@@ -433,8 +562,8 @@ impl Driver for NbdDriver {
         validate_handle(volume_handle)?;
         validate_node(node)?;
         let id = export_id(volume_handle, node);
-        let mut qmp = self.connect().await?;
-        match qmp
+        let mut session = self.connect().await?;
+        match session
             .execute(
                 "block-export-del",
                 Some(json!({ "id": id, "mode": "safe" })),
@@ -452,6 +581,7 @@ impl Driver for NbdDriver {
                 });
             }
             Err(e) if e.says("not found") => {
+                session.exports_changed(|exports| exports.retain(|export| export.id != id));
                 return Err(DriverError::NotConnected {
                     volume: volume_handle.to_owned(),
                     node: node.to_owned(),
@@ -459,15 +589,15 @@ impl Driver for NbdDriver {
             }
             Err(e) => return Err(driver_error(e, "terminate_connection")),
         }
-        self.await_export_gone(&mut qmp, &id, "terminate_connection")
+        self.await_export_gone(&mut session, &id, "terminate_connection")
             .await
     }
 
     async fn detach(&self, volume_handle: &str, node: &str) -> Result<(), DriverError> {
         validate_handle(volume_handle)?;
         validate_node(node)?;
-        let mut qmp = self.connect().await?;
-        self.release_block_node(&mut qmp, volume_handle, "detach")
+        let mut session = self.connect().await?;
+        self.release_block_node(&mut session, volume_handle, "detach")
             .await
     }
 
@@ -475,8 +605,8 @@ impl Driver for NbdDriver {
         validate_handle(volume_handle)?;
         validate_node(node)?;
         let id = export_id(volume_handle, node);
-        let mut qmp = self.connect().await?;
-        match qmp
+        let mut session = self.connect().await?;
+        match session
             .execute(
                 "block-export-del",
                 Some(json!({ "id": id, "mode": "hard" })),
@@ -484,12 +614,15 @@ impl Driver for NbdDriver {
             .await
         {
             Ok(_) => {}
-            Err(e) if e.says("not found") || e.says("already shutting down") => {}
+            Err(e) if e.says("not found") => {
+                session.exports_changed(|exports| exports.retain(|export| export.id != id));
+            }
+            Err(e) if e.says("already shutting down") => {}
             Err(e) => return Err(driver_error(e, "force_detach")),
         }
-        self.await_export_gone(&mut qmp, &id, "force_detach")
+        self.await_export_gone(&mut session, &id, "force_detach")
             .await?;
-        self.release_block_node(&mut qmp, volume_handle, "force_detach")
+        self.release_block_node(&mut session, volume_handle, "force_detach")
             .await
     }
 }

@@ -1,7 +1,9 @@
 //! A minimal QMP client: line-delimited JSON over a unix socket.
 //!
-//! The driver opens one connection per call, so a reply lost on one connection can never be
-//! mistaken for the reply to a later command. What a failure means depends on when it happened,
+//! Every command carries an id and only the reply with that id answers it. A connection on which
+//! a reply was lost, or a command left unanswered (its caller gave up), is [`Qmp::is_spent`]: it
+//! is never used again, so a late reply can never be mistaken for the reply to a later command.
+//! What a failure means depends on when it happened,
 //! and [`QmpError`] keeps that apart: before a command was written nothing can have happened on
 //! the daemon; after, the command may have run.
 
@@ -51,6 +53,12 @@ pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     next_id: u64,
+    /// A command was sent and its reply not read (lost, or its caller gave up): the stream may
+    /// hold a half-written line or a late reply.
+    spent: bool,
+    /// The ids of the exports the daemon said it deleted (`BLOCK_EXPORT_DELETED`), as the events
+    /// arrived between replies, not yet taken.
+    deleted_exports: Vec<String>,
 }
 
 impl Qmp {
@@ -88,6 +96,8 @@ impl Qmp {
             reader: BufReader::new(reader),
             writer,
             next_id: 1,
+            spent: false,
+            deleted_exports: Vec::new(),
         };
         let greeting = qmp
             .read_message()
@@ -103,9 +113,39 @@ impl Qmp {
         Ok(qmp)
     }
 
-    /// Runs a command and returns its `return` value. Asynchronous events that arrive meanwhile
-    /// are skipped: the driver reads state with queries rather than from events.
+    /// Whether the connection must not be used again (see the module doc).
+    pub fn is_spent(&self) -> bool {
+        self.spent
+    }
+
+    /// The ids of the exports deleted since the last call, as the daemon's events said.
+    pub fn take_deleted_exports(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.deleted_exports)
+    }
+
+    /// Runs a command and returns its `return` value. Of the asynchronous events that arrive
+    /// meanwhile, only `BLOCK_EXPORT_DELETED` is kept (see [`take_deleted_exports`]); the others
+    /// are skipped.
+    ///
+    /// [`take_deleted_exports`]: Self::take_deleted_exports
     pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        if self.spent {
+            return Err(QmpError::Unreachable(
+                "this QMP connection was given up after an unanswered command".to_owned(),
+            ));
+        }
+        // Cleared only once the reply is read: a caller that stops waiting leaves it set.
+        self.spent = true;
+        let result = self.exchange(command, arguments).await;
+        self.spent = matches!(result, Err(QmpError::LostReply(_)));
+        result
+    }
+
+    async fn exchange(
         &mut self,
         command: &str,
         arguments: Option<Value>,
@@ -132,7 +172,13 @@ impl Qmp {
             };
             if reply.contains_key("event") {
                 let event = Value::Object(reply);
-                tracing::debug!(%event, "QMP event skipped");
+                if event["event"] == "BLOCK_EXPORT_DELETED"
+                    && let Some(id) = event.pointer("/data/id").and_then(Value::as_str)
+                {
+                    self.deleted_exports.push(id.to_owned());
+                } else {
+                    tracing::debug!(%event, "QMP event skipped");
+                }
                 continue;
             }
             match reply.get("id") {
