@@ -21,7 +21,7 @@ use events::Publisher;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use lock::VolumeLocks;
 use std::future::Future;
@@ -116,17 +116,34 @@ pub async fn run(
     let attachments_api = Api::<VolumeAttachment>::all(client.clone());
     let volumes_api = Api::<Volume>::all(client.clone());
 
-    // Unbounded here: the lanes (`Lanes`) bound what runs.
-    let attachment_controller = Controller::new(attachments_api, watch.clone());
-    let attachments = attachment_controller.store();
+    // The caches keep objects without their managed fields, which nothing here reads and which
+    // are most of an object's size. The attachment controller's concurrency is unbounded: the
+    // lanes (`Lanes`) bound what runs.
+    let (attachments, writer) = reflector::store();
+    let attachment_controller = Controller::for_stream(
+        reflector::reflector(
+            writer,
+            watcher(attachments_api, watch.clone()).modify(without_managed_fields),
+        )
+        .applied_objects(),
+        attachments.clone(),
+    );
     // A Volume's status sums up its attachments, so a burst of attachment changes asks for one
     // reconcile of it, not one per change.
-    let volume_controller = Controller::new(volumes_api.clone(), watch.clone()).with_config(
+    let (volumes, writer) = reflector::store();
+    let volume_controller = Controller::for_stream(
+        reflector::reflector(
+            writer,
+            watcher(volumes_api.clone(), watch.clone()).modify(without_managed_fields),
+        )
+        .applied_objects(),
+        volumes.clone(),
+    )
+    .with_config(
         kube::runtime::controller::Config::default()
             .concurrency(4)
             .debounce(VOLUME_DEBOUNCE),
     );
-    let volumes = volume_controller.store();
 
     health.observe(attachments.clone(), volumes.clone());
     tokio::spawn({
@@ -225,6 +242,10 @@ pub async fn run(
 
 /// Attachment reconciles at once, in each lane.
 const ATTACHMENT_CONCURRENCY: usize = 16;
+
+fn without_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
 
 /// How long the Volume controller waits for a burst of changes to one Volume to end.
 const VOLUME_DEBOUNCE: Duration = Duration::from_millis(250);
