@@ -26,7 +26,8 @@
 //!   `query-block-exports` no longer lists the export, and the probe counts exports that are
 //!   still shutting down.
 //! - The QMP monitor serves one client at a time and turns further connection attempts away, so
-//!   the driver's calls take turns, one QMP connection each.
+//!   the driver's calls take turns. While calls wait, the connection passes from one to the next
+//!   with the exports listed on it (see `Monitor`); otherwise each call connects anew.
 //! - An exclusive attach (a single-attach volume) lists the exports and adds its own in one QMP
 //!   session, and refuses while any export of the volume's block node is listed, whoever made it.
 //! - The probe names the node of each export this driver made; an export of the volume's block
@@ -99,6 +100,8 @@ struct Kept {
     /// the first listing. Exports shutting down stay until the daemon says they are gone.
     exports: Option<Vec<ExportInfo>>,
     calls: u32,
+    /// Whether this connection has seen the NBD server running (no one can stop it meanwhile).
+    server_running: bool,
 }
 
 impl std::fmt::Debug for Kept {
@@ -237,6 +240,7 @@ impl NbdDriver {
                     .map_err(|e| DriverError::Unreachable(e.to_string()))?,
                 exports: None,
                 calls: 0,
+                server_running: false,
             },
         };
         kept.calls += 1;
@@ -516,7 +520,10 @@ impl Driver for NbdDriver {
         });
         let block_node = block_node_name(handle);
         for attempt in 1..=ATTACH_ATTEMPTS {
-            self.ensure_server(session.qmp(), "attach").await?;
+            if !session.kept().server_running {
+                self.ensure_server(session.qmp(), "attach").await?;
+                session.kept().server_running = true;
+            }
             if !self
                 .ensure_block_node(session.qmp(), handle, &image)
                 .await?
@@ -545,7 +552,10 @@ impl Driver for NbdDriver {
                 }
                 Err(e)
                     if (e.says("cannot find device") || e.says("server not running"))
-                        && attempt < ATTACH_ATTEMPTS => {}
+                        && attempt < ATTACH_ATTEMPTS =>
+                {
+                    session.kept().server_running = false;
+                }
                 Err(e) => return Err(driver_error(e, "attach")),
             }
         }
