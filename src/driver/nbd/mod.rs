@@ -148,7 +148,11 @@ impl Session<'_> {
         if let Some(exports) = kept.exports.as_mut() {
             exports.retain(|export| !deleted.contains(&export.id));
         } else {
-            kept.exports = Some(list_exports(&mut kept.qmp, operation).await?);
+            let listed = list_exports(&mut kept.qmp, operation).await?;
+            // A deletion announced before the listing's reply is in the listing already; applied
+            // later, it would take away an export of the same id added after it.
+            kept.qmp.take_deleted_exports();
+            kept.exports = Some(listed);
         }
         Ok(kept.exports.as_deref().unwrap_or_default())
     }
@@ -169,6 +173,22 @@ impl Session<'_> {
     /// Forgets the listing: the daemon said something this session did not expect.
     fn forget_exports(&mut self) {
         self.kept().exports = None;
+    }
+}
+
+/// One call waiting for its turn at the monitor, for as long as it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -229,10 +249,22 @@ impl NbdDriver {
 
     /// This driver's turn at the monitor, on the connection the last call left, or a new one.
     async fn connect(&self) -> Result<Session<'_>, DriverError> {
-        self.monitor.waiting.fetch_add(1, Ordering::SeqCst);
+        // Counted until the turn comes, or until the caller gives up waiting (a deadline drops
+        // this future): a count left behind would keep the connection, and the daemon's only
+        // monitor, from every other client for good.
+        let waiting = Waiting::count(&self.monitor.waiting);
         let mut slot = self.monitor.kept.lock().await;
-        self.monitor.waiting.fetch_sub(1, Ordering::SeqCst);
-        let mut kept = match slot.take() {
+        drop(waiting);
+        // A kept connection may lead to a daemon that has died since (and another one may run in
+        // its place): one round trip proves it still answers, and reads the events queued since.
+        let alive = match slot.take() {
+            Some(mut kept) => match kept.qmp.execute("query-version", None).await {
+                Ok(_) => Some(kept),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let mut kept = match alive {
             Some(kept) => kept,
             None => Kept {
                 qmp: Qmp::connect(&self.config.qmp_socket, CONNECT_TIMEOUT)
