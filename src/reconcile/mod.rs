@@ -128,8 +128,6 @@ pub async fn run(
         .applied_objects(),
         attachments.clone(),
     );
-    // A Volume's status sums up its attachments, so a burst of attachment changes asks for one
-    // reconcile of it, not one per change.
     let (volumes, writer) = reflector::store();
     let volume_controller = Controller::for_stream(
         reflector::reflector(
@@ -139,11 +137,7 @@ pub async fn run(
         .applied_objects(),
         volumes.clone(),
     )
-    .with_config(
-        kube::runtime::controller::Config::default()
-            .concurrency(4)
-            .debounce(VOLUME_DEBOUNCE),
-    );
+    .with_config(kube::runtime::controller::Config::default().concurrency(4));
 
     health.observe(attachments.clone(), volumes.clone());
     tokio::spawn({
@@ -246,9 +240,6 @@ const ATTACHMENT_CONCURRENCY: usize = 16;
 fn without_managed_fields<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
 }
-
-/// How long the Volume controller waits for a burst of changes to one Volume to end.
-const VOLUME_DEBOUNCE: Duration = Duration::from_millis(250);
 
 /// A digest of what the attachments of `volume` decide on (see [`run`]).
 fn concerns_attachments(volume: &Volume) -> u64 {
