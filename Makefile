@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make run` (the main job) and `make test` (everything).
-.PHONY: run stop test lint fmt unit e2e crds cluster cluster-down backend setup test-programs campaign bench
+.PHONY: run stop test lint fmt unit e2e crds cluster cluster-down backend setup test-programs campaign bench bench-peer
 
 run:
 	hack/run.sh
@@ -41,6 +41,12 @@ SCENARIOS ?= attach,quiet,token,detach,stuck
 QUIET ?= 300
 bench: setup cluster
 	BENCH_N=$(N) BENCH_SCENARIOS=$(SCENARIOS) BENCH_QUIET_SECS=$(QUIET) cargo bench --bench storm
+
+# safe-detach's csi driver beside the CSI external-attacher on the same mock plugin:
+# make bench-peer N=2000
+bench-peer: setup cluster test-programs
+	hack/build-peers.sh
+	BENCH_N=$(N) cargo bench --bench peer
 
 crds:
 	cargo run --quiet -- crds > crds/safedetach.io.yaml
