@@ -284,6 +284,7 @@ impl Bench {
         let mut lines = Vec::new();
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         lines.push(format!("{cores} cores"));
+        lines.extend(source_version());
         if self.control_plane.len() < 2 {
             lines.push(
                 "the apiserver's or etcd's pid file was not found: their CPU is not reported"
@@ -1067,6 +1068,39 @@ fn message_kind(line: &str) -> String {
         kind.push(' ');
     }
     kind
+}
+
+/// Which commit the operator was built from, and whether the tree had changes to what goes into
+/// it.
+fn source_version() -> Option<String> {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(REPO)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"])?;
+    let changed = git(&[
+        "status",
+        "--porcelain",
+        "--",
+        "src",
+        "build.rs",
+        "proto",
+        "Cargo.toml",
+        "Cargo.lock",
+    ])
+    .unwrap_or_default();
+    let changed = changed.lines().count();
+    Some(if changed == 0 {
+        format!("safe-detach built from commit {head}")
+    } else {
+        format!("safe-detach built from commit {head} with {changed} files of it changed")
+    })
 }
 
 /// How many objects of a kind the apiserver holds (one page of one, and the count of the rest).
