@@ -15,6 +15,7 @@ mod support {
     pub mod cluster;
     pub mod csi;
     pub mod peer;
+    pub mod process;
 }
 
 use kube::ResourceExt;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use support::cluster::admin_kubeconfig;
 use support::csi::{CsiPlugin, DRIVER_NAME};
 use support::peer::{ExternalAttacher, PeerObjects, TUNED, create_plugin_volumes};
+use support::process::Process;
 use tokio::time::Instant;
 
 const VOLUMES: usize = 10;
@@ -59,7 +61,11 @@ async fn smoke(setting: &str, flags: &[&str]) {
     let starting = Instant::now();
     let attacher = ExternalAttacher::start(plugin.socket(), kubeconfig, flags).await;
     let startup = starting.elapsed();
-    let cpu_before = cpu_seconds(attacher.pid());
+    let process = Process {
+        name: "csi-attacher",
+        pid: attacher.pid(),
+    };
+    let cpu_before = process.cpu_seconds();
 
     // Attach: create the PVs and attachments, then follow them until all report attached.
     let creating = Instant::now();
@@ -125,8 +131,8 @@ async fn smoke(setting: &str, flags: &[&str]) {
         );
     }
 
-    let cpu = cpu_seconds(attacher.pid()) - cpu_before;
-    let (rss, peak) = memory_mib(attacher.pid());
+    let cpu = process.cpu_seconds() - cpu_before;
+    let (rss, peak) = process.memory_mib();
     let mut latencies: Vec<Duration> = attached_at.into_values().collect();
     latencies.sort();
     println!("attacher: {}", attacher.args().join(" "));
@@ -145,31 +151,4 @@ async fn smoke(setting: &str, flags: &[&str]) {
 
     drop(attacher);
     objects.cleanup().await;
-}
-
-/// CPU seconds a process used so far, user and system (`/proc/<pid>/stat`, 100 ticks a second).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<f64> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .map(|field| field.parse().unwrap_or(0.0))
-        .collect();
-    // utime and stime, fields 14 and 15 of stat(5), counted here from field 3.
-    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / 100.0
-}
-
-/// Resident memory of a process now and its peak, in MiB.
-fn memory_mib(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |key: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(key))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse::<f64>().ok())
-            .map_or(0.0, |kib| kib / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }

@@ -3,9 +3,9 @@
 //! `/proc`, and a watch of the attachments).
 
 use crate::Plan;
-use crate::counts::{Counts, Kind, Snapshot};
+use crate::counts::Snapshot;
 use crate::identity::{Grant, Identity};
-use crate::measure::{CpuReading, Process};
+use crate::measure::{CpuReading, Process, RequestKind, Requests};
 use crate::support::cluster::{admin_client, admin_kubeconfig, unique_name};
 use crate::support::csi::{CsiPlugin, DRIVER_NAME, channel};
 use crate::support::operator::{Operator, Options, SHARD_LABEL};
@@ -82,7 +82,7 @@ impl Controller {
 
     /// Whether a write is to what this controller (or the bench, for it) writes: the rest of the
     /// apiserver's writes in a phase are someone else's.
-    fn writes_of(self, kind: &Kind) -> bool {
+    fn writes_of(self, kind: &RequestKind) -> bool {
         let events = kind.resource == "events";
         match self {
             Controller::SafeDetach => events || kind.group == "safedetach.io",
@@ -156,7 +156,7 @@ pub struct PhaseResult {
     pub own: f64,
     /// Every write the apiserver counted in the window (leases left out), by kind: the
     /// controller's, the bench's and anyone else's.
-    pub all: Counts,
+    pub all: Requests,
     /// The bench's own writes (its creates or deletes, as the admin).
     pub bench_writes: usize,
     /// How long the bench waited for a quiet apiserver before the phase, when it was not.
@@ -164,7 +164,7 @@ pub struct PhaseResult {
     /// The controller's reads (get, list, watch), counted under its identity.
     pub own_reads: f64,
     /// The reads of the controller's kinds, by kind (anyone's).
-    pub reads: Counts,
+    pub reads: Requests,
     /// What the controller's own counters say about the phase (safe-detach's `/metrics`).
     pub operator: Vec<(String, f64)>,
     pub machine: Machine,
@@ -180,7 +180,7 @@ impl PhaseResult {
     }
 
     /// The writes of the controller's kinds, by kind (anyone's).
-    pub fn kinds(&self, controller: Controller) -> Counts {
+    pub fn kinds(&self, controller: Controller) -> Requests {
         self.all.matching(|kind| controller.writes_of(kind))
     }
 

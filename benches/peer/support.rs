@@ -1,5 +1,5 @@
 //! The part of the end-to-end tests' support the bench uses: the control plane, the mock CSI
-//! plugin, the operator's process and the external-attacher peer.
+//! plugin, the operator's process, the external-attacher peer and `/proc` readings.
 #![allow(dead_code)]
 
 #[path = "../../tests/support/cluster.rs"]
@@ -10,3 +10,5 @@ pub mod csi;
 pub mod operator;
 #[path = "../../tests/support/peer.rs"]
 pub mod peer;
+#[path = "../../tests/support/process.rs"]
+pub mod process;

@@ -3,57 +3,9 @@
 //! per-object latencies.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
-/// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
-
-/// A process whose CPU and memory a run reports.
-#[derive(Clone, Debug)]
-pub struct Process {
-    pub name: &'static str,
-    pub pid: u32,
-}
-
-impl Process {
-    /// The process whose id a pid file holds.
-    pub fn from_pid_file(name: &'static str, file: &Path) -> Option<Self> {
-        let pid = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
-        Some(Self { name, pid })
-    }
-
-    /// CPU seconds used so far, user and system.
-    pub fn cpu_seconds(&self) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
-            return 0.0;
-        };
-        // The command may hold spaces and parentheses: fields count from the last ')'.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace()
-            .collect();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-        // Fields 14 and 15 of stat(5) (utime, stime), counted here from field 3.
-        ticks(11).unwrap_or(0.0) / TICKS_PER_SECOND + ticks(12).unwrap_or(0.0) / TICKS_PER_SECOND
-    }
-
-    /// Resident memory now and its peak, in MiB.
-    pub fn memory_mib(&self) -> (f64, f64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(key))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|kib| kib.parse::<f64>().ok())
-                .map_or(0.0, |kib| kib / 1024.0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-}
+pub use crate::support::process::Process;
 
 /// CPU seconds of each process at one moment, to subtract from a later reading.
 #[derive(Clone, Debug, Default)]
@@ -83,6 +35,9 @@ impl CpuReading {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestKind {
     pub verb: String,
+    /// The API group: safe-detach's VolumeAttachments (`safedetach.io`) and the storage API's
+    /// (`storage.k8s.io`) share a resource name.
+    pub group: String,
     pub resource: String,
     pub subresource: String,
     /// The answer's code when it was not a success (409, 404, 422), else empty.
@@ -91,10 +46,13 @@ pub struct RequestKind {
 
 impl std::fmt::Display for RequestKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.subresource.is_empty() {
-            write!(f, "{} {}", self.verb, self.resource)?;
-        } else {
-            write!(f, "{} {}/{}", self.verb, self.resource, self.subresource)?;
+        write!(f, "{} ", self.verb)?;
+        if !self.group.is_empty() {
+            write!(f, "{}/", self.group)?;
+        }
+        write!(f, "{}", self.resource)?;
+        if !self.subresource.is_empty() {
+            write!(f, "/{}", self.subresource)?;
         }
         if !self.failure.is_empty() {
             write!(f, " (answered {})", self.failure)?;
@@ -108,7 +66,14 @@ impl std::fmt::Display for RequestKind {
 pub struct Requests(pub BTreeMap<RequestKind, f64>);
 
 /// The verbs that write.
-const WRITE_VERBS: [&str; 5] = ["POST", "PUT", "PATCH", "APPLY", "DELETE"];
+const WRITE_VERBS: [&str; 6] = [
+    "POST",
+    "PUT",
+    "PATCH",
+    "APPLY",
+    "DELETE",
+    "DELETECOLLECTION",
+];
 
 impl Requests {
     /// Parses the apiserver's `/metrics` text.
@@ -130,6 +95,7 @@ impl Requests {
             };
             let kind = RequestKind {
                 verb: label("verb"),
+                group: label("group"),
                 resource: label("resource"),
                 subresource: label("subresource"),
                 failure: Some(label("code"))
@@ -151,14 +117,17 @@ impl Requests {
         )
     }
 
-    /// The writes among these requests, leases left out (the election's heartbeat).
+    /// The writes among these requests, leases left out (the elections' heartbeats).
     pub fn writes(&self) -> Self {
+        self.matching(|kind| WRITE_VERBS.contains(&kind.verb.as_str()) && kind.resource != "leases")
+    }
+
+    /// The requests of the kinds `keep` accepts.
+    pub fn matching(&self, keep: impl Fn(&RequestKind) -> bool) -> Self {
         Self(
             self.0
                 .iter()
-                .filter(|(kind, _)| {
-                    WRITE_VERBS.contains(&kind.verb.as_str()) && kind.resource != "leases"
-                })
+                .filter(|(kind, _)| keep(kind))
                 .map(|(kind, n)| (kind.clone(), *n))
                 .collect(),
         )
@@ -166,6 +135,21 @@ impl Requests {
 
     pub fn total(&self) -> f64 {
         self.0.values().sum()
+    }
+
+    /// `count kind, count kind, …`, largest first.
+    pub fn breakdown(&self) -> String {
+        let mut kinds: Vec<(&RequestKind, &f64)> = self.0.iter().collect();
+        kinds.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+        let parts: Vec<String> = kinds
+            .iter()
+            .map(|(kind, n)| format!("{n:.0} {kind}"))
+            .collect();
+        if parts.is_empty() {
+            "none".to_owned()
+        } else {
+            parts.join(", ")
+        }
     }
 }
 

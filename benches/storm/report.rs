@@ -158,13 +158,7 @@ impl Table {
         );
         let _ = writeln!(out, "| scenario | writes |\n|---|---|");
         for row in &self.rows {
-            let kinds: Vec<String> = row
-                .writes
-                .0
-                .iter()
-                .map(|(kind, n)| format!("{kind} {n:.0}"))
-                .collect();
-            let _ = writeln!(out, "| {} | {} |", row.scenario, kinds.join(", "));
+            let _ = writeln!(out, "| {} | {} |", row.scenario, row.writes.breakdown());
         }
         let extras: Vec<String> = self
             .rows

@@ -21,7 +21,7 @@ use events::Publisher;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use lock::VolumeLocks;
 use std::future::Future;
@@ -172,25 +172,8 @@ pub async fn run(
     // its deletion, and the nodes its backend volume is connected to (a holder's detach, which a
     // blocked attach waits for). Its other status writes wake no one.
     let attachments_of_volume = {
-        let (attachments, volumes) = (attachments.clone(), volumes.clone());
-        let seen = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
+        let attachments = attachments.clone();
         move |volume: Volume| {
-            let digest = concerns_attachments(&volume);
-            let uid = volume.uid().unwrap_or_default();
-            let unchanged = {
-                let mut seen = seen
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                // Deleted Volumes leave their digests behind: forget them all now and then (each
-                // Volume's next change then wakes its attachments once more, which is harmless).
-                if seen.len() > 2 * volumes.state().len() + 1024 {
-                    seen.clear();
-                }
-                seen.insert(uid, digest) == Some(digest)
-            };
-            if unchanged {
-                return Vec::new();
-            }
             let name = volume.metadata.name.unwrap_or_default();
             attachments
                 .state()
@@ -200,13 +183,16 @@ pub async fn run(
                 .collect::<Vec<_>>()
         }
     };
+    let volume_changes = watcher(volumes_api, watch.clone())
+        .touched_objects()
+        .predicate_filter(concerns_attachments, PredicateConfig::default());
     // An attachment's change concerns its Volume's view of which connections are claimed.
     let volume_of_attachment =
         |attachment: VolumeAttachment| Some(ObjectRef::<Volume>::new(&attachment.spec.volume_name));
 
     let shutdown = futures::FutureExt::shared(shutdown);
     let attachment_loop = attachment_controller
-        .watches(volumes_api, watch.clone(), attachments_of_volume)
+        .watches_stream(volume_changes, attachments_of_volume)
         .graceful_shutdown_on(shutdown.clone())
         .run(
             attachment::reconcile,
@@ -242,7 +228,7 @@ fn without_managed_fields<K: Resource>(object: &mut K) {
 }
 
 /// A digest of what the attachments of `volume` decide on (see [`run`]).
-fn concerns_attachments(volume: &Volume) -> u64 {
+fn concerns_attachments(volume: &Volume) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     volume.metadata.generation.hash(&mut hasher);
@@ -256,7 +242,7 @@ fn concerns_attachments(volume: &Volume) -> u64 {
         .as_ref()
         .map(|s| &s.connected_nodes)
         .hash(&mut hasher);
-    hasher.finish()
+    Some(hasher.finish())
 }
 
 /// Counts and logs one finished reconcile.

@@ -10,6 +10,7 @@ pub mod csi;
 pub mod grpc_proxy;
 pub mod operator;
 pub mod peer;
+pub mod process;
 pub mod qmp_proxy;
 pub mod qsd;
 pub mod scenario;

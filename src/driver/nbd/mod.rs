@@ -159,7 +159,7 @@ impl Session<'_> {
 
     /// Lists the exports again, whatever is known.
     async fn relist(&mut self, operation: &'static str) -> Result<&[ExportInfo], DriverError> {
-        self.kept().exports = None;
+        self.forget_exports();
         self.exports(operation).await
     }
 
@@ -384,8 +384,10 @@ impl NbdDriver {
             }
         });
         let give_up = Instant::now() + SETTLE_TIMEOUT;
-        for round in 0.. {
-            let exports = if round % 4 == 3 {
+        let mut round = 0;
+        loop {
+            round += 1;
+            let exports = if round % 4 == 0 {
                 session.relist(operation).await?
             } else {
                 session.exports(operation).await?
@@ -407,7 +409,6 @@ impl NbdDriver {
                 .await
                 .map_err(|e| driver_error(e, operation))?;
         }
-        unreachable!("the loop returns")
     }
 }
 
