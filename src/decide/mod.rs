@@ -223,8 +223,8 @@ pub struct Input<'a> {
     /// Attached as the backend confirmed: it holds the same connection (a GitOps rename creates
     /// one before it prunes the other).
     pub sibling: Option<&'a str>,
-    /// The backend's answer; absent when there was nothing to probe (a misconfiguration) or
-    /// it was not this reconcile's turn to probe.
+    /// The backend's answer on this turn, since the last driver call; absent when it was not
+    /// asked yet (the decision then asks for it with [`Step::Probe`] when it needs it).
     pub backend: Option<&'a Backend>,
     /// Whether `status` (and the rest of the record) is known to be current.
     pub basis: Basis,
@@ -275,6 +275,10 @@ pub enum Step {
     /// Read the attachment from the apiserver and decide again: the next step would act on a
     /// record that may be out of date.
     Refresh,
+    /// Ask the backend where the volume is connected, and decide again on its answer: what
+    /// comes next depends on it. Asked only then, so that the steps that rest on the record
+    /// alone (the finalizer, a refresh, a misconfiguration) cost the backend nothing.
+    Probe,
 }
 
 /// Why a reconcile ends without acting.
@@ -395,9 +399,12 @@ fn decide_on_record(input: &Input) -> Step {
     let (connections, confirmed) = match input.backend {
         Some(Backend::Answered(connections)) => (Some(connections), None),
         Some(Backend::Unprobeable(confirmed)) => (None, *confirmed),
+        // Not asked yet on this turn, or asked before the last driver call changed what it
+        // would say.
+        None => return Step::Probe,
         // Unreachable: neither "connected" nor "not connected" may be concluded. Wake at the
         // stuck deadline so the Stuck condition appears on time, else retry with backoff.
-        Some(Backend::Unreachable(_)) | None => {
+        Some(Backend::Unreachable(_)) => {
             return Step::wait(
                 Wait::BackendUnreachable,
                 stuck_in(input.status, policy, input.now),

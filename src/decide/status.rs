@@ -169,6 +169,7 @@ pub fn after_step(
         | Step::ReleaseFinalizer
         | Step::HandOver { .. }
         | Step::Refresh
+        | Step::Probe
         | Step::Wait { .. } => {}
     }
     observe(&mut status, current, step, observed);

@@ -576,6 +576,49 @@ fn here(backend: &Backend) -> Option<bool> {
     }
 }
 
+/// The backend is asked only when the decision rests on it, and never by a reconcile that may
+/// not act on the volume: with no answer yet, every row either takes a step that rests on the
+/// record alone or asks for the probe, and deciding on the answer then given is deciding with it
+/// up front.
+#[test]
+fn the_backend_is_asked_only_when_the_decision_rests_on_it() {
+    for row in &all_rows() {
+        let with_answer = row.decide();
+        let unasked = decide(&Input {
+            backend: None,
+            ..row.input()
+        });
+        let context = format!(
+            "phase={:?} backend={:?} request={:?} deleting={} basis={:?} turn={:?}: {with_answer:?} / unasked {unasked:?}",
+            row.status.phase, row.backend, row.request, row.deleting, row.basis, row.turn,
+        );
+        if unasked == Step::Probe {
+            assert_eq!(row.turn, Turn::Ours, "only on the volume's turn: {context}");
+            assert_ne!(row.basis, Basis::Conflicted, "{context}");
+        } else {
+            assert_eq!(
+                unasked, with_answer,
+                "a step on the record alone: {context}"
+            );
+            assert!(
+                !matches!(
+                    unasked,
+                    Step::Attach
+                        | Step::Detach
+                        | Step::ForceDetach { .. }
+                        | Step::MarkAttached { .. }
+                        | Step::MarkDetached
+                        | Step::ConnectionLost
+                        | Step::BlockAttach { .. }
+                        | Step::ReleaseFinalizer
+                        | Step::HandOver { .. }
+                ),
+                "no backend step without the backend's answer: {context}"
+            );
+        }
+    }
+}
+
 #[test]
 fn every_combination_keeps_the_invariant() {
     let rows = all_rows();

@@ -35,9 +35,9 @@ use serde_json::json;
 use std::sync::Arc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-/// More steps than any path needs (a re-read, force, confirm, begin, attach, confirm, and a
-/// re-read after a refused write): a bound, not a budget.
-const MAX_STEPS: usize = 12;
+/// More steps than any path needs (a probe, a re-read, force, a probe, confirm, attach, a probe,
+/// confirm, and a re-read and a probe after a refused write): a bound, not a budget.
+const MAX_STEPS: usize = 16;
 
 /// The backend, as one attachment reaches it.
 struct Target {
@@ -229,6 +229,9 @@ impl<'a> Reconcile<'a> {
 
         // For a backend that cannot be probed: what the last successful call confirmed.
         let mut confirmed = None;
+        // The probe's answer on this turn. It holds until a driver call: no other reconcile of
+        // this backend volume acts meanwhile, so only a call of this one makes it out of date.
+        let mut answer: Option<Backend> = None;
         for _ in 0..MAX_STEPS {
             let turn = if !self.context.fence.permits() {
                 Turn::Fenced
@@ -237,13 +240,10 @@ impl<'a> Reconcile<'a> {
             } else {
                 Turn::VolumeBusy
             };
-            let may_probe = turn == Turn::Ours && self.basis != Basis::Conflicted;
             let backend = match &target {
-                Ok(target) if may_probe && target.driver.can_probe() => {
-                    Some(probe(target.driver.as_ref(), &target.handle).await)
-                }
-                Ok(_) if may_probe => Some(Backend::Unprobeable(confirmed)),
-                _ => None,
+                Ok(target) if target.driver.can_probe() => answer.clone(),
+                Ok(_) => Some(Backend::Unprobeable(confirmed)),
+                Err(_) => None,
             };
             let annotation = self
                 .attachment
@@ -275,7 +275,17 @@ impl<'a> Reconcile<'a> {
             let step = decide(&input);
             info!(?step, "step");
             match &step {
+                Step::Probe => {
+                    if let Ok(target) = &target {
+                        answer = Some(probe(target.driver.as_ref(), &target.handle).await);
+                    }
+                    continue;
+                }
                 Step::Refresh => {
+                    // A write of someone else's came between: what was probed is asked again.
+                    if self.basis == Basis::Conflicted {
+                        answer = None;
+                    }
                     if self.basis != Basis::Fresh && !self.refresh().await? {
                         return Ok(Outcome::Settled(Action::await_change()));
                     }
@@ -415,9 +425,12 @@ impl<'a> Reconcile<'a> {
                 Step::ForceDetach { .. } => {
                     ok_if_not_connected(target.driver.force_detach(&target.handle, &node).await)
                 }
-                // Record-only steps: the next probe and decision follow at once.
+                // Record-only steps: the next decision follows at once, on the same answer.
                 _ => Ok(()),
             };
+            if matches!(step, Step::Attach | Step::Detach | Step::ForceDetach { .. }) {
+                answer = None;
+            }
             confirmed = match (&result, &step) {
                 (Ok(()), Step::Attach) => Some(Confirmed::Connected),
                 (Ok(()), Step::Detach | Step::ForceDetach { .. }) => Some(Confirmed::Disconnected),
