@@ -56,34 +56,47 @@ enum Pass {
     ReadAgain,
 }
 
-/// Reconciles the Volume as the cache has it; if a write finds it changed since, or an orphan
-/// would be forced off, reads it (and its attachments) from the apiserver and reconciles that
-/// once more. Nothing is forced or released on a Volume whose write was refused, and no orphan is
-/// forced off on the cache's word that nothing claims it.
+/// Reconciles the Volume as the cache has it. If a write finds it changed since, reads the
+/// Volume from the apiserver and reconciles that; if an orphan would be forced off, reads the
+/// Volume and its attachments from the apiserver, and decides again on those. Nothing is forced or
+/// released on a Volume whose write was refused, and no orphan is forced off on the cache's word
+/// that nothing claims it. The attachments are listed only then: a refused write alone (most
+/// often the cache still behind this operator's own last write) needs only the Volume again.
 async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Result<Action, Error> {
-    match reconcile_volume(&volume, context, None).await {
-        Ok(Pass::Done(action)) => return Ok(action),
-        Ok(Pass::ReadAgain) => {}
-        Err(Error::Conflict(_)) => context.metrics.write_conflict("Volume"),
-        Err(error) => return Err(error),
-    }
     let api = Api::<Volume>::all(context.client.clone());
-    let Some(fresh) = api
-        .get_opt(&volume.name_any())
-        .await?
-        .filter(|fresh| fresh.uid() == volume.uid())
-    else {
-        return Ok(Action::await_change());
-    };
-    let attachments = Api::<VolumeAttachment>::all(context.client.clone())
-        .list(&Default::default())
-        .await?
-        .items;
-    match reconcile_volume(&fresh, context, Some(&attachments)).await? {
-        Pass::Done(action) => Ok(action),
-        Pass::ReadAgain => Ok(Action::requeue(Duration::from_secs(1))),
+    let mut volume = volume;
+    let mut fresh_attachments: Option<Vec<VolumeAttachment>> = None;
+    for _ in 0..PASSES {
+        match reconcile_volume(&volume, context, fresh_attachments.as_deref()).await {
+            Ok(Pass::Done(action)) => return Ok(action),
+            Ok(Pass::ReadAgain) if fresh_attachments.is_some() => break,
+            Ok(Pass::ReadAgain) => {
+                fresh_attachments = Some(
+                    Api::<VolumeAttachment>::all(context.client.clone())
+                        .list(&Default::default())
+                        .await?
+                        .items,
+                );
+            }
+            Err(Error::Conflict(_)) => context.metrics.write_conflict("Volume"),
+            Err(error) => return Err(error),
+        }
+        match api
+            .get_opt(&volume.name_any())
+            .await?
+            .filter(|fresh| fresh.uid() == volume.uid())
+        {
+            Some(fresh) => volume = fresh,
+            None => return Ok(Action::await_change()),
+        }
     }
+    // Changed under every pass: look again soon, not at once.
+    Ok(Action::requeue(Duration::from_secs(1)))
 }
+
+/// Passes over one Volume in one reconcile: on the cache, and at most twice more on what the
+/// apiserver returns.
+const PASSES: usize = 3;
 
 /// One pass over `volume`. `fresh_attachments`: the attachments as the apiserver has them, for a
 /// pass on a Volume read from the apiserver; without them, the pass is on the cache.
