@@ -8,7 +8,7 @@ use crate::identity::{Grant, Identity};
 use crate::measure::{CpuReading, Process, RequestKind, Requests};
 use crate::support::cluster::{admin_client, admin_kubeconfig, unique_name};
 use crate::support::csi::{CsiPlugin, DRIVER_NAME, channel};
-use crate::support::operator::{Operator, Options, SHARD_LABEL};
+use crate::support::operator::{Operator, Options, SHARD_LABEL, counters, http_get};
 use crate::support::peer::{self, ExternalAttacher, PeerObjects, RUN_LABEL, TUNED};
 use crate::track::{Goal, Progress, Tracker};
 use futures::{StreamExt, stream};
@@ -28,7 +28,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
 /// The requests the bench keeps in flight when it creates or deletes: a large `kubectl apply`.
@@ -381,7 +380,7 @@ impl Bench {
         let reads_flow = self.identity(controller).reads_flow();
         let processes = self.processes(Some(controller_pid));
         let operator_before = match metrics {
-            Some(address) => operator_counters(address).await,
+            Some(address) => counters(address).await,
             None => BTreeMap::new(),
         };
         let cpu_before = CpuReading::now(&processes);
@@ -408,7 +407,7 @@ impl Bench {
         let counted = Snapshot::read(&self.client).await.since(&before);
         let operator = match metrics {
             Some(address) => {
-                let after = operator_counters(address).await;
+                let after = counters(address).await;
                 after
                     .iter()
                     .map(|(series, n)| {
@@ -1157,41 +1156,6 @@ async fn ready(address: SocketAddr) -> bool {
     http_get(address, "/readyz")
         .await
         .is_some_and(|(code, _)| code == 200)
-}
-
-/// The operator's counters now (`/metrics`): every `safedetach_*` series of a counter
-/// (`_total`) or of a histogram's count (`_count`), by series.
-async fn operator_counters(address: SocketAddr) -> BTreeMap<String, f64> {
-    let Some((200, text)) = http_get(address, "/metrics").await else {
-        return BTreeMap::new();
-    };
-    text.lines()
-        .filter(|line| line.starts_with("safedetach_"))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let name = series.split('{').next()?;
-            if !(name.ends_with("_total") || name.ends_with("_count")) {
-                return None;
-            }
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-/// A plain HTTP/1.0 GET on the loopback (no chunked answer): the status code and the body.
-async fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut reply = Vec::new();
-    let _ = stream.read_to_end(&mut reply).await;
-    let reply = String::from_utf8_lossy(&reply);
-    let code = reply.split_whitespace().nth(1)?.parse().ok()?;
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, body)| body)
-        .to_owned();
-    Some((code, body))
 }
 
 /// The mock plugin's process: the one started with the plugin's socket as its endpoint.

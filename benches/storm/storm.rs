@@ -5,7 +5,7 @@ use crate::Plan;
 use crate::measure::{CpuReading, Latencies, Process, Requests};
 use crate::report::{Limit, Row, Table};
 use crate::support::cluster::admin_client;
-use crate::support::operator::{Operator, Options, SHARD_LABEL};
+use crate::support::operator::{Operator, Options, SHARD_LABEL, counters};
 use crate::support::qmp_proxy::QmpProxy;
 use crate::support::qsd::Qsd;
 use futures::StreamExt;
@@ -16,7 +16,7 @@ use safe_detach::api::{
     AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
 };
 use serde_json::json;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -334,6 +334,7 @@ impl Bench {
         let processes = self.processes();
         let cpu_before = CpuReading::now(&processes);
         let requests_before = self.requests().await;
+        let calls_before = self.driver_calls().await;
         let started = Instant::now();
         let issued = storm().await;
         let (latencies, last) = self.tracker.wait(names, STORM_TIMEOUT).await;
@@ -341,6 +342,17 @@ impl Bench {
         let cpu = CpuReading::now(&processes).since(&cpu_before);
         let writes = self.requests().await.since(&requests_before).writes();
         let rss = self.operator_process().map(|p| p.memory_mib());
+        let calls = self.driver_calls().await;
+        let per_object = |n: f64| match names.len() {
+            0 => String::new(),
+            objects => format!(" ({:.1} per object)", n / objects as f64),
+        };
+        let calls: Vec<String> = calls
+            .iter()
+            .map(|(operation, n)| (operation, n - calls_before.get(operation).unwrap_or(&0.0)))
+            .filter(|(_, n)| *n > 0.0)
+            .map(|(operation, n)| format!("{operation} {n}{}", per_object(n)))
+            .collect();
         eprintln!(
             "{scenario}: {} in {:.1} s",
             names.len(),
@@ -355,8 +367,35 @@ impl Bench {
             writes,
             cpu,
             rss,
-            extra: Vec::new(),
+            extra: vec![(
+                "the operator's driver calls".to_owned(),
+                if calls.is_empty() {
+                    "none".to_owned()
+                } else {
+                    calls.join(", ")
+                },
+            )],
         }
+    }
+
+    /// The driver calls the operator made so far, by operation, from its own metrics.
+    async fn driver_calls(&self) -> BTreeMap<String, f64> {
+        let Some(operator) = &self.operator else {
+            return BTreeMap::new();
+        };
+        let mut calls = BTreeMap::new();
+        for (series, n) in counters(operator.http_address()).await {
+            if let Some(labels) =
+                series.strip_prefix("safedetach_driver_call_duration_seconds_count{")
+                && let Some(operation) = labels
+                    .split(',')
+                    .find_map(|label| label.strip_prefix("operation=\""))
+                    .and_then(|rest| rest.split('"').next())
+            {
+                *calls.entry(operation.to_owned()).or_insert(0.0) += n;
+            }
+        }
+        calls
     }
 
     async fn create_attachments(&self, indices: impl Iterator<Item = usize>, token: Option<&str>) {

@@ -3,9 +3,11 @@
 //! tests run side by side on one control plane without acting on each other's objects.
 
 use super::cluster::{kubectl, operator_kubeconfig};
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 /// The label that assigns an object to one test's operator.
@@ -207,4 +209,39 @@ async fn install_rbac() {
             .await;
         })
         .await;
+}
+
+/// The operator's counters now (`/metrics`): every `safedetach_*` series of a counter
+/// (`_total`) or of a histogram's count (`_count`), by series.
+pub async fn counters(address: SocketAddr) -> BTreeMap<String, f64> {
+    let Some((200, text)) = http_get(address, "/metrics").await else {
+        return BTreeMap::new();
+    };
+    text.lines()
+        .filter(|line| line.starts_with("safedetach_"))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let name = series.split('{').next()?;
+            if !(name.ends_with("_total") || name.ends_with("_count")) {
+                return None;
+            }
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A plain HTTP/1.0 GET on the loopback (no chunked answer): the status code and the body.
+pub async fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply).await;
+    let reply = String::from_utf8_lossy(&reply);
+    let code = reply.split_whitespace().nth(1)?.parse().ok()?;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_owned();
+    Some((code, body))
 }
