@@ -3,7 +3,9 @@
 //!
 //! ```yaml
 //! defaultStuckAfter: 2m      # a Volume's stuckAfter when it sets none
-//! resyncInterval: 60s        # how often converged objects are probed again
+//! resyncInterval: 60s        # how often converged objects are checked against the backend
+//! concurrency: 16            # reconciles at once: of attachments being deleted, of other
+//!                            # attachments, and of Volumes, each
 //! drivers:
 //!   - name: nbd              # what Volume.spec.driver names
 //!     deadline: 30s          # every call to this driver gives up after this (unknown outcome)
@@ -44,6 +46,8 @@ pub enum ConfigError {
     Driver { name: String, message: String },
     #[error("no drivers configured: add at least one under `drivers`")]
     NoDrivers,
+    #[error("concurrency: {0} is not between 1 and {MAX_CONCURRENCY}")]
+    Concurrency(usize),
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +55,7 @@ pub enum ConfigError {
 struct ConfigFile {
     default_stuck_after: Option<String>,
     resync_interval: Option<String>,
+    concurrency: Option<usize>,
     drivers: Vec<DriverEntry>,
 }
 
@@ -67,6 +72,9 @@ struct DriverEntry {
 pub struct Config {
     pub default_stuck_after: Duration,
     pub resync_interval: Duration,
+    /// How many reconciles run at once, in each of three lanes: attachments being deleted, the
+    /// other attachments, and Volumes.
+    pub concurrency: usize,
     /// Drivers by the name Volumes use, each call bounded by its deadline.
     pub drivers: BTreeMap<String, Arc<dyn Driver>>,
 }
@@ -74,6 +82,11 @@ pub struct Config {
 const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(120);
 const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+/// Reconciles at once per lane: 48 in all, well under the apiserver's default of 200 mutating
+/// requests in flight, and enough to keep a storm of thousands at the apiserver's pace.
+const DEFAULT_CONCURRENCY: usize = 16;
+/// A bound on `concurrency`: the controller's own limit is a `u16`.
+const MAX_CONCURRENCY: usize = 1024;
 
 impl Config {
     /// Reads, validates and connects: a CSI plugin is asked for its identity and capabilities
@@ -141,6 +154,11 @@ impl Config {
                 "defaultStuckAfter",
             )?,
             resync_interval: duration_or(&file.resync_interval, DEFAULT_RESYNC, "resyncInterval")?,
+            concurrency: match file.concurrency {
+                None => DEFAULT_CONCURRENCY,
+                Some(n @ 1..=MAX_CONCURRENCY) => n,
+                Some(n) => return Err(ConfigError::Concurrency(n)),
+            },
             drivers,
         })
     }

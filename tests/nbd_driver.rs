@@ -736,3 +736,36 @@ async fn a_kept_connection_learns_of_deletions_from_the_daemon() {
     busy.await.expect("probes");
     client.close().await;
 }
+
+/// One listing answers for many volumes exactly as a probe of each would: nodes by the driver's
+/// own exports, an export made by hand as unattributed, a volume connected nowhere as such, an
+/// invalid handle left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_many_answers_each_volume_as_its_probe_does() {
+    let (qsd, driver) = setup();
+    qsd.create_image("vol3");
+    for (volume, node) in [("vol1", "node-a"), ("vol1", "node-b"), ("vol2", "node-c")] {
+        driver.attach(&request(volume, node)).await.expect("attach");
+    }
+    export_by_hand(&qsd);
+    let handles: Vec<String> = ["vol1", "vol2", "vol3", "not/valid"]
+        .map(str::to_owned)
+        .to_vec();
+    assert!(driver.can_probe_many());
+    let answers = driver.probe_many(&handles).await.expect("probe_many");
+    assert_eq!(
+        answers.keys().collect::<Vec<_>>(),
+        ["vol1", "vol2", "vol3"],
+        "{answers:?}"
+    );
+    for handle in ["vol1", "vol2", "vol3"] {
+        assert_eq!(
+            answers[handle],
+            driver.probe(handle).await.expect("probe"),
+            "{handle}"
+        );
+    }
+    assert_eq!(answers["vol1"].nodes.len(), 2);
+    assert!(answers["vol1"].unattributed.contains("by-hand"));
+    assert_eq!(answers["vol3"], Connections::default());
+}

@@ -20,8 +20,10 @@ use safe_detach::api::{
     VOLUME_FINALIZER, VolumeAttachment, VolumePhase,
 };
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::time::Duration;
 use support::api_proxy::ApiWrite;
+use support::operator::counters;
 use support::qmp_proxy::Fault;
 use support::qsd::{NbdClient, ReadOutcome};
 use support::scenario::{
@@ -1131,7 +1133,8 @@ async fn a_crash_during_a_stuck_detach_resumes_and_resolves_after_restart() {
 // ---------------------------------------------------------------------------------------------
 
 /// Once everything has converged, the operator writes nothing. Over three resync intervals (each
-/// of which probes every object again) the operator sends no write request at all — counted at a
+/// of which sweeps: one look at the daemon for all the objects, none of them probed on its own)
+/// the operator sends no write request at all — counted at a
 /// front that carries all of its API traffic — and no object of the shard changes. The window runs
 /// with no other test of this binary alive; the apiserver's own count of writes to these resources
 /// (all clients of the cluster) is printed alongside.
@@ -1179,12 +1182,40 @@ async fn converged_attachments_cause_no_writes() {
     };
     let before = versions(&s).await;
     let cluster_before = s.apiserver_writes().await;
+    let calls = async |s: &Scenario| {
+        let mut by_operation = BTreeMap::<String, f64>::new();
+        for (series, n) in counters(s.operator.http_address()).await {
+            if series.starts_with("safedetach_driver_call_duration_seconds_count{")
+                && let Some(operation) = ["probe_many", "probe"]
+                    .into_iter()
+                    .find(|op| series.contains(&format!("operation=\"{op}\"")))
+            {
+                *by_operation.entry(operation.to_owned()).or_default() += n;
+            }
+        }
+        by_operation
+    };
+    let calls_before = calls(&s).await;
     let started = Instant::now();
     let window = 3 * RESYNC + Duration::from_millis(500);
     tokio::time::sleep(window).await;
     let ours = s.api().writes_since(started);
     let cluster_after = s.apiserver_writes().await;
     let after = versions(&s).await;
+    let calls_after = calls(&s).await;
+    let made = |op: &str| {
+        calls_after.get(op).copied().unwrap_or(0.0) - calls_before.get(op).copied().unwrap_or(0.0)
+    };
+    // The resync is a sweep: one look at the daemon per interval, not a probe per object.
+    assert_eq!(
+        made("probe"),
+        0.0,
+        "converged objects were probed one by one: {calls_before:?} -> {calls_after:?}"
+    );
+    assert!(
+        made("probe_many") >= 2.0,
+        "no sweep in three resync intervals: {calls_before:?} -> {calls_after:?}"
+    );
 
     let cluster: Vec<(String, i64)> = cluster_after
         .iter()

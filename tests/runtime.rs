@@ -7,9 +7,6 @@
 
 mod support;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::Kubeconfig;
@@ -21,14 +18,13 @@ use safe_detach::config::{Config, ConfigError};
 use safe_detach::runtime::metrics::Metrics;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use support::cluster::{
     TestObjects, admin_client, admin_kubeconfig, eventually, kubectl, unique_name,
 };
-use support::operator::{Operator, Options, SHARD_LABEL};
+use support::operator::{Operator, Options, SHARD_LABEL, http_get};
 use support::qsd::Qsd;
 use tokio::time::Instant;
 
@@ -167,23 +163,6 @@ impl Drop for Cleanup {
             panic!("clean-up failed");
         }
     }
-}
-
-/// One GET over HTTP/1.1: the status code and the body, or `None` if nothing answers yet.
-async fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let stream = tokio::net::TcpStream::connect(address).await.ok()?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .ok()?;
-    tokio::spawn(connection);
-    let request = http::Request::get(path)
-        .header(http::header::HOST, address.to_string())
-        .body(Empty::<Bytes>::new())
-        .expect("a request");
-    let response = sender.send_request(request).await.ok()?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.ok()?.to_bytes();
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Waits until `path` answers 200 and returns the body.
@@ -882,6 +861,18 @@ async fn deploy_renders_and_the_apiserver_accepts_it() {
         .unwrap_or_else(|e| panic!("deploy/operator.yaml: {e}"));
     assert_eq!(config.drivers.keys().collect::<Vec<_>>(), ["nbd"]);
     assert_eq!(config.default_stuck_after, Duration::from_secs(120));
+    assert_eq!(config.concurrency, 16);
+    let none_at_once = nbd.replace("concurrency: 16", "concurrency: 0");
+    match Config::parse(&none_at_once, observer.clone()).await {
+        Err(error @ ConfigError::Concurrency(0)) => {
+            assert_eq!(
+                error.to_string(),
+                "concurrency: 0 is not between 1 and 1024"
+            );
+        }
+        Err(other) => panic!("concurrency: 0 refused for another reason: {other}"),
+        Ok(_) => panic!("concurrency: 0 accepted"),
+    }
     let csi = std::fs::read_to_string(deploy.join("csi-sidecar/operator.yaml"))
         .expect("deploy/csi-sidecar/operator.yaml");
     match Config::parse(&csi, observer).await {

@@ -11,6 +11,7 @@
 
 pub mod events;
 pub mod status;
+pub mod sweep;
 pub mod volume;
 
 #[cfg(test)]

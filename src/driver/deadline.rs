@@ -4,6 +4,7 @@
 
 use super::{AttachRequest, ConnectionInfo, Connections, Driver, DriverError};
 use async_trait::async_trait;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +73,18 @@ impl Driver for Deadlined {
 
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
         self.run("probe", self.inner.probe(volume_handle)).await
+    }
+
+    fn can_probe_many(&self) -> bool {
+        self.inner.can_probe_many()
+    }
+
+    async fn probe_many(
+        &self,
+        volume_handles: &[String],
+    ) -> Result<BTreeMap<String, Connections>, DriverError> {
+        self.run("probe_many", self.inner.probe_many(volume_handles))
+            .await
     }
 
     async fn attach(&self, request: &AttachRequest) -> Result<ConnectionInfo, DriverError> {

@@ -169,6 +169,31 @@ pub trait Driver: Send + Sync {
     /// Where the backend connects the volume. The truth every decision rests on.
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError>;
 
+    /// Whether [`probe_many`](Self::probe_many) answers for many volumes from one look at the
+    /// backend, so that one call can tell which of thousands of converged records still match it.
+    fn can_probe_many(&self) -> bool {
+        false
+    }
+
+    /// What [`probe`](Self::probe) would answer for each of `volume_handles`, by handle; a handle
+    /// the driver cannot take (an invalid one) is left out. The default probes one after another.
+    async fn probe_many(
+        &self,
+        volume_handles: &[String],
+    ) -> Result<BTreeMap<String, Connections>, DriverError> {
+        let mut answers = BTreeMap::new();
+        for handle in volume_handles {
+            match self.probe(handle).await {
+                Ok(connections) => {
+                    answers.insert(handle.clone(), connections);
+                }
+                Err(DriverError::Invalid(_) | DriverError::UnknownVolume(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(answers)
+    }
+
     /// Connects the volume to the node (Cinder's `initialize_connection` and `attach` in one).
     async fn attach(&self, request: &AttachRequest) -> Result<ConnectionInfo, DriverError>;
 

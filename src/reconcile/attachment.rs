@@ -372,10 +372,13 @@ impl<'a> Reconcile<'a> {
                         .as_ref()
                         .ok()
                         .and_then(|t| stuck_in(&self.status, &t.policy, now));
+                    let swept = target.as_ref().is_ok_and(|t| t.driver.can_probe_many());
                     return Ok(match why {
                         Wait::BackendUnreachable => Outcome::Retry(Action::requeue(
                             self.context.backoff.failed(&self.name, stuck_in),
                         )),
+                        // Its driver's sweep tells when the backend no longer matches it.
+                        Wait::Converged if swept => Outcome::Settled(Action::await_change()),
                         _ => Outcome::Settled(Action::requeue(
                             recheck_after.unwrap_or(resync).min(resync),
                         )),

@@ -6,6 +6,7 @@ mod backoff;
 mod events;
 mod finalizer;
 mod lock;
+mod sweep;
 mod volume;
 
 use crate::api::{Volume, VolumeAttachment};
@@ -137,7 +138,10 @@ pub async fn run(
         .applied_objects(),
         volumes.clone(),
     )
-    .with_config(kube::runtime::controller::Config::default().concurrency(4));
+    .with_config(
+        kube::runtime::controller::Config::default()
+            .concurrency(u16::try_from(config.concurrency).unwrap_or(u16::MAX)),
+    );
 
     health.observe(attachments.clone(), volumes.clone());
     tokio::spawn({
@@ -155,6 +159,7 @@ pub async fn run(
         config.resync_interval.min(DRIVER_CHECK_INTERVAL),
     ));
     let context = Arc::new(Context {
+        lanes: Lanes::new(config.concurrency),
         events: Publisher::new(client.clone(), instance),
         client,
         config,
@@ -163,7 +168,6 @@ pub async fn run(
         backoff: Backoff::default(),
         metrics: health.metrics.clone(),
         locks: VolumeLocks::default(),
-        lanes: Lanes::new(ATTACHMENT_CONCURRENCY),
         fence,
     });
 
@@ -190,9 +194,21 @@ pub async fn run(
     let volume_of_attachment =
         |attachment: VolumeAttachment| Some(ObjectRef::<Volume>::new(&attachment.spec.volume_name));
 
+    // The converged objects whose record the backend no longer matches, as the sweep finds them.
+    let (attachments_found, found_attachments) = futures::channel::mpsc::unbounded();
+    let (volumes_found, found_volumes) = futures::channel::mpsc::unbounded();
+    tokio::spawn(sweep::run(
+        context.clone(),
+        sweep::Found {
+            attachments: attachments_found,
+            volumes: volumes_found,
+        },
+    ));
+
     let shutdown = futures::FutureExt::shared(shutdown);
     let attachment_loop = attachment_controller
         .watches_stream(volume_changes, attachments_of_volume)
+        .reconcile_on(found_attachments)
         .graceful_shutdown_on(shutdown.clone())
         .run(
             attachment::reconcile,
@@ -209,6 +225,7 @@ pub async fn run(
             watch,
             volume_of_attachment,
         )
+        .reconcile_on(found_volumes)
         .graceful_shutdown_on(shutdown)
         .run(volume::reconcile, volume::error_policy, context)
         .for_each(|result| {
@@ -219,9 +236,6 @@ pub async fn run(
     futures::join!(attachment_loop, volume_loop);
     info!("controllers stopped");
 }
-
-/// Attachment reconciles at once, in each lane.
-const ATTACHMENT_CONCURRENCY: usize = 16;
 
 fn without_managed_fields<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;

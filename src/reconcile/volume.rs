@@ -228,9 +228,14 @@ async fn reconcile_volume(
             }
             // Look again at once after a forced detach, to record what the backend now says.
             (None, false) => Action::requeue(Duration::from_secs(1)),
-            (None, true) => {
-                Action::requeue(decision.recheck_after.map_or(resync, |r| r.min(resync)))
-            }
+            (None, true) => match decision.recheck_after {
+                Some(recheck) => Action::requeue(recheck.min(resync)),
+                // Its driver's sweep tells when the backend no longer matches it.
+                None if driver.as_ref().is_some_and(|d| d.can_probe_many()) => {
+                    Action::await_change()
+                }
+                None => Action::requeue(resync),
+            },
         },
     ))
 }

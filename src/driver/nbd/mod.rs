@@ -46,6 +46,7 @@ use async_trait::async_trait;
 use qmp::{Qmp, QmpError};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -426,6 +427,40 @@ fn holders_of(exports: &[ExportInfo], handle: &str) -> Vec<String> {
         .collect()
 }
 
+/// Where each of `handles` is connected, by the exports listed: the node of each export this
+/// driver made for it, and, unattributed, any other export of its block node (another name for
+/// the same disk, which may serve any node). One pass over the listing, however many handles.
+fn connections_of(exports: &[ExportInfo], handles: &[String]) -> BTreeMap<String, Connections> {
+    let mut answers: BTreeMap<String, Connections> = handles
+        .iter()
+        .map(|handle| (handle.clone(), Connections::default()))
+        .collect();
+    // Long handles share hashed block-node names now and then: a node may stand for several.
+    let mut by_block_node: HashMap<String, Vec<&str>> = HashMap::new();
+    for handle in handles {
+        by_block_node
+            .entry(block_node_name(handle))
+            .or_default()
+            .push(handle);
+    }
+    for export in exports {
+        let ours = parse_export_id(&export.id);
+        if let Some((handle, node)) = ours
+            && let Some(connections) = answers.get_mut(handle)
+        {
+            connections.nodes.insert(node.to_owned());
+        }
+        for handle in by_block_node.get(&export.node_name).into_iter().flatten() {
+            if ours.is_none_or(|(of, _)| of != *handle)
+                && let Some(connections) = answers.get_mut(*handle)
+            {
+                connections.unattributed.insert(export.id.clone());
+            }
+        }
+    }
+    answers
+}
+
 async fn list_exports(
     qmp: &mut Qmp,
     operation: &'static str,
@@ -495,26 +530,35 @@ impl Driver for NbdDriver {
         let mut session = self.connect().await?;
         // Exports still shutting down keep their clients until they are gone, so they count.
         let exports = session.exports("probe").await?;
-        let block_node = block_node_name(volume_handle);
-        let mut connections = Connections::default();
-        for export in exports {
-            match parse_export_id(&export.id) {
-                Some((handle, node)) if handle == volume_handle => {
-                    connections.nodes.insert(node.to_owned());
-                }
-                // Another name for the same disk: it may serve any node.
-                _ if export.node_name == block_node => {
-                    connections.unattributed.insert(export.id.clone());
-                }
-                _ => {}
-            }
-        }
+        let connections = connections_of(exports, &[volume_handle.to_owned()])
+            .remove(volume_handle)
+            .unwrap_or_default();
         if connections.nodes.is_empty() && connections.unattributed.is_empty() {
             drop(session);
             // Connected nowhere, but say so only for a volume that exists.
             self.check_image(volume_handle).await?;
         }
         Ok(connections)
+    }
+
+    fn can_probe_many(&self) -> bool {
+        true
+    }
+
+    /// One listing for all of them. A volume connected nowhere is answered as such without
+    /// looking for its image: the answer is compared with records, not acted on.
+    async fn probe_many(
+        &self,
+        volume_handles: &[String],
+    ) -> Result<BTreeMap<String, Connections>, DriverError> {
+        let valid: Vec<String> = volume_handles
+            .iter()
+            .filter(|handle| validate_handle(handle).is_ok())
+            .cloned()
+            .collect();
+        let mut session = self.connect().await?;
+        let exports = session.exports("probe_many").await?;
+        Ok(connections_of(exports, &valid))
     }
 
     async fn attach(&self, request: &AttachRequest) -> Result<ConnectionInfo, DriverError> {
