@@ -63,25 +63,104 @@ async fn long_campaign() {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    let table = summary.table(first, &format!("commit {code} (and its working tree)"));
+    let dirty = std::process::Command::new("git")
+        .args([
+            "-C",
+            REPO,
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "src",
+        ])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty());
+    let code = if dirty {
+        format!("{code} with changes in src/")
+    } else {
+        code
+    };
+    let table = summary.table(first, &format!("commit {code}"));
     println!("{table}");
-    write_figures(&table);
+    let path = format!("{REPO}/docs/reliability.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    let doc = replace_between(&doc, "campaign figures", &table);
+    let date = jiff::Timestamp::now().strftime("%Y-%m-%d").to_string();
+    let doc = append_to_ledger(&doc, &summary.ledger_row(first, &code, &date));
+    std::fs::write(&path, doc).unwrap_or_else(|e| panic!("write {path}: {e}"));
     fail_on_violations(&summary);
 }
 
-/// Replaces the figures between the markers of docs/reliability.md.
-fn write_figures(table: &str) {
-    let path = format!("{REPO}/docs/reliability.md");
-    let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+/// `doc` with the text between `<!-- {marker} -->` and `<!-- end of {marker} -->` replaced.
+fn replace_between(doc: &str, marker: &str, text: &str) -> String {
     let (begin, end) = (
-        "<!-- campaign figures -->",
-        "<!-- end of campaign figures -->",
+        format!("<!-- {marker} -->"),
+        format!("<!-- end of {marker} -->"),
+    );
+    let (Some(from), Some(to)) = (doc.find(&begin), doc.find(&end)) else {
+        panic!("docs/reliability.md lacks the markers {begin} and {end}");
+    };
+    format!("{}{begin}\n{text}{}", &doc[..from], &doc[to..])
+}
+
+/// `doc` with `row` added to the ledger of every long campaign, and the ledger's totals counted
+/// again from its rows.
+fn append_to_ledger(doc: &str, row: &str) -> String {
+    let (begin, end) = (
+        "<!-- campaign ledger -->",
+        "<!-- end of campaign ledger -->",
     );
     let (Some(from), Some(to)) = (doc.find(begin), doc.find(end)) else {
-        panic!("{path} lacks the markers {begin} and {end}");
+        panic!("docs/reliability.md lacks the markers {begin} and {end}");
     };
-    let updated = format!("{}{begin}\n{table}{}", &doc[..from], &doc[to..]);
-    std::fs::write(&path, updated).unwrap_or_else(|e| panic!("write {path}: {e}"));
+    let mut rows: Vec<&str> = doc[from + begin.len()..to]
+        .lines()
+        .filter(|line| line.starts_with("| 20"))
+        .collect();
+    rows.push(row);
+    // Columns: date, code, seeds, schedules, faults, violations, wall.
+    let column = |row: &str, i: usize| -> u64 {
+        row.split('|')
+            .nth(i + 1)
+            .and_then(|cell| cell.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let schedules: u64 = rows.iter().map(|r| column(r, 3)).sum();
+    let faults: u64 = rows.iter().map(|r| column(r, 4)).sum();
+    let violations: u64 = rows.iter().map(|r| column(r, 5)).sum();
+    let wall: u64 = rows.iter().map(|r| column(r, 6)).sum();
+    let mut text = String::from(
+        "| date | code | seeds | schedules | faults | violations | wall |\n|---|---|---|---|---|---|---|\n",
+    );
+    for row in &rows {
+        text.push_str(row);
+        text.push('\n');
+    }
+    text.push_str(&format!(
+        "| **total** | | | **{schedules}** | {faults} | **{violations}** | {:.1} h |\n",
+        wall as f64 / 3600.0
+    ));
+    replace_between(doc, "campaign ledger", &text)
+}
+
+#[test]
+fn the_ledger_adds_a_row_and_counts_its_totals_again() {
+    let doc = "before\n<!-- campaign ledger -->\n| date | code | seeds | schedules | faults | violations | wall |\n|---|---|---|---|---|---|---|\n| 2026-12-01 | abc | 1..=100 | 100 | 900 | 0 | 700 s |\n| **total** | | | **100** | 900 | **0** | 0.2 h |\n<!-- end of campaign ledger -->\nafter\n";
+    let row = "| 2026-12-02 | def | 101..=400 | 300 | 2700 | 2 (no-convergence [7, 9]) | 2900 s |";
+    let updated = append_to_ledger(doc, row);
+    assert!(
+        updated.starts_with("before\n") && updated.ends_with("after\n"),
+        "{updated}"
+    );
+    assert!(
+        updated.contains("| 2026-12-01 | abc |") && updated.contains(row),
+        "{updated}"
+    );
+    assert!(
+        updated.contains("| **total** | | | **400** | 3600 | **2** | 1.0 h |"),
+        "{updated}"
+    );
+    assert_eq!(updated.matches("**total**").count(), 1, "{updated}");
 }
 
 /// The checker judged on rounds made up here: each rule must fire on the history that breaks it

@@ -89,6 +89,29 @@ fn add(summary: &mut Summary, outcome: Outcome) {
 }
 
 impl Summary {
+    /// The campaign as one row of the ledger in docs/reliability.md: when, on what code, which
+    /// seeds, and what it found.
+    pub fn ledger_row(&self, first_seed: u64, code: &str, date: &str) -> String {
+        let violations: usize = self.violations.values().map(Vec::len).sum();
+        let found = if violations == 0 {
+            "0".to_owned()
+        } else {
+            let by_rule: Vec<String> = self
+                .violations
+                .iter()
+                .map(|(rule, seeds)| format!("{rule} {seeds:?}"))
+                .collect();
+            format!("{violations} ({})", by_rule.join("; "))
+        };
+        format!(
+            "| {date} | {code} | {first_seed}..={} | {} | {} | {found} | {:.0} s |",
+            (first_seed + self.schedules as u64).saturating_sub(1),
+            self.schedules,
+            self.faults.values().sum::<usize>(),
+            self.wall.as_secs_f64()
+        )
+    }
+
     /// The summary as the Markdown table docs/reliability.md keeps.
     pub fn table(&self, first_seed: u64, code: &str) -> String {
         let mut t = String::new();
