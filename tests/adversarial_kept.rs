@@ -715,12 +715,14 @@ async fn a_deletion_announced_during_the_listing_takes_the_export_added_after_it
     }
 
     // A force-detach under the operator's deadline: the daemon takes the hard delete, then the
-    // call gives up waiting for the export to go. Its connection is closed (no call waits).
+    // call gives up waiting for the export to go. Its connection is closed (no call waits) once
+    // it has lingered.
     let forced = deadlined.force_detach("vol1", "node-a").await;
     assert!(
         matches!(forced, Err(DriverError::Timeout { .. })),
         "{forced:?}"
     );
+    tokio::time::sleep(Duration::from_millis(100)).await;
 
     // The next call's connection is slow to be taken in (its capabilities reply is late), and
     // meanwhile the export goes: the daemon announces it on that connection, before the

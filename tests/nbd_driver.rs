@@ -769,3 +769,45 @@ async fn probe_many_answers_each_volume_as_its_probe_does() {
     assert!(answers["vol1"].unattributed.contains("by-hand"));
     assert_eq!(answers["vol3"], Connections::default());
 }
+
+/// Calls that follow one another milliseconds apart (each after an API write, in a storm)
+/// share one connection and one listing: the connection lingers a moment for the next call. Once
+/// the driver is idle it closes, and another client of the daemon gets its turn at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_quick_succession_share_a_connection_that_closes_when_idle() {
+    let qsd = Qsd::start();
+    qsd.create_image("vol1");
+    let proxy = QmpProxy::start(&qsd.dir().join("proxy.sock"), &qsd.qmp_socket()).await;
+    let driver = driver(qsd.config_via(proxy.socket()));
+    driver
+        .attach(&request("vol1", "node-a"))
+        .await
+        .expect("attach");
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-a"])));
+    }
+    let connections = proxy.calls_of("qmp_capabilities").len();
+    let listings = proxy.calls_of("query-block-exports").len();
+    // Without the linger each call would connect and list anew: 11 of each. (A slow machine may
+    // let a gap run past the linger now and then, so the bound is not 1.)
+    assert!(
+        connections < 11 && listings <= connections,
+        "11 calls 2 ms apart: {connections} connections, {listings} listings"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    qsd.qmp("query-version", serde_json::json!({}))
+        .expect("another client's turn");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "another client waited {:?} for an idle driver",
+        started.elapsed()
+    );
+    assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-a"])));
+    assert_eq!(
+        proxy.calls_of("qmp_capabilities").len(),
+        connections + 1,
+        "a new connection"
+    );
+}

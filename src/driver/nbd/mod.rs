@@ -27,7 +27,8 @@
 //!   still shutting down.
 //! - The QMP monitor serves one client at a time and turns further connection attempts away, so
 //!   the driver's calls take turns. While calls wait, the connection passes from one to the next
-//!   with the exports listed on it (see `Monitor`); otherwise each call connects anew.
+//!   with the exports listed on it (see `Monitor`); when none waits, it lingers for a moment
+//!   (`LINGER`) for the next call, and is closed after that.
 //! - An exclusive attach (a single-attach volume) lists the exports and adds its own in one QMP
 //!   session, and refuses while any export of the volume's block node is listed, whoever made it.
 //! - The probe names the node of each export this driver made; an export of the volume's block
@@ -48,7 +49,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio::time::Instant;
@@ -76,8 +78,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct NbdDriver {
     config: NbdConfig,
-    monitor: Monitor,
+    monitor: Arc<Monitor>,
 }
+
+/// How long a connection stays open after a call when no other call waits, for the next one. In
+/// a storm the calls come milliseconds apart, each after an API write, and a new connection must
+/// list every export again; another client of the daemon waits no longer than this for its turn.
+const LINGER: Duration = Duration::from_millis(25);
 
 /// How many calls one QMP connection serves before it is closed, so that another client of the
 /// daemon (another replica, a person with `qmp-shell`) gets its turn during a long storm.
@@ -85,13 +92,17 @@ const CALLS_PER_CONNECTION: u32 = 256;
 
 /// QEMU's monitor serves one client at a time and turns further connection attempts away, so this
 /// driver's calls take turns rather than race for it. While calls are waiting, the connection is
-/// handed from one to the next instead of closed: no other client of the daemon can change its
-/// exports in between, so the listing read on the connection stays true, changed only by this
-/// driver's own commands and the deletions the daemon announces on it.
+/// handed from one to the next instead of closed, and when none is waiting it lingers a moment
+/// for the next: no other client of the daemon can change its exports meanwhile, so the listing
+/// read on the connection stays true, changed only by this driver's own commands and the
+/// deletions the daemon announces on it.
 #[derive(Debug, Default)]
 struct Monitor {
     kept: Mutex<Option<Kept>>,
     waiting: AtomicUsize,
+    /// How many times a connection was left for the next call: which leaving a lingering
+    /// connection's closer is for.
+    left: AtomicU64,
 }
 
 /// A connection kept for the next call, and what it knows of the daemon's exports.
@@ -103,6 +114,8 @@ struct Kept {
     calls: u32,
     /// Whether this connection has seen the NBD server running (no one can stop it meanwhile).
     server_running: bool,
+    /// The count of [`Monitor::left`] when it was last left for the next call.
+    left_as: u64,
 }
 
 impl std::fmt::Debug for Kept {
@@ -118,7 +131,7 @@ impl std::fmt::Debug for Kept {
 struct Session<'a> {
     kept: Option<Kept>,
     slot: MutexGuard<'a, Option<Kept>>,
-    waiting: &'a AtomicUsize,
+    monitor: &'a Arc<Monitor>,
 }
 
 impl Session<'_> {
@@ -194,14 +207,31 @@ impl Drop for Waiting<'_> {
 }
 
 impl Drop for Session<'_> {
+    /// Leaves the connection for the next call, unless it is spent or has served its share. With
+    /// no call waiting it lingers, and is closed after [`LINGER`] unless a call took it meanwhile.
     fn drop(&mut self) {
-        if let Some(kept) = self.kept.take()
-            && !kept.qmp.is_spent()
-            && kept.calls < CALLS_PER_CONNECTION
-            && self.waiting.load(Ordering::SeqCst) > 0
-        {
-            *self.slot = Some(kept);
+        let Some(mut kept) = self.kept.take() else {
+            return;
+        };
+        if kept.qmp.is_spent() || kept.calls >= CALLS_PER_CONNECTION {
+            return;
         }
+        let left_as = self.monitor.left.fetch_add(1, Ordering::SeqCst) + 1;
+        kept.left_as = left_as;
+        if self.monitor.waiting.load(Ordering::SeqCst) == 0 {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            let monitor = self.monitor.clone();
+            runtime.spawn(async move {
+                tokio::time::sleep(LINGER).await;
+                let mut slot = monitor.kept.lock().await;
+                if slot.as_ref().is_some_and(|kept| kept.left_as == left_as) {
+                    *slot = None;
+                }
+            });
+        }
+        *self.slot = Some(kept);
     }
 }
 
@@ -222,7 +252,7 @@ impl NbdDriver {
         config.validate()?;
         Ok(Self {
             config,
-            monitor: Monitor::default(),
+            monitor: Arc::default(),
         })
     }
 
@@ -274,13 +304,14 @@ impl NbdDriver {
                 exports: None,
                 calls: 0,
                 server_running: false,
+                left_as: 0,
             },
         };
         kept.calls += 1;
         Ok(Session {
             kept: Some(kept),
             slot,
-            waiting: &self.monitor.waiting,
+            monitor: &self.monitor,
         })
     }
 
