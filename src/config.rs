@@ -4,8 +4,8 @@
 //! ```yaml
 //! defaultStuckAfter: 2m      # a Volume's stuckAfter when it sets none
 //! resyncInterval: 60s        # how often converged objects are checked against the backend
-//! concurrency: 16            # reconciles at once: of attachments being deleted, of other
-//!                            # attachments, and of Volumes, each
+//! concurrency: 16            # reconciles at once: of attachments being deleted, and of other
+//!                            # attachments, each; Volumes a quarter of that
 //! drivers:
 //!   - name: nbd              # what Volume.spec.driver names
 //!     deadline: 30s          # every call to this driver gives up after this (unknown outcome)
@@ -72,8 +72,8 @@ struct DriverEntry {
 pub struct Config {
     pub default_stuck_after: Duration,
     pub resync_interval: Duration,
-    /// How many reconciles run at once, in each of three lanes: attachments being deleted, the
-    /// other attachments, and Volumes.
+    /// How many reconciles run at once, in each of two lanes: attachments being deleted, and the
+    /// other attachments. Volumes have a quarter of that.
     pub concurrency: usize,
     /// Drivers by the name Volumes use, each call bounded by its deadline.
     pub drivers: BTreeMap<String, Arc<dyn Driver>>,
@@ -82,8 +82,8 @@ pub struct Config {
 const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(120);
 const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
-/// Reconciles at once per lane: 48 in all, well under the apiserver's default of 200 mutating
-/// requests in flight, and enough to keep a storm of thousands at the apiserver's pace.
+/// Reconciles at once per lane: 36 in all with the Volumes', well under the apiserver's default
+/// of 200 mutating requests in flight, and enough to keep a storm at the apiserver's pace.
 const DEFAULT_CONCURRENCY: usize = 16;
 /// A bound on `concurrency`: the controller's own limit is a `u16`.
 const MAX_CONCURRENCY: usize = 1024;
