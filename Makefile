@@ -39,14 +39,17 @@ campaign: setup cluster
 N ?= 1000
 SCENARIOS ?= attach,quiet,token,detach,stuck
 QUIET ?= 300
+TIMEOUT ?= 1800
 bench: setup cluster
-	BENCH_N=$(N) BENCH_SCENARIOS=$(SCENARIOS) BENCH_QUIET_SECS=$(QUIET) cargo bench --bench storm
+	BENCH_N=$(N) BENCH_SCENARIOS=$(SCENARIOS) BENCH_QUIET_SECS=$(QUIET) BENCH_TIMEOUT_SECS=$(TIMEOUT) \
+	cargo bench --bench storm
 
 # safe-detach's csi driver beside the CSI external-attacher on the same mock plugin:
-# make bench-peer N=2000
+# make bench-peer N=2000 (PEER_TIMEOUT: the most a phase of the attacher at its defaults may take)
+PEER_TIMEOUT ?= 600
 bench-peer: setup cluster test-programs
 	hack/build-peers.sh
-	BENCH_N=$(N) cargo bench --bench peer
+	BENCH_N=$(N) BENCH_PEER_TIMEOUT_SECS=$(PEER_TIMEOUT) cargo bench --bench peer
 
 crds:
 	cargo run --quiet -- crds > crds/safedetach.io.yaml

@@ -6,8 +6,8 @@
 //! Run: `make bench N=1000 SCENARIOS=attach,quiet,token,detach,stuck` (docs/benchmarks.md).
 //! Environment: `BENCH_N` (attachments, default 1000), `BENCH_SCENARIOS` (a comma-separated
 //! subset of `attach,quiet,token,detach,stuck`, default all), `BENCH_QUIET_SECS` (the converged
-//! period, default 300), `BENCH_OUT` (a file for the Markdown tables, default
-//! `target/bench/storm-<N>.md`).
+//! period, default 300), `BENCH_TIMEOUT_SECS` (the longest a storm may take, default 1800),
+//! `BENCH_OUT` (a file for the Markdown tables, default `target/bench/storm-<N>.md`).
 
 #[path = "../../tests/support/mod.rs"]
 #[allow(unused_imports)]

@@ -33,8 +33,17 @@ const STUCK_AFTER: Duration = Duration::from_secs(10);
 /// The Volumes a person attaches from during the detach storm, one at a time.
 const PERSON_VOLUMES: usize = 20;
 const PERSON_INTERVAL: Duration = Duration::from_millis(250);
-/// How long a storm may take before the run gives up on it.
-const STORM_TIMEOUT: Duration = Duration::from_secs(1800);
+/// The longest a storm may take before the bench stops waiting and reports what it reached:
+/// `BENCH_TIMEOUT_SECS`, default 1800.
+fn storm_timeout() -> Duration {
+    static TIMEOUT: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
+        std::env::var("BENCH_TIMEOUT_SECS")
+            .ok()
+            .map(|s| s.parse().expect("BENCH_TIMEOUT_SECS: seconds"))
+            .map_or(Duration::from_secs(1800), Duration::from_secs)
+    });
+    *TIMEOUT
+}
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -337,7 +346,7 @@ impl Bench {
         let calls_before = self.driver_calls().await;
         let started = Instant::now();
         let issued = storm().await;
-        let (latencies, last) = self.tracker.wait(names, STORM_TIMEOUT).await;
+        let (latencies, last) = self.tracker.wait(names, storm_timeout()).await;
         let total = last.saturating_duration_since(started);
         let cpu = CpuReading::now(&processes).since(&cpu_before);
         let writes = self.requests().await.since(&requests_before).writes();
@@ -535,7 +544,7 @@ impl Bench {
             self.tracker.expect(name, attached());
         }
         self.create_attachments(0..self.names.len(), None).await;
-        self.tracker.wait(&self.names, STORM_TIMEOUT).await;
+        self.tracker.wait(&self.names, storm_timeout()).await;
         self.start_operator(true).await;
         self.proxy.set_in_use(true);
         for name in &self.names {
@@ -728,7 +737,7 @@ async fn person_attaches(
         let started = Instant::now();
         create_attachment(&api, &shard, &name, volume, "node-person", None).await;
         let (_, at) = tracker
-            .wait(std::slice::from_ref(&name), STORM_TIMEOUT)
+            .wait(std::slice::from_ref(&name), storm_timeout())
             .await;
         latencies.push(at.saturating_duration_since(started));
         let _ = api.delete(&name, &DeleteParams::default()).await;
@@ -769,7 +778,7 @@ pub async fn run(plan: &Plan) -> String {
             for name in &bench.names {
                 bench.tracker.expect(name, gone());
             }
-            bench.tracker.wait(&bench.names, STORM_TIMEOUT).await;
+            bench.tracker.wait(&bench.names, storm_timeout()).await;
         }
         table.push(bench.stuck().await);
     }
