@@ -20,10 +20,9 @@ use safe_detach::api::{
     VOLUME_FINALIZER, VolumeAttachment, VolumePhase,
 };
 use serde_json::json;
-use std::collections::BTreeMap;
 use std::time::Duration;
 use support::api_proxy::ApiWrite;
-use support::operator::counters;
+use support::operator::driver_calls;
 use support::qmp_proxy::Fault;
 use support::qsd::{NbdClient, ReadOutcome};
 use support::scenario::{
@@ -1182,19 +1181,7 @@ async fn converged_attachments_cause_no_writes() {
     };
     let before = versions(&s).await;
     let cluster_before = s.apiserver_writes().await;
-    let calls = async |s: &Scenario| {
-        let mut by_operation = BTreeMap::<String, f64>::new();
-        for (series, n) in counters(s.operator.http_address()).await {
-            if series.starts_with("safedetach_driver_call_duration_seconds_count{")
-                && let Some(operation) = ["probe_many", "probe"]
-                    .into_iter()
-                    .find(|op| series.contains(&format!("operation=\"{op}\"")))
-            {
-                *by_operation.entry(operation.to_owned()).or_default() += n;
-            }
-        }
-        by_operation
-    };
+    let calls = async |s: &Scenario| driver_calls(s.operator.http_address()).await;
     let calls_before = calls(&s).await;
     let started = Instant::now();
     let window = 3 * RESYNC + Duration::from_millis(500);

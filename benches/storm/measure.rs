@@ -65,16 +65,6 @@ impl std::fmt::Display for RequestKind {
 #[derive(Clone, Debug, Default)]
 pub struct Requests(pub BTreeMap<RequestKind, f64>);
 
-/// The verbs that write.
-const WRITE_VERBS: [&str; 6] = [
-    "POST",
-    "PUT",
-    "PATCH",
-    "APPLY",
-    "DELETE",
-    "DELETECOLLECTION",
-];
-
 impl Requests {
     /// Parses the apiserver's `/metrics` text.
     pub fn parse(text: &str) -> Self {
@@ -119,7 +109,10 @@ impl Requests {
 
     /// The writes among these requests, leases left out (the elections' heartbeats).
     pub fn writes(&self) -> Self {
-        self.matching(|kind| WRITE_VERBS.contains(&kind.verb.as_str()) && kind.resource != "leases")
+        self.matching(|kind| {
+            crate::support::cluster::WRITE_VERBS.contains(&kind.verb.as_str())
+                && kind.resource != "leases"
+        })
     }
 
     /// The requests of the kinds `keep` accepts.

@@ -5,7 +5,7 @@ use crate::Plan;
 use crate::measure::{CpuReading, Latencies, Process, Requests};
 use crate::report::{Limit, Row, Table};
 use crate::support::cluster::admin_client;
-use crate::support::operator::{Operator, Options, SHARD_LABEL, counters};
+use crate::support::operator::{Operator, Options, SHARD_LABEL, driver_calls};
 use crate::support::qmp_proxy::QmpProxy;
 use crate::support::qsd::Qsd;
 use futures::StreamExt;
@@ -389,22 +389,10 @@ impl Bench {
 
     /// The driver calls the operator made so far, by operation, from its own metrics.
     async fn driver_calls(&self) -> BTreeMap<String, f64> {
-        let Some(operator) = &self.operator else {
-            return BTreeMap::new();
-        };
-        let mut calls = BTreeMap::new();
-        for (series, n) in counters(operator.http_address()).await {
-            if let Some(labels) =
-                series.strip_prefix("safedetach_driver_call_duration_seconds_count{")
-                && let Some(operation) = labels
-                    .split(',')
-                    .find_map(|label| label.strip_prefix("operation=\""))
-                    .and_then(|rest| rest.split('"').next())
-            {
-                *calls.entry(operation.to_owned()).or_insert(0.0) += n;
-            }
+        match &self.operator {
+            Some(operator) => driver_calls(operator.http_address()).await,
+            None => BTreeMap::new(),
         }
-        calls
     }
 
     async fn create_attachments(&self, indices: impl Iterator<Item = usize>, token: Option<&str>) {

@@ -32,6 +32,16 @@ const CRD_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// it was made in.
 static ADMIN_KUBECONFIG: OnceCell<PathBuf> = OnceCell::const_new();
 
+/// The verbs of `apiserver_request_total` that write.
+pub const WRITE_VERBS: [&str; 6] = [
+    "POST",
+    "PUT",
+    "PATCH",
+    "APPLY",
+    "DELETE",
+    "DELETECOLLECTION",
+];
+
 /// The admin kubeconfig of the test cluster. The first call in a process brings the cluster up
 /// and installs the CRDs.
 pub async fn admin_kubeconfig() -> &'static Path {

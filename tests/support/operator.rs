@@ -245,3 +245,20 @@ pub async fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> 
         .to_owned();
     Some((code, body))
 }
+
+/// The driver calls the operator made so far, by operation (`probe`, `probe_many`, `attach`, …),
+/// from its `safedetach_driver_call_duration_seconds` counts, whatever the driver and result.
+pub async fn driver_calls(address: SocketAddr) -> BTreeMap<String, f64> {
+    let mut calls = BTreeMap::new();
+    for (series, n) in counters(address).await {
+        if let Some(labels) = series.strip_prefix("safedetach_driver_call_duration_seconds_count{")
+            && let Some(operation) = labels
+                .split(',')
+                .find_map(|label| label.strip_prefix("operation=\""))
+                .and_then(|rest| rest.split('"').next())
+        {
+            *calls.entry(operation.to_owned()).or_insert(0.0) += n;
+        }
+    }
+    calls
+}

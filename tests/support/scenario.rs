@@ -11,7 +11,7 @@
 //! back), and the daemon goes last.
 
 use super::api_proxy::ApiProxy;
-use super::cluster::{TestObjects, admin_client, unique_name};
+use super::cluster::{TestObjects, WRITE_VERBS, admin_client, unique_name};
 use super::operator::{Operator, Options, SHARD_LABEL};
 use super::qmp_proxy::QmpProxy;
 use super::qsd::{Qsd, named_block_nodes};
@@ -718,15 +718,7 @@ pub fn write_requests(metrics: &str) -> BTreeMap<String, f64> {
             .map(|(k, v)| (k, v.trim_matches('"')))
             .collect();
         let verb = labels.get("verb").copied().unwrap_or_default();
-        let writes = [
-            "POST",
-            "PUT",
-            "PATCH",
-            "APPLY",
-            "DELETE",
-            "DELETECOLLECTION",
-        ];
-        if labels.get("group") != Some(&"safedetach.io") || !writes.contains(&verb) {
+        if labels.get("group") != Some(&"safedetach.io") || !WRITE_VERBS.contains(&verb) {
             continue;
         }
         let key = format!(
