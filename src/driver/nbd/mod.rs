@@ -36,6 +36,7 @@
 //!   serve any node, so nothing is confirmed detached, or attached elsewhere, while it exists.
 
 mod config;
+mod exports;
 mod names;
 mod qmp;
 
@@ -44,10 +45,10 @@ pub use names::{block_node_name, export_id, parse_export_id, validate_handle, va
 
 use crate::driver::{AttachRequest, ConnectionInfo, Connections, Driver, DriverError};
 use async_trait::async_trait;
+use exports::{ExportInfo, Exports};
 use qmp::{Qmp, QmpError};
-use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -110,7 +111,7 @@ struct Kept {
     qmp: Qmp,
     /// The daemon's exports as listed on this connection and kept up to date since: `None` until
     /// the first listing. Exports shutting down stay until the daemon says they are gone.
-    exports: Option<Vec<ExportInfo>>,
+    exports: Option<Exports>,
     calls: u32,
     /// Whether this connection has seen the NBD server running (no one can stop it meanwhile).
     server_running: bool,
@@ -121,7 +122,7 @@ struct Kept {
 impl std::fmt::Debug for Kept {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Kept")
-            .field("exports", &self.exports.as_ref().map(Vec::len))
+            .field("exports", &self.exports.as_ref().map(Exports::len))
             .field("calls", &self.calls)
             .finish()
     }
@@ -156,29 +157,31 @@ impl Session<'_> {
     }
 
     /// The daemon's exports: listed once per connection, then kept up to date.
-    async fn exports(&mut self, operation: &'static str) -> Result<&[ExportInfo], DriverError> {
+    async fn exports(&mut self, operation: &'static str) -> Result<&Exports, DriverError> {
         let kept = self.kept();
         let deleted = kept.qmp.take_deleted_exports();
         if let Some(exports) = kept.exports.as_mut() {
-            exports.retain(|export| !deleted.contains(&export.id));
+            for id in &deleted {
+                exports.remove(id);
+            }
         } else {
             let listed = list_exports(&mut kept.qmp, operation).await?;
             // A deletion announced before the listing's reply is in the listing already; applied
             // later, it would take away an export of the same id added after it.
             kept.qmp.take_deleted_exports();
-            kept.exports = Some(listed);
+            kept.exports = Some(Exports::listed(listed));
         }
-        Ok(kept.exports.as_deref().unwrap_or_default())
+        Ok(kept.exports.get_or_insert_default())
     }
 
     /// Lists the exports again, whatever is known.
-    async fn relist(&mut self, operation: &'static str) -> Result<&[ExportInfo], DriverError> {
+    async fn relist(&mut self, operation: &'static str) -> Result<&Exports, DriverError> {
         self.forget_exports();
         self.exports(operation).await
     }
 
     /// Records what a command of this session did to the exports.
-    fn exports_changed(&mut self, change: impl FnOnce(&mut Vec<ExportInfo>)) {
+    fn exports_changed(&mut self, change: impl FnOnce(&mut Exports)) {
         if let Some(exports) = self.kept().exports.as_mut() {
             change(exports);
         }
@@ -233,16 +236,6 @@ impl Drop for Session<'_> {
         }
         *self.slot = Some(kept);
     }
-}
-
-/// One entry of `query-block-exports`.
-#[derive(Clone, Debug, Deserialize)]
-struct ExportInfo {
-    id: String,
-    #[serde(rename = "node-name")]
-    node_name: String,
-    #[serde(rename = "shutting-down")]
-    shutting_down: bool,
 }
 
 impl NbdDriver {
@@ -381,12 +374,7 @@ impl NbdDriver {
         operation: &'static str,
     ) -> Result<(), DriverError> {
         let node_name = block_node_name(handle);
-        if session
-            .exports(operation)
-            .await?
-            .iter()
-            .any(|export| export.node_name == node_name)
-        {
+        if session.exports(operation).await?.serve(&node_name) {
             return Ok(());
         }
         match session
@@ -410,11 +398,7 @@ impl NbdDriver {
         id: &str,
         operation: &'static str,
     ) -> Result<(), DriverError> {
-        session.exports_changed(|exports| {
-            for export in exports.iter_mut().filter(|export| export.id == id) {
-                export.shutting_down = true;
-            }
-        });
+        session.exports_changed(|exports| exports.mark_shutting_down(id));
         let give_up = Instant::now() + SETTLE_TIMEOUT;
         let mut round = 0;
         loop {
@@ -424,7 +408,7 @@ impl NbdDriver {
             } else {
                 session.exports(operation).await?
             };
-            if !exports.iter().any(|export| export.id == id) {
+            if !exports.contains(id) {
                 return Ok(());
             }
             if Instant::now() >= give_up {
@@ -442,54 +426,6 @@ impl NbdDriver {
                 .map_err(|e| driver_error(e, operation))?;
         }
     }
-}
-
-/// Who holds exports of the volume: the node of each export this driver made, and the id of any
-/// other export of the volume's block node (one added by hand), which serves the disk just as well.
-fn holders_of(exports: &[ExportInfo], handle: &str) -> Vec<String> {
-    let block_node = block_node_name(handle);
-    exports
-        .iter()
-        .filter_map(|export| match parse_export_id(&export.id) {
-            Some((of, node)) if of == handle => Some(node.to_owned()),
-            _ if export.node_name == block_node => Some(format!("export {}", export.id)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Where each of `handles` is connected, by the exports listed: the node of each export this
-/// driver made for it, and, unattributed, any other export of its block node (another name for
-/// the same disk, which may serve any node). One pass over the listing, however many handles.
-fn connections_of(exports: &[ExportInfo], handles: &[String]) -> BTreeMap<String, Connections> {
-    let mut answers: BTreeMap<String, Connections> = handles
-        .iter()
-        .map(|handle| (handle.clone(), Connections::default()))
-        .collect();
-    // Long handles share hashed block-node names now and then: a node may stand for several.
-    let mut by_block_node: HashMap<String, Vec<&str>> = HashMap::new();
-    for handle in handles {
-        by_block_node
-            .entry(block_node_name(handle))
-            .or_default()
-            .push(handle);
-    }
-    for export in exports {
-        let ours = parse_export_id(&export.id);
-        if let Some((handle, node)) = ours
-            && let Some(connections) = answers.get_mut(handle)
-        {
-            connections.nodes.insert(node.to_owned());
-        }
-        for handle in by_block_node.get(&export.node_name).into_iter().flatten() {
-            if ours.is_none_or(|(of, _)| of != *handle)
-                && let Some(connections) = answers.get_mut(*handle)
-            {
-                connections.unattributed.insert(export.id.clone());
-            }
-        }
-    }
-    answers
 }
 
 async fn list_exports(
@@ -561,9 +497,7 @@ impl Driver for NbdDriver {
         let mut session = self.connect().await?;
         // Exports still shutting down keep their clients until they are gone, so they count.
         let exports = session.exports("probe").await?;
-        let connections = connections_of(exports, &[volume_handle.to_owned()])
-            .remove(volume_handle)
-            .unwrap_or_default();
+        let connections = exports.connections_of(volume_handle);
         if connections.nodes.is_empty() && connections.unattributed.is_empty() {
             drop(session);
             // Connected nowhere, but say so only for a volume that exists.
@@ -589,7 +523,7 @@ impl Driver for NbdDriver {
             .collect();
         let mut session = self.connect().await?;
         let exports = session.exports("probe_many").await?;
-        Ok(connections_of(exports, &valid))
+        Ok(exports.connections_of_each(&valid))
     }
 
     async fn attach(&self, request: &AttachRequest) -> Result<ConnectionInfo, DriverError> {
@@ -602,7 +536,7 @@ impl Driver for NbdDriver {
         // between, this process's or another's, so the exclusivity check cannot go stale.
         let mut session = self.connect().await?;
         let exports = session.exports("attach").await?;
-        if let Some(existing) = exports.iter().find(|export| export.id == id) {
+        if let Some(existing) = exports.get(&id) {
             if existing.shutting_down {
                 return Err(DriverError::Refused(format!(
                     "export {id} is being deleted; attach again once it is gone"
@@ -611,7 +545,7 @@ impl Driver for NbdDriver {
             return Ok(self.connection_info(&id));
         }
         if request.exclusive {
-            let holders = holders_of(exports, handle);
+            let holders = exports.holders_of(handle);
             if !holders.is_empty() {
                 return Err(DriverError::HeldElsewhere {
                     volume: handle.to_owned(),
@@ -644,7 +578,7 @@ impl Driver for NbdDriver {
             {
                 Ok(_) => {
                     session.exports_changed(|exports| {
-                        exports.push(ExportInfo {
+                        exports.insert(ExportInfo {
                             id: id.clone(),
                             node_name: block_node.clone(),
                             shutting_down: false,
@@ -699,7 +633,7 @@ impl Driver for NbdDriver {
                 });
             }
             Err(e) if e.says("not found") => {
-                session.exports_changed(|exports| exports.retain(|export| export.id != id));
+                session.exports_changed(|exports| exports.remove(&id));
                 return Err(DriverError::NotConnected {
                     volume: volume_handle.to_owned(),
                     node: node.to_owned(),
@@ -733,7 +667,7 @@ impl Driver for NbdDriver {
         {
             Ok(_) => {}
             Err(e) if e.says("not found") => {
-                session.exports_changed(|exports| exports.retain(|export| export.id != id));
+                session.exports_changed(|exports| exports.remove(&id));
             }
             Err(e) if e.says("already shutting down") => {}
             Err(e) => return Err(driver_error(e, "force_detach")),
