@@ -12,6 +12,7 @@
 //! reconcile per backend volume), and no driver is called once the replica cannot be sure it
 //! still holds its lease.
 
+use super::lanes::Lane;
 use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe, synced};
 use crate::MANAGER;
 use crate::api::{
@@ -38,6 +39,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 /// More steps than any path needs (a probe, a re-read, force, a probe, confirm, attach, a probe,
 /// confirm, and a re-read and a probe after a refused write): a bound, not a budget.
 const MAX_STEPS: usize = 16;
+
+/// When a queued reconcile looks again if its turn has not come by then (it is woken when it
+/// does; this only bounds the wait should a wake-up be lost).
+const QUEUED_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The backend, as one attachment reaches it.
 struct Target {
@@ -73,14 +78,18 @@ pub async fn reconcile(
     // Detaches of deleted attachments take turns in a lane of their own, so that a storm of them
     // (a drained rack) does not hold up a person's attach queued behind it.
     let lane = if attachment.metadata.deletion_timestamp.is_some() {
-        &context.lanes.releasing
+        Lane::Releasing
     } else {
-        &context.lanes.others
+        Lane::Others
     };
-    let Ok(_permit) = lane.acquire().await else {
-        return Ok(Action::requeue(BUSY_RECHECK));
+    let Some(_turn) = context
+        .lanes
+        .enter(lane, &ObjectRef::from_obj(attachment.as_ref()))
+    else {
+        // Queued: woken when its turn comes; looked at again after a while in any case.
+        return Ok(Action::requeue(QUEUED_RECHECK));
     };
-    // The wait may have been long: start from the cache's latest copy.
+    // Start from the cache's latest copy.
     let attachment = match context
         .attachments
         .get(&ObjectRef::from_obj(attachment.as_ref()))

@@ -5,6 +5,7 @@ mod attachment;
 mod backoff;
 mod events;
 mod finalizer;
+mod lanes;
 mod lock;
 mod sweep;
 mod volume;
@@ -24,6 +25,7 @@ use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
+use lanes::Lanes;
 use lock::VolumeLocks;
 use std::future::Future;
 use std::sync::Arc;
@@ -80,23 +82,6 @@ pub struct Context {
     fence: Fence,
     /// How many attachment reconciles run at once, by kind.
     lanes: Lanes,
-}
-
-/// The attachment reconciles that may run at once: those of attachments being deleted, and the
-/// others, each up to the configured concurrency. The controller itself runs every reconcile it
-/// has work for; they wait here for their lane.
-struct Lanes {
-    releasing: tokio::sync::Semaphore,
-    others: tokio::sync::Semaphore,
-}
-
-impl Lanes {
-    fn new(concurrency: usize) -> Self {
-        Self {
-            releasing: tokio::sync::Semaphore::new(concurrency),
-            others: tokio::sync::Semaphore::new(concurrency),
-        }
-    }
 }
 
 /// Runs both controllers until `shutdown` resolves. With a `label_selector`, only the Volumes and
@@ -157,8 +142,9 @@ pub async fn run(
         health.clone(),
         config.resync_interval.min(DRIVER_CHECK_INTERVAL),
     ));
+    let (lanes, turns_come) = Lanes::new(config.concurrency, attachments.clone());
     let context = Arc::new(Context {
-        lanes: Lanes::new(config.concurrency),
+        lanes,
         events: Publisher::new(client.clone(), instance),
         client,
         config,
@@ -179,9 +165,8 @@ pub async fn run(
         move |volume: Volume| {
             let name = volume.metadata.name.unwrap_or_default();
             attachments
-                .state()
+                .state_filter(|a| a.spec.volume_name == name)
                 .into_iter()
-                .filter(|a| a.spec.volume_name == name)
                 .map(|a| ObjectRef::from_obj(&*a))
                 .collect::<Vec<_>>()
         }
@@ -208,6 +193,7 @@ pub async fn run(
     let attachment_loop = attachment_controller
         .watches_stream(volume_changes, attachments_of_volume)
         .reconcile_on(found_attachments)
+        .reconcile_on(turns_come)
         .graceful_shutdown_on(shutdown.clone())
         .run(
             attachment::reconcile,
