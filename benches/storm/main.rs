@@ -13,6 +13,7 @@
 #[allow(unused_imports)]
 mod support;
 
+mod daemon;
 mod measure;
 mod report;
 mod storm;

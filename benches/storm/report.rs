@@ -1,5 +1,6 @@
 //! The run's figures as Markdown tables, the way docs/benchmarks.md shows them.
 
+use crate::daemon::Phase;
 use crate::measure::{CpuReading, Latencies, Requests, seconds};
 use std::fmt::Write;
 use std::time::Duration;
@@ -48,6 +49,40 @@ pub struct Limit {
     pub apiserver_cpu: f64,
 }
 
+/// The limits measured in the run: the apiserver's, the daemon's, and both at once.
+#[derive(Default)]
+pub struct Limits {
+    pub writes: Vec<Limit>,
+    pub daemon: Option<DaemonLimit>,
+}
+
+/// The daemon commands of N attaches and of N detaches by a plain QMP client.
+pub struct DaemonLimit {
+    pub attach: Phase,
+    pub detach: Phase,
+    pub together: Option<Together>,
+}
+
+impl DaemonLimit {
+    /// The daemon's own time for what a scenario asks of it, where it is one of these.
+    fn for_scenario(&self, scenario: &str) -> Option<Duration> {
+        match scenario {
+            "attach" => Some(self.attach.elapsed),
+            "detach" | "stuck" => Some(self.detach.elapsed),
+            "token" => Some(self.attach.elapsed + self.detach.elapsed),
+            _ => None,
+        }
+    }
+}
+
+/// The attach storm's writes (merge patches) and its daemon commands, by the plain clients at
+/// once, each timed from the common start.
+pub struct Together {
+    pub writes: usize,
+    pub written: Duration,
+    pub exported: Duration,
+}
+
 impl Limit {
     pub const MERGE: &'static str = "merge patch on a resourceVersion";
     pub const APPLY: &'static str = "server-side apply on a resourceVersion";
@@ -60,7 +95,7 @@ impl Limit {
 pub struct Table {
     n: usize,
     rows: Vec<Row>,
-    pub limits: Vec<Limit>,
+    pub limits: Limits,
     pub wall: Duration,
 }
 
@@ -69,7 +104,7 @@ impl Table {
         Self {
             n,
             rows: Vec::new(),
-            limits: Vec::new(),
+            limits: Limits::default(),
             wall: Duration::ZERO,
         }
     }
@@ -88,6 +123,14 @@ impl Table {
             .max(100)
     }
 
+    /// The operator's writes in the scenario, if it ran.
+    pub fn writes_of(&self, scenario: &str) -> Option<usize> {
+        self.rows
+            .iter()
+            .find(|r| r.scenario == scenario)
+            .map(|r| r.operator_writes() as usize)
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let commit = std::process::Command::new("git")
@@ -103,12 +146,12 @@ impl Table {
             self.n,
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
-        let merge = self.limits.iter().find(|l| l.kind == Limit::MERGE);
+        let merge = self.limits.writes.iter().find(|l| l.kind == Limit::MERGE);
         let _ = writeln!(
             out,
-            "| scenario | requests sent in | all done | p50 | p99 | operator writes (per attachment) | the same writes by a plain client | ratio | CPU s: apiserver / etcd / daemon / operator | operator RSS now / peak |"
+            "| scenario | requests sent in | all done | p50 | p99 | operator writes (per attachment) | the same writes by a plain client | ratio | the daemon's commands by a plain client | ratio | CPU s: apiserver / etcd / daemon / operator | operator RSS now / peak |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         for row in &self.rows {
             let writes = row.operator_writes();
             let per = writes / row.objects.max(1) as f64;
@@ -121,6 +164,21 @@ impl Table {
                     )
                 }
                 _ => ("—".to_owned(), "—".to_owned()),
+            };
+            let (daemon, daemon_ratio) = match self
+                .limits
+                .daemon
+                .as_ref()
+                .and_then(|d| d.for_scenario(&row.scenario))
+            {
+                Some(own) => (
+                    format!("{:.1} s", own.as_secs_f64()),
+                    format!(
+                        "{:.2}×",
+                        row.total.as_secs_f64() / own.as_secs_f64().max(1e-9)
+                    ),
+                ),
+                None => ("—".to_owned(), "—".to_owned()),
             };
             let cpu = |name: &str| {
                 row.cpu
@@ -141,7 +199,7 @@ impl Table {
             };
             let _ = writeln!(
                 out,
-                "| {} ({}) | {:.1} s | {:.1} s | {p50} | {p99} | {writes:.0} ({per:.2}) | {plain} | {ratio} | {} / {} / {} / {} | {rss} |",
+                "| {} ({}) | {:.1} s | {:.1} s | {p50} | {p99} | {writes:.0} ({per:.2}) | {plain} | {ratio} | {daemon} | {daemon_ratio} | {} / {} / {} / {} | {rss} |",
                 row.scenario,
                 row.objects,
                 row.issued.as_secs_f64(),
@@ -183,7 +241,7 @@ impl Table {
             out,
             "| write | writes | time | per second | apiserver CPU s |\n|---|---|---|---|---|"
         );
-        for limit in &self.limits {
+        for limit in &self.limits.writes {
             let _ = writeln!(
                 out,
                 "| {} | {} | {:.1} s | {:.0} | {:.1} |",
@@ -193,6 +251,48 @@ impl Table {
                 limit.per_second(),
                 limit.apiserver_cpu
             );
+        }
+        if let Some(daemon) = &self.limits.daemon {
+            let _ = writeln!(
+                out,
+                "\nThe backend's limit, in the same run: the daemon commands of {n} attaches (`blockdev-add`, `block-export-add`) and of {n} detaches (`block-export-del`, `blockdev-del`), by a plain QMP client on one connection to a daemon of its own:\n",
+                n = self.n
+            );
+            let _ = writeln!(
+                out,
+                "| commands | count | time | per second | daemon CPU s |\n|---|---|---|---|---|"
+            );
+            for (what, phase) in [("attach", daemon.attach), ("detach", daemon.detach)] {
+                let _ = writeln!(
+                    out,
+                    "| {what} | {} | {:.1} s | {:.0} | {:.1} |",
+                    phase.commands,
+                    phase.elapsed.as_secs_f64(),
+                    phase.commands as f64 / phase.elapsed.as_secs_f64().max(1e-9),
+                    phase.daemon_cpu
+                );
+            }
+            if let Some(together) = &daemon.together {
+                let both = together.written.max(together.exported);
+                let storm = self
+                    .rows
+                    .iter()
+                    .find(|r| r.scenario == "attach")
+                    .map(|r| {
+                        format!(
+                            " The attach storm took {:.2}× that.",
+                            r.total.as_secs_f64() / both.as_secs_f64().max(1e-9)
+                        )
+                    })
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "\nBoth at once, the attach storm's {} writes (merge patches) and its daemon commands: the writes done after {:.1} s, the daemon's after {:.1} s.{storm}",
+                    together.writes,
+                    together.written.as_secs_f64(),
+                    together.exported.as_secs_f64(),
+                );
+            }
         }
         let _ = writeln!(
             out,

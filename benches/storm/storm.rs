@@ -2,8 +2,9 @@
 //! run one after another on the same objects, each measured from outside.
 
 use crate::Plan;
+use crate::daemon::ScratchDaemon;
 use crate::measure::{CpuReading, Latencies, Process, Requests};
-use crate::report::{Limit, Row, Table};
+use crate::report::{DaemonLimit, Limit, Limits, Row, Table, Together};
 use crate::support::cluster::admin_client;
 use crate::support::operator::{Operator, Options, SHARD_LABEL, driver_calls};
 use crate::support::qmp_proxy::QmpProxy;
@@ -567,8 +568,10 @@ impl Bench {
 
     /// This machine's limit for the writes a storm needed: the same number of status writes by a
     /// plain client, at the operator's concurrency, to objects no operator watches. Measured both
-    /// as JSON merge patches conditioned on a `resourceVersion` and as server-side applies.
-    async fn limit(&self, writes: usize) -> Vec<Limit> {
+    /// as JSON merge patches conditioned on a `resourceVersion` and as server-side applies. Then
+    /// the backend's: the daemon commands of N attaches and N detaches by a plain QMP client, on
+    /// a daemon of their own; and the attach storm's writes and its daemon commands at once.
+    async fn limit(&self, writes: usize, attach_writes: Option<usize>) -> Limits {
         let objects = writes.clamp(1, 1000);
         let shard = format!("{}-raw", self.shard);
         let names: Vec<String> = (0..objects).map(|i| format!("{shard}-r{i}")).collect();
@@ -579,29 +582,64 @@ impl Bench {
                 async move { create_attachment(&api, &shard, &name, "raw", "node-0", None).await }
             })
             .await;
-        let mut limits = Vec::new();
+        let mut limits = Limits::default();
         for kind in [Limit::MERGE, Limit::APPLY] {
             let started = Instant::now();
             let cpu_before = CpuReading::now(&self.processes());
-            // One writer per object, each writing on the version its last write returned, as
-            // the operator does; the objects shared out over the operator's concurrency.
-            futures::stream::iter(names.iter().enumerate())
-                .for_each_concurrent(OPERATOR_CONCURRENCY, |(i, name)| {
-                    let api = api.clone();
-                    let count = writes / objects + usize::from(i < writes % objects);
-                    async move { raw_status_writes(&api, name, count, kind).await }
-                })
-                .await;
+            self.plain_writes(&names, writes, kind).await;
             let cpu = CpuReading::now(&self.processes()).since(&cpu_before);
-            limits.push(Limit {
+            limits.writes.push(Limit {
                 kind,
                 writes,
                 elapsed: started.elapsed(),
                 apiserver_cpu: cpu.0.get("kube-apiserver").copied().unwrap_or(0.0),
             });
         }
+
+        let n = self.names.len();
+        let scratch = blocking(move || ScratchDaemon::start(n)).await;
+        let (scratch, attach) = blocking(move || with(scratch, ScratchDaemon::attach_all)).await;
+        let (scratch, detach) = blocking(move || with(scratch, ScratchDaemon::detach_all)).await;
+        limits.daemon = Some(DaemonLimit {
+            attach,
+            detach,
+            together: None,
+        });
+        if let Some(writes) = attach_writes {
+            let started = Instant::now();
+            let written = async {
+                self.plain_writes(&names, writes, Limit::MERGE).await;
+                started.elapsed()
+            };
+            let exported = async {
+                blocking(move || with(scratch, ScratchDaemon::attach_all)).await;
+                started.elapsed()
+            };
+            let (written, exported) = futures::join!(written, exported);
+            if let Some(daemon) = limits.daemon.as_mut() {
+                daemon.together = Some(Together {
+                    writes,
+                    written,
+                    exported,
+                });
+            }
+        }
         self.delete_attachments(&names).await;
         limits
+    }
+
+    /// `writes` status writes of the `kind` to the objects `names`: one writer per object, each
+    /// writing on the version its last write returned, as the operator does; the objects shared
+    /// out over the operator's concurrency.
+    async fn plain_writes(&self, names: &[String], writes: usize, kind: &'static str) {
+        let objects = names.len();
+        futures::stream::iter(names.iter().enumerate())
+            .for_each_concurrent(OPERATOR_CONCURRENCY, |(i, name)| {
+                let api = self.attachments.clone();
+                let count = writes / objects + usize::from(i < writes % objects);
+                async move { raw_status_writes(&api, name, count, kind).await }
+            })
+            .await;
     }
 
     async fn clean_up(&mut self) {
@@ -736,7 +774,19 @@ async fn person_attaches(
 }
 
 /// A sparse raw image of 1 MiB: enough for an export, quick to make ten thousand of.
-fn create_raw_image(path: &Path) {
+/// Runs blocking work (the plain QMP client's) off the runtime's threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work)
+        .await
+        .expect("the blocking work finishes")
+}
+
+fn with<T, R>(mut value: T, work: impl FnOnce(&mut T) -> R) -> (T, R) {
+    let result = work(&mut value);
+    (value, result)
+}
+
+pub fn create_raw_image(path: &Path) {
     let file = std::fs::File::create(path).expect("create an image");
     file.set_len(1 << 20).expect("size an image");
 }
@@ -771,7 +821,8 @@ pub async fn run(plan: &Plan) -> String {
         table.push(bench.stuck().await);
     }
     let most_writes = table.most_writes();
-    table.limits = bench.limit(most_writes).await;
+    let attach_writes = table.writes_of("attach");
+    table.limits = bench.limit(most_writes, attach_writes).await;
     bench.clean_up().await;
     table.wall = started.elapsed();
     table.render()

@@ -140,37 +140,13 @@ impl Qsd {
     /// Runs one QMP command directly on the daemon (not through the driver) and returns its
     /// `return` value, or the `error` object as `Err`: the tests' own view of the daemon's state.
     pub fn qmp(&self, command: &str, arguments: Value) -> Result<Value, Value> {
-        let stream = UnixStream::connect(self.qmp_socket()).expect("QMP socket");
-        stream
-            .set_read_timeout(Some(START_TIMEOUT))
-            .expect("QMP socket");
-        let mut writer = stream.try_clone().expect("QMP socket");
-        let mut reader = BufReader::new(stream);
-        let mut next = || {
-            let mut line = String::new();
-            reader.read_line(&mut line).expect("QMP reply");
-            serde_json::from_str::<Value>(&line).expect("QMP JSON")
-        };
-        assert!(next().get("QMP").is_some(), "QMP greeting");
-        let mut send = |request: Value| {
-            writeln!(writer, "{request}").expect("QMP request");
-            loop {
-                let message = next();
-                if message.get("event").is_none() {
-                    return message;
-                }
-            }
-        };
-        let negotiated = send(json!({"execute": "qmp_capabilities"}));
-        assert!(
-            negotiated.get("return").is_some(),
-            "qmp_capabilities: {negotiated}"
-        );
-        let reply = send(json!({"execute": command, "arguments": arguments}));
-        match reply.get("error") {
-            Some(error) => Err(error.clone()),
-            None => Ok(reply["return"].clone()),
-        }
+        self.session().execute(command, arguments)
+    }
+
+    /// A QMP session of the tests' own on the daemon, for many commands in a row. While it is
+    /// open, the daemon serves no other client.
+    pub fn session(&self) -> QmpSession {
+        QmpSession::connect(&self.qmp_socket())
     }
 
     /// The ids of the daemon's block exports.
@@ -241,6 +217,59 @@ pub enum ReadOutcome {
     IoError,
     /// Anything else qemu-io said (or that it exited).
     Other(String),
+}
+
+/// A plain QMP client on one connection: a command, its reply, the next.
+pub struct QmpSession {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl QmpSession {
+    fn connect(socket: &Path) -> Self {
+        let stream = UnixStream::connect(socket).expect("QMP socket");
+        stream
+            .set_read_timeout(Some(START_TIMEOUT))
+            .expect("QMP socket");
+        let writer = stream.try_clone().expect("QMP socket");
+        let mut session = Self {
+            writer,
+            reader: BufReader::new(stream),
+        };
+        assert!(session.next().get("QMP").is_some(), "QMP greeting");
+        let negotiated = session.send(&json!({"execute": "qmp_capabilities"}));
+        assert!(
+            negotiated.get("return").is_some(),
+            "qmp_capabilities: {negotiated}"
+        );
+        session
+    }
+
+    fn next(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("QMP reply");
+        serde_json::from_str::<Value>(&line).expect("QMP JSON")
+    }
+
+    /// Sends a request and returns its reply, skipping the events that come before it.
+    fn send(&mut self, request: &Value) -> Value {
+        writeln!(self.writer, "{request}").expect("QMP request");
+        loop {
+            let message = self.next();
+            if message.get("event").is_none() {
+                return message;
+            }
+        }
+    }
+
+    /// Runs one command: its `return` value, or the `error` object as `Err`.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, Value> {
+        let reply = self.send(&json!({"execute": command, "arguments": arguments}));
+        match reply.get("error") {
+            Some(error) => Err(error.clone()),
+            None => Ok(reply["return"].clone()),
+        }
+    }
 }
 
 /// A `qemu-io` process connected to an NBD export, kept connected by an open stdin.
