@@ -597,33 +597,38 @@ impl Bench {
         }
 
         let n = self.names.len();
-        let scratch = blocking(move || ScratchDaemon::start(n)).await;
-        let (scratch, attach) = blocking(move || with(scratch, ScratchDaemon::attach_all)).await;
-        let (scratch, detach) = blocking(move || with(scratch, ScratchDaemon::detach_all)).await;
-        limits.daemon = Some(DaemonLimit {
-            attach,
-            detach,
-            together: None,
-        });
-        if let Some(writes) = attach_writes {
-            let started = Instant::now();
-            let written = async {
-                self.plain_writes(&names, writes, Limit::MERGE).await;
-                started.elapsed()
-            };
-            let exported = async {
-                blocking(move || with(scratch, ScratchDaemon::attach_all)).await;
-                started.elapsed()
-            };
-            let (written, exported) = futures::join!(written, exported);
-            if let Some(daemon) = limits.daemon.as_mut() {
-                daemon.together = Some(Together {
+        let (mut scratch, attach, detach) = blocking(move || {
+            let mut scratch = ScratchDaemon::start(n);
+            let attach = scratch.attach_all();
+            let detach = scratch.detach_all();
+            (scratch, attach, detach)
+        })
+        .await;
+        let together = match attach_writes {
+            Some(writes) => {
+                let started = Instant::now();
+                let written = async {
+                    self.plain_writes(&names, writes, Limit::MERGE).await;
+                    started.elapsed()
+                };
+                let exported = async {
+                    blocking(move || scratch.attach_all()).await;
+                    started.elapsed()
+                };
+                let (written, exported) = futures::join!(written, exported);
+                Some(Together {
                     writes,
                     written,
                     exported,
-                });
+                })
             }
-        }
+            None => None,
+        };
+        limits.daemon = Some(DaemonLimit {
+            attach,
+            detach,
+            together,
+        });
         self.delete_attachments(&names).await;
         limits
     }
@@ -779,11 +784,6 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
     tokio::task::spawn_blocking(work)
         .await
         .expect("the blocking work finishes")
-}
-
-fn with<T, R>(mut value: T, work: impl FnOnce(&mut T) -> R) -> (T, R) {
-    let result = work(&mut value);
-    (value, result)
 }
 
 pub fn create_raw_image(path: &Path) {

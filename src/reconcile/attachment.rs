@@ -12,7 +12,7 @@
 //! reconcile per backend volume), and no driver is called once the replica cannot be sure it
 //! still holds its lease.
 
-use super::lanes::Lane;
+use super::lanes::{Lane, QUEUED_RECHECK};
 use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe, synced};
 use crate::MANAGER;
 use crate::api::{
@@ -39,10 +39,6 @@ use tracing::{Instrument, debug, info, info_span, warn};
 /// More steps than any path needs (a probe, a re-read, force, a probe, confirm, attach, a probe,
 /// confirm, and a re-read and a probe after a refused write): a bound, not a budget.
 const MAX_STEPS: usize = 16;
-
-/// When a queued reconcile looks again if its turn has not come by then (it is woken when it
-/// does; this only bounds the wait should a wake-up be lost).
-const QUEUED_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The backend, as one attachment reaches it.
 struct Target {

@@ -19,6 +19,10 @@ use std::time::{Duration, Instant};
 /// How long a place is kept for a woken object that does not come for it (deleted meanwhile).
 pub const RESERVED_FOR: Duration = Duration::from_secs(1);
 
+/// When a queued reconcile looks again if its turn has not come by then (it is woken when it
+/// does; this only bounds the wait should a wake-up be lost).
+pub const QUEUED_RECHECK: Duration = Duration::from_secs(30);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lane {
     /// Attachments being deleted: their detaches.
@@ -68,13 +72,9 @@ impl Lanes {
     /// A turn now, or `None`: the object is queued and will be woken when its turn comes.
     pub fn enter(&self, lane: Lane, object: &ObjectRef<VolumeAttachment>) -> Option<Turn<'_>> {
         let mut wake = Vec::new();
-        let entered = self.turns().enter(
-            lane,
-            object,
-            Instant::now(),
-            |o| self.attachments.get(o).is_some(),
-            &mut wake,
-        );
+        let entered =
+            self.turns()
+                .enter(lane, object, Instant::now(), |o| self.exists(o), &mut wake);
         self.send(wake);
         // Built only for a turn taken: a dropped `Turn` gives one back.
         entered.then(|| Turn { lanes: self, lane })
@@ -85,6 +85,11 @@ impl Lanes {
         self.turns
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the object is still there to be woken.
+    fn exists(&self, object: &ObjectRef<VolumeAttachment>) -> bool {
+        self.attachments.get(object).is_some()
     }
 
     fn send(&self, wake: Vec<ObjectRef<VolumeAttachment>>) {
@@ -101,7 +106,7 @@ impl Drop for Turn<'_> {
         self.lanes.turns().leave(
             self.lane,
             Instant::now(),
-            |o| self.lanes.attachments.get(o).is_some(),
+            |o| self.lanes.exists(o),
             &mut wake,
         );
         self.lanes.send(wake);
@@ -260,6 +265,15 @@ mod tests {
         (entered, wake)
     }
 
+    /// A lane of one: 1 runs, 2 and 3 wait in that order.
+    fn one_running_two_queued(now: Instant) -> Turns<u32> {
+        let mut turns = Turns::new(1);
+        assert!(enter(&mut turns, Lane::Others, 1, now).0);
+        assert!(!enter(&mut turns, Lane::Others, 2, now).0);
+        assert!(!enter(&mut turns, Lane::Others, 3, now).0);
+        turns
+    }
+
     fn leave(turns: &mut Turns<u32>, lane: Lane, now: Instant) -> Vec<u32> {
         let mut wake = Vec::new();
         turns.leave(lane, now, ALWAYS, &mut wake);
@@ -304,10 +318,7 @@ mod tests {
     #[test]
     fn a_place_not_taken_is_given_to_the_next_after_a_while() {
         let now = Instant::now();
-        let mut turns = Turns::new(1);
-        assert!(enter(&mut turns, Lane::Others, 1, now).0);
-        assert!(!enter(&mut turns, Lane::Others, 2, now).0);
-        assert!(!enter(&mut turns, Lane::Others, 3, now).0);
+        let mut turns = one_running_two_queued(now);
         // 2 is woken but never comes (deleted meanwhile).
         assert_eq!(leave(&mut turns, Lane::Others, now), vec![2]);
         assert_eq!(enter(&mut turns, Lane::Others, 3, now), (false, vec![]));
@@ -320,10 +331,7 @@ mod tests {
     #[test]
     fn an_object_gone_from_the_cache_is_not_woken() {
         let now = Instant::now();
-        let mut turns = Turns::new(1);
-        assert!(enter(&mut turns, Lane::Others, 1, now).0);
-        assert!(!enter(&mut turns, Lane::Others, 2, now).0);
-        assert!(!enter(&mut turns, Lane::Others, 3, now).0);
+        let mut turns = one_running_two_queued(now);
         let mut wake = Vec::new();
         turns.leave(Lane::Others, now, |object| *object != 2, &mut wake);
         assert_eq!(wake, vec![3]);
@@ -333,10 +341,7 @@ mod tests {
     #[test]
     fn an_object_that_changes_lanes_gives_up_its_place_in_the_other() {
         let now = Instant::now();
-        let mut turns = Turns::new(1);
-        assert!(enter(&mut turns, Lane::Others, 1, now).0);
-        assert!(!enter(&mut turns, Lane::Others, 2, now).0);
-        assert!(!enter(&mut turns, Lane::Others, 3, now).0);
+        let mut turns = one_running_two_queued(now);
         // 2 is deleted while it waits: it now asks in the releasing lane, and runs there.
         assert!(enter(&mut turns, Lane::Releasing, 2, now).0);
         assert_eq!(turns.waiting(Lane::Others), 1);

@@ -172,6 +172,16 @@ mod tests {
         connections
     }
 
+    fn answers_as_scanned(exports: &Exports, listing: &[ExportInfo], handles: &[&str]) {
+        for handle in handles {
+            assert_eq!(
+                exports.connections_of(handle),
+                scanned(listing, handle),
+                "{handle}"
+            );
+        }
+    }
+
     #[test]
     fn the_index_answers_as_a_scan_of_the_listing_does() {
         let long_a = "a".repeat(40);
@@ -197,13 +207,7 @@ mod tests {
             long_a.as_str(),
             long_b.as_str(),
         ];
-        for handle in handles {
-            assert_eq!(
-                exports.connections_of(handle),
-                scanned(&listing, handle),
-                "{handle}"
-            );
-        }
+        answers_as_scanned(&exports, &listing, &handles);
         assert_eq!(exports.len(), listing.len());
         assert!(exports.serve(&block_node_name("vol1")));
         assert!(!exports.serve(&block_node_name("vol4")));
@@ -226,13 +230,7 @@ mod tests {
                 export(&export_id("vol1", "node-a"), "moved"),
             ])
             .collect();
-        for handle in handles {
-            assert_eq!(
-                exports.connections_of(handle),
-                scanned(&relisted, handle),
-                "{handle}"
-            );
-        }
+        answers_as_scanned(&exports, &relisted, &handles);
         assert_eq!(exports.len(), relisted.len());
         assert_eq!(
             exports.holders_of("vol1"),
