@@ -387,6 +387,17 @@ fn decide_on_record(input: &Input) -> Step {
     if let (Some(recorded), Some(now)) = (&input.status.bound_to, input.target)
         && recorded != now
     {
+        // The Volume was re-created over the same backend volume: this turn is that volume's,
+        // so the backend can still say whether the connection the record claims is there.
+        let same_backend =
+            recorded.driver == now.driver && recorded.volume_handle == now.volume_handle;
+        if same_backend
+            && input.status.attached
+            && input.backend.is_none()
+            && input.turn == Turn::Ours
+        {
+            return Step::Probe;
+        }
         return Step::Fail(Misconfiguration::BindingChanged {
             recorded: Box::new(recorded.clone()),
             now: Box::new(now.clone()),

@@ -158,10 +158,14 @@ pub fn after_step(
             }
         }
         Step::Fail(problem) => {
-            // Only an attachment that never connected becomes Failed: for any other phase the
-            // backend's state is unknown, so the phase that says what was last confirmed stays.
-            if phase_of(&status) == AttachmentPhase::Pending {
+            // Only an attachment that is not connected becomes Failed: one that never connected,
+            // or one the backend answered for on this turn without a connection to its node.
+            // Otherwise the backend's state is unknown, so the phase that says what was last
+            // confirmed stays.
+            let gone = matches!(observed.backend, Some(Backend::Answered(c)) if !c.includes(observed.node));
+            if gone || phase_of(&status) == AttachmentPhase::Pending {
                 set_phase(&mut status, AttachmentPhase::Failed, observed.now);
+                status.connection_info.clear();
             }
             fail(&mut status, observed, problem);
         }
@@ -536,10 +540,12 @@ fn ready(
 
 fn fail(status: &mut VolumeAttachmentStatus, observed: &Observed, problem: &Misconfiguration) {
     let message = problem.message()
-        + if phase_of(status) == AttachmentPhase::Failed {
-            ""
-        } else {
-            "; the backend cannot be asked, so the attachment stays as last confirmed"
+        + match (phase_of(status), observed.backend) {
+            (AttachmentPhase::Failed, _) => "",
+            (_, Some(Backend::Answered(_))) => {
+                "; the backend confirms the connection, which stays until this attachment is deleted"
+            }
+            _ => "; the backend cannot be asked, so the attachment stays as last confirmed",
         };
     ready(
         status,

@@ -2,7 +2,7 @@
 //! desired state × phase × backend answer × request × deadline × autoForceDetach × multiAttach,
 //! checked against the safety invariant, then a walk from every state to convergence.
 
-use super::status::{Observed, after_step};
+use super::status::{Observed, READY, after_step};
 use super::*;
 use crate::api::{Binding, ForceDetachStatus, VolumeAttachmentStatus, find_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -1424,6 +1424,89 @@ fn a_live_attachment_whose_volume_was_replaced_is_not_attached_to_the_new_one() 
             ..row.input()
         }),
         Step::ConnectionLost
+    );
+}
+
+#[test]
+fn a_volume_recreated_over_the_same_backend_volume_keeps_the_record_true_to_the_backend() {
+    let mut row = Row::new(Attached, connected(&[]));
+    row.status.attached = true;
+    row.status.bound_to = Some(binding("vol1", "uid-1"));
+    let recreated = binding("vol1", "uid-2");
+    // Not asked yet: the backend volume is the same, so the claim is checked first.
+    assert_eq!(
+        decide(&Input {
+            target: Some(&recreated),
+            backend: None,
+            ..row.input()
+        }),
+        Step::Probe
+    );
+    // Another backend volume, another turn's, or a record that claims nothing: no probe.
+    let replaced = binding("vol2", "uid-2");
+    let other_volume = Input {
+        target: Some(&replaced),
+        backend: None,
+        ..row.input()
+    };
+    assert!(matches!(decide(&other_volume), Step::Fail(_)));
+    let mut busy = Row::new(Attached, connected(&[]));
+    busy.status = row.status.clone();
+    busy.turn = Turn::VolumeBusy;
+    assert!(matches!(
+        decide(&Input {
+            target: Some(&recreated),
+            backend: None,
+            ..busy.input()
+        }),
+        Step::Fail(_)
+    ));
+
+    // The answer shows no connection: the record stops claiming one, and says why it waits.
+    let step = decide(&Input {
+        target: Some(&recreated),
+        ..row.input()
+    });
+    assert!(
+        matches!(step, Step::Fail(Misconfiguration::BindingChanged { .. })),
+        "{step:?}"
+    );
+    let observed = Observed {
+        node: NODE,
+        target: Some(&recreated),
+        generation: Some(1),
+        policy: Some(&row.policy),
+        backend: Some(&row.backend),
+        request: &Request::None,
+        now: row.now,
+    };
+    let after = after_step(&row.status, &step, &observed);
+    assert!(!after.attached);
+    assert_eq!(after.phase, Some(Failed));
+    assert_eq!(
+        after.bound_to, row.status.bound_to,
+        "still bound to what it attached"
+    );
+    let ready = find_condition(&after.conditions, READY).expect("Ready");
+    assert_eq!(ready.reason, "VolumeReplaced");
+
+    // The answer shows the connection: it stays Attached, and the message says so.
+    let held = connected(&[NODE]);
+    let after = after_step(
+        &row.status,
+        &step,
+        &Observed {
+            backend: Some(&held),
+            ..observed
+        },
+    );
+    assert!(after.attached);
+    assert_eq!(after.phase, Some(Attached));
+    let ready = find_condition(&after.conditions, READY).expect("Ready");
+    assert!(
+        ready.message.contains("backend confirms the connection"),
+        "{}",
+        ready.message
     );
 }
 

@@ -828,7 +828,8 @@ async fn converge(world: &World) -> Result<(), String> {
 }
 
 /// Deletes what can never converge to Attached: attachments of a Volume being deleted or gone,
-/// all but one node's attachments of a single-attach Volume, and duplicates of a (volume, node).
+/// or bound to a Volume replaced since, all but one node's attachments of a single-attach
+/// Volume, and duplicates of a (volume, node).
 async fn tidy(world: &World, attachments: &[VolumeAttachment], volumes: &[Volume]) {
     let live: Vec<&VolumeAttachment> = attachments
         .iter()
@@ -851,6 +852,15 @@ async fn tidy(world: &World, attachments: &[VolumeAttachment], volumes: &[Volume
         else {
             continue;
         };
+        // Bound to a Volume that was replaced under it: it waits for a person to delete it.
+        let bound_uid = a
+            .status
+            .as_ref()
+            .and_then(|s| s.bound_to.as_ref())
+            .map(|b| &b.volume_uid);
+        if bound_uid.is_some_and(|uid| Some(uid) != v.metadata.uid.as_ref()) {
+            continue;
+        }
         if !v.spec.multi_attach {
             let node = single_node
                 .entry(volume.clone())
