@@ -906,28 +906,7 @@ async fn an_attachment_is_detached_from_what_it_attached_after_its_volume_was_re
     )
     .await;
 
-    // Replace the Volume behind the attachment's back: delete it (the operator then adds no
-    // finalizer again), and remove its finalizer by hand.
-    s.volumes
-        .delete(&volume, &Default::default())
-        .await
-        .expect("delete the Volume");
-    s.volumes
-        .patch(
-            &volume,
-            &PatchParams::default(),
-            &Patch::Json::<()>(
-                serde_json::from_value(json!([{ "op": "remove", "path": "/metadata/finalizers" }]))
-                    .expect("a JSON patch"),
-            ),
-        )
-        .await
-        .expect("remove the Volume's finalizer by hand");
-    s.wait_for(&s.volumes, &volume, "gone", Duration::from_secs(30), |v| {
-        v.is_none()
-    })
-    .await;
-    s.create_volume(&volume, "vol2", json!({})).await;
+    replace_volume(&s, &volume, "vol2").await;
 
     s.wait_attachment(&name, "Ready=False VolumeReplaced", |a| {
         has(condition(a, "Ready"), "False", Some("VolumeReplaced"))
@@ -947,6 +926,87 @@ async fn an_attachment_is_detached_from_what_it_attached_after_its_volume_was_re
         "released while what it attached is still exported: {:?}",
         s.exports().await
     );
+}
+
+/// Replaces a Volume behind its attachments' back: deletes it (the operator then adds no
+/// finalizer again), removes its finalizer by hand, and creates it again under the same name
+/// with `handle`.
+async fn replace_volume(s: &Scenario, volume: &str, handle: &str) {
+    s.volumes
+        .delete(volume, &Default::default())
+        .await
+        .expect("delete the Volume");
+    s.volumes
+        .patch(
+            volume,
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([{ "op": "remove", "path": "/metadata/finalizers" }]))
+                    .expect("a JSON patch"),
+            ),
+        )
+        .await
+        .expect("remove the Volume's finalizer by hand");
+    s.wait_for(&s.volumes, volume, "gone", Duration::from_secs(30), |v| {
+        v.is_none()
+    })
+    .await;
+    s.create_volume(volume, handle, json!({})).await;
+}
+
+/// A Volume created again over the same backend volume, under a live attachment, is not one the
+/// attachment attached through (`VolumeReplaced`), but its record stays the backend's word: while
+/// the export is there it says attached; once the export is gone (removed here by hand) it says
+/// `attached: false`, phase Failed, and still waits for a person. Deleted, it is released.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attachment_under_a_volume_recreated_over_its_disk_follows_the_backend() {
+    let mut s = Scenario::start().await;
+    let volume = s.volume("recreated", HANDLE, json!({})).await;
+    let (name, _) = s.attach("recreated", &volume, NODE_A).await;
+    s.wait_for(
+        &s.volumes,
+        &volume,
+        "the Volume's finalizer",
+        Duration::from_secs(30),
+        |v| v.is_some_and(|v| v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)),
+    )
+    .await;
+    replace_volume(&s, &volume, HANDLE).await;
+
+    let replaced = s
+        .wait_attachment(&name, "Ready=False VolumeReplaced", |a| {
+            has(condition(a, "Ready"), "False", Some("VolumeReplaced"))
+        })
+        .await;
+    assert!(
+        attached(&replaced) && phase(&replaced) == Some(AttachmentPhase::Attached),
+        "the export is there: {}",
+        show(Some(&replaced))
+    );
+    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+
+    support::scenario::qmp(
+        &s.qsd.qmp_socket(),
+        "block-export-del",
+        json!({ "id": export_id(HANDLE, NODE_A), "mode": "hard" }),
+    )
+    .await
+    .expect("remove the export by hand");
+    s.wait_attachment(&name, "attached: false, phase Failed", |a| {
+        !attached(a)
+            && phase(a) == Some(AttachmentPhase::Failed)
+            && has(condition(a, "Ready"), "False", Some("VolumeReplaced"))
+    })
+    .await;
+    tokio::time::sleep(2 * RESYNC).await;
+    assert!(
+        s.exports().await.is_empty(),
+        "attached through the Volume that replaced its own: {:?}",
+        s.exports().await
+    );
+
+    s.delete_attachment(&name).await;
+    s.wait_attachment_gone(&name).await;
 }
 
 /// Two attachments of one Volume to one node share one connection (a GitOps rename creates the

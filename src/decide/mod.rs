@@ -90,6 +90,18 @@ pub enum Misconfiguration {
 }
 
 impl Misconfiguration {
+    /// Whether the backend volume the attachment recorded is the one its Volume names now, so
+    /// that a probe asked on this turn answers for what the record claims: only a Volume
+    /// re-created over the same driver and handle.
+    pub fn answers_for_recorded(&self) -> bool {
+        match self {
+            Self::BindingChanged { recorded, now } => {
+                recorded.driver == now.driver && recorded.volume_handle == now.volume_handle
+            }
+            _ => false,
+        }
+    }
+
     /// A stable CamelCase reason for conditions and events.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -387,21 +399,20 @@ fn decide_on_record(input: &Input) -> Step {
     if let (Some(recorded), Some(now)) = (&input.status.bound_to, input.target)
         && recorded != now
     {
+        let problem = Misconfiguration::BindingChanged {
+            recorded: Box::new(recorded.clone()),
+            now: Box::new(now.clone()),
+        };
         // The Volume was re-created over the same backend volume: this turn is that volume's,
         // so the backend can still say whether the connection the record claims is there.
-        let same_backend =
-            recorded.driver == now.driver && recorded.volume_handle == now.volume_handle;
-        if same_backend
+        if problem.answers_for_recorded()
             && input.status.attached
             && input.backend.is_none()
             && input.turn == Turn::Ours
         {
             return Step::Probe;
         }
-        return Step::Fail(Misconfiguration::BindingChanged {
-            recorded: Box::new(recorded.clone()),
-            now: Box::new(now.clone()),
-        });
+        return Step::Fail(problem);
     }
     if input.turn == Turn::VolumeBusy {
         return Step::wait(Wait::VolumeBusy, Some(BUSY_RECHECK));

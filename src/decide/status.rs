@@ -48,6 +48,21 @@ pub fn after_step(
     step: &Step,
     observed: &Observed,
 ) -> VolumeAttachmentStatus {
+    // An answer asked of what the Volume names now says nothing of another backend volume the
+    // attachment recorded: the record keeps what was last confirmed of that one.
+    let unrelated;
+    let observed = if let Step::Fail(problem) = step
+        && !problem.answers_for_recorded()
+        && observed.backend.is_some()
+    {
+        unrelated = Observed {
+            backend: None,
+            ..observed.clone()
+        };
+        &unrelated
+    } else {
+        observed
+    };
     let mut status = current.clone();
     let now = observed.time();
     match step {
@@ -162,7 +177,8 @@ pub fn after_step(
             // or one the backend answered for on this turn without a connection to its node.
             // Otherwise the backend's state is unknown, so the phase that says what was last
             // confirmed stays.
-            let gone = matches!(observed.backend, Some(Backend::Answered(c)) if !c.includes(observed.node));
+            let gone = matches!(observed.backend, Some(Backend::Answered(c))
+                if !c.includes(observed.node) && c.unattributed.is_empty());
             if gone || phase_of(&status) == AttachmentPhase::Pending {
                 set_phase(&mut status, AttachmentPhase::Failed, observed.now);
                 status.connection_info.clear();

@@ -1497,7 +1497,7 @@ fn a_volume_recreated_over_the_same_backend_volume_keeps_the_record_true_to_the_
         &step,
         &Observed {
             backend: Some(&held),
-            ..observed
+            ..observed.clone()
         },
     );
     assert!(after.attached);
@@ -1508,6 +1508,65 @@ fn a_volume_recreated_over_the_same_backend_volume_keeps_the_record_true_to_the_
         "{}",
         ready.message
     );
+
+    // A connection that names no node may be this node's: not Failed on its word.
+    let by_hand = unattributed(&[]);
+    let after = after_step(
+        &row.status,
+        &step,
+        &Observed {
+            backend: Some(&by_hand),
+            ..observed.clone()
+        },
+    );
+    assert_eq!(after.phase, Some(Attached));
+
+    // A record that claims no connection is not asked about.
+    let mut unclaimed = Row::new(Attached, connected(&[]));
+    unclaimed.status.bound_to = row.status.bound_to.clone();
+    assert!(matches!(
+        decide(&Input {
+            target: Some(&recreated),
+            backend: None,
+            ..unclaimed.input()
+        }),
+        Step::Fail(_)
+    ));
+}
+
+#[test]
+fn an_answer_for_the_replacing_volume_says_nothing_of_the_one_recorded() {
+    let mut row = Row::new(Attached, connected(&[]));
+    row.status.attached = true;
+    row.status.bound_to = Some(binding("vol1", "uid-1"));
+    row.status
+        .connection_info
+        .insert("uri".into(), "nbd://old".into());
+    // The Volume now names vol2; the answer in hand is vol2's (asked before a refresh showed
+    // the record bound to vol1).
+    let replaced = binding("vol2", "uid-2");
+    let step = decide(&Input {
+        target: Some(&replaced),
+        ..row.input()
+    });
+    assert!(matches!(step, Step::Fail(_)), "{step:?}");
+    let after = after_step(
+        &row.status,
+        &step,
+        &Observed {
+            node: NODE,
+            target: Some(&replaced),
+            generation: Some(1),
+            policy: Some(&row.policy),
+            backend: Some(&row.backend),
+            request: &Request::None,
+            now: row.now,
+        },
+    );
+    assert!(after.attached, "vol2's answer taken for vol1's");
+    assert_eq!(after.phase, Some(Attached));
+    assert_eq!(after.connection_info, row.status.connection_info);
+    assert_eq!(after.last_probe, row.status.last_probe);
 }
 
 #[test]

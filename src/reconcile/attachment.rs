@@ -398,6 +398,13 @@ impl<'a> Reconcile<'a> {
                         "cannot reach the backend: {}",
                         problem.message()
                     );
+                    // The probe of a Volume re-created over the same disk went unanswered:
+                    // asked again with backoff, as any unanswered probe.
+                    if matches!(backend, Some(Backend::Unreachable(_))) {
+                        return Ok(Outcome::Retry(Action::requeue(
+                            self.context.backoff.failed(&self.name, None),
+                        )));
+                    }
                     // A missing Volume or driver is fixed by a change that wakes us; the requeue
                     // is only a safety net, slow enough never to spin.
                     return Ok(Outcome::Settled(Action::requeue(resync)));
