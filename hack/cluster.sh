@@ -23,6 +23,13 @@ ready() {
       -H "Authorization: Bearer $(cat "$state/admin.token")" "$server/readyz" >/dev/null
 }
 
+# What the apiserver says is not ready (or why it does not answer).
+not_ready() {
+  curl -s --max-time 5 --cacert "$state/ca.crt" \
+    -H "Authorization: Bearer $(cat "$state/admin.token" 2>/dev/null)" \
+    "$server/readyz?verbose" | grep -v '^\[+\]' || echo "  (no answer within 5s)"
+}
+
 stop_pid() {
   local file=$1
   [[ -f "$file" ]] || return 0
@@ -89,17 +96,22 @@ up() {
     echo "control plane already running at $server"
     return 0
   fi
-  # Running but slow to answer (a busy machine): wait for it rather than restart it under the
-  # tests that use it.
+  # Running but slow to answer (a busy machine): wait for it, and never restart it under the
+  # processes that use it (a campaign or another test binary may be in the middle of a run).
   if alive "$state/kube-apiserver.pid" && alive "$state/etcd.pid"; then
-    for _ in $(seq 60); do
+    echo "control plane at $server runs but is not ready; waiting for it:" >&2
+    not_ready >&2
+    for _ in $(seq 300); do
       if ready; then
         echo "control plane running at $server"
         return 0
       fi
       sleep 1
     done
-    echo "control plane at $server does not answer after 60s; restarting it" >&2
+    echo "control plane at $server has not been ready for 300s:" >&2
+    not_ready >&2
+    echo "stop it with 'make cluster-down' and run again" >&2
+    return 1
   fi
   "$root/hack/build-controlplane.sh"
   stop_pid "$state/kube-apiserver.pid"

@@ -198,17 +198,28 @@ where
     // Delete first: once an object is being deleted, no finalizer can be added back, so the
     // strip that follows is the last word even if an operator still watches it.
     let strip = Patch::Merge(json!({ "metadata": { "finalizers": null } }));
-    let result = async {
-        api.delete(name, &DeleteParams::default()).await?;
-        api.patch(name, &PatchParams::default(), &strip).await?;
-        Ok::<_, kube::Error>(())
-    };
-    match result.await {
-        Ok(()) => {}
-        Err(kube::Error::Api(status)) if status.is_not_found() => {}
-        Err(e) => panic!("delete {name}: {e}"),
+    // A connection cut off on a busy machine is tried again: a long campaign must not end on
+    // one lost request of its clean-up.
+    for attempt in 1.. {
+        let result = async {
+            api.delete(name, &DeleteParams::default()).await?;
+            api.patch(name, &PatchParams::default(), &strip).await?;
+            Ok::<_, kube::Error>(())
+        };
+        match result.await {
+            Ok(()) => return,
+            Err(kube::Error::Api(status)) if status.is_not_found() => return,
+            Err(e @ kube::Error::Api(_)) => panic!("delete {name}: {e}"),
+            Err(e) if attempt >= CLEANUP_ATTEMPTS => {
+                panic!("delete {name}: {e} (after {attempt} attempts)")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500 * attempt)).await,
+        }
     }
 }
+
+/// How many times the clean-up sends a request that did not get through.
+const CLEANUP_ATTEMPTS: u64 = 6;
 
 /// Runs `hack/cluster.sh up`, which returns at once when the control plane is already running
 /// and otherwise builds what is missing and starts it.
