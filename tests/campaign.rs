@@ -56,7 +56,9 @@ async fn long_campaign() {
     let parallel = env_number("CAMPAIGN_PARALLEL", 4) as usize;
     let active = Duration::from_secs(env_number("CAMPAIGN_ACTIVE_SECS", 15));
     let seeds: Vec<u64> = (first..first + schedules).collect();
-    let summary = campaign(&seeds, parallel, active).await;
+    // The code under test, read and copied before it runs: a commit or a build made meanwhile
+    // is not what ran.
+    let binary = support::operator::pin_binary();
     let code = std::process::Command::new("git")
         .args(["-C", REPO, "rev-parse", "--short", "HEAD"])
         .output()
@@ -79,6 +81,8 @@ async fn long_campaign() {
     } else {
         code
     };
+    let summary = campaign(&seeds, parallel, active).await;
+    let _ = std::fs::remove_file(binary);
     let table = summary.table(first, &format!("commit {code}"));
     println!("{table}");
     let path = format!("{REPO}/docs/reliability.md");

@@ -160,13 +160,33 @@ impl Operator {
     }
 }
 
-/// The operator binary under test: this crate's, or the build `SAFE_DETACH_OPERATOR_BIN` names
-/// (a release build, or another version to compare against).
+/// The operator binary under test: the copy [`pin_binary`] made, else this crate's, or the build
+/// `SAFE_DETACH_OPERATOR_BIN` names (a release build, or another version to compare against).
 fn operator_binary() -> PathBuf {
+    if let Some(pinned) = PINNED.get() {
+        return pinned.clone();
+    }
     std::env::var_os("SAFE_DETACH_OPERATOR_BIN").map_or_else(
         || PathBuf::from(env!("CARGO_BIN_EXE_safe-detach")),
         PathBuf::from,
     )
+}
+
+static PINNED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Copies the operator binary under test and starts every later operator from the copy, so that
+/// a long run tests one build to its end even if the crate is built again meanwhile.
+pub fn pin_binary() -> PathBuf {
+    PINNED
+        .get_or_init(|| {
+            let source = operator_binary();
+            let copy =
+                std::env::temp_dir().join(format!("safe-detach-pinned-{}", std::process::id()));
+            std::fs::copy(&source, &copy)
+                .unwrap_or_else(|e| panic!("copy {} to {}: {e}", source.display(), copy.display()));
+            copy
+        })
+        .clone()
 }
 
 /// A loopback address with a port that is free now: the operator binds it a moment later.
