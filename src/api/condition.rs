@@ -28,9 +28,42 @@ impl From<bool> for ConditionStatus {
     }
 }
 
+/// The condition types this project sets: public API (`kubectl describe`, alerts, dashboards),
+/// named once here.
+pub mod types {
+    /// VolumeAttachment and Volume: whether the object is what it asks for.
+    pub const READY: &str = "Ready";
+    /// VolumeAttachment: in Attaching or Detaching past `stuckAfter`.
+    pub const STUCK: &str = "Stuck";
+    /// VolumeAttachment: whether the record agrees with the backend's last answer.
+    pub const BACKEND_IN_SYNC: &str = "BackendInSync";
+    /// VolumeAttachment: a single-attach volume is held by another node.
+    pub const ATTACH_BLOCKED: &str = "AttachBlocked";
+    /// VolumeAttachment: a force-detach request was not taken.
+    pub const REQUEST_REJECTED: &str = "RequestRejected";
+    /// Volume: a connection no attachment claims.
+    pub const ORPHANED: &str = "Orphaned";
+    /// Volume: a single-attach volume connected to more than one node (two writers).
+    pub const MULTI_ATTACHED: &str = "MultiAttached";
+}
+
 /// Finds a condition by type.
 pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Finds a condition by type, if it has `status`.
+pub fn condition_with<'a>(
+    conditions: &'a [Condition],
+    type_: &str,
+    status: ConditionStatus,
+) -> Option<&'a Condition> {
+    find_condition(conditions, type_).filter(|c| c.status == status.as_str())
+}
+
+/// Whether the condition of `type_` is there and True.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    condition_with(conditions, type_, ConditionStatus::True).is_some()
 }
 
 /// Sets a condition in place. `lastTransitionTime` keeps its old value unless the status

@@ -13,7 +13,9 @@ pub use attachment::{
     AttachmentPhase, Binding, ForceDetachReason, ForceDetachState, ForceDetachStatus,
     VolumeAttachment, VolumeAttachmentSpec, VolumeAttachmentStatus,
 };
-pub use condition::{ConditionStatus, find_condition, set_condition};
+pub use condition::{
+    ConditionStatus, condition_with, find_condition, is_true, set_condition, types,
+};
 pub use duration::{DurationError, parse_duration};
 pub use probe::{ProbeRecord, ProbeResult};
 pub use volume::{Orphan, OrphanPolicy, Volume, VolumePhase, VolumeSpec, VolumeStatus};

@@ -1,9 +1,10 @@
 //! The Events a person should notice, read off a status transition: each fires once, when what it
 //! reports flips, so a stuck or failing attachment does not flood the event stream.
 
-use super::status::{ATTACH_BLOCKED, READY, REQUEST_REJECTED, STUCK};
+use crate::api::types::{ATTACH_BLOCKED, READY, REQUEST_REJECTED, STUCK};
 use crate::api::{
-    AttachmentPhase, ForceDetachState, ForceDetachStatus, VolumeAttachmentStatus, find_condition,
+    AttachmentPhase, ConditionStatus, ForceDetachState, ForceDetachStatus, VolumeAttachmentStatus,
+    condition_with, find_condition, is_true,
 };
 
 /// Whether an Event reports the normal course of things or something to look at.
@@ -116,8 +117,7 @@ pub fn between(
     }
 
     // A new reason for not being ready, other than the plain phase names, is a problem to notice.
-    if let Some(ready) = find_condition(&new.conditions, READY)
-        && ready.status == "False"
+    if let Some(ready) = condition_with(&new.conditions, READY, ConditionStatus::False)
         && !matches!(
             ready.reason.as_str(),
             "Pending" | "Attaching" | "Detaching" | "Detached" | "Failed"
@@ -139,9 +139,8 @@ fn flipped_true<'a>(
     new: &'a VolumeAttachmentStatus,
     type_: &str,
 ) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    let now = find_condition(&new.conditions, type_).filter(|c| c.status == "True")?;
-    let before = find_condition(&old.conditions, type_);
-    before.is_none_or(|b| b.status != "True").then_some(now)
+    let now = condition_with(&new.conditions, type_, ConditionStatus::True)?;
+    (!is_true(&old.conditions, type_)).then_some(now)
 }
 
 fn describe(force: &ForceDetachStatus) -> String {

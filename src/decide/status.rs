@@ -10,18 +10,13 @@ use super::{
 };
 use crate::api::{
     AttachmentPhase, Binding, ConditionStatus, ForceDetachState, ForceDetachStatus, ProbeRecord,
-    ProbeResult, VolumeAttachmentStatus, find_condition, set_condition,
+    ProbeResult, VolumeAttachmentStatus, is_true, set_condition,
+    types::{ATTACH_BLOCKED, BACKEND_IN_SYNC, READY, REQUEST_REJECTED, STUCK},
 };
 use crate::driver::{ConnectionInfo, DriverError};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::time::Duration;
-
-pub const READY: &str = "Ready";
-pub const STUCK: &str = "Stuck";
-pub const BACKEND_IN_SYNC: &str = "BackendInSync";
-pub const ATTACH_BLOCKED: &str = "AttachBlocked";
-pub const REQUEST_REJECTED: &str = "RequestRejected";
 
 /// What the status is computed against, besides the step.
 #[derive(Clone, Debug)]
@@ -358,13 +353,11 @@ fn observe(
                 );
                 Some((ConditionStatus::True, reason, message))
             }
-            _ if find_condition(&status.conditions, STUCK).is_some_and(|c| c.status == "True") => {
-                Some((
-                    ConditionStatus::False,
-                    "NotStuck",
-                    format!("{stuck_phase:?} within its deadline"),
-                ))
-            }
+            _ if is_true(&status.conditions, STUCK) => Some((
+                ConditionStatus::False,
+                "NotStuck",
+                format!("{stuck_phase:?} within its deadline"),
+            )),
             _ => None,
         };
         if let Some((condition_status, reason, message)) = stuck {
@@ -381,7 +374,7 @@ fn observe(
     }
 
     if !matches!(step, Step::BlockAttach { .. } | Step::Wait { .. })
-        && find_condition(&status.conditions, ATTACH_BLOCKED).is_some_and(|c| c.status == "True")
+        && is_true(&status.conditions, ATTACH_BLOCKED)
     {
         let message = "no other node holds the volume";
         set_condition(
@@ -412,9 +405,7 @@ fn observe(
                 now,
             );
         }
-        _ if find_condition(&status.conditions, REQUEST_REJECTED)
-            .is_some_and(|c| c.status == "True") =>
-        {
+        _ if is_true(&status.conditions, REQUEST_REJECTED) => {
             let message = "no invalid force-detach request pending";
             set_condition(
                 &mut status.conditions,
@@ -432,8 +423,8 @@ fn observe(
     // Ready follows the phase unless the step said something more specific. A driver failure
     // recorded after this, in the same reconcile, overrides it again.
     // A confirmed Attached keeps the reason it was confirmed with (Attached or RolledForward).
-    let confirmed_attached = phase_of(status) == AttachmentPhase::Attached
-        && find_condition(&status.conditions, READY).is_some_and(|c| c.status == "True");
+    let confirmed_attached =
+        phase_of(status) == AttachmentPhase::Attached && is_true(&status.conditions, READY);
     if !confirmed_attached
         && !matches!(
             step,

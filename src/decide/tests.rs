@@ -2,8 +2,9 @@
 //! desired state × phase × backend answer × request × deadline × autoForceDetach × multiAttach,
 //! checked against the safety invariant, then a walk from every state to convergence.
 
-use super::status::{Observed, READY, after_step};
+use super::status::{Observed, after_step};
 use super::*;
+use crate::api::types::READY;
 use crate::api::{Binding, ForceDetachStatus, VolumeAttachmentStatus, find_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -930,8 +931,8 @@ fn a_requested_force_detach_of_a_live_attachment_reattaches() {
 
 mod status_tests {
     use super::*;
+    use crate::api::types::{ATTACH_BLOCKED, BACKEND_IN_SYNC, STUCK};
     use crate::decide::events::{Severity, between};
-    use crate::decide::status::{ATTACH_BLOCKED, BACKEND_IN_SYNC, STUCK};
 
     fn observed<'a>(
         backend: &'a Backend,
@@ -1168,8 +1169,9 @@ mod status_tests {
 
 mod volume_tests {
     use super::*;
+    use crate::api::types::{ORPHANED, READY};
     use crate::api::{OrphanPolicy, VolumePhase, VolumeStatus};
-    use crate::decide::volume::{ORPHANED, READY, VolumeInput, decide_volume};
+    use crate::decide::volume::{VolumeInput, decide_volume};
     use std::collections::BTreeSet;
 
     fn input<'a>(

@@ -5,16 +5,12 @@ use super::{Backend, Misconfiguration, elapsed_since, status::next_probe_record}
 use crate::api::{
     AttachmentPhase, ConditionStatus, Orphan, OrphanPolicy, ProbeResult, VolumePhase, VolumeStatus,
     find_condition, set_condition,
+    types::{MULTI_ATTACHED, ORPHANED, READY},
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::collections::BTreeSet;
 use std::time::Duration;
-
-pub const ORPHANED: &str = "Orphaned";
-/// True while a single-attach Volume is connected to more than one node: two writers.
-pub const MULTI_ATTACHED: &str = "MultiAttached";
-pub const READY: &str = "Ready";
 
 /// Everything the Volume's decision rests on.
 #[derive(Clone, Debug)]

@@ -15,12 +15,13 @@
 use super::lanes::{Lane, QUEUED_RECHECK};
 use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe, synced};
 use crate::MANAGER;
+use crate::api::types::READY;
 use crate::api::{
-    Binding, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason, ForceDetachState, Volume,
-    VolumeAttachment, VolumeAttachmentStatus, find_condition, parse_duration,
+    Binding, ConditionStatus, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason,
+    ForceDetachState, Volume, VolumeAttachment, VolumeAttachmentStatus, condition_with,
+    parse_duration,
 };
 use crate::decide::events::{Notice, between, handed_over};
-use crate::decide::status::READY;
 use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
 use crate::decide::{
     BUSY_RECHECK, Backend, Basis, Confirmed, FENCED_RECHECK, Input, Misconfiguration, Request,
@@ -192,8 +193,7 @@ impl<'a> Reconcile<'a> {
     /// dropped, since it was decided on an older version.
     fn start_from_stored(&mut self) {
         let status = self.attachment.status.clone().unwrap_or_default();
-        self.reported_failure = find_condition(&status.conditions, READY)
-            .filter(|c| c.status == "False")
+        self.reported_failure = condition_with(&status.conditions, READY, ConditionStatus::False)
             .map(|c| c.reason.clone());
         self.stored = status.clone();
         self.noticed = status.clone();

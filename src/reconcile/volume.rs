@@ -4,12 +4,13 @@
 
 use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe};
 use crate::MANAGER;
+use crate::api::types::{MULTI_ATTACHED, ORPHANED, READY};
 use crate::api::{
-    VOLUME_FINALIZER, Volume, VolumeAttachment, VolumePhase, VolumeStatus, find_condition,
-    parse_duration,
+    ConditionStatus, VOLUME_FINALIZER, Volume, VolumeAttachment, VolumePhase, VolumeStatus,
+    condition_with, find_condition, parse_duration,
 };
 use crate::decide::events::{Notice, Severity};
-use crate::decide::volume::{MULTI_ATTACHED, READY, VolumeInput, decide_volume};
+use crate::decide::volume::{VolumeInput, decide_volume};
 use crate::decide::{BUSY_RECHECK, Backend, FENCED_RECHECK, Misconfiguration};
 use crate::driver::{Driver, ok_if_not_connected};
 use jiff::Timestamp;
@@ -330,7 +331,7 @@ async fn persist(
     for orphan in newly_orphaned {
         let notice = Notice {
             severity: Severity::Warning,
-            reason: "Orphaned".into(),
+            reason: ORPHANED.into(),
             message: format!(
                 "the backend connects volume {} to node {} but no VolumeAttachment claims it (orphanPolicy {:?})",
                 volume.name_any(),
@@ -342,8 +343,8 @@ async fn persist(
     }
     // A Volume that cannot be used says so once, when it becomes unusable or why changes.
     fn unusable(status: &VolumeStatus) -> Option<&Condition> {
-        find_condition(&status.conditions, READY)
-            .filter(|c| c.status == "False" && status.phase == Some(VolumePhase::Error))
+        condition_with(&status.conditions, READY, ConditionStatus::False)
+            .filter(|_| status.phase == Some(VolumePhase::Error))
     }
     if let Some(condition) = unusable(next)
         && unusable(current).is_none_or(|c| c.reason != condition.reason)
@@ -356,7 +357,7 @@ async fn persist(
         context.events.publish(volume, &notice).await;
     }
     fn multi_attached(status: &VolumeStatus) -> Option<&Condition> {
-        find_condition(&status.conditions, MULTI_ATTACHED).filter(|c| c.status == "True")
+        condition_with(&status.conditions, MULTI_ATTACHED, ConditionStatus::True)
     }
     fn waiting(status: &VolumeStatus) -> Option<&Condition> {
         find_condition(&status.conditions, READY).filter(|c| c.reason == "WaitingForAttachments")

@@ -1,8 +1,8 @@
 //! Prometheus metrics: what an operator of safe-detach alerts on (stuck attachments, forced
 //! detaches) and what tells a slow backend from a slow operator (driver call latency).
 
-use crate::api::{AttachmentPhase, Volume, VolumeAttachment, find_condition};
-use crate::decide::status::STUCK;
+use crate::api::types::STUCK;
+use crate::api::{AttachmentPhase, Volume, VolumeAttachment, is_true};
 use crate::driver::CallObserver;
 use jiff::Timestamp;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -185,7 +185,7 @@ impl Metrics {
                     phase: format!("{phase:?}"),
                 })
                 .inc();
-            if find_condition(&status.conditions, STUCK).is_some_and(|c| c.status == "True") {
+            if is_true(&status.conditions, STUCK) {
                 stuck += 1;
                 if let Some(since) = &status.phase_since {
                     oldest = oldest.max(now.duration_since(since.0).unsigned_abs());

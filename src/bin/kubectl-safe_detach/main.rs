@@ -17,7 +17,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Config, Resource, ResourceExt};
 use safe_detach::api::{
-    FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment, find_condition, parse_duration,
+    FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment, find_condition, parse_duration, types,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -400,7 +400,7 @@ pub fn timeout_message(
         }
         _ => {}
     }
-    if let Some(ready) = last.and_then(|a| report_condition(a, "Ready")) {
+    if let Some(ready) = last.and_then(|a| report_condition(a, types::READY)) {
         out.push_str(&format!(
             "; Ready={} {}: {}",
             ready.status, ready.reason, ready.message

@@ -2,7 +2,10 @@
 //! the attachment at a time.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use safe_detach::api::{AttachmentPhase, ForceDetachReason, ForceDetachState, VolumeAttachment};
+use safe_detach::api::types::REQUEST_REJECTED;
+use safe_detach::api::{
+    AttachmentPhase, ConditionStatus, ForceDetachReason, ForceDetachState, VolumeAttachment,
+};
 use serde::Serialize;
 
 use crate::report::human;
@@ -85,8 +88,8 @@ pub fn progress(seen: Option<&VolumeAttachment>, uid: &str, token: &str) -> Prog
         ));
     }
     let current = crate::token::current_annotation(a);
-    if let Some(rejected) = crate::report_condition(a, "RequestRejected")
-        && rejected.status == "True"
+    if let Some(rejected) = crate::report_condition(a, REQUEST_REJECTED)
+        && rejected.status == ConditionStatus::True.as_str()
         && current == Some(token)
     {
         return Progress::Refused(format!(

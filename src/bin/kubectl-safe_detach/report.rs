@@ -4,8 +4,10 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use safe_detach::api::{
-    AttachmentPhase, ForceDetachState, ForceDetachStatus, OrphanPolicy, ProbeRecord, ProbeResult,
-    Volume, VolumeAttachment, find_condition, parse_duration,
+    AttachmentPhase, ConditionStatus, ForceDetachState, ForceDetachStatus, OrphanPolicy,
+    ProbeRecord, ProbeResult, Volume, VolumeAttachment, condition_with, find_condition,
+    parse_duration,
+    types::{ATTACH_BLOCKED, BACKEND_IN_SYNC, READY, REQUEST_REJECTED, STUCK},
 };
 use safe_detach::decide::elapsed_since;
 use serde::Serialize;
@@ -140,8 +142,13 @@ fn condition<'a>(a: &'a VolumeAttachment, type_: &str) -> Option<&'a Condition> 
     find_condition(&a.status.as_ref()?.conditions, type_)
 }
 
-fn is(c: Option<&Condition>, status: &str) -> bool {
-    c.is_some_and(|c| c.status == status)
+/// The condition of `type_`, if it has `status`.
+fn condition_in<'a>(
+    a: &'a VolumeAttachment,
+    type_: &str,
+    status: ConditionStatus,
+) -> Option<&'a Condition> {
+    condition_with(&a.status.as_ref()?.conditions, type_, status)
 }
 
 /// The stuck clock of `attachment` under `volume`'s policy (or the operator's `default`).
@@ -166,7 +173,7 @@ pub fn clock(
         }
         _ => None,
     };
-    let flagged = condition(attachment, "Stuck").filter(|c| c.status == "True");
+    let flagged = condition_in(attachment, STUCK, ConditionStatus::True);
     let overdue =
         source != ClockSource::AssumedDefault && deadline.as_ref().is_some_and(|d| d.0 <= now);
     let stuck = can_be_stuck && (flagged.is_some() || overdue);
@@ -246,14 +253,13 @@ pub fn advice(
     let name = attachment.metadata.name.as_deref().unwrap_or_default();
     let node = &attachment.spec.node_name;
     let status = attachment.status.clone().unwrap_or_default();
-    let ready = condition(attachment, "Ready");
-    if let Some(ready) = ready.filter(|c| c.status == "False")
+    let ready = condition(attachment, READY);
+    if let Some(ready) = condition_in(attachment, READY, ConditionStatus::False)
         && let Some((_, fix)) = VOLUME_PROBLEMS.iter().find(|(r, _)| *r == ready.reason)
     {
         return Some(format!("{} ({}): {fix}", ready.reason, ready.message));
     }
-    if let Some(rejected) = condition(attachment, "RequestRejected").filter(|c| c.status == "True")
-    {
+    if let Some(rejected) = condition_in(attachment, REQUEST_REJECTED, ConditionStatus::True) {
         return Some(format!(
             "the force-detach request was refused ({}): ask again with `kubectl safe-detach force {name}`",
             rejected.message
@@ -279,16 +285,15 @@ pub fn advice(
             f.reason, f.attempts
         ));
     }
-    let in_sync = condition(attachment, "BackendInSync");
-    if let Some(c) = in_sync.filter(|c| {
-        c.status == "False" && (c.reason == "UnattributedConnection" || c.reason == "MultiAttached")
-    }) {
+    if let Some(c) = condition_in(attachment, BACKEND_IN_SYNC, ConditionStatus::False)
+        .filter(|c| c.reason == "UnattributedConnection" || c.reason == "MultiAttached")
+    {
         return Some(format!(
             "{} ({}): remove the connection no node accounts for on the backend",
             c.reason, c.message
         ));
     }
-    if let Some(blocked) = condition(attachment, "AttachBlocked").filter(|c| c.status == "True") {
+    if let Some(blocked) = condition_in(attachment, ATTACH_BLOCKED, ConditionStatus::True) {
         return Some(format!(
             "held by another node ({}): detach it there (delete that attachment, or `kubectl safe-detach force` it)",
             blocked.message
@@ -323,10 +328,12 @@ pub fn advice(
         };
         return Some(format!("{why}; {todo}"));
     }
-    if is(in_sync, "Unknown") && in_sync.is_some_and(|c| c.reason == "BackendUnreachable") {
+    let unreachable = condition_in(attachment, BACKEND_IN_SYNC, ConditionStatus::Unknown)
+        .filter(|c| c.reason == "BackendUnreachable");
+    if let Some(in_sync) = unreachable {
         return Some(format!(
             "the backend did not answer the last probe ({}): nothing is concluded until it does; check the backend and the driver settings",
-            in_sync.map(|c| c.message.as_str()).unwrap_or_default()
+            in_sync.message
         ));
     }
     if let Some(failed) = ready.filter(|c| DRIVER_FAILURES.contains(&c.reason.as_str())) {
