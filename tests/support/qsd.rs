@@ -61,6 +61,11 @@ impl Qsd {
         }
     }
 
+    /// How the daemon ended, if it is no longer running (a crash, when no one stopped it).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> Option<u32> {
         Some(self.child.id())

@@ -42,6 +42,9 @@ const QUIET_WINDOW: Duration = Duration::from_secs(6);
 const QUIET_WRITES: usize = 6;
 const OBSERVE_EVERY: Duration = Duration::from_millis(100);
 
+/// The fault kind under which a crash of the daemon that no fault caused is counted.
+pub const BACKEND_CRASH: &str = "qsd crash, not injected";
+
 /// What one schedule came to.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -285,7 +288,21 @@ pub async fn run(plan: Plan) -> Outcome {
         })
     };
     let clients = workload.await.expect("the workload task");
-    let (qsd, fault_counts) = faults.await.expect("the fault task");
+    let (mut qsd, mut fault_counts) = faults.await.expect("the fault task");
+    // The daemon is a real one and can crash by itself (QEMU 7.2 has segfaulted here): its
+    // supervisor starts it again, and the crash is counted, so that what follows judges the
+    // operator and not a backend no one restarted.
+    if let Some(status) = qsd.exited() {
+        history.note(format!(
+            "qemu-storage-daemon exited by itself ({status}); started again, as its supervisor would"
+        ));
+        eprintln!(
+            "seed {}: qemu-storage-daemon exited by itself ({status})",
+            plan.seed
+        );
+        *fault_counts.entry(BACKEND_CRASH).or_insert(0) += 1;
+        tokio::task::block_in_place(|| qsd.restart());
+    }
 
     // The faults stop: nothing armed, QMP answers, every replica may run.
     proxy.disarm();
@@ -332,7 +349,12 @@ pub async fn run(plan: Plan) -> Outcome {
         }
         Err(state) => late.push((
             Rule::NoConvergence,
-            format!("not converged {CONVERGE_WITHIN:?} after the faults stopped: {state}"),
+            format!(
+                "not converged {CONVERGE_WITHIN:?} after the faults stopped: {state}{}",
+                qsd.exited()
+                    .map(|s| format!(" (the daemon exited by itself meanwhile: {s})"))
+                    .unwrap_or_default()
+            ),
         )),
     }
     let converged_after = late
