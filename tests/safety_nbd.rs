@@ -897,15 +897,6 @@ async fn an_attachment_is_detached_from_what_it_attached_after_its_volume_was_re
     let mut s = Scenario::start().await;
     let volume = s.volume("replaced", HANDLE, json!({})).await;
     let (name, _) = s.attach("replaced", &volume, NODE_A).await;
-    s.wait_for(
-        &s.volumes,
-        &volume,
-        "the Volume's finalizer",
-        Duration::from_secs(30),
-        |v| v.is_some_and(|v| v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)),
-    )
-    .await;
-
     replace_volume(&s, &volume, "vol2").await;
 
     s.wait_attachment(&name, "Ready=False VolumeReplaced", |a| {
@@ -928,10 +919,18 @@ async fn an_attachment_is_detached_from_what_it_attached_after_its_volume_was_re
     );
 }
 
-/// Replaces a Volume behind its attachments' back: deletes it (the operator then adds no
-/// finalizer again), removes its finalizer by hand, and creates it again under the same name
-/// with `handle`.
+/// Replaces a Volume behind its attachments' back, once the operator has put its finalizer on
+/// it: deletes it (the operator then adds no finalizer again), removes its finalizer by hand, and
+/// creates it again under the same name with `handle`.
 async fn replace_volume(s: &Scenario, volume: &str, handle: &str) {
+    s.wait_for(
+        &s.volumes,
+        volume,
+        "the Volume's finalizer",
+        Duration::from_secs(30),
+        |v| v.is_some_and(|v| v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)),
+    )
+    .await;
     s.volumes
         .delete(volume, &Default::default())
         .await
@@ -963,14 +962,6 @@ async fn an_attachment_under_a_volume_recreated_over_its_disk_follows_the_backen
     let mut s = Scenario::start().await;
     let volume = s.volume("recreated", HANDLE, json!({})).await;
     let (name, _) = s.attach("recreated", &volume, NODE_A).await;
-    s.wait_for(
-        &s.volumes,
-        &volume,
-        "the Volume's finalizer",
-        Duration::from_secs(30),
-        |v| v.is_some_and(|v| v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)),
-    )
-    .await;
     replace_volume(&s, &volume, HANDLE).await;
 
     let replaced = s

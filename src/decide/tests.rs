@@ -103,6 +103,18 @@ impl Row {
     fn decide(&self) -> Step {
         decide(&self.input())
     }
+    /// What a status is computed against for this row, with `target` as what it reaches.
+    fn observed<'a>(&'a self, target: &'a Binding) -> Observed<'a> {
+        Observed {
+            node: NODE,
+            target: Some(target),
+            generation: Some(1),
+            policy: Some(&self.policy),
+            backend: Some(&self.backend),
+            request: &Request::None,
+            now: self.now,
+        }
+    }
 }
 
 use AttachmentPhase::*;
@@ -1385,15 +1397,7 @@ fn binding(handle: &str, uid: &str) -> Binding {
 fn an_attach_records_what_it_attached_and_a_confirmed_detach_forgets_it() {
     let row = Row::new(Pending, connected(&[]));
     let now = binding("vol1", "uid-1");
-    let observed = Observed {
-        node: NODE,
-        target: Some(&now),
-        generation: Some(1),
-        policy: Some(&row.policy),
-        backend: Some(&row.backend),
-        request: &Request::None,
-        now: row.now,
-    };
+    let observed = row.observed(&now);
     let attaching = after_step(&row.status, &Step::BeginAttach, &observed);
     assert_eq!(
         attaching.bound_to.as_ref(),
@@ -1473,15 +1477,7 @@ fn a_volume_recreated_over_the_same_backend_volume_keeps_the_record_true_to_the_
         matches!(step, Step::Fail(Misconfiguration::BindingChanged { .. })),
         "{step:?}"
     );
-    let observed = Observed {
-        node: NODE,
-        target: Some(&recreated),
-        generation: Some(1),
-        policy: Some(&row.policy),
-        backend: Some(&row.backend),
-        request: &Request::None,
-        now: row.now,
-    };
+    let observed = row.observed(&recreated);
     let after = after_step(&row.status, &step, &observed);
     assert!(!after.attached);
     assert_eq!(after.phase, Some(Failed));
@@ -1552,19 +1548,7 @@ fn an_answer_for_the_replacing_volume_says_nothing_of_the_one_recorded() {
         ..row.input()
     });
     assert!(matches!(step, Step::Fail(_)), "{step:?}");
-    let after = after_step(
-        &row.status,
-        &step,
-        &Observed {
-            node: NODE,
-            target: Some(&replaced),
-            generation: Some(1),
-            policy: Some(&row.policy),
-            backend: Some(&row.backend),
-            request: &Request::None,
-            now: row.now,
-        },
-    );
+    let after = after_step(&row.status, &step, &row.observed(&replaced));
     assert!(after.attached, "vol2's answer taken for vol1's");
     assert_eq!(after.phase, Some(Attached));
     assert_eq!(after.connection_info, row.status.connection_info);

@@ -5,6 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use safe_detach::api::types::REQUEST_REJECTED;
 use safe_detach::api::{
     AttachmentPhase, ConditionStatus, ForceDetachReason, ForceDetachState, VolumeAttachment,
+    condition_with,
 };
 use serde::Serialize;
 
@@ -88,8 +89,10 @@ pub fn progress(seen: Option<&VolumeAttachment>, uid: &str, token: &str) -> Prog
         ));
     }
     let current = crate::token::current_annotation(a);
-    if let Some(rejected) = crate::report_condition(a, REQUEST_REJECTED)
-        && rejected.status == ConditionStatus::True.as_str()
+    if let Some(rejected) = a
+        .status
+        .as_ref()
+        .and_then(|s| condition_with(&s.conditions, REQUEST_REJECTED, ConditionStatus::True))
         && current == Some(token)
     {
         return Progress::Refused(format!(
