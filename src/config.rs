@@ -128,8 +128,10 @@ impl Config {
                 (Some(nbd), None) => {
                     Arc::new(NbdDriver::new(nbd).map_err(|e| driver_error(e.to_string()))?)
                 }
+                // The plugin is told the same deadline the operator holds each call to, as the
+                // gRPC timeout, so that it gives up when the operator does.
                 (None, Some(csi)) => Arc::new(
-                    CsiDriver::connect(&csi)
+                    CsiDriver::connect_with_timeout(&csi, deadline)
                         .await
                         .map_err(|e| driver_error(e.to_string()))?,
                 ),

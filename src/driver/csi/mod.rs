@@ -21,8 +21,9 @@
 //!   "connected", never towards "detached".
 //!
 //! Every call opens its own connection to the socket, so a failure to connect is known to have
-//! sent nothing ([`DriverError::Unreachable`]), and carries a deadline, sent to the plugin as the
-//! gRPC timeout and enforced here. Status codes map as the external-attacher reads them:
+//! sent nothing ([`DriverError::Unreachable`]), and carries a deadline (the driver entry's
+//! configured `deadline`), sent to the plugin as the gRPC timeout and enforced here. Status codes
+//! map as the external-attacher reads them:
 //! `DEADLINE_EXCEEDED` is a [`DriverError::Timeout`]; `CANCELLED`, `UNAVAILABLE`, `ABORTED`,
 //! `RESOURCE_EXHAUSTED` and a connection lost after sending are a [`DriverError::LostReply`] (the call
 //! may have happened); `INVALID_ARGUMENT`, `OUT_OF_RANGE` and `UNIMPLEMENTED` are
@@ -38,24 +39,28 @@
 //! `NodePublishVolume`, not by `ControllerPublishVolume`; and (in its recent sources) its
 //! `ControllerGetVolume` answers an unknown volume with success and no nodes, which read naively
 //! would be "detached".
+//!
+//! The parts: `config` (where the plugin listens), `capabilities` (what the plugin says about
+//! itself), `transport` (one connection and one deadline per call, and how a failed call is
+//! classified) and, here, the driver.
 
+mod capabilities;
+mod config;
 pub mod proto;
+mod transport;
+
+pub use capabilities::{ControllerCapabilities, PluginInfo, ProbeMethod};
+pub use config::CsiConfig;
 
 use super::{AttachRequest, ConnectionInfo, Connections, Driver, DriverError};
 use async_trait::async_trait;
-use hyper_util::rt::TokioIo;
 use proto::controller_client::ControllerClient;
-use proto::controller_service_capability::rpc::Type as Rpc;
 use proto::identity_client::IdentityClient;
 use proto::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
-use serde::Deserialize;
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use std::path::Path;
+use std::time::Duration;
 use tonic::{Code, Status};
+use transport::{Failure, Transport, describe};
 
 /// The key of [`ConnectionInfo`] that names the node the volume was published to.
 pub const NODE_ID_KEY: &str = "csi.nodeId";
@@ -65,104 +70,12 @@ pub const DRIVER_KEY: &str = "csi.driver";
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// At most this many `ListVolumes` pages are read for one probe.
 const MAX_LIST_PAGES: usize = 10_000;
-
-/// Where the plugin listens.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CsiConfig {
-    /// The plugin's unix socket: a path, or `unix://` followed by a path.
-    pub endpoint: PathBuf,
-    /// Whether to trust the plugin's published-node report (default true). Set it to false for a
-    /// plugin whose report does not follow ControllerPublish (the hostpath plugin reports the
-    /// nodes of NodePublish; the Kubernetes mock plugin reports its node for every volume): the
-    /// operator then never probes, and confirmation rests on the CSI spec's guarantee that an OK
-    /// ControllerPublish or ControllerUnpublish means published or unpublished.
-    #[serde(default = "trust_by_default")]
-    pub trust_published_nodes: bool,
-}
-
-fn trust_by_default() -> bool {
-    true
-}
-
-impl CsiConfig {
-    /// The socket path, without a `unix://` prefix.
-    pub fn socket_path(&self) -> PathBuf {
-        match self
-            .endpoint
-            .to_str()
-            .and_then(|s| s.strip_prefix("unix://"))
-        {
-            Some(path) => PathBuf::from(path),
-            None => self.endpoint.clone(),
-        }
-    }
-}
-
-/// What the plugin said about itself when the driver connected.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PluginInfo {
-    /// `GetPluginInfo.name`, e.g. `hostpath.csi.k8s.io`.
-    pub name: String,
-    pub vendor_version: String,
-    /// The controller capabilities this driver cares about.
-    pub capabilities: ControllerCapabilities,
-}
-
-/// The controller capabilities (`ControllerGetCapabilities`) that change what the driver does.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ControllerCapabilities {
-    pub publish_unpublish_volume: bool,
-    pub publish_readonly: bool,
-    pub get_volume: bool,
-    pub list_volumes: bool,
-    pub list_volumes_published_nodes: bool,
-}
-
-/// How [`Driver::probe`] asks the plugin where a volume is published.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProbeMethod {
-    /// `ControllerGetVolume`: `GET_VOLUME` and `LIST_VOLUMES_PUBLISHED_NODES`.
-    GetVolume,
-    /// `ListVolumes`, paged: `LIST_VOLUMES` and `LIST_VOLUMES_PUBLISHED_NODES`.
-    ListVolumes,
-    /// The plugin does not report published nodes: every probe fails.
-    Unsupported,
-}
-
-impl ControllerCapabilities {
-    /// The probe the capabilities allow.
-    pub fn probe_method(&self) -> ProbeMethod {
-        match *self {
-            Self {
-                list_volumes_published_nodes: true,
-                get_volume: true,
-                ..
-            } => ProbeMethod::GetVolume,
-            Self {
-                list_volumes_published_nodes: true,
-                list_volumes: true,
-                ..
-            } => ProbeMethod::ListVolumes,
-            _ => ProbeMethod::Unsupported,
-        }
-    }
-}
-
 /// A CSI controller plugin as a [`Driver`].
 #[derive(Clone, Debug)]
 pub struct CsiDriver {
-    socket: PathBuf,
-    call_timeout: Duration,
+    transport: Transport,
     plugin: PluginInfo,
     trust_published_nodes: bool,
-}
-
-/// How a call ended when it did not succeed: a gRPC status from the plugin (or from the transport
-/// after sending), or a failure already classified (nothing sent, or the deadline passed).
-enum Failure {
-    Status(Status),
-    Driver(DriverError),
 }
 
 impl CsiDriver {
@@ -173,59 +86,40 @@ impl CsiDriver {
         Self::connect_with_timeout(config, DEFAULT_CALL_TIMEOUT).await
     }
 
-    /// [`CsiDriver::connect`] with another deadline for each call, now and later.
+    /// [`CsiDriver::connect`] with another deadline for each call, now and later: the operator
+    /// gives the driver's configured `deadline`.
     pub async fn connect_with_timeout(
         config: &CsiConfig,
         call_timeout: Duration,
     ) -> Result<Self, DriverError> {
-        let mut driver = Self {
+        let transport = Transport {
             socket: config.socket_path(),
             call_timeout,
-            trust_published_nodes: config.trust_published_nodes,
-            plugin: PluginInfo {
-                name: String::new(),
-                vendor_version: String::new(),
-                capabilities: ControllerCapabilities::default(),
-            },
         };
-        let info = driver
-            .call("GetPluginInfo", |channel| async move {
-                IdentityClient::new(channel)
-                    .get_plugin_info(driver_request(proto::GetPluginInfoRequest {}, call_timeout))
-                    .await
-            })
+        let info = transport
+            .call(
+                "GetPluginInfo",
+                proto::GetPluginInfoRequest {},
+                |channel, request| async move {
+                    IdentityClient::new(channel).get_plugin_info(request).await
+                },
+            )
             .await
-            .map_err(|failure| driver.classify("GetPluginInfo", failure))?;
-        let reply = driver
-            .call("ControllerGetCapabilities", |channel| async move {
-                ControllerClient::new(channel)
-                    .controller_get_capabilities(driver_request(
-                        proto::ControllerGetCapabilitiesRequest {},
-                        call_timeout,
-                    ))
-                    .await
-            })
+            .map_err(|failure| transport.classify("GetPluginInfo", failure))?;
+        let reply = transport
+            .call(
+                "ControllerGetCapabilities",
+                proto::ControllerGetCapabilitiesRequest {},
+                |channel, request| async move {
+                    ControllerClient::new(channel)
+                        .controller_get_capabilities(request)
+                        .await
+                },
+            )
             .await
-            .map_err(|failure| driver.classify("ControllerGetCapabilities", failure))?;
-
-        let mut capabilities = ControllerCapabilities::default();
-        for capability in reply.capabilities {
-            let Some(proto::controller_service_capability::Type::Rpc(rpc)) = capability.r#type
-            else {
-                continue;
-            };
-            match Rpc::try_from(rpc.r#type) {
-                Ok(Rpc::PublishUnpublishVolume) => capabilities.publish_unpublish_volume = true,
-                Ok(Rpc::PublishReadonly) => capabilities.publish_readonly = true,
-                Ok(Rpc::GetVolume) => capabilities.get_volume = true,
-                Ok(Rpc::ListVolumes) => capabilities.list_volumes = true,
-                Ok(Rpc::ListVolumesPublishedNodes) => {
-                    capabilities.list_volumes_published_nodes = true
-                }
-                _ => {}
-            }
-        }
-        driver.plugin = PluginInfo {
+            .map_err(|failure| transport.classify("ControllerGetCapabilities", failure))?;
+        let capabilities = ControllerCapabilities::from_reply(&reply);
+        let plugin = PluginInfo {
             name: info.name,
             vendor_version: info.vendor_version,
             capabilities,
@@ -234,24 +128,29 @@ impl CsiDriver {
             return Err(DriverError::Invalid(format!(
                 "CSI plugin {} at {} does not advertise PUBLISH_UNPUBLISH_VOLUME: it has no \
                  controller attach to manage",
-                driver.plugin.name,
-                driver.socket.display()
+                plugin.name,
+                transport.socket.display()
             )));
         }
         tracing::info!(
-            plugin = %driver.plugin.name,
-            version = %driver.plugin.vendor_version,
-            socket = %driver.socket.display(),
+            plugin = %plugin.name,
+            version = %plugin.vendor_version,
+            socket = %transport.socket.display(),
+            deadline = ?transport.call_timeout,
             probe = ?capabilities.probe_method(),
             ?capabilities,
             "connected to CSI plugin"
         );
-        Ok(driver)
+        Ok(Self {
+            transport,
+            plugin,
+            trust_published_nodes: config.trust_published_nodes,
+        })
     }
 
     /// The same driver with another deadline for each call.
     pub fn with_call_timeout(mut self, call_timeout: Duration) -> Self {
-        self.call_timeout = call_timeout;
+        self.transport.call_timeout = call_timeout;
         self
     }
 
@@ -262,96 +161,31 @@ impl CsiDriver {
 
     /// The plugin's socket.
     pub fn socket(&self) -> &Path {
-        &self.socket
+        &self.transport.socket
     }
 
     /// The deadline of each call.
     pub fn call_timeout(&self) -> Duration {
-        self.call_timeout
+        self.transport.call_timeout
     }
-
-    /// Opens a connection, makes one call on it within the deadline, and closes it.
-    async fn call<T, F, Fut>(&self, operation: &'static str, make_call: F) -> Result<T, Failure>
-    where
-        F: FnOnce(Channel) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
-    {
-        let started = Instant::now();
-        let deadline = self.call_timeout;
-        let channel = tokio::time::timeout(deadline, connect(&self.socket))
-            .await
-            .map_err(|_| {
-                Failure::Driver(DriverError::Unreachable(format!(
-                    "no connection to CSI plugin at {} within {deadline:?}",
-                    self.socket.display()
-                )))
-            })?
-            .map_err(Failure::Driver)?;
-        let remaining = deadline.saturating_sub(started.elapsed());
-        match tokio::time::timeout(remaining, make_call(channel)).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            // The client gives up at the gRPC timeout it sent, with CANCELLED.
-            Ok(Err(status))
-                if status.code() == Code::Cancelled && started.elapsed() >= deadline =>
-            {
-                Err(Failure::Driver(DriverError::Timeout {
-                    operation,
-                    deadline,
-                }))
-            }
-            Ok(Err(status)) => Err(Failure::Status(status)),
-            Err(_) => Err(Failure::Driver(DriverError::Timeout {
-                operation,
-                deadline,
-            })),
-        }
-    }
-
-    /// The classification every call shares; callers handle their own `NOT_FOUND` and
-    /// `FAILED_PRECONDITION` first.
-    fn classify(&self, operation: &'static str, failure: Failure) -> DriverError {
-        let status = match failure {
-            Failure::Driver(error) => return error,
-            Failure::Status(status) => status,
-        };
-        let message = describe(&status);
-        // A status with a source was made here from a transport failure (the connection broke
-        // after the request went out), not sent by the plugin: its reply is lost.
-        if let Some(source) = std::error::Error::source(&status) {
-            return DriverError::LostReply {
-                operation,
-                message: format!("{message} ({})", error_chain(source)),
-            };
-        }
-        match status.code() {
-            Code::DeadlineExceeded => DriverError::Timeout {
-                operation,
-                deadline: self.call_timeout,
-            },
-            Code::Cancelled | Code::Unavailable | Code::Aborted | Code::ResourceExhausted => {
-                DriverError::LostReply { operation, message }
-            }
-            Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented => {
-                DriverError::Invalid(format!("{operation}: {message}"))
-            }
-            _ => DriverError::Refused(format!("{operation}: {message}")),
-        }
-    }
-
     async fn unpublish(&self, volume_handle: &str, node: &str) -> Result<(), DriverError> {
         check_ids(volume_handle, node)?;
-        let timeout = self.call_timeout;
         let request = proto::ControllerUnpublishVolumeRequest {
             volume_id: volume_handle.to_owned(),
             node_id: node.to_owned(),
             secrets: Default::default(),
         };
         let result = self
-            .call("ControllerUnpublishVolume", |channel| async move {
-                ControllerClient::new(channel)
-                    .controller_unpublish_volume(driver_request(request, timeout))
-                    .await
-            })
+            .transport
+            .call(
+                "ControllerUnpublishVolume",
+                request,
+                |channel, request| async move {
+                    ControllerClient::new(channel)
+                        .controller_unpublish_volume(request)
+                        .await
+                },
+            )
             .await;
         match result {
             Ok(_) => Ok(()),
@@ -371,21 +205,27 @@ impl CsiDriver {
                     message: describe(&status),
                 })
             }
-            Err(failure) => Err(self.classify("ControllerUnpublishVolume", failure)),
+            Err(failure) => Err(self
+                .transport
+                .classify("ControllerUnpublishVolume", failure)),
         }
     }
 
     async fn get_volume(&self, volume_handle: &str) -> Result<Connections, DriverError> {
-        let timeout = self.call_timeout;
         let request = proto::ControllerGetVolumeRequest {
             volume_id: volume_handle.to_owned(),
         };
         let reply = self
-            .call("ControllerGetVolume", |channel| async move {
-                ControllerClient::new(channel)
-                    .controller_get_volume(driver_request(request, timeout))
-                    .await
-            })
+            .transport
+            .call(
+                "ControllerGetVolume",
+                request,
+                |channel, request| async move {
+                    ControllerClient::new(channel)
+                        .controller_get_volume(request)
+                        .await
+                },
+            )
             .await
             .map_err(|failure| self.probe_error("ControllerGetVolume", volume_handle, failure))?;
         let status = reply.status.ok_or_else(|| {
@@ -398,7 +238,6 @@ impl CsiDriver {
     }
 
     async fn list_volumes(&self, volume_handle: &str) -> Result<Connections, DriverError> {
-        let timeout = self.call_timeout;
         let mut token = String::new();
         for _ in 0..MAX_LIST_PAGES {
             let request = proto::ListVolumesRequest {
@@ -406,10 +245,9 @@ impl CsiDriver {
                 starting_token: token.clone(),
             };
             let page = self
-                .call("ListVolumes", |channel| async move {
-                    ControllerClient::new(channel)
-                        .list_volumes(driver_request(request, timeout))
-                        .await
+                .transport
+                .call("ListVolumes", request, |channel, request| async move {
+                    ControllerClient::new(channel).list_volumes(request).await
                 })
                 .await
                 .map_err(|failure| self.probe_error("ListVolumes", volume_handle, failure))?;
@@ -442,7 +280,7 @@ impl CsiDriver {
             Failure::Status(status) if status.code() == Code::NotFound => {
                 DriverError::UnknownVolume(volume.to_owned())
             }
-            failure => self.classify(operation, failure),
+            failure => self.transport.classify(operation, failure),
         }
     }
 
@@ -483,15 +321,15 @@ impl Driver for CsiDriver {
     }
 
     async fn check(&self) -> Result<(), DriverError> {
-        let timeout = self.call_timeout;
-        self.call("Probe", |channel| async move {
-            IdentityClient::new(channel)
-                .probe(driver_request(proto::ProbeRequest {}, timeout))
-                .await
-        })
-        .await
-        .map(drop)
-        .map_err(|failure| self.classify("Probe", failure))
+        self.transport
+            .call(
+                "Probe",
+                proto::ProbeRequest {},
+                |channel, request| async move { IdentityClient::new(channel).probe(request).await },
+            )
+            .await
+            .map(drop)
+            .map_err(|failure| self.transport.classify("Probe", failure))
     }
 
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
@@ -517,7 +355,6 @@ impl Driver for CsiDriver {
                 self.plugin.name
             )));
         }
-        let timeout = self.call_timeout;
         let publish = proto::ControllerPublishVolumeRequest {
             volume_id: request.volume_handle.clone(),
             node_id: request.node.clone(),
@@ -542,11 +379,16 @@ impl Driver for CsiDriver {
                 .collect(),
         };
         let result = self
-            .call("ControllerPublishVolume", |channel| async move {
-                ControllerClient::new(channel)
-                    .controller_publish_volume(driver_request(publish, timeout))
-                    .await
-            })
+            .transport
+            .call(
+                "ControllerPublishVolume",
+                publish,
+                |channel, request| async move {
+                    ControllerClient::new(channel)
+                        .controller_publish_volume(request)
+                        .await
+                },
+            )
             .await;
         match result {
             Ok(reply) => {
@@ -569,7 +411,7 @@ impl Driver for CsiDriver {
                 })
             }
             // ALREADY_EXISTS: published here incompatibly.
-            Err(failure) => Err(self.classify("ControllerPublishVolume", failure)),
+            Err(failure) => Err(self.transport.classify("ControllerPublishVolume", failure)),
         }
     }
 
@@ -590,7 +432,6 @@ impl Driver for CsiDriver {
         self.unpublish(volume_handle, node).await
     }
 }
-
 /// The nodes of a `published_node_ids` list. An empty string names no node (some plugins list
 /// one for a volume published nowhere), so it is left out.
 fn published(node_ids: Vec<String>) -> Connections {
@@ -609,107 +450,17 @@ fn check_ids(volume_handle: &str, node: &str) -> Result<(), DriverError> {
     Ok(())
 }
 
-/// A request carrying the call's deadline as its gRPC timeout.
-fn driver_request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(timeout);
-    request
-}
-
-/// An error and its causes, `: `-separated.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        text.push_str(": ");
-        text.push_str(&error.to_string());
-        cause = error.source();
-    }
-    text
-}
-
-/// `CODE: message`, for error messages.
-fn describe(status: &Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
-}
-
-/// A fresh HTTP/2 connection over the plugin's socket. A failure here happened before any request
-/// was sent.
-async fn connect(socket: &Path) -> Result<Channel, DriverError> {
-    let stream = UnixStream::connect(socket).await.map_err(|error| {
-        DriverError::Unreachable(format!("CSI plugin socket {}: {error}", socket.display()))
-    })?;
-    let stream = Arc::new(Mutex::new(Some(stream)));
-    // The URI is required by the HTTP/2 layer and otherwise unused: the stream is the socket.
-    Endpoint::from_static("http://csi.plugin")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let stream = stream.lock().ok().and_then(|mut slot| slot.take());
-            async move {
-                stream.map(TokioIo::new).ok_or_else(|| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotConnected,
-                        "the connection to the CSI plugin was closed",
-                    )
-                })
-            }
-        }))
-        .await
-        .map_err(|error| {
-            DriverError::Unreachable(format!(
-                "CSI plugin socket {}: HTTP/2 handshake: {error}",
-                socket.display()
-            ))
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn config_reads_camel_case_and_rejects_unknown_fields() {
-        let config: CsiConfig =
-            serde_json::from_str(r#"{"endpoint": "unix:///run/csi/csi.sock"}"#).unwrap();
-        assert_eq!(config.socket_path(), PathBuf::from("/run/csi/csi.sock"));
-        let plain: CsiConfig = serde_json::from_str(r#"{"endpoint": "/run/csi.sock"}"#).unwrap();
-        assert_eq!(plain.socket_path(), PathBuf::from("/run/csi.sock"));
-        assert!(serde_json::from_str::<CsiConfig>(r#"{"endpoint": "/x", "other": 1}"#).is_err());
-        assert!(serde_json::from_str::<CsiConfig>("{}").is_err());
-    }
-
-    #[test]
-    fn probe_needs_published_nodes() {
-        let caps =
-            |get_volume, list_volumes, list_volumes_published_nodes| ControllerCapabilities {
-                publish_unpublish_volume: true,
-                publish_readonly: false,
-                get_volume,
-                list_volumes,
-                list_volumes_published_nodes,
-            };
-        assert_eq!(
-            caps(true, true, true).probe_method(),
-            ProbeMethod::GetVolume
-        );
-        assert_eq!(
-            caps(false, true, true).probe_method(),
-            ProbeMethod::ListVolumes
-        );
-        // hostpath: GET_VOLUME and LIST_VOLUMES, but no LIST_VOLUMES_PUBLISHED_NODES.
-        assert_eq!(
-            caps(true, true, false).probe_method(),
-            ProbeMethod::Unsupported
-        );
-        assert_eq!(
-            caps(false, false, false).probe_method(),
-            ProbeMethod::Unsupported
-        );
-    }
+    use std::path::PathBuf;
 
     fn driver() -> CsiDriver {
         CsiDriver {
-            socket: PathBuf::from("/nonexistent"),
-            call_timeout: Duration::from_secs(3),
+            transport: Transport {
+                socket: PathBuf::from("/nonexistent"),
+                call_timeout: Duration::from_secs(3),
+            },
             trust_published_nodes: true,
             plugin: PluginInfo {
                 name: "test".into(),
@@ -717,46 +468,6 @@ mod tests {
                 capabilities: ControllerCapabilities::default(),
             },
         }
-    }
-
-    #[test]
-    fn status_codes_map_to_classes() {
-        use crate::driver::ErrorClass::*;
-        let driver = driver();
-        let class = |code| {
-            driver
-                .classify("op", Failure::Status(Status::new(code, "m")))
-                .class()
-        };
-        for code in [
-            Code::DeadlineExceeded,
-            Code::Cancelled,
-            Code::Unavailable,
-            Code::Aborted,
-            Code::ResourceExhausted,
-        ] {
-            assert_eq!(class(code), UnknownOutcome, "{code:?}");
-        }
-        for code in [Code::InvalidArgument, Code::OutOfRange, Code::Unimplemented] {
-            assert_eq!(class(code), Final, "{code:?}");
-        }
-        for code in [
-            Code::Internal,
-            Code::Unknown,
-            Code::FailedPrecondition,
-            Code::AlreadyExists,
-            Code::PermissionDenied,
-            Code::Unauthenticated,
-        ] {
-            assert_eq!(class(code), Retryable, "{code:?}");
-        }
-        assert!(matches!(
-            driver.classify("op", Failure::Status(Status::deadline_exceeded("late"))),
-            DriverError::Timeout {
-                operation: "op",
-                ..
-            }
-        ));
     }
 
     #[tokio::test]
