@@ -9,12 +9,18 @@ stop:
 	hack/backend.sh down
 	hack/cluster.sh down
 
-test: lint setup cluster test-programs
+test: setup lint cluster test-programs
 	cargo test --lib --bins --tests
 
+# Formatting, clippy, the docs' links (public and private items), and the dependencies' licenses and
+# sources (deny.toml; `make setup` installs cargo-deny).
+CARGO_DENY ?= $(firstword $(wildcard .local/tools/cargo-deny-*/bin/cargo-deny) cargo-deny)
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --document-private-items
+	$(CARGO_DENY) --log-level error check licenses bans sources
 
 fmt:
 	cargo fmt --all

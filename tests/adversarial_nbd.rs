@@ -355,7 +355,7 @@ async fn patch_volume(s: &Scenario, name: &str, spec: serde_json::Value) {
 
 /// Makes the operator's cache learn of the change made in `late` 12 s late, and of what follows
 /// 2 s later at once: the change reaches the operator after the later ones.
-async fn behind_later_changes<F: std::future::Future<Output = ()>>(s: &Scenario, late: F) {
+async fn behind_later_changes<F: Future<Output = ()>>(s: &Scenario, late: F) {
     s.api().set_watch_delay(Duration::from_secs(12));
     late.await;
     // Its watch chunks have come through the proxy, stamped with the long delay (generously:

@@ -339,7 +339,7 @@ impl Bench {
     async fn measure<F, Fut>(&self, scenario: &str, names: &[String], storm: F) -> Row
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Duration>,
+        Fut: Future<Output = Duration>,
     {
         let processes = self.processes();
         let cpu_before = CpuReading::now(&processes);

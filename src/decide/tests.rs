@@ -358,7 +358,7 @@ fn a_token_present_at_creation_is_recorded_not_acted_on() {
     let status = after_step(&row.status, &step, &observed);
     assert_eq!(status.handled_tokens, ["t1"]);
     assert_eq!(Request::read(Some("t1"), &status), Request::None);
-    let notices = super::events::between(&row.status, &status, "v", NODE);
+    let notices = events::between(&row.status, &status, "v", NODE);
     assert!(
         notices.iter().any(|n| n.reason == "TokenPresentAtCreation"),
         "{notices:?}"

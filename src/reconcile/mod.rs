@@ -107,7 +107,7 @@ pub async fn run(
     // lanes (`Lanes`) bound what runs.
     let (attachments, writer) = reflector::store();
     let attachment_controller = Controller::for_stream(
-        reflector::reflector(
+        reflector(
             writer,
             watcher(attachments_api, watch.clone()).modify(without_managed_fields),
         )
@@ -116,7 +116,7 @@ pub async fn run(
     );
     let (volumes, writer) = reflector::store();
     let volume_controller = Controller::for_stream(
-        reflector::reflector(
+        reflector(
             writer,
             watcher(volumes_api.clone(), watch.clone()).modify(without_managed_fields),
         )
@@ -307,7 +307,7 @@ async fn check_drivers(
 /// several waiters (the controller waits on it too), so each wait is bounded and retried.
 async fn synced<K>(store: &Store<K>)
 where
-    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K: reflector::Lookup + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     // An error means the writer is gone with its controller: nothing will ever be synced.

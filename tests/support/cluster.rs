@@ -315,7 +315,7 @@ async fn config_from(kubeconfig: &Path) -> Config {
 pub async fn eventually<T, F, Fut>(what: &str, wait: Duration, poll: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
+    Fut: Future<Output = Option<T>>,
 {
     let give_up = tokio::time::Instant::now() + wait;
     loop {

@@ -913,7 +913,7 @@ async fn next_message(lines: &mut Lines<BufReader<OwnedReadHalf>>) -> Value {
 }
 
 /// What a failure message shows of an object: the metadata that matters here, and its status.
-pub fn show<K: serde::Serialize>(object: Option<&K>) -> String {
+pub fn show<K: Serialize>(object: Option<&K>) -> String {
     object.map_or_else(
         || "not found".to_owned(),
         |object| {

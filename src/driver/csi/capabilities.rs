@@ -23,7 +23,7 @@ pub struct ControllerCapabilities {
     pub list_volumes_published_nodes: bool,
 }
 
-/// How [`Driver::probe`] asks the plugin where a volume is published.
+/// How [`Driver::probe`](crate::driver::Driver::probe) asks the plugin where a volume is published.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProbeMethod {
     /// `ControllerGetVolume`: `GET_VOLUME` and `LIST_VOLUMES_PUBLISHED_NODES`.

@@ -41,7 +41,9 @@ mod names;
 mod qmp;
 
 pub use config::{NbdConfig, NbdConfigError};
-pub use names::{block_node_name, export_id, parse_export_id, validate_handle, validate_node};
+pub use names::{
+    MAX_HANDLE_LEN, block_node_name, export_id, parse_export_id, validate_handle, validate_node,
+};
 
 use crate::driver::{AttachRequest, ConnectionInfo, Connections, Driver, DriverError};
 use async_trait::async_trait;
