@@ -94,10 +94,14 @@ pub async fn reconcile(
         Some(latest) if latest.uid() == attachment.uid() => latest,
         Some(_) | None => return Ok(Action::await_change()),
     };
+    let started = std::time::Instant::now();
     let result = Reconcile::new(attachment.as_ref().clone(), &context)
         .run()
         .instrument(span)
         .await;
+    context
+        .metrics
+        .reconcile_took("VolumeAttachment", started.elapsed());
     match result {
         Ok(Outcome::Settled(action)) => {
             context.backoff.succeeded(&name);

@@ -127,7 +127,7 @@ pub async fn run(
         kube::runtime::controller::Config::default().concurrency(volume_concurrency(&config)),
     );
 
-    health.observe(attachments.clone(), volumes.clone());
+    health.metrics.observe(attachments.clone(), volumes.clone());
     tokio::spawn({
         let (health, attachments, volumes) = (health.clone(), attachments.clone(), volumes.clone());
         async move {
@@ -260,20 +260,20 @@ fn record<K>(
     K: Resource,
     K::DynamicType: std::fmt::Debug,
 {
+    let error = match result {
+        Ok(_) => return metrics.reconciled(kind),
+        // The object was deleted before its turn came: nothing was reconciled, nothing failed.
+        Err(ControllerError::ObjectNotFound(_)) => return,
+        Err(error) => error,
+    };
     metrics.reconciled(kind);
-    if let Err(error) = result {
-        let reason = match &error {
-            ControllerError::ReconcilerFailed(error, _) => error.reason(),
-            ControllerError::ObjectNotFound(_) => "ObjectNotFound",
-            ControllerError::QueueError(_) => "Watch",
-            _ => "Other",
-        };
-        metrics.reconcile_failed(kind, reason);
-        // A deleted object's last event is expected, not a problem.
-        if reason != "ObjectNotFound" {
-            warn!(kind, %error, "reconcile failed");
-        }
-    }
+    let reason = match &error {
+        ControllerError::ReconcilerFailed(error, _) => error.reason(),
+        ControllerError::QueueError(_) => "Watch",
+        _ => "Other",
+    };
+    metrics.reconcile_failed(kind, reason);
+    warn!(kind, %error, "reconcile failed");
 }
 
 /// How long a reconcile waits for its volume's turn before it looks again later.

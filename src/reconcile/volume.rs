@@ -27,9 +27,11 @@ use tracing::{Instrument, info_span, warn};
 pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Action, Error> {
     let name = volume.name_any();
     let span = info_span!("reconcile", kind = "Volume", object = %name);
+    let started = std::time::Instant::now();
     let action = reconcile_fresh_on_conflict(volume.as_ref().clone(), &context)
         .instrument(span)
         .await;
+    context.metrics.reconcile_took("Volume", started.elapsed());
     if action.is_ok() {
         context.backoff.succeeded(&backoff_key(&name));
     }

@@ -2,18 +2,16 @@
 //! `/readyz` (a follower standing by; an acting replica once its caches are synced and its
 //! drivers answer).
 
-use super::metrics::Metrics;
-use crate::api::{Volume, VolumeAttachment};
+use super::metrics::{CONTENT_TYPE, Metrics};
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
-use jiff::Timestamp;
-use kube::runtime::reflector::Store;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// What the endpoints report, shared with the controllers.
 #[derive(Default)]
@@ -22,7 +20,6 @@ pub struct Health {
     ready: AtomicBool,
     /// The drivers that did not answer their last check, with why.
     unreachable: Mutex<Vec<String>>,
-    caches: OnceLock<(Store<VolumeAttachment>, Store<Volume>)>,
 }
 
 impl Health {
@@ -60,12 +57,6 @@ impl Health {
             ))
         }
     }
-
-    /// Gives the metrics the controllers' caches, from which the per-phase, stuck and orphan
-    /// gauges are computed at each scrape.
-    pub fn observe(&self, attachments: Store<VolumeAttachment>, volumes: Store<Volume>) {
-        let _ = self.caches.set((attachments, volumes));
-    }
 }
 
 /// Serves the endpoints on `address` until `shutdown` resolves.
@@ -74,33 +65,82 @@ pub async fn serve(
     health: Arc<Health>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(health);
+    let app = router(health);
     let listener = tokio::net::TcpListener::bind(address).await?;
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-async fn metrics(State(health): State<Arc<Health>>) -> Result<String, StatusCode> {
-    if let Some((attachments, volumes)) = health.caches.get() {
-        health
-            .metrics
-            .observe_attachments(&attachments.state(), Timestamp::now());
-        health.metrics.observe_volumes(&volumes.state());
+fn router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+
+async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    match health.metrics.encode() {
+        Ok(text) => Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], text)),
+        Err(_) => Err(StatusCode::INTERNAL_SERVER_ERROR),
     }
-    health
-        .metrics
-        .encode()
-        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
     match health.readiness() {
         Ok(()) => (StatusCode::OK, "ready".into()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn get(health: &Arc<Health>, path: &str) -> (StatusCode, Option<String>, String) {
+        let request = http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = router(health.clone()).oneshot(request).await.unwrap();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            content_type,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_as_openmetrics() {
+        let health = Arc::new(Health::default());
+        let (status, content_type, body) = get(&health, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type.as_deref(), Some(CONTENT_TYPE));
+        assert!(body.ends_with("# EOF\n"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_caches_and_the_drivers() {
+        let health = Arc::new(Health::default());
+        assert_eq!(get(&health, "/healthz").await.0, StatusCode::OK);
+        assert_eq!(
+            get(&health, "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        health.set_ready(true);
+        assert_eq!(get(&health, "/readyz").await.0, StatusCode::OK);
+        health.set_unreachable(vec!["nbd: no answer".into()]);
+        let (status, _, body) = get(&health, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("nbd: no answer"), "{body}");
     }
 }
