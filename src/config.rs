@@ -22,7 +22,7 @@ use crate::api::{DurationError, parse_duration};
 use crate::driver::csi::{CsiConfig, CsiDriver};
 use crate::driver::nbd::{NbdConfig, NbdDriver};
 use crate::driver::{CallObserver, Deadlined, Driver};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,22 +50,65 @@ pub enum ConfigError {
     Concurrency(usize),
 }
 
-#[derive(Debug, Deserialize)]
+/// The configuration file as written, before it is validated: what [`Config::parse`] reads, and
+/// what a program that writes one for the operator (a test, a deployment tool) builds. Its JSON
+/// ([`ConfigFile::to_text`]) is a valid file too, since YAML reads JSON.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ConfigFile {
-    default_stuck_after: Option<String>,
-    resync_interval: Option<String>,
-    concurrency: Option<usize>,
-    drivers: Vec<DriverEntry>,
+pub struct ConfigFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_stuck_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+    pub drivers: Vec<DriverEntry>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One entry of `drivers`: a name Volumes use, a deadline, and exactly one backend section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct DriverEntry {
-    name: String,
-    deadline: Option<String>,
-    nbd: Option<NbdConfig>,
-    csi: Option<CsiConfig>,
+pub struct DriverEntry {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<NbdConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csi: Option<CsiConfig>,
+}
+
+impl ConfigFile {
+    /// The file's text. Fails only on a path that is not UTF-8.
+    pub fn to_text(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string_pretty(self)
+    }
+}
+
+impl DriverEntry {
+    pub fn nbd(name: impl Into<String>, nbd: NbdConfig) -> Self {
+        Self {
+            name: name.into(),
+            deadline: None,
+            nbd: Some(nbd),
+            csi: None,
+        }
+    }
+
+    pub fn csi(name: impl Into<String>, csi: CsiConfig) -> Self {
+        Self {
+            name: name.into(),
+            deadline: None,
+            nbd: None,
+            csi: Some(csi),
+        }
+    }
+
+    /// The same entry with its calls bounded by `deadline` (`5s`, `500ms`).
+    pub fn with_deadline(mut self, deadline: impl Into<String>) -> Self {
+        self.deadline = Some(deadline.into());
+        self
+    }
 }
 
 /// The validated configuration the operator runs with.
@@ -177,4 +220,41 @@ fn duration_or(
             field: field.to_owned(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_built_file_reads_back_as_written() {
+        let file = ConfigFile {
+            default_stuck_after: Some("30s".into()),
+            resync_interval: Some("5s".into()),
+            concurrency: None,
+            drivers: vec![
+                DriverEntry::nbd(
+                    "nbd",
+                    NbdConfig {
+                        qmp_socket: "/run/qsd/qmp.sock".into(),
+                        nbd_socket: "/run/qsd/nbd.sock".into(),
+                        image_dir: "/var/lib/images".into(),
+                    },
+                )
+                .with_deadline("5s"),
+                DriverEntry::csi(
+                    "csi",
+                    CsiConfig {
+                        endpoint: "unix:///csi/csi.sock".into(),
+                        trust_published_nodes: false,
+                    },
+                ),
+            ],
+        };
+        let text = file.to_text().unwrap();
+        assert!(text.contains("\"qmpSocket\""), "{text}");
+        assert!(!text.contains("concurrency"), "{text}");
+        let read: ConfigFile = serde_saphyr::from_str(&text).unwrap();
+        assert_eq!(read, file);
+    }
 }

@@ -13,6 +13,7 @@ use kube::{Client, ResourceExt};
 use safe_detach::api::{
     AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
 };
+use safe_detach::config::{ConfigFile, DriverEntry};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -268,13 +269,14 @@ async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
     assert_eq!(code, 403, "{message}");
 
     // The operator, under its own identity, writes status as usual: it attaches.
-    let config = format!(
-        "defaultStuckAfter: 30s\nresyncInterval: 5s\ndrivers:\n  - name: {driver}\n    \
-         deadline: 5s\n    nbd:\n      qmpSocket: {}\n      nbdSocket: {}\n      imageDir: {}\n",
-        qsd.qmp_socket().display(),
-        qsd.nbd_socket().display(),
-        qsd.image_dir().display()
-    );
+    let config = ConfigFile {
+        default_stuck_after: Some("30s".into()),
+        resync_interval: Some("5s".into()),
+        concurrency: None,
+        drivers: vec![DriverEntry::nbd(driver.as_str(), qsd.config()).with_deadline("5s")],
+    }
+    .to_text()
+    .expect("the daemon's paths are UTF-8");
     let _operator = Operator::start(&shard, &config).await;
     let attached = eventually(
         "the operator attaches under the policy",

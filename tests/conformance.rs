@@ -10,6 +10,8 @@
 mod support;
 
 use async_trait::async_trait;
+use safe_detach::config::DriverEntry;
+use safe_detach::driver::csi::CsiConfig;
 use safe_detach::driver::nbd::parse_export_id;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,13 +66,8 @@ impl NbdFixture {
 
 #[async_trait]
 impl Fixture for NbdFixture {
-    fn driver_section(&self) -> String {
-        format!(
-            "nbd:\n  qmpSocket: {}\n  nbdSocket: {}\n  imageDir: {}\n",
-            self.proxy.socket().display(),
-            self.qsd.nbd_socket().display(),
-            self.qsd.image_dir().display()
-        )
+    fn driver_entry(&self, name: &str) -> DriverEntry {
+        DriverEntry::nbd(name, self.qsd.config_via(self.proxy.socket()))
     }
 
     fn probeable_by_config(&self) -> bool {
@@ -171,11 +168,13 @@ impl CsiFixture {
 
 #[async_trait]
 impl Fixture for CsiFixture {
-    fn driver_section(&self) -> String {
-        format!(
-            "csi:\n  endpoint: unix://{}\n  trustPublishedNodes: {}\n",
-            self.proxy.socket().display(),
-            self.trust_published_nodes
+    fn driver_entry(&self, name: &str) -> DriverEntry {
+        DriverEntry::csi(
+            name,
+            CsiConfig {
+                endpoint: format!("unix://{}", self.proxy.socket().display()).into(),
+                trust_published_nodes: self.trust_published_nodes,
+            },
         )
     }
 

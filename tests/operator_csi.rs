@@ -18,7 +18,8 @@ use safe_detach::api::{
     AttachmentPhase, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason, ForceDetachState,
     ProbeResult, Volume, VolumeAttachment, VolumePhase,
 };
-use safe_detach::driver::csi::{DRIVER_KEY, NODE_ID_KEY};
+use safe_detach::config::{ConfigFile, DriverEntry};
+use safe_detach::driver::csi::{CsiConfig, DRIVER_KEY, NODE_ID_KEY};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -93,13 +94,23 @@ impl CsiScenario {
         } else {
             plugin.socket().to_owned()
         };
-        let config = format!(
-            "defaultStuckAfter: {stuck}s\nresyncInterval: {resync}s\ndrivers:\n  - name: csi\n    deadline: {deadline}\n    csi:\n      endpoint: unix://{endpoint}\n      trustPublishedNodes: false\n",
-            stuck = STUCK_AFTER.as_secs(),
-            resync = RESYNC.as_secs(),
-            deadline = setup.deadline,
-            endpoint = endpoint.display(),
-        );
+        let config = ConfigFile {
+            default_stuck_after: Some(format!("{}s", STUCK_AFTER.as_secs())),
+            resync_interval: Some(format!("{}s", RESYNC.as_secs())),
+            concurrency: None,
+            drivers: vec![
+                DriverEntry::csi(
+                    "csi",
+                    CsiConfig {
+                        endpoint,
+                        trust_published_nodes: false,
+                    },
+                )
+                .with_deadline(setup.deadline),
+            ],
+        }
+        .to_text()
+        .expect("the plugin's socket path is UTF-8");
         let shard = unique_name("csi-shard");
         let operator = Operator::start(&shard, &config).await;
         let client = admin_client().await;

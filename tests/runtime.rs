@@ -14,7 +14,7 @@ use kube::{Client, ResourceExt};
 use safe_detach::api::{
     AttachmentPhase, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
 };
-use safe_detach::config::{Config, ConfigError};
+use safe_detach::config::{Config, ConfigError, ConfigFile, DriverEntry};
 use safe_detach::runtime::metrics::Metrics;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -61,15 +61,14 @@ impl Backend {
     }
 
     fn config(&self) -> String {
-        format!(
-            "defaultStuckAfter: 30s\nresyncInterval: 5s\ndrivers:\n  - name: {}\n    \
-             deadline: 5s\n    nbd:\n      qmpSocket: {}\n      nbdSocket: {}\n      \
-             imageDir: {}\n",
-            self.driver,
-            self.qsd.qmp_socket().display(),
-            self.qsd.nbd_socket().display(),
-            self.qsd.image_dir().display()
-        )
+        ConfigFile {
+            default_stuck_after: Some("30s".into()),
+            resync_interval: Some("5s".into()),
+            concurrency: None,
+            drivers: vec![DriverEntry::nbd(&self.driver, self.qsd.config()).with_deadline("5s")],
+        }
+        .to_text()
+        .expect("the daemon's paths are UTF-8")
     }
 
     /// A Volume on a new image, and an attachment of it to `node`; returns the attachment's name.

@@ -17,6 +17,8 @@ use k8s_openapi::api::storage::v1 as storage;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use safe_detach::api::{AttachmentPhase, Volume, VolumeAttachment, find_condition};
+use safe_detach::config::{ConfigFile, DriverEntry};
+use safe_detach::driver::csi::CsiConfig;
 use safe_detach::driver::csi::proto;
 use safe_detach::driver::csi::proto::controller_client::ControllerClient;
 use serde::de::DeserializeOwned;
@@ -524,10 +526,18 @@ impl Bench {
             peer::create_plugin_volumes(&self.plugin, &shard, n, CLIENT_CONCURRENCY).await;
         // The mock lists its node as published for every volume, so that the driver must not
         // trust its published nodes (docs/drivers.md); everything else is at its defaults.
-        let config = format!(
-            "drivers:\n  - name: csi\n    csi:\n      endpoint: unix://{}\n      trustPublishedNodes: false\n",
-            self.plugin.socket().display()
-        );
+        let config = ConfigFile {
+            drivers: vec![DriverEntry::csi(
+                "csi",
+                CsiConfig {
+                    trust_published_nodes: false,
+                    ..self.plugin.config()
+                },
+            )],
+            ..ConfigFile::default()
+        }
+        .to_text()
+        .expect("the plugin's socket path is UTF-8");
         let options = Options {
             kubeconfig: Some(self.operator_identity.kubeconfig().to_owned()),
             ..Options::default()

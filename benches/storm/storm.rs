@@ -16,6 +16,7 @@ use kube::{Api, Client, ResourceExt};
 use safe_detach::api::{
     AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
 };
+use safe_detach::config::{ConfigFile, DriverEntry};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -223,18 +224,13 @@ impl Bench {
         } else {
             self.qsd.qmp_socket()
         };
-        let config = json!({
-            "drivers": [{
-                "name": "nbd",
-                "nbd": {
-                    "qmpSocket": qmp,
-                    "nbdSocket": self.qsd.nbd_socket(),
-                    "imageDir": self.qsd.image_dir(),
-                },
-            }],
-        });
-        let operator =
-            Operator::start_with(&self.shard, &config.to_string(), Options::default()).await;
+        let config = ConfigFile {
+            drivers: vec![DriverEntry::nbd("nbd", self.qsd.config_via(&qmp))],
+            ..ConfigFile::default()
+        }
+        .to_text()
+        .expect("the daemon's paths are UTF-8");
+        let operator = Operator::start_with(&self.shard, &config, Options::default()).await;
         self.operator = Some(operator);
     }
 

@@ -23,6 +23,7 @@ use kube::{Client, Resource};
 use safe_detach::api::{
     AttachmentPhase, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment, find_condition,
 };
+use safe_detach::config::{ConfigFile, DriverEntry};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -734,14 +735,14 @@ pub fn write_requests(metrics: &str) -> BTreeMap<String, f64> {
 /// The operator's configuration file for a daemon reached at `qmp_socket`, with the short clocks
 /// the tests run on.
 fn operator_config(qsd: &Qsd, qmp_socket: &Path, deadline: &str) -> String {
-    format!(
-        "defaultStuckAfter: {stuck}s\nresyncInterval: {resync}s\ndrivers:\n  - name: nbd\n    deadline: {deadline}\n    nbd:\n      qmpSocket: {qmp}\n      nbdSocket: {nbd}\n      imageDir: {images}\n",
-        stuck = STUCK_AFTER.as_secs(),
-        resync = RESYNC.as_secs(),
-        qmp = qmp_socket.display(),
-        nbd = qsd.nbd_socket().display(),
-        images = qsd.image_dir().display(),
-    )
+    ConfigFile {
+        default_stuck_after: Some(format!("{}s", STUCK_AFTER.as_secs())),
+        resync_interval: Some(format!("{}s", RESYNC.as_secs())),
+        concurrency: None,
+        drivers: vec![DriverEntry::nbd("nbd", qsd.config_via(qmp_socket)).with_deadline(deadline)],
+    }
+    .to_text()
+    .expect("the daemon's paths are UTF-8")
 }
 
 /// The arguments of one replica in the election for `lease`.

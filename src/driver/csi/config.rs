@@ -1,10 +1,10 @@
 //! Where the plugin listens, as the operator's configuration file gives it.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Where the plugin listens.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CsiConfig {
     /// The plugin's unix socket: a path, or `unix://` followed by a path.

@@ -1,6 +1,6 @@
 //! Where the `nbd` driver finds its daemon and its images.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// The longest path a unix socket address can hold (`sun_path` less its terminating NUL).
@@ -10,7 +10,7 @@ const MAX_SOCKET_PATH: usize = 107;
 ///
 /// The operator and the daemon must see the same file system at these paths: the operator checks
 /// that a volume's image exists before asking the daemon to open it.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NbdConfig {
     /// The daemon's QMP monitor socket (`--chardev socket,...,server=on --monitor`).

@@ -17,6 +17,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use safe_detach::api::{AttachmentPhase, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment};
+use safe_detach::config::{ConfigFile, DriverEntry};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -127,14 +128,16 @@ pub async fn run(plan: Plan) -> Outcome {
     let qmp_socket = qsd.qmp_socket();
     let proxy = Arc::new(QmpProxy::start(&qsd.dir().join("proxy.sock"), &qmp_socket).await);
     let shard = unique_name("campaign");
-    let config = format!(
-        "defaultStuckAfter: {}s\nresyncInterval: {}s\ndrivers:\n  - name: nbd\n    deadline: {DEADLINE}\n    nbd:\n      qmpSocket: {}\n      nbdSocket: {}\n      imageDir: {}\n",
-        STUCK_AFTER.as_secs(),
-        RESYNC.as_secs(),
-        proxy.socket().display(),
-        qsd.nbd_socket().display(),
-        qsd.image_dir().display(),
-    );
+    let config = ConfigFile {
+        default_stuck_after: Some(format!("{}s", STUCK_AFTER.as_secs())),
+        resync_interval: Some(format!("{}s", RESYNC.as_secs())),
+        concurrency: None,
+        drivers: vec![
+            DriverEntry::nbd("nbd", qsd.config_via(proxy.socket())).with_deadline(DEADLINE),
+        ],
+    }
+    .to_text()
+    .expect("the daemon's paths are UTF-8");
     let api = Arc::new(ApiProxy::start().await);
     let lease = unique_name("campaign-lease");
     let replica_count = if plan.faults.replicas { 2 } else { 1 };
