@@ -15,8 +15,8 @@ use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use safe_detach::api::{
-    AttachmentPhase, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason, ForceDetachState,
-    ProbeResult, Volume, VolumeAttachment, VolumePhase,
+    ATTACHMENT_FINALIZER, AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachReason,
+    ForceDetachState, ProbeResult, Volume, VolumeAttachment, VolumePhase,
 };
 use safe_detach::config::{ConfigFile, DriverEntry};
 use safe_detach::driver::csi::{CsiConfig, DRIVER_KEY, NODE_ID_KEY};
@@ -424,7 +424,7 @@ async fn attach_and_detach_rest_on_ok_calls_and_the_status_says_not_probeable() 
             .finalizers
             .iter()
             .flatten()
-            .any(|f| f == FINALIZER),
+            .any(|f| f == ATTACHMENT_FINALIZER),
         "the finalizer holds the attachment"
     );
     assert!(has(
@@ -687,7 +687,7 @@ async fn case4_refused_unpublish_stays_detaching_until_an_unpublish_succeeds() {
                 .finalizers
                 .iter()
                 .flatten()
-                .any(|f| f == FINALIZER),
+                .any(|f| f == ATTACHMENT_FINALIZER),
             "{}",
             shown()
         );
@@ -782,7 +782,7 @@ async fn an_unpublish_answered_not_found_is_not_taken_for_a_detach() {
             .await
             .expect("released on a NOT_FOUND unpublish");
         assert!(
-            attached(&a) && a.finalizers().iter().any(|f| f == FINALIZER),
+            attached(&a) && a.finalizers().iter().any(|f| f == ATTACHMENT_FINALIZER),
             "said detached on a NOT_FOUND unpublish:\n{}",
             show(Some(&a))
         );

@@ -16,7 +16,7 @@ use jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use kube::api::{Api, WatchEvent, WatchParams};
 use safe_detach::api::{
-    AttachmentPhase, FINALIZER, ForceDetachReason, ForceDetachState, OrphanPolicy,
+    ATTACHMENT_FINALIZER, AttachmentPhase, ForceDetachReason, ForceDetachState, OrphanPolicy,
     VOLUME_FINALIZER, VolumeAttachment, VolumePhase,
 };
 use serde_json::json;
@@ -144,7 +144,10 @@ async fn normal_attach_serves_the_volume_and_delete_detaches_and_releases_the_fi
     let (name, attachment) = s.attach("normal", &volume, NODE_A).await;
 
     assert!(
-        attachment.finalizers().iter().any(|f| f == FINALIZER),
+        attachment
+            .finalizers()
+            .iter()
+            .any(|f| f == ATTACHMENT_FINALIZER),
         "the finalizer holds the attachment: {:?}",
         attachment.finalizers()
     );

@@ -33,7 +33,7 @@ const CONCURRENCY: usize = 8;
 const WAIT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(20);
 /// The attacher's finalizer for the mock's driver name.
-const FINALIZER: &str = "external-attacher/mock-csi-safedetach-io";
+const ATTACHMENT_FINALIZER: &str = "external-attacher/mock-csi-safedetach-io";
 
 static ONE_ATTACHER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -101,10 +101,16 @@ async fn smoke(setting: &str, flags: &[&str]) {
         );
     }
     for va in objects.list_attachments().await {
-        assert!(va.finalizers().iter().any(|f| f == FINALIZER), "{va:?}");
+        assert!(
+            va.finalizers().iter().any(|f| f == ATTACHMENT_FINALIZER),
+            "{va:?}"
+        );
     }
     for pv in objects.list_pvs().await {
-        assert!(pv.finalizers().iter().any(|f| f == FINALIZER), "{pv:?}");
+        assert!(
+            pv.finalizers().iter().any(|f| f == ATTACHMENT_FINALIZER),
+            "{pv:?}"
+        );
     }
 
     // Detach: delete the attachments; the attacher unpublishes and then releases its finalizer.

@@ -12,7 +12,8 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::Kubeconfig;
 use kube::{Client, ResourceExt};
 use safe_detach::api::{
-    AttachmentPhase, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
+    ATTACHMENT_FINALIZER, AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume,
+    VolumeAttachment,
 };
 use safe_detach::config::{Config, ConfigError, ConfigFile, DriverEntry};
 use safe_detach::runtime::metrics::Metrics;
@@ -747,7 +748,10 @@ async fn a_missing_permission_is_reported_not_a_silent_stall() {
     // The intent could not be recorded, so the backend was never asked to attach.
     let attachment = backend.get(&name).await;
     assert!(
-        attachment.finalizers().iter().any(|f| f == FINALIZER),
+        attachment
+            .finalizers()
+            .iter()
+            .any(|f| f == ATTACHMENT_FINALIZER),
         "the finalizer (a patch it may make) is in place"
     );
     assert_eq!(

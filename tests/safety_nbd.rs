@@ -17,7 +17,7 @@ use futures::future::join_all;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use safe_detach::api::{
-    AttachmentPhase, FINALIZER, ForceDetachState, VOLUME_FINALIZER, VolumeAttachment,
+    ATTACHMENT_FINALIZER, AttachmentPhase, ForceDetachState, VOLUME_FINALIZER, VolumeAttachment,
 };
 use safe_detach::driver::nbd::parse_export_id;
 use serde_json::json;
@@ -582,12 +582,12 @@ async fn adding_the_finalizer_keeps_another_controllers_finalizer() {
 
     let finalizers = attached.finalizers().to_vec();
     let count = |f: &str| finalizers.iter().filter(|x| *x == f).count();
-    let (other, ours) = (count(OTHER_FINALIZER), count(FINALIZER));
+    let (other, ours) = (count(OTHER_FINALIZER), count(ATTACHMENT_FINALIZER));
     // Let the object go once the operator has released it; the scenario's clean-up would too.
     remove_finalizer(&s.attachments, &name, OTHER_FINALIZER).await;
     assert!(
         other == 1 && ours == 1,
-        "after the attach the finalizers are {finalizers:?}: {OTHER_FINALIZER} {other} times, {FINALIZER} {ours} times (want once each)"
+        "after the attach the finalizers are {finalizers:?}: {OTHER_FINALIZER} {other} times, {ATTACHMENT_FINALIZER} {ours} times (want once each)"
     );
 }
 
@@ -865,7 +865,7 @@ async fn an_export_that_names_no_node_keeps_the_volume_held() {
     let held = s.get_attachment(&name).await;
     assert!(
         held.as_ref()
-            .is_some_and(|a| a.finalizers().iter().any(|f| f == FINALIZER)),
+            .is_some_and(|a| a.finalizers().iter().any(|f| f == ATTACHMENT_FINALIZER)),
         "released while an unattributed export of its disk exists: {}",
         show(held.as_ref())
     );

@@ -30,7 +30,7 @@ pub const GROUP: &str = "safedetach.io";
 pub const FORCE_DETACH_ANNOTATION: &str = "safedetach.io/force-detach";
 
 /// The finalizer that holds a `VolumeAttachment` until the backend confirms the detach.
-pub const FINALIZER: &str = "safedetach.io/detach";
+pub const ATTACHMENT_FINALIZER: &str = "safedetach.io/detach";
 
 /// The finalizer that holds a `Volume` while a `VolumeAttachment` names it, so that the
 /// attachment's detach can still reach the backend.

@@ -17,7 +17,7 @@ use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, p
 use crate::MANAGER;
 use crate::api::types::READY;
 use crate::api::{
-    Binding, ConditionStatus, FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachReason,
+    ATTACHMENT_FINALIZER, Binding, ConditionStatus, FORCE_DETACH_ANNOTATION, ForceDetachReason,
     ForceDetachState, Volume, VolumeAttachment, VolumeAttachmentStatus, condition_with,
     parse_duration,
 };
@@ -206,7 +206,10 @@ impl<'a> Reconcile<'a> {
     }
 
     fn has_finalizer(&self) -> bool {
-        self.attachment.finalizers().iter().any(|f| f == FINALIZER)
+        self.attachment
+            .finalizers()
+            .iter()
+            .any(|f| f == ATTACHMENT_FINALIZER)
     }
 
     async fn run(mut self) -> Result<Outcome, Error> {
@@ -343,7 +346,7 @@ impl<'a> Reconcile<'a> {
                 Step::AddFinalizer => {
                     // Before any backend call, so that a deletion always waits for a confirmed
                     // detach.
-                    match finalizer::add(&self.api, &self.attachment, FINALIZER).await {
+                    match finalizer::add(&self.api, &self.attachment, ATTACHMENT_FINALIZER).await {
                         Ok(Some(written)) => self.adopt(written, Basis::Fresh),
                         Ok(None) => {}
                         Err(Error::Conflict(_)) => self.basis = Basis::Conflicted,
@@ -355,7 +358,8 @@ impl<'a> Reconcile<'a> {
                     if !self.persist().await? {
                         continue;
                     }
-                    match finalizer::remove(&self.api, &self.attachment, FINALIZER).await {
+                    match finalizer::remove(&self.api, &self.attachment, ATTACHMENT_FINALIZER).await
+                    {
                         Ok(()) => return Ok(Outcome::Settled(Action::await_change())),
                         Err(Error::Conflict(_)) => {
                             self.basis = Basis::Conflicted;
@@ -670,7 +674,7 @@ impl<'a> Reconcile<'a> {
             self.gone_siblings.push(to.to_owned());
             return Ok(false);
         };
-        match finalizer::remove(&self.api, &self.attachment, FINALIZER).await {
+        match finalizer::remove(&self.api, &self.attachment, ATTACHMENT_FINALIZER).await {
             Ok(()) => {}
             Err(Error::Conflict(_)) => {
                 self.basis = Basis::Conflicted;
