@@ -67,8 +67,8 @@ impl Driver for Deadlined {
         self.inner.can_probe()
     }
 
-    async fn check(&self) -> Result<(), DriverError> {
-        self.run("check", self.inner.check()).await
+    async fn health_check(&self) -> Result<(), DriverError> {
+        self.run("health_check", self.inner.health_check()).await
     }
 
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {

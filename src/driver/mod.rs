@@ -161,8 +161,9 @@ pub trait Driver: Send + Sync {
         true
     }
 
-    /// Whether the backend answers at all, for the operator's readiness.
-    async fn check(&self) -> Result<(), DriverError> {
+    /// Whether the backend answers at all, for the operator's readiness. Not a probe: it says
+    /// nothing of where any volume is connected (the csi driver calls CSI's `Probe` here).
+    async fn health_check(&self) -> Result<(), DriverError> {
         Ok(())
     }
 

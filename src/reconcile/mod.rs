@@ -291,7 +291,7 @@ async fn check_drivers(
     loop {
         let mut unreachable = Vec::new();
         for (name, driver) in &drivers {
-            if let Err(error) = driver.check().await {
+            if let Err(error) = driver.health_check().await {
                 unreachable.push(format!("{name}: {error}"));
             }
         }

@@ -320,7 +320,7 @@ impl Driver for CsiDriver {
             && self.plugin.capabilities.probe_method() != ProbeMethod::Unsupported
     }
 
-    async fn check(&self) -> Result<(), DriverError> {
+    async fn health_check(&self) -> Result<(), DriverError> {
         self.transport
             .call(
                 "Probe",

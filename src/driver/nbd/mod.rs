@@ -485,13 +485,13 @@ impl Driver for NbdDriver {
         "nbd"
     }
 
-    async fn check(&self) -> Result<(), DriverError> {
+    async fn health_check(&self) -> Result<(), DriverError> {
         let mut session = self.connect().await?;
         session
             .execute("query-version", None)
             .await
             .map(drop)
-            .map_err(|e| driver_error(e, "check"))
+            .map_err(|e| driver_error(e, "health_check"))
     }
 
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
