@@ -8,7 +8,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use safe_detach::api::{AttachmentPhase, VolumeAttachmentStatus};
 use safe_detach::decide::status::{Observed, after_step};
-use safe_detach::decide::{Backend, Basis, Input, Request, Turn, VolumePolicy, decide};
+use safe_detach::decide::{Basis, Input, ProbeAnswer, Request, Turn, VolumePolicy, decide};
 use safe_detach::driver::Connections;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -55,7 +55,7 @@ fn main() {
             phase_since: Some(Time(since)),
             ..Default::default()
         };
-        let backend = Backend::Answered(Connections::to(nodes));
+        let backend = ProbeAnswer::Answered(Connections::to(nodes));
         let request = Request::None;
         let started = Instant::now();
         for _ in 0..ROUNDS {

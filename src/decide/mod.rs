@@ -144,7 +144,7 @@ impl Misconfiguration {
 
 /// What the backend said when probed just now.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub enum ProbeAnswer {
     Answered(Connections),
     /// No answer: nothing may be concluded, in either direction.
     Unreachable(String),
@@ -238,7 +238,7 @@ pub struct Input<'a> {
     pub sibling: Option<&'a str>,
     /// The backend's answer on this turn, since the last driver call; absent when it was not
     /// asked yet (the decision then asks for it with [`Step::Probe`] when it needs it).
-    pub backend: Option<&'a Backend>,
+    pub backend: Option<&'a ProbeAnswer>,
     /// Whether `status` (and the rest of the record) is known to be current.
     pub basis: Basis,
     pub turn: Turn,
@@ -420,14 +420,14 @@ fn decide_on_record(input: &Input) -> Step {
 
     // The probe's answer, or for a backend that cannot be probed, what a call just confirmed.
     let (connections, confirmed) = match input.backend {
-        Some(Backend::Answered(connections)) => (Some(connections), None),
-        Some(Backend::Unprobeable(confirmed)) => (None, *confirmed),
+        Some(ProbeAnswer::Answered(connections)) => (Some(connections), None),
+        Some(ProbeAnswer::Unprobeable(confirmed)) => (None, *confirmed),
         // Not asked yet on this turn, or asked before the last driver call changed what it
         // would say.
         None => return Step::Probe,
         // Unreachable: neither "connected" nor "not connected" may be concluded. Wake at the
         // stuck deadline so the Stuck condition appears on time, else retry with backoff.
-        Some(Backend::Unreachable(_)) => {
+        Some(ProbeAnswer::Unreachable(_)) => {
             return Step::wait(
                 Wait::BackendUnreachable,
                 stuck_in(input.status, policy, input.now),

@@ -5,7 +5,7 @@
 //! what they date changes. That is what lets the reconciler write only when something changed.
 
 use super::{
-    Backend, Confirmed, MAX_HANDLED_TOKENS, Misconfiguration, Request, Step, VolumePolicy,
+    Confirmed, MAX_HANDLED_TOKENS, Misconfiguration, ProbeAnswer, Request, Step, VolumePolicy,
     phase_of, stuck_in,
 };
 use crate::api::{
@@ -26,7 +26,7 @@ pub struct Observed<'a> {
     pub target: Option<&'a Binding>,
     pub generation: Option<i64>,
     pub policy: Option<&'a VolumePolicy>,
-    pub backend: Option<&'a Backend>,
+    pub backend: Option<&'a ProbeAnswer>,
     pub request: &'a Request,
     pub now: Timestamp,
 }
@@ -172,7 +172,7 @@ pub fn after_step(
             // or one the backend answered for on this turn without a connection to its node.
             // Otherwise the backend's state is unknown, so the phase that says what was last
             // confirmed stays.
-            let gone = matches!(observed.backend, Some(Backend::Answered(c))
+            let gone = matches!(observed.backend, Some(ProbeAnswer::Answered(c))
                 if !c.includes(observed.node) && c.unattributed.is_empty());
             if gone || phase_of(&status) == AttachmentPhase::Pending {
                 set_phase(&mut status, AttachmentPhase::Failed, observed.now);
@@ -236,11 +236,13 @@ fn observe(
         // `attached` is the backend's word, never our own: it follows the probe, or for a backend
         // that cannot be probed, the call that just succeeded.
         match backend {
-            Backend::Answered(connections) => status.attached = connections.includes(observed.node),
-            Backend::Unprobeable(Some(confirmed)) => {
+            ProbeAnswer::Answered(connections) => {
+                status.attached = connections.includes(observed.node)
+            }
+            ProbeAnswer::Unprobeable(Some(confirmed)) => {
                 status.attached = *confirmed == Confirmed::Connected;
             }
-            Backend::Unprobeable(None) | Backend::Unreachable(_) => {}
+            ProbeAnswer::Unprobeable(None) | ProbeAnswer::Unreachable(_) => {}
         }
     }
     let phase = phase_of(status);
@@ -251,17 +253,17 @@ fn observe(
 
     let in_sync = match observed.backend {
         None => None,
-        Some(Backend::Unreachable(message)) => Some((
+        Some(ProbeAnswer::Unreachable(message)) => Some((
             ConditionStatus::Unknown,
             "BackendUnreachable",
             message.clone(),
         )),
-        Some(Backend::Unprobeable(_)) => Some((
+        Some(ProbeAnswer::Unprobeable(_)) => Some((
             ConditionStatus::Unknown,
             "NotProbeable",
             "the backend cannot be probed; the record rests on its calls returning OK".into(),
         )),
-        Some(Backend::Answered(connections)) => Some(match (phase, status.attached) {
+        Some(ProbeAnswer::Answered(connections)) => Some(match (phase, status.attached) {
             _ if !connections.unattributed.is_empty() => {
                 let ids: Vec<&str> = connections
                     .unattributed
@@ -455,13 +457,13 @@ fn observe(
     }
 }
 
-fn record_probe(status: &mut VolumeAttachmentStatus, backend: &Backend, observed: &Observed) {
+fn record_probe(status: &mut VolumeAttachmentStatus, backend: &ProbeAnswer, observed: &Observed) {
     let (result, nodes, message) = match backend {
-        Backend::Unprobeable(_) => (ProbeResult::NotProbeable, Vec::new(), None),
-        Backend::Unreachable(message) => {
+        ProbeAnswer::Unprobeable(_) => (ProbeResult::NotProbeable, Vec::new(), None),
+        ProbeAnswer::Unreachable(message) => {
             (ProbeResult::Unreachable, Vec::new(), Some(message.clone()))
         }
-        Backend::Answered(connections) => {
+        ProbeAnswer::Answered(connections) => {
             let result = if connections.includes(observed.node) {
                 ProbeResult::Connected
             } else if connections.nodes.is_empty() {
@@ -549,7 +551,7 @@ fn fail(status: &mut VolumeAttachmentStatus, observed: &Observed, problem: &Misc
     let message = problem.message()
         + match (phase_of(status), observed.backend) {
             (AttachmentPhase::Failed, _) => "",
-            (_, Some(Backend::Answered(_))) => {
+            (_, Some(ProbeAnswer::Answered(_))) => {
                 "; the backend confirms the connection, which stays until this attachment is deleted"
             }
             _ => "; the backend cannot be asked, so the attachment stays as last confirmed",

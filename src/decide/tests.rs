@@ -32,22 +32,22 @@ fn in_phase(phase: AttachmentPhase, since: i64) -> VolumeAttachmentStatus {
     }
 }
 
-fn connected(nodes: &[&str]) -> Backend {
-    Backend::Answered(Connections::to(nodes.iter().copied()))
+fn connected(nodes: &[&str]) -> ProbeAnswer {
+    ProbeAnswer::Answered(Connections::to(nodes.iter().copied()))
 }
 
 /// The backend connects the volume to `nodes`, and also through an export that names no node.
-fn unattributed(nodes: &[&str]) -> Backend {
+fn unattributed(nodes: &[&str]) -> ProbeAnswer {
     let mut connections = Connections::to(nodes.iter().copied());
     connections.unattributed.insert("by-hand".into());
-    Backend::Answered(connections)
+    ProbeAnswer::Answered(connections)
 }
 
 /// One row: the attachment, its backend and the clock.
 struct Row {
     deleting: bool,
     status: VolumeAttachmentStatus,
-    backend: Backend,
+    backend: ProbeAnswer,
     request: Request,
     policy: VolumePolicy,
     basis: Basis,
@@ -56,7 +56,7 @@ struct Row {
 }
 
 impl Row {
-    fn new(phase: AttachmentPhase, backend: Backend) -> Self {
+    fn new(phase: AttachmentPhase, backend: ProbeAnswer) -> Self {
         Self {
             deleting: false,
             status: in_phase(phase, 0),
@@ -258,13 +258,13 @@ fn a_new_token_forces_a_detach_in_any_phase() {
 
 #[test]
 fn a_backend_that_cannot_be_probed_is_confirmed_only_by_its_calls() {
-    let unprobed = Backend::Unprobeable(None);
+    let unprobed = ProbeAnswer::Unprobeable(None);
     assert_eq!(
         Row::new(Pending, unprobed.clone()).decide(),
         Step::BeginAttach
     );
     assert_eq!(Row::new(Attaching, unprobed.clone()).decide(), Step::Attach);
-    let confirmed = Backend::Unprobeable(Some(Confirmed::Connected));
+    let confirmed = ProbeAnswer::Unprobeable(Some(Confirmed::Connected));
     assert_eq!(
         Row::new(Attaching, confirmed).decide(),
         Step::MarkAttached {
@@ -283,7 +283,7 @@ fn a_backend_that_cannot_be_probed_is_confirmed_only_by_its_calls() {
             token: None
         }
     );
-    let disconnected = Backend::Unprobeable(Some(Confirmed::Disconnected));
+    let disconnected = ProbeAnswer::Unprobeable(Some(Confirmed::Disconnected));
     assert_eq!(
         Row::new(Detaching, disconnected).deleting().decide(),
         Step::MarkDetached
@@ -520,10 +520,10 @@ fn all_rows() -> Vec<Row> {
         connected(&[NODE, OTHER]),
         unattributed(&[]),
         unattributed(&[NODE]),
-        Backend::Unreachable("down".into()),
-        Backend::Unprobeable(None),
-        Backend::Unprobeable(Some(Confirmed::Connected)),
-        Backend::Unprobeable(Some(Confirmed::Disconnected)),
+        ProbeAnswer::Unreachable("down".into()),
+        ProbeAnswer::Unprobeable(None),
+        ProbeAnswer::Unprobeable(Some(Confirmed::Connected)),
+        ProbeAnswer::Unprobeable(Some(Confirmed::Disconnected)),
     ];
     let requests = [
         Request::None,
@@ -581,11 +581,11 @@ fn all_rows() -> Vec<Row> {
 
 /// The backend's word on this node: its probe, or for a backend that cannot be probed, the call
 /// that just succeeded. `None`: no word.
-fn here(backend: &Backend) -> Option<bool> {
+fn here(backend: &ProbeAnswer) -> Option<bool> {
     match backend {
-        Backend::Answered(c) => Some(c.includes(NODE)),
-        Backend::Unprobeable(Some(confirmed)) => Some(*confirmed == Confirmed::Connected),
-        Backend::Unprobeable(None) | Backend::Unreachable(_) => None,
+        ProbeAnswer::Answered(c) => Some(c.includes(NODE)),
+        ProbeAnswer::Unprobeable(Some(confirmed)) => Some(*confirmed == Confirmed::Connected),
+        ProbeAnswer::Unprobeable(None) | ProbeAnswer::Unreachable(_) => None,
     }
 }
 
@@ -704,9 +704,9 @@ fn every_combination_keeps_the_invariant() {
             }
             (Turn::Ours, Basis::Fresh) => {}
         }
-        let unprobeable = matches!(row.backend, Backend::Unprobeable(_));
+        let unprobeable = matches!(row.backend, ProbeAnswer::Unprobeable(_));
         let phase = phase_of(&row.status);
-        if let Backend::Answered(c) = &row.backend
+        if let ProbeAnswer::Answered(c) = &row.backend
             && !c.unattributed.is_empty()
         {
             // A connection that names no node: never "detached" from here on its word, never
@@ -749,14 +749,14 @@ fn every_combination_keeps_the_invariant() {
             ),
             // 2. No attach while another node holds a single-attach volume.
             (Step::Attach | Step::BeginAttach, Some(h)) => {
-                let others = matches!(&row.backend, Backend::Answered(c) if c.nodes.iter().any(|n| n != NODE));
+                let others = matches!(&row.backend, ProbeAnswer::Answered(c) if c.nodes.iter().any(|n| n != NODE));
                 assert!(h || !others || row.policy.multi_attach, "{context}");
                 assert!(!row.deleting, "{context}");
             }
             _ => {}
         }
         if let Request::New(token) = &row.request
-            && !matches!(row.backend, Backend::Unreachable(_))
+            && !matches!(row.backend, ProbeAnswer::Unreachable(_))
         {
             assert_eq!(
                 step,
@@ -816,7 +816,7 @@ fn every_state_converges_when_the_backend_works() {
                         steps.len() < 10,
                         "{phase:?} {start:?} deleting={deleting} does not converge: {steps:?}"
                     );
-                    let answer = Backend::Answered(backend.clone());
+                    let answer = ProbeAnswer::Answered(backend.clone());
                     let input = Input {
                         deleting,
                         has_finalizer: true,
@@ -880,7 +880,7 @@ fn a_requested_force_detach_of_a_live_attachment_reattaches() {
     let mut steps = Vec::new();
     for _ in 0..6 {
         let request = Request::read(Some("t1"), &status);
-        let answer = Backend::Answered(backend.clone());
+        let answer = ProbeAnswer::Answered(backend.clone());
         let input = Input {
             deleting: false,
             has_finalizer: true,
@@ -947,7 +947,7 @@ mod status_tests {
     use crate::decide::events::{Severity, between};
 
     fn observed<'a>(
-        backend: &'a Backend,
+        backend: &'a ProbeAnswer,
         policy: &'a VolumePolicy,
         request: &'a Request,
         now: Timestamp,
@@ -1105,7 +1105,7 @@ mod status_tests {
                 .status,
             "False"
         );
-        let unreachable = Backend::Unreachable("down".into());
+        let unreachable = ProbeAnswer::Unreachable("down".into());
         let kept = after_step(
             &VolumeAttachmentStatus {
                 attached: true,
@@ -1187,7 +1187,7 @@ mod volume_tests {
     use std::collections::BTreeSet;
 
     fn input<'a>(
-        backend: &'a Backend,
+        backend: &'a ProbeAnswer,
         claimed: &'a BTreeSet<String>,
         policy: OrphanPolicy,
         now: Timestamp,
@@ -1366,7 +1366,7 @@ fn a_phase_that_began_in_the_future_has_not_begun_to_count() {
 fn a_deleted_attachment_that_never_attached_is_detached_before_release() {
     // Pending may follow an attach of unknown outcome (then a block): nothing is marked
     // Detached before an idempotent detach.
-    for backend in [connected(&[]), Backend::Unprobeable(None)] {
+    for backend in [connected(&[]), ProbeAnswer::Unprobeable(None)] {
         let row = Row::new(Pending, backend.clone()).deleting();
         let step = row.decide();
         assert_eq!(step, Step::Detach, "{backend:?}");

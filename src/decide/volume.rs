@@ -1,7 +1,7 @@
 //! The Volume's view: which backend connections no attachment claims (case 5, orphans), what to
 //! do about them, and the Volume's status. Pure, like the rest of the core.
 
-use super::{Backend, Misconfiguration, elapsed_since, status::next_probe_record};
+use super::{Misconfiguration, ProbeAnswer, elapsed_since, status::next_probe_record};
 use crate::api::{
     AttachmentPhase, ConditionStatus, Orphan, OrphanPolicy, ProbeResult, VolumePhase, VolumeStatus,
     find_condition, set_condition,
@@ -18,7 +18,7 @@ pub struct VolumeInput<'a> {
     pub generation: Option<i64>,
     /// Why the Volume cannot reach its backend, if it cannot.
     pub problem: Option<&'a Misconfiguration>,
-    pub backend: Option<&'a Backend>,
+    pub backend: Option<&'a ProbeAnswer>,
     /// Nodes for which a VolumeAttachment of this volume exists: those connections are claimed,
     /// and their own controller resolves them.
     pub claimed: &'a BTreeSet<String>,
@@ -98,7 +98,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
     }
 
     match input.backend {
-        Some(Backend::Answered(connections)) => {
+        Some(ProbeAnswer::Answered(connections)) => {
             let nodes: Vec<String> = connections.nodes.iter().cloned().collect();
             // A connection that names no node still connects the volume.
             let unattributed = (!connections.unattributed.is_empty()).then(|| {
@@ -227,7 +227,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                 input.attachment_phases,
             ));
         }
-        Some(Backend::Unreachable(message)) => {
+        Some(ProbeAnswer::Unreachable(message)) => {
             status.last_probe = Some(next_probe_record(
                 status.last_probe.take(),
                 ProbeResult::Unreachable,
@@ -245,7 +245,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                 now,
             );
         }
-        Some(Backend::Unprobeable(_)) => {
+        Some(ProbeAnswer::Unprobeable(_)) => {
             status.last_probe = Some(next_probe_record(
                 status.last_probe.take(),
                 ProbeResult::NotProbeable,

@@ -24,7 +24,7 @@ use crate::api::{
 use crate::decide::events::{Notice, between, handed_over};
 use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
 use crate::decide::{
-    BUSY_RECHECK, Backend, Basis, Confirmed, FENCED_RECHECK, Input, Misconfiguration, Request,
+    BUSY_RECHECK, Basis, Confirmed, FENCED_RECHECK, Input, Misconfiguration, ProbeAnswer, Request,
     Step, Turn, VolumePolicy, Wait, decide, stuck_in,
 };
 use crate::driver::{AttachRequest, Driver, DriverError, ok_if_not_connected};
@@ -243,7 +243,7 @@ impl<'a> Reconcile<'a> {
         let mut confirmed = None;
         // The probe's answer on this turn. It holds until a driver call: no other reconcile of
         // this backend volume acts meanwhile, so only a call of this one makes it out of date.
-        let mut answer: Option<Backend> = None;
+        let mut answer: Option<ProbeAnswer> = None;
         for _ in 0..MAX_STEPS {
             let turn = if !self.context.fence.permits() {
                 Turn::Fenced
@@ -254,7 +254,7 @@ impl<'a> Reconcile<'a> {
             };
             let backend = match &target {
                 Ok(target) if target.driver.can_probe() => answer.clone(),
-                Ok(_) => Some(Backend::Unprobeable(confirmed)),
+                Ok(_) => Some(ProbeAnswer::Unprobeable(confirmed)),
                 Err(_) => None,
             };
             let annotation = self
@@ -408,7 +408,7 @@ impl<'a> Reconcile<'a> {
                     );
                     // The probe of a Volume re-created over the same disk went unanswered:
                     // asked again with backoff, as any unanswered probe.
-                    if matches!(backend, Some(Backend::Unreachable(_))) {
+                    if matches!(backend, Some(ProbeAnswer::Unreachable(_))) {
                         return Ok(Outcome::Retry(Action::requeue(
                             self.context.backoff.failed(&self.name, None),
                         )));

@@ -12,7 +12,7 @@ mod volume;
 
 use crate::api::{Volume, VolumeAttachment};
 use crate::config::Config;
-use crate::decide::Backend;
+use crate::decide::ProbeAnswer;
 
 use crate::driver::Driver;
 use crate::runtime::health::Health;
@@ -344,9 +344,9 @@ fn owner_of_handle(aliases: &[Arc<Volume>], volume: &Volume) -> Option<String> {
 }
 
 /// Asks the backend where the volume is connected; no answer is recorded as such, never guessed.
-async fn probe(driver: &dyn Driver, handle: &str) -> Backend {
+async fn probe(driver: &dyn Driver, handle: &str) -> ProbeAnswer {
     match driver.probe(handle).await {
-        Ok(connections) => Backend::Answered(connections),
-        Err(error) => Backend::Unreachable(error.to_string()),
+        Ok(connections) => ProbeAnswer::Answered(connections),
+        Err(error) => ProbeAnswer::Unreachable(error.to_string()),
     }
 }

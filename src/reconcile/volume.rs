@@ -11,7 +11,7 @@ use crate::api::{
 };
 use crate::decide::events::{Notice, Severity};
 use crate::decide::volume::{VolumeInput, decide_volume};
-use crate::decide::{BUSY_RECHECK, Backend, FENCED_RECHECK, Misconfiguration};
+use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, Misconfiguration, ProbeAnswer};
 use crate::driver::{Driver, ok_if_not_connected};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -148,7 +148,7 @@ async fn reconcile_volume(
     };
     let backend = match &driver {
         Some(driver) if problem.is_none() && !driver.can_probe() => {
-            Some(Backend::Unprobeable(None))
+            Some(ProbeAnswer::Unprobeable(None))
         }
         Some(driver) if problem.is_none() => {
             Some(probe(driver.as_ref(), &volume.spec.volume_handle).await)
@@ -255,7 +255,9 @@ async fn force_detach_orphan(
     let name = volume.name_any();
     let result = ok_if_not_connected(driver.force_detach(handle, node).await);
     let confirmed = match &result {
-        Ok(()) => matches!(probe(driver, handle).await, Backend::Answered(c) if !c.includes(node)),
+        Ok(()) => {
+            matches!(probe(driver, handle).await, ProbeAnswer::Answered(c) if !c.includes(node))
+        }
         Err(_) => false,
     };
     let outcome = match (&result, confirmed) {
