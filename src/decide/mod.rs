@@ -67,9 +67,10 @@ pub struct VolumePolicy {
     pub auto_force_detach: bool,
 }
 
-/// Why the attachment cannot reach its backend at all.
+/// Why the attachment cannot act through its Volume now: the Volume is missing, unusable, being
+/// deleted, an alias of another, or no longer the one the attachment connected through.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Misconfiguration {
+pub enum VolumeProblem {
     /// The Volume named by `spec.volumeName` does not exist.
     VolumeNotFound(String),
     /// The Volume names a driver the operator does not have.
@@ -89,7 +90,7 @@ pub enum Misconfiguration {
     },
 }
 
-impl Misconfiguration {
+impl VolumeProblem {
     /// Whether the backend volume the attachment recorded is the one its Volume names now, so
     /// that a probe asked on this turn answers for what the record claims: only a Volume
     /// re-created over the same driver and handle.
@@ -228,7 +229,7 @@ pub struct Input<'a> {
     pub status: &'a VolumeAttachmentStatus,
     pub request: &'a Request,
     /// The Volume's policy, or why the attachment cannot reach its backend.
-    pub volume: Result<&'a VolumePolicy, &'a Misconfiguration>,
+    pub volume: Result<&'a VolumePolicy, &'a VolumeProblem>,
     /// What the attachment reaches now: the Volume's driver, handle and UID, or, for a deleted
     /// attachment, what it recorded when it attached. Absent with a misconfiguration.
     pub target: Option<&'a Binding>,
@@ -284,7 +285,7 @@ pub enum Step {
         recheck_after: Option<Duration>,
     },
     /// The attachment cannot reach its backend; record why and wait for a fix.
-    Fail(Misconfiguration),
+    Fail(VolumeProblem),
     /// Read the attachment from the apiserver and decide again: the next step would act on a
     /// record that may be out of date.
     Refresh,
@@ -399,7 +400,7 @@ fn decide_on_record(input: &Input) -> Step {
     if let (Some(recorded), Some(now)) = (&input.status.bound_to, input.target)
         && recorded != now
     {
-        let problem = Misconfiguration::BindingChanged {
+        let problem = VolumeProblem::BindingChanged {
             recorded: Box::new(recorded.clone()),
             now: Box::new(now.clone()),
         };

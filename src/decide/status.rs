@@ -5,7 +5,7 @@
 //! what they date changes. That is what lets the reconciler write only when something changed.
 
 use super::{
-    Confirmed, MAX_HANDLED_TOKENS, Misconfiguration, ProbeAnswer, Request, Step, VolumePolicy,
+    Confirmed, MAX_HANDLED_TOKENS, ProbeAnswer, Request, Step, VolumePolicy, VolumeProblem,
     phase_of, stuck_in,
 };
 use crate::api::{
@@ -547,7 +547,7 @@ fn ready(
     );
 }
 
-fn fail(status: &mut VolumeAttachmentStatus, observed: &Observed, problem: &Misconfiguration) {
+fn fail(status: &mut VolumeAttachmentStatus, observed: &Observed, problem: &VolumeProblem) {
     let message = problem.message()
         + match (phase_of(status), observed.backend) {
             (AttachmentPhase::Failed, _) => "",

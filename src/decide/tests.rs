@@ -481,7 +481,7 @@ fn a_force_detach_under_way_goes_on_after_a_restart() {
 #[test]
 fn a_misconfiguration_fails_without_touching_the_backend() {
     let row = Row::new(Attached, connected(&[NODE]));
-    let problem = Misconfiguration::VolumeNotFound("v".into());
+    let problem = VolumeProblem::VolumeNotFound("v".into());
     let input = Input {
         volume: Err(&problem),
         backend: None,
@@ -1163,7 +1163,7 @@ mod status_tests {
             request: &request,
             now: t(10),
         };
-        let problem = Misconfiguration::UnknownDriver("iscsi".into());
+        let problem = VolumeProblem::UnknownDriver("iscsi".into());
         let status = after_step(
             &VolumeAttachmentStatus {
                 attached: true,
@@ -1418,7 +1418,7 @@ fn a_live_attachment_whose_volume_was_replaced_is_not_attached_to_the_new_one() 
         ..row.input()
     });
     assert!(
-        matches!(&step, Step::Fail(Misconfiguration::BindingChanged { recorded, now })
+        matches!(&step, Step::Fail(VolumeProblem::BindingChanged { recorded, now })
             if recorded.volume_handle == "vol1" && now.volume_handle == "vol2"),
         "{step:?}"
     );
@@ -1474,7 +1474,7 @@ fn a_volume_recreated_over_the_same_backend_volume_keeps_the_record_true_to_the_
         ..row.input()
     });
     assert!(
-        matches!(step, Step::Fail(Misconfiguration::BindingChanged { .. })),
+        matches!(step, Step::Fail(VolumeProblem::BindingChanged { .. })),
         "{step:?}"
     );
     let observed = row.observed(&recreated);

@@ -1,7 +1,7 @@
 //! The Volume's view: which backend connections no attachment claims (case 5, orphans), what to
 //! do about them, and the Volume's status. Pure, like the rest of the core.
 
-use super::{Misconfiguration, ProbeAnswer, elapsed_since, status::next_probe_record};
+use super::{ProbeAnswer, VolumeProblem, elapsed_since, status::next_probe_record};
 use crate::api::{
     AttachmentPhase, ConditionStatus, Orphan, OrphanPolicy, ProbeResult, VolumePhase, VolumeStatus,
     find_condition, set_condition,
@@ -17,7 +17,7 @@ use std::time::Duration;
 pub struct VolumeInput<'a> {
     pub generation: Option<i64>,
     /// Why the Volume cannot reach its backend, if it cannot.
-    pub problem: Option<&'a Misconfiguration>,
+    pub problem: Option<&'a VolumeProblem>,
     pub backend: Option<&'a ProbeAnswer>,
     /// Nodes for which a VolumeAttachment of this volume exists: those connections are claimed,
     /// and their own controller resolves them.

@@ -24,8 +24,8 @@ use crate::api::{
 use crate::decide::events::{Notice, between, handed_over};
 use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
 use crate::decide::{
-    BUSY_RECHECK, Basis, Confirmed, FENCED_RECHECK, Input, Misconfiguration, ProbeAnswer, Request,
-    Step, Turn, VolumePolicy, Wait, decide, stuck_in,
+    BUSY_RECHECK, Basis, Confirmed, FENCED_RECHECK, Input, ProbeAnswer, Request, Step, Turn,
+    VolumePolicy, VolumeProblem, Wait, decide, stuck_in,
 };
 use crate::driver::{AttachRequest, Driver, DriverError, ok_if_not_connected};
 use jiff::Timestamp;
@@ -511,7 +511,7 @@ impl<'a> Reconcile<'a> {
     /// The backend and policy of `volume` (the attachment's Volume, from the cache or read
     /// fresh), or why there is none. A deleted attachment that recorded what it attached goes
     /// there, even if its Volume was replaced or is gone.
-    fn target(&self, volume: Option<Arc<Volume>>) -> Result<Target, Misconfiguration> {
+    fn target(&self, volume: Option<Arc<Volume>>) -> Result<Target, VolumeProblem> {
         let volume_name = &self.attachment.spec.volume_name;
         let deleting = self.attachment.metadata.deletion_timestamp.is_some();
         let recorded = self
@@ -527,20 +527,20 @@ impl<'a> Reconcile<'a> {
         {
             return self.recorded_target(recorded);
         }
-        let volume = volume.ok_or_else(|| Misconfiguration::VolumeNotFound(volume_name.clone()))?;
+        let volume = volume.ok_or_else(|| VolumeProblem::VolumeNotFound(volume_name.clone()))?;
         // A Volume on its way out, or an alias of another's backend volume, is not attached
         // anywhere new; a detach still reaches it.
         if volume.metadata.deletion_timestamp.is_some() && !deleting {
-            return Err(Misconfiguration::VolumeDeleting(volume_name.clone()));
+            return Err(VolumeProblem::VolumeDeleting(volume_name.clone()));
         }
         let aliases = aliases_of(&self.context.volumes, &volume);
         if !deleting && let Some(owner) = owner_of_handle(&aliases, &volume) {
-            return Err(Misconfiguration::DuplicateHandle { owner });
+            return Err(VolumeProblem::DuplicateHandle { owner });
         }
         let driver = self.driver(&volume.spec.driver)?;
         let stuck_after = match &volume.spec.stuck_after {
             Some(text) => parse_duration(text)
-                .map_err(|e| Misconfiguration::InvalidVolume(format!("spec.stuckAfter: {e}")))?,
+                .map_err(|e| VolumeProblem::InvalidVolume(format!("spec.stuckAfter: {e}")))?,
             None => self.context.config.default_stuck_after,
         };
         Ok(Target {
@@ -565,7 +565,7 @@ impl<'a> Reconcile<'a> {
 
     /// The backend volume a deleted attachment recorded, when its Volume no longer names it. Its
     /// Volume's policy is gone with it: the operator's defaults apply to the detach.
-    fn recorded_target(&self, recorded: &Binding) -> Result<Target, Misconfiguration> {
+    fn recorded_target(&self, recorded: &Binding) -> Result<Target, VolumeProblem> {
         Ok(Target {
             driver: self.driver(&recorded.driver)?,
             driver_name: recorded.driver.clone(),
@@ -581,13 +581,13 @@ impl<'a> Reconcile<'a> {
         })
     }
 
-    fn driver(&self, name: &str) -> Result<Arc<dyn Driver>, Misconfiguration> {
+    fn driver(&self, name: &str) -> Result<Arc<dyn Driver>, VolumeProblem> {
         self.context
             .config
             .drivers
             .get(name)
             .cloned()
-            .ok_or_else(|| Misconfiguration::UnknownDriver(name.to_owned()))
+            .ok_or_else(|| VolumeProblem::UnknownDriver(name.to_owned()))
     }
 
     async fn attach(&mut self, target: &Target) -> Result<(), DriverError> {

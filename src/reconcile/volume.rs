@@ -11,7 +11,7 @@ use crate::api::{
 };
 use crate::decide::events::{Notice, Severity};
 use crate::decide::volume::{VolumeInput, decide_volume};
-use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, Misconfiguration, ProbeAnswer};
+use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, ProbeAnswer, VolumeProblem};
 use crate::driver::{Driver, ok_if_not_connected};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -121,14 +121,14 @@ async fn reconcile_volume(
     let driver = context.config.drivers.get(&volume.spec.driver).cloned();
     let grace = match &volume.spec.stuck_after {
         Some(text) => parse_duration(text)
-            .map_err(|e| Misconfiguration::InvalidVolume(format!("spec.stuckAfter: {e}"))),
+            .map_err(|e| VolumeProblem::InvalidVolume(format!("spec.stuckAfter: {e}"))),
         None => Ok(context.config.default_stuck_after),
     };
     let owner = owner_of_handle(&aliases_of(&context.volumes, &volume), &volume);
     let problem = match (&driver, &grace, owner) {
-        (None, _, _) => Some(Misconfiguration::UnknownDriver(volume.spec.driver.clone())),
+        (None, _, _) => Some(VolumeProblem::UnknownDriver(volume.spec.driver.clone())),
         (_, Err(problem), _) => Some(problem.clone()),
-        (_, _, Some(owner)) => Some(Misconfiguration::DuplicateHandle { owner }),
+        (_, _, Some(owner)) => Some(VolumeProblem::DuplicateHandle { owner }),
         _ => None,
     };
     // The probe and any forced detach of an orphan are taken on the volume's turn, so that an
