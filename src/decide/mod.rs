@@ -67,6 +67,16 @@ pub struct VolumePolicy {
     pub auto_force_detach: bool,
 }
 
+/// A Volume's `stuckAfter`: its own when it sets one, else the operator's default. A text the
+/// schema should have refused makes the Volume unusable, never a guess.
+pub fn stuck_after(spec: Option<&str>, default: Duration) -> Result<Duration, VolumeProblem> {
+    match spec {
+        Some(text) => crate::api::parse_duration(text)
+            .map_err(|e| VolumeProblem::InvalidVolume(format!("spec.stuckAfter: {e}"))),
+        None => Ok(default),
+    }
+}
+
 /// Why the attachment cannot act through its Volume now: the Volume is missing, unusable, being
 /// deleted, an alias of another, or no longer the one the attachment connected through.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1581,3 +1581,17 @@ fn deleting_one_of_two_claims_on_a_connection_hands_it_over() {
         Step::ForceDetach { .. }
     ));
 }
+
+#[test]
+fn stuck_after_is_the_volumes_own_else_the_default_and_never_a_guess() {
+    let default = Duration::from_secs(120);
+    assert_eq!(stuck_after(None, default), Ok(default));
+    assert_eq!(
+        stuck_after(Some("1m30s"), default),
+        Ok(Duration::from_secs(90))
+    );
+    assert!(matches!(
+        stuck_after(Some("ninety seconds"), default),
+        Err(VolumeProblem::InvalidVolume(message)) if message.starts_with("spec.stuckAfter: ")
+    ));
+}

@@ -19,13 +19,12 @@ use crate::api::types::READY;
 use crate::api::{
     ATTACHMENT_FINALIZER, Binding, ConditionStatus, FORCE_DETACH_ANNOTATION, ForceDetachReason,
     ForceDetachState, Volume, VolumeAttachment, VolumeAttachmentStatus, condition_with,
-    parse_duration,
 };
 use crate::decide::events::{Notice, between, handed_over};
 use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
 use crate::decide::{
     BUSY_RECHECK, Basis, Confirmed, FENCED_RECHECK, Input, ProbeAnswer, Request, Step, Turn,
-    VolumePolicy, VolumeProblem, Wait, decide, stuck_in,
+    VolumePolicy, VolumeProblem, Wait, decide, stuck_after, stuck_in,
 };
 use crate::driver::{AttachRequest, Driver, DriverError, ok_if_not_connected};
 use jiff::Timestamp;
@@ -537,12 +536,11 @@ impl<'a> Reconcile<'a> {
         if !deleting && let Some(owner) = owner_of_handle(&aliases, &volume) {
             return Err(VolumeProblem::DuplicateHandle { owner });
         }
-        let driver = self.driver(&volume.spec.driver)?;
-        let stuck_after = match &volume.spec.stuck_after {
-            Some(text) => parse_duration(text)
-                .map_err(|e| VolumeProblem::InvalidVolume(format!("spec.stuckAfter: {e}")))?,
-            None => self.context.config.default_stuck_after,
-        };
+        let driver = self.context.driver(&volume.spec.driver)?;
+        let stuck_after = stuck_after(
+            volume.spec.stuck_after.as_deref(),
+            self.context.config.default_stuck_after,
+        )?;
         Ok(Target {
             driver,
             driver_name: volume.spec.driver.clone(),
@@ -567,7 +565,7 @@ impl<'a> Reconcile<'a> {
     /// Volume's policy is gone with it: the operator's defaults apply to the detach.
     fn recorded_target(&self, recorded: &Binding) -> Result<Target, VolumeProblem> {
         Ok(Target {
-            driver: self.driver(&recorded.driver)?,
+            driver: self.context.driver(&recorded.driver)?,
             driver_name: recorded.driver.clone(),
             handle: recorded.volume_handle.clone(),
             policy: VolumePolicy {
@@ -579,15 +577,6 @@ impl<'a> Reconcile<'a> {
             },
             binding: recorded.clone(),
         })
-    }
-
-    fn driver(&self, name: &str) -> Result<Arc<dyn Driver>, VolumeProblem> {
-        self.context
-            .config
-            .drivers
-            .get(name)
-            .cloned()
-            .ok_or_else(|| VolumeProblem::UnknownDriver(name.to_owned()))
     }
 
     async fn attach(&mut self, target: &Target) -> Result<(), DriverError> {

@@ -12,7 +12,7 @@ mod volume;
 
 use crate::api::{Volume, VolumeAttachment};
 use crate::config::Config;
-use crate::decide::ProbeAnswer;
+use crate::decide::{ProbeAnswer, VolumeProblem};
 
 use crate::driver::Driver;
 use crate::runtime::health::Health;
@@ -82,6 +82,17 @@ pub struct Context {
     fence: Fence,
     /// How many attachment reconciles run at once, by kind.
     lanes: Lanes,
+}
+
+impl Context {
+    /// The driver a Volume names, or why there is none.
+    fn driver(&self, name: &str) -> Result<Arc<dyn Driver>, VolumeProblem> {
+        self.config
+            .drivers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VolumeProblem::UnknownDriver(name.to_owned()))
+    }
 }
 
 /// Runs both controllers until `shutdown` resolves. With a `label_selector`, only the Volumes and

@@ -7,11 +7,11 @@ use crate::MANAGER;
 use crate::api::types::{MULTI_ATTACHED, ORPHANED, READY};
 use crate::api::{
     ConditionStatus, VOLUME_FINALIZER, Volume, VolumeAttachment, VolumePhase, VolumeStatus,
-    condition_with, find_condition, parse_duration,
+    condition_with, find_condition,
 };
 use crate::decide::events::{Notice, Severity};
 use crate::decide::volume::{VolumeInput, decide_volume};
-use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, ProbeAnswer, VolumeProblem};
+use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, ProbeAnswer, VolumeProblem, stuck_after};
 use crate::driver::{Driver, ok_if_not_connected};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -118,19 +118,18 @@ async fn reconcile_volume(
     if !deleting && let Some(written) = finalizer::add(&api, &volume, VOLUME_FINALIZER).await? {
         volume = written;
     }
-    let driver = context.config.drivers.get(&volume.spec.driver).cloned();
-    let grace = match &volume.spec.stuck_after {
-        Some(text) => parse_duration(text)
-            .map_err(|e| VolumeProblem::InvalidVolume(format!("spec.stuckAfter: {e}"))),
-        None => Ok(context.config.default_stuck_after),
-    };
+    let driver = context.driver(&volume.spec.driver);
+    let grace = stuck_after(
+        volume.spec.stuck_after.as_deref(),
+        context.config.default_stuck_after,
+    );
     let owner = owner_of_handle(&aliases_of(&context.volumes, &volume), &volume);
     let problem = match (&driver, &grace, owner) {
-        (None, _, _) => Some(VolumeProblem::UnknownDriver(volume.spec.driver.clone())),
-        (_, Err(problem), _) => Some(problem.clone()),
+        (Err(problem), _, _) | (_, Err(problem), _) => Some(problem.clone()),
         (_, _, Some(owner)) => Some(VolumeProblem::DuplicateHandle { owner }),
         _ => None,
     };
+    let driver = driver.ok();
     // The probe and any forced detach of an orphan are taken on the volume's turn, so that an
     // attachment between its attach and its confirmation is not mistaken for an orphan.
     let _turn = match &driver {
