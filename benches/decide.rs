@@ -7,7 +7,7 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use safe_detach::api::{AttachmentPhase, VolumeAttachmentStatus};
-use safe_detach::decide::status::{Observed, after_step};
+use safe_detach::decide::status::after_step;
 use safe_detach::decide::{Basis, Input, ProbeAnswer, Request, Turn, VolumePolicy, decide};
 use safe_detach::driver::Connections;
 use std::hint::black_box;
@@ -71,19 +71,12 @@ fn main() {
                 backend: Some(&backend),
                 basis: Basis::Fresh,
                 turn: Turn::Ours,
+                generation: Some(1),
+                resync: Duration::from_secs(60),
                 now,
             };
             let step = decide(&input);
-            let observed = Observed {
-                node: "node-a",
-                target: None,
-                generation: Some(1),
-                policy: Some(&policy),
-                backend: Some(&backend),
-                request: &request,
-                now,
-            };
-            black_box(after_step(&status, &step, &observed));
+            black_box(after_step(&input, &step));
         }
         let per_call = started.elapsed().as_nanos() / u128::from(ROUNDS);
         println!("| {name} | {per_call} |");

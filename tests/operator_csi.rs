@@ -27,7 +27,7 @@ use std::time::Duration;
 use support::cluster::{TestObjects, admin_client, unique_name};
 use support::csi::{CsiPlugin, DRIVER_NAME};
 use support::grpc_proxy::{Fault, GrpcProxy};
-use support::operator::{Operator, SHARD_LABEL};
+use support::operator::{Operator, Options, SHARD_LABEL, counters};
 use support::scenario::{
     SeenEvent, attached, condition, describe_events, events_in, has, phase, show, volume_condition,
 };
@@ -112,7 +112,7 @@ impl CsiScenario {
         .to_text()
         .expect("the plugin's socket path is UTF-8");
         let shard = unique_name("csi-shard");
-        let operator = Operator::start(&shard, &config).await;
+        let operator = Operator::start_with(&shard, &config, Options::default()).await;
         let client = admin_client().await;
         Self {
             operator,
@@ -289,24 +289,26 @@ impl CsiScenario {
         self.plugin.controller_published_nodes(handle).await
     }
 
-    /// How many reconciles of the attachment the operator has finished converged so far.
-    fn converged_reconciles(&self, name: &str) -> usize {
-        let log = strip_ansi(&self.operator.log());
-        let marks = [format!("object={name} "), format!("object={name}}}")];
-        log.lines()
-            .filter(|line| marks.iter().any(|m| line.contains(m.as_str())))
-            .filter(|line| line.contains("Converged"))
-            .count()
+    /// How many reconciles of an attachment the operator has worked through so far, by its own
+    /// `safedetach_reconcile_duration_seconds` (a reconcile held back by its backoff, or queued
+    /// for its turn, is not counted). The shard is this test's own, so they are reconciles of
+    /// this test's attachments.
+    async fn attachment_reconciles(&self) -> f64 {
+        counters(self.operator.http_address())
+            .await
+            .get(r#"safedetach_reconcile_duration_seconds_count{kind="VolumeAttachment"}"#)
+            .copied()
+            .unwrap_or(0.0)
     }
 
-    /// Waits until the operator has finished a converged reconcile of the attachment beyond the
-    /// `before` it had finished earlier: it has seen whatever changed since.
-    async fn wait_converged_reconcile(&self, name: &str, before: usize) {
+    /// Waits until the operator has worked through more reconciles of attachments than the
+    /// `before` it had earlier.
+    async fn wait_reconciles_beyond(&self, before: f64) {
         let give_up = Instant::now() + WAIT;
-        while self.converged_reconciles(name) <= before {
+        while self.attachment_reconciles().await <= before {
             assert!(
                 Instant::now() < give_up,
-                "the operator did not reconcile {name} again within {WAIT:?}:\n{}",
+                "the operator did not reconcile again within {WAIT:?}:\n{}",
                 self.log_tail(60)
             );
             tokio::time::sleep(POLL).await;
@@ -521,14 +523,14 @@ async fn force_detach_on_request_acts_once_per_token_then_attaches_again() {
     s.wait_occurrences(&name, "Attached", &volume, 2).await;
 
     // The same token again, with another change to make the operator look: nothing happens.
-    let seen = s.converged_reconciles(&name);
+    let seen = s.attachment_reconciles().await;
     s.annotate(
         &name,
         json!({ FORCE_DETACH_ANNOTATION: token, "test.safedetach.io/touched": "1" }),
     )
     .await;
-    // Two more converged reconciles: at most one of them (a resync) can predate the change.
-    s.wait_converged_reconcile(&name, seen + 1).await;
+    // Two more reconciles: at most one of them (one under way) can predate the change.
+    s.wait_reconciles_beyond(seen + 1.0).await;
     assert_eq!(
         s.proxy.calls(UNPUBLISH),
         unpublishes + 1,

@@ -33,6 +33,18 @@ impl Notice {
     }
 }
 
+/// The failure the status reports (its Ready condition False, by reason). It was told when it was
+/// first recorded: a reconcile that meets it again at a retry does not tell it again.
+pub fn reported_failure(status: &VolumeAttachmentStatus) -> Option<String> {
+    condition_with(&status.conditions, READY, ConditionStatus::False).map(|c| c.reason.clone())
+}
+
+/// Whether `notice` tells something other than the failure already `reported` (see
+/// [`reported_failure`]).
+pub fn is_news(notice: &Notice, reported: Option<&str>) -> bool {
+    Some(notice.reason.as_str()) != reported
+}
+
 /// The events that the transition from `old` to `new` deserves.
 pub fn between(
     old: &VolumeAttachmentStatus,

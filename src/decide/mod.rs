@@ -10,6 +10,7 @@
 //! when the backend showed no other node holding a single-attach volume.
 
 pub mod events;
+pub mod recheck;
 pub mod status;
 pub mod sweep;
 pub mod volume;
@@ -23,9 +24,6 @@ use crate::api::{
 use crate::driver::Connections;
 use jiff::Timestamp;
 use std::time::Duration;
-
-/// How often a converged attachment is probed again, to notice a connection lost out of band.
-pub const RESYNC_INTERVAL: Duration = Duration::from_secs(300);
 
 /// The longest accepted force-detach token; annotation values may be far longer than a status
 /// field should carry.
@@ -253,7 +251,19 @@ pub struct Input<'a> {
     /// Whether `status` (and the rest of the record) is known to be current.
     pub basis: Basis,
     pub turn: Turn,
+    /// The attachment's `metadata.generation`, which the conditions written on it observe.
+    pub generation: Option<i64>,
+    /// How often a converged attachment is looked at again (the operator's `resyncInterval`), to
+    /// notice a connection lost out of band.
+    pub resync: Duration,
     pub now: Timestamp,
+}
+
+impl Input<'_> {
+    /// The Volume's policy, when the attachment can reach its backend.
+    pub fn policy(&self) -> Option<&VolumePolicy> {
+        self.volume.ok()
+    }
 }
 
 /// The one next thing to do.
@@ -324,6 +334,12 @@ pub enum Wait {
 impl Step {
     fn wait(why: Wait, recheck_after: Option<Duration>) -> Self {
         Self::Wait { why, recheck_after }
+    }
+
+    /// Whether the step calls the driver (the calls that the intent written before them
+    /// announces).
+    pub fn calls_driver(&self) -> bool {
+        matches!(self, Self::Attach | Self::Detach | Self::ForceDetach { .. })
     }
 
     /// Whether the step acts outside the status write (which the apiserver refuses when its
@@ -546,7 +562,7 @@ fn decide_on_record(input: &Input) -> Step {
         AttachmentPhase::Attached if here && input.status.connection_info.is_empty() => {
             Step::Attach
         }
-        AttachmentPhase::Attached if here => Step::wait(Wait::Converged, Some(RESYNC_INTERVAL)),
+        AttachmentPhase::Attached if here => Step::wait(Wait::Converged, Some(input.resync)),
         AttachmentPhase::Attached => Step::ConnectionLost,
 
         // Pending, Detached (after a forced detach of a live attachment) or Failed: attach anew.
@@ -591,7 +607,7 @@ fn decide_unprobed(
             stuck_step(policy, ForceDetachReason::StuckAttaching, Step::Attach)
         }
         AttachmentPhase::Attaching => Step::Attach,
-        AttachmentPhase::Attached => Step::wait(Wait::Converged, Some(RESYNC_INTERVAL)),
+        AttachmentPhase::Attached => Step::wait(Wait::Converged, Some(input.resync)),
         _ => Step::BeginAttach,
     }
 }

@@ -4,13 +4,14 @@
 //! and times (`phaseSince`, a condition's `lastTransitionTime`, `lastProbe.time`) move only when
 //! what they date changes. That is what lets the reconciler write only when something changed.
 
+use super::recheck::Recheck;
 use super::{
-    Confirmed, MAX_HANDLED_TOKENS, ProbeAnswer, Request, Step, VolumePolicy, VolumeProblem,
-    phase_of, stuck_in,
+    Confirmed, Input, MAX_HANDLED_TOKENS, ProbeAnswer, Request, Step, VolumeProblem, phase_of,
+    stuck_in,
 };
 use crate::api::{
-    AttachmentPhase, Binding, ConditionStatus, ForceDetachState, ForceDetachStatus, ProbeRecord,
-    ProbeResult, VolumeAttachmentStatus, is_true, set_condition,
+    AttachmentPhase, ConditionStatus, ForceDetachReason, ForceDetachState, ForceDetachStatus,
+    ProbeRecord, ProbeResult, VolumeAttachmentStatus, is_true, set_condition,
     types::{ATTACH_BLOCKED, BACKEND_IN_SYNC, READY, REQUEST_REJECTED, STUCK},
 };
 use crate::driver::{ConnectionInfo, DriverError};
@@ -18,59 +19,41 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::time::Duration;
 
-/// What the status is computed against, besides the step.
-#[derive(Clone, Debug)]
-pub struct Observed<'a> {
-    pub node: &'a str,
-    /// What the attachment reaches (see [`super::Input::target`]).
-    pub target: Option<&'a Binding>,
-    pub generation: Option<i64>,
-    pub policy: Option<&'a VolumePolicy>,
-    pub backend: Option<&'a ProbeAnswer>,
-    pub request: &'a Request,
-    pub now: Timestamp,
+fn time(input: &Input) -> Time {
+    Time(input.now)
 }
 
-impl Observed<'_> {
-    fn time(&self) -> Time {
-        Time(self.now)
-    }
-}
-
-/// The status after `step`, before any driver call it implies.
-pub fn after_step(
-    current: &VolumeAttachmentStatus,
-    step: &Step,
-    observed: &Observed,
-) -> VolumeAttachmentStatus {
+/// The status after `step` was decided on `input`, before any driver call it implies.
+pub fn after_step(input: &Input, step: &Step) -> VolumeAttachmentStatus {
+    let current = input.status;
     // An answer asked of what the Volume names now says nothing of another backend volume the
     // attachment recorded: the record keeps what was last confirmed of that one.
     let unrelated;
-    let observed = if let Step::Fail(problem) = step
+    let input = if let Step::Fail(problem) = step
         && !problem.answers_for_recorded()
-        && observed.backend.is_some()
+        && input.backend.is_some()
     {
-        unrelated = Observed {
+        unrelated = Input {
             backend: None,
-            ..observed.clone()
+            ..input.clone()
         };
         &unrelated
     } else {
-        observed
+        input
     };
     let mut status = current.clone();
-    let now = observed.time();
+    let now = time(input);
     match step {
         Step::BeginAttach => {
-            set_phase(&mut status, AttachmentPhase::Attaching, observed.now);
+            set_phase(&mut status, AttachmentPhase::Attaching, input.now);
             status.connection_info.clear();
-            bind(&mut status, observed);
+            bind(&mut status, input);
         }
         // A record from before bindings were kept learns it on its next attach.
-        Step::Attach => bind(&mut status, observed),
+        Step::Attach => bind(&mut status, input),
         Step::MarkAttached { rolled_forward } => {
-            set_phase(&mut status, AttachmentPhase::Attached, observed.now);
-            bind(&mut status, observed);
+            set_phase(&mut status, AttachmentPhase::Attached, input.now);
+            bind(&mut status, input);
             let (reason, message) = if *rolled_forward {
                 (
                     "RolledForward",
@@ -82,21 +65,15 @@ pub fn after_step(
                     "the backend confirms the volume is connected to the node",
                 )
             };
-            ready(
-                &mut status,
-                observed,
-                ConditionStatus::True,
-                reason,
-                message,
-            );
+            ready(&mut status, input, ConditionStatus::True, reason, message);
         }
         Step::BlockAttach { holders } => {
-            set_phase(&mut status, AttachmentPhase::Pending, observed.now);
+            set_phase(&mut status, AttachmentPhase::Pending, input.now);
             let message = format!(
                 "the backend shows the volume connected to {}; it is not multiAttach, so it is not attached here until that node is detached",
                 holders.join(", ")
             );
-            let generation = observed.generation;
+            let generation = input.generation;
             set_condition(
                 &mut status.conditions,
                 ATTACH_BLOCKED,
@@ -108,24 +85,24 @@ pub fn after_step(
             );
         }
         Step::ConnectionLost => {
-            set_phase(&mut status, AttachmentPhase::Pending, observed.now);
+            set_phase(&mut status, AttachmentPhase::Pending, input.now);
             status.connection_info.clear();
             status.bound_to = None;
             let message =
                 "the backend no longer shows the volume connected to the node; attaching again";
             ready(
                 &mut status,
-                observed,
+                input,
                 ConditionStatus::False,
                 "ConnectionLost",
                 message,
             );
         }
         Step::BeginDetach | Step::Detach => {
-            set_phase(&mut status, AttachmentPhase::Detaching, observed.now);
+            set_phase(&mut status, AttachmentPhase::Detaching, input.now);
         }
         Step::ForceDetach { reason, token } => {
-            set_phase(&mut status, AttachmentPhase::Detaching, observed.now);
+            set_phase(&mut status, AttachmentPhase::Detaching, input.now);
             let attempts = match &status.force_detach {
                 Some(f)
                     if f.state == ForceDetachState::InProgress
@@ -153,7 +130,7 @@ pub fn after_step(
             });
         }
         Step::MarkDetached => {
-            set_phase(&mut status, AttachmentPhase::Detached, observed.now);
+            set_phase(&mut status, AttachmentPhase::Detached, input.now);
             status.connection_info.clear();
             status.bound_to = None;
             if let Some(force) = status
@@ -172,13 +149,13 @@ pub fn after_step(
             // or one the backend answered for on this turn without a connection to its node.
             // Otherwise the backend's state is unknown, so the phase that says what was last
             // confirmed stays.
-            let gone = matches!(observed.backend, Some(ProbeAnswer::Answered(c))
-                if !c.includes(observed.node) && c.unattributed.is_empty());
+            let gone = matches!(input.backend, Some(ProbeAnswer::Answered(c))
+                if !c.includes(input.node) && c.unattributed.is_empty());
             if gone || phase_of(&status) == AttachmentPhase::Pending {
-                set_phase(&mut status, AttachmentPhase::Failed, observed.now);
+                set_phase(&mut status, AttachmentPhase::Failed, input.now);
                 status.connection_info.clear();
             }
-            fail(&mut status, observed, problem);
+            fail(&mut status, input, problem);
         }
         Step::AddFinalizer
         | Step::ReleaseFinalizer
@@ -187,37 +164,113 @@ pub fn after_step(
         | Step::Probe
         | Step::Wait { .. } => {}
     }
-    observe(&mut status, current, step, observed);
+    observe(&mut status, current, step, input);
     status
 }
 
-/// Records what the driver's attach returned.
-pub fn attached_with(status: &mut VolumeAttachmentStatus, info: ConnectionInfo) {
-    status.connection_info = info;
+/// What a driver call answered.
+#[derive(Clone, Copy, Debug)]
+pub enum CallResult<'a> {
+    /// OK; an attach gives the connection info the driver returned.
+    Done(Option<&'a ConnectionInfo>),
+    Failed(&'a DriverError),
 }
 
-/// Records a driver call that did not succeed, so the status says why the attachment is not
-/// moving. The phase is left alone: a failed call proves nothing about the backend.
-pub fn driver_failed(
-    status: &mut VolumeAttachmentStatus,
-    step: &Step,
-    error: &DriverError,
-    observed: &Observed,
-) {
-    let (reason, what) = match step {
-        Step::Attach => ("AttachFailed", "attach"),
-        Step::Detach => ("DetachFailed", "detach"),
-        _ => ("ForceDetachFailed", "force_detach"),
-    };
-    let message = format!("{what} failed ({}): {error}", error.reason());
-    if let Some(force) = status
-        .force_detach
-        .as_mut()
-        .filter(|f| f.state == ForceDetachState::InProgress)
-    {
-        force.message = Some(message.clone());
+/// What a driver call makes of the attachment: its status, what the call confirms, and whether
+/// the reconcile goes on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AfterCall {
+    /// The status after the step and its call.
+    pub status: VolumeAttachmentStatus,
+    /// For a backend that cannot be probed, the only word on where the volume is connected: an
+    /// idempotent call that returned OK.
+    pub confirmed: Option<Confirmed>,
+    /// `None`: decide again, on a new probe. Otherwise write the status and end the reconcile.
+    pub ends: Option<Recheck>,
+}
+
+/// The status and the next move after `step`, decided on `input`, made its driver call and got
+/// `result` back at `now`. A failed call proves nothing about the backend: the phase stays, the
+/// status says why the attachment is not moving, and the call is tried again with backoff (no
+/// later than the stuck deadline). A refused exclusive attach is the backend's answer that
+/// another node holds the volume.
+pub fn after_call(input: &Input, step: &Step, result: CallResult, now: Timestamp) -> AfterCall {
+    let mut status = after_step(input, step);
+    match result {
+        CallResult::Done(info) => {
+            if let Some(info) = info {
+                status.connection_info = info.clone();
+            }
+            let confirmed = match step {
+                Step::Attach => Some(Confirmed::Connected),
+                Step::Detach | Step::ForceDetach { .. } => Some(Confirmed::Disconnected),
+                _ => None,
+            };
+            AfterCall {
+                status,
+                confirmed,
+                ends: None,
+            }
+        }
+        CallResult::Failed(DriverError::HeldElsewhere { holders, .. }) => {
+            let holders = if holders.is_empty() {
+                vec!["another node".to_owned()]
+            } else {
+                holders.clone()
+            };
+            let blocked = Step::BlockAttach { holders };
+            let status = after_step(
+                &Input {
+                    status: &status,
+                    ..input.clone()
+                },
+                &blocked,
+            );
+            AfterCall {
+                ends: super::recheck::ending(&blocked, input, false),
+                status,
+                confirmed: None,
+            }
+        }
+        CallResult::Failed(error) => {
+            let (reason, what) = match step {
+                Step::Attach => ("AttachFailed", "attach"),
+                Step::Detach => ("DetachFailed", "detach"),
+                _ => ("ForceDetachFailed", "force_detach"),
+            };
+            let message = format!("{what} failed ({}): {error}", error.reason());
+            if let Some(force) = status
+                .force_detach
+                .as_mut()
+                .filter(|f| f.state == ForceDetachState::InProgress)
+            {
+                force.message = Some(message.clone());
+            }
+            ready(&mut status, input, ConditionStatus::False, reason, message);
+            let deadline = input
+                .policy()
+                .and_then(|policy| stuck_in(&status, policy, now));
+            AfterCall {
+                status,
+                confirmed: None,
+                ends: Some(Recheck::Backoff { deadline }),
+            }
+        }
     }
-    ready(status, observed, ConditionStatus::False, reason, message);
+}
+
+/// The reason of a forced detach that `written` records as confirmed and `stored` as under
+/// way: the moment a forced detach counts as succeeded, once its status write was accepted.
+pub fn force_confirmed(
+    stored: &VolumeAttachmentStatus,
+    written: &VolumeAttachmentStatus,
+) -> Option<ForceDetachReason> {
+    let before = stored.force_detach.as_ref()?;
+    let after = written.force_detach.as_ref()?;
+    (before.state == ForceDetachState::InProgress
+        && after.state == ForceDetachState::Succeeded
+        && before.token == after.token)
+        .then_some(after.reason)
 }
 
 /// The parts of the status that follow from the observation alone, whatever the step.
@@ -225,19 +278,19 @@ fn observe(
     status: &mut VolumeAttachmentStatus,
     before: &VolumeAttachmentStatus,
     step: &Step,
-    observed: &Observed,
+    input: &Input,
 ) {
-    let now = observed.time();
-    let generation = observed.generation;
+    let now = time(input);
+    let generation = input.generation;
     status.observed_generation = generation;
 
-    if let Some(backend) = observed.backend {
-        record_probe(status, backend, observed);
+    if let Some(backend) = input.backend {
+        record_probe(status, backend, input);
         // `attached` is the backend's word, never our own: it follows the probe, or for a backend
         // that cannot be probed, the call that just succeeded.
         match backend {
             ProbeAnswer::Answered(connections) => {
-                status.attached = connections.includes(observed.node)
+                status.attached = connections.includes(input.node)
             }
             ProbeAnswer::Unprobeable(Some(confirmed)) => {
                 status.attached = *confirmed == Confirmed::Connected;
@@ -248,10 +301,10 @@ fn observe(
     let phase = phase_of(status);
 
     if status.phase.is_none() {
-        set_phase(status, AttachmentPhase::Pending, observed.now);
+        set_phase(status, AttachmentPhase::Pending, input.now);
     }
 
-    let in_sync = match observed.backend {
+    let in_sync = match input.backend {
         None => None,
         Some(ProbeAnswer::Unreachable(message)) => Some((
             ConditionStatus::Unknown,
@@ -281,14 +334,14 @@ fn observe(
             }
             // The one state the invariant exists to prevent: say so wherever it shows.
             (_, true)
-                if observed.policy.is_some_and(|p| !p.multi_attach)
+                if input.policy().is_some_and(|p| !p.multi_attach)
                     && connections.nodes.len() > 1 =>
             {
                 let others: Vec<&str> = connections
                     .nodes
                     .iter()
                     .map(String::as_str)
-                    .filter(|n| *n != observed.node)
+                    .filter(|n| *n != input.node)
                     .collect();
                 (
                     ConditionStatus::False,
@@ -334,9 +387,9 @@ fn observe(
 
     // Stuck describes the phase the step was decided in: a step that resolves a stuck phase
     // (a force-detach of a stuck attach) still reports it, once, before the new phase clears it.
-    if let Some(policy) = observed.policy {
+    if let Some(policy) = input.policy() {
         let stuck_phase = phase_of(before);
-        let stuck = match stuck_in(before, policy, observed.now) {
+        let stuck = match stuck_in(before, policy, input.now) {
             Some(Duration::ZERO) => {
                 let phase = stuck_phase;
                 let action = if policy.auto_force_detach {
@@ -390,10 +443,10 @@ fn observe(
         );
     }
 
-    if let Request::AtCreation(token) = observed.request {
+    if let Request::AtCreation(token) = input.request {
         remember_token(status, token);
     }
-    match observed.request {
+    match input.request {
         Request::Invalid { token, why } => {
             let message =
                 format!("force-detach annotation value {token:?} ignored: {why}; set a new token");
@@ -453,18 +506,18 @@ fn observe(
                 "cannot attach; see the other conditions",
             ),
         };
-        ready(status, observed, value, reason, message);
+        ready(status, input, value, reason, message);
     }
 }
 
-fn record_probe(status: &mut VolumeAttachmentStatus, backend: &ProbeAnswer, observed: &Observed) {
+fn record_probe(status: &mut VolumeAttachmentStatus, backend: &ProbeAnswer, input: &Input) {
     let (result, nodes, message) = match backend {
         ProbeAnswer::Unprobeable(_) => (ProbeResult::NotProbeable, Vec::new(), None),
         ProbeAnswer::Unreachable(message) => {
             (ProbeResult::Unreachable, Vec::new(), Some(message.clone()))
         }
         ProbeAnswer::Answered(connections) => {
-            let result = if connections.includes(observed.node) {
+            let result = if connections.includes(input.node) {
                 ProbeResult::Connected
             } else if connections.nodes.is_empty() {
                 ProbeResult::NotConnected
@@ -479,7 +532,7 @@ fn record_probe(status: &mut VolumeAttachmentStatus, backend: &ProbeAnswer, obse
         result,
         nodes,
         message,
-        observed.now,
+        input.now,
     ));
 }
 
@@ -503,9 +556,9 @@ pub fn next_probe_record(
 }
 
 /// Records what the attachment reaches as what it attached, unless it recorded that already.
-fn bind(status: &mut VolumeAttachmentStatus, observed: &Observed) {
+fn bind(status: &mut VolumeAttachmentStatus, input: &Input) {
     if status.bound_to.is_none() {
-        status.bound_to = observed.target.cloned();
+        status.bound_to = input.target.cloned();
     }
 }
 
@@ -531,7 +584,7 @@ fn set_phase(status: &mut VolumeAttachmentStatus, phase: AttachmentPhase, now: T
 
 fn ready(
     status: &mut VolumeAttachmentStatus,
-    observed: &Observed,
+    input: &Input,
     value: ConditionStatus,
     reason: &str,
     message: impl Into<String>,
@@ -542,14 +595,14 @@ fn ready(
         value,
         reason,
         message,
-        observed.generation,
-        observed.time(),
+        input.generation,
+        time(input),
     );
 }
 
-fn fail(status: &mut VolumeAttachmentStatus, observed: &Observed, problem: &VolumeProblem) {
+fn fail(status: &mut VolumeAttachmentStatus, input: &Input, problem: &VolumeProblem) {
     let message = problem.message()
-        + match (phase_of(status), observed.backend) {
+        + match (phase_of(status), input.backend) {
             (AttachmentPhase::Failed, _) => "",
             (_, Some(ProbeAnswer::Answered(_))) => {
                 "; the backend confirms the connection, which stays until this attachment is deleted"
@@ -558,7 +611,7 @@ fn fail(status: &mut VolumeAttachmentStatus, observed: &Observed, problem: &Volu
         };
     ready(
         status,
-        observed,
+        input,
         ConditionStatus::False,
         problem.reason(),
         message,

@@ -2,7 +2,8 @@
 //! desired state × phase × backend answer × request × deadline × autoForceDetach × multiAttach,
 //! checked against the safety invariant, then a walk from every state to convergence.
 
-use super::status::{Observed, after_step};
+use super::recheck::{self, Recheck};
+use super::status::{CallResult, after_call, after_step, force_confirmed};
 use super::*;
 use crate::api::types::READY;
 use crate::api::{Binding, ForceDetachStatus, VolumeAttachmentStatus, find_condition};
@@ -11,6 +12,48 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 const NODE: &str = "node-a";
 const OTHER: &str = "node-b";
 const STUCK_AFTER: Duration = Duration::from_secs(120);
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// The policy a status is computed with when a test is not about it.
+static ANY_POLICY: VolumePolicy = VolumePolicy {
+    multi_attach: false,
+    stuck_after: STUCK_AFTER,
+    auto_force_detach: true,
+};
+
+static NO_STATUS: std::sync::LazyLock<VolumeAttachmentStatus> =
+    std::sync::LazyLock::new(VolumeAttachmentStatus::default);
+
+/// What a decision rests on, all defaults: a test sets the fields it is about.
+fn on_record() -> Input<'static> {
+    Input {
+        deleting: false,
+        has_finalizer: true,
+        node: NODE,
+        status: &NO_STATUS,
+        request: &Request::None,
+        volume: Ok(&ANY_POLICY),
+        target: None,
+        sibling: None,
+        backend: None,
+        basis: Basis::Fresh,
+        turn: Turn::Ours,
+        generation: Some(1),
+        resync: RESYNC,
+        now: t(10),
+    }
+}
+
+/// The status after `step` from `current`, decided on `on` otherwise.
+fn stepped(current: &VolumeAttachmentStatus, step: &Step, on: &Input) -> VolumeAttachmentStatus {
+    after_step(
+        &Input {
+            status: current,
+            ..on.clone()
+        },
+        step,
+    )
+}
 
 fn t(seconds: i64) -> Timestamp {
     Timestamp::from_second(1_800_000_000 + seconds).unwrap()
@@ -97,6 +140,8 @@ impl Row {
             backend: Some(&self.backend),
             basis: self.basis,
             turn: self.turn,
+            generation: Some(1),
+            resync: RESYNC,
             now: self.now,
         }
     }
@@ -104,15 +149,16 @@ impl Row {
         decide(&self.input())
     }
     /// What a status is computed against for this row, with `target` as what it reaches.
-    fn observed<'a>(&'a self, target: &'a Binding) -> Observed<'a> {
-        Observed {
+    fn observed<'a>(&'a self, target: &'a Binding) -> Input<'a> {
+        Input {
             node: NODE,
             target: Some(target),
             generation: Some(1),
-            policy: Some(&self.policy),
+            volume: Ok(&self.policy),
             backend: Some(&self.backend),
             request: &Request::None,
             now: self.now,
+            ..on_record()
         }
     }
 }
@@ -193,7 +239,7 @@ fn normal_attach_records_intent_before_calling_the_driver() {
         row.decide(),
         Step::Wait {
             why: Wait::Converged,
-            recheck_after: Some(RESYNC_INTERVAL)
+            recheck_after: Some(RESYNC)
         }
     );
     assert_eq!(
@@ -346,16 +392,17 @@ fn a_token_present_at_creation_is_recorded_not_acted_on() {
     row.request = request.clone();
     let step = row.decide();
     assert_eq!(step, Step::BeginAttach);
-    let observed = Observed {
+    let observed = Input {
         node: NODE,
         target: None,
         generation: Some(1),
-        policy: Some(&row.policy),
+        volume: Ok(&row.policy),
         backend: Some(&row.backend),
         request: &request,
         now: row.now,
+        ..on_record()
     };
-    let status = after_step(&row.status, &step, &observed);
+    let status = stepped(&row.status, &step, &observed);
     assert_eq!(status.handled_tokens, ["t1"]);
     assert_eq!(Request::read(Some("t1"), &status), Request::None);
     let notices = events::between(&row.status, &status, "v", NODE);
@@ -371,16 +418,17 @@ fn an_automatic_force_does_not_make_a_handled_token_new_again() {
     let mut status = handled(&["t1"]);
     status.phase = Some(Detaching);
     let answer = connected(&[NODE]);
-    let observed = Observed {
+    let observed = Input {
         node: NODE,
         target: None,
         generation: Some(1),
-        policy: Some(&policy),
+        volume: Ok(&policy),
         backend: Some(&answer),
         request: &Request::None,
         now: t(1000),
+        ..on_record()
     };
-    let forced = after_step(
+    let forced = stepped(
         &status,
         &Step::ForceDetach {
             reason: ForceDetachReason::StuckDetaching,
@@ -400,16 +448,17 @@ fn the_handled_tokens_are_bounded_and_forget_the_oldest() {
     for i in 0..MAX_HANDLED_TOKENS + 3 {
         let token = format!("t{i}");
         let request = Request::read(Some(&token), &status);
-        let observed = Observed {
+        let observed = Input {
             node: NODE,
             target: None,
             generation: Some(1),
-            policy: Some(&policy),
+            volume: Ok(&policy),
             backend: Some(&answer),
             request: &request,
             now: t(10),
+            ..on_record()
         };
-        status = after_step(
+        status = stepped(
             &status,
             &Step::ForceDetach {
                 reason: ForceDetachReason::Requested,
@@ -829,20 +878,13 @@ fn every_state_converges_when_the_backend_works() {
                         backend: Some(&answer),
                         basis: Basis::Fresh,
                         turn: Turn::Ours,
+                        generation: Some(1),
+                        resync: RESYNC,
                         now,
                     };
                     let step = decide(&input);
                     steps.push(step.clone());
-                    let observed = Observed {
-                        node: NODE,
-                        target: None,
-                        generation: Some(1),
-                        policy: Some(&policy),
-                        backend: Some(&answer),
-                        request: &Request::None,
-                        now,
-                    };
-                    status = after_step(&status, &step, &observed);
+                    status = after_step(&input, &step);
                     simulate(&mut backend, &step);
                     if step == Step::Attach {
                         status
@@ -893,19 +935,12 @@ fn a_requested_force_detach_of_a_live_attachment_reattaches() {
             backend: Some(&answer),
             basis: Basis::Fresh,
             turn: Turn::Ours,
+            generation: Some(1),
+            resync: RESYNC,
             now,
         };
         let step = decide(&input);
-        let observed = Observed {
-            node: NODE,
-            target: None,
-            generation: Some(1),
-            policy: Some(&policy),
-            backend: Some(&answer),
-            request: &request,
-            now,
-        };
-        status = after_step(&status, &step, &observed);
+        status = after_step(&input, &step);
         simulate(&mut backend, &step);
         if step == Step::Attach {
             status
@@ -930,7 +965,7 @@ fn a_requested_force_detach_of_a_live_attachment_reattaches() {
             },
             Step::Wait {
                 why: Wait::Converged,
-                recheck_after: Some(RESYNC_INTERVAL)
+                recheck_after: Some(RESYNC)
             },
         ]
     );
@@ -951,15 +986,16 @@ mod status_tests {
         policy: &'a VolumePolicy,
         request: &'a Request,
         now: Timestamp,
-    ) -> Observed<'a> {
-        Observed {
+    ) -> Input<'a> {
+        Input {
             node: NODE,
             target: None,
             generation: Some(3),
-            policy: Some(policy),
+            volume: Ok(policy),
             backend: Some(backend),
             request,
             now,
+            ..on_record()
         }
     }
 
@@ -971,12 +1007,12 @@ mod status_tests {
             why: Wait::Converged,
             recheck_after: None,
         };
-        let first = after_step(
+        let first = stepped(
             &in_phase(Attached, 0),
             &step,
             &observed(&backend, &policy, &Request::None, t(10)),
         );
-        let again = after_step(
+        let again = stepped(
             &first,
             &step,
             &observed(&backend, &policy, &Request::None, t(500)),
@@ -992,13 +1028,13 @@ mod status_tests {
     fn phase_since_moves_only_on_a_phase_change() {
         let policy = policy(true, false);
         let backend = connected(&[]);
-        let s1 = after_step(
+        let s1 = stepped(
             &in_phase(Pending, 0),
             &Step::BeginAttach,
             &observed(&backend, &policy, &Request::None, t(10)),
         );
         assert_eq!(s1.phase_since, Some(Time(t(10))));
-        let s2 = after_step(
+        let s2 = stepped(
             &s1,
             &Step::Attach,
             &observed(&backend, &policy, &Request::None, t(20)),
@@ -1011,12 +1047,12 @@ mod status_tests {
         let policy = policy(false, false);
         let backend = connected(&[NODE]);
         let start = in_phase(Detaching, 0);
-        let before = after_step(
+        let before = stepped(
             &start,
             &Step::Detach,
             &observed(&backend, &policy, &Request::None, t(10)),
         );
-        let after = after_step(
+        let after = stepped(
             &before,
             &Step::Detach,
             &observed(&backend, &policy, &Request::None, t(1000)),
@@ -1039,7 +1075,7 @@ mod status_tests {
                 .count(),
             1
         );
-        let later = after_step(
+        let later = stepped(
             &after,
             &Step::Detach,
             &observed(&backend, &policy, &Request::None, t(2000)),
@@ -1059,7 +1095,7 @@ mod status_tests {
             token: Some("t9".into()),
         };
         let attached = in_phase(Attached, 0);
-        let forcing = after_step(
+        let forcing = stepped(
             &attached,
             &step,
             &observed(&connected(&[NODE]), &policy, &request, t(10)),
@@ -1071,7 +1107,7 @@ mod status_tests {
             "{:?}",
             started[0]
         );
-        let detached = after_step(
+        let detached = stepped(
             &forcing,
             &Step::MarkDetached,
             &observed(&connected(&[]), &policy, &Request::None, t(11)),
@@ -1093,7 +1129,7 @@ mod status_tests {
             why: Wait::Converged,
             recheck_after: None,
         };
-        let status = after_step(
+        let status = stepped(
             &in_phase(Attached, 0),
             &step,
             &observed(&connected(&[]), &policy, &Request::None, t(10)),
@@ -1106,7 +1142,7 @@ mod status_tests {
             "False"
         );
         let unreachable = ProbeAnswer::Unreachable("down".into());
-        let kept = after_step(
+        let kept = stepped(
             &VolumeAttachmentStatus {
                 attached: true,
                 ..in_phase(Attached, 0)
@@ -1129,7 +1165,7 @@ mod status_tests {
         let step = Step::BlockAttach {
             holders: vec![OTHER.into()],
         };
-        let blocked = after_step(
+        let blocked = stepped(
             &in_phase(Pending, 0),
             &step,
             &observed(&connected(&[OTHER]), &policy, &Request::None, t(10)),
@@ -1137,7 +1173,7 @@ mod status_tests {
         let condition = find_condition(&blocked.conditions, ATTACH_BLOCKED).unwrap();
         assert_eq!(condition.status, "True");
         assert!(condition.message.contains(OTHER));
-        let freed = after_step(
+        let freed = stepped(
             &blocked,
             &Step::BeginAttach,
             &observed(&connected(&[]), &policy, &Request::None, t(20)),
@@ -1154,17 +1190,18 @@ mod status_tests {
     fn a_misconfigured_attachment_that_was_attached_keeps_its_phase() {
         let policy = policy(true, false);
         let request = Request::None;
-        let observed = Observed {
+        let observed = Input {
             node: NODE,
             target: None,
             generation: Some(1),
-            policy: Some(&policy),
+            volume: Ok(&policy),
             backend: None,
             request: &request,
             now: t(10),
+            ..on_record()
         };
         let problem = VolumeProblem::UnknownDriver("iscsi".into());
-        let status = after_step(
+        let status = stepped(
             &VolumeAttachmentStatus {
                 attached: true,
                 ..in_phase(Attached, 0)
@@ -1174,7 +1211,7 @@ mod status_tests {
         );
         assert_eq!(status.phase, Some(Attached));
         assert!(status.attached);
-        let pending = after_step(&in_phase(Pending, 0), &Step::Fail(problem), &observed);
+        let pending = stepped(&in_phase(Pending, 0), &Step::Fail(problem), &observed);
         assert_eq!(pending.phase, Some(Failed));
     }
 }
@@ -1370,17 +1407,18 @@ fn a_deleted_attachment_that_never_attached_is_detached_before_release() {
         let row = Row::new(Pending, backend.clone()).deleting();
         let step = row.decide();
         assert_eq!(step, Step::Detach, "{backend:?}");
-        let observed = Observed {
+        let observed = Input {
             node: NODE,
             target: None,
             generation: Some(1),
-            policy: Some(&row.policy),
+            volume: Ok(&row.policy),
             backend: Some(&backend),
             request: &Request::None,
             now: row.now,
+            ..on_record()
         };
         // The call's intent: recorded before it, as every detach's.
-        let status = after_step(&row.status, &step, &observed);
+        let status = stepped(&row.status, &step, &observed);
         assert_eq!(status.phase, Some(Detaching));
     }
 }
@@ -1398,13 +1436,13 @@ fn an_attach_records_what_it_attached_and_a_confirmed_detach_forgets_it() {
     let row = Row::new(Pending, connected(&[]));
     let now = binding("vol1", "uid-1");
     let observed = row.observed(&now);
-    let attaching = after_step(&row.status, &Step::BeginAttach, &observed);
+    let attaching = stepped(&row.status, &Step::BeginAttach, &observed);
     assert_eq!(
         attaching.bound_to.as_ref(),
         Some(&now),
         "recorded with the intent"
     );
-    let detached = after_step(&attaching, &Step::MarkDetached, &observed);
+    let detached = stepped(&attaching, &Step::MarkDetached, &observed);
     assert_eq!(detached.bound_to, None);
 }
 
@@ -1478,7 +1516,7 @@ fn a_volume_recreated_over_the_same_backend_volume_keeps_the_record_true_to_the_
         "{step:?}"
     );
     let observed = row.observed(&recreated);
-    let after = after_step(&row.status, &step, &observed);
+    let after = stepped(&row.status, &step, &observed);
     assert!(!after.attached);
     assert_eq!(after.phase, Some(Failed));
     assert_eq!(
@@ -1490,10 +1528,10 @@ fn a_volume_recreated_over_the_same_backend_volume_keeps_the_record_true_to_the_
 
     // The answer shows the connection: it stays Attached, and the message says so.
     let held = connected(&[NODE]);
-    let after = after_step(
+    let after = stepped(
         &row.status,
         &step,
-        &Observed {
+        &Input {
             backend: Some(&held),
             ..observed.clone()
         },
@@ -1509,10 +1547,10 @@ fn a_volume_recreated_over_the_same_backend_volume_keeps_the_record_true_to_the_
 
     // A connection that names no node may be this node's: not Failed on its word.
     let by_hand = unattributed(&[]);
-    let after = after_step(
+    let after = stepped(
         &row.status,
         &step,
-        &Observed {
+        &Input {
             backend: Some(&by_hand),
             ..observed.clone()
         },
@@ -1548,7 +1586,7 @@ fn an_answer_for_the_replacing_volume_says_nothing_of_the_one_recorded() {
         ..row.input()
     });
     assert!(matches!(step, Step::Fail(_)), "{step:?}");
-    let after = after_step(&row.status, &step, &row.observed(&replaced));
+    let after = stepped(&row.status, &step, &row.observed(&replaced));
     assert!(after.attached, "vol2's answer taken for vol1's");
     assert_eq!(after.phase, Some(Attached));
     assert_eq!(after.connection_info, row.status.connection_info);
@@ -1594,4 +1632,207 @@ fn stuck_after_is_the_volumes_own_else_the_default_and_never_a_guess() {
         stuck_after(Some("ninety seconds"), default),
         Err(VolumeProblem::InvalidVolume(message)) if message.starts_with("spec.stuckAfter: ")
     ));
+}
+
+// After the call: what an OK call confirms, what a failed one records, how a reconcile ends.
+
+#[test]
+fn an_ok_call_confirms_what_it_did_and_the_decision_goes_on() {
+    let row = Row::new(Attaching, connected(&[]));
+    let info = crate::driver::ConnectionInfo::from([("uri".to_owned(), "nbd://x".to_owned())]);
+    let attached = after_call(
+        &row.input(),
+        &Step::Attach,
+        CallResult::Done(Some(&info)),
+        row.now,
+    );
+    assert_eq!(attached.confirmed, Some(Confirmed::Connected));
+    assert_eq!(attached.ends, None);
+    assert_eq!(attached.status.connection_info, info);
+    // The call alone marks nothing: the phase moves on the next decision's word.
+    assert_eq!(attached.status.phase, Some(Attaching));
+
+    let row = Row::new(Detaching, connected(&[NODE]));
+    for step in [
+        Step::Detach,
+        Step::ForceDetach {
+            reason: ForceDetachReason::Requested,
+            token: Some("t1".into()),
+        },
+    ] {
+        let detached = after_call(&row.input(), &step, CallResult::Done(None), row.now);
+        assert_eq!(
+            detached.confirmed,
+            Some(Confirmed::Disconnected),
+            "{step:?}"
+        );
+        assert_eq!(detached.ends, None);
+        assert_eq!(detached.status.phase, Some(Detaching), "{step:?}");
+    }
+}
+
+#[test]
+fn a_failed_call_keeps_the_phase_says_why_and_retries_by_the_stuck_deadline_after_it() {
+    // Detaching since t(0), decided at t(10); the call took until t(20).
+    let row = Row::new(Detaching, connected(&[NODE])).manual();
+    let error = crate::driver::DriverError::Timeout {
+        operation: "detach",
+        deadline: Duration::from_secs(10),
+    };
+    let failed = after_call(
+        &row.input(),
+        &Step::Detach,
+        CallResult::Failed(&error),
+        t(20),
+    );
+    assert_eq!(failed.status.phase, Some(Detaching));
+    assert_eq!(failed.confirmed, None);
+    let ready = find_condition(&failed.status.conditions, READY).expect("Ready");
+    assert_eq!(ready.reason, "DetachFailed");
+    assert!(
+        ready.message.contains("did not answer"),
+        "{}",
+        ready.message
+    );
+    // Counted from the end of the call, the stored second rounded up: 120 s - (20 s - 1 s).
+    assert_eq!(
+        failed.ends,
+        Some(Recheck::Backoff {
+            deadline: Some(Duration::from_secs(101))
+        })
+    );
+
+    // A forced detach that failed says so on its record, and is still under way.
+    let forcing = Step::ForceDetach {
+        reason: ForceDetachReason::Requested,
+        token: Some("t1".into()),
+    };
+    let failed = after_call(&row.input(), &forcing, CallResult::Failed(&error), t(20));
+    let force = failed.status.force_detach.expect("forceDetach");
+    assert_eq!(force.state, ForceDetachState::InProgress);
+    assert!(
+        force
+            .message
+            .is_some_and(|m| m.starts_with("force_detach failed"))
+    );
+}
+
+#[test]
+fn a_refused_exclusive_attach_is_the_backends_word_that_another_node_holds_it() {
+    let row = Row::new(Attaching, connected(&[]));
+    let refused = crate::driver::DriverError::HeldElsewhere {
+        volume: "vol".into(),
+        holders: Vec::new(),
+    };
+    let blocked = after_call(
+        &row.input(),
+        &Step::Attach,
+        CallResult::Failed(&refused),
+        row.now,
+    );
+    assert_eq!(blocked.status.phase, Some(Pending));
+    assert_eq!(blocked.confirmed, None);
+    let condition = find_condition(
+        &blocked.status.conditions,
+        crate::api::types::ATTACH_BLOCKED,
+    )
+    .expect("AttachBlocked");
+    assert!(crate::api::is_true(
+        &blocked.status.conditions,
+        crate::api::types::ATTACH_BLOCKED
+    ));
+    assert!(
+        condition.message.contains("another node"),
+        "{}",
+        condition.message
+    );
+    // Woken by the holder's detach; the resync only as a net.
+    assert_eq!(blocked.ends, Some(Recheck::Settled(Some(RESYNC))));
+}
+
+#[test]
+fn a_forced_detach_counts_as_succeeded_once_its_confirmation_is_written() {
+    let under_way = |state| VolumeAttachmentStatus {
+        force_detach: Some(ForceDetachStatus {
+            token: Some("t1".into()),
+            reason: ForceDetachReason::Requested,
+            state,
+            attempts: 1,
+            started_at: Time(t(0)),
+            finished_at: None,
+            message: None,
+        }),
+        ..Default::default()
+    };
+    let stored = under_way(ForceDetachState::InProgress);
+    let written = under_way(ForceDetachState::Succeeded);
+    assert_eq!(
+        force_confirmed(&stored, &written),
+        Some(ForceDetachReason::Requested)
+    );
+    // Once written, the next write of the same record counts nothing again.
+    assert_eq!(force_confirmed(&written, &written), None);
+    assert_eq!(force_confirmed(&stored, &stored), None);
+}
+
+#[test]
+fn how_a_reconcile_ends_is_decided_with_the_step() {
+    let mut row = Row::new(Attached, connected(&[NODE]));
+    row.status
+        .connection_info
+        .insert("uri".into(), "nbd://x".into());
+    let input = row.input();
+    let converged = decide(&input);
+    assert_eq!(
+        converged,
+        Step::Wait {
+            why: Wait::Converged,
+            recheck_after: Some(RESYNC)
+        }
+    );
+    // The configured resync, not a number of the core's own.
+    let fast = Input {
+        resync: Duration::from_secs(5),
+        ..row.input()
+    };
+    assert_eq!(
+        recheck::ending(&decide(&fast), &fast, false),
+        Some(Recheck::Settled(Some(Duration::from_secs(5))))
+    );
+    // A driver whose sweep finds what changed out of band needs no timer per attachment.
+    assert_eq!(
+        recheck::ending(&converged, &input, true),
+        Some(Recheck::Settled(None))
+    );
+    let busy = Step::Wait {
+        why: Wait::VolumeBusy,
+        recheck_after: Some(BUSY_RECHECK),
+    };
+    assert_eq!(
+        recheck::ending(&busy, &input, false),
+        Some(Recheck::Soon(BUSY_RECHECK))
+    );
+    // Unanswered: with backoff, no later than the stuck deadline.
+    let unreachable = Row::new(Detaching, ProbeAnswer::Unreachable("down".into()));
+    let step = unreachable.decide();
+    assert_eq!(
+        recheck::ending(&step, &unreachable.input(), false),
+        Some(Recheck::Backoff {
+            deadline: stuck_in(&unreachable.status, &unreachable.policy, unreachable.now)
+        })
+    );
+    // A misconfiguration waits for the fix that wakes it; an unanswered probe under one retries.
+    let problem = Step::Fail(VolumeProblem::VolumeNotFound("v".into()));
+    assert_eq!(
+        recheck::ending(&problem, &input, false),
+        Some(Recheck::Settled(Some(RESYNC)))
+    );
+    assert_eq!(
+        recheck::ending(&problem, &unreachable.input(), false),
+        Some(Recheck::Backoff { deadline: None })
+    );
+    // The steps that act go on to the next decision.
+    for step in [Step::Attach, Step::MarkDetached, Step::Probe, Step::Refresh] {
+        assert_eq!(recheck::ending(&step, &input, false), None, "{step:?}");
+    }
 }

@@ -15,18 +15,18 @@
 use super::lanes::{Lane, QUEUED_RECHECK};
 use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe, synced};
 use crate::MANAGER;
-use crate::api::types::READY;
 use crate::api::{
-    ATTACHMENT_FINALIZER, Binding, ConditionStatus, FORCE_DETACH_ANNOTATION, ForceDetachReason,
-    ForceDetachState, Volume, VolumeAttachment, VolumeAttachmentStatus, condition_with,
+    ATTACHMENT_FINALIZER, Binding, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment,
+    VolumeAttachmentStatus,
 };
-use crate::decide::events::{Notice, between, handed_over};
-use crate::decide::status::{Observed, after_step, attached_with, driver_failed};
+use crate::decide::events::{Notice, between, handed_over, is_news, reported_failure};
+use crate::decide::recheck::{self, Recheck};
+use crate::decide::status::{CallResult, after_call, after_step, force_confirmed};
 use crate::decide::{
-    BUSY_RECHECK, Basis, Confirmed, FENCED_RECHECK, Input, ProbeAnswer, Request, Step, Turn,
-    VolumePolicy, VolumeProblem, Wait, decide, stuck_after, stuck_in,
+    BUSY_RECHECK, Basis, FENCED_RECHECK, Input, ProbeAnswer, Request, Step, Turn, VolumePolicy,
+    VolumeProblem, decide, stuck_after,
 };
-use crate::driver::{AttachRequest, Driver, DriverError, ok_if_not_connected};
+use crate::driver::{AttachRequest, ConnectionInfo, Driver, DriverError, ok_if_not_connected};
 use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -34,7 +34,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 /// More steps than any path needs (a probe, a re-read, force, a probe, confirm, attach, a probe,
 /// confirm, and a re-read and a probe after a refused write): a bound, not a budget.
@@ -196,8 +196,7 @@ impl<'a> Reconcile<'a> {
     /// dropped, since it was decided on an older version.
     fn start_from_stored(&mut self) {
         let status = self.attachment.status.clone().unwrap_or_default();
-        self.reported_failure = condition_with(&status.conditions, READY, ConditionStatus::False)
-            .map(|c| c.reason.clone());
+        self.reported_failure = reported_failure(&status);
         self.stored = status.clone();
         self.noticed = status.clone();
         self.status = status;
@@ -232,7 +231,6 @@ impl<'a> Reconcile<'a> {
             .as_ref()
             .ok()
             .map(|t| (t.driver_name.clone(), t.handle.clone()));
-        let resync = self.context.config.resync_interval;
         // Whether the Volume the target rests on was read from the apiserver in this reconcile:
         // a driver call is made only on a fresh attachment *and* a fresh Volume (its policy, its
         // deletion).
@@ -244,18 +242,10 @@ impl<'a> Reconcile<'a> {
         // this backend volume acts meanwhile, so only a call of this one makes it out of date.
         let mut answer: Option<ProbeAnswer> = None;
         for _ in 0..MAX_STEPS {
-            let turn = if !self.context.fence.permits() {
-                Turn::Fenced
-            } else if held.is_some() || target.is_err() {
-                Turn::Ours
-            } else {
-                Turn::VolumeBusy
-            };
-            let backend = match &target {
-                Ok(target) if target.driver.can_probe() => answer.clone(),
-                Ok(_) => Some(ProbeAnswer::Unprobeable(confirmed)),
-                Err(_) => None,
-            };
+            // What this step is decided on, taken apart from the reconcile's own state, which
+            // the step's writes replace.
+            let decided_on = self.status.clone();
+            let node = self.attachment.spec.node_name.clone();
             let annotation = self
                 .attachment
                 .annotations()
@@ -263,14 +253,19 @@ impl<'a> Reconcile<'a> {
                 .cloned();
             // Read against the tokens the status records, so that once a step has taken one,
             // the request is spent: each token acts once.
-            let request = Request::read(annotation.as_deref(), &self.status);
+            let request = Request::read(annotation.as_deref(), &decided_on);
             let sibling = self.sibling(target.as_ref().ok().map(|t| &t.binding));
-            let now = Timestamp::now();
+            let backend = match &target {
+                Ok(target) if target.driver.can_probe() => answer.clone(),
+                Ok(_) => Some(ProbeAnswer::Unprobeable(confirmed)),
+                Err(_) => None,
+            };
+            let swept = target.as_ref().is_ok_and(|t| t.driver.can_probe_many());
             let input = Input {
                 deleting: self.attachment.metadata.deletion_timestamp.is_some(),
                 has_finalizer: self.has_finalizer(),
-                node: &self.attachment.spec.node_name,
-                status: &self.status,
+                node: &node,
+                status: &decided_on,
                 request: &request,
                 volume: target.as_ref().map(|t| &t.policy),
                 target: target.as_ref().ok().map(|t| &t.binding),
@@ -280,11 +275,20 @@ impl<'a> Reconcile<'a> {
                     Basis::Fresh if !volume_fresh => Basis::Cached,
                     basis => basis,
                 },
-                turn,
-                now,
+                turn: if !self.context.fence.permits() {
+                    Turn::Fenced
+                } else if held.is_some() || target.is_err() {
+                    Turn::Ours
+                } else {
+                    Turn::VolumeBusy
+                },
+                generation: self.attachment.metadata.generation,
+                resync: self.context.config.resync_interval,
+                now: Timestamp::now(),
             };
             let step = decide(&input);
-            info!(?step, "step");
+            debug!(?step, "step");
+            let ending = recheck::ending(&step, &input, swept);
             match &step {
                 Step::Probe => {
                     if let Ok(target) = &target {
@@ -312,36 +316,22 @@ impl<'a> Reconcile<'a> {
                         .ok()
                         .map(|t| (t.driver_name.clone(), t.handle.clone()));
                     if key.is_some() && key != locked {
-                        return Ok(Outcome::Retry(Action::requeue(BUSY_RECHECK)));
+                        return Ok(self.outcome(Recheck::Soon(BUSY_RECHECK)));
                     }
                     continue;
                 }
-                // Not this reconcile's turn: it neither writes nor calls, and looks again soon.
-                Step::Wait {
-                    why: Wait::Fenced | Wait::VolumeBusy,
-                    recheck_after,
-                } => {
-                    return Ok(Outcome::Retry(Action::requeue(
-                        recheck_after.unwrap_or(BUSY_RECHECK),
-                    )));
-                }
                 _ => {}
             }
-            let node = self.attachment.spec.node_name.clone();
-            let request = request.clone();
-            let observed = Observed {
-                node: &node,
-                target: target.as_ref().ok().map(|t| &t.binding),
-                generation: self.attachment.metadata.generation,
-                policy: target.as_ref().ok().map(|t| &t.policy),
-                backend: backend.as_ref(),
-                request: &request,
-                now,
-            };
-            self.status = after_step(&self.status, &step, &observed);
+            // Not this reconcile's turn: it neither writes nor calls.
+            if let Some(soon @ Recheck::Soon(_)) = ending {
+                return Ok(self.outcome(soon));
+            }
+            self.status = after_step(&input, &step);
             self.notice();
 
-            match &step {
+            // The steps that end the reconcile, and the finalizer's: each done, or refused
+            // (`false`: decide again on what the apiserver has now).
+            let done = match &step {
                 Step::AddFinalizer => {
                     // Before any backend call, so that a deletion always waits for a confirmed
                     // detach.
@@ -353,147 +343,76 @@ impl<'a> Reconcile<'a> {
                     }
                     continue;
                 }
-                Step::ReleaseFinalizer => {
-                    if !self.persist().await? {
-                        continue;
-                    }
-                    match finalizer::remove(&self.api, &self.attachment, ATTACHMENT_FINALIZER).await
-                    {
-                        Ok(()) => return Ok(Outcome::Settled(Action::await_change())),
-                        Err(Error::Conflict(_)) => {
-                            self.basis = Basis::Conflicted;
-                            continue;
-                        }
-                        Err(error) if error.is_not_found() => {
-                            return Ok(Outcome::Settled(Action::await_change()));
-                        }
-                        Err(error) => return Err(error),
-                    }
-                }
-                Step::HandOver { to } => {
-                    if !self.hand_over(to).await? {
-                        continue;
-                    }
-                    return Ok(Outcome::Settled(Action::await_change()));
-                }
-                Step::Wait { why, recheck_after } => {
-                    if !self.persist().await? {
-                        continue;
-                    }
-                    let stuck_in = target
-                        .as_ref()
-                        .ok()
-                        .and_then(|t| stuck_in(&self.status, &t.policy, now));
-                    let swept = target.as_ref().is_ok_and(|t| t.driver.can_probe_many());
-                    return Ok(match why {
-                        Wait::BackendUnreachable => Outcome::Retry(Action::requeue(
-                            self.context.backoff.failed(&self.name, stuck_in),
-                        )),
-                        // Its driver's sweep tells when the backend no longer matches it.
-                        Wait::Converged if swept => Outcome::Settled(Action::await_change()),
-                        _ => Outcome::Settled(Action::requeue(
-                            recheck_after.unwrap_or(resync).min(resync),
-                        )),
-                    });
-                }
+                // Detached is stored before the finalizer goes.
+                Step::ReleaseFinalizer => self.persist().await? && self.release().await?,
+                Step::HandOver { to } => self.hand_over(to).await?,
                 Step::Fail(problem) => {
-                    if !self.persist().await? {
-                        continue;
+                    let written = self.persist().await?;
+                    if written {
+                        warn!(
+                            reason = problem.reason(),
+                            "cannot reach the backend: {}",
+                            problem.message()
+                        );
                     }
-                    warn!(
-                        reason = problem.reason(),
-                        "cannot reach the backend: {}",
-                        problem.message()
-                    );
-                    // The probe of a Volume re-created over the same disk went unanswered:
-                    // asked again with backoff, as any unanswered probe.
-                    if matches!(backend, Some(ProbeAnswer::Unreachable(_))) {
-                        return Ok(Outcome::Retry(Action::requeue(
-                            self.context.backoff.failed(&self.name, None),
-                        )));
-                    }
-                    // A missing Volume or driver is fixed by a change that wakes us; the requeue
-                    // is only a safety net, slow enough never to spin.
-                    return Ok(Outcome::Settled(Action::requeue(resync)));
+                    written
                 }
-                Step::BlockAttach { .. } => {
-                    // The holder's detach changes the Volume's status, which wakes us.
-                    if !self.persist().await? {
-                        continue;
-                    }
-                    return Ok(Outcome::Settled(Action::requeue(resync)));
-                }
-                _ => {}
+                // The other steps that end the reconcile write what they decided first.
+                _ if ending.is_some() => self.persist().await?,
+                _ => true,
+            };
+            if !done {
+                continue;
+            }
+            if let Some(ending) = ending {
+                return Ok(self.outcome(ending));
             }
             // `decide` answers Fail for an attachment without a backend, before any backend step.
             let Ok(target) = &target else {
                 self.persist().await?;
-                return Ok(Outcome::Settled(Action::requeue(resync)));
+                return Ok(self.outcome(Recheck::Settled(Some(input.resync))));
             };
-
-            if matches!(step, Step::Attach | Step::Detach | Step::ForceDetach { .. }) {
-                if !self.persist_intent().await? {
-                    continue;
-                }
-                // The intent write may have taken long (a slow or cut-off apiserver): the lease
-                // is checked again right before the call it allows.
-                if !self.context.fence.permits() {
-                    return Ok(Outcome::Retry(Action::requeue(FENCED_RECHECK)));
-                }
+            // Record-only steps: the next decision follows at once, on the same answer (the
+            // word of a call holds for the decision right after it only).
+            if !step.calls_driver() {
+                confirmed = None;
+                continue;
+            }
+            if !self.persist_intent().await? {
+                continue;
+            }
+            // The intent write may have taken long (a slow or cut-off apiserver): the lease is
+            // checked again right before the call it allows.
+            if !self.context.fence.permits() {
+                return Ok(self.outcome(Recheck::Soon(FENCED_RECHECK)));
             }
             let result = match &step {
-                Step::Attach => self.attach(target).await,
-                Step::Detach => detach_safely(target, &node).await,
-                Step::ForceDetach { .. } => {
-                    ok_if_not_connected(target.driver.force_detach(&target.handle, &node).await)
-                }
-                // Record-only steps: the next decision follows at once, on the same answer.
-                _ => Ok(()),
+                Step::Attach => self.attach(target).await.map(Some),
+                Step::Detach => detach_safely(target, &node).await.map(|()| None),
+                _ => ok_if_not_connected(target.driver.force_detach(&target.handle, &node).await)
+                    .map(|()| None),
             };
-            if matches!(step, Step::Attach | Step::Detach | Step::ForceDetach { .. }) {
-                answer = None;
-            }
-            confirmed = match (&result, &step) {
-                (Ok(()), Step::Attach) => Some(Confirmed::Connected),
-                (Ok(()), Step::Detach | Step::ForceDetach { .. }) => Some(Confirmed::Disconnected),
-                _ => None,
-            };
-            match result {
-                Ok(()) => {}
-                // The backend's refusal is its answer to the probe this attach rested on:
-                // another node holds the volume.
-                Err(DriverError::HeldElsewhere { holders, .. }) => {
-                    let holders = if holders.is_empty() {
-                        vec!["another node".to_owned()]
-                    } else {
-                        holders
-                    };
-                    warn!(?holders, "the backend refused an exclusive attach");
-                    self.status =
-                        after_step(&self.status, &Step::BlockAttach { holders }, &observed);
-                    self.notice();
-                    if !self.persist().await? {
-                        continue;
-                    }
-                    return Ok(Outcome::Settled(Action::requeue(resync)));
-                }
+            answer = None;
+            let called = match &result {
+                Ok(info) => CallResult::Done(info.as_ref()),
                 Err(error) => {
-                    // The outcome is recorded and the attachment retried later; an unknown
-                    // outcome is resolved by the probe that starts the next reconcile.
                     warn!(?step, %error, class = ?error.class(), "driver call failed");
-                    driver_failed(&mut self.status, &step, &error, &observed);
-                    self.notice();
                     if let Step::ForceDetach { reason, .. } = &step {
                         let reason = format!("{reason:?}");
                         self.context.metrics.force_detach(&reason, "Failed");
                     }
-                    if !self.persist().await? {
-                        continue;
-                    }
-                    let deadline = stuck_in(&self.status, &target.policy, Timestamp::now());
-                    let delay = self.context.backoff.failed(&self.name, deadline);
-                    return Ok(Outcome::Retry(Action::requeue(delay)));
+                    CallResult::Failed(error)
                 }
+            };
+            let after = after_call(&input, &step, called, Timestamp::now());
+            self.status = after.status;
+            self.notice();
+            confirmed = after.confirmed;
+            if let Some(ending) = after.ends {
+                if !self.persist().await? {
+                    continue;
+                }
+                return Ok(self.outcome(ending));
             }
         }
         if self.basis != Basis::Conflicted {
@@ -502,9 +421,19 @@ impl<'a> Reconcile<'a> {
         // Out of steps without settling (writes refused again and again): not at once, but
         // with backoff.
         warn!("no settled state within {MAX_STEPS} steps");
-        Ok(Outcome::Retry(Action::requeue(
-            self.context.backoff.failed(&self.name, None),
-        )))
+        Ok(self.outcome(Recheck::Backoff { deadline: None }))
+    }
+
+    /// The controller's action for how the reconcile ends.
+    fn outcome(&self, recheck: Recheck) -> Outcome {
+        match recheck {
+            Recheck::Settled(None) => Outcome::Settled(Action::await_change()),
+            Recheck::Settled(Some(after)) => Outcome::Settled(Action::requeue(after)),
+            Recheck::Soon(after) => Outcome::Retry(Action::requeue(after)),
+            Recheck::Backoff { deadline } => Outcome::Retry(Action::requeue(
+                self.context.backoff.failed(&self.name, deadline),
+            )),
+        }
     }
 
     /// The backend and policy of `volume` (the attachment's Volume, from the cache or read
@@ -579,7 +508,8 @@ impl<'a> Reconcile<'a> {
         })
     }
 
-    async fn attach(&mut self, target: &Target) -> Result<(), DriverError> {
+    /// Calls the driver's attach; what it returns is the connection info the status records.
+    async fn attach(&self, target: &Target) -> Result<ConnectionInfo, DriverError> {
         let spec = &self.attachment.spec;
         let request = AttachRequest {
             volume_handle: target.handle.clone(),
@@ -594,9 +524,7 @@ impl<'a> Reconcile<'a> {
         if info.is_empty() {
             info.insert("driver".into(), target.driver.kind().into());
         }
-        attached_with(&mut self.status, info);
-        self.notice();
-        Ok(())
+        Ok(info)
     }
 
     /// Another attachment of the same Volume to the same node, not being deleted, as the cache
@@ -635,6 +563,20 @@ impl<'a> Reconcile<'a> {
             .collect();
         siblings.sort();
         siblings.into_iter().next()
+    }
+
+    /// Releases the finalizer: the object goes. `false` if the release was refused as based on an
+    /// older version.
+    async fn release(&mut self) -> Result<bool, Error> {
+        match finalizer::remove(&self.api, &self.attachment, ATTACHMENT_FINALIZER).await {
+            Ok(()) => Ok(true),
+            Err(Error::Conflict(_)) => {
+                self.basis = Basis::Conflicted;
+                Ok(false)
+            }
+            Err(error) if error.is_not_found() => Ok(true),
+            Err(error) => Err(error),
+        }
     }
 
     /// Leaves the connection to `to`, once the apiserver confirms it claims it, and releases
@@ -775,11 +717,8 @@ impl<'a> Reconcile<'a> {
             &spec.node_name,
         );
         let reported = self.reported_failure.as_deref();
-        self.notices.extend(
-            notices
-                .into_iter()
-                .filter(|n| Some(n.reason.as_str()) != reported),
-        );
+        self.notices
+            .extend(notices.into_iter().filter(|n| is_news(n, reported)));
         self.noticed = self.status.clone();
     }
 }
@@ -805,19 +744,6 @@ fn same_grounds(fresh: &VolumeAttachment, read: &VolumeAttachment) -> bool {
         && fresh.metadata.annotations == read.metadata.annotations
         && fresh.metadata.finalizers == read.metadata.finalizers
         && fresh.metadata.deletion_timestamp == read.metadata.deletion_timestamp
-}
-
-/// The reason of a forced detach that `next` records as confirmed and `stored` as under way.
-fn force_confirmed(
-    stored: &VolumeAttachmentStatus,
-    next: &VolumeAttachmentStatus,
-) -> Option<ForceDetachReason> {
-    let before = stored.force_detach.as_ref()?;
-    let after = next.force_detach.as_ref()?;
-    (before.state == ForceDetachState::InProgress
-        && after.state == ForceDetachState::Succeeded
-        && before.token == after.token)
-        .then_some(after.reason)
 }
 
 /// The safe detach: terminate the connection (refused while a user holds it), then detach.

@@ -1,0 +1,70 @@
+//! When a reconcile that ends looks at its attachment again.
+//!
+//! The controller's requeue is a decision like any other: a converged attachment is looked at
+//! again after the resync interval (or only when its driver's sweep finds it out of step), a
+//! failed or unanswered try after a backoff that grows, a reconcile that did not get its turn
+//! soon, without backoff.
+
+use super::{BUSY_RECHECK, Input, ProbeAnswer, Step, Wait};
+use std::time::Duration;
+
+/// How a reconcile ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recheck {
+    /// Settled (its backoff is forgotten): looked at again when something changes, and no later
+    /// than after the given time.
+    Settled(Option<Duration>),
+    /// Not its turn (the volume busy, the lease uncertain): again after the given time, its
+    /// backoff kept as it was.
+    Soon(Duration),
+    /// A failed or unanswered try: again after the backoff's next delay, and no later than
+    /// `deadline` (the moment the attachment would count as stuck) when there is one.
+    Backoff { deadline: Option<Duration> },
+}
+
+/// How the reconcile ends with `step`, decided on `input`; `None` when the step does not end it.
+/// `swept`: the driver's sweep lists every connection now and then and wakes the attachments
+/// the backend no longer matches, so a converged one needs no timer of its own.
+pub fn ending(step: &Step, input: &Input, swept: bool) -> Option<Recheck> {
+    Some(match step {
+        Step::Wait {
+            why: Wait::Fenced | Wait::VolumeBusy,
+            recheck_after,
+        } => Recheck::Soon(recheck_after.unwrap_or(BUSY_RECHECK)),
+        Step::Wait {
+            why: Wait::BackendUnreachable,
+            recheck_after,
+        } => Recheck::Backoff {
+            deadline: *recheck_after,
+        },
+        Step::Wait {
+            why: Wait::Converged,
+            ..
+        } if swept => Recheck::Settled(None),
+        Step::Wait { recheck_after, .. } => Recheck::Settled(Some(
+            recheck_after.unwrap_or(input.resync).min(input.resync),
+        )),
+        // The probe of a Volume re-created over the same disk went unanswered: asked again with
+        // backoff, as any unanswered probe.
+        Step::Fail(_) if matches!(input.backend, Some(ProbeAnswer::Unreachable(_))) => {
+            Recheck::Backoff { deadline: None }
+        }
+        // A missing Volume or driver is fixed by a change that wakes the attachment, and a
+        // holder's detach changes the Volume's status, which wakes a blocked one: the timer is
+        // only a safety net, slow enough never to spin.
+        Step::Fail(_) | Step::BlockAttach { .. } => Recheck::Settled(Some(input.resync)),
+        // The object goes away, or another takes over the connection.
+        Step::ReleaseFinalizer | Step::HandOver { .. } => Recheck::Settled(None),
+        Step::AddFinalizer
+        | Step::BeginAttach
+        | Step::Attach
+        | Step::MarkAttached { .. }
+        | Step::ConnectionLost
+        | Step::BeginDetach
+        | Step::Detach
+        | Step::ForceDetach { .. }
+        | Step::MarkDetached
+        | Step::Refresh
+        | Step::Probe => return None,
+    })
+}
