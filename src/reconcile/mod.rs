@@ -8,6 +8,8 @@ mod finalizer;
 mod lanes;
 mod lock;
 mod sweep;
+#[cfg(test)]
+mod tests;
 mod volume;
 
 use crate::api::{Volume, VolumeAttachment};

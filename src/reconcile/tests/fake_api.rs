@@ -1,0 +1,294 @@
+//! An apiserver in memory for the reconciler tests: it keeps objects, checks the guards a real
+//! one checks (a status write's `resourceVersion`, a JSON patch's `test` operations), releases an
+//! object being deleted once its last finalizer goes, and writes every request it answers to the
+//! shared [`Log`], so that a test can pin the exact sequence of reads, writes and driver calls.
+
+use super::Log;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+#[derive(Clone)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+}
+
+struct State {
+    /// Objects by their URL path.
+    objects: BTreeMap<String, Value>,
+    last_version: u64,
+    /// Status writes still to be refused, each as if another writer had touched the object
+    /// just before it (a label: nothing a decision rests on).
+    interleaved_writes: usize,
+    log: Log,
+}
+
+impl FakeApi {
+    pub fn new(log: Log) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State {
+                objects: BTreeMap::new(),
+                last_version: 0,
+                interleaved_writes: 0,
+                log,
+            })),
+        }
+    }
+
+    /// A client whose every request this apiserver answers.
+    pub fn client(&self) -> Client {
+        let state = self.state.clone();
+        let service = tower::service_fn(move |request: Request<Body>| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(answer(&state, request).await) }
+        });
+        Client::new(service, "default")
+    }
+
+    /// Stores `object` as a create would (a UID, a `resourceVersion`), and returns it as stored.
+    pub fn create<K>(&self, object: &K) -> K
+    where
+        K: Resource<DynamicType = ()> + Serialize + DeserializeOwned,
+    {
+        let mut value = serde_json::to_value(object).expect("an object encodes");
+        let mut state = self.lock();
+        let version = state.next_version();
+        value["metadata"]["uid"] = json!(format!("uid-{}", object.name_any()));
+        value["metadata"]["resourceVersion"] = json!(version);
+        value["metadata"]["creationTimestamp"] = json!("2026-12-01T00:00:00Z");
+        state.objects.insert(path_of(object), value.clone());
+        serde_json::from_value(value).expect("an object decodes")
+    }
+
+    /// The object as the server has it now.
+    pub fn get<K>(&self, name: &str) -> Option<K>
+    where
+        K: Resource<DynamicType = ()> + DeserializeOwned,
+    {
+        let path = format!("{}/{name}", K::url_path(&(), None));
+        let value = self.lock().objects.get(&path).cloned()?;
+        Some(serde_json::from_value(value).expect("an object decodes"))
+    }
+
+    /// Replaces `object` as an update would (its `resourceVersion` not checked).
+    pub fn replace<K>(&self, object: &K)
+    where
+        K: Resource<DynamicType = ()> + Serialize,
+    {
+        let mut value = serde_json::to_value(object).expect("an object encodes");
+        let mut state = self.lock();
+        value["metadata"]["resourceVersion"] = json!(state.next_version());
+        state.objects.insert(path_of(object), value);
+    }
+
+    /// Another writer touches the object (a label) just before each of the next `count` status
+    /// writes, which the `resourceVersion` guard then refuses.
+    pub fn interleave_writes(&self, count: usize) {
+        self.lock().interleaved_writes = count;
+    }
+
+    /// A delete: with finalizers the object stays, marked as being deleted.
+    pub fn delete<K>(&self, name: &str)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let path = format!("{}/{name}", K::url_path(&(), None));
+        let mut state = self.lock();
+        let version = state.next_version();
+        let object = state.objects.get_mut(&path).expect("the object exists");
+        object["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:10Z");
+        object["metadata"]["resourceVersion"] = json!(version);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("the fake apiserver's state")
+    }
+}
+
+impl State {
+    fn next_version(&mut self) -> String {
+        self.last_version += 1;
+        self.last_version.to_string()
+    }
+
+    fn record(&self, entry: String) {
+        self.log.lock().expect("the log").push(entry);
+    }
+
+    fn answer(&mut self, method: &Method, path: &str, body: &[u8]) -> (StatusCode, Value) {
+        let name = path.rsplit('/').next().unwrap_or_default().to_owned();
+        if *method == Method::POST && path.ends_with("/events") {
+            let event: Value = serde_json::from_slice(body).unwrap_or_default();
+            let reason = event["reason"].as_str().unwrap_or_default();
+            self.record(format!("event {reason}"));
+            return (StatusCode::CREATED, event);
+        }
+        if *method == Method::GET {
+            self.record(format!("get {}", short(path)));
+            return match self.objects.get(path) {
+                Some(object) => (StatusCode::OK, object.clone()),
+                None => not_found(&name),
+            };
+        }
+        if *method == Method::PATCH
+            && let Some(object_path) = path.strip_suffix("/status")
+        {
+            return self.patch_status(object_path, body);
+        }
+        if *method == Method::PATCH {
+            return self.json_patch(path, body);
+        }
+        self.record(format!("unexpected {method} {path}"));
+        not_found(&name)
+    }
+
+    /// A server-side apply of the status, on the `resourceVersion` it names.
+    fn patch_status(&mut self, path: &str, body: &[u8]) -> (StatusCode, Value) {
+        let patch: Value = serde_json::from_slice(body).unwrap_or_default();
+        let status = &patch["status"];
+        self.record(format!(
+            "write {}/status: {}",
+            short(path),
+            describe_status(status)
+        ));
+        let version = self.next_version();
+        let Some(object) = self.objects.get_mut(path) else {
+            return not_found(path);
+        };
+        if self.interleaved_writes > 0 {
+            self.interleaved_writes -= 1;
+            object["metadata"]["labels"]["touched-by"] = json!("someone else");
+            object["metadata"]["resourceVersion"] = json!(format!("{version}-other"));
+        }
+        let wanted = &patch["metadata"]["resourceVersion"];
+        if !wanted.is_null() && *wanted != object["metadata"]["resourceVersion"] {
+            self.log
+                .lock()
+                .expect("the log")
+                .push("  refused: the object changed".to_owned());
+            return failure(
+                StatusCode::CONFLICT,
+                "Conflict",
+                "the object has been modified",
+            );
+        }
+        object["status"] = status.clone();
+        object["metadata"]["resourceVersion"] = json!(version);
+        (StatusCode::OK, object.clone())
+    }
+
+    /// A JSON patch (the finalizers); the last finalizer of an object being deleted releases it.
+    fn json_patch(&mut self, path: &str, body: &[u8]) -> (StatusCode, Value) {
+        let version = self.next_version();
+        let Some(object) = self.objects.get(path) else {
+            self.record(format!("write {} (gone)", short(path)));
+            return not_found(path);
+        };
+        let mut patched = object.clone();
+        let operations: Vec<Value> = serde_json::from_slice(body).unwrap_or_default();
+        // As the apiserver's JSON patch does, a `test` of a missing member against null passes.
+        let operations: Vec<Value> = operations
+            .into_iter()
+            .filter(|op| {
+                !(op["op"] == "test"
+                    && op["value"].is_null()
+                    && op["path"]
+                        .as_str()
+                        .is_some_and(|path| patched.pointer(path).is_none()))
+            })
+            .collect();
+        let applied = serde_json::from_value::<json_patch::Patch>(Value::Array(operations))
+            .map_err(|e| e.to_string())
+            .and_then(|patch| json_patch::patch(&mut patched, &patch).map_err(|e| e.to_string()));
+        if let Err(error) = applied {
+            self.record(format!("write {}: refused", short(path)));
+            return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &error);
+        }
+        let finalizers = patched["metadata"]["finalizers"].clone();
+        self.record(format!("write {}: finalizers {finalizers}", short(path)));
+        patched["metadata"]["resourceVersion"] = json!(version);
+        let released = finalizers.as_array().is_none_or(Vec::is_empty)
+            && !patched["metadata"]["deletionTimestamp"].is_null();
+        if released {
+            self.objects.remove(path);
+        } else {
+            self.objects.insert(path.to_owned(), patched.clone());
+        }
+        (StatusCode::OK, patched)
+    }
+}
+
+async fn answer(state: &Mutex<State>, request: Request<Body>) -> Response<Body> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_else(|_| Bytes::new());
+    let (code, value) = state
+        .lock()
+        .expect("the fake apiserver's state")
+        .answer(&method, &path, &body);
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&value).unwrap_or_default()))
+        .expect("a response")
+}
+
+fn path_of<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    format!("{}/{}", K::url_path(&(), None), object.name_any())
+}
+
+/// `volumeattachments/va` for the path of a safedetach.io object.
+fn short(path: &str) -> &str {
+    path.strip_prefix("/apis/safedetach.io/v1alpha1/")
+        .unwrap_or(path)
+}
+
+/// The parts of a status the tests read the sequence by: the phase, the backend's word, a forced
+/// detach's state.
+fn describe_status(status: &Value) -> String {
+    let mut parts = vec![format!(
+        "phase={} attached={}",
+        status["phase"].as_str().unwrap_or("-"),
+        status["attached"].as_bool().unwrap_or(false)
+    )];
+    if let Some(state) = status["forceDetach"]["state"].as_str() {
+        parts.push(format!("force={state}"));
+    }
+    parts.join(" ")
+}
+
+fn not_found(name: &str) -> (StatusCode, Value) {
+    failure(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{name} not found"),
+    )
+}
+
+fn failure(code: StatusCode, reason: &str, message: &str) -> (StatusCode, Value) {
+    (
+        code,
+        json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code.as_u16(),
+        }),
+    )
+}

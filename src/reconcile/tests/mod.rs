@@ -1,0 +1,329 @@
+//! The reconcilers between the pure core and the real binary: the attachment controller's
+//! reconcile run against an apiserver in memory ([`fake_api`]) and a backend in memory
+//! ([`scripted_driver`]), both writing to one log, so that each test pins the exact order of
+//! reads, status writes, finalizer patches, Events and driver calls that the design's rules
+//! demand: the intent written before the call it announces, nothing that says detached before
+//! the backend confirmed it, no write once converged, a failed try held back until its backoff
+//! is due, and `Detached` stored before the finalizer goes.
+
+mod fake_api;
+mod scripted_driver;
+
+use super::backoff::Backoff;
+use super::events::Publisher;
+use super::lanes::Lanes;
+use super::lock::VolumeLocks;
+use super::{Context, attachment};
+use crate::api::{FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment};
+use crate::config::Config;
+use crate::driver::{Driver, DriverError};
+use crate::runtime::leader::Fence;
+use crate::runtime::metrics::Metrics;
+use fake_api::FakeApi;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{self, ObjectRef, store::Writer};
+use kube::runtime::watcher;
+use scripted_driver::ScriptedDriver;
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What the apiserver answered and the driver was asked, in order.
+pub type Log = Arc<Mutex<Vec<String>>>;
+
+const RESYNC: Duration = Duration::from_secs(60);
+const NODE: &str = "node-a";
+
+/// One Volume (`vol`, backend volume `h1`) of the scripted driver, the operator's context over
+/// the fake apiserver, and caches the test fills as a watch would.
+struct Harness {
+    log: Log,
+    api: FakeApi,
+    driver: Arc<ScriptedDriver>,
+    context: Arc<Context>,
+    attachments: Writer<VolumeAttachment>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let log = Log::default();
+        let api = FakeApi::new(log.clone());
+        let driver = Arc::new(ScriptedDriver::new(log.clone()));
+        let client = api.client();
+        let (volumes, mut volumes_writer) = reflector::store::<Volume>();
+        let (attachments, mut attachments_writer) = reflector::store::<VolumeAttachment>();
+        let spec = serde_json::from_value(json!({
+            "driver": "scripted",
+            "volumeHandle": "h1",
+            "autoForceDetach": true,
+        }))
+        .expect("a Volume spec");
+        let volume = api.create(&Volume::new("vol", spec));
+        // The first list, then what the watch sees after it.
+        volumes_writer.apply_watcher_event(&watcher::Event::InitDone);
+        volumes_writer.apply_watcher_event(&watcher::Event::Apply(volume));
+        attachments_writer.apply_watcher_event(&watcher::Event::InitDone);
+        let drivers = [("scripted".to_owned(), driver.clone() as Arc<dyn Driver>)].into();
+        let (lanes, _woken) = Lanes::new(4, attachments.clone());
+        let context = Arc::new(Context {
+            events: Publisher::new(client.clone(), "test".into()),
+            client,
+            config: Config {
+                default_stuck_after: Duration::from_secs(120),
+                resync_interval: RESYNC,
+                concurrency: 4,
+                drivers,
+            },
+            volumes,
+            attachments,
+            backoff: Backoff::default(),
+            metrics: Arc::new(Metrics::default()),
+            locks: VolumeLocks::default(),
+            fence: Fence::open(),
+            lanes,
+        });
+        Self {
+            log,
+            api,
+            driver,
+            context,
+            attachments: attachments_writer,
+        }
+    }
+
+    /// Creates an attachment of `vol` to [`NODE`], and lets the cache see it.
+    fn create(&mut self, name: &str, annotations: &[(&str, &str)]) {
+        let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
+            .expect("an attachment spec");
+        let mut attachment = VolumeAttachment::new(name, spec);
+        for (key, value) in annotations {
+            attachment
+                .annotations_mut()
+                .insert((*key).to_owned(), (*value).to_owned());
+        }
+        self.api.create(&attachment);
+        self.catch_up(name);
+    }
+
+    /// The cache catches up with the apiserver, as a watch does, for `name`.
+    fn catch_up(&mut self, name: &str) {
+        let event = match self.api.get::<VolumeAttachment>(name) {
+            Some(now) => watcher::Event::Apply(now),
+            None => match self.cached(name) {
+                Some(last) => watcher::Event::Delete(last),
+                None => return,
+            },
+        };
+        self.attachments.apply_watcher_event(&event);
+    }
+
+    fn cached(&self, name: &str) -> Option<VolumeAttachment> {
+        self.context
+            .attachments
+            .get(&ObjectRef::new(name))
+            .map(|a| a.as_ref().clone())
+    }
+
+    /// One reconcile of `name` as the controller starts it, from the cache's copy; the log of
+    /// what it did is taken.
+    async fn reconcile(&mut self, name: &str) -> (Action, Vec<String>) {
+        let cached = self.cached(name).expect("the attachment is in the cache");
+        let action = attachment::reconcile(Arc::new(cached), self.context.clone())
+            .await
+            .expect("the reconcile succeeds");
+        let log = std::mem::take(&mut *self.log.lock().expect("the log"));
+        (action, log)
+    }
+
+    /// Annotates `name` as `kubectl annotate` would.
+    fn annotate(&mut self, name: &str, key: &str, value: &str) {
+        let mut attachment = self
+            .api
+            .get::<VolumeAttachment>(name)
+            .expect("the attachment");
+        attachment
+            .annotations_mut()
+            .insert(key.to_owned(), value.to_owned());
+        self.api.replace(&attachment);
+        self.catch_up(name);
+    }
+}
+
+/// The position of the first entry that starts with `prefix`.
+fn position(log: &[String], prefix: &str) -> usize {
+    log.iter()
+        .position(|entry| entry.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in {log:#?}"))
+}
+
+/// Attached and converged: the starting point of the detach tests.
+async fn attached(harness: &mut Harness, name: &str) {
+    harness.create(name, &[]);
+    harness.reconcile(name).await;
+    harness.catch_up(name);
+    assert!(harness.driver.connects("h1", NODE));
+}
+
+#[tokio::test]
+async fn an_attach_writes_its_intent_first_and_attached_only_on_the_probe_after_the_call() {
+    let mut harness = Harness::new();
+    harness.create("va", &[]);
+    let (action, log) = harness.reconcile("va").await;
+    assert_eq!(
+        log,
+        [
+            r#"write volumeattachments/va: finalizers ["safedetach.io/detach"]"#,
+            "driver probe h1",
+            // The Volume read fresh before a call rests on its policy.
+            "get volumes/vol",
+            // Rule 4: the intent is stored before the call it announces.
+            "write volumeattachments/va/status: phase=Attaching attached=false",
+            "driver attach h1 node-a",
+            // Attached only on the backend's word, asked after the call.
+            "driver probe h1",
+            "write volumeattachments/va/status: phase=Attached attached=true",
+            "event Attached",
+        ]
+    );
+    assert_eq!(action, Action::requeue(RESYNC));
+}
+
+#[tokio::test]
+async fn a_converged_attachment_costs_one_probe_and_no_write() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    for _ in 0..3 {
+        let (action, log) = harness.reconcile("va").await;
+        assert_eq!(log, ["driver probe h1"]);
+        assert_eq!(action, Action::requeue(RESYNC));
+    }
+}
+
+#[tokio::test]
+async fn a_failed_call_is_recorded_once_and_held_back_until_its_backoff_is_due() {
+    let mut harness = Harness::new();
+    harness.create("va", &[]);
+    harness
+        .driver
+        .fail_next("attach", DriverError::Unreachable("down".into()));
+    let (action, log) = harness.reconcile("va").await;
+    assert_eq!(
+        log,
+        [
+            r#"write volumeattachments/va: finalizers ["safedetach.io/detach"]"#,
+            "driver probe h1",
+            "get volumes/vol",
+            "write volumeattachments/va/status: phase=Attaching attached=false",
+            "driver attach h1 node-a",
+            // The failure is stored with the phase it left (Attaching), and told once.
+            "write volumeattachments/va/status: phase=Attaching attached=false",
+            "event AttachFailed",
+        ]
+    );
+    assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+    // Its own status write wakes it at once: held back, it neither asks nor writes.
+    harness.catch_up("va");
+    let (action, log) = harness.reconcile("va").await;
+    assert!(log.is_empty(), "{log:#?}");
+    assert_ne!(action, Action::requeue(RESYNC));
+    assert!(harness.context.backoff.holding("va").is_some());
+    assert!(!harness.driver.connects("h1", NODE));
+    // A person's new force-detach request is not held back.
+    harness.annotate("va", FORCE_DETACH_ANNOTATION, "t1");
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        position(
+            &log,
+            "write volumeattachments/va/status: phase=Detaching attached=false force=InProgress"
+        ) < position(&log, "driver force_detach h1 node-a"),
+        "{log:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_attachment_stores_detached_on_the_backends_word_before_its_finalizer_goes() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.catch_up("va");
+    let (action, log) = harness.reconcile("va").await;
+    assert_eq!(
+        log,
+        [
+            "driver probe h1",
+            // The deletion is acted on only as the apiserver has it, with its Volume.
+            "get volumeattachments/va",
+            "get volumes/vol",
+            "write volumeattachments/va/status: phase=Detaching attached=true",
+            "driver terminate_connection h1 node-a",
+            "driver detach h1 node-a",
+            "driver probe h1",
+            "write volumeattachments/va/status: phase=Detached attached=false",
+            "event Detached",
+            "write volumeattachments/va: finalizers []",
+        ]
+    );
+    assert_eq!(action, Action::await_change());
+    assert!(harness.api.get::<VolumeAttachment>("va").is_none());
+    assert!(!harness.driver.connects("h1", NODE));
+}
+
+#[tokio::test]
+async fn a_forced_detach_writes_its_token_before_the_call_and_acts_once_per_token() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    harness.annotate("va", FORCE_DETACH_ANNOTATION, "t1");
+    let (_, log) = harness.reconcile("va").await;
+    assert_eq!(
+        log,
+        [
+            "driver probe h1",
+            "get volumeattachments/va",
+            "get volumes/vol",
+            // The token is stored as taken, with the intent, before the call.
+            "write volumeattachments/va/status: phase=Detaching attached=true force=InProgress",
+            "event ForceDetaching",
+            "driver force_detach h1 node-a",
+            "driver probe h1",
+            // The confirmed detach, written with the new attach's intent: one write for both.
+            "write volumeattachments/va/status: phase=Attaching attached=false force=Succeeded",
+            "event ForceDetached",
+            "driver attach h1 node-a",
+            "driver probe h1",
+            "write volumeattachments/va/status: phase=Attached attached=true force=Succeeded",
+            "event Attached",
+        ]
+    );
+    // Attached again, and the token spent: the same annotation forces nothing more.
+    harness.catch_up("va");
+    let (_, log) = harness.reconcile("va").await;
+    assert_eq!(log, ["driver probe h1"], "acted again on a spent token");
+    assert!(harness.driver.connects("h1", NODE));
+}
+
+#[tokio::test]
+async fn a_refused_status_write_is_decided_again_on_the_version_the_apiserver_has() {
+    let mut harness = Harness::new();
+    harness.create("va", &[]);
+    // The intent's write is refused: the call it announces waits for the write on the new
+    // version, which changed nothing the decision rests on.
+    harness.api.interleave_writes(1);
+    let (_, log) = harness.reconcile("va").await;
+    assert_eq!(
+        log,
+        [
+            r#"write volumeattachments/va: finalizers ["safedetach.io/detach"]"#,
+            "driver probe h1",
+            "get volumes/vol",
+            "write volumeattachments/va/status: phase=Attaching attached=false",
+            "  refused: the object changed",
+            "get volumeattachments/va",
+            "write volumeattachments/va/status: phase=Attaching attached=false",
+            "driver attach h1 node-a",
+            "driver probe h1",
+            "write volumeattachments/va/status: phase=Attached attached=true",
+            "event Attached",
+        ]
+    );
+}

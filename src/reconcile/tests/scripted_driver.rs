@@ -1,0 +1,119 @@
+//! A driver whose backend is a set of (volume, node) connections in memory, with failures
+//! scripted call by call; every call is written to the shared [`Log`].
+
+use super::Log;
+use crate::driver::{AttachRequest, ConnectionInfo, Connections, Driver, DriverError};
+use async_trait::async_trait;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Mutex;
+
+pub struct ScriptedDriver {
+    log: Log,
+    connections: Mutex<BTreeSet<(String, String)>>,
+    /// The next calls that fail, by operation, in order.
+    failures: Mutex<VecDeque<(&'static str, DriverError)>>,
+}
+
+impl ScriptedDriver {
+    pub fn new(log: Log) -> Self {
+        Self {
+            log,
+            connections: Mutex::new(BTreeSet::new()),
+            failures: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// The next call of `operation` fails with `error` (and changes nothing).
+    pub fn fail_next(&self, operation: &'static str, error: DriverError) {
+        self.failures
+            .lock()
+            .expect("the script")
+            .push_back((operation, error));
+    }
+
+    /// Whether the backend connects `volume` to `node`.
+    pub fn connects(&self, volume: &str, node: &str) -> bool {
+        self.connections
+            .lock()
+            .expect("the backend")
+            .contains(&(volume.to_owned(), node.to_owned()))
+    }
+
+    /// Logs the call, and answers the scripted failure if one is due.
+    fn call(
+        &self,
+        operation: &'static str,
+        volume: &str,
+        node: Option<&str>,
+    ) -> Result<(), DriverError> {
+        let entry = match node {
+            Some(node) => format!("driver {operation} {volume} {node}"),
+            None => format!("driver {operation} {volume}"),
+        };
+        self.log.lock().expect("the log").push(entry);
+        let mut failures = self.failures.lock().expect("the script");
+        if failures.front().is_some_and(|(op, _)| *op == operation)
+            && let Some((_, error)) = failures.pop_front()
+        {
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    fn disconnect(&self, volume: &str, node: &str) {
+        self.connections
+            .lock()
+            .expect("the backend")
+            .remove(&(volume.to_owned(), node.to_owned()));
+    }
+}
+
+#[async_trait]
+impl Driver for ScriptedDriver {
+    fn kind(&self) -> &'static str {
+        "scripted"
+    }
+
+    async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
+        self.call("probe", volume_handle, None)?;
+        let connections = self.connections.lock().expect("the backend");
+        Ok(Connections::to(
+            connections
+                .iter()
+                .filter(|(volume, _)| volume == volume_handle)
+                .map(|(_, node)| node.clone()),
+        ))
+    }
+
+    async fn attach(&self, request: &AttachRequest) -> Result<ConnectionInfo, DriverError> {
+        self.call("attach", &request.volume_handle, Some(&request.node))?;
+        self.connections
+            .lock()
+            .expect("the backend")
+            .insert((request.volume_handle.clone(), request.node.clone()));
+        Ok(ConnectionInfo::from([(
+            "uri".to_owned(),
+            format!("scripted://{}", request.volume_handle),
+        )]))
+    }
+
+    async fn terminate_connection(
+        &self,
+        volume_handle: &str,
+        node: &str,
+    ) -> Result<(), DriverError> {
+        self.call("terminate_connection", volume_handle, Some(node))
+    }
+
+    async fn detach(&self, volume_handle: &str, node: &str) -> Result<(), DriverError> {
+        self.call("detach", volume_handle, Some(node))?;
+        self.disconnect(volume_handle, node);
+        Ok(())
+    }
+
+    async fn force_detach(&self, volume_handle: &str, node: &str) -> Result<(), DriverError> {
+        self.call("force_detach", volume_handle, Some(node))?;
+        self.disconnect(volume_handle, node);
+        Ok(())
+    }
+}
