@@ -1,11 +1,14 @@
 //! The Events a person should notice, read off a status transition: each fires once, when what it
 //! reports flips, so a stuck or failing attachment does not flood the event stream.
 
-use crate::api::types::{ATTACH_BLOCKED, READY, REQUEST_REJECTED, STUCK};
+use super::ProbeAnswer;
+use crate::api::types::{ATTACH_BLOCKED, MULTI_ATTACHED, ORPHANED, READY, REQUEST_REJECTED, STUCK};
 use crate::api::{
-    AttachmentPhase, ConditionStatus, ForceDetachState, ForceDetachStatus, VolumeAttachmentStatus,
-    condition_with, find_condition, is_true,
+    AttachmentPhase, ConditionStatus, ForceDetachState, ForceDetachStatus, OrphanPolicy,
+    VolumeAttachmentStatus, VolumePhase, VolumeStatus, condition_with, find_condition, is_true,
 };
+use crate::driver::DriverError;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 /// Whether an Event reports the normal course of things or something to look at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,7 +153,7 @@ fn flipped_true<'a>(
     old: &VolumeAttachmentStatus,
     new: &'a VolumeAttachmentStatus,
     type_: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+) -> Option<&'a Condition> {
     let now = condition_with(&new.conditions, type_, ConditionStatus::True)?;
     (!is_true(&old.conditions, type_)).then_some(now)
 }
@@ -186,4 +189,121 @@ pub fn handed_over(from: &str, to: &str, volume: &str, node: &str) -> (Notice, N
             ),
         ),
     )
+}
+
+/// The events the Volume's status change from `old` to `new` deserves: a connection to more
+/// nodes than a single-attach volume allows, each new orphan, a Volume that became unusable (or
+/// unusable for another reason), and a deletion that waits for its attachments. Each once, when
+/// it appears.
+pub fn volume_between(
+    old: &VolumeStatus,
+    new: &VolumeStatus,
+    volume: &str,
+    orphan_policy: OrphanPolicy,
+) -> Vec<Notice> {
+    fn multi_attached(status: &VolumeStatus) -> Option<&Condition> {
+        condition_with(&status.conditions, MULTI_ATTACHED, ConditionStatus::True)
+    }
+    fn unusable(status: &VolumeStatus) -> Option<&Condition> {
+        condition_with(&status.conditions, READY, ConditionStatus::False)
+            .filter(|_| status.phase == Some(VolumePhase::Error))
+    }
+    fn waiting(status: &VolumeStatus) -> Option<&Condition> {
+        find_condition(&status.conditions, READY).filter(|c| c.reason == "WaitingForAttachments")
+    }
+    let mut notices = Vec::new();
+    if let Some(condition) = multi_attached(new)
+        && multi_attached(old).is_none()
+    {
+        notices.push(Notice::new(
+            Severity::Warning,
+            MULTI_ATTACHED,
+            condition.message.clone(),
+        ));
+    }
+    for orphan in new
+        .orphans
+        .iter()
+        .filter(|o| !old.orphans.iter().any(|c| c.node == o.node))
+    {
+        notices.push(Notice::new(
+            Severity::Warning,
+            ORPHANED,
+            format!(
+                "the backend connects volume {volume} to node {} but no VolumeAttachment claims it (orphanPolicy {orphan_policy:?})",
+                orphan.node
+            ),
+        ));
+    }
+    if let Some(condition) = unusable(new)
+        && unusable(old).is_none_or(|c| c.reason != condition.reason)
+    {
+        notices.push(Notice::new(
+            Severity::Warning,
+            condition.reason.clone(),
+            condition.message.clone(),
+        ));
+    }
+    if let Some(condition) = waiting(new)
+        && waiting(old).is_none()
+    {
+        notices.push(Notice::new(
+            Severity::Normal,
+            condition.reason.clone(),
+            condition.message.clone(),
+        ));
+    }
+    notices
+}
+
+/// How a forced detach of an orphaned connection ended: succeeded only once the probe after the
+/// call shows the node gone; an OK call the backend does not confirm yet is retried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrphanForced {
+    /// `Succeeded`, `Unconfirmed` or `Failed`: the `result` label of the force-detach metric.
+    pub outcome: &'static str,
+    pub notice: Notice,
+}
+
+/// The outcome of force-detaching volume `volume` from `node` (an orphan): the call's `result`,
+/// and what the probe after an OK call answered.
+pub fn orphan_forced(
+    volume: &str,
+    node: &str,
+    result: Result<(), &DriverError>,
+    answer_after: Option<&ProbeAnswer>,
+) -> OrphanForced {
+    let confirmed = matches!(answer_after, Some(ProbeAnswer::Answered(c)) if !c.includes(node));
+    match (result, confirmed) {
+        (Ok(()), true) => OrphanForced {
+            outcome: "Succeeded",
+            notice: Notice::new(
+                Severity::Warning,
+                "ForceDetached",
+                format!(
+                    "volume {volume} was force-detached from node {node}, confirmed by the backend: reason Orphan (connected with no VolumeAttachment; orphanPolicy Detach)"
+                ),
+            ),
+        },
+        (Ok(()), false) => OrphanForced {
+            outcome: "Unconfirmed",
+            notice: Notice::new(
+                Severity::Warning,
+                "ForceDetachUnconfirmed",
+                format!(
+                    "force-detach of orphaned volume {volume} from node {node} returned, but the backend does not confirm it yet; will retry"
+                ),
+            ),
+        },
+        (Err(error), _) => OrphanForced {
+            outcome: "Failed",
+            notice: Notice::new(
+                Severity::Warning,
+                "ForceDetachFailed",
+                format!(
+                    "force-detach of orphaned volume {volume} from node {node} failed: {error}"
+                ),
+            ),
+        },
+    }
 }

@@ -1836,3 +1836,46 @@ fn how_a_reconcile_ends_is_decided_with_the_step() {
         assert_eq!(recheck::ending(&step, &input, false), None, "{step:?}");
     }
 }
+
+#[test]
+fn a_volume_tells_each_new_orphan_once_and_a_forced_orphan_counts_when_the_backend_confirms() {
+    use crate::api::{Orphan, OrphanPolicy, VolumeStatus};
+    let orphan = |node: &str| Orphan {
+        node: node.into(),
+        since: Time(t(0)),
+    };
+    let before = VolumeStatus {
+        orphans: vec![orphan("node-a")],
+        ..Default::default()
+    };
+    let after = VolumeStatus {
+        orphans: vec![orphan("node-a"), orphan("node-b")],
+        ..Default::default()
+    };
+    let notices = events::volume_between(&before, &after, "vol", OrphanPolicy::Detach);
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0].reason, "Orphaned");
+    assert!(notices[0].message.contains("node node-b"), "{notices:?}");
+    assert!(events::volume_between(&after, &after, "vol", OrphanPolicy::Detach).is_empty());
+
+    let gone = connected(&[]);
+    let still = connected(&[NODE]);
+    let forced = events::orphan_forced("vol", NODE, Ok(()), Some(&gone));
+    assert_eq!(
+        (forced.outcome, forced.notice.reason.as_str()),
+        ("Succeeded", "ForceDetached")
+    );
+    let forced = events::orphan_forced("vol", NODE, Ok(()), Some(&still));
+    assert_eq!(forced.outcome, "Unconfirmed");
+    let unanswered = ProbeAnswer::Unreachable("down".into());
+    assert_eq!(
+        events::orphan_forced("vol", NODE, Ok(()), Some(&unanswered)).outcome,
+        "Unconfirmed"
+    );
+    let error = crate::driver::DriverError::Unreachable("down".into());
+    let forced = events::orphan_forced("vol", NODE, Err(&error), None);
+    assert_eq!(
+        (forced.outcome, forced.notice.reason.as_str()),
+        ("Failed", "ForceDetachFailed")
+    );
+}

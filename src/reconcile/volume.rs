@@ -4,17 +4,12 @@
 
 use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe};
 use crate::MANAGER;
-use crate::api::types::{MULTI_ATTACHED, ORPHANED, READY};
-use crate::api::{
-    ConditionStatus, VOLUME_FINALIZER, Volume, VolumeAttachment, VolumePhase, VolumeStatus,
-    condition_with, find_condition,
-};
-use crate::decide::events::{Notice, Severity};
+use crate::api::{VOLUME_FINALIZER, Volume, VolumeAttachment, VolumeStatus};
+use crate::decide::events::{orphan_forced, volume_between};
 use crate::decide::volume::{VolumeInput, decide_volume};
 use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, ProbeAnswer, VolumeProblem, stuck_after};
 use crate::driver::{Driver, ok_if_not_connected};
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
@@ -242,8 +237,8 @@ async fn reconcile_volume(
     ))
 }
 
-/// Forces an orphaned connection off and reports it; the Volume's next probe records the result.
-/// `false` if the driver call failed.
+/// Force-detaches the orphaned connection of `volume` to `node`, and tells how it ended: `true`
+/// when the call returned OK.
 async fn force_detach_orphan(
     volume: &Volume,
     context: &Context,
@@ -251,44 +246,20 @@ async fn force_detach_orphan(
     node: &str,
 ) -> bool {
     let handle = &volume.spec.volume_handle;
-    let name = volume.name_any();
     let result = ok_if_not_connected(driver.force_detach(handle, node).await);
-    let confirmed = match &result {
-        Ok(()) => {
-            matches!(probe(driver, handle).await, ProbeAnswer::Answered(c) if !c.includes(node))
-        }
-        Err(_) => false,
+    // An OK call counts once the backend shows the connection gone.
+    let answer = match &result {
+        Ok(()) => Some(probe(driver, handle).await),
+        Err(_) => None,
     };
-    let outcome = match (&result, confirmed) {
-        (Ok(()), true) => "Succeeded",
-        (Ok(()), false) => "Unconfirmed",
-        (Err(_), _) => "Failed",
-    };
-    context.metrics.force_detach("Orphan", outcome);
-    let notice = match (&result, confirmed) {
-        (Ok(()), true) => Notice {
-            severity: Severity::Warning,
-            reason: "ForceDetached".into(),
-            message: format!(
-                "volume {name} was force-detached from node {node}, confirmed by the backend: reason Orphan (connected with no VolumeAttachment; orphanPolicy Detach)"
-            ),
-        },
-        (Ok(()), false) => Notice {
-            severity: Severity::Warning,
-            reason: "ForceDetachUnconfirmed".into(),
-            message: format!(
-                "force-detach of orphaned volume {name} from node {node} returned, but the backend does not confirm it yet; will retry"
-            ),
-        },
-        (Err(error), _) => Notice {
-            severity: Severity::Warning,
-            reason: "ForceDetachFailed".into(),
-            message: format!(
-                "force-detach of orphaned volume {name} from node {node} failed: {error}"
-            ),
-        },
-    };
-    context.events.publish(volume, &notice).await;
+    let forced = orphan_forced(
+        &volume.name_any(),
+        node,
+        result.as_ref().copied(),
+        answer.as_ref(),
+    );
+    context.metrics.force_detach("Orphan", forced.outcome);
+    context.events.publish(volume, &forced.notice).await;
     result.is_ok()
 }
 
@@ -317,62 +288,7 @@ async fn persist(
     )
     .await
     .map_err(Error::from_write)?;
-    if let Some(condition) = multi_attached(next)
-        && multi_attached(current).is_none()
-    {
-        let notice = Notice {
-            severity: Severity::Warning,
-            reason: MULTI_ATTACHED.into(),
-            message: condition.message.clone(),
-        };
-        context.events.publish(volume, &notice).await;
-    }
-    let newly_orphaned = next
-        .orphans
-        .iter()
-        .filter(|o| !current.orphans.iter().any(|c| c.node == o.node));
-    for orphan in newly_orphaned {
-        let notice = Notice {
-            severity: Severity::Warning,
-            reason: ORPHANED.into(),
-            message: format!(
-                "the backend connects volume {} to node {} but no VolumeAttachment claims it (orphanPolicy {:?})",
-                volume.name_any(),
-                orphan.node,
-                volume.spec.orphan_policy
-            ),
-        };
-        context.events.publish(volume, &notice).await;
-    }
-    // A Volume that cannot be used says so once, when it becomes unusable or why changes.
-    fn unusable(status: &VolumeStatus) -> Option<&Condition> {
-        condition_with(&status.conditions, READY, ConditionStatus::False)
-            .filter(|_| status.phase == Some(VolumePhase::Error))
-    }
-    if let Some(condition) = unusable(next)
-        && unusable(current).is_none_or(|c| c.reason != condition.reason)
-    {
-        let notice = Notice {
-            severity: Severity::Warning,
-            reason: condition.reason.clone(),
-            message: condition.message.clone(),
-        };
-        context.events.publish(volume, &notice).await;
-    }
-    fn multi_attached(status: &VolumeStatus) -> Option<&Condition> {
-        condition_with(&status.conditions, MULTI_ATTACHED, ConditionStatus::True)
-    }
-    fn waiting(status: &VolumeStatus) -> Option<&Condition> {
-        find_condition(&status.conditions, READY).filter(|c| c.reason == "WaitingForAttachments")
-    }
-    if let Some(condition) = waiting(next)
-        && waiting(current).is_none()
-    {
-        let notice = Notice {
-            severity: Severity::Normal,
-            reason: condition.reason.clone(),
-            message: condition.message.clone(),
-        };
+    for notice in volume_between(current, next, &volume.name_any(), volume.spec.orphan_policy) {
         context.events.publish(volume, &notice).await;
     }
     Ok(())
