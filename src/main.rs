@@ -4,6 +4,7 @@ use safe_detach::api::parse_duration;
 use safe_detach::config::Config;
 use safe_detach::runtime::health::{self, Health};
 use safe_detach::runtime::leader;
+use safe_detach::runtime::metrics::Metrics;
 use safe_detach::runtime::telemetry::{self, LogColor, LogFormat};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -103,7 +104,8 @@ fn main() -> ExitCode {
 
 async fn run(args: RunArgs) -> ExitCode {
     let health = Arc::new(Health::default());
-    let config = match Config::load(&args.config, health.metrics.clone()).await {
+    let metrics = Arc::new(Metrics::default());
+    let config = match Config::load(&args.config, metrics.clone()).await {
         Ok(config) => config,
         Err(error) => {
             error!(%error, "invalid configuration");
@@ -119,9 +121,9 @@ async fn run(args: RunArgs) -> ExitCode {
     };
     let shutdown = shutdown_signal().shared();
     let server = tokio::spawn({
-        let (health, shutdown) = (health.clone(), shutdown.clone());
+        let (health, metrics, shutdown) = (health.clone(), metrics.clone(), shutdown.clone());
         async move {
-            if let Err(error) = health::serve(args.http_address, health, shutdown).await {
+            if let Err(error) = health::serve(args.http_address, health, metrics, shutdown).await {
                 error!(%error, address = %args.http_address, "cannot serve metrics and health");
             }
         }
@@ -171,8 +173,11 @@ async fn run(args: RunArgs) -> ExitCode {
         config,
         args.selector,
         health,
-        identity,
-        fence,
+        metrics,
+        safe_detach::reconcile::Replica {
+            instance: identity,
+            fence,
+        },
         shutdown.clone(),
     );
     let code = match leadership.as_mut() {

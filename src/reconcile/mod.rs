@@ -97,6 +97,12 @@ impl Context {
     }
 }
 
+/// This replica: the name its Events report it by, and whether it may act now.
+pub struct Replica {
+    pub instance: String,
+    pub fence: Fence,
+}
+
 /// Runs both controllers until `shutdown` resolves. With a `label_selector`, only the Volumes and
 /// VolumeAttachments it matches are managed: one operator per backend or shard.
 pub async fn run(
@@ -104,8 +110,8 @@ pub async fn run(
     config: Config,
     label_selector: Option<String>,
     health: Arc<Health>,
-    instance: String,
-    fence: Fence,
+    metrics: Arc<Metrics>,
+    replica: Replica,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let watch = match &label_selector {
@@ -140,7 +146,7 @@ pub async fn run(
         kube::runtime::controller::Config::default().concurrency(volume_concurrency(&config)),
     );
 
-    health.metrics.observe(attachments.clone(), volumes.clone());
+    metrics.observe(attachments.clone(), volumes.clone());
     tokio::spawn({
         let (health, attachments, volumes) = (health.clone(), attachments.clone(), volumes.clone());
         async move {
@@ -158,15 +164,15 @@ pub async fn run(
     let (lanes, turns_come) = Lanes::new(config.concurrency, attachments.clone());
     let context = Arc::new(Context {
         lanes,
-        events: Publisher::new(client.clone(), instance),
+        events: Publisher::new(client.clone(), replica.instance),
         client,
         config,
         volumes: volumes.clone(),
         attachments: attachments.clone(),
         backoff: Backoff::default(),
-        metrics: health.metrics.clone(),
+        metrics: metrics.clone(),
         locks: VolumeLocks::default(),
-        fence,
+        fence: replica.fence,
     });
 
     // A Volume's change (its policy, its backend connections) concerns each of its attachments.
@@ -214,7 +220,7 @@ pub async fn run(
             context.clone(),
         )
         .for_each(|result| {
-            record("VolumeAttachment", &health.metrics, result);
+            record("VolumeAttachment", &metrics, result);
             futures::future::ready(())
         });
     let volume_loop = volume_controller
@@ -227,7 +233,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(volume::reconcile, volume::error_policy, context)
         .for_each(|result| {
-            record("Volume", &health.metrics, result);
+            record("Volume", &metrics, result);
             futures::future::ready(())
         });
     info!("controllers started");

@@ -1,6 +1,7 @@
 //! The operator's HTTP endpoints: `/metrics` for Prometheus, `/healthz` (the process serves) and
 //! `/readyz` (a follower standing by; an acting replica once its caches are synced and its
-//! drivers answer).
+//! drivers answer). [`Health`] is the readiness the controllers report; the metrics are their
+//! own ([`Metrics`]), served beside it.
 
 use super::metrics::{CONTENT_TYPE, Metrics};
 use axum::Router;
@@ -13,10 +14,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// What the endpoints report, shared with the controllers.
+/// The operator's readiness, as the controllers report it.
 #[derive(Default)]
 pub struct Health {
-    pub metrics: Arc<Metrics>,
     ready: AtomicBool,
     /// The drivers that did not answer their last check, with why.
     unreachable: Mutex<Vec<String>>,
@@ -63,32 +63,40 @@ impl Health {
 pub async fn serve(
     address: SocketAddr,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(health);
+    let app = router(Endpoints { health, metrics });
     let listener = tokio::net::TcpListener::bind(address).await?;
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-fn router(health: Arc<Health>) -> Router {
+/// What the endpoints serve.
+#[derive(Clone)]
+struct Endpoints {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+fn router(endpoints: Endpoints) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(health)
+        .with_state(endpoints)
 }
 
-async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    match health.metrics.encode() {
+async fn metrics(State(endpoints): State<Endpoints>) -> impl IntoResponse {
+    match endpoints.metrics.encode() {
         Ok(text) => Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], text)),
         Err(_) => Err(StatusCode::INTERNAL_SERVER_ERROR),
     }
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
-    match health.readiness() {
+async fn readyz(State(endpoints): State<Endpoints>) -> (StatusCode, String) {
+    match endpoints.health.readiness() {
         Ok(()) => (StatusCode::OK, "ready".into()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
@@ -104,7 +112,11 @@ mod tests {
         let request = http::Request::get(path)
             .body(axum::body::Body::empty())
             .unwrap();
-        let response = router(health.clone()).oneshot(request).await.unwrap();
+        let endpoints = Endpoints {
+            health: health.clone(),
+            metrics: Arc::new(Metrics::default()),
+        };
+        let response = router(endpoints).oneshot(request).await.unwrap();
         let content_type = response
             .headers()
             .get(header::CONTENT_TYPE)
