@@ -47,6 +47,59 @@ pub mod types {
     pub const MULTI_ATTACHED: &str = "MultiAttached";
 }
 
+/// The reasons of the conditions and Events this project sets: public API as much as the types
+/// (`kubectl describe`, `kubectl get events --field-selector reason=...`, alerts), named once
+/// here. A Ready condition that follows the phase has the phase's name as its reason
+/// ([`PHASES`](reasons::PHASES)).
+pub mod reasons {
+    pub const AT_MOST_ONE_NODE: &str = "AtMostOneNode";
+    pub const ATTACH_FAILED: &str = "AttachFailed";
+    pub const ATTACHED: &str = "Attached";
+    pub const ATTACHING: &str = "Attaching";
+    pub const BACKEND_ANSWERS: &str = "BackendAnswers";
+    pub const BACKEND_UNREACHABLE: &str = "BackendUnreachable";
+    pub const CONNECTED_TO_SEVERAL_NODES: &str = "ConnectedToSeveralNodes";
+    pub const CONNECTED_UNEXPECTEDLY: &str = "ConnectedUnexpectedly";
+    pub const CONNECTION_KEPT: &str = "ConnectionKept";
+    pub const CONNECTION_LOST: &str = "ConnectionLost";
+    pub const DETACH_FAILED: &str = "DetachFailed";
+    pub const DETACHED: &str = "Detached";
+    pub const DETACHING: &str = "Detaching";
+    pub const DUPLICATE_VOLUME_HANDLE: &str = "DuplicateVolumeHandle";
+    pub const FAILED: &str = "Failed";
+    pub const FORCE_DETACH_FAILED: &str = "ForceDetachFailed";
+    pub const FORCE_DETACH_UNCONFIRMED: &str = "ForceDetachUnconfirmed";
+    pub const FORCE_DETACHED: &str = "ForceDetached";
+    pub const FORCE_DETACHING: &str = "ForceDetaching";
+    pub const HANDED_OVER: &str = "HandedOver";
+    pub const HELD_BY_ANOTHER_NODE: &str = "HeldByAnotherNode";
+    pub const IN_SYNC: &str = "InSync";
+    pub const INVALID_TOKEN: &str = "InvalidToken";
+    pub const INVALID_VOLUME: &str = "InvalidVolume";
+    pub const MULTI_ATTACHED: &str = "MultiAttached";
+    pub const NO_INVALID_REQUEST: &str = "NoInvalidRequest";
+    pub const NO_ORPHANS: &str = "NoOrphans";
+    pub const NOT_CONNECTED: &str = "NotConnected";
+    pub const NOT_HELD: &str = "NotHeld";
+    pub const NOT_PROBEABLE: &str = "NotProbeable";
+    pub const NOT_STUCK: &str = "NotStuck";
+    pub const PENDING: &str = "Pending";
+    pub const ROLLED_FORWARD: &str = "RolledForward";
+    pub const STUCK_ATTACHING: &str = "StuckAttaching";
+    pub const STUCK_DETACHING: &str = "StuckDetaching";
+    pub const TOKEN_PRESENT_AT_CREATION: &str = "TokenPresentAtCreation";
+    pub const UNATTRIBUTED_CONNECTION: &str = "UnattributedConnection";
+    pub const UNCLAIMED_CONNECTION: &str = "UnclaimedConnection";
+    pub const UNKNOWN_DRIVER: &str = "UnknownDriver";
+    pub const VOLUME_DELETING: &str = "VolumeDeleting";
+    pub const VOLUME_NOT_FOUND: &str = "VolumeNotFound";
+    pub const VOLUME_REPLACED: &str = "VolumeReplaced";
+    pub const WAITING_FOR_ATTACHMENTS: &str = "WaitingForAttachments";
+
+    /// The reasons of a Ready condition that only names the phase: nothing to tell beyond it.
+    pub const PHASES: [&str; 6] = [PENDING, ATTACHING, ATTACHED, DETACHING, DETACHED, FAILED];
+}
+
 /// Finds a condition by type.
 pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)

@@ -2,6 +2,7 @@
 //! reports flips, so a stuck or failing attachment does not flood the event stream.
 
 use super::ProbeAnswer;
+use crate::api::reasons;
 use crate::api::types::{ATTACH_BLOCKED, MULTI_ATTACHED, ORPHANED, READY, REQUEST_REJECTED, STUCK};
 use crate::api::{
     AttachmentPhase, ConditionStatus, ForceDetachState, ForceDetachStatus, OrphanPolicy,
@@ -65,12 +66,12 @@ pub fn between(
         match force.state {
             ForceDetachState::InProgress => notices.push(Notice::new(
                 Severity::Warning,
-                "ForceDetaching",
+                reasons::FORCE_DETACHING,
                 format!("forcing volume {volume} off node {node}: {}", describe(force)),
             )),
             ForceDetachState::Succeeded => notices.push(Notice::new(
                 Severity::Warning,
-                "ForceDetached",
+                reasons::FORCE_DETACHED,
                 format!("volume {volume} was force-detached from node {node}, confirmed by the backend: {}", describe(force)),
             )),
         }
@@ -84,7 +85,7 @@ pub fn between(
     {
         notices.push(Notice::new(
             Severity::Normal,
-            "TokenPresentAtCreation",
+            reasons::TOKEN_PRESENT_AT_CREATION,
             format!(
                 "the force-detach token {token:?} was on the attachment when it was created: recorded as handled, not acted on; set a new token to force a detach"
             ),
@@ -95,7 +96,7 @@ pub fn between(
         match new.phase {
             Some(AttachmentPhase::Attached) => {
                 let reason = find_condition(&new.conditions, READY)
-                    .map_or("Attached", |c| c.reason.as_str());
+                    .map_or(reasons::ATTACHED, |c| c.reason.as_str());
                 notices.push(Notice::new(
                     Severity::Normal,
                     reason,
@@ -103,11 +104,11 @@ pub fn between(
                 ));
             }
             Some(AttachmentPhase::Detached)
-                if !notices.iter().any(|n| n.reason == "ForceDetached") =>
+                if !notices.iter().any(|n| n.reason == reasons::FORCE_DETACHED) =>
             {
                 notices.push(Notice::new(
                     Severity::Normal,
-                    "Detached",
+                    reasons::DETACHED,
                     format!(
                         "the backend confirms volume {volume} is disconnected from node {node}"
                     ),
@@ -133,10 +134,7 @@ pub fn between(
 
     // A new reason for not being ready, other than the plain phase names, is a problem to notice.
     if let Some(ready) = condition_with(&new.conditions, READY, ConditionStatus::False)
-        && !matches!(
-            ready.reason.as_str(),
-            "Pending" | "Attaching" | "Detaching" | "Detached" | "Failed"
-        )
+        && !reasons::PHASES.contains(&ready.reason.as_str())
         && find_condition(&old.conditions, READY).is_none_or(|o| o.reason != ready.reason)
     {
         notices.push(Notice::new(
@@ -176,14 +174,14 @@ pub fn handed_over(from: &str, to: &str, volume: &str, node: &str) -> (Notice, N
     (
         Notice::new(
             Severity::Normal,
-            "HandedOver",
+            reasons::HANDED_OVER,
             format!(
                 "released without a detach: attachment {to} claims the same connection of volume {volume} to node {node}, which stays"
             ),
         ),
         Notice::new(
             Severity::Normal,
-            "ConnectionKept",
+            reasons::CONNECTION_KEPT,
             format!(
                 "attachment {from} was deleted; the connection of volume {volume} to node {node} it shared with this one stays"
             ),
@@ -209,7 +207,8 @@ pub fn volume_between(
             .filter(|_| status.phase == Some(VolumePhase::Error))
     }
     fn waiting(status: &VolumeStatus) -> Option<&Condition> {
-        find_condition(&status.conditions, READY).filter(|c| c.reason == "WaitingForAttachments")
+        find_condition(&status.conditions, READY)
+            .filter(|c| c.reason == reasons::WAITING_FOR_ATTACHMENTS)
     }
     let mut notices = Vec::new();
     if let Some(condition) = multi_attached(new)
@@ -279,7 +278,7 @@ pub fn orphan_forced(
             outcome: "Succeeded",
             notice: Notice::new(
                 Severity::Warning,
-                "ForceDetached",
+                reasons::FORCE_DETACHED,
                 format!(
                     "volume {volume} was force-detached from node {node}, confirmed by the backend: reason Orphan (connected with no VolumeAttachment; orphanPolicy Detach)"
                 ),
@@ -289,7 +288,7 @@ pub fn orphan_forced(
             outcome: "Unconfirmed",
             notice: Notice::new(
                 Severity::Warning,
-                "ForceDetachUnconfirmed",
+                reasons::FORCE_DETACH_UNCONFIRMED,
                 format!(
                     "force-detach of orphaned volume {volume} from node {node} returned, but the backend does not confirm it yet; will retry"
                 ),
@@ -299,7 +298,7 @@ pub fn orphan_forced(
             outcome: "Failed",
             notice: Notice::new(
                 Severity::Warning,
-                "ForceDetachFailed",
+                reasons::FORCE_DETACH_FAILED,
                 format!(
                     "force-detach of orphaned volume {volume} from node {node} failed: {error}"
                 ),

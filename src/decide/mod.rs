@@ -18,6 +18,7 @@ pub mod volume;
 #[cfg(test)]
 mod tests;
 
+use crate::api::reasons;
 use crate::api::{
     AttachmentPhase, Binding, ForceDetachReason, ForceDetachState, VolumeAttachmentStatus,
 };
@@ -114,12 +115,12 @@ impl VolumeProblem {
     /// A stable CamelCase reason for conditions and events.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::VolumeNotFound(_) => "VolumeNotFound",
-            Self::UnknownDriver(_) => "UnknownDriver",
-            Self::InvalidVolume(_) => "InvalidVolume",
-            Self::VolumeDeleting(_) => "VolumeDeleting",
-            Self::BindingChanged { .. } => "VolumeReplaced",
-            Self::DuplicateHandle { .. } => "DuplicateVolumeHandle",
+            Self::VolumeNotFound(_) => reasons::VOLUME_NOT_FOUND,
+            Self::UnknownDriver(_) => reasons::UNKNOWN_DRIVER,
+            Self::InvalidVolume(_) => reasons::INVALID_VOLUME,
+            Self::VolumeDeleting(_) => reasons::VOLUME_DELETING,
+            Self::BindingChanged { .. } => reasons::VOLUME_REPLACED,
+            Self::DuplicateHandle { .. } => reasons::DUPLICATE_VOLUME_HANDLE,
         }
     }
 

@@ -9,6 +9,7 @@ use super::{
     Confirmed, Input, MAX_HANDLED_TOKENS, ProbeAnswer, Request, Step, VolumeProblem, phase_of,
     stuck_in,
 };
+use crate::api::reasons;
 use crate::api::{
     AttachmentPhase, ConditionStatus, ForceDetachReason, ForceDetachState, ForceDetachStatus,
     ProbeRecord, ProbeResult, VolumeAttachmentStatus, is_true, set_condition,
@@ -56,12 +57,12 @@ pub fn after_step(input: &Input, step: &Step) -> VolumeAttachmentStatus {
             bind(&mut status, input);
             let (reason, message) = if *rolled_forward {
                 (
-                    "RolledForward",
+                    reasons::ROLLED_FORWARD,
                     "the attach was stuck, but the backend shows it completed; confirmed",
                 )
             } else {
                 (
-                    "Attached",
+                    reasons::ATTACHED,
                     "the backend confirms the volume is connected to the node",
                 )
             };
@@ -78,7 +79,7 @@ pub fn after_step(input: &Input, step: &Step) -> VolumeAttachmentStatus {
                 &mut status.conditions,
                 ATTACH_BLOCKED,
                 ConditionStatus::True,
-                "HeldByAnotherNode",
+                reasons::HELD_BY_ANOTHER_NODE,
                 message,
                 generation,
                 now,
@@ -94,7 +95,7 @@ pub fn after_step(input: &Input, step: &Step) -> VolumeAttachmentStatus {
                 &mut status,
                 input,
                 ConditionStatus::False,
-                "ConnectionLost",
+                reasons::CONNECTION_LOST,
                 message,
             );
         }
@@ -234,9 +235,9 @@ pub fn after_call(input: &Input, step: &Step, result: CallResult, now: Timestamp
         }
         CallResult::Failed(error) => {
             let (reason, what) = match step {
-                Step::Attach => ("AttachFailed", "attach"),
-                Step::Detach => ("DetachFailed", "detach"),
-                _ => ("ForceDetachFailed", "force_detach"),
+                Step::Attach => (reasons::ATTACH_FAILED, "attach"),
+                Step::Detach => (reasons::DETACH_FAILED, "detach"),
+                _ => (reasons::FORCE_DETACH_FAILED, "force_detach"),
             };
             let message = format!("{what} failed ({}): {error}", error.reason());
             if let Some(force) = status
@@ -308,12 +309,12 @@ fn observe(
         None => None,
         Some(ProbeAnswer::Unreachable(message)) => Some((
             ConditionStatus::Unknown,
-            "BackendUnreachable",
+            reasons::BACKEND_UNREACHABLE,
             message.clone(),
         )),
         Some(ProbeAnswer::Unprobeable(_)) => Some((
             ConditionStatus::Unknown,
-            "NotProbeable",
+            reasons::NOT_PROBEABLE,
             "the backend cannot be probed; the record rests on its calls returning OK".into(),
         )),
         Some(ProbeAnswer::Answered(connections)) => Some(match (phase, status.attached) {
@@ -325,7 +326,7 @@ fn observe(
                     .collect();
                 (
                     ConditionStatus::False,
-                    "UnattributedConnection",
+                    reasons::UNATTRIBUTED_CONNECTION,
                     format!(
                         "the backend also serves this volume as {}, which names no node: it may be connected here, so no detach is confirmed and no other node attaches it until that is removed",
                         ids.join(", ")
@@ -345,7 +346,7 @@ fn observe(
                     .collect();
                 (
                     ConditionStatus::False,
-                    "MultiAttached",
+                    reasons::MULTI_ATTACHED,
                     format!(
                         "the backend connects this single-attach volume to {} as well",
                         others.join(", ")
@@ -354,7 +355,7 @@ fn observe(
             }
             (AttachmentPhase::Attached, false) => (
                 ConditionStatus::False,
-                "NotConnected",
+                reasons::NOT_CONNECTED,
                 "recorded as attached, but the backend shows no connection".into(),
             ),
             (
@@ -362,13 +363,13 @@ fn observe(
                 true,
             ) => (
                 ConditionStatus::False,
-                "ConnectedUnexpectedly",
+                reasons::CONNECTED_UNEXPECTEDLY,
                 "recorded as not attached, but the backend shows the volume connected to the node"
                     .into(),
             ),
             _ => (
                 ConditionStatus::True,
-                "InSync",
+                reasons::IN_SYNC,
                 "the backend agrees with this record".into(),
             ),
         }),
@@ -398,9 +399,9 @@ fn observe(
                     "autoForceDetach is off: annotate with safedetach.io/force-detach=<new token> to force it"
                 };
                 let reason = if phase == AttachmentPhase::Attaching {
-                    "StuckAttaching"
+                    reasons::STUCK_ATTACHING
                 } else {
-                    "StuckDetaching"
+                    reasons::STUCK_DETACHING
                 };
                 let message = format!(
                     "{phase:?} for longer than stuckAfter ({:?}); {action}",
@@ -410,7 +411,7 @@ fn observe(
             }
             _ if is_true(&status.conditions, STUCK) => Some((
                 ConditionStatus::False,
-                "NotStuck",
+                reasons::NOT_STUCK,
                 format!("{stuck_phase:?} within its deadline"),
             )),
             _ => None,
@@ -436,7 +437,7 @@ fn observe(
             &mut status.conditions,
             ATTACH_BLOCKED,
             ConditionStatus::False,
-            "NotHeld",
+            reasons::NOT_HELD,
             message,
             generation,
             now.clone(),
@@ -454,7 +455,7 @@ fn observe(
                 &mut status.conditions,
                 REQUEST_REJECTED,
                 ConditionStatus::True,
-                "InvalidToken",
+                reasons::INVALID_TOKEN,
                 message,
                 generation,
                 now,
@@ -466,7 +467,7 @@ fn observe(
                 &mut status.conditions,
                 REQUEST_REJECTED,
                 ConditionStatus::False,
-                "NoInvalidRequest",
+                reasons::NO_INVALID_REQUEST,
                 message,
                 generation,
                 now,
@@ -489,20 +490,22 @@ fn observe(
         let (value, reason, message) = match phase_of(status) {
             AttachmentPhase::Attached => (
                 ConditionStatus::True,
-                "Attached",
+                reasons::ATTACHED,
                 "the backend confirms the volume is connected to the node",
             ),
-            AttachmentPhase::Pending => (ConditionStatus::False, "Pending", "not attached yet"),
-            AttachmentPhase::Attaching => (ConditionStatus::False, "Attaching", "attaching"),
-            AttachmentPhase::Detaching => (ConditionStatus::False, "Detaching", "detaching"),
+            AttachmentPhase::Pending => {
+                (ConditionStatus::False, reasons::PENDING, "not attached yet")
+            }
+            AttachmentPhase::Attaching => (ConditionStatus::False, reasons::ATTACHING, "attaching"),
+            AttachmentPhase::Detaching => (ConditionStatus::False, reasons::DETACHING, "detaching"),
             AttachmentPhase::Detached => (
                 ConditionStatus::False,
-                "Detached",
+                reasons::DETACHED,
                 "the backend confirmed the volume is disconnected",
             ),
             AttachmentPhase::Failed => (
                 ConditionStatus::False,
-                "Failed",
+                reasons::FAILED,
                 "cannot attach; see the other conditions",
             ),
         };

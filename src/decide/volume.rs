@@ -2,6 +2,7 @@
 //! do about them, and the Volume's status. Pure, like the rest of the core.
 
 use super::{ProbeAnswer, VolumeProblem, elapsed_since, status::next_probe_record};
+use crate::api::reasons;
 use crate::api::{
     AttachmentPhase, ConditionStatus, Orphan, OrphanPolicy, ProbeResult, VolumePhase, VolumeStatus,
     find_condition, set_condition,
@@ -60,7 +61,7 @@ pub fn decide_volume(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecis
                 &mut decision.status.conditions,
                 READY,
                 ConditionStatus::False,
-                "WaitingForAttachments",
+                reasons::WAITING_FOR_ATTACHMENTS,
                 message,
                 input.generation,
                 Time(input.now),
@@ -151,7 +152,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
             let (value, reason, message) = if status.orphans.is_empty() {
                 (
                     ConditionStatus::False,
-                    "NoOrphans",
+                    reasons::NO_ORPHANS,
                     "every backend connection is claimed by a VolumeAttachment".to_owned(),
                 )
             } else {
@@ -166,7 +167,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                 };
                 (
                     ConditionStatus::True,
-                    "UnclaimedConnection",
+                    reasons::UNCLAIMED_CONNECTION,
                     format!(
                         "connected to {} with no VolumeAttachment; {action}",
                         nodes.join(", ")
@@ -190,7 +191,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                 let (value, reason, message) = if several {
                     (
                         ConditionStatus::True,
-                        "ConnectedToSeveralNodes",
+                        reasons::CONNECTED_TO_SEVERAL_NODES,
                         format!(
                             "the backend connects this single-attach volume to {}: two writers can corrupt it; detach all but one",
                             status.connected_nodes.join(", ")
@@ -199,7 +200,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                 } else {
                     (
                         ConditionStatus::False,
-                        "AtMostOneNode",
+                        reasons::AT_MOST_ONE_NODE,
                         "connected to at most one node".to_owned(),
                     )
                 };
@@ -217,7 +218,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                 &mut status.conditions,
                 READY,
                 ConditionStatus::True,
-                "BackendAnswers",
+                reasons::BACKEND_ANSWERS,
                 "the backend answers for this volume",
                 generation,
                 now,
@@ -239,7 +240,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                 &mut status.conditions,
                 READY,
                 ConditionStatus::Unknown,
-                "BackendUnreachable",
+                reasons::BACKEND_UNREACHABLE,
                 message.clone(),
                 generation,
                 now,
@@ -257,7 +258,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
                 &mut status.conditions,
                 READY,
                 ConditionStatus::True,
-                "NotProbeable",
+                reasons::NOT_PROBEABLE,
                 "the backend cannot be probed: connections are known only from the attachments' confirmed calls, and orphans cannot be found",
                 generation,
                 now,

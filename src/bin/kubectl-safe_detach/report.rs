@@ -3,6 +3,7 @@
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use safe_detach::api::reasons;
 use safe_detach::api::{
     AttachmentPhase, ConditionStatus, ForceDetachState, ForceDetachStatus, OrphanPolicy,
     ProbeRecord, ProbeResult, Volume, VolumeAttachment, condition_with, find_condition,
@@ -217,7 +218,11 @@ const VOLUME_PROBLEMS: [(&str, &str); 6] = [
     ),
 ];
 
-const DRIVER_FAILURES: [&str; 3] = ["AttachFailed", "DetachFailed", "ForceDetachFailed"];
+const DRIVER_FAILURES: [&str; 3] = [
+    reasons::ATTACH_FAILED,
+    reasons::DETACH_FAILED,
+    reasons::FORCE_DETACH_FAILED,
+];
 
 /// What the backend's last answer says about a stuck phase.
 fn backend_says(phase: AttachmentPhase, node: &str, probe: Option<&ProbeRecord>) -> String {
@@ -329,7 +334,7 @@ pub fn advice(
         return Some(format!("{why}; {todo}"));
     }
     let unreachable = condition_in(attachment, BACKEND_IN_SYNC, ConditionStatus::Unknown)
-        .filter(|c| c.reason == "BackendUnreachable");
+        .filter(|c| c.reason == reasons::BACKEND_UNREACHABLE);
     if let Some(in_sync) = unreachable {
         return Some(format!(
             "the backend did not answer the last probe ({}): nothing is concluded until it does; check the backend and the driver settings",
