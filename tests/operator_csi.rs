@@ -11,26 +11,25 @@
 
 mod support;
 
-use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use safe_detach::api::{
     ATTACHMENT_FINALIZER, AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachReason,
-    ForceDetachState, ProbeResult, Volume, VolumeAttachment, VolumePhase,
+    ForceDetachState, ProbeResult, VolumeAttachment, VolumePhase,
 };
 use safe_detach::config::{ConfigFile, DriverEntry};
 use safe_detach::driver::csi::{CsiConfig, DRIVER_KEY, NODE_ID_KEY};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use support::cluster::{TestObjects, admin_client, unique_name};
+use support::cluster::unique_name;
 use support::csi::{CsiPlugin, DRIVER_NAME};
 use support::grpc_proxy::{Fault, GrpcProxy};
-use support::operator::{Operator, Options, SHARD_LABEL, counters};
-use support::scenario::{
-    SeenEvent, attached, condition, describe_events, events_in, has, phase, show, volume_condition,
+use support::harness::{
+    Harness, POLL, RESYNC, STUCK_AFTER, WAIT, attached, describe_events, phase, show,
 };
+use support::operator::{Operator, Options};
+use support::scenario::{condition, has, volume_condition};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -39,18 +38,10 @@ const UNPUBLISH: &str = "/csi.v1.Controller/ControllerUnpublishVolume";
 const GET_VOLUME: &str = "/csi.v1.Controller/ControllerGetVolume";
 const LIST_VOLUMES: &str = "/csi.v1.Controller/ListVolumes";
 
-/// The stuck clock of every Volume here: the operator's default, the CRD's minimum.
-const STUCK_AFTER: Duration = Duration::from_secs(5);
-/// How often the operator looks again at converged objects.
-const RESYNC: Duration = Duration::from_secs(2);
 /// `phaseSince` is stored with whole seconds, so the stuck clock read back can run up to a
 /// second ahead of the real one.
 const CLOCK_GRAIN: Duration = Duration::from_secs(1);
-/// The longest any wait may take before the test fails: a reconcile can wait for a deadline, the
-/// stuck clock and a backoff in a row.
-const WAIT: Duration = Duration::from_secs(40);
-const POLL: Duration = Duration::from_millis(50);
-const TEST_MANAGER: &str = "safe-detach-e2e";
+const VA: &str = "VolumeAttachment";
 
 struct Setup {
     /// Each driver call's deadline, as the operator's configuration writes it.
@@ -68,18 +59,27 @@ impl Default for Setup {
     }
 }
 
-/// One scenario: a plugin, the proxy in front of it, an operator for this test's shard, and the
-/// objects the test creates. Fields drop in order: the operator is killed before the objects are
-/// deleted (so that it cannot put a finalizer back), and the plugin goes last.
+/// One scenario: a plugin, the proxy in front of it, and through [`Harness`] (which it
+/// dereferences to) an operator for this test's shard and the objects the test creates. Fields
+/// drop in order: the operator is killed and the objects deleted first, the plugin last.
 struct CsiScenario {
-    operator: Operator,
-    objects: TestObjects,
+    harness: Harness,
     proxy: Arc<GrpcProxy>,
     plugin: CsiPlugin,
-    volumes: Api<Volume>,
-    attachments: Api<VolumeAttachment>,
-    events: Api<Event>,
-    shard: String,
+}
+
+impl std::ops::Deref for CsiScenario {
+    type Target = Harness;
+
+    fn deref(&self) -> &Harness {
+        &self.harness
+    }
+}
+
+impl std::ops::DerefMut for CsiScenario {
+    fn deref_mut(&mut self) -> &mut Harness {
+        &mut self.harness
+    }
 }
 
 impl CsiScenario {
@@ -113,16 +113,10 @@ impl CsiScenario {
         .expect("the plugin's socket path is UTF-8");
         let shard = unique_name("csi-shard");
         let operator = Operator::start_with(&shard, &config, Options::default()).await;
-        let client = admin_client().await;
         Self {
-            operator,
-            objects: TestObjects::default(),
+            harness: Harness::new(operator, shard).await,
             proxy,
             plugin,
-            volumes: Api::all(client.clone()),
-            attachments: Api::all(client.clone()),
-            events: Api::namespaced(client, "default"),
-            shard,
         }
     }
 
@@ -133,133 +127,26 @@ impl CsiScenario {
     /// Creates a volume on the plugin and a Volume of the `csi` driver for it; returns the
     /// Volume's name and the plugin's volume id.
     async fn volume(&mut self, prefix: &str) -> (String, String) {
-        let name = self.objects.volume(prefix);
+        let name = self.volume_name(prefix);
         let handle = self.plugin.create_volume(&name).await;
-        let object = json!({
-            "apiVersion": "safedetach.io/v1alpha1",
-            "kind": "Volume",
-            "metadata": { "name": name, "labels": { SHARD_LABEL: self.shard } },
-            "spec": { "driver": "csi", "volumeHandle": handle },
-        });
-        self.volumes
-            .patch(&name, &apply(), &Patch::Apply(&object))
-            .await
-            .unwrap_or_else(|e| panic!("create Volume {name}: {e}"));
+        self.apply_volume(&name, json!({ "driver": "csi", "volumeHandle": handle }))
+            .await;
         (name, handle)
     }
 
     /// Creates a VolumeAttachment of `volume` to the plugin's node.
     async fn attachment(&mut self, prefix: &str, volume: &str) -> String {
-        let name = self.objects.attachment(prefix);
-        let object = json!({
-            "apiVersion": "safedetach.io/v1alpha1",
-            "kind": "VolumeAttachment",
-            "metadata": { "name": name, "labels": { SHARD_LABEL: self.shard } },
-            "spec": { "volumeName": volume, "nodeName": self.node() },
-        });
-        self.attachments
-            .patch(&name, &apply(), &Patch::Apply(&object))
-            .await
-            .unwrap_or_else(|e| panic!("create VolumeAttachment {name}: {e}"));
-        name
-    }
-
-    async fn get(&self, name: &str) -> Option<VolumeAttachment> {
-        self.attachments
-            .get_opt(name)
-            .await
-            .unwrap_or_else(|e| panic!("get VolumeAttachment {name}: {e}"))
-    }
-
-    /// Polls the attachment until `done` holds for what the server returns (`None`: gone).
-    /// Fails with the last object seen and the end of the operator's log.
-    async fn wait_for(
-        &self,
-        name: &str,
-        what: &str,
-        done: impl Fn(Option<&VolumeAttachment>) -> bool,
-    ) -> Option<VolumeAttachment> {
-        let give_up = Instant::now() + WAIT;
-        loop {
-            let seen = self.get(name).await;
-            if done(seen.as_ref()) {
-                return seen;
-            }
-            if Instant::now() >= give_up {
-                panic!(
-                    "{name}: not {what} within {WAIT:?}; last seen:\n{}\n--- operator log (end) ---\n{}",
-                    show(seen.as_ref()),
-                    self.log_tail(60)
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    async fn wait_attached(&self, name: &str) -> VolumeAttachment {
-        self.wait_for(name, "Attached and confirmed", |a| {
-            a.is_some_and(is_attached)
-        })
-        .await
-        .expect("present")
-    }
-
-    async fn wait_gone(&self, name: &str) {
-        self.wait_for(name, "gone (finalizer released)", |a| a.is_none())
-            .await;
-    }
-
-    async fn delete(&self, name: &str) {
-        self.attachments
-            .delete(name, &DeleteParams::default())
-            .await
-            .unwrap_or_else(|e| panic!("delete VolumeAttachment {name}: {e}"));
-    }
-
-    /// Merges `annotations` into the attachment's, as `kubectl annotate --overwrite` does.
-    async fn annotate(&self, name: &str, annotations: Value) {
-        self.attachments
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "metadata": { "annotations": annotations } })),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("annotate VolumeAttachment {name}: {e}"));
+        let node = self.node();
+        self.harness.attachment(prefix, volume, node).await
     }
 
     async fn request_force_detach(&self, name: &str, token: &str) {
-        self.annotate(name, json!({ FORCE_DETACH_ANNOTATION: token }))
-            .await;
-    }
-
-    async fn events_about(&self, name: &str) -> Vec<SeenEvent> {
-        events_in(&self.events, "VolumeAttachment", name).await
-    }
-
-    /// Waits for an Event of `reason` about the attachment whose note contains every one of
-    /// `notes`.
-    async fn wait_event(&self, name: &str, reason: &str, notes: &[&str]) -> SeenEvent {
-        let give_up = Instant::now() + WAIT;
-        loop {
-            let events = self.events_about(name).await;
-            if let Some(found) = find_event(&events, reason, notes) {
-                return found.clone();
-            }
-            if Instant::now() >= give_up {
-                panic!(
-                    "no {reason} event about {name} saying {notes:?} within {WAIT:?}; events:\n{}\n--- operator log (end) ---\n{}",
-                    describe_events(&events),
-                    self.log_tail(60)
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        self.annotate(name, token).await;
     }
 
     /// How many times an Event of `reason` whose note contains `note` was reported.
-    async fn occurrences(&self, name: &str, reason: &str, note: &str) -> i32 {
-        self.events_about(name)
+    async fn occurrences_noting(&self, name: &str, reason: &str, note: &str) -> i32 {
+        self.events_about(VA, name)
             .await
             .iter()
             .filter(|e| e.reason == reason && e.note.contains(note))
@@ -271,14 +158,14 @@ impl CsiScenario {
     async fn wait_occurrences(&self, name: &str, reason: &str, note: &str, count: i32) {
         let give_up = Instant::now() + WAIT;
         loop {
-            let seen = self.occurrences(name, reason, note).await;
+            let seen = self.occurrences_noting(name, reason, note).await;
             if seen == count {
                 return;
             }
             assert!(
                 seen < count && Instant::now() < give_up,
                 "{reason} events about {name}: {seen}, expected {count}:\n{}",
-                describe_events(&self.events_about(name).await)
+                describe_events(&self.events_about(VA, name).await)
             );
             tokio::time::sleep(POLL).await;
         }
@@ -287,38 +174,6 @@ impl CsiScenario {
     /// The plugin's own record of where the volume is controller-published.
     async fn published(&self, handle: &str) -> BTreeSet<String> {
         self.plugin.controller_published_nodes(handle).await
-    }
-
-    /// How many reconciles of an attachment the operator has worked through so far, by its own
-    /// `safedetach_reconcile_duration_seconds` (a reconcile held back by its backoff, or queued
-    /// for its turn, is not counted). The shard is this test's own, so they are reconciles of
-    /// this test's attachments.
-    async fn attachment_reconciles(&self) -> f64 {
-        counters(self.operator.http_address())
-            .await
-            .get(r#"safedetach_reconcile_duration_seconds_count{kind="VolumeAttachment"}"#)
-            .copied()
-            .unwrap_or(0.0)
-    }
-
-    /// Waits until the operator has worked through more reconciles of attachments than the
-    /// `before` it had earlier.
-    async fn wait_reconciles_beyond(&self, before: f64) {
-        let give_up = Instant::now() + WAIT;
-        while self.attachment_reconciles().await <= before {
-            assert!(
-                Instant::now() < give_up,
-                "the operator did not reconcile again within {WAIT:?}:\n{}",
-                self.log_tail(60)
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let log = strip_ansi(&self.operator.log());
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// Disarms `method` as soon as `trigger` has been called `count` times, from a task of its
@@ -346,36 +201,8 @@ impl CsiScenario {
     }
 }
 
-fn apply() -> PatchParams {
-    PatchParams::apply(TEST_MANAGER).force()
-}
-
 fn is_attached(attachment: &VolumeAttachment) -> bool {
     phase(attachment) == Some(AttachmentPhase::Attached) && attached(attachment)
-}
-
-fn find_event<'a>(events: &'a [SeenEvent], reason: &str, notes: &[&str]) -> Option<&'a SeenEvent> {
-    events
-        .iter()
-        .find(|e| e.reason == reason && notes.iter().all(|n| e.note.contains(n)))
-}
-
-/// The text without terminal colour sequences (`ESC [ ... m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn nodes(list: &[&str]) -> BTreeSet<String> {
@@ -437,7 +264,8 @@ async fn attach_and_detach_rest_on_ok_calls_and_the_status_says_not_probeable() 
     assert_not_probeable(&attachment);
     assert_eq!(s.published(&handle).await, nodes(&[s.node()]));
     assert_eq!(s.proxy.calls(PUBLISH), 1, "one publish");
-    s.wait_event(&name, "Attached", &[&volume, s.node()]).await;
+    s.wait_event(VA, &name, "Attached", &[&volume, s.node()])
+        .await;
 
     // The Volume says so too: in use, not probeable, no node list it cannot know.
     let give_up = Instant::now() + WAIT;
@@ -462,14 +290,14 @@ async fn attach_and_detach_rest_on_ok_calls_and_the_status_says_not_probeable() 
         Some("NotProbeable")
     ));
 
-    s.delete(&name).await;
-    s.wait_gone(&name).await;
+    s.delete_attachment(&name).await;
+    s.wait_attachment_gone(&name).await;
     assert!(
         s.published(&handle).await.is_empty(),
         "the finalizer was released with the volume still published"
     );
     assert_eq!(s.proxy.calls(UNPUBLISH), 1, "one unpublish");
-    s.wait_event(&name, "Detached", &[&volume]).await;
+    s.wait_event(VA, &name, "Detached", &[&volume]).await;
     // Nothing asked the plugin where the volume is published: its answer is not trusted.
     assert_eq!(
         s.proxy.calls(GET_VOLUME),
@@ -489,20 +317,26 @@ async fn force_detach_on_request_acts_once_per_token_then_attaches_again() {
 
     let token = "2026-11-25T10:00:00Z";
     s.request_force_detach(&name, token).await;
-    s.wait_event(&name, "ForceDetaching", &["Requested", token])
+    s.wait_event(VA, &name, "ForceDetaching", &["Requested", token])
         .await;
-    s.wait_event(&name, "ForceDetached", &["Requested", token])
+    s.wait_event(VA, &name, "ForceDetached", &["Requested", token])
         .await;
     let attachment = s
-        .wait_for(&name, "attached again after the forced detach", |a| {
-            a.is_some_and(|a| {
-                is_attached(a)
-                    && a.status
-                        .as_ref()
-                        .and_then(|s| s.force_detach.as_ref())
-                        .is_some_and(|f| f.token.as_deref() == Some(token))
-            })
-        })
+        .wait_for(
+            &s.attachments,
+            &name,
+            "attached again after the forced detach",
+            WAIT,
+            |a| {
+                a.is_some_and(|a| {
+                    is_attached(a)
+                        && a.status
+                            .as_ref()
+                            .and_then(|s| s.force_detach.as_ref())
+                            .is_some_and(|f| f.token.as_deref() == Some(token))
+                })
+            },
+        )
         .await
         .expect("present");
     let force = attachment
@@ -524,9 +358,9 @@ async fn force_detach_on_request_acts_once_per_token_then_attaches_again() {
 
     // The same token again, with another change to make the operator look: nothing happens.
     let seen = s.attachment_reconciles().await;
-    s.annotate(
+    s.merge_metadata(
         &name,
-        json!({ FORCE_DETACH_ANNOTATION: token, "test.safedetach.io/touched": "1" }),
+        json!({ "annotations": { FORCE_DETACH_ANNOTATION: token, "test.safedetach.io/touched": "1" } }),
     )
     .await;
     // Two more reconciles: at most one of them (one under way) can predate the change.
@@ -537,26 +371,34 @@ async fn force_detach_on_request_acts_once_per_token_then_attaches_again() {
         "acted twice on {token}"
     );
     assert_eq!(s.proxy.calls(PUBLISH), publishes + 1);
-    assert_eq!(s.occurrences(&name, "ForceDetached", token).await, 1);
-    assert!(is_attached(&s.get(&name).await.expect("present")));
+    assert_eq!(s.occurrences_noting(&name, "ForceDetached", token).await, 1);
+    assert!(is_attached(
+        &s.get_attachment(&name).await.expect("present")
+    ));
 
     // A new token asks again. (Its Event is the subject of
     // `every_forced_detach_has_an_event_naming_its_token`.)
     let again = "2026-11-25T10:05:00Z";
     s.request_force_detach(&name, again).await;
     let attachment = s
-        .wait_for(&name, "attached again after the second request", |a| {
-            a.is_some_and(|a| {
-                is_attached(a)
-                    && a.status
-                        .as_ref()
-                        .and_then(|s| s.force_detach.as_ref())
-                        .is_some_and(|f| {
-                            f.token.as_deref() == Some(again)
-                                && f.state == ForceDetachState::Succeeded
-                        })
-            })
-        })
+        .wait_for(
+            &s.attachments,
+            &name,
+            "attached again after the second request",
+            WAIT,
+            |a| {
+                a.is_some_and(|a| {
+                    is_attached(a)
+                        && a.status
+                            .as_ref()
+                            .and_then(|s| s.force_detach.as_ref())
+                            .is_some_and(|f| {
+                                f.token.as_deref() == Some(again)
+                                    && f.state == ForceDetachState::Succeeded
+                            })
+                })
+            },
+        )
         .await
         .expect("present");
     assert_not_probeable(&attachment);
@@ -575,11 +417,11 @@ async fn every_forced_detach_has_an_event_naming_its_token() {
     s.wait_attached(&name).await;
     for token in ["first-token", "second-token"] {
         s.request_force_detach(&name, token).await;
-        s.wait_event(&name, "ForceDetaching", &["Requested", token])
+        s.wait_event(VA, &name, "ForceDetaching", &["Requested", token])
             .await;
-        s.wait_event(&name, "ForceDetached", &["Requested", token])
+        s.wait_event(VA, &name, "ForceDetached", &["Requested", token])
             .await;
-        s.wait_for(&name, "attached again", |a| {
+        s.wait_for(&s.attachments, &name, "attached again", WAIT, |a| {
             a.is_some_and(|a| {
                 is_attached(a)
                     && a.status
@@ -612,7 +454,7 @@ async fn case1_publish_times_out_until_stuck_then_clean_up_and_attach_from_scrat
     // Until the clean-up, the record never says attached, whatever the plugin did.
     let give_up = Instant::now() + WAIT;
     while s.proxy.calls(UNPUBLISH) == 0 {
-        if let Some(a) = s.get(&name).await {
+        if let Some(a) = s.get_attachment(&name).await {
             assert!(
                 !attached(&a) && phase(&a) != Some(AttachmentPhase::Attached),
                 "attached on a publish that timed out:\n{}",
@@ -642,10 +484,10 @@ async fn case1_publish_times_out_until_stuck_then_clean_up_and_attach_from_scrat
     );
     assert_not_probeable(&attachment);
     assert_eq!(s.published(&handle).await, nodes(&[s.node()]));
-    s.wait_event(&name, "AttachFailed", &["Timeout"]).await;
-    s.wait_event(&name, "ForceDetaching", &["StuckAttaching"])
+    s.wait_event(VA, &name, "AttachFailed", &["Timeout"]).await;
+    s.wait_event(VA, &name, "ForceDetaching", &["StuckAttaching"])
         .await;
-    s.wait_event(&name, "ForceDetached", &["StuckAttaching"])
+    s.wait_event(VA, &name, "ForceDetached", &["StuckAttaching"])
         .await;
     eprintln!(
         "case 1: {timed_out_publishes} publish(es) delayed past the deadline, clean-up {:?} after creation, {} publish(es) in all",
@@ -672,7 +514,7 @@ async fn case4_refused_unpublish_stays_detaching_until_an_unpublish_succeeds() {
         },
     );
     let deleted = Instant::now();
-    s.delete(&name).await;
+    s.delete_attachment(&name).await;
 
     // While every unpublish is refused: still there, finalizer held, Detaching, still attached,
     // still published — until the forced path has been refused twice.
@@ -680,7 +522,7 @@ async fn case4_refused_unpublish_stays_detaching_until_an_unpublish_succeeds() {
     let mut forced_first: Option<Instant> = None;
     let (forced_seen, attempts) = loop {
         let a = s
-            .get(&name)
+            .get_attachment(&name)
             .await
             .expect("the attachment was released while every unpublish was refused");
         let shown = || show(Some(&a));
@@ -739,9 +581,10 @@ async fn case4_refused_unpublish_stays_detaching_until_an_unpublish_succeeds() {
         refused >= 3,
         "a safe unpublish and two forced ones: {refused}"
     );
-    assert!(s.occurrences(&name, "DetachFailed", "InUse").await >= 1);
-    s.wait_event(&name, "StuckDetaching", &[]).await;
-    s.wait_event(&name, "ForceDetachFailed", &["InUse"]).await;
+    assert!(s.occurrences_noting(&name, "DetachFailed", "InUse").await >= 1);
+    s.wait_event(VA, &name, "StuckDetaching", &[]).await;
+    s.wait_event(VA, &name, "ForceDetachFailed", &["InUse"])
+        .await;
     eprintln!(
         "case 4: forced {:?} after the deletion; {attempts} forced attempts seen {:?} after the first",
         forced_seen - deleted,
@@ -749,13 +592,13 @@ async fn case4_refused_unpublish_stays_detaching_until_an_unpublish_succeeds() {
     );
 
     s.proxy.disarm(UNPUBLISH);
-    s.wait_gone(&name).await;
+    s.wait_attachment_gone(&name).await;
     assert!(
         s.proxy.calls(UNPUBLISH) > refused,
         "released without an unpublish that returned OK"
     );
     assert!(s.published(&handle).await.is_empty());
-    s.wait_event(&name, "ForceDetached", &["StuckDetaching"])
+    s.wait_event(VA, &name, "ForceDetached", &["StuckDetaching"])
         .await;
 }
 
@@ -776,11 +619,11 @@ async fn an_unpublish_answered_not_found_is_not_taken_for_a_detach() {
             message: "node not found".into(),
         },
     );
-    s.delete(&name).await;
+    s.delete_attachment(&name).await;
     let held_until = Instant::now() + STUCK_AFTER + RESYNC * 2;
     while Instant::now() < held_until {
         let a = s
-            .get(&name)
+            .get_attachment(&name)
             .await
             .expect("released on a NOT_FOUND unpublish");
         assert!(
@@ -801,7 +644,7 @@ async fn an_unpublish_answered_not_found_is_not_taken_for_a_detach() {
     assert_eq!(s.published(&handle).await, nodes(&[s.node()]));
 
     s.proxy.disarm(UNPUBLISH);
-    s.wait_gone(&name).await;
+    s.wait_attachment_gone(&name).await;
     assert!(s.published(&handle).await.is_empty());
 }
 
@@ -817,7 +660,7 @@ async fn a_lost_publish_reply_is_retried_and_ends_attached_with_one_publish_reco
 
     let give_up = Instant::now() + WAIT;
     let attachment = loop {
-        let seen = s.get(&name).await;
+        let seen = s.get_attachment(&name).await;
         // Read after the object: an Attached record must rest on the second publish.
         let publishes = s.proxy.calls(PUBLISH);
         if let Some(a) = seen {
@@ -849,7 +692,8 @@ async fn a_lost_publish_reply_is_retried_and_ends_attached_with_one_publish_reco
         Some(s.node())
     );
     assert_not_probeable(&attachment);
-    s.wait_event(&name, "AttachFailed", &["LostReply"]).await;
+    s.wait_event(VA, &name, "AttachFailed", &["LostReply"])
+        .await;
 }
 
 /// A force-detach the plugin keeps refusing is retried with the operator's backoff (docs/design.md,
@@ -871,12 +715,14 @@ async fn a_refused_force_detach_is_retried_with_backoff() {
             message: "volume is still in use on the node".into(),
         },
     );
-    s.delete(&name).await;
+    s.delete_attachment(&name).await;
     let forcing = |a: Option<&VolumeAttachment>| {
         a.and_then(|a| a.status.as_ref()?.force_detach.as_ref())
             .is_some_and(|f| f.state == ForceDetachState::InProgress)
     };
-    let first = s.wait_for(&name, "force-detaching", forcing).await;
+    let first = s
+        .wait_for(&s.attachments, &name, "force-detaching", WAIT, forcing)
+        .await;
     let attempts = |a: &VolumeAttachment| {
         a.status
             .as_ref()
@@ -887,7 +733,7 @@ async fn a_refused_force_detach_is_retried_with_backoff() {
     let unpublishes = s.proxy.calls(UNPUBLISH);
     // Passes once the window has gone by within the bound; fails as soon as it is exceeded.
     loop {
-        let seen = s.get(&name).await.expect("still held");
+        let seen = s.get_attachment(&name).await.expect("still held");
         let made = attempts(&seen) - from;
         let calls = s.proxy.calls(UNPUBLISH) - unpublishes;
         let elapsed = start.elapsed();
@@ -902,7 +748,7 @@ async fn a_refused_force_detach_is_retried_with_backoff() {
         tokio::time::sleep(POLL).await;
     }
     s.proxy.disarm(UNPUBLISH);
-    s.wait_gone(&name).await;
+    s.wait_attachment_gone(&name).await;
 }
 
 /// Median over 5 runs, through the real plugin (no proxy), of the time from a VolumeAttachment's
@@ -923,7 +769,11 @@ async fn figures_attach_and_force_detach_latency() {
         let started = Instant::now();
         let name = s.attachment("csi-fig", &volume).await;
         loop {
-            if s.get(&name).await.as_ref().is_some_and(is_attached) {
+            if s.get_attachment(&name)
+                .await
+                .as_ref()
+                .is_some_and(is_attached)
+            {
                 break;
             }
             assert!(started.elapsed() < WAIT, "run {run}: not attached");
@@ -936,8 +786,11 @@ async fn figures_attach_and_force_detach_latency() {
         let started = Instant::now();
         s.request_force_detach(&name, &token).await;
         loop {
-            let events = s.events_about(&name).await;
-            if find_event(&events, "ForceDetached", &[&token]).is_some() {
+            let events = s.events_about(VA, &name).await;
+            if events
+                .iter()
+                .any(|e| e.reason == "ForceDetached" && e.note.contains(&token))
+            {
                 break;
             }
             assert!(

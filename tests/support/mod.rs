@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod conformance;
 pub mod csi;
 pub mod grpc_proxy;
+pub mod harness;
 pub mod operator;
 pub mod peer;
 pub mod process;

@@ -1,7 +1,7 @@
-//! One end-to-end scenario of the operator: a real `qemu-storage-daemon` (optionally behind the
-//! fault-injecting QMP proxy), the real operator binary managing one shard, the objects the test
-//! creates in that shard, and the ways a test waits for and inspects what happened: the objects'
-//! status, the Events, and the daemon's own lists read over QMP.
+//! One end-to-end scenario of the operator on the nbd driver: a real `qemu-storage-daemon`
+//! (optionally behind the fault-injecting QMP proxy) and, through [`Harness`] (which it
+//! dereferences to), the real operator binary managing one shard, the objects the test creates in
+//! that shard and the ways a test waits for them; besides, the daemon's own lists read over QMP.
 //!
 //! The operator's API traffic can go through an [`ApiProxy`], which records its writes and cuts
 //! or delays its view of the apiserver on demand; a second replica of the operator can join it,
@@ -11,24 +11,17 @@
 //! back), and the daemon goes last.
 
 use super::api_proxy::ApiProxy;
-use super::cluster::{TestObjects, WRITE_VERBS, admin_client, unique_name};
+use super::cluster::{WRITE_VERBS, unique_name};
 use super::operator::{Operator, Options, SHARD_LABEL};
 use super::qmp_proxy::QmpProxy;
 use super::qsd::{Qsd, named_block_nodes};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::{Client, Resource};
-use safe_detach::api::{
-    AttachmentPhase, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment, find_condition,
-};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use safe_detach::api::{Volume, VolumeAttachment, find_condition};
 use safe_detach::config::{ConfigFile, DriverEntry};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
@@ -37,19 +30,15 @@ use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::time::Instant;
 
-/// The field manager of the objects the tests write.
-const TEST_MANAGER: &str = "safe-detach-e2e";
-/// How long a wait may take before the test fails: generous, since a reconcile can wait for a
-/// driver deadline, a stuck clock and a backoff in a row.
-pub const WAIT: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(50);
+// Re-exported for the tests of every backend, which use parts of them.
+use super::harness::apply;
+#[allow(unused_imports)]
+pub use super::harness::{
+    Harness, LEASE_NAMESPACE, POLL, RESYNC, STUCK_AFTER, SeenEvent, WAIT, attached,
+    describe_events, events_in, phase, show,
+};
+
 const QMP_TIMEOUT: Duration = Duration::from_secs(15);
-/// The stuck clock of every Volume that sets none (the CRD's minimum).
-pub const STUCK_AFTER: Duration = Duration::from_secs(5);
-/// How often the operator looks again at converged objects.
-pub const RESYNC: Duration = Duration::from_secs(2);
-/// Where the replicas of a leader election keep their Lease (the operator's default).
-pub const LEASE_NAMESPACE: &str = "safe-detach";
 /// The election identity of the scenario's operator, when it runs in one
 /// (`Setup::leader_election`).
 pub const FIRST_REPLICA: &str = "replica-1";
@@ -94,24 +83,32 @@ impl Default for Setup {
 }
 
 pub struct Scenario {
-    pub operator: Operator,
+    /// The operator, the shard's objects and the ways to wait for them; dropped first, so that
+    /// the operator is gone before the daemon.
+    harness: Harness,
     /// The front of the operator's API requests (`Setup::api_proxy` or `Setup::count_writes`).
     pub api: Option<ApiProxy>,
     /// The operator's configuration file, as every replica of it gets it.
     config: String,
     /// The election's Lease (`Setup::leader_election`), and how long it lasts.
     election: Option<(String, &'static str)>,
-    objects: TestObjects,
     pub proxy: Option<QmpProxy>,
     pub qsd: Qsd,
-    pub client: Client,
-    pub volumes: Api<Volume>,
-    pub attachments: Api<VolumeAttachment>,
-    pub events: Api<Event>,
-    pub shard: String,
-    /// The objects created, for a clean-up that no operator can race (see `Drop`).
-    created: Vec<(&'static str, String)>,
     _turn: Option<RwLockReadGuard<'static, ()>>,
+}
+
+impl std::ops::Deref for Scenario {
+    type Target = Harness;
+
+    fn deref(&self) -> &Harness {
+        &self.harness
+    }
+}
+
+impl std::ops::DerefMut for Scenario {
+    fn deref_mut(&mut self) -> &mut Harness {
+        &mut self.harness
+    }
 }
 
 impl Scenario {
@@ -139,10 +136,6 @@ impl Scenario {
         let election = setup
             .leader_election
             .map(|duration| (unique_name("lease"), duration));
-        let mut created = Vec::new();
-        if let Some((lease, _)) = &election {
-            created.push(("Lease", lease.clone()));
-        }
         let args = election
             .as_ref()
             .map(|(lease, duration)| replica_args(lease, duration, FIRST_REPLICA))
@@ -161,21 +154,17 @@ impl Scenario {
             };
             Operator::start_with(&shard, &config, options).await
         };
-        let client = admin_client().await;
+        let mut harness = Harness::new(operator, shard).await;
+        if let Some((lease, _)) = &election {
+            harness.clean_up("Lease", lease.clone());
+        }
         Self {
-            operator,
+            harness,
             api,
             config,
             election,
-            objects: TestObjects::default(),
             proxy,
             qsd,
-            volumes: Api::all(client.clone()),
-            attachments: Api::all(client.clone()),
-            events: Api::namespaced(client.clone(), "default"),
-            client,
-            shard,
-            created,
             _turn: turn,
         }
     }
@@ -249,22 +238,11 @@ impl Scenario {
         self.proxy.as_ref().expect("the scenario runs with a proxy")
     }
 
-    fn labels(&self) -> Value {
-        json!({ SHARD_LABEL: self.shard })
-    }
-
     /// Creates a raw image `handle` (unless it exists) and a Volume of the `nbd` driver for it in
     /// this scenario's shard. `spec` is merged over `{driver: nbd, volumeHandle: handle}`.
     pub async fn volume(&mut self, prefix: &str, handle: &str, spec: Value) -> String {
         let name = self.volume_name(prefix);
         self.create_volume(&name, handle, spec).await;
-        name
-    }
-
-    /// A unique Volume name, deleted with the scenario, for a Volume created later.
-    pub fn volume_name(&mut self, prefix: &str) -> String {
-        let name = self.objects.volume(prefix);
-        self.created.push(("Volume", name.clone()));
         name
     }
 
@@ -275,228 +253,7 @@ impl Scenario {
         }
         let mut full = json!({ "driver": "nbd", "volumeHandle": handle });
         merge(&mut full, spec);
-        let object = json!({
-            "apiVersion": "safedetach.io/v1alpha1",
-            "kind": "Volume",
-            "metadata": { "name": name, "labels": self.labels() },
-            "spec": full,
-        });
-        self.volumes
-            .patch(name, &apply(), &Patch::Apply(&object))
-            .await
-            .unwrap_or_else(|e| panic!("create Volume {name}: {e}"));
-    }
-
-    /// Creates a VolumeAttachment of `volume` to `node` in this scenario's shard.
-    pub async fn attachment(&mut self, prefix: &str, volume: &str, node: &str) -> String {
-        let name = self.attachment_name(prefix);
-        self.create_attachment(&name, volume, node).await;
-        name
-    }
-
-    /// A unique VolumeAttachment name, deleted with the scenario, for an attachment created
-    /// later (several of them at once, for instance).
-    pub fn attachment_name(&mut self, prefix: &str) -> String {
-        let name = self.objects.attachment(prefix);
-        self.created.push(("VolumeAttachment", name.clone()));
-        name
-    }
-
-    /// Creates the VolumeAttachment `name` of `volume` to `node` in this scenario's shard.
-    pub async fn create_attachment(&self, name: &str, volume: &str, node: &str) {
-        let object = json!({
-            "apiVersion": "safedetach.io/v1alpha1",
-            "kind": "VolumeAttachment",
-            "metadata": { "name": name, "labels": self.labels() },
-            "spec": { "volumeName": volume, "nodeName": node },
-        });
-        self.attachments
-            .patch(name, &apply(), &Patch::Apply(&object))
-            .await
-            .unwrap_or_else(|e| panic!("create VolumeAttachment {name}: {e}"));
-    }
-
-    /// Creates an attachment and waits until the backend-confirmed `Attached` is recorded.
-    pub async fn attach(
-        &mut self,
-        prefix: &str,
-        volume: &str,
-        node: &str,
-    ) -> (String, VolumeAttachment) {
-        let name = self.attachment(prefix, volume, node).await;
-        let attached = self.wait_attached(&name).await;
-        (name, attached)
-    }
-
-    pub async fn wait_attached(&self, name: &str) -> VolumeAttachment {
-        self.wait_attachment(name, "Attached and confirmed", |a| {
-            phase(a) == Some(AttachmentPhase::Attached) && attached(a)
-        })
-        .await
-    }
-
-    pub async fn get_attachment(&self, name: &str) -> Option<VolumeAttachment> {
-        self.attachments
-            .get_opt(name)
-            .await
-            .unwrap_or_else(|e| panic!("get VolumeAttachment {name}: {e}"))
-    }
-
-    pub async fn get_volume(&self, name: &str) -> Volume {
-        self.volumes
-            .get(name)
-            .await
-            .unwrap_or_else(|e| panic!("get Volume {name}: {e}"))
-    }
-
-    /// Waits until the attachment exists and satisfies `done`.
-    pub async fn wait_attachment(
-        &self,
-        name: &str,
-        what: &str,
-        done: impl Fn(&VolumeAttachment) -> bool,
-    ) -> VolumeAttachment {
-        self.wait_for(&self.attachments, name, what, WAIT, |a| {
-            a.is_some_and(&done)
-        })
-        .await
-        .expect("present")
-    }
-
-    /// Waits until the Volume exists and satisfies `done`.
-    pub async fn wait_volume(
-        &self,
-        name: &str,
-        what: &str,
-        done: impl Fn(&Volume) -> bool,
-    ) -> Volume {
-        self.wait_for(&self.volumes, name, what, WAIT, |v| v.is_some_and(&done))
-            .await
-            .expect("present")
-    }
-
-    /// Waits until the attachment is gone: its finalizer released by the operator.
-    pub async fn wait_attachment_gone(&self, name: &str) {
-        self.wait_for(
-            &self.attachments,
-            name,
-            "gone (finalizer released)",
-            WAIT,
-            |a| a.is_none(),
-        )
-        .await;
-    }
-
-    /// Polls `name` until `done` holds for what the server returns (`None`: not found). Fails
-    /// with the last object seen and the end of the operator's log.
-    pub async fn wait_for<K>(
-        &self,
-        api: &Api<K>,
-        name: &str,
-        what: &str,
-        timeout: Duration,
-        done: impl Fn(Option<&K>) -> bool,
-    ) -> Option<K>
-    where
-        K: Resource + Clone + DeserializeOwned + Serialize + Debug,
-    {
-        let give_up = Instant::now() + timeout;
-        loop {
-            let seen = api
-                .get_opt(name)
-                .await
-                .unwrap_or_else(|e| panic!("get {name}: {e}"));
-            if done(seen.as_ref()) {
-                return seen;
-            }
-            if Instant::now() >= give_up {
-                let shown = show(seen.as_ref());
-                panic!(
-                    "{name}: not {what} within {timeout:?}; last seen:\n{shown}\n--- operator log (end) ---\n{}",
-                    self.log_tail(80)
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// Deletes the attachment (its finalizer then holds it until the operator releases it).
-    pub async fn delete_attachment(&self, name: &str) {
-        self.attachments
-            .delete(name, &DeleteParams::default())
-            .await
-            .unwrap_or_else(|e| panic!("delete VolumeAttachment {name}: {e}"));
-    }
-
-    /// Sets the force-detach annotation to `token`, as `kubectl annotate --overwrite` does.
-    /// Returns the resourceVersion the change produced.
-    pub async fn annotate(&self, name: &str, token: &str) -> String {
-        self.merge_metadata(
-            name,
-            json!({ "annotations": { FORCE_DETACH_ANNOTATION: token } }),
-        )
-        .await
-    }
-
-    /// Merges `metadata` into the attachment's metadata; returns the new resourceVersion.
-    pub async fn merge_metadata(&self, name: &str, metadata: Value) -> String {
-        let patched = self
-            .attachments
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "metadata": metadata })),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("patch VolumeAttachment {name}: {e}"));
-        patched
-            .metadata
-            .resource_version
-            .expect("a resourceVersion")
-    }
-
-    /// The Events the operator published about the object `kind`/`name`, oldest first.
-    pub async fn events_about(&self, kind: &str, name: &str) -> Vec<SeenEvent> {
-        events_in(&self.events, kind, name).await
-    }
-
-    /// How many times an Event of `reason` was reported about the object, counting repeats that
-    /// the event recorder folded into one Event's series.
-    pub async fn occurrences(&self, kind: &str, name: &str, reason: &str) -> i32 {
-        self.events_about(kind, name)
-            .await
-            .iter()
-            .filter(|e| e.reason == reason)
-            .map(|e| e.count)
-            .sum()
-    }
-
-    /// Waits for an Event of `reason` about the object whose note contains every one of `notes`.
-    pub async fn wait_event(
-        &self,
-        kind: &str,
-        name: &str,
-        reason: &str,
-        notes: &[&str],
-    ) -> SeenEvent {
-        let give_up = Instant::now() + WAIT;
-        loop {
-            let events = self.events_about(kind, name).await;
-            if let Some(found) = events
-                .iter()
-                .find(|e| e.reason == reason && notes.iter().all(|n| e.note.contains(n)))
-            {
-                return found.clone();
-            }
-            if Instant::now() >= give_up {
-                panic!(
-                    "no {reason} event about {kind} {name} saying {notes:?} within {WAIT:?}; events seen:\n{}\n--- operator log (end) ---\n{}",
-                    describe_events(&events),
-                    self.log_tail(80)
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        self.apply_volume(name, full).await;
     }
 
     /// The daemon's export ids, asked directly (not through the proxy or the driver).
@@ -603,7 +360,7 @@ impl Scenario {
     /// fighting the test's operator), so counts of writes would mean nothing. Probed with a
     /// canary attachment in a shard no test serves: a finalizer on it is someone else's doing.
     pub async fn assert_no_foreign_operator(&mut self) {
-        let name = self.objects.attachment("canary");
+        let name = self.unserved_attachment_name("canary");
         let object = json!({
             "apiVersion": "safedetach.io/v1alpha1",
             "kind": "VolumeAttachment",
@@ -637,13 +394,6 @@ impl Scenario {
         );
     }
 
-    /// The last `lines` lines of the operator's log.
-    pub fn log_tail(&self, lines: usize) -> String {
-        let log = self.operator.log();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
     /// The admin's view of the apiserver's own metrics: the sum of `apiserver_request_total`
     /// over write verbs for `safedetach.io` Volumes and VolumeAttachments, by resource, subresource
     /// and verb.
@@ -658,48 +408,6 @@ impl Scenario {
             .expect("GET /metrics");
         write_requests(&text)
     }
-}
-
-impl Drop for Scenario {
-    /// Kills the operator, then deletes the objects before stripping their finalizers: once an
-    /// object is being deleted no finalizer can be added, so even an operator outside the test's
-    /// control (one without a selector) cannot keep it. (`TestObjects` strips, then deletes.)
-    fn drop(&mut self) {
-        self.operator.kill();
-        let created = std::mem::take(&mut self.created);
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for clean-up");
-            runtime.block_on(async {
-                let client = admin_client().await;
-                let attachments = Api::<VolumeAttachment>::all(client.clone());
-                let volumes = Api::<Volume>::all(client.clone());
-                let leases = Api::<Lease>::namespaced(client, LEASE_NAMESPACE);
-                for (kind, name) in created.iter().rev() {
-                    match *kind {
-                        "VolumeAttachment" => delete_then_strip(&attachments, name).await,
-                        "Lease" => {
-                            let _ = leases.delete(name, &DeleteParams::default()).await;
-                        }
-                        _ => delete_then_strip(&volumes, name).await,
-                    }
-                }
-            });
-        });
-        // Whatever is left, `TestObjects` deletes after this.
-        let _ = cleanup.join();
-    }
-}
-
-async fn delete_then_strip<K>(api: &Api<K>, name: &str)
-where
-    K: Resource + Clone + DeserializeOwned + Debug,
-{
-    let _ = api.delete(name, &DeleteParams::default()).await;
-    let strip = Patch::Merge(json!({ "metadata": { "finalizers": null } }));
-    let _ = api.patch(name, &PatchParams::default(), &strip).await;
 }
 
 /// Sums `apiserver_request_total` for write verbs on this project's resources, keyed by
@@ -760,10 +468,6 @@ fn replica_args(lease: &str, duration: &str, identity: &str) -> Vec<String> {
     .to_vec()
 }
 
-fn apply() -> PatchParams {
-    PatchParams::apply(TEST_MANAGER).force()
-}
-
 fn merge(base: &mut Value, over: Value) {
     match (base, over) {
         (Value::Object(base), Value::Object(over)) => {
@@ -780,14 +484,6 @@ pub fn export_id(handle: &str, node: &str) -> String {
     safe_detach::driver::nbd::export_id(handle, node)
 }
 
-pub fn phase(attachment: &VolumeAttachment) -> Option<AttachmentPhase> {
-    attachment.status.as_ref()?.phase
-}
-
-pub fn attached(attachment: &VolumeAttachment) -> bool {
-    attachment.status.as_ref().is_some_and(|s| s.attached)
-}
-
 /// The attachment's condition of `type_`, if it has one.
 pub fn condition<'a>(attachment: &'a VolumeAttachment, type_: &str) -> Option<&'a Condition> {
     find_condition(&attachment.status.as_ref()?.conditions, type_)
@@ -801,58 +497,6 @@ pub fn volume_condition<'a>(volume: &'a Volume, type_: &str) -> Option<&'a Condi
 /// Whether the condition `type_` has `status` (and, if given, `reason`).
 pub fn has(condition: Option<&Condition>, status: &str, reason: Option<&str>) -> bool {
     condition.is_some_and(|c| c.status == status && reason.is_none_or(|r| c.reason == r))
-}
-
-/// The Events in `api` about the object `kind`/`name`, oldest first.
-pub async fn events_in(api: &Api<Event>, kind: &str, name: &str) -> Vec<SeenEvent> {
-    let list = api
-        .list(&ListParams::default().fields(&format!("regarding.name={name}")))
-        .await
-        .unwrap_or_else(|e| panic!("list events of {name}: {e}"));
-    let mut seen: Vec<SeenEvent> = list
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some(kind))
-        .map(SeenEvent::from)
-        .collect();
-    seen.sort_by_key(|e| e.first);
-    seen
-}
-
-/// An Event as a test looks at it.
-#[derive(Clone, Debug)]
-pub struct SeenEvent {
-    pub reason: String,
-    pub type_: String,
-    pub note: String,
-    /// How often it was reported: 1, or the count of the series the recorder folded repeats into.
-    pub count: i32,
-    /// When it was first reported.
-    pub first: jiff::Timestamp,
-}
-
-impl From<Event> for SeenEvent {
-    fn from(event: Event) -> Self {
-        Self {
-            reason: event.reason.unwrap_or_default(),
-            type_: event.type_.unwrap_or_default(),
-            note: event.note.unwrap_or_default(),
-            count: event.series.as_ref().map_or(1, |s| s.count),
-            first: event
-                .event_time
-                .map(|t| t.0)
-                .or(event.metadata.creation_timestamp.map(|t| t.0))
-                .unwrap_or_default(),
-        }
-    }
-}
-
-pub fn describe_events(events: &[SeenEvent]) -> String {
-    events
-        .iter()
-        .map(|e| format!("  {} {} (x{}): {}", e.type_, e.reason, e.count, e.note))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Runs one QMP command on the socket and returns its `return` value, or its `error` as `Err`.
@@ -911,23 +555,4 @@ async fn next_message(lines: &mut Lines<BufReader<OwnedReadHalf>>) -> Value {
             return message;
         }
     }
-}
-
-/// What a failure message shows of an object: the metadata that matters here, and its status.
-pub fn show<K: Serialize>(object: Option<&K>) -> String {
-    object.map_or_else(
-        || "not found".to_owned(),
-        |object| {
-            let value = serde_json::to_value(object).expect("serializable");
-            let shown = json!({
-                "metadata": {
-                    "finalizers": value["metadata"]["finalizers"],
-                    "deletionTimestamp": value["metadata"]["deletionTimestamp"],
-                    "annotations": value["metadata"]["annotations"],
-                },
-                "status": value["status"],
-            });
-            serde_json::to_string_pretty(&shown).expect("serializable")
-        },
-    )
 }
