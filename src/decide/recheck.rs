@@ -68,3 +68,41 @@ pub fn ending(step: &Step, input: &Input, swept: bool) -> Option<Recheck> {
         | Step::Probe => return None,
     })
 }
+
+/// How soon a Volume whose orphans were just forced loose is looked at again, to see them gone.
+pub const ORPHANS_FORCED_RECHECK: Duration = Duration::from_secs(1);
+
+/// What a Volume's reconcile did, as far as its next look depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VolumeOutcome {
+    /// The Volume cannot reach its backend (see [`super::VolumeProblem`]).
+    pub unusable: bool,
+    /// Orphaned connections were forced loose in this reconcile.
+    pub forced: bool,
+    /// One of those forced detaches failed.
+    pub force_failed: bool,
+    /// The end of the shortest grace period still running ([`super::volume::VolumeDecision`]).
+    pub recheck_after: Option<Duration>,
+}
+
+/// How a Volume's reconcile ends. An unusable Volume waits for the fix that wakes it (the
+/// resync only as a net); forced orphans are looked at again soon to see them gone, or with
+/// backoff when a force failed; otherwise at the end of a grace period, after the resync, or,
+/// when the driver's sweep watches the backend (`swept`), only when something changes.
+pub fn volume_ending(outcome: VolumeOutcome, resync: Duration, swept: bool) -> Recheck {
+    match outcome {
+        VolumeOutcome { unusable: true, .. } => Recheck::Settled(Some(resync)),
+        VolumeOutcome {
+            forced: true,
+            force_failed: true,
+            ..
+        } => Recheck::Backoff { deadline: None },
+        VolumeOutcome { forced: true, .. } => Recheck::Settled(Some(ORPHANS_FORCED_RECHECK)),
+        VolumeOutcome {
+            recheck_after: Some(after),
+            ..
+        } => Recheck::Settled(Some(after.min(resync))),
+        _ if swept => Recheck::Settled(None),
+        _ => Recheck::Settled(Some(resync)),
+    }
+}

@@ -1879,3 +1879,52 @@ fn a_volume_tells_each_new_orphan_once_and_a_forced_orphan_counts_when_the_backe
         ("Failed", "ForceDetachFailed")
     );
 }
+
+#[test]
+fn how_a_volumes_reconcile_ends() {
+    use recheck::{ORPHANS_FORCED_RECHECK, VolumeOutcome, volume_ending};
+    let quiet = VolumeOutcome {
+        unusable: false,
+        forced: false,
+        force_failed: false,
+        recheck_after: None,
+    };
+    assert_eq!(
+        volume_ending(quiet, RESYNC, false),
+        Recheck::Settled(Some(RESYNC))
+    );
+    assert_eq!(volume_ending(quiet, RESYNC, true), Recheck::Settled(None));
+    // A grace period ends sooner than the resync: looked at then, sweep or not.
+    let grace = VolumeOutcome {
+        recheck_after: Some(Duration::from_secs(3)),
+        ..quiet
+    };
+    assert_eq!(
+        volume_ending(grace, RESYNC, true),
+        Recheck::Settled(Some(Duration::from_secs(3)))
+    );
+    let forced = VolumeOutcome {
+        forced: true,
+        ..grace
+    };
+    assert_eq!(
+        volume_ending(forced, RESYNC, true),
+        Recheck::Settled(Some(ORPHANS_FORCED_RECHECK))
+    );
+    let failed = VolumeOutcome {
+        force_failed: true,
+        ..forced
+    };
+    assert_eq!(
+        volume_ending(failed, RESYNC, true),
+        Recheck::Backoff { deadline: None }
+    );
+    let unusable = VolumeOutcome {
+        unusable: true,
+        ..failed
+    };
+    assert_eq!(
+        volume_ending(unusable, RESYNC, true),
+        Recheck::Settled(Some(RESYNC))
+    );
+}

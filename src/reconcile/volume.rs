@@ -6,6 +6,7 @@ use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, p
 use crate::MANAGER;
 use crate::api::{VOLUME_FINALIZER, Volume, VolumeAttachment, VolumeStatus};
 use crate::decide::events::{orphan_forced, volume_between};
+use crate::decide::recheck::{Recheck, VolumeOutcome, volume_ending};
 use crate::decide::volume::{VolumeInput, decide_volume};
 use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, ProbeAnswer, VolumeProblem, stuck_after};
 use crate::driver::{Driver, ok_if_not_connected};
@@ -212,29 +213,26 @@ async fn reconcile_volume(
         }
     }
 
-    let resync = context.config.resync_interval;
-    Ok(Pass::Done(
-        match (problem, decision.force_detach.is_empty()) {
-            (Some(problem), _) => {
-                warn!(reason = problem.reason(), "{}", problem.message());
-                Action::requeue(resync)
-            }
-            // A forced detach that failed is tried again with backoff, not at once.
-            (None, false) if failed => {
-                Action::requeue(context.backoff.failed(&backoff_key(&name), None))
-            }
-            // Look again at once after a forced detach, to record what the backend now says.
-            (None, false) => Action::requeue(Duration::from_secs(1)),
-            (None, true) => match decision.recheck_after {
-                Some(recheck) => Action::requeue(recheck.min(resync)),
-                // Its driver's sweep tells when the backend no longer matches it.
-                None if driver.as_ref().is_some_and(|d| d.can_probe_many()) => {
-                    Action::await_change()
-                }
-                None => Action::requeue(resync),
-            },
+    if let Some(problem) = &problem {
+        warn!(reason = problem.reason(), "{}", problem.message());
+    }
+    let ending = volume_ending(
+        VolumeOutcome {
+            unusable: problem.is_some(),
+            forced: !decision.force_detach.is_empty(),
+            force_failed: failed,
+            recheck_after: decision.recheck_after,
         },
-    ))
+        context.config.resync_interval,
+        driver.as_ref().is_some_and(|d| d.can_probe_many()),
+    );
+    Ok(Pass::Done(match ending {
+        Recheck::Settled(None) => Action::await_change(),
+        Recheck::Settled(Some(after)) | Recheck::Soon(after) => Action::requeue(after),
+        Recheck::Backoff { deadline } => {
+            Action::requeue(context.backoff.failed(&backoff_key(&name), deadline))
+        }
+    }))
 }
 
 /// Force-detaches the orphaned connection of `volume` to `node`, and tells how it ended: `true`
