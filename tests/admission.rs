@@ -299,7 +299,7 @@ async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
         ["safe-detach"],
         "only the operator wrote status"
     );
-    let exports = qsd.export_ids();
+    let exports = qsd.export_ids().await;
     assert_eq!(
         exports.len(),
         1,
@@ -366,7 +366,7 @@ async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
     // Nothing changed: the record still says what the backend says.
     let unchanged = attachments.get(&attachment).await.expect("the attachment");
     assert!(attached_and_confirmed(&unchanged), "{:?}", unchanged.status);
-    assert_eq!(qsd.export_ids(), exports);
+    assert_eq!(qsd.export_ids().await, exports);
 
     // The safe way works under the policy: the operator force-detaches through the backend,
     // records it, and attaches again from a clean state.
@@ -396,7 +396,7 @@ async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
     )
     .await;
     assert_eq!(
-        qsd.export_ids().len(),
+        qsd.export_ids().await.len(),
         1,
         "re-attached: {:?}",
         forced.status

@@ -64,7 +64,7 @@ async fn watch_exports(s: &Scenario, window: Duration, export: &str) -> (BTreeSe
     let mut ever = BTreeSet::new();
     let mut missing = 0;
     while Instant::now() < until {
-        let ids = s.exports().await;
+        let ids = s.qsd.export_ids().await;
         if !ids.iter().any(|id| id == export) {
             missing += 1;
         }
@@ -116,7 +116,7 @@ async fn a_recreated_attachment_never_gets_the_old_ones_volume() {
     let until = Instant::now() + Duration::from_secs(16);
     let mut ever = BTreeSet::new();
     while Instant::now() < until {
-        ever.extend(s.exports().await);
+        ever.extend(s.qsd.export_ids().await);
         if let Some(a) = s.get_attachment(&name).await
             && a.uid() == uid
             && is_attached(&a)
@@ -131,7 +131,7 @@ async fn a_recreated_attachment_never_gets_the_old_ones_volume() {
         tokio::time::sleep(EXPORT_POLL).await;
     }
     s.api().set_watch_delay(Duration::ZERO);
-    let now = s.exports().await;
+    let now = s.qsd.export_ids().await;
     println!(
         "FIGURE: re-created attachment: exports ever seen {ever:?}; now {now:?}; recorded Attached with {wrong}: {}",
         wrong_record.is_some()
@@ -228,7 +228,7 @@ async fn deleting_a_duplicate_attachment_leaves_the_other_of_the_same_node_conne
         .expect("the user connects");
     let (duplicate, _) = s.attach("dup", &volume, NODE_A).await;
     let export = export_id(handle, NODE_A);
-    assert_eq!(s.exports().await, std::slice::from_ref(&export));
+    assert_eq!(s.qsd.export_ids().await, std::slice::from_ref(&export));
 
     s.delete_attachment(&duplicate).await;
     // Past the stuck clock (5 s) of a safe detach the user refuses, and the force after it.
@@ -459,25 +459,23 @@ async fn a_volume_served_under_a_foreign_export_id_is_not_recorded_connected_now
     let mut s = Scenario::start().await;
     let handle = "foreign1";
     let volume = taken_in(&mut s, "foreign", handle, json!({})).await;
-    let socket = s.qsd.qmp_socket();
     let image = s.qsd.image_dir().join(handle);
     let node_name = safe_detach::driver::nbd::block_node_name(handle);
-    support::scenario::qmp(
-        &socket,
+    s.qsd.qmp(
         "blockdev-add",
         json!({ "driver": "raw", "node-name": node_name, "file": { "driver": "file", "filename": image } }),
     )
     .await
     .expect("blockdev-add");
     let nbd = s.qsd.nbd_socket();
-    let _ = support::scenario::qmp(
-        &socket,
-        "nbd-server-start",
-        json!({ "addr": { "type": "unix", "data": { "path": nbd } } }),
-    )
-    .await;
-    support::scenario::qmp(
-        &socket,
+    let _ = s
+        .qsd
+        .qmp(
+            "nbd-server-start",
+            json!({ "addr": { "type": "unix", "data": { "path": nbd } } }),
+        )
+        .await;
+    s.qsd.qmp(
         "block-export-add",
         json!({ "type": "nbd", "id": "handmade", "node-name": node_name, "name": "handmade", "writable": true }),
     )
@@ -497,12 +495,13 @@ async fn a_volume_served_under_a_foreign_export_id_is_not_recorded_connected_now
         "FIGURE: foreign export of the disk: the Volume says phase {:?}, lastProbe {result:?}, connectedNodes {:?}; the user reads: {read:?}",
         status.phase, status.connected_nodes
     );
-    let _ = support::scenario::qmp(
-        &socket,
-        "block-export-del",
-        json!({ "id": "handmade", "mode": "hard" }),
-    )
-    .await;
+    let _ = s
+        .qsd
+        .qmp(
+            "block-export-del",
+            json!({ "id": "handmade", "mode": "hard" }),
+        )
+        .await;
     user.close().await;
     assert!(
         result != Some(safe_detach::api::ProbeResult::NotConnected)
@@ -564,7 +563,7 @@ async fn a_conflict_storm_neither_doubles_an_attach_nor_releases_early() {
     loop {
         // The record first, then the daemon: a record that says Detached must find it gone.
         let record = s.get_attachment(&name).await;
-        let exports = s.exports().await;
+        let exports = s.qsd.export_ids().await;
         if exports
             .iter()
             .filter(|e| e.starts_with(&format!("sd_{handle}__")))

@@ -13,7 +13,6 @@ use async_trait::async_trait;
 use safe_detach::config::DriverEntry;
 use safe_detach::driver::csi::CsiConfig;
 use safe_detach::driver::nbd::parse_export_id;
-use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -22,7 +21,6 @@ use support::csi::CsiPlugin;
 use support::grpc_proxy::{self, GrpcProxy};
 use support::qmp_proxy::{self, QmpProxy};
 use support::qsd::Qsd;
-use support::scenario::qmp;
 
 /// `qemu-storage-daemon` with its QMP monitor behind the QMP proxy.
 struct NbdFixture {
@@ -40,27 +38,6 @@ impl NbdFixture {
             qsd,
             fired: Mutex::new(0),
         }
-    }
-
-    /// One QMP query asked of the daemon directly, not through the proxy or the driver.
-    async fn query(&self, command: &str, arguments: Value) -> Vec<Value> {
-        qmp(&self.qsd.qmp_socket(), command, arguments)
-            .await
-            .unwrap_or_else(|e| panic!("{command}: {e}"))
-            .as_array()
-            .cloned()
-            .unwrap_or_else(|| panic!("{command} returns a list"))
-    }
-
-    async fn export_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .query("query-block-exports", json!({}))
-            .await
-            .iter()
-            .filter_map(|e| e["id"].as_str().map(str::to_owned))
-            .collect();
-        ids.sort();
-        ids
     }
 }
 
@@ -111,7 +88,8 @@ impl Fixture for NbdFixture {
     }
 
     async fn connected(&self, volume: &str) -> BTreeSet<String> {
-        self.export_ids()
+        self.qsd
+            .export_ids()
             .await
             .iter()
             .filter_map(|id| parse_export_id(id))
@@ -121,16 +99,8 @@ impl Fixture for NbdFixture {
     }
 
     async fn state(&self) -> String {
-        let exports = self.export_ids().await;
-        let mut nodes: Vec<String> = self
-            .query("query-named-block-nodes", json!({ "flat": true }))
-            .await
-            .iter()
-            .filter_map(|n| n["node-name"].as_str())
-            .filter(|n| !n.starts_with('#'))
-            .map(str::to_owned)
-            .collect();
-        nodes.sort();
+        let exports = self.qsd.export_ids().await;
+        let nodes = self.qsd.block_nodes().await;
         format!("exports {exports:?}, block nodes {nodes:?}")
     }
 }

@@ -54,7 +54,7 @@ async fn attach_exports_the_volume_and_probe_shows_the_node() {
         format!("nbd+unix:///{name}?socket={}", qsd.nbd_socket().display())
     );
     assert_eq!(info["exportName"], name);
-    assert_eq!(qsd.export_ids(), [name.as_str()]);
+    assert_eq!(qsd.export_ids().await, [name.as_str()]);
     assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-a"])));
     assert_eq!(
         driver.probe("vol2").await,
@@ -82,8 +82,8 @@ async fn attach_twice_is_idempotent() {
         .await
         .expect("attach again");
     assert_eq!(first, second);
-    assert_eq!(qsd.export_ids(), [export("vol1", "node-a")]);
-    assert_eq!(qsd.block_nodes(), ["sd-vol1"]);
+    assert_eq!(qsd.export_ids().await, [export("vol1", "node-a")]);
+    assert_eq!(qsd.block_nodes().await, ["sd-vol1"]);
     assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-a"])));
 }
 
@@ -104,7 +104,7 @@ async fn two_nodes_can_hold_writable_exports_of_one_volume() {
         Ok(Connections::to(["node-a", "node-b"]))
     );
     assert_eq!(
-        qsd.block_nodes(),
+        qsd.block_nodes().await,
         ["sd-vol1"],
         "one block node serves both exports"
     );
@@ -126,7 +126,7 @@ async fn two_nodes_can_hold_writable_exports_of_one_volume() {
     assert_eq!(client_a.read().await, ReadOutcome::IoError);
     assert_eq!(client_b.read().await, ReadOutcome::Ok);
     assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-b"])));
-    assert_eq!(qsd.block_nodes(), ["sd-vol1"]);
+    assert_eq!(qsd.block_nodes().await, ["sd-vol1"]);
 
     client_b.close().await;
     driver
@@ -139,7 +139,7 @@ async fn two_nodes_can_hold_writable_exports_of_one_volume() {
         .expect("detach node-b");
     assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
     assert!(
-        qsd.block_nodes().is_empty(),
+        qsd.block_nodes().await.is_empty(),
         "the last detach releases the block node"
     );
 }
@@ -171,7 +171,7 @@ async fn terminate_refuses_while_a_client_holds_the_export() {
         .detach("vol1", "node-a")
         .await
         .expect("detach with the export left");
-    assert_eq!(qsd.block_nodes(), ["sd-vol1"]);
+    assert_eq!(qsd.block_nodes().await, ["sd-vol1"]);
     assert_eq!(client.read().await, ReadOutcome::Ok);
 
     // Once the client has gone, the safe path works and is idempotent.
@@ -181,7 +181,7 @@ async fn terminate_refuses_while_a_client_holds_the_export() {
         .await
         .expect("terminate");
     assert!(
-        qsd.export_ids().is_empty(),
+        qsd.export_ids().await.is_empty(),
         "terminate returns only once the export is gone"
     );
     assert_eq!(
@@ -193,7 +193,7 @@ async fn terminate_refuses_while_a_client_holds_the_export() {
     );
     driver.detach("vol1", "node-a").await.expect("detach");
     driver.detach("vol1", "node-a").await.expect("detach again");
-    assert!(qsd.block_nodes().is_empty());
+    assert!(qsd.block_nodes().await.is_empty());
     assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
 }
 
@@ -216,9 +216,9 @@ async fn force_detach_cuts_the_client_off() {
         "the client's next read fails"
     );
     assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
-    assert!(qsd.export_ids().is_empty());
+    assert!(qsd.export_ids().await.is_empty());
     assert!(
-        qsd.block_nodes().is_empty(),
+        qsd.block_nodes().await.is_empty(),
         "force_detach also releases the block node"
     );
 
@@ -245,7 +245,7 @@ async fn force_detach_of_a_detached_volume_succeeds_and_changes_nothing() {
     let mut client = NbdClient::connect_uri(&other["uri"])
         .await
         .expect("client of vol2");
-    let before = (qsd.export_ids(), qsd.block_nodes());
+    let before = (qsd.export_ids().await, qsd.block_nodes().await);
 
     driver
         .force_detach("vol1", "node-a")
@@ -261,7 +261,7 @@ async fn force_detach_of_a_detached_volume_succeeds_and_changes_nothing() {
         .await
         .expect("another node");
 
-    assert_eq!((qsd.export_ids(), qsd.block_nodes()), before);
+    assert_eq!((qsd.export_ids().await, qsd.block_nodes().await), before);
     assert_eq!(client.read().await, ReadOutcome::Ok);
     assert_eq!(driver.probe("vol2").await, Ok(Connections::to(["node-a"])));
     assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
@@ -301,8 +301,11 @@ async fn unknown_volumes_and_invalid_names_are_final_errors() {
         driver.probe("a/b").await,
         Err(DriverError::Invalid(_))
     ));
-    assert!(qsd.export_ids().is_empty(), "nothing reached the daemon");
-    assert!(qsd.block_nodes().is_empty());
+    assert!(
+        qsd.export_ids().await.is_empty(),
+        "nothing reached the daemon"
+    );
+    assert!(qsd.block_nodes().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,14 +331,14 @@ async fn a_lost_attach_reply_is_an_unknown_outcome_and_the_probe_tells_the_truth
 
     // The command did run: the export exists, and the probe (through the same proxy) says so.
     assert_eq!(driver.probe("vol1").await, Ok(Connections::to(["node-a"])));
-    assert_eq!(qsd.export_ids(), [export("vol1", "node-a")]);
+    assert_eq!(qsd.export_ids().await, [export("vol1", "node-a")]);
     // Attaching again after the unknown outcome converges on the existing export.
     let info = driver
         .attach(&request("vol1", "node-a"))
         .await
         .expect("attach again");
     assert_eq!(info["exportName"], export("vol1", "node-a"));
-    assert_eq!(qsd.export_ids(), [export("vol1", "node-a")]);
+    assert_eq!(qsd.export_ids().await, [export("vol1", "node-a")]);
 
     // A lost reply to a hard delete: the export is gone all the same, and force_detach is
     // idempotent, so calling it again settles the question.
@@ -412,7 +415,7 @@ async fn an_unreachable_daemon_is_retryable_and_nothing_happens() {
         driver.force_detach("vol1", "node-a").await,
         Err(DriverError::Unreachable(_))
     ));
-    assert!(qsd.export_ids().is_empty(), "nothing was sent");
+    assert!(qsd.export_ids().await.is_empty(), "nothing was sent");
 
     proxy.set_refusing(false).await;
     driver
@@ -453,7 +456,7 @@ async fn read_only_attachments_get_a_read_only_export() {
         .expect("read-only client");
     assert_eq!(reader.read().await, ReadOutcome::Ok);
     reader.close().await;
-    assert_eq!(qsd.export_ids(), [export("vol1", "node-a")]);
+    assert_eq!(qsd.export_ids().await, [export("vol1", "node-a")]);
 }
 
 #[test]
@@ -482,7 +485,7 @@ async fn concurrent_calls_share_the_single_client_monitor() {
         result.expect("task").expect("attach");
     }
     assert_eq!(driver.probe("vol1").await, Ok(Connections::to(&nodes)));
-    assert_eq!(qsd.block_nodes(), ["sd-vol1"]);
+    assert_eq!(qsd.block_nodes().await, ["sd-vol1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,7 +497,7 @@ async fn long_handles_get_a_hashed_block_node_that_still_works() {
         .attach(&request(&handle, "node-a"))
         .await
         .expect("attach");
-    let nodes = qsd.block_nodes();
+    let nodes = qsd.block_nodes().await;
     assert_eq!(nodes.len(), 1);
     assert!(
         nodes[0].starts_with("sd_") && nodes[0].len() <= 31,
@@ -508,7 +511,7 @@ async fn long_handles_get_a_hashed_block_node_that_still_works() {
         .force_detach(&handle, "node-a")
         .await
         .expect("force_detach");
-    assert!(qsd.block_nodes().is_empty());
+    assert!(qsd.block_nodes().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -520,6 +523,7 @@ async fn a_block_node_of_the_volume_name_serving_another_file_is_never_exported(
         "blockdev-add",
         serde_json::json!({"driver": "raw", "node-name": "sd-vol1", "file": {"driver": "file", "filename": vol2}}),
     )
+    .await
     .expect("blockdev-add");
     let refused = driver.attach(&request("vol1", "node-a")).await;
     let Err(DriverError::Refused(message)) = &refused else {
@@ -527,19 +531,20 @@ async fn a_block_node_of_the_volume_name_serving_another_file_is_never_exported(
     };
     assert!(message.contains("serves"), "{message}");
     assert!(
-        qsd.export_ids().is_empty(),
+        qsd.export_ids().await.is_empty(),
         "the wrong disk was not handed out"
     );
 }
 
 /// Exports vol1's block node under an id this driver does not give, as a person might by hand.
-fn export_by_hand(qsd: &Qsd) {
+async fn export_by_hand(qsd: &Qsd) {
     qsd.qmp(
         "block-export-add",
         serde_json::json!({
             "type": "nbd", "id": "by-hand", "node-name": "sd-vol1", "name": "by-hand",
         }),
     )
+    .await
     .expect("an export by hand");
 }
 
@@ -566,7 +571,7 @@ async fn an_exclusive_attach_is_refused_while_another_node_holds_the_volume() {
             holders: vec!["node-a".into()],
         })
     );
-    assert_eq!(qsd.export_ids(), [export("vol1", "node-a")]);
+    assert_eq!(qsd.export_ids().await, [export("vol1", "node-a")]);
     driver
         .attach(&exclusive("vol1", "node-a"))
         .await
@@ -587,7 +592,7 @@ async fn an_export_made_by_hand_holds_the_volume_against_an_exclusive_attach() {
         .attach(&exclusive("vol1", "node-a"))
         .await
         .expect("attach to node-a");
-    export_by_hand(&qsd);
+    export_by_hand(&qsd).await;
     driver
         .force_detach("vol1", "node-a")
         .await
@@ -629,6 +634,7 @@ async fn racing_exclusive_attaches_from_two_drivers_connect_exactly_one_node() {
         );
         let exports: Vec<String> = qsd
             .export_ids()
+            .await
             .into_iter()
             .filter(|id| id.starts_with(&format!("sd_{handle}__")))
             .collect();
@@ -645,7 +651,7 @@ async fn an_export_made_by_hand_is_reported_as_unattributed() {
         .attach(&request("vol1", "node-a"))
         .await
         .expect("attach to node-a");
-    export_by_hand(&qsd);
+    export_by_hand(&qsd).await;
     driver
         .force_detach("vol1", "node-a")
         .await
@@ -695,8 +701,16 @@ async fn a_wave_of_calls_shares_one_connection_and_one_listing() {
                 .unwrap_or_else(|e| panic!("{call}: {e}"));
         }
     }
-    assert!(qsd.export_ids().is_empty(), "{:?}", qsd.export_ids());
-    assert!(qsd.block_nodes().is_empty(), "{:?}", qsd.block_nodes());
+    assert!(
+        qsd.export_ids().await.is_empty(),
+        "{:?}",
+        qsd.export_ids().await
+    );
+    assert!(
+        qsd.block_nodes().await.is_empty(),
+        "{:?}",
+        qsd.block_nodes().await
+    );
     // 72 calls, each of which needs the daemon's exports: the calls waiting for their turn take
     // the connection over from the one before, with its listing, instead of listing again.
     let listings = proxy.calls_of("query-block-exports").len();
@@ -732,7 +746,7 @@ async fn a_kept_connection_learns_of_deletions_from_the_daemon() {
         .await
         .expect("force_detach");
     assert_eq!(driver.probe("vol1").await, Ok(Connections::default()));
-    assert!(qsd.export_ids().is_empty());
+    assert!(qsd.export_ids().await.is_empty());
     busy.await.expect("probes");
     client.close().await;
 }
@@ -747,7 +761,7 @@ async fn probe_many_answers_each_volume_as_its_probe_does() {
     for (volume, node) in [("vol1", "node-a"), ("vol1", "node-b"), ("vol2", "node-c")] {
         driver.attach(&request(volume, node)).await.expect("attach");
     }
-    export_by_hand(&qsd);
+    export_by_hand(&qsd).await;
     let handles: Vec<String> = ["vol1", "vol2", "vol3", "not/valid"]
         .map(str::to_owned)
         .to_vec();
@@ -798,6 +812,7 @@ async fn calls_in_quick_succession_share_a_connection_that_closes_when_idle() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     qsd.qmp("query-version", serde_json::json!({}))
+        .await
         .expect("another client's turn");
     assert!(
         started.elapsed() < Duration::from_millis(500),

@@ -27,7 +27,7 @@ use support::qmp_proxy::Fault;
 use support::qsd::{NbdClient, ReadOutcome};
 use support::scenario::{
     RESYNC, STUCK_AFTER, Scenario, Setup, WAIT, attached, condition, describe_events, export_id,
-    has, phase, qmp, volume_condition,
+    has, phase, volume_condition,
 };
 use tokio::time::Instant;
 
@@ -100,7 +100,7 @@ async fn watch_detach_order(s: &Scenario, name: &str, export: &str) -> (Instant,
         let says_detached = record
             .as_ref()
             .is_none_or(|a| phase(a) == Some(AttachmentPhase::Detached));
-        let listed = s.exports().await.iter().any(|id| id == export);
+        let listed = s.qsd.export_ids().await.iter().any(|id| id == export);
         let now = Instant::now();
         assert!(
             !(says_detached && listed),
@@ -157,7 +157,7 @@ async fn normal_attach_serves_the_volume_and_delete_detaches_and_releases_the_fi
         Some("Attached")
     ));
     assert!(has(condition(&attachment, "BackendInSync"), "True", None));
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     let mut client = client_of(&attachment).await;
     assert_eq!(client.read().await, ReadOutcome::Ok);
     client.close().await;
@@ -172,9 +172,9 @@ async fn normal_attach_serves_the_volume_and_delete_detaches_and_releases_the_fi
 
     s.delete_attachment(&name).await;
     s.wait_attachment_gone(&name).await;
-    assert!(s.exports().await.is_empty(), "the export is gone");
+    assert!(s.qsd.export_ids().await.is_empty(), "the export is gone");
     assert!(
-        s.block_nodes().await.is_empty(),
+        s.qsd.block_nodes().await.is_empty(),
         "the detach released the volume's block node"
     );
     s.wait_event(VA, &name, "Detached", &[&volume, NODE_A])
@@ -217,7 +217,7 @@ async fn a_deleted_volume_waits_for_its_attachments_and_attaches_nothing_new() {
     s.wait_event("Volume", &volume, "WaitingForAttachments", &[NODE_A])
         .await;
     assert_eq!(
-        s.exports().await,
+        s.qsd.export_ids().await,
         [export_id(HANDLE, NODE_A)],
         "the attachment is untouched"
     );
@@ -228,12 +228,15 @@ async fn a_deleted_volume_waits_for_its_attachments_and_attaches_nothing_new() {
         has(condition(a, "Ready"), "False", Some("VolumeDeleting"))
     })
     .await;
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
 
     s.delete_attachment(&late).await;
     s.delete_attachment(&name).await;
     s.wait_attachment_gone(&name).await;
-    assert!(s.exports().await.is_empty(), "detached through the Volume");
+    assert!(
+        s.qsd.export_ids().await.is_empty(),
+        "detached through the Volume"
+    );
     s.wait_for(&s.volumes, &volume, "gone", WAIT, |v| v.is_none())
         .await;
 }
@@ -255,18 +258,18 @@ async fn case1_stuck_attaching_while_not_connected_is_cleaned_up_and_attached_fr
     let mut s = Scenario::start().await;
     let volume = s.volume("case1", HANDLE, json!({})).await;
     let image = s.qsd.image_dir().join(HANDLE);
-    qmp(
-        &s.qsd.qmp_socket(),
-        "blockdev-add",
-        json!({
-            "driver": "raw",
-            "node-name": safe_detach::driver::nbd::block_node_name(HANDLE),
-            "read-only": true,
-            "file": { "driver": "file", "filename": image },
-        }),
-    )
-    .await
-    .expect("a leftover read-only block node");
+    s.qsd
+        .qmp(
+            "blockdev-add",
+            json!({
+                "driver": "raw",
+                "node-name": safe_detach::driver::nbd::block_node_name(HANDLE),
+                "read-only": true,
+                "file": { "driver": "file", "filename": image },
+            }),
+        )
+        .await
+        .expect("a leftover read-only block node");
 
     let name = s.attachment("case1", &volume, NODE_A).await;
     let failing = s
@@ -276,7 +279,7 @@ async fn case1_stuck_attaching_while_not_connected_is_cleaned_up_and_attached_fr
         })
         .await;
     assert!(
-        s.exports().await.is_empty(),
+        s.qsd.export_ids().await.is_empty(),
         "the backend shows nothing connected"
     );
     assert!(!attached(&failing));
@@ -301,9 +304,9 @@ async fn case1_stuck_attaching_while_not_connected_is_cleaned_up_and_attached_fr
         record.token, None,
         "the operator's own decision, no request"
     );
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     assert_eq!(
-        s.block_nodes().await,
+        s.qsd.block_nodes().await,
         [safe_detach::driver::nbd::block_node_name(HANDLE)]
     );
     // Opening it for writing succeeds only on a writable export: attached from scratch.
@@ -333,7 +336,7 @@ async fn case2_lost_attach_reply_is_probed_and_rolled_forward_onto_the_one_expor
     assert_eq!(failed.type_, "Warning");
     s.wait_event(VA, &name, "Attached", &[]).await;
     assert_eq!(
-        s.exports().await,
+        s.qsd.export_ids().await,
         [export_id(HANDLE, NODE_A)],
         "exactly one export"
     );
@@ -371,7 +374,7 @@ async fn stuck_attach_that_completed(s: &mut Scenario, volume: &str) -> String {
     }
     s.operator.kill();
     assert_eq!(
-        s.exports().await,
+        s.qsd.export_ids().await,
         [export_id(HANDLE, NODE_A)],
         "the daemon carried the attach out"
     );
@@ -416,7 +419,7 @@ async fn case2_stuck_attach_that_completed_on_the_backend_is_rolled_forward() {
     let now = s.get_attachment(&name).await.expect("present");
     assert!(has(condition(&now, "Ready"), "True", Some("RolledForward")));
     assert!(has(condition(&now, "BackendInSync"), "True", None));
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     assert!(force_detach_absent(&now), "nothing was forced");
     assert_eq!(s.occurrences(VA, &name, "ForceDetaching").await, 0);
     let mut client = client_of(&attachment).await;
@@ -424,7 +427,7 @@ async fn case2_stuck_attach_that_completed_on_the_backend_is_rolled_forward() {
     client.close().await;
     // Still one export after the operator has looked again.
     tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
 }
 
 /// An Attached attachment whose export disappears behind the operator's back (an admin deleted
@@ -454,7 +457,7 @@ async fn an_export_lost_out_of_band_is_reported_and_attached_again() {
 /// the new Attached from the old: the operator re-attaches within milliseconds.)
 async fn wait_reattached(s: &Scenario, name: &str, attached_events: i32) -> VolumeAttachment {
     let give_up = Instant::now() + WAIT;
-    while s.exports().await != [export_id(HANDLE, NODE_A)]
+    while s.qsd.export_ids().await != [export_id(HANDLE, NODE_A)]
         || s.occurrences(VA, name, "Attached").await <= attached_events
     {
         assert!(
@@ -487,7 +490,7 @@ async fn case3_detaching_whose_connection_is_gone_is_marked_detached_and_release
             && has(condition(a, "Ready"), "False", Some("DetachFailed"))
     })
     .await;
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     assert_eq!(client.read().await, ReadOutcome::Ok, "not cut off");
 
     s.delete_export_out_of_band(HANDLE, NODE_A).await;
@@ -496,7 +499,7 @@ async fn case3_detaching_whose_connection_is_gone_is_marked_detached_and_release
         .await;
     assert_eq!(s.occurrences(VA, &name, "ForceDetaching").await, 0);
     assert_eq!(s.occurrences(VA, &name, "ForceDetached").await, 0);
-    assert!(s.exports().await.is_empty());
+    assert!(s.qsd.export_ids().await.is_empty());
 }
 
 /// Case 4: Detaching while a node's client holds the export. The safe delete is refused and the
@@ -521,7 +524,7 @@ async fn case4_detaching_while_in_use_is_forced_after_stuck_after_and_recorded_o
     let detaching_since = phase_since(&refused);
     let message = &condition(&refused, "Ready").expect("Ready").message;
     assert!(message.contains("InUse"), "{message}");
-    assert_eq!(s.exports().await, std::slice::from_ref(&export));
+    assert_eq!(s.qsd.export_ids().await, std::slice::from_ref(&export));
     assert_eq!(client.read().await, ReadOutcome::Ok, "still in use");
     assert!(!refused.finalizers().is_empty());
 
@@ -545,8 +548,8 @@ async fn case4_detaching_while_in_use_is_forced_after_stuck_after_and_recorded_o
         .await;
     assert_eq!(forced.type_, "Warning");
     assert_eq!(client.read().await, ReadOutcome::IoError, "cut off");
-    assert!(s.exports().await.is_empty());
-    assert!(s.block_nodes().await.is_empty());
+    assert!(s.qsd.export_ids().await.is_empty());
+    assert!(s.qsd.block_nodes().await.is_empty());
 }
 
 /// `autoForceDetach: false`: a detach stuck behind a node that holds the export is not forced.
@@ -575,7 +578,7 @@ async fn a_stuck_detach_without_auto_force_detach_waits_for_a_person() {
     // A resync later: still not forced.
     tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
     assert_eq!(client.read().await, ReadOutcome::Ok, "not forced");
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     assert_eq!(s.occurrences(VA, &name, "ForceDetaching").await, 0);
 
     s.annotate(&name, "decided").await;
@@ -583,7 +586,7 @@ async fn a_stuck_detach_without_auto_force_detach_waits_for_a_person() {
     s.wait_event(VA, &name, "ForceDetached", &["Requested", "\"decided\""])
         .await;
     assert_eq!(client.read().await, ReadOutcome::IoError);
-    assert!(s.exports().await.is_empty());
+    assert!(s.qsd.export_ids().await.is_empty());
 }
 
 /// A stuck attachment that waits for a person (`autoForceDetach: false`) keeps retrying the safe
@@ -668,7 +671,7 @@ async fn case5_an_unclaimed_export_is_reported_as_an_orphan_and_left_alone() {
     // Past the grace a Detach policy would wait, and a few resyncs more: still there.
     let since = status.orphans[0].since.0;
     tokio::time::sleep(until(since + secs(STUCK_AFTER + 2 * RESYNC) + secs(RESYNC))).await;
-    assert_eq!(s.exports().await, [export_id(HANDLE, "node-x")]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, "node-x")]);
     assert_eq!(client.read().await, ReadOutcome::Ok);
     assert_eq!(s.occurrences(VOLUME, &volume, "ForceDetached").await, 0);
     let volume_now = s.get_volume(&volume).await;
@@ -707,7 +710,7 @@ async fn case5_an_orphan_is_force_detached_after_the_grace_under_orphan_policy_d
     let since = reported.status.expect("status").orphans[0].since.0;
 
     let give_up = Instant::now() + WAIT;
-    while !s.exports().await.is_empty() {
+    while !s.qsd.export_ids().await.is_empty() {
         assert!(
             Instant::now() < give_up,
             "the orphan was not force-detached\n{}",
@@ -733,7 +736,7 @@ async fn case5_an_orphan_is_force_detached_after_the_grace_under_orphan_policy_d
         }) && has(volume_condition(v, "Orphaned"), "False", None)
     })
     .await;
-    assert!(s.block_nodes().await.is_empty());
+    assert!(s.qsd.block_nodes().await.is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -786,7 +789,7 @@ async fn force_detach_by_annotation_cuts_the_client_off_and_reattaches() {
         Some(&"t1".to_owned()),
         "the operator never removes the annotation"
     );
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     let mut fresh = client_of(&again).await;
     assert_eq!(fresh.read().await, ReadOutcome::Ok);
     fresh.close().await;
@@ -851,7 +854,7 @@ async fn the_same_token_acts_once_and_a_new_token_acts_again() {
         ReadOutcome::Ok,
         "the client kept its export"
     );
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
 
     let twice = force_and_reattach(&s, &name, "t2").await;
     let record = force_detach(&twice);
@@ -904,10 +907,10 @@ async fn single_attach_volume_blocks_another_node_until_the_first_detaches() {
     assert!(message.contains(NODE_A), "{message}");
     assert!(!attached(&blocked));
     s.wait_event(VA, &b, "HeldByAnotherNode", &[NODE_A]).await;
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     // Still blocked after the operator has looked again.
     tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     let still = s.get_attachment(&b).await.expect("present");
     assert_eq!(phase(&still), Some(AttachmentPhase::Pending));
 
@@ -915,7 +918,7 @@ async fn single_attach_volume_blocks_another_node_until_the_first_detaches() {
     s.wait_attachment_gone(&a).await;
     let now_b = s.wait_attached(&b).await;
     assert!(has(condition(&now_b, "AttachBlocked"), "False", None));
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_B)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_B)]);
     let mut client = client_of(&now_b).await;
     assert_eq!(client.read().await, ReadOutcome::Ok);
     client.close().await;
@@ -931,7 +934,7 @@ async fn multi_attach_volume_attaches_to_two_nodes() {
     let (_, on_a) = s.attach("multi-a", &volume, NODE_A).await;
     let (_, on_b) = s.attach("multi-b", &volume, NODE_B).await;
     assert_eq!(
-        s.exports().await,
+        s.qsd.export_ids().await,
         [export_id(HANDLE, NODE_A), export_id(HANDLE, NODE_B)]
     );
     let mut client_a = client_of(&on_a).await;
@@ -982,7 +985,7 @@ async fn an_attachment_of_a_missing_volume_fails_and_the_operator_serves_on() {
     s.create_volume(&missing, HANDLE, json!({})).await;
     s.wait_attached(&orphaned).await;
     assert_eq!(
-        s.exports().await,
+        s.qsd.export_ids().await,
         [export_id(HANDLE, NODE_A), export_id("vol2", NODE_B)]
     );
 }
@@ -1013,8 +1016,8 @@ async fn a_volume_with_an_unknown_driver_is_an_error_and_nothing_reaches_the_bac
             && has(volume_condition(v, "Ready"), "False", Some("UnknownDriver"))
     })
     .await;
-    assert!(s.exports().await.is_empty());
-    assert!(s.block_nodes().await.is_empty());
+    assert!(s.qsd.export_ids().await.is_empty());
+    assert!(s.qsd.block_nodes().await.is_empty());
 }
 
 /// An empty force-detach token is no request: the RequestRejected condition and an InvalidToken
@@ -1042,7 +1045,7 @@ async fn an_invalid_token_is_rejected_and_the_attachment_stays_attached() {
     let event = s.wait_event(VA, &name, "InvalidToken", &["empty"]).await;
     assert_eq!(event.type_, "Warning");
     assert_eq!(client.read().await, ReadOutcome::Ok);
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     assert_eq!(s.occurrences(VA, &name, "ForceDetaching").await, 0);
     client.close().await;
 }
@@ -1084,7 +1087,7 @@ async fn a_crash_inside_the_attach_call_resumes_from_the_recorded_intent() {
 
     s.operator.restart();
     let attachment = s.wait_attached(&name).await;
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     assert!(force_detach_absent(&attachment));
     let mut client = client_of(&attachment).await;
     assert_eq!(client.read().await, ReadOutcome::Ok);
@@ -1127,7 +1130,7 @@ async fn a_crash_during_a_stuck_detach_resumes_and_resolves_after_restart() {
     s.wait_event(VA, &name, "ForceDetached", &["StuckDetaching"])
         .await;
     assert_eq!(client.read().await, ReadOutcome::IoError);
-    assert!(s.exports().await.is_empty());
+    assert!(s.qsd.export_ids().await.is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -337,7 +337,7 @@ async fn one_replica_acts_and_another_takes_over_when_it_dies() {
         follower_log.contains("acquired the lease: acting"),
         "{follower_log}"
     );
-    let exports = backend.qsd.export_ids();
+    let exports = backend.qsd.export_ids().await;
     assert_eq!(exports.len(), 2, "{exports:?}");
     drop(follower);
 }
@@ -759,7 +759,7 @@ async fn a_missing_permission_is_reported_not_a_silent_stall() {
         None,
         "nothing was recorded"
     );
-    assert_eq!(backend.qsd.export_ids(), Vec::<String>::new());
+    assert_eq!(backend.qsd.export_ids().await, Vec::<String>::new());
     drop(operator);
 }
 

@@ -91,7 +91,7 @@ async fn watching_exports<T>(s: &Scenario, work: impl Future<Output = T>) -> (T,
     let watch = async {
         let mut log = ExportLog::default();
         while !done.load(Ordering::SeqCst) {
-            log.record(&s.exports().await);
+            log.record(&s.qsd.export_ids().await);
             tokio::time::sleep(EXPORT_POLL).await;
         }
         log
@@ -306,7 +306,7 @@ async fn a_single_attach_volume_seen_on_two_nodes_is_reported() {
         has(condition(a, "BackendInSync"), "True", None) && is_attached(a)
     })
     .await;
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     assert_eq!(
         s.occurrences("Volume", &volume, "MultiAttached").await,
         1,
@@ -429,7 +429,7 @@ async fn a_force_detach_token_acts_once_while_the_operators_cache_lags() {
         "not Attached after the force: {}",
         show(last.as_ref())
     );
-    assert_eq!(s.exports().await, [export]);
+    assert_eq!(s.qsd.export_ids().await, [export]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,7 +463,7 @@ async fn a_partitioned_leader_does_not_act_after_another_replica_took_over() {
     let (name, _) = s.attach("fenced", &volume, NODE_A).await;
     add_finalizer(&s.attachments, &name, OTHER_FINALIZER).await;
     let export = export_id(HANDLE, NODE_A);
-    assert_eq!(s.exports().await, std::slice::from_ref(&export));
+    assert_eq!(s.qsd.export_ids().await, std::slice::from_ref(&export));
     // Cut the leader off only once it is done with the attach (its Event sent, the Volume's
     // status written) and has looked again with nothing to write: what it holds is then a cache
     // that says Attached, not a write half sent.
@@ -486,7 +486,7 @@ async fn a_partitioned_leader_does_not_act_after_another_replica_took_over() {
     })
     .await;
     assert!(
-        !s.exports().await.contains(&export),
+        !s.qsd.export_ids().await.contains(&export),
         "the new leader recorded Detached while the daemon still exports {export}"
     );
 
@@ -823,7 +823,7 @@ async fn a_blocked_attachment_is_detached_before_it_is_released() {
         "released without a detach call for node-b: {:?}",
         s.proxy().calls_of("block-export-del")
     );
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     let holder = s.get_attachment(&holder).await;
     assert!(
         holder.as_ref().is_some_and(is_attached),
@@ -841,15 +841,15 @@ async fn an_export_that_names_no_node_keeps_the_volume_held() {
     let mut s = Scenario::start().await;
     let volume = s.volume("by-hand", HANDLE, json!({})).await;
     let (name, _) = s.attach("by-hand", &volume, NODE_A).await;
-    support::scenario::qmp(
-        &s.qsd.qmp_socket(),
-        "block-export-add",
-        json!({
-            "type": "nbd", "id": "by-hand", "node-name": "sd-vol1", "name": "by-hand",
-        }),
-    )
-    .await
-    .expect("an export by hand");
+    s.qsd
+        .qmp(
+            "block-export-add",
+            json!({
+                "type": "nbd", "id": "by-hand", "node-name": "sd-vol1", "name": "by-hand",
+            }),
+        )
+        .await
+        .expect("an export by hand");
 
     s.delete_attachment(&name).await;
     let waiter = s.attachment("waiter", &volume, "node-b").await;
@@ -872,17 +872,20 @@ async fn an_export_that_names_no_node_keeps_the_volume_held() {
     let blocked = s.get_attachment(&waiter).await.expect("the waiter");
     assert!(is_blocked(&blocked), "{}", show(Some(&blocked)));
     assert!(
-        !s.exports().await.contains(&export_id(HANDLE, "node-b")),
+        !s.qsd
+            .export_ids()
+            .await
+            .contains(&export_id(HANDLE, "node-b")),
         "attached to node-b past an unattributed export"
     );
 
-    support::scenario::qmp(
-        &s.qsd.qmp_socket(),
-        "block-export-del",
-        json!({ "id": "by-hand", "mode": "hard" }),
-    )
-    .await
-    .expect("remove the export by hand");
+    s.qsd
+        .qmp(
+            "block-export-del",
+            json!({ "id": "by-hand", "mode": "hard" }),
+        )
+        .await
+        .expect("remove the export by hand");
     s.wait_attachment_gone(&name).await;
     s.wait_attached(&waiter).await;
 }
@@ -905,7 +908,7 @@ async fn an_attachment_is_detached_from_what_it_attached_after_its_volume_was_re
     .await;
     tokio::time::sleep(2 * RESYNC).await;
     assert_eq!(
-        s.exports().await,
+        s.qsd.export_ids().await,
         [export_id(HANDLE, NODE_A)],
         "the attachment was attached to the replacing Volume's handle"
     );
@@ -913,9 +916,9 @@ async fn an_attachment_is_detached_from_what_it_attached_after_its_volume_was_re
     s.delete_attachment(&name).await;
     s.wait_attachment_gone(&name).await;
     assert!(
-        s.exports().await.is_empty(),
+        s.qsd.export_ids().await.is_empty(),
         "released while what it attached is still exported: {:?}",
-        s.exports().await
+        s.qsd.export_ids().await
     );
 }
 
@@ -974,15 +977,15 @@ async fn an_attachment_under_a_volume_recreated_over_its_disk_follows_the_backen
         "the export is there: {}",
         show(Some(&replaced))
     );
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
 
-    support::scenario::qmp(
-        &s.qsd.qmp_socket(),
-        "block-export-del",
-        json!({ "id": export_id(HANDLE, NODE_A), "mode": "hard" }),
-    )
-    .await
-    .expect("remove the export by hand");
+    s.qsd
+        .qmp(
+            "block-export-del",
+            json!({ "id": export_id(HANDLE, NODE_A), "mode": "hard" }),
+        )
+        .await
+        .expect("remove the export by hand");
     s.wait_attachment(&name, "attached: false, phase Failed", |a| {
         !attached(a)
             && phase(a) == Some(AttachmentPhase::Failed)
@@ -991,9 +994,9 @@ async fn an_attachment_under_a_volume_recreated_over_its_disk_follows_the_backen
     .await;
     tokio::time::sleep(2 * RESYNC).await;
     assert!(
-        s.exports().await.is_empty(),
+        s.qsd.export_ids().await.is_empty(),
         "attached through the Volume that replaced its own: {:?}",
-        s.exports().await
+        s.qsd.export_ids().await
     );
 
     s.delete_attachment(&name).await;
@@ -1024,7 +1027,7 @@ async fn deleting_one_of_two_attachments_of_a_node_keeps_the_connection() {
         support::qsd::ReadOutcome::Ok,
         "the client of the remaining attachment was cut off"
     );
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     let kept = s.get_attachment(&new).await;
     assert!(
         kept.as_ref().is_some_and(is_attached),
@@ -1075,14 +1078,14 @@ async fn a_volume_aliasing_another_ones_handle_is_refused() {
     assert_eq!(warning.type_, "Warning");
     tokio::time::sleep(2 * RESYNC).await;
     assert_eq!(
-        s.exports().await,
+        s.qsd.export_ids().await,
         [export_id(HANDLE, NODE_A)],
         "attached through an alias of a single-attach volume's handle"
     );
 
     s.delete_attachment(&through_alias).await;
     s.wait_attachment_gone(&through_alias).await;
-    assert_eq!(s.exports().await, [export_id(HANDLE, NODE_A)]);
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, NODE_A)]);
     let still = s.get_attachment(&held).await;
     assert!(
         still.as_ref().is_some_and(is_attached),

@@ -2,7 +2,8 @@
 //! connection to a daemon of their own, one after another (the monitor serves one at a time).
 
 use crate::measure::Process;
-use crate::support::qsd::{QmpSession, Qsd};
+use crate::support::qmp::Session;
+use crate::support::qsd::Qsd;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -17,34 +18,38 @@ pub struct Phase {
 /// A daemon with N images, ready to export them.
 pub struct ScratchDaemon {
     qsd: Qsd,
-    session: QmpSession,
+    session: Session,
     n: usize,
 }
 
 impl ScratchDaemon {
-    pub fn start(n: usize) -> Self {
+    pub async fn start(n: usize) -> Self {
         let qsd = Qsd::start();
         for i in 0..n {
             crate::storm::create_raw_image(&qsd.image_dir().join(handle(i)));
         }
-        let mut session = qsd.session();
+        let mut session = Session::connect(&qsd.qmp_socket())
+            .await
+            .expect("a QMP session with the scratch daemon");
         let socket = qsd.nbd_socket();
         session
             .execute(
                 "nbd-server-start",
                 json!({ "addr": { "type": "unix", "data": { "path": socket } } }),
             )
+            .await
             .expect("nbd-server-start");
         Self { qsd, session, n }
     }
 
     /// What the driver asks of the daemon to attach each volume to a node the first time: its
     /// block node, then its export.
-    pub fn attach_all(&mut self) -> Phase {
+    pub async fn attach_all(&mut self) -> Phase {
         let image_dir = self.qsd.image_dir();
-        self.timed(|i, session| {
+        let meter = self.meter();
+        for i in 0..self.n {
             let (handle, id) = (handle(i), export(i));
-            session
+            self.session
                 .execute(
                     "blockdev-add",
                     json!({
@@ -53,8 +58,9 @@ impl ScratchDaemon {
                         "file": { "driver": "file", "filename": image_dir.join(&handle) },
                     }),
                 )
+                .await
                 .expect("blockdev-add");
-            session
+            self.session
                 .execute(
                     "block-export-add",
                     json!({
@@ -62,43 +68,61 @@ impl ScratchDaemon {
                         "node-name": format!("sd-{handle}"), "writable": true,
                     }),
                 )
+                .await
                 .expect("block-export-add");
-        })
+        }
+        meter.phase(2 * self.n)
     }
 
     /// What the driver asks of the daemon to detach each volume from its only node: the export's
     /// safe delete (no client is connected, so it is gone before the reply), then the block node.
-    pub fn detach_all(&mut self) -> Phase {
-        self.timed(|i, session| {
-            session
+    pub async fn detach_all(&mut self) -> Phase {
+        let meter = self.meter();
+        for i in 0..self.n {
+            self.session
                 .execute(
                     "block-export-del",
                     json!({ "id": export(i), "mode": "safe" }),
                 )
+                .await
                 .expect("block-export-del");
-            session
+            self.session
                 .execute(
                     "blockdev-del",
                     json!({ "node-name": format!("sd-{}", handle(i)) }),
                 )
+                .await
                 .expect("blockdev-del");
-        })
+        }
+        meter.phase(2 * self.n)
     }
 
-    fn timed(&mut self, mut each: impl FnMut(usize, &mut QmpSession)) -> Phase {
+    fn meter(&self) -> Meter {
         let process = Process {
             name: "qemu-storage-daemon",
             pid: self.qsd.pid().expect("the scratch daemon runs"),
         };
-        let cpu_before = process.cpu_seconds();
-        let started = Instant::now();
-        for i in 0..self.n {
-            each(i, &mut self.session);
+        Meter {
+            cpu_before: process.cpu_seconds(),
+            process,
+            started: Instant::now(),
         }
+    }
+}
+
+/// The clock and the daemon's CPU at the start of a phase.
+struct Meter {
+    process: Process,
+    cpu_before: f64,
+    started: Instant,
+}
+
+impl Meter {
+    fn phase(&self, commands: usize) -> Phase {
         Phase {
-            commands: 2 * self.n,
-            elapsed: started.elapsed(),
-            daemon_cpu: process.cpu_seconds() - cpu_before,
+            commands,
+            elapsed: self.started.elapsed(),
+            daemon_cpu: self.process.cpu_seconds() - self.cpu_before,
         }
     }
 }

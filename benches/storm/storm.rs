@@ -515,7 +515,7 @@ impl Bench {
                 crate::measure::seconds(person.quantile(0.99))
             ),
         ));
-        let left = self.qsd.export_ids().len();
+        let left = self.qsd.export_ids().await.len();
         row.extra
             .push(("exports left after the storm".to_owned(), left.to_string()));
         row
@@ -557,7 +557,7 @@ impl Bench {
             .push(("hard export deletes".to_owned(), hard.to_string()));
         row.extra.push((
             "exports left after the storm".to_owned(),
-            self.qsd.export_ids().len().to_string(),
+            self.qsd.export_ids().await.len().to_string(),
         ));
         row
     }
@@ -593,13 +593,9 @@ impl Bench {
         }
 
         let n = self.names.len();
-        let (mut scratch, attach, detach) = blocking(move || {
-            let mut scratch = ScratchDaemon::start(n);
-            let attach = scratch.attach_all();
-            let detach = scratch.detach_all();
-            (scratch, attach, detach)
-        })
-        .await;
+        let mut scratch = ScratchDaemon::start(n).await;
+        let attach = scratch.attach_all().await;
+        let detach = scratch.detach_all().await;
         let together = match attach_writes {
             Some(writes) => {
                 let started = Instant::now();
@@ -608,7 +604,7 @@ impl Bench {
                     started.elapsed()
                 };
                 let exported = async {
-                    blocking(move || scratch.attach_all()).await;
+                    scratch.attach_all().await;
                     started.elapsed()
                 };
                 let (written, exported) = futures::join!(written, exported);
@@ -775,13 +771,6 @@ async fn person_attaches(
 }
 
 /// A sparse raw image of 1 MiB: enough for an export, quick to make ten thousand of.
-/// Runs blocking work (the plain QMP client's) off the runtime's threads.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(work)
-        .await
-        .expect("the blocking work finishes")
-}
-
 pub fn create_raw_image(path: &Path) {
     let file = std::fs::File::create(path).expect("create an image");
     file.set_len(1 << 20).expect("size an image");

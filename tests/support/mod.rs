@@ -12,6 +12,7 @@ pub mod harness;
 pub mod operator;
 pub mod peer;
 pub mod process;
+pub mod qmp;
 pub mod qmp_proxy;
 pub mod qsd;
 pub mod scenario;

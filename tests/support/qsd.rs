@@ -4,9 +4,10 @@
 //! Each [`Qsd`] runs in its own temporary folder (sockets and images), so tests run in parallel
 //! without sharing state. Both processes are killed on drop.
 
+use super::qmp::{self, QmpError};
 use safe_detach::driver::nbd::NbdConfig;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -142,39 +143,34 @@ impl Qsd {
         std::fs::read_to_string(self.dir.path().join("qsd.log")).unwrap_or_default()
     }
 
-    /// Runs one QMP command directly on the daemon (not through the driver) and returns its
-    /// `return` value, or the `error` object as `Err`: the tests' own view of the daemon's state.
-    pub fn qmp(&self, command: &str, arguments: Value) -> Result<Value, Value> {
-        self.session().execute(command, arguments)
+    /// Runs one QMP command directly on the daemon (not through the driver or a proxy) and
+    /// returns its `return` value, or the `error` object as `Err`: the tests' own view of the
+    /// daemon's state. A daemon that cannot be asked fails the test.
+    pub async fn qmp(&self, command: &str, arguments: Value) -> Result<Value, Value> {
+        match qmp::execute(&self.qmp_socket(), command, arguments).await {
+            Ok(answer) => Ok(answer),
+            Err(QmpError::Refused(error)) => Err(error),
+            Err(unreachable) => panic!(
+                "QMP {command}: {unreachable}
+{}",
+                self.log()
+            ),
+        }
     }
 
-    /// A QMP session of the tests' own on the daemon, for many commands in a row. While it is
-    /// open, the daemon serves no other client.
-    pub fn session(&self) -> QmpSession {
-        QmpSession::connect(&self.qmp_socket())
+    /// The sorted ids of the daemon's block exports.
+    pub async fn export_ids(&self) -> Vec<String> {
+        let answer = self.qmp("query-block-exports", json!({})).await;
+        qmp::export_ids(&answer.expect("query-block-exports"))
     }
 
-    /// The ids of the daemon's block exports.
-    pub fn export_ids(&self) -> Vec<String> {
-        let exports = self
-            .qmp("query-block-exports", json!({}))
-            .expect("query-block-exports");
-        let mut ids: Vec<String> = exports
-            .as_array()
-            .expect("a list")
-            .iter()
-            .map(|e| e["id"].as_str().expect("an id").to_owned())
-            .collect();
-        ids.sort();
-        ids
-    }
-
-    /// The names of the daemon's named block nodes (QEMU's automatic `#block…` names left out).
-    pub fn block_nodes(&self) -> Vec<String> {
-        let nodes = self
+    /// The sorted names of the daemon's named block nodes (QEMU's automatic `#block…` names left
+    /// out).
+    pub async fn block_nodes(&self) -> Vec<String> {
+        let answer = self
             .qmp("query-named-block-nodes", json!({"flat": true}))
-            .expect("query-named-block-nodes");
-        named_block_nodes(&nodes)
+            .await;
+        qmp::named_block_nodes(&answer.expect("query-named-block-nodes"))
     }
 
     /// Whether the daemon process is still running.
@@ -222,59 +218,6 @@ pub enum ReadOutcome {
     IoError,
     /// Anything else qemu-io said (or that it exited).
     Other(String),
-}
-
-/// A plain QMP client on one connection: a command, its reply, the next.
-pub struct QmpSession {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl QmpSession {
-    fn connect(socket: &Path) -> Self {
-        let stream = UnixStream::connect(socket).expect("QMP socket");
-        stream
-            .set_read_timeout(Some(START_TIMEOUT))
-            .expect("QMP socket");
-        let writer = stream.try_clone().expect("QMP socket");
-        let mut session = Self {
-            writer,
-            reader: BufReader::new(stream),
-        };
-        assert!(session.next().get("QMP").is_some(), "QMP greeting");
-        let negotiated = session.send(&json!({"execute": "qmp_capabilities"}));
-        assert!(
-            negotiated.get("return").is_some(),
-            "qmp_capabilities: {negotiated}"
-        );
-        session
-    }
-
-    fn next(&mut self) -> Value {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("QMP reply");
-        serde_json::from_str::<Value>(&line).expect("QMP JSON")
-    }
-
-    /// Sends a request and returns its reply, skipping the events that come before it.
-    fn send(&mut self, request: &Value) -> Value {
-        writeln!(self.writer, "{request}").expect("QMP request");
-        loop {
-            let message = self.next();
-            if message.get("event").is_none() {
-                return message;
-            }
-        }
-    }
-
-    /// Runs one command: its `return` value, or the `error` object as `Err`.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, Value> {
-        let reply = self.send(&json!({"execute": command, "arguments": arguments}));
-        match reply.get("error") {
-            Some(error) => Err(error.clone()),
-            None => Ok(reply["return"].clone()),
-        }
-    }
 }
 
 /// A `qemu-io` process connected to an NBD export, kept connected by an open stdin.
@@ -374,19 +317,4 @@ impl NbdClient {
         let _ = self.stdin.write_all(b"quit\n").await;
         let _ = tokio::time::timeout(CLIENT_TIMEOUT, self.child.wait()).await;
     }
-}
-
-/// The sorted names in a `query-named-block-nodes` answer, QEMU's automatic `#block…` names left
-/// out.
-pub fn named_block_nodes(answer: &Value) -> Vec<String> {
-    let mut names: Vec<String> = answer
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter_map(|n| n["node-name"].as_str())
-        .filter(|name| !name.starts_with('#'))
-        .map(str::to_owned)
-        .collect();
-    names.sort();
-    names
 }

@@ -14,7 +14,7 @@ use super::api_proxy::ApiProxy;
 use super::cluster::{WRITE_VERBS, unique_name};
 use super::operator::{Operator, Options, SHARD_LABEL};
 use super::qmp_proxy::QmpProxy;
-use super::qsd::{Qsd, named_block_nodes};
+use super::qsd::Qsd;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -22,11 +22,8 @@ use safe_detach::api::{Volume, VolumeAttachment, find_condition};
 use safe_detach::config::{ConfigFile, DriverEntry};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::net::UnixStream;
-use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::time::Instant;
 
@@ -38,7 +35,6 @@ pub use super::harness::{
     describe_events, events_in, phase, show,
 };
 
-const QMP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The election identity of the scenario's operator, when it runs in one
 /// (`Setup::leader_election`).
 pub const FIRST_REPLICA: &str = "replica-1";
@@ -256,50 +252,23 @@ impl Scenario {
         self.apply_volume(name, full).await;
     }
 
-    /// The daemon's export ids, asked directly (not through the proxy or the driver).
-    pub async fn exports(&self) -> Vec<String> {
-        let value = qmp(&self.qsd.qmp_socket(), "query-block-exports", json!({}))
-            .await
-            .expect("query-block-exports");
-        let mut ids: Vec<String> = value
-            .as_array()
-            .expect("a list")
-            .iter()
-            .map(|e| e["id"].as_str().expect("an id").to_owned())
-            .collect();
-        ids.sort();
-        ids
-    }
-
-    /// The daemon's named block nodes (QEMU's automatic `#block…` names left out).
-    pub async fn block_nodes(&self) -> Vec<String> {
-        let value = qmp(
-            &self.qsd.qmp_socket(),
-            "query-named-block-nodes",
-            json!({ "flat": true }),
-        )
-        .await
-        .expect("query-named-block-nodes");
-        named_block_nodes(&value)
-    }
-
     /// Exports the image `handle` for `node` behind the operator's back, exactly as the driver
     /// would have (same block node and export names), and returns the export's NBD URI.
     pub async fn export_out_of_band(&self, handle: &str, node: &str, read_only: bool) -> String {
-        let socket = self.qsd.qmp_socket();
         let image = self.qsd.image_dir().join(handle);
         let node_name = safe_detach::driver::nbd::block_node_name(handle);
-        let added = qmp(
-            &socket,
-            "blockdev-add",
-            json!({
-                "driver": "raw",
-                "node-name": node_name,
-                "read-only": read_only,
-                "file": { "driver": "file", "filename": image },
-            }),
-        )
-        .await;
+        let added = self
+            .qsd
+            .qmp(
+                "blockdev-add",
+                json!({
+                    "driver": "raw",
+                    "node-name": node_name,
+                    "read-only": read_only,
+                    "file": { "driver": "file", "filename": image },
+                }),
+            )
+            .await;
         if let Err(error) = &added {
             assert!(
                 error.to_string().to_lowercase().contains("duplicate node"),
@@ -307,12 +276,13 @@ impl Scenario {
             );
         }
         let nbd = self.qsd.nbd_socket();
-        let started = qmp(
-            &socket,
-            "nbd-server-start",
-            json!({ "addr": { "type": "unix", "data": { "path": nbd } } }),
-        )
-        .await;
+        let started = self
+            .qsd
+            .qmp(
+                "nbd-server-start",
+                json!({ "addr": { "type": "unix", "data": { "path": nbd } } }),
+            )
+            .await;
         if let Err(error) = &started {
             assert!(
                 error.to_string().contains("already running"),
@@ -320,19 +290,19 @@ impl Scenario {
             );
         }
         let id = export_id(handle, node);
-        qmp(
-            &socket,
-            "block-export-add",
-            json!({
-                "type": "nbd",
-                "id": id,
-                "node-name": node_name,
-                "name": id,
-                "writable": !read_only,
-            }),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("block-export-add {id}: {e}"));
+        self.qsd
+            .qmp(
+                "block-export-add",
+                json!({
+                    "type": "nbd",
+                    "id": id,
+                    "node-name": node_name,
+                    "name": id,
+                    "writable": !read_only,
+                }),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("block-export-add {id}: {e}"));
         format!("nbd+unix:///{id}?socket={}", nbd.display())
     }
 
@@ -340,15 +310,12 @@ impl Scenario {
     /// and waits until the daemon no longer lists it.
     pub async fn delete_export_out_of_band(&self, handle: &str, node: &str) {
         let id = export_id(handle, node);
-        qmp(
-            &self.qsd.qmp_socket(),
-            "block-export-del",
-            json!({ "id": id, "mode": "hard" }),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("block-export-del {id}: {e}"));
+        self.qsd
+            .qmp("block-export-del", json!({ "id": id, "mode": "hard" }))
+            .await
+            .unwrap_or_else(|e| panic!("block-export-del {id}: {e}"));
         let give_up = Instant::now() + WAIT;
-        while self.exports().await.contains(&id) {
+        while self.qsd.export_ids().await.contains(&id) {
             assert!(Instant::now() < give_up, "export {id} stayed listed");
             tokio::time::sleep(POLL).await;
         }
@@ -497,62 +464,4 @@ pub fn volume_condition<'a>(volume: &'a Volume, type_: &str) -> Option<&'a Condi
 /// Whether the condition `type_` has `status` (and, if given, `reason`).
 pub fn has(condition: Option<&Condition>, status: &str, reason: Option<&str>) -> bool {
     condition.is_some_and(|c| c.status == status && reason.is_none_or(|r| c.reason == r))
-}
-
-/// Runs one QMP command on the socket and returns its `return` value, or its `error` as `Err`.
-/// The monitor serves one client at a time; a connection turned away is tried again.
-pub async fn qmp(socket: &Path, command: &str, arguments: Value) -> Result<Value, Value> {
-    let socket: PathBuf = socket.to_owned();
-    let session = async {
-        let stream = loop {
-            match UnixStream::connect(&socket).await {
-                Ok(stream) => break stream,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(e) => panic!("connect to QMP at {}: {e}", socket.display()),
-            }
-        };
-        let (reader, mut writer) = stream.into_split();
-        let mut lines = BufReader::new(reader).lines();
-        assert!(
-            next_message(&mut lines).await.get("QMP").is_some(),
-            "QMP greeting"
-        );
-        for request in [
-            json!({ "execute": "qmp_capabilities" }),
-            json!({ "execute": command, "arguments": arguments }),
-        ] {
-            writer
-                .write_all(format!("{request}\n").as_bytes())
-                .await
-                .expect("send QMP");
-            let reply = next_message(&mut lines).await;
-            if let Some(error) = reply.get("error") {
-                return Err(error.clone());
-            }
-            if request["execute"] == command {
-                return Ok(reply["return"].clone());
-            }
-        }
-        unreachable!("the loop returns at the command's reply")
-    };
-    tokio::time::timeout(QMP_TIMEOUT, session)
-        .await
-        .unwrap_or_else(|_| panic!("QMP {command} at {} did not answer", socket.display()))
-}
-
-/// The next QMP message that is not an asynchronous event.
-async fn next_message(lines: &mut Lines<BufReader<OwnedReadHalf>>) -> Value {
-    loop {
-        let line = lines
-            .next_line()
-            .await
-            .expect("read QMP")
-            .expect("QMP connection open");
-        let message: Value = serde_json::from_str(&line).expect("QMP JSON");
-        if message.get("event").is_none() {
-            return message;
-        }
-    }
 }

@@ -7,17 +7,16 @@
 //! The checks that need two rounds, or the Events, keep their state here; every finding is a
 //! [`Violation`] with the rule it breaks.
 
+use super::super::qmp;
 use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use safe_detach::api::{AttachmentPhase, VolumeAttachment};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio::time::Instant;
 
 /// The rules the campaign checks; see docs/reliability.md.
@@ -477,53 +476,10 @@ fn by_volume(exports: &BTreeSet<(String, String)>) -> BTreeMap<String, Vec<Strin
 pub async fn query_exports(socket: &Path) -> Result<Vec<String>, String> {
     let answer = tokio::time::timeout(
         Duration::from_secs(5),
-        qmp(socket, "query-block-exports", json!({})),
+        qmp::execute(socket, "query-block-exports", json!({})),
     )
     .await
-    .map_err(|_| "QMP did not answer".to_owned())??;
-    Ok(answer
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .filter_map(|e| e["id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
-async fn qmp(socket: &Path, command: &str, arguments: Value) -> Result<Value, String> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (reader, mut writer) = stream.into_split();
-    let mut lines = BufReader::new(reader).lines();
-    let mut next = async || loop {
-        let line = lines
-            .next_line()
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("closed")?;
-        let message: Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
-        if message.get("event").is_none() {
-            return Ok::<Value, String>(message);
-        }
-    };
-    next().await?;
-    for request in [
-        json!({ "execute": "qmp_capabilities" }),
-        json!({ "execute": command, "arguments": arguments }),
-    ] {
-        writer
-            .write_all(format!("{request}\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let reply = next().await?;
-        if let Some(error) = reply.get("error") {
-            return Err(error.to_string());
-        }
-        if request["execute"] == command {
-            return Ok(reply["return"].clone());
-        }
-    }
-    Err("no reply".into())
+    .map_err(|_| "QMP did not answer".to_owned())?
+    .map_err(|e| e.to_string())?;
+    Ok(qmp::export_ids(&answer))
 }
