@@ -600,6 +600,26 @@ async fn case4_refused_unpublish_stays_detaching_until_an_unpublish_succeeds() {
     assert!(s.published(&handle).await.is_empty());
     s.wait_event(VA, &name, "ForceDetached", &["StuckDetaching"])
         .await;
+    // One forced detach, however many calls it took: the refused calls are attempts.
+    let scrape = s.operator.scrape().await;
+    let forced = |family, result: Option<&'static str>| {
+        let mut labels = vec![("reason", "StuckDetaching")];
+        labels.extend(result.map(|r| ("result", r)));
+        scrape.sum(family, &labels)
+    };
+    assert_eq!(
+        forced("safedetach_force_detaches_total", None),
+        1.0,
+        "{}",
+        scrape.0
+    );
+    let failed_calls = forced("safedetach_force_detach_calls_total", Some("error"));
+    assert!(failed_calls >= 2.0, "{}", scrape.0);
+    assert!(
+        forced("safedetach_force_detach_calls_total", Some("ok")) >= 1.0,
+        "{}",
+        scrape.0
+    );
 }
 
 /// An unpublish answered `NOT_FOUND` is, in the CSI spec's words, "not assumed unpublished": on a

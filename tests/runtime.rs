@@ -7,313 +7,68 @@
 
 mod support;
 
-use k8s_openapi::api::coordination::v1::Lease;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::Kubeconfig;
-use kube::{Client, ResourceExt};
-use safe_detach::api::{
-    ATTACHMENT_FINALIZER, AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume,
-    VolumeAttachment,
-};
-use safe_detach::config::{Config, ConfigError, ConfigFile, DriverEntry};
+use safe_detach::api::{ATTACHMENT_FINALIZER, FORCE_DETACH_ANNOTATION, ForceDetachState};
+use safe_detach::config::{Config, ConfigError};
 use safe_detach::runtime::metrics::Metrics;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use support::cluster::{
-    TestObjects, admin_client, admin_kubeconfig, eventually, kubectl, unique_name,
-};
-use support::operator::{Operator, Options, SHARD_LABEL, http_get};
-use support::qsd::Qsd;
+use support::cluster::{admin_kubeconfig, eventually, kubectl, unique_name};
+use support::operator::http_get;
+use support::scenario::{FIRST_REPLICA, POLL, Scenario, Setup, WAIT, attached};
 use tokio::time::Instant;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
-const MANAGER: &str = "safe-detach-runtime-test";
-const LEASE_NAMESPACE: &str = "safe-detach";
-/// Long enough for an operator to start, sync its caches and attach, or for a lease to expire.
-const WAIT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(100);
+/// The identity of the replica that joins the scenario's own in an election.
+const SECOND_REPLICA: &str = "replica-2";
 
-/// A shard of objects on a daemon of its own, and the operator configuration for it.
-struct Backend {
-    shard: String,
-    driver: String,
-    client: Client,
-    attachments: Api<VolumeAttachment>,
-    objects: TestObjects,
-    qsd: Qsd,
-}
-
-impl Backend {
-    async fn start() -> Self {
-        let client = admin_client().await;
-        let shard = unique_name("shard");
-        Self {
-            // A driver name of its own: an operator of another shard cannot reach this daemon.
-            driver: format!("nbd-{shard}"),
-            shard,
-            attachments: Api::all(client.clone()),
-            client,
-            objects: TestObjects::default(),
-            qsd: Qsd::start(),
-        }
-    }
-
-    fn config(&self) -> String {
-        ConfigFile {
-            default_stuck_after: Some("30s".into()),
-            resync_interval: Some("5s".into()),
-            concurrency: None,
-            drivers: vec![DriverEntry::nbd(&self.driver, self.qsd.config()).with_deadline("5s")],
-        }
-        .to_text()
-        .expect("the daemon's paths are UTF-8")
-    }
-
-    /// A Volume on a new image, and an attachment of it to `node`; returns the attachment's name.
-    async fn attachment(&mut self, node: &str) -> String {
-        let volume = self.objects.volume("rt-volume");
-        let attachment = self.objects.attachment("rt-attachment");
-        self.qsd.create_image(&volume);
-        let labels = json!({ SHARD_LABEL: self.shard });
-        let params = PatchParams::apply(MANAGER);
-        let object = json!({
-            "apiVersion": "safedetach.io/v1alpha1",
-            "kind": "Volume",
-            "metadata": { "name": volume, "labels": labels },
-            "spec": { "driver": self.driver, "volumeHandle": volume },
-        });
-        Api::<Volume>::all(self.client.clone())
-            .patch(&volume, &params, &Patch::Apply(&object))
-            .await
-            .unwrap_or_else(|e| panic!("create Volume {volume}: {e}"));
-        let object = json!({
-            "apiVersion": "safedetach.io/v1alpha1",
-            "kind": "VolumeAttachment",
-            "metadata": { "name": attachment, "labels": labels },
-            "spec": { "volumeName": volume, "nodeName": node },
-        });
-        self.attachments
-            .patch(&attachment, &params, &Patch::Apply(&object))
-            .await
-            .unwrap_or_else(|e| panic!("create VolumeAttachment {attachment}: {e}"));
-        attachment
-    }
-
-    async fn get(&self, name: &str) -> VolumeAttachment {
-        self.attachments
-            .get(name)
-            .await
-            .unwrap_or_else(|e| panic!("get {name}: {e}"))
-    }
-
-    /// Waits until the backend-confirmed `Attached` is recorded.
-    async fn wait_attached(&self, name: &str) -> VolumeAttachment {
-        eventually(
-            &format!("{name} Attached and confirmed"),
-            WAIT,
-            POLL,
-            || async {
-                let attachment = self.attachments.get(name).await.ok()?;
-                attached(&attachment).then_some(attachment)
-            },
-        )
-        .await
-    }
-}
-
-fn attached(attachment: &VolumeAttachment) -> bool {
-    attachment
-        .status
-        .as_ref()
-        .is_some_and(|s| s.phase == Some(AttachmentPhase::Attached) && s.attached)
-}
-
-/// Objects outside the CRDs that a test creates, deleted with kubectl when it ends.
-#[derive(Default)]
-struct Cleanup(Vec<Vec<String>>);
-
-impl Cleanup {
-    fn delete(&mut self, args: &[&str]) {
-        let mut command = vec!["delete".to_owned(), "--ignore-not-found".to_owned()];
-        command.extend(args.iter().map(|a| (*a).to_owned()));
-        self.0.push(command);
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let commands = std::mem::take(&mut self.0);
-        let done = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for clean-up")
-                .block_on(async {
-                    for command in &commands {
-                        let args: Vec<&str> = command.iter().map(String::as_str).collect();
-                        kubectl(&args).await;
-                    }
-                })
-        })
-        .join();
-        if done.is_err() && !std::thread::panicking() {
-            panic!("clean-up failed");
-        }
-    }
-}
-
-/// Waits until `path` answers 200 and returns the body.
-async fn wait_ok(operator: &Operator, path: &str) -> String {
-    let address = operator.http_address();
-    eventually(&format!("GET {path} answers 200"), WAIT, POLL, || async {
-        match http_get(address, path).await {
-            Some((200, body)) => Some(body),
-            _ => None,
-        }
+/// A scenario whose operator is one replica of an election for a Lease lasting `lease`.
+async fn election(lease: &'static str) -> Scenario {
+    Scenario::with(Setup {
+        leader_election: Some(lease),
+        deadline: "5s",
+        ..Setup::default()
     })
     .await
 }
 
-/// A scrape of /metrics in the Prometheus text format.
-struct Scrape(String);
-
-impl Scrape {
-    async fn of(operator: &Operator) -> Self {
-        Self(wait_ok(operator, "/metrics").await)
-    }
-
-    /// Samples of the series `name` (a full sample name, e.g. with `_total` or `_count`).
-    fn samples(&self, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
-        self.0
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| {
-                let (series, value) = line.rsplit_once(' ')?;
-                let (series_name, labels) = match series.split_once('{') {
-                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                    None => (series, ""),
-                };
-                (series_name == name).then(|| {
-                    let labels = labels
-                        .split(',')
-                        .filter_map(|pair| pair.split_once('='))
-                        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
-                        .collect();
-                    (labels, value.parse().expect("a sample value"))
-                })
-            })
-            .collect()
-    }
-
-    /// The sum of the samples of `name` whose labels include all of `labels`.
-    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples(name)
-            .into_iter()
-            .filter(|(have, _)| {
-                labels
-                    .iter()
-                    .all(|(k, v)| have.get(*k).map(String::as_str) == Some(v))
-            })
-            .map(|(_, value)| value)
-            .sum()
-    }
-
-    /// Whether the family `name` is described (`# TYPE name ...`), samples or not.
-    fn has_family(&self, name: &str) -> bool {
-        self.0
-            .lines()
-            .any(|line| line.starts_with(&format!("# TYPE {name} ")))
-    }
-}
-
-/// Who holds the Lease `name`, if it exists and is held.
-async fn holder(client: &Client, name: &str) -> Option<String> {
-    let lease = Api::<Lease>::namespaced(client.clone(), LEASE_NAMESPACE)
-        .get_opt(name)
-        .await
-        .expect("read the lease")?;
-    lease.spec?.holder_identity
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn one_replica_acts_and_another_takes_over_when_it_dies() {
-    let mut backend = Backend::start().await;
-    let lease = unique_name("lease");
-    let mut cleanup = Cleanup::default();
-    cleanup.delete(&["lease", "-n", LEASE_NAMESPACE, &lease]);
     let lease_duration = Duration::from_secs(5);
-    let (first, second) = (format!("first-{lease}"), format!("second-{lease}"));
-
-    let mut leader = Operator::start_with(
-        &backend.shard,
-        &backend.config(),
-        replica(&lease, "5s", &first),
-    )
-    .await;
-    let held = eventually("the first replica takes the lease", WAIT, POLL, || async {
-        holder(&backend.client, &lease)
-            .await
-            .filter(|h| *h == first)
-    })
-    .await;
-    assert_eq!(held, first);
-    let follower = Operator::start_with(
-        &backend.shard,
-        &backend.config(),
-        replica(&lease, "5s", &second),
-    )
-    .await;
+    let mut s = election("5s").await;
+    s.wait_leader(FIRST_REPLICA, WAIT).await;
+    let (follower, _follower_api) = s.second_operator(SECOND_REPLICA).await;
     // A follower is ready while it stands by: it has joined the election.
-    assert_eq!(wait_ok(&follower, "/readyz").await, "ready");
+    assert_eq!(follower.wait_ok("/readyz").await, "ready");
 
-    let one = backend.attachment("node-a").await;
-    backend.wait_attached(&one).await;
+    let volume = s.volume("rt-volume", "disk-1", json!({})).await;
+    let (one, _) = s.attach("rt-attachment", &volume, "node-a").await;
 
-    // Only the leader acted: the follower started no controller and reconciled nothing.
+    // Only the leader acted: the follower reconciled nothing.
+    assert_eq!(s.lease_holder().await.as_deref(), Some(FIRST_REPLICA));
     assert_eq!(
-        holder(&backend.client, &lease).await.as_deref(),
-        Some(first.as_str())
-    );
-    let leader_log = leader.log();
-    for expected in ["acquired the lease: acting", "controllers started"] {
-        assert!(
-            leader_log.contains(expected),
-            "leader log lacks {expected:?}:\n{leader_log}"
-        );
-    }
-    let follower_log = follower.log();
-    for unexpected in ["acquired the lease", "controllers started", "reconcile"] {
-        assert!(
-            !follower_log.contains(unexpected),
-            "follower log has {unexpected:?}:\n{follower_log}"
-        );
-    }
-    let standing_by = Scrape::of(&follower).await;
-    assert_eq!(
-        standing_by.samples("safedetach_reconciles_total"),
+        follower
+            .scrape()
+            .await
+            .samples("safedetach_reconciles_total"),
         [],
         "the follower reconciled"
     );
-    let acting = Scrape::of(&leader).await;
     assert!(
-        acting.sum(
+        s.operator.scrape().await.sum(
             "safedetach_reconciles_total",
             &[("kind", "VolumeAttachment")]
         ) >= 1.0
     );
 
     // The leader dies without a word: its lease runs out, and the follower takes over.
-    leader.kill();
+    s.operator.kill();
     let killed = Instant::now();
-    eventually("the second replica takes the lease", WAIT, POLL, || async {
-        holder(&backend.client, &lease)
-            .await
-            .filter(|h| *h == second)
-    })
-    .await;
+    s.wait_leader(SECOND_REPLICA, WAIT).await;
     let takeover = killed.elapsed();
     println!(
         "FIGURE: takeover {takeover:?} after SIGKILL of the leader (lease {lease_duration:?})"
@@ -324,92 +79,45 @@ async fn one_replica_acts_and_another_takes_over_when_it_dies() {
     );
 
     // The new leader resumes: a new attachment is attached, the old one stays attached.
-    let two = backend.attachment("node-b").await;
-    backend.wait_attached(&two).await;
-    let resumed = Instant::now();
-    assert!(attached(&backend.get(&one).await));
+    let other = s.volume("rt-volume", "disk-2", json!({})).await;
+    s.attach("rt-attachment", &other, "node-b").await;
     println!(
         "FIGURE: new attachment Attached {:?} after SIGKILL of the leader",
-        resumed.duration_since(killed)
+        killed.elapsed()
     );
-    let follower_log = follower.log();
+    let kept = s.get_attachment(&one).await.expect("the first attachment");
+    assert!(attached(&kept), "{kept:?}");
     assert!(
-        follower_log.contains("acquired the lease: acting"),
-        "{follower_log}"
+        follower.scrape().await.sum(
+            "safedetach_reconciles_total",
+            &[("kind", "VolumeAttachment")]
+        ) >= 1.0,
+        "the new leader reconciled nothing"
     );
-    let exports = backend.qsd.export_ids().await;
+    let exports = s.qsd.export_ids().await;
     assert_eq!(exports.len(), 2, "{exports:?}");
-    drop(follower);
-}
-
-/// Options for a replica in the election for `lease`, named `identity`.
-fn replica(lease: &str, duration: &str, identity: &str) -> Options {
-    Options {
-        args: [
-            "--leader-elect",
-            "--lease-name",
-            lease,
-            "--lease-duration",
-            duration,
-            "--identity",
-            identity,
-        ]
-        .map(str::to_owned)
-        .to_vec(),
-        ..Options::default()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
-    let backend = Backend::start().await;
-    let lease = unique_name("lease");
-    let mut cleanup = Cleanup::default();
-    cleanup.delete(&["lease", "-n", LEASE_NAMESPACE, &lease]);
     // A long lease, so that a handover by expiry cannot pass for a release.
     let lease_duration = Duration::from_secs(30);
-    let (first, second) = (format!("first-{lease}"), format!("second-{lease}"));
-    let mut leader = Operator::start_with(
-        &backend.shard,
-        &backend.config(),
-        replica(&lease, "30s", &first),
-    )
-    .await;
-    eventually("the first replica takes the lease", WAIT, POLL, || async {
-        holder(&backend.client, &lease)
-            .await
-            .filter(|h| *h == first)
-    })
-    .await;
-    let follower = Operator::start_with(
-        &backend.shard,
-        &backend.config(),
-        replica(&lease, "30s", &second),
-    )
-    .await;
-    assert_eq!(wait_ok(&follower, "/readyz").await, "ready");
+    let mut s = election("30s").await;
+    s.wait_leader(FIRST_REPLICA, WAIT).await;
+    let (follower, _follower_api) = s.second_operator(SECOND_REPLICA).await;
+    assert_eq!(follower.wait_ok("/readyz").await, "ready");
 
-    let status = leader.terminate().expect("the leader was running");
+    let status = s.operator.terminate().expect("the leader was running");
     assert!(status.success(), "the leader exited with {status}");
     let stopped = Instant::now();
-    assert!(
-        leader.log().contains("released the lease"),
-        "{}",
-        leader.log()
-    );
-    let released = holder(&backend.client, &lease).await;
+    let released = s.lease_holder().await;
     assert_ne!(
         released.as_deref(),
-        Some(first.as_str()),
+        Some(FIRST_REPLICA),
         "the leader exited still holding the lease; its log:\n{}",
-        leader.log()
+        s.operator.log()
     );
-    eventually("the second replica takes the lease", WAIT, POLL, || async {
-        holder(&backend.client, &lease)
-            .await
-            .filter(|h| *h == second)
-    })
-    .await;
+    s.wait_leader(SECOND_REPLICA, WAIT).await;
     let handover = stopped.elapsed();
     println!(
         "FIGURE: handover {handover:?} after SIGTERM of the leader (lease {lease_duration:?})"
@@ -419,13 +127,15 @@ async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn endpoints_report_health_readiness_and_metrics() {
-    let mut backend = Backend::start().await;
-    let operator =
-        Operator::start_with(&backend.shard, &backend.config(), Options::default()).await;
-    let address = operator.http_address();
+    let mut s = Scenario::with(Setup {
+        deadline: "5s",
+        ..Setup::default()
+    })
+    .await;
+    let address = s.operator.http_address();
 
-    assert_eq!(wait_ok(&operator, "/healthz").await, "ok");
-    assert_eq!(wait_ok(&operator, "/readyz").await, "ready");
+    assert_eq!(s.operator.wait_ok("/healthz").await, "ok");
+    assert_eq!(s.operator.wait_ok("/readyz").await, "ready");
     assert_eq!(
         http_get(address, "/nothing-here")
             .await
@@ -433,15 +143,15 @@ async fn endpoints_report_health_readiness_and_metrics() {
         Some(404)
     );
 
-    let name = backend.attachment("node-a").await;
-    backend.wait_attached(&name).await;
+    let volume = s.volume("rt-volume", "disk-1", json!({})).await;
+    let (name, _) = s.attach("rt-attachment", &volume, "node-a").await;
     // The gauges are computed from the caches at each scrape: wait until the cache has caught up.
     let scrape = eventually(
         "the metrics show one Attached attachment",
         WAIT,
         POLL,
         || async {
-            let scrape = Scrape::of(&operator).await;
+            let scrape = s.operator.scrape().await;
             // A reconcile is counted when it returns, a moment after its write reached the cache;
             // the Volume's waits for its turn while an attachment of it is being attached.
             (scrape.sum("safedetach_attachments", &[("phase", "Attached")]) == 1.0
@@ -454,17 +164,21 @@ async fn endpoints_report_health_readiness_and_metrics() {
         },
     )
     .await;
-    // Forced-detach series exist from the start, at zero, so that alerts see the first one;
+    // Force-detach series exist from the start, at zero, so that alerts see the first one;
     // reconcile errors appear with their first sample. None forced and none failed yet.
-    assert!(
-        scrape.has_family("safedetach_force_detaches"),
-        "{}",
-        scrape.0
-    );
+    for family in ["safedetach_force_detaches", "safedetach_force_detach_calls"] {
+        assert!(scrape.has_family(family), "no {family} in:\n{}", scrape.0);
+        assert_eq!(
+            scrape.sum(&format!("{family}_total"), &[]),
+            0.0,
+            "{}",
+            scrape.0
+        );
+    }
     assert_eq!(
-        scrape.sum("safedetach_force_detaches_total", &[]),
-        0.0,
-        "{}",
+        scrape.samples("safedetach_force_detaches_total").len(),
+        4,
+        "one series per reason:\n{}",
         scrape.0
     );
     assert!(
@@ -535,8 +249,7 @@ async fn endpoints_report_health_readiness_and_metrics() {
 
     // A requested force-detach is counted by reason and result.
     let token = "metrics-1";
-    backend
-        .attachments
+    s.attachments
         .patch(
             &name,
             &PatchParams::default(),
@@ -551,7 +264,7 @@ async fn endpoints_report_health_readiness_and_metrics() {
         WAIT,
         POLL,
         || async {
-            let attachment = backend.attachments.get(&name).await.ok()?;
+            let attachment = s.attachments.get(&name).await.ok()?;
             let force = attachment.status.as_ref()?.force_detach.as_ref()?;
             (force.token.as_deref() == Some(token)
                 && force.state == ForceDetachState::Succeeded
@@ -560,11 +273,11 @@ async fn endpoints_report_health_readiness_and_metrics() {
         },
     )
     .await;
-    let scrape = Scrape::of(&operator).await;
+    let scrape = s.operator.scrape().await;
     assert_eq!(
         scrape.sum(
             "safedetach_force_detaches_total",
-            &[("reason", "Requested"), ("result", "Succeeded")]
+            &[("reason", "Requested")]
         ),
         1.0,
         "{}",
@@ -585,7 +298,7 @@ async fn endpoints_report_health_readiness_and_metrics() {
     );
 
     // The backend goes away: the acting replica is no longer ready, and says which driver.
-    backend.qsd.stop();
+    s.qsd.stop();
     let why = eventually(
         "/readyz reports the unreachable driver",
         WAIT,
@@ -598,12 +311,9 @@ async fn endpoints_report_health_readiness_and_metrics() {
         },
     )
     .await;
-    assert!(
-        why.contains("drivers unreachable") && why.contains(&backend.driver),
-        "{why}"
-    );
+    assert!(why.contains("drivers unreachable: nbd"), "{why}");
     assert_eq!(
-        wait_ok(&operator, "/healthz").await,
+        s.operator.wait_ok("/healthz").await,
         "ok",
         "alive all the same"
     );
@@ -664,13 +374,9 @@ async fn kubeconfig_as(user: &str, dir: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_permission_is_reported_not_a_silent_stall() {
-    let mut backend = Backend::start().await;
+    let client = support::cluster::admin_client().await;
     let user = unique_name("safe-detach-without-status");
-    let mut cleanup = Cleanup::default();
-    cleanup.delete(&["clusterrolebinding", &user]);
-    cleanup.delete(&["clusterrole", &user]);
-
-    let roles = Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(backend.client.clone());
+    let roles = Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone());
     let role = cluster_role_without_attachment_status(&user).await;
     roles
         .create(
@@ -679,8 +385,7 @@ async fn a_missing_permission_is_reported_not_a_silent_stall() {
         )
         .await
         .expect("create the ClusterRole");
-    let bindings =
-        Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(backend.client.clone());
+    let bindings = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client);
     let binding = json!({
         "metadata": { "name": user },
         "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": user },
@@ -695,14 +400,19 @@ async fn a_missing_permission_is_reported_not_a_silent_stall() {
         .expect("create the ClusterRoleBinding");
 
     let dir = tempfile::tempdir().expect("a folder for the kubeconfig");
-    let options = Options {
+    let mut s = Scenario::with(Setup {
+        deadline: "5s",
         kubeconfig: Some(kubeconfig_as(&user, dir.path()).await),
-        ..Options::default()
-    };
-    let operator = Operator::start_with(&backend.shard, &backend.config(), options).await;
-    assert_eq!(wait_ok(&operator, "/readyz").await, "ready");
+        ..Setup::default()
+    })
+    .await;
+    s.clean_up("ClusterRole", user.clone());
+    s.clean_up("ClusterRoleBinding", user.clone());
+    assert_eq!(s.operator.wait_ok("/readyz").await, "ready");
 
-    let name = backend.attachment("node-a").await;
+    let volume = s.volume("rt-volume", "disk-1", json!({})).await;
+    let name = s.attachment("rt-attachment", &volume, "node-a").await;
+    // What the person reading the operator's log is told: the verb and the resource refused.
     let expected = format!(
         "User \"{user}\" cannot patch resource \"volumeattachments/status\" in API group \
          \"safedetach.io\""
@@ -712,7 +422,7 @@ async fn a_missing_permission_is_reported_not_a_silent_stall() {
         WAIT,
         POLL,
         || async {
-            operator
+            s.operator
                 .log()
                 .lines()
                 .find(|line| line.contains("reconcile failed") && line.contains(&expected))
@@ -721,32 +431,24 @@ async fn a_missing_permission_is_reported_not_a_silent_stall() {
     )
     .await;
     println!("FIGURE: the operator logs: {line}");
-    let scrape = eventually("the error is counted", WAIT, POLL, || async {
-        let scrape = Scrape::of(&operator).await;
-        let errors = scrape.sum(
+    let errors = async || {
+        s.operator.scrape().await.sum(
             "safedetach_reconcile_errors_total",
             &[("kind", "VolumeAttachment"), ("reason", "KubeApi")],
-        );
-        (errors > 0.0).then_some(scrape)
+        )
+    };
+    let first = eventually("the error is counted", WAIT, POLL, || async {
+        Some(errors().await).filter(|n| *n > 0.0)
     })
     .await;
     // Retried with backoff, not given up on: the count keeps growing.
-    let first = scrape.sum(
-        "safedetach_reconcile_errors_total",
-        &[("reason", "KubeApi")],
-    );
     eventually("the failing reconcile is retried", WAIT, POLL, || async {
-        let scrape = Scrape::of(&operator).await;
-        (scrape.sum(
-            "safedetach_reconcile_errors_total",
-            &[("reason", "KubeApi")],
-        ) > first)
-            .then_some(())
+        (errors().await > first).then_some(())
     })
     .await;
 
     // The intent could not be recorded, so the backend was never asked to attach.
-    let attachment = backend.get(&name).await;
+    let attachment = s.get_attachment(&name).await.expect("the attachment");
     assert!(
         attachment
             .finalizers()
@@ -759,8 +461,7 @@ async fn a_missing_permission_is_reported_not_a_silent_stall() {
         None,
         "nothing was recorded"
     );
-    assert_eq!(backend.qsd.export_ids().await, Vec::<String>::new());
-    drop(operator);
+    assert_eq!(s.qsd.export_ids().await, Vec::<String>::new());
 }
 
 /// deploy/ as an administrator installs it: it renders, the apiserver accepts every object (a

@@ -259,8 +259,8 @@ pub fn volume_between(
 /// call shows the node gone; an OK call the backend does not confirm yet is retried.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OrphanForced {
-    /// `Succeeded`, `Unconfirmed` or `Failed`: the `result` label of the force-detach metric.
-    pub outcome: &'static str,
+    /// The backend confirmed the connection gone: one forced detach done.
+    pub confirmed: bool,
     pub notice: Notice,
 }
 
@@ -275,7 +275,7 @@ pub fn orphan_forced(
     let confirmed = matches!(answer_after, Some(ProbeAnswer::Answered(c)) if !c.includes(node));
     match (result, confirmed) {
         (Ok(()), true) => OrphanForced {
-            outcome: "Succeeded",
+            confirmed: true,
             notice: Notice::new(
                 Severity::Warning,
                 reasons::FORCE_DETACHED,
@@ -285,7 +285,7 @@ pub fn orphan_forced(
             ),
         },
         (Ok(()), false) => OrphanForced {
-            outcome: "Unconfirmed",
+            confirmed: false,
             notice: Notice::new(
                 Severity::Warning,
                 reasons::FORCE_DETACH_UNCONFIRMED,
@@ -295,7 +295,7 @@ pub fn orphan_forced(
             ),
         },
         (Err(error), _) => OrphanForced {
-            outcome: "Failed",
+            confirmed: false,
             notice: Notice::new(
                 Severity::Warning,
                 reasons::FORCE_DETACH_FAILED,

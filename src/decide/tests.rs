@@ -1862,21 +1862,21 @@ fn a_volume_tells_each_new_orphan_once_and_a_forced_orphan_counts_when_the_backe
     let still = connected(&[NODE]);
     let forced = events::orphan_forced("vol", NODE, Ok(()), Some(&gone));
     assert_eq!(
-        (forced.outcome, forced.notice.reason.as_str()),
-        ("Succeeded", "ForceDetached")
+        (forced.confirmed, forced.notice.reason.as_str()),
+        (true, "ForceDetached")
     );
     let forced = events::orphan_forced("vol", NODE, Ok(()), Some(&still));
-    assert_eq!(forced.outcome, "Unconfirmed");
-    let unanswered = ProbeAnswer::Unreachable("down".into());
     assert_eq!(
-        events::orphan_forced("vol", NODE, Ok(()), Some(&unanswered)).outcome,
-        "Unconfirmed"
+        (forced.confirmed, forced.notice.reason.as_str()),
+        (false, "ForceDetachUnconfirmed")
     );
+    let unanswered = ProbeAnswer::Unreachable("down".into());
+    assert!(!events::orphan_forced("vol", NODE, Ok(()), Some(&unanswered)).confirmed);
     let error = crate::driver::DriverError::Unreachable("down".into());
     let forced = events::orphan_forced("vol", NODE, Err(&error), None);
     assert_eq!(
-        (forced.outcome, forced.notice.reason.as_str()),
-        ("Failed", "ForceDetachFailed")
+        (forced.confirmed, forced.notice.reason.as_str()),
+        (false, "ForceDetachFailed")
     );
 }
 

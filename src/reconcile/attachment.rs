@@ -393,14 +393,16 @@ impl<'a> Reconcile<'a> {
                     .map(|()| None),
             };
             answer = None;
+            if let Step::ForceDetach { reason, .. } = &step {
+                let reason = format!("{reason:?}");
+                self.context
+                    .metrics
+                    .force_detach_called(&reason, result.is_ok());
+            }
             let called = match &result {
                 Ok(info) => CallResult::Done(info.as_ref()),
                 Err(error) => {
                     warn!(?step, %error, class = ?error.class(), "driver call failed");
-                    if let Step::ForceDetach { reason, .. } = &step {
-                        let reason = format!("{reason:?}");
-                        self.context.metrics.force_detach(&reason, "Failed");
-                    }
                     CallResult::Failed(error)
                 }
             };
@@ -696,9 +698,7 @@ impl<'a> Reconcile<'a> {
             }
         };
         if let Some(reason) = force_confirmed(&self.stored, &self.status) {
-            self.context
-                .metrics
-                .force_detach(&format!("{reason:?}"), "Succeeded");
+            self.context.metrics.force_detached(&format!("{reason:?}"));
         }
         for notice in std::mem::take(&mut self.notices) {
             self.context.events.publish(&written, &notice).await;

@@ -256,7 +256,12 @@ async fn force_detach_orphan(
         result.as_ref().copied(),
         answer.as_ref(),
     );
-    context.metrics.force_detach("Orphan", forced.outcome);
+    context
+        .metrics
+        .force_detach_called("Orphan", result.is_ok());
+    if forced.confirmed {
+        context.metrics.force_detached("Orphan");
+    }
     context.events.publish(volume, &forced.notice).await;
     result.is_ok()
 }

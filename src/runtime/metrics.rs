@@ -23,10 +23,18 @@ use std::time::Duration;
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ForceLabels {
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForceCallLabels {
     pub reason: String,
     pub result: String,
 }
+
+/// Why a detach is forced: the `reason` label of the force-detach metrics.
+const FORCE_REASONS: [&str; 4] = ["Requested", "StuckAttaching", "StuckDetaching", "Orphan"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
@@ -60,7 +68,8 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
-    force_detaches: Family<ForceLabels, Counter>,
+    force_detaches: Family<ReasonLabels, Counter>,
+    force_detach_calls: Family<ForceCallLabels, Counter>,
     driver_calls: HistogramFamily<CallLabels>,
     reconciles: Family<KindLabels, Counter>,
     reconcile_durations: HistogramFamily<KindLabels>,
@@ -72,11 +81,21 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("safedetach");
-        let force_detaches = Family::<ForceLabels, Counter>::default();
+        // Two units of work, one family each: a forced detach done (once per operation), and a
+        // call of the driver's force_detach (once per attempt, retries included).
+        let force_detaches = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "force_detaches",
-            "Forced detaches, by reason (Requested, StuckAttaching, StuckDetaching, Orphan) and result",
+            "Forced detaches done, once each, when the backend confirmed the connection gone and \
+             (for an attachment) the confirmation was recorded, by reason (Requested, \
+             StuckAttaching, StuckDetaching, Orphan)",
             force_detaches.clone(),
+        );
+        let force_detach_calls = Family::<ForceCallLabels, Counter>::default();
+        registry.register(
+            "force_detach_calls",
+            "Calls of a driver's force_detach, retries included, by reason and result (ok, error)",
+            force_detach_calls.clone(),
         );
         let driver_calls: HistogramFamily<CallLabels> =
             Family::new_with_constructor(latency_histogram);
@@ -110,20 +129,23 @@ impl Default for Metrics {
         );
         let caches = Arc::new(CacheGauges::default());
         registry.register_collector(Box::new(caches.clone()));
-        // Every forced-detach series exists from the start, at zero, so that `increase()` sees
-        // the first forced detach too.
-        for reason in ["Requested", "StuckAttaching", "StuckDetaching", "Orphan"] {
-            for result in ["Succeeded", "Failed"] {
-                let labels = ForceLabels {
+        // Every force-detach series exists from the start, at zero, so that `increase()` sees
+        // the first one too.
+        for reason in FORCE_REASONS {
+            drop(force_detaches.get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            }));
+            for result in ["ok", "error"] {
+                drop(force_detach_calls.get_or_create(&ForceCallLabels {
                     reason: reason.into(),
                     result: result.into(),
-                };
-                drop(force_detaches.get_or_create(&labels));
+                }));
             }
         }
         Self {
             registry,
             force_detaches,
+            force_detach_calls,
             driver_calls,
             reconciles,
             reconcile_durations,
@@ -135,12 +157,24 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn force_detach(&self, reason: &str, result: &str) {
-        let labels = ForceLabels {
+    /// One forced detach done: the backend confirmed the connection gone (and, for an
+    /// attachment, the confirmation is stored). Counted once per operation.
+    pub fn force_detached(&self, reason: &str) {
+        self.force_detaches
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// One call of a driver's force_detach for `reason`, and whether it returned OK (which alone
+    /// confirms nothing).
+    pub fn force_detach_called(&self, reason: &str, returned_ok: bool) {
+        let labels = ForceCallLabels {
             reason: reason.into(),
-            result: result.into(),
+            result: if returned_ok { "ok" } else { "error" }.into(),
         };
-        self.force_detaches.get_or_create(&labels).inc();
+        self.force_detach_calls.get_or_create(&labels).inc();
     }
 
     pub fn reconciled(&self, kind: &str) {
@@ -393,6 +427,24 @@ mod tests {
             ),
             "{before}"
         );
+        // Each force-detach series is there from the start; a failed call is an attempt, not a
+        // forced detach.
+        assert!(
+            before.contains("safedetach_force_detaches_total{reason=\"Orphan\"} 0"),
+            "{before}"
+        );
+        metrics.force_detach_called("Requested", false);
+        metrics.force_detach_called("Requested", true);
+        metrics.force_detached("Requested");
+        let counted = metrics.encode().unwrap();
+        for series in [
+            "safedetach_force_detach_calls_total{reason=\"Requested\",result=\"error\"} 1",
+            "safedetach_force_detach_calls_total{reason=\"Requested\",result=\"ok\"} 1",
+            "safedetach_force_detaches_total{reason=\"Requested\"} 1",
+            "safedetach_force_detaches_total{reason=\"StuckDetaching\"} 0",
+        ] {
+            assert!(counted.contains(series), "no {series} in:\n{counted}");
+        }
         // Before the caches are handed over nothing is known of the objects.
         assert!(!before.contains("safedetach_attachments"), "{before}");
 

@@ -26,6 +26,11 @@ use tokio::sync::OnceCell;
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const FIELD_MANAGER: &str = "safe-detach-tests";
 const CRD_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a wait may take before the test fails: generous, since a reconcile can wait for a
+/// driver deadline, a stuck clock and a backoff in a row.
+pub const WAIT: Duration = Duration::from_secs(40);
+/// How often a wait looks again.
+pub const POLL: Duration = Duration::from_millis(50);
 
 /// The admin kubeconfig, set once the cluster is up and the CRDs are served. Only the path is
 /// shared: each `#[tokio::test]` has its own runtime, and a client must not outlive the runtime

@@ -7,10 +7,12 @@
 //! On drop the operator is killed before the objects are deleted, so that it cannot put a
 //! finalizer back.
 
+pub use super::cluster::{POLL, WAIT};
 use super::cluster::{TestObjects, admin_client};
 use super::operator::{Operator, SHARD_LABEL};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, Resource};
 use safe_detach::api::{AttachmentPhase, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment};
@@ -23,11 +25,6 @@ use tokio::time::Instant;
 
 /// The field manager of the objects the tests write.
 pub const TEST_MANAGER: &str = "safe-detach-e2e";
-/// How long a wait may take before the test fails: generous, since a reconcile can wait for a
-/// driver deadline, a stuck clock and a backoff in a row.
-pub const WAIT: Duration = Duration::from_secs(40);
-/// How often a wait looks again.
-pub const POLL: Duration = Duration::from_millis(50);
 /// The stuck clock of every Volume that sets none (the CRD's minimum), as every scenario
 /// configures its operator.
 pub const STUCK_AFTER: Duration = Duration::from_secs(5);
@@ -65,8 +62,13 @@ impl Harness {
         }
     }
 
-    /// Deletes `kind`/`name` with the rest at the end (a Lease, for instance).
+    /// Deletes `kind`/`name` with the rest at the end: a Lease, a ClusterRole or a
+    /// ClusterRoleBinding.
     pub fn clean_up(&mut self, kind: &'static str, name: String) {
+        assert!(
+            matches!(kind, "Lease" | "ClusterRole" | "ClusterRoleBinding"),
+            "no clean-up for the kind {kind}"
+        );
         self.created.push((kind, name));
     }
 
@@ -108,11 +110,14 @@ impl Harness {
     /// for its turn, is not counted): reconciles of this shard's attachments. Needs an operator
     /// started with a known HTTP address.
     pub async fn attachment_reconciles(&self) -> f64 {
-        super::operator::counters(self.operator.http_address())
+        super::operator::Scrape::of(self.operator.http_address())
             .await
-            .get(r#"safedetach_reconcile_duration_seconds_count{kind="VolumeAttachment"}"#)
-            .copied()
-            .unwrap_or(0.0)
+            .map_or(0.0, |scrape| {
+                scrape.sum(
+                    "safedetach_reconcile_duration_seconds_count",
+                    &[("kind", "VolumeAttachment")],
+                )
+            })
     }
 
     /// The labels that put an object in this harness's shard.
@@ -363,14 +368,18 @@ impl Drop for Harness {
                 let client = admin_client().await;
                 let attachments = Api::<VolumeAttachment>::all(client.clone());
                 let volumes = Api::<Volume>::all(client.clone());
-                let leases = Api::<Lease>::namespaced(client, LEASE_NAMESPACE);
+                let leases = Api::<Lease>::namespaced(client.clone(), LEASE_NAMESPACE);
+                let roles = Api::<ClusterRole>::all(client.clone());
+                let bindings = Api::<ClusterRoleBinding>::all(client);
+                let gone = DeleteParams::default();
                 for (kind, name) in created.iter().rev() {
                     match *kind {
                         "VolumeAttachment" => delete_then_strip(&attachments, name).await,
-                        "Lease" => {
-                            let _ = leases.delete(name, &DeleteParams::default()).await;
-                        }
-                        _ => delete_then_strip(&volumes, name).await,
+                        "Volume" => delete_then_strip(&volumes, name).await,
+                        "Lease" => drop(leases.delete(name, &gone).await),
+                        "ClusterRole" => drop(roles.delete(name, &gone).await),
+                        "ClusterRoleBinding" => drop(bindings.delete(name, &gone).await),
+                        _ => unreachable!("`clean_up` takes only the kinds above"),
                     }
                 }
             });

@@ -2,7 +2,7 @@
 //! identity (deploy/rbac.yaml), managing only the objects labelled with its test's shard, so that
 //! tests run side by side on one control plane without acting on each other's objects.
 
-use super::cluster::{kubectl, operator_kubeconfig};
+use super::cluster::{POLL, WAIT, eventually, kubectl, operator_kubeconfig};
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -143,6 +143,11 @@ impl Operator {
             .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
+    /// How the process ended, if it has (it is not waited for).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     /// What the operator logged so far, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -150,6 +155,24 @@ impl Operator {
 
     pub fn log_path(&self) -> &Path {
         &self.log
+    }
+
+    /// Waits until `path` of the operator's endpoints answers 200, and returns the body.
+    pub async fn wait_ok(&self, path: &str) -> String {
+        let address = self.http_address();
+        let what = format!("GET {path} answers 200");
+        eventually(&what, WAIT, POLL, || async {
+            match http_get(address, path).await {
+                Some((200, body)) => Some(body),
+                _ => None,
+            }
+        })
+        .await
+    }
+
+    /// A scrape of `/metrics`, once it answers.
+    pub async fn scrape(&self) -> Scrape {
+        Scrape(self.wait_ok("/metrics").await)
     }
 
     /// Where the operator serves /metrics, /healthz and /readyz. Only for an operator started
@@ -231,23 +254,102 @@ async fn install_rbac() {
         .await;
 }
 
-/// The operator's counters now (`/metrics`): every `safedetach_*` series of a counter
-/// (`_total`) or of a histogram's count (`_count`), by series.
-pub async fn counters(address: SocketAddr) -> BTreeMap<String, f64> {
-    let Some((200, text)) = http_get(address, "/metrics").await else {
-        return BTreeMap::new();
-    };
-    text.lines()
-        .filter(|line| line.starts_with("safedetach_"))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let name = series.split('{').next()?;
-            if !(name.ends_with("_total") || name.ends_with("_count")) {
-                return None;
+/// A scrape of the operator's `/metrics`, in the Prometheus text format.
+pub struct Scrape(pub String);
+
+impl Scrape {
+    /// One GET of `/metrics`; `None` unless it answers 200.
+    pub async fn of(address: SocketAddr) -> Option<Self> {
+        match http_get(address, "/metrics").await {
+            Some((200, text)) => Some(Self(text)),
+            _ => None,
+        }
+    }
+
+    /// Every sample: the series (name and labels as written) and its value.
+    fn series(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.0
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                Some((series, value.parse().ok()?))
+            })
+    }
+
+    /// Samples of the series `name` (a full sample name, e.g. with `_total` or `_count`), with
+    /// their labels.
+    pub fn samples(&self, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+        self.series()
+            .filter_map(|(series, value)| {
+                let (series_name, labels) = match series.split_once('{') {
+                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                (series_name == name).then(|| {
+                    let labels = labels
+                        .split(',')
+                        .filter_map(|pair| pair.split_once('='))
+                        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+                        .collect();
+                    (labels, value)
+                })
+            })
+            .collect()
+    }
+
+    /// The sum of the samples of `name` whose labels include all of `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples(name)
+            .into_iter()
+            .filter(|(have, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| have.get(*k).map(String::as_str) == Some(v))
+            })
+            .map(|(_, value)| value)
+            .sum()
+    }
+
+    /// Whether the family `name` is described (`# TYPE name ...`), samples or not.
+    pub fn has_family(&self, name: &str) -> bool {
+        self.0
+            .lines()
+            .any(|line| line.starts_with(&format!("# TYPE {name} ")))
+    }
+
+    /// Every `safedetach_*` series of a counter (`_total`) or of a histogram's count (`_count`),
+    /// by series as written.
+    pub fn counters(&self) -> BTreeMap<String, f64> {
+        self.series()
+            .filter(|(series, _)| series.starts_with("safedetach_"))
+            .filter(|(series, _)| {
+                let name = series.split('{').next().unwrap_or_default();
+                name.ends_with("_total") || name.ends_with("_count")
+            })
+            .map(|(series, value)| (series.to_owned(), value))
+            .collect()
+    }
+
+    /// The driver calls counted so far, by operation (`probe`, `probe_many`, `attach`, …), from
+    /// `safedetach_driver_call_duration_seconds`, whatever the driver and result.
+    pub fn driver_calls(&self) -> BTreeMap<String, f64> {
+        let mut calls = BTreeMap::new();
+        for (labels, n) in self.samples("safedetach_driver_call_duration_seconds_count") {
+            if let Some(operation) = labels.get("operation") {
+                *calls.entry(operation.clone()).or_insert(0.0) += n;
             }
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
+        }
+        calls
+    }
+}
+
+/// The operator's counters now (see [`Scrape::counters`]); none while it does not answer.
+pub async fn counters(address: SocketAddr) -> BTreeMap<String, f64> {
+    Scrape::of(address)
+        .await
+        .map(|scrape| scrape.counters())
+        .unwrap_or_default()
 }
 
 /// A plain HTTP/1.0 GET on the loopback (no chunked answer): the status code and the body.
@@ -266,19 +368,10 @@ pub async fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> 
     Some((code, body))
 }
 
-/// The driver calls the operator made so far, by operation (`probe`, `probe_many`, `attach`, …),
-/// from its `safedetach_driver_call_duration_seconds` counts, whatever the driver and result.
+/// The driver calls the operator made so far (see [`Scrape::driver_calls`]).
 pub async fn driver_calls(address: SocketAddr) -> BTreeMap<String, f64> {
-    let mut calls = BTreeMap::new();
-    for (series, n) in counters(address).await {
-        if let Some(labels) = series.strip_prefix("safedetach_driver_call_duration_seconds_count{")
-            && let Some(operation) = labels
-                .split(',')
-                .find_map(|label| label.strip_prefix("operation=\""))
-                .and_then(|rest| rest.split('"').next())
-        {
-            *calls.entry(operation.to_owned()).or_insert(0.0) += n;
-        }
-    }
-    calls
+    Scrape::of(address)
+        .await
+        .map(|scrape| scrape.driver_calls())
+        .unwrap_or_default()
 }

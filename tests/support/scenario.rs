@@ -22,7 +22,7 @@ use safe_detach::api::{Volume, VolumeAttachment, find_condition};
 use safe_detach::config::{ConfigFile, DriverEntry};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::time::Instant;
@@ -63,6 +63,9 @@ pub struct Setup {
     /// [`FIRST_REPLICA`], for a Lease of the scenario's own that lasts this long (e.g. "4s");
     /// [`Scenario::second_operator`] starts another replica of the same election.
     pub leader_election: Option<&'static str>,
+    /// Run the operator under this kubeconfig instead of its own identity (another user's
+    /// rights, for instance); not with an [`ApiProxy`].
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Default for Setup {
@@ -74,6 +77,7 @@ impl Default for Setup {
             count_writes: false,
             api_proxy: false,
             leader_election: None,
+            kubeconfig: None,
         }
     }
 }
@@ -141,15 +145,18 @@ impl Scenario {
         } else {
             None
         };
-        let operator = if api.is_none() && args.is_empty() {
-            Operator::start(&shard, &config).await
-        } else {
-            let options = Options {
-                args,
-                kubeconfig: api.as_ref().map(|api| api.kubeconfig.clone()),
-            };
-            Operator::start_with(&shard, &config, options).await
+        assert!(
+            api.is_none() || setup.kubeconfig.is_none(),
+            "an operator behind an ApiProxy runs under the proxy's kubeconfig"
+        );
+        let options = Options {
+            args,
+            kubeconfig: api
+                .as_ref()
+                .map(|api| api.kubeconfig.clone())
+                .or(setup.kubeconfig),
         };
+        let operator = Operator::start_with(&shard, &config, options).await;
         let mut harness = Harness::new(operator, shard).await;
         if let Some((lease, _)) = &election {
             harness.clean_up("Lease", lease.clone());
