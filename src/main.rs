@@ -209,8 +209,20 @@ fn default_identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Resolves on SIGTERM or SIGINT: the controllers then finish the reconciles under way.
+/// Resolves on SIGTERM or SIGINT: the controllers then finish the reconciles under way. A second
+/// signal ends the process at once.
 async fn shutdown_signal() {
+    signalled().await;
+    info!("shutting down");
+    tokio::spawn(async {
+        signalled().await;
+        error!("a second signal: exiting at once");
+        std::process::exit(1);
+    });
+}
+
+/// The next SIGTERM or SIGINT.
+async fn signalled() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {
@@ -223,5 +235,4 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = terminate => {},
     }
-    info!("shutting down");
 }

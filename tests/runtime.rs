@@ -125,6 +125,49 @@ async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
     assert!(handover < lease_duration / 3, "handover took {handover:?}");
 }
 
+/// SIGTERM before the caches have synced (the apiserver unreachable from the start): nothing is
+/// under way, and the operator exits at once rather than waiting for reconciles that cannot start
+/// (the controllers hold them until the caches sync, which their stopped watches never do).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigterm_before_the_caches_sync_ends_the_operator_at_once() {
+    let mut s = Scenario::with(Setup {
+        api_proxy: true,
+        api_frozen: true,
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(s.operator.wait_ok("/healthz").await, "ok");
+    let pid = s.operator.id().expect("the operator runs");
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(signalled.success());
+    let asked = Instant::now();
+    // A hang is seen as a timeout here rather than as a test that never ends.
+    let status = loop {
+        if let Some(status) = s.operator.exited() {
+            break status;
+        }
+        assert!(
+            asked.elapsed() < WAIT,
+            "the operator still runs {WAIT:?} after SIGTERM:\n{}",
+            s.operator.log()
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    let took = asked.elapsed();
+    assert!(status.success(), "the operator exited with {status}");
+    println!("FIGURE: exit {took:?} after SIGTERM with the caches never synced");
+    let log = s.operator.log();
+    assert!(
+        log.contains("controllers stopped without waiting for the reconciles under way"),
+        "{log}"
+    );
+    assert!(!log.contains("caches synced"), "{log}");
+    s.api().thaw();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn endpoints_report_health_readiness_and_metrics() {
     let mut s = Scenario::with(Setup {

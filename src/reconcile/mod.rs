@@ -22,7 +22,8 @@ use crate::runtime::leader::Fence;
 use crate::runtime::metrics::Metrics;
 use backoff::Backoff;
 use events::Publisher;
-use futures::StreamExt;
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
@@ -147,11 +148,19 @@ pub async fn run(
     );
 
     metrics.observe(attachments.clone(), volumes.clone());
-    tokio::spawn({
-        let (health, attachments, volumes) = (health.clone(), attachments.clone(), volumes.clone());
+    let caches_synced = {
+        let (attachments, volumes) = (attachments.clone(), volumes.clone());
         async move {
             synced(&attachments).await;
             synced(&volumes).await;
+        }
+    }
+    .boxed()
+    .shared();
+    tokio::spawn({
+        let (health, caches_synced) = (health.clone(), caches_synced.clone());
+        async move {
+            caches_synced.await;
             info!("caches synced");
             health.set_ready(true);
         }
@@ -208,7 +217,7 @@ pub async fn run(
         },
     ));
 
-    let shutdown = futures::FutureExt::shared(shutdown);
+    let shutdown = shutdown.shared();
     let attachment_loop = attachment_controller
         .watches_stream(volume_changes, attachments_of_volume)
         .reconcile_on(found_attachments)
@@ -230,15 +239,39 @@ pub async fn run(
             volume_of_attachment,
         )
         .reconcile_on(found_volumes)
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(volume::reconcile, volume::error_policy, context)
         .for_each(|result| {
             record("Volume", &metrics, result);
             futures::future::ready(())
         });
     info!("controllers started");
-    futures::join!(attachment_loop, volume_loop);
-    info!("controllers stopped");
+    tokio::select! {
+        _ = futures::future::join(attachment_loop, volume_loop) => info!("controllers stopped"),
+        () = stop_waiting(shutdown, caches_synced) => {
+            warn!("controllers stopped without waiting for the reconciles under way");
+        }
+    }
+}
+
+/// How long the reconciles under way may take to finish once a shutdown is asked for: less than
+/// the Deployment's `terminationGracePeriodSeconds` (30), so that the lease is released before
+/// the kubelet's SIGKILL. A reconcile cut short wrote its intent before its driver call, so the
+/// next leader resumes from it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Resolves when the controllers are no longer worth waiting for after `shutdown`: at once if the
+/// caches never synced (the controllers hold their reconciles until the caches sync, and the
+/// watches that would sync them stop with the shutdown, so they would wait forever; nothing is
+/// under way), else after [`SHUTDOWN_GRACE`].
+async fn stop_waiting(
+    shutdown: impl Future<Output = ()>,
+    caches_synced: Shared<BoxFuture<'static, ()>>,
+) {
+    shutdown.await;
+    if caches_synced.peek().is_some() {
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    }
 }
 
 /// Volume reconciles at once: a quarter of an attachment lane's. A Volume's status reports what

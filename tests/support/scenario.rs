@@ -59,6 +59,9 @@ pub struct Setup {
     /// Route the operator's API requests through an [`ApiProxy`], to lag or cut its view of the
     /// apiserver ([`Scenario::api`]).
     pub api_proxy: bool,
+    /// With `api_proxy`: the operator starts cut off from the apiserver (the proxy frozen before
+    /// the operator's first request), until [`ApiProxy::thaw`].
+    pub api_frozen: bool,
     /// Run the operator as one replica of a leader election (`--leader-elect`), identity
     /// [`FIRST_REPLICA`], for a Lease of the scenario's own that lasts this long (e.g. "4s");
     /// [`Scenario::second_operator`] starts another replica of the same election.
@@ -76,6 +79,7 @@ impl Default for Setup {
             exclusive: false,
             count_writes: false,
             api_proxy: false,
+            api_frozen: false,
             leader_election: None,
             kubeconfig: None,
         }
@@ -141,8 +145,16 @@ impl Scenario {
             .map(|(lease, duration)| replica_args(lease, duration, FIRST_REPLICA))
             .unwrap_or_default();
         let api = if setup.count_writes || setup.api_proxy {
-            Some(ApiProxy::start().await)
+            let api = ApiProxy::start().await;
+            if setup.api_frozen {
+                api.freeze();
+            }
+            Some(api)
         } else {
+            assert!(
+                !setup.api_frozen,
+                "only a proxy can be frozen: set api_proxy"
+            );
             None
         };
         assert!(
