@@ -26,11 +26,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Every Volume's stuck clock: the CRD's minimum, so that forces happen within a schedule.
-pub const STUCK_AFTER: Duration = Duration::from_secs(5);
-const RESYNC: Duration = Duration::from_secs(2);
+/// Every Volume's stuck clock is the scenarios' (the CRD's minimum), so that forces happen within
+/// a schedule; the resync too.
+pub use crate::support::harness::STUCK_AFTER;
+use crate::support::harness::{LEASE_NAMESPACE, RESYNC};
 const DEADLINE: &str = "2s";
-const LEASE_NAMESPACE: &str = "safe-detach";
 const LEASE_DURATION: &str = "5s";
 /// How long the system may take to converge once the faults stop: a lease to expire, a backoff
 /// or two, a stuck clock and a resync, with room to spare on a loaded machine.
