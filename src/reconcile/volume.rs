@@ -78,6 +78,9 @@ async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Resul
                 );
             }
             Err(Error::Conflict(_)) => context.metrics.write_conflict("Volume"),
+            // Deleted since the cache had it (a bulk delete outruns the watch): nothing is left
+            // to record or release, and the deletion's own event ends its reconciles.
+            Err(error) if error.is_not_found() => return Ok(Action::await_change()),
             Err(error) => return Err(error),
         }
         match api

@@ -95,7 +95,7 @@ impl FakeApi {
         self.lock().interleaved_writes = count;
     }
 
-    /// A delete: with finalizers the object stays, marked as being deleted.
+    /// A delete: with finalizers the object stays, marked as being deleted; without, it is gone.
     pub fn delete<K>(&self, name: &str)
     where
         K: Resource<DynamicType = ()>,
@@ -104,6 +104,13 @@ impl FakeApi {
         let mut state = self.lock();
         let version = state.next_version();
         let object = state.objects.get_mut(&path).expect("the object exists");
+        let held = object["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|finalizers| !finalizers.is_empty());
+        if !held {
+            state.objects.remove(&path);
+            return;
+        }
         object["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:10Z");
         object["metadata"]["resourceVersion"] = json!(version);
     }

@@ -4,7 +4,8 @@
 //! reads, status writes, finalizer patches, Events and driver calls that the design's rules
 //! demand: the intent written before the call it announces, nothing that says detached before
 //! the backend confirmed it, no write once converged, a failed try held back until its backoff
-//! is due, and `Detached` stored before the finalizer goes.
+//! is due, and `Detached` stored before the finalizer goes. The Volume controller's reconcile runs
+//! on the same fakes where a case needs it (a Volume gone since the cache had it).
 
 mod fake_api;
 mod scripted_driver;
@@ -326,4 +327,23 @@ async fn a_refused_status_write_is_decided_again_on_the_version_the_apiserver_ha
             "event Attached",
         ]
     );
+}
+
+/// A Volume deleted since the cache had it (a bulk delete outruns the watch): its reconcile ends
+/// without an error to count, log and retry, and asks nothing of the backend.
+#[tokio::test]
+async fn a_volume_gone_since_the_cache_had_it_ends_its_reconcile_quietly() {
+    let harness = Harness::new();
+    let cached = harness
+        .context
+        .volumes
+        .get(&ObjectRef::new("vol"))
+        .expect("the Volume is in the cache");
+    harness.api.delete::<Volume>("vol");
+    let action = super::volume::reconcile(cached, harness.context.clone())
+        .await
+        .expect("a gone Volume is no error");
+    let log = std::mem::take(&mut *harness.log.lock().expect("the log"));
+    assert_eq!(action, Action::await_change(), "{log:#?}");
+    assert_eq!(log, ["write volumes/vol (gone)"], "{log:#?}");
 }
