@@ -137,12 +137,7 @@ async fn a_sigterm_before_the_caches_sync_ends_the_operator_at_once() {
     })
     .await;
     assert_eq!(s.operator.wait_ok("/healthz").await, "ok");
-    let pid = s.operator.id().expect("the operator runs");
-    let signalled = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(signalled.success());
+    s.operator.send_sigterm().expect("the operator runs");
     let asked = Instant::now();
     // A hang is seen as a timeout here rather than as a test that never ends.
     let status = loop {

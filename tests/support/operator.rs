@@ -115,14 +115,21 @@ impl Operator {
 
     /// Stops the operator with SIGTERM, as Kubernetes does, and waits until it has exited.
     pub fn terminate(&mut self) -> Option<ExitStatus> {
+        self.send_sigterm()?;
         let mut child = self.child.take()?;
+        Some(child.wait().expect("the operator's exit status"))
+    }
+
+    /// Sends SIGTERM without waiting for the exit; `None` if the operator is not running.
+    pub fn send_sigterm(&self) -> Option<()> {
+        let pid = self.id()?;
         let sent = Command::new("kill")
             .arg("-TERM")
-            .arg(child.id().to_string())
+            .arg(pid.to_string())
             .status()
             .expect("run kill");
-        assert!(sent.success(), "kill -TERM {} failed", child.id());
-        Some(child.wait().expect("the operator's exit status"))
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        Some(())
     }
 
     /// Starts the operator again after [`kill`](Self::kill).
