@@ -7,6 +7,7 @@ mod events;
 mod finalizer;
 mod lanes;
 mod lock;
+mod own_writes;
 mod sweep;
 #[cfg(test)]
 mod tests;
@@ -30,6 +31,7 @@ use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use lanes::Lanes;
 use lock::VolumeLocks;
+use own_writes::OwnWrites;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +87,8 @@ pub struct Context {
     fence: Fence,
     /// How many attachment reconciles run at once, by kind.
     lanes: Lanes,
+    /// The Volumes this replica wrote, until the cache shows them.
+    own_volume_writes: OwnWrites<Volume>,
 }
 
 impl Context {
@@ -182,6 +186,7 @@ pub async fn run(
         metrics: metrics.clone(),
         locks: VolumeLocks::default(),
         fence: replica.fence,
+        own_volume_writes: OwnWrites::default(),
     });
 
     // A Volume's change (its policy, its backend connections) concerns each of its attachments.

@@ -24,7 +24,8 @@ pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Act
     let name = volume.name_any();
     let span = info_span!("reconcile", kind = "Volume", object = %name);
     let started = std::time::Instant::now();
-    let action = reconcile_fresh_on_conflict(volume.as_ref().clone(), &context)
+    let volume = context.own_volume_writes.newest(volume.as_ref().clone());
+    let action = reconcile_fresh_on_conflict(volume, &context)
         .instrument(span)
         .await;
     context.metrics.reconcile_took("Volume", started.elapsed());
@@ -115,6 +116,9 @@ async fn reconcile_volume(
     let deleting = volume.metadata.deletion_timestamp.is_some();
     let mut volume = volume.clone();
     if !deleting && let Some(written) = finalizer::add(&api, &volume, VOLUME_FINALIZER).await? {
+        context
+            .own_volume_writes
+            .wrote(volume.resource_version(), &written);
         volume = written;
     }
     let driver = context.driver(&volume.spec.driver);
@@ -204,6 +208,7 @@ async fn reconcile_volume(
     persist(&volume, context, &current, &decision.status).await?;
     if decision.release {
         finalizer::remove(&api, &volume, VOLUME_FINALIZER).await?;
+        context.own_volume_writes.forget(&volume);
         return Ok(Pass::Done(Action::await_change()));
     }
 
@@ -287,13 +292,17 @@ async fn persist(
         "metadata": { "resourceVersion": volume.resource_version() },
         "status": next,
     });
-    api.patch_status(
-        &volume.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::from_write)?;
+    let written = api
+        .patch_status(
+            &volume.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::from_write)?;
+    context
+        .own_volume_writes
+        .wrote(volume.resource_version(), &written);
     for notice in volume_between(current, next, &volume.name_any(), volume.spec.orphan_policy) {
         context.events.publish(volume, &notice).await;
     }

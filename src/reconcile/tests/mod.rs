@@ -83,6 +83,7 @@ impl Harness {
             locks: VolumeLocks::default(),
             fence: Fence::open(),
             lanes,
+            own_volume_writes: Default::default(),
         });
         Self {
             log,
@@ -346,4 +347,38 @@ async fn a_volume_gone_since_the_cache_had_it_ends_its_reconcile_quietly() {
     let log = std::mem::take(&mut *harness.log.lock().expect("the log"));
     assert_eq!(action, Action::await_change(), "{log:#?}");
     assert_eq!(log, ["write volumes/vol (gone)"], "{log:#?}");
+}
+
+#[tokio::test]
+async fn a_volume_whose_cache_is_behind_its_own_writes_is_decided_on_what_it_wrote() {
+    let harness = Harness::new();
+    // The cache keeps the Volume as created: it never sees this replica's writes here.
+    let stale = || {
+        harness
+            .context
+            .volumes
+            .get(&ObjectRef::new("vol"))
+            .expect("the Volume is in the cache")
+    };
+    super::volume::reconcile(stale(), harness.context.clone())
+        .await
+        .expect("the first reconcile");
+    let first = std::mem::take(&mut *harness.log.lock().expect("the log"));
+    assert_eq!(
+        first,
+        [
+            r#"write volumes/vol: finalizers ["safedetach.io/attachments"]"#,
+            "driver probe h1",
+            "write volumes/vol/status: phase=Available attached=false",
+        ],
+        "{first:#?}"
+    );
+    // Woken again (an attachment's change, say) before the watch delivered those writes: the
+    // Volume is decided on what this replica wrote, so nothing is written again, and nothing is
+    // refused as stale and read back.
+    super::volume::reconcile(stale(), harness.context.clone())
+        .await
+        .expect("the second reconcile");
+    let second = std::mem::take(&mut *harness.log.lock().expect("the log"));
+    assert_eq!(second, ["driver probe h1"], "{second:#?}");
 }
