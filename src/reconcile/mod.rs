@@ -24,7 +24,7 @@ use crate::runtime::metrics::Metrics;
 use backoff::Backoff;
 use events::Publisher;
 use futures::future::{BoxFuture, Shared};
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
@@ -88,7 +88,7 @@ pub struct Context {
     /// How many attachment reconciles run at once, by kind.
     lanes: Lanes,
     /// The Volumes this replica wrote, until the cache shows them.
-    own_volume_writes: OwnWrites<Volume>,
+    own_volume_writes: Arc<OwnWrites<Volume>>,
 }
 
 impl Context {
@@ -138,12 +138,25 @@ pub async fn run(
         .applied_objects(),
         attachments.clone(),
     );
+    // A Volume the watch delivers is what the cache holds now: the writes of this replica it
+    // shows need no longer be kept.
+    let own_volume_writes = Arc::new(OwnWrites::default());
     let (volumes, writer) = reflector::store();
     let volume_controller = Controller::for_stream(
         reflector(
             writer,
             watcher(volumes_api.clone(), watch.clone()).modify(without_managed_fields),
         )
+        .inspect_ok({
+            let own_volume_writes = own_volume_writes.clone();
+            move |event| match event {
+                watcher::Event::Apply(volume) | watcher::Event::InitApply(volume) => {
+                    own_volume_writes.seen(volume);
+                }
+                watcher::Event::Delete(volume) => own_volume_writes.forget(volume),
+                watcher::Event::Init | watcher::Event::InitDone => {}
+            }
+        })
         .applied_objects(),
         volumes.clone(),
     )
@@ -186,7 +199,7 @@ pub async fn run(
         metrics: metrics.clone(),
         locks: VolumeLocks::default(),
         fence: replica.fence,
-        own_volume_writes: OwnWrites::default(),
+        own_volume_writes,
     });
 
     // A Volume's change (its policy, its backend connections) concerns each of its attachments.

@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How long a write is kept if no reconcile of its object comes to find the cache caught up:
-/// far beyond any watch's lag, only to bound the memory of objects deleted meanwhile.
+/// How long a write is kept if neither the watch nor a reconcile finds the cache caught up (a
+/// delivery that raced the write's answer): far beyond any watch's lag, only to bound the memory.
 const KEEP: Duration = Duration::from_secs(120);
 
 /// The last write of each object (by UID) the cache has not shown yet.
@@ -45,20 +45,39 @@ impl<K> Default for OwnWrites<K> {
 impl<K: Resource + Clone> OwnWrites<K> {
     /// The newer of `cached` and this operator's last write of the same object.
     pub fn newest(&self, cached: K) -> K {
+        match self.written_after(&cached) {
+            Some(written) => written,
+            None => cached,
+        }
+    }
+
+    /// The cache now holds `cached` (its watch delivered it): a kept write it shows, or that
+    /// something newer replaced, is forgotten, so that what is kept is only what the watch has
+    /// yet to deliver.
+    pub fn seen(&self, cached: &K) {
+        self.written_after(cached);
+    }
+
+    /// This operator's last write of `cached`'s object, if `cached` is a version it replaced;
+    /// else forgets the write, which the cache shows or went past.
+    fn written_after(&self, cached: &K) -> Option<K> {
+        let uid = cached.uid()?;
         let mut written = self.lock();
-        let Some(uid) = cached.uid() else {
-            return cached;
-        };
         let behind = match (written.get(&uid), cached.resource_version()) {
             (Some(last), Some(version)) => last.replaced.contains(&version),
             _ => false,
         };
         if behind {
-            return written[&uid].object.clone();
+            return Some(written[&uid].object.clone());
         }
-        // The cache shows the last write, or something newer: the cache is the newest.
         written.remove(&uid);
-        cached
+        None
+    }
+
+    /// How many writes are kept.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
     }
 
     /// Records that `object` was written over the version `replaced`.
@@ -150,6 +169,28 @@ mod tests {
         writes.wrote(Some("1".into()), &volume("old", "2"));
         let recreated = writes.newest(volume("new", "1"));
         assert_eq!(recreated.uid().unwrap(), "new");
+    }
+
+    #[test]
+    fn a_write_is_kept_only_until_the_watch_delivers_it() {
+        let writes = OwnWrites::default();
+        writes.wrote(Some("1".into()), &volume("u", "2"));
+        writes.wrote(Some("2".into()), &volume("u", "3"));
+        // The watch delivers the versions the writes replaced: still behind.
+        writes.seen(&volume("u", "1"));
+        writes.seen(&volume("u", "2"));
+        assert_eq!(writes.len(), 1);
+        assert_eq!(
+            writes.newest(volume("u", "2")).resource_version().unwrap(),
+            "3"
+        );
+        // Then the last write itself: nothing is kept any more.
+        writes.seen(&volume("u", "3"));
+        assert_eq!(writes.len(), 0);
+        // Nor for another object's delivery.
+        writes.wrote(Some("1".into()), &volume("v", "2"));
+        writes.seen(&volume("w", "9"));
+        assert_eq!(writes.len(), 1);
     }
 
     #[test]
