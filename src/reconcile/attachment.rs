@@ -94,8 +94,9 @@ pub async fn reconcile(
         Some(_) | None => return Ok(Action::await_change()),
     };
     let started = std::time::Instant::now();
-    let result = Reconcile::new(attachment.as_ref().clone(), &context)
-        .run()
+    // Boxed: the controller spawns a task for every woken object, and most of a storm's only
+    // find their lane full; each holds just this function's own state, not a whole reconcile's.
+    let result = Box::pin(Reconcile::new(attachment.as_ref().clone(), &context).run())
         .instrument(span)
         .await;
     context

@@ -382,3 +382,18 @@ async fn a_volume_whose_cache_is_behind_its_own_writes_is_decided_on_what_it_wro
     let second = std::mem::take(&mut *harness.log.lock().expect("the log"));
     assert_eq!(second, ["driver probe h1"], "{second:#?}");
 }
+
+/// The controller spawns a task for every object woken, holding the reconcile's future whole; in
+/// a storm thousands wait for their lane at once, so the part that runs only with a turn is
+/// boxed, and what a waiting one holds stays small.
+#[tokio::test]
+async fn a_reconcile_waiting_for_its_turn_holds_little_memory() {
+    let mut harness = Harness::new();
+    harness.create("va", &[]);
+    let cached = harness
+        .cached("va")
+        .expect("the attachment is in the cache");
+    let reconcile = attachment::reconcile(Arc::new(cached), harness.context.clone());
+    let size = size_of_val(&reconcile);
+    assert!(size <= 1024, "the spawned reconcile is {size} bytes");
+}
