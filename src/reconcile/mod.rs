@@ -126,14 +126,13 @@ pub async fn run(
     let attachments_api = Api::<VolumeAttachment>::all(client.clone());
     let volumes_api = Api::<Volume>::all(client.clone());
 
-    // The caches keep objects without their managed fields, which nothing here reads and which
-    // are most of an object's size. The attachment controller's concurrency is unbounded: the
-    // lanes (`Lanes`) bound what runs.
+    // The caches keep objects slimmed (`slim_for_cache`). The attachment controller's
+    // concurrency is unbounded: the lanes (`Lanes`) bound what runs.
     let (attachments, writer) = reflector::store();
     let attachment_controller = Controller::for_stream(
         reflector(
             writer,
-            watcher(attachments_api, watch.clone()).modify(without_managed_fields),
+            watcher(attachments_api, watch.clone()).modify(slim_for_cache),
         )
         .applied_objects(),
         attachments.clone(),
@@ -145,7 +144,7 @@ pub async fn run(
     let volume_controller = Controller::for_stream(
         reflector(
             writer,
-            watcher(volumes_api.clone(), watch.clone()).modify(without_managed_fields),
+            watcher(volumes_api.clone(), watch.clone()).modify(slim_for_cache),
         )
         .inspect_ok({
             let own_volume_writes = own_volume_writes.clone();
@@ -299,8 +298,18 @@ fn volume_concurrency(config: &Config) -> u16 {
     u16::try_from((config.concurrency / 4).max(1)).unwrap_or(u16::MAX)
 }
 
-fn without_managed_fields<K: Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
+/// What `kubectl apply` (client-side) keeps in an object: a whole copy of the applied manifest.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// An object as the caches keep it: without its managed fields and without the copy of the last
+/// `kubectl apply`, which nothing here reads, which are most of an object's size, and which no
+/// write sends back (status is applied, finalizers are patched).
+fn slim_for_cache<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED_ANNOTATION);
+    }
 }
 
 /// A digest of what the attachments of `volume` decide on (see [`run`]).

@@ -85,9 +85,9 @@ impl<K: Resource + Clone> OwnWrites<K> {
         let (Some(uid), Some(replaced)) = (object.uid(), replaced) else {
             return;
         };
-        // Kept as the cache keeps objects: without their managed fields.
+        // Kept as the cache keeps objects.
         let mut object = object.clone();
-        object.meta_mut().managed_fields = None;
+        super::slim_for_cache(&mut object);
         let mut written = self.lock();
         let now = Instant::now();
         written.retain(|_, w| now.duration_since(w.at) < KEEP);

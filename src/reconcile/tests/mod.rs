@@ -397,3 +397,24 @@ async fn a_reconcile_waiting_for_its_turn_holds_little_memory() {
     let size = size_of_val(&reconcile);
     assert!(size <= 1024, "the spawned reconcile is {size} bytes");
 }
+
+#[test]
+fn the_cache_keeps_no_copy_of_the_last_kubectl_apply_and_every_other_annotation() {
+    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
+        .expect("an attachment spec");
+    let mut attachment = VolumeAttachment::new("va", spec);
+    attachment.annotations_mut().extend([
+        (
+            "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
+            "{\"apiVersion\":\"safedetach.io/v1alpha1\"}".to_owned(),
+        ),
+        (FORCE_DETACH_ANNOTATION.to_owned(), "t1".to_owned()),
+    ]);
+    attachment.metadata.managed_fields = Some(vec![Default::default()]);
+    super::slim_for_cache(&mut attachment);
+    assert_eq!(
+        attachment.annotations().keys().collect::<Vec<_>>(),
+        [FORCE_DETACH_ANNOTATION]
+    );
+    assert_eq!(attachment.metadata.managed_fields, None);
+}
