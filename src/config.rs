@@ -5,7 +5,7 @@
 //! defaultStuckAfter: 2m      # a Volume's stuckAfter when it sets none
 //! resyncInterval: 60s        # how often converged objects are checked against the backend
 //! concurrency: 16            # reconciles at once: of attachments being deleted, and of other
-//!                            # attachments, each; Volumes a quarter of that
+//!                            # attachments, each; and of Volumes
 //! drivers:
 //!   - name: nbd              # what Volume.spec.driver names
 //!     deadline: 30s          # every call to this driver gives up after this (unknown outcome)
@@ -116,7 +116,7 @@ pub struct Config {
     pub default_stuck_after: Duration,
     pub resync_interval: Duration,
     /// How many reconciles run at once, in each of two lanes: attachments being deleted, and the
-    /// other attachments. Volumes have a quarter of that.
+    /// other attachments; and as many Volume reconciles.
     pub concurrency: usize,
     /// Drivers by the name Volumes use, each call bounded by its deadline.
     pub drivers: BTreeMap<String, Arc<dyn Driver>>,

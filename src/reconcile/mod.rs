@@ -291,11 +291,12 @@ async fn stop_waiting(
     }
 }
 
-/// Volume reconciles at once: a quarter of an attachment lane's. A Volume's status reports what
-/// its attachments and the backend already settled; in a storm, a slower lane lets the many
-/// changes of one Volume's attachments wake it once instead of once each.
+/// Volume reconciles at once: as many as in an attachment lane. Each waits on the backend and
+/// the apiserver in turn (a probe, a finalizer, a status write), so fewer would leave thousands
+/// of new Volumes unreconciled for minutes after their attachments settled; the many changes of
+/// one Volume's attachments still wake it once while it waits, not once each.
 fn volume_concurrency(config: &Config) -> u16 {
-    u16::try_from((config.concurrency / 4).max(1)).unwrap_or(u16::MAX)
+    u16::try_from(config.concurrency.max(1)).unwrap_or(u16::MAX)
 }
 
 /// What `kubectl apply` (client-side) keeps in an object: a whole copy of the applied manifest.
