@@ -57,6 +57,10 @@ pub fn between(
     node: &str,
 ) -> Vec<Notice> {
     let mut notices = Vec::new();
+    // An automatic force that resolves a phase stuck just now says so itself: the Stuck
+    // condition's own Warning would tell the same in a second Event.
+    let stuck_now = flipped_true(old, new, STUCK);
+    let mut stuck_told = false;
 
     if let Some(force) = &new.force_detach
         && old.force_detach.as_ref().is_none_or(|o| {
@@ -64,11 +68,20 @@ pub fn between(
         })
     {
         match force.state {
-            ForceDetachState::InProgress => notices.push(Notice::new(
-                Severity::Warning,
-                reasons::FORCE_DETACHING,
-                format!("forcing volume {volume} off node {node}: {}", describe(force)),
-            )),
+            ForceDetachState::InProgress => {
+                let why = match stuck_now.filter(|_| force.token.is_none()) {
+                    Some(stuck) => {
+                        stuck_told = true;
+                        format!("{}; {}", stuck.message, describe(force))
+                    }
+                    None => describe(force),
+                };
+                notices.push(Notice::new(
+                    Severity::Warning,
+                    reasons::FORCE_DETACHING,
+                    format!("forcing volume {volume} off node {node}: {why}"),
+                ));
+            }
             ForceDetachState::Succeeded => notices.push(Notice::new(
                 Severity::Warning,
                 reasons::FORCE_DETACHED,
@@ -123,6 +136,9 @@ pub fn between(
         (ATTACH_BLOCKED, Severity::Warning),
         (REQUEST_REJECTED, Severity::Warning),
     ] {
+        if type_ == STUCK && stuck_told {
+            continue;
+        }
         if let Some(condition) = flipped_true(old, new, type_) {
             notices.push(Notice::new(
                 severity,

@@ -1087,6 +1087,42 @@ mod status_tests {
     }
 
     #[test]
+    fn an_automatic_force_of_a_stuck_attachment_is_one_warning_that_says_why() {
+        let policy = policy(true, false);
+        let backend = connected(&[NODE]);
+        let start = in_phase(Detaching, 0);
+        let before = stepped(
+            &start,
+            &Step::Detach,
+            &observed(&backend, &policy, &Request::None, t(10)),
+        );
+        let step = Step::ForceDetach {
+            reason: ForceDetachReason::StuckDetaching,
+            token: None,
+        };
+        let forcing = stepped(
+            &before,
+            &step,
+            &observed(&backend, &policy, &Request::None, t(1000)),
+        );
+        assert!(crate::api::is_true(&forcing.conditions, STUCK));
+        let notices = between(&before, &forcing, "v", NODE);
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert_eq!(
+            (notices[0].reason.as_str(), notices[0].severity),
+            ("ForceDetaching", Severity::Warning)
+        );
+        assert!(
+            notices[0]
+                .message
+                .contains("Detaching for longer than stuckAfter")
+                && notices[0].message.contains("reason StuckDetaching"),
+            "{}",
+            notices[0].message
+        );
+    }
+
+    #[test]
     fn a_forced_detach_says_it_was_forced_why_and_for_which_token() {
         let policy = policy(true, false);
         let request = Request::New("t9".into());
