@@ -23,6 +23,7 @@ use crate::runtime::leader::Fence;
 use crate::runtime::metrics::Metrics;
 use backoff::Backoff;
 use events::Publisher;
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
@@ -126,37 +127,42 @@ pub async fn run(
     let attachments_api = Api::<VolumeAttachment>::all(client.clone());
     let volumes_api = Api::<Volume>::all(client.clone());
 
-    // The caches keep objects slimmed (`slim_for_cache`). The attachment controller's
-    // concurrency is unbounded: the lanes (`Lanes`) bound what runs.
+    // One watch of each kind. The caches keep objects slimmed (`slim_for_cache`); each object a
+    // watch delivers is also handed, after its cache took it in, to the other controller
+    // (`Touched`), which would otherwise watch the same kind a second time. The attachment
+    // controller's concurrency is unbounded: the lanes (`Lanes`) bound what runs.
+    let (attachments_touched, touched_attachments) = Touched::channel();
     let (attachments, writer) = reflector::store();
     let attachment_controller = Controller::for_stream(
         reflector(
             writer,
             watcher(attachments_api, watch.clone()).modify(slim_for_cache),
         )
+        .inspect_ok(move |event| attachments_touched.send(event))
         .applied_objects(),
         attachments.clone(),
     );
     // A Volume the watch delivers is what the cache holds now: the writes of this replica it
     // shows need no longer be kept.
     let own_volume_writes = Arc::new(OwnWrites::default());
+    let (volumes_touched, touched_volumes) = Touched::channel();
     let (volumes, writer) = reflector::store();
     let volume_controller = Controller::for_stream(
-        reflector(
-            writer,
-            watcher(volumes_api.clone(), watch.clone()).modify(slim_for_cache),
-        )
-        .inspect_ok({
-            let own_volume_writes = own_volume_writes.clone();
-            move |event| match event {
-                watcher::Event::Apply(volume) | watcher::Event::InitApply(volume) => {
-                    own_volume_writes.seen(volume);
+        reflector(writer, watcher(volumes_api, watch).modify(slim_for_cache))
+            .inspect_ok({
+                let own_volume_writes = own_volume_writes.clone();
+                move |event| {
+                    match event {
+                        watcher::Event::Apply(volume) | watcher::Event::InitApply(volume) => {
+                            own_volume_writes.seen(volume);
+                        }
+                        watcher::Event::Delete(volume) => own_volume_writes.forget(volume),
+                        watcher::Event::Init | watcher::Event::InitDone => {}
+                    }
+                    volumes_touched.send(event);
                 }
-                watcher::Event::Delete(volume) => own_volume_writes.forget(volume),
-                watcher::Event::Init | watcher::Event::InitDone => {}
-            }
-        })
-        .applied_objects(),
+            })
+            .applied_objects(),
         volumes.clone(),
     )
     .with_config(
@@ -216,8 +222,8 @@ pub async fn run(
                 .collect::<Vec<_>>()
         }
     };
-    let volume_changes = watcher(volumes_api, watch.clone())
-        .touched_objects()
+    let volume_changes = touched_volumes
+        .map(Ok)
         .predicate_filter(concerns_attachments, PredicateConfig::default());
     // An attachment's change concerns its Volume's view of which connections are claimed.
     let volume_of_attachment =
@@ -250,11 +256,7 @@ pub async fn run(
             futures::future::ready(())
         });
     let volume_loop = volume_controller
-        .watches(
-            Api::<VolumeAttachment>::all(context.client.clone()),
-            watch,
-            volume_of_attachment,
-        )
+        .watches_stream(touched_attachments.map(Ok), volume_of_attachment)
         .reconcile_on(found_volumes)
         .graceful_shutdown_on(shutdown.clone())
         .run(volume::reconcile, volume::error_policy, context)
@@ -267,6 +269,30 @@ pub async fn run(
         _ = futures::future::join(attachment_loop, volume_loop) => info!("controllers stopped"),
         () = stop_waiting(shutdown, caches_synced) => {
             warn!("controllers stopped without waiting for the reconciles under way");
+        }
+    }
+}
+
+/// Hands each object a watch delivers (applied, listed again, or deleted) to another controller,
+/// after the watch's own cache took it in (a re-list's objects join that cache together, at the
+/// end of the list).
+struct Touched<K>(UnboundedSender<K>);
+
+impl<K: Clone> Touched<K> {
+    fn channel() -> (Self, UnboundedReceiver<K>) {
+        let (sender, receiver) = futures::channel::mpsc::unbounded();
+        (Self(sender), receiver)
+    }
+
+    fn send(&self, event: &watcher::Event<K>) {
+        match event {
+            watcher::Event::Apply(object)
+            | watcher::Event::InitApply(object)
+            | watcher::Event::Delete(object) => {
+                // The other controller has stopped: nothing is left to wake.
+                let _ = self.0.unbounded_send(object.clone());
+            }
+            watcher::Event::Init | watcher::Event::InitDone => {}
         }
     }
 }

@@ -418,3 +418,26 @@ fn the_cache_keeps_no_copy_of_the_last_kubectl_apply_and_every_other_annotation(
     );
     assert_eq!(attachment.metadata.managed_fields, None);
 }
+
+#[test]
+fn each_object_a_watch_delivers_reaches_the_other_controller_deletes_included() {
+    let (touched, mut received) = super::Touched::<VolumeAttachment>::channel();
+    let spec: crate::api::VolumeAttachmentSpec =
+        serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
+            .expect("an attachment spec");
+    let object = |name: &str| VolumeAttachment::new(name, spec.clone());
+    for event in [
+        watcher::Event::Init,
+        watcher::Event::InitApply(object("listed")),
+        watcher::Event::InitDone,
+        watcher::Event::Apply(object("applied")),
+        watcher::Event::Delete(object("deleted")),
+    ] {
+        touched.send(&event);
+    }
+    drop(touched);
+    let names: Vec<String> = futures::executor::block_on_stream(&mut received)
+        .map(|a| a.name_any())
+        .collect();
+    assert_eq!(names, ["listed", "applied", "deleted"]);
+}
