@@ -6,6 +6,8 @@
 //! resyncInterval: 60s        # how often converged objects are checked against the backend
 //! concurrency: 16            # reconciles at once: of attachments being deleted, and of other
 //!                            # attachments, each; and of Volumes
+//! kubeApiQps: 500            # requests a second to the Kubernetes API, on average; 0: no limit
+//! kubeApiBurst: 1000         # requests at once after a quiet spell; unset: twice kubeApiQps
 //! drivers:
 //!   - name: nbd              # what Volume.spec.driver names
 //!     deadline: 30s          # every call to this driver gives up after this (unknown outcome)
@@ -24,6 +26,7 @@ use crate::driver::nbd::{NbdConfig, NbdDriver};
 use crate::driver::{CallObserver, Deadlined, Driver};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +51,8 @@ pub enum ConfigError {
     NoDrivers,
     #[error("concurrency: {0} is not between 1 and {MAX_CONCURRENCY}")]
     Concurrency(usize),
+    #[error("kubeApiBurst: {0} is not at least 1")]
+    Burst(u32),
 }
 
 /// The configuration file as written, before it is validated: what [`Config::parse`] reads, and
@@ -62,6 +67,10 @@ pub struct ConfigFile {
     pub resync_interval: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube_api_qps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube_api_burst: Option<u32>,
     pub drivers: Vec<DriverEntry>,
 }
 
@@ -118,6 +127,9 @@ pub struct Config {
     /// How many reconciles run at once, in each of two lanes: attachments being deleted, and the
     /// other attachments; and as many Volume reconciles.
     pub concurrency: usize,
+    /// The client-side bound on the controllers' requests to the Kubernetes API; `None`: the
+    /// apiserver's own priority and fairness alone.
+    pub api_rate: Option<ApiRate>,
     /// Drivers by the name Volumes use, each call bounded by its deadline.
     pub drivers: BTreeMap<String, Arc<dyn Driver>>,
 }
@@ -130,6 +142,19 @@ const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 const DEFAULT_CONCURRENCY: usize = 16;
 /// A bound on `concurrency`: the controller's own limit is a `u16`.
 const MAX_CONCURRENCY: usize = 1024;
+/// Requests a second by default: the rate of the CSI external-attacher's tuned flags, below the
+/// ~625 status writes a second a 2-core control plane takes from a plain client, and above what
+/// the operator sends in a storm there (~300), so that it binds only on a smaller apiserver's
+/// behalf or when set lower.
+const DEFAULT_QPS: u32 = 500;
+
+/// A token bucket for the requests to the Kubernetes API: `qps` a second on average, up to
+/// `burst` at once after a quiet spell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiRate {
+    pub qps: NonZeroU32,
+    pub burst: NonZeroU32,
+}
 
 impl Config {
     /// Reads, validates and connects: a CSI plugin is asked for its identity and capabilities
@@ -204,9 +229,24 @@ impl Config {
                 Some(n @ 1..=MAX_CONCURRENCY) => n,
                 Some(n) => return Err(ConfigError::Concurrency(n)),
             },
+            api_rate: api_rate(file.kube_api_qps, file.kube_api_burst)?,
             drivers,
         })
     }
+}
+
+/// The rate limit `kubeApiQps` and `kubeApiBurst` ask for: none for a rate of 0; unset, a burst
+/// of two seconds' worth, as client-go's defaults (5 and 10) and the external-attacher's tuned
+/// flags (500 and 1000) have it.
+fn api_rate(qps: Option<u32>, burst: Option<u32>) -> Result<Option<ApiRate>, ConfigError> {
+    let Some(qps) = NonZeroU32::new(qps.unwrap_or(DEFAULT_QPS)) else {
+        return Ok(None);
+    };
+    let burst = match burst {
+        None => NonZeroU32::new(qps.get().saturating_mul(2)).unwrap_or(qps),
+        Some(n) => NonZeroU32::new(n).ok_or(ConfigError::Burst(n))?,
+    };
+    Ok(Some(ApiRate { qps, burst }))
 }
 
 fn duration_or(
@@ -232,6 +272,8 @@ mod tests {
             default_stuck_after: Some("30s".into()),
             resync_interval: Some("5s".into()),
             concurrency: None,
+            kube_api_qps: Some(50),
+            kube_api_burst: None,
             drivers: vec![
                 DriverEntry::nbd(
                     "nbd",
@@ -256,5 +298,21 @@ mod tests {
         assert!(!text.contains("concurrency"), "{text}");
         let read: ConfigFile = serde_saphyr::from_str(&text).unwrap();
         assert_eq!(read, file);
+    }
+
+    #[test]
+    fn the_api_rate_is_500_a_second_unless_set_and_none_at_zero() {
+        let rate = |qps: u32, burst: u32| ApiRate {
+            qps: NonZeroU32::new(qps).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        };
+        assert_eq!(api_rate(None, None).unwrap(), Some(rate(500, 1000)));
+        assert_eq!(api_rate(Some(50), None).unwrap(), Some(rate(50, 100)));
+        assert_eq!(api_rate(Some(50), Some(10)).unwrap(), Some(rate(50, 10)));
+        assert_eq!(api_rate(Some(0), Some(10)).unwrap(), None);
+        assert!(matches!(
+            api_rate(Some(50), Some(0)),
+            Err(ConfigError::Burst(0))
+        ));
     }
 }

@@ -2,6 +2,7 @@ use clap::{Parser, Subcommand};
 use futures::FutureExt;
 use safe_detach::api::parse_duration;
 use safe_detach::config::Config;
+use safe_detach::runtime::api_rate;
 use safe_detach::runtime::health::{self, Health};
 use safe_detach::runtime::leader;
 use safe_detach::runtime::metrics::Metrics;
@@ -112,8 +113,11 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let client = match kube::Client::try_default().await {
-        Ok(client) => client,
+    // The lease's own client, unbounded, and the controllers', within `kubeApiQps`.
+    let clients =
+        futures::future::try_join(api_rate::client(None), api_rate::client(config.api_rate));
+    let (lease_client, client) = match clients.await {
+        Ok(clients) => clients,
         Err(error) => {
             error!(%error, "cannot build a Kubernetes client");
             return ExitCode::FAILURE;
@@ -134,7 +138,7 @@ async fn run(args: RunArgs) -> ExitCode {
     let mut leadership = None;
     if args.leader_elect {
         let joined = leader::join(
-            client.clone(),
+            lease_client,
             &args.lease_namespace,
             &args.lease_name,
             identity.clone(),

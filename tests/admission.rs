@@ -272,8 +272,8 @@ async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
     let config = ConfigFile {
         default_stuck_after: Some("30s".into()),
         resync_interval: Some("5s".into()),
-        concurrency: None,
         drivers: vec![DriverEntry::nbd(driver.as_str(), qsd.config()).with_deadline("5s")],
+        ..ConfigFile::default()
     }
     .to_text()
     .expect("the daemon's paths are UTF-8");

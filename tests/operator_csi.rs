@@ -97,7 +97,6 @@ impl CsiScenario {
         let config = ConfigFile {
             default_stuck_after: Some(format!("{}s", STUCK_AFTER.as_secs())),
             resync_interval: Some(format!("{}s", RESYNC.as_secs())),
-            concurrency: None,
             drivers: vec![
                 DriverEntry::csi(
                     "csi",
@@ -108,6 +107,7 @@ impl CsiScenario {
                 )
                 .with_deadline(setup.deadline),
             ],
+            ..ConfigFile::default()
         }
         .to_text()
         .expect("the plugin's socket path is UTF-8");
@@ -587,7 +587,10 @@ async fn case4_refused_unpublish_stays_detaching_until_an_unpublish_succeeds() {
         VA,
         &name,
         "ForceDetaching",
-        &["Detaching for longer than stuckAfter", "reason StuckDetaching"],
+        &[
+            "Detaching for longer than stuckAfter",
+            "reason StuckDetaching",
+        ],
     )
     .await;
     assert_eq!(s.occurrences(VA, &name, "StuckDetaching").await, 0);

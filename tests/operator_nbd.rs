@@ -540,7 +540,10 @@ async fn case4_detaching_while_in_use_is_forced_after_stuck_after_and_recorded_o
             VA,
             &name,
             "ForceDetaching",
-            &["Detaching for longer than stuckAfter", "reason StuckDetaching"],
+            &[
+                "Detaching for longer than stuckAfter",
+                "reason StuckDetaching",
+            ],
         )
         .await;
     assert_eq!(s.occurrences(VA, &name, "StuckDetaching").await, 0);

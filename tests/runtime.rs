@@ -36,6 +36,27 @@ async fn election(lease: &'static str) -> Scenario {
     .await
 }
 
+/// `kubeApiQps` holds the controllers to their rate. At one request a second (burst 1), the
+/// requests of one attach (the attachment's finalizer, its intent and its `Attached`, an Event)
+/// take seconds, where at the default rate they take a fraction of one.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_rate_limit_holds_the_controllers_to_their_rate() {
+    let mut s = Scenario::with(Setup {
+        api_rate: Some((1, 1)),
+        ..Setup::default()
+    })
+    .await;
+    let volume = s.volume("rate", "disk-rate", json!({})).await;
+    let created = Instant::now();
+    let (name, _) = s.attach("rate", &volume, "node-a").await;
+    let took = created.elapsed();
+    println!("FIGURE: one attach at 1 request a second: Attached {took:?} after its create");
+    assert!(
+        took >= Duration::from_millis(2500),
+        "{name} was Attached {took:?} after its create: its 4 requests were not held to 1 a second"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_replica_acts_and_another_takes_over_when_it_dies() {
     let lease_duration = Duration::from_secs(5);

@@ -69,6 +69,8 @@ pub struct Setup {
     /// Run the operator under this kubeconfig instead of its own identity (another user's
     /// rights, for instance); not with an [`ApiProxy`].
     pub kubeconfig: Option<PathBuf>,
+    /// The operator's `kubeApiQps` and `kubeApiBurst`; unset, its defaults.
+    pub api_rate: Option<(u32, u32)>,
 }
 
 impl Default for Setup {
@@ -82,6 +84,7 @@ impl Default for Setup {
             api_frozen: false,
             leader_election: None,
             kubeconfig: None,
+            api_rate: None,
         }
     }
 }
@@ -136,7 +139,7 @@ impl Scenario {
             .as_ref()
             .map_or_else(|| qsd.qmp_socket(), |p| p.socket().to_owned());
         let shard = unique_name("shard");
-        let config = operator_config(&qsd, &qmp_socket, setup.deadline);
+        let config = operator_config(&qsd, &qmp_socket, setup.deadline, setup.api_rate);
         let election = setup
             .leader_election
             .map(|duration| (unique_name("lease"), duration));
@@ -428,12 +431,19 @@ pub fn write_requests(metrics: &str) -> BTreeMap<String, f64> {
 
 /// The operator's configuration file for a daemon reached at `qmp_socket`, with the short clocks
 /// the tests run on.
-fn operator_config(qsd: &Qsd, qmp_socket: &Path, deadline: &str) -> String {
+fn operator_config(
+    qsd: &Qsd,
+    qmp_socket: &Path,
+    deadline: &str,
+    api_rate: Option<(u32, u32)>,
+) -> String {
     ConfigFile {
         default_stuck_after: Some(format!("{}s", STUCK_AFTER.as_secs())),
         resync_interval: Some(format!("{}s", RESYNC.as_secs())),
-        concurrency: None,
+        kube_api_qps: api_rate.map(|(qps, _)| qps),
+        kube_api_burst: api_rate.map(|(_, burst)| burst),
         drivers: vec![DriverEntry::nbd("nbd", qsd.config_via(qmp_socket)).with_deadline(deadline)],
+        ..ConfigFile::default()
     }
     .to_text()
     .expect("the daemon's paths are UTF-8")

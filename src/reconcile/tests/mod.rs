@@ -74,6 +74,7 @@ impl Harness {
                 default_stuck_after: Duration::from_secs(120),
                 resync_interval: RESYNC,
                 concurrency: 4,
+                api_rate: None,
                 drivers,
             },
             volumes,

@@ -131,10 +131,10 @@ pub async fn run(plan: Plan) -> Outcome {
     let config = ConfigFile {
         default_stuck_after: Some(format!("{}s", STUCK_AFTER.as_secs())),
         resync_interval: Some(format!("{}s", RESYNC.as_secs())),
-        concurrency: None,
         drivers: vec![
             DriverEntry::nbd("nbd", qsd.config_via(proxy.socket())).with_deadline(DEADLINE),
         ],
+        ..ConfigFile::default()
     }
     .to_text()
     .expect("the daemon's paths are UTF-8");
