@@ -51,6 +51,8 @@ pub enum ConfigError {
     NoDrivers,
     #[error("concurrency: {0} is not between 1 and {MAX_CONCURRENCY}")]
     Concurrency(usize),
+    #[error("kubeApiQps: {0} is more than {MAX_QPS}; 0 turns the limit off")]
+    Qps(u32),
     #[error("kubeApiBurst: {0} is not at least 1")]
     Burst(u32),
 }
@@ -147,6 +149,8 @@ const MAX_CONCURRENCY: usize = 1024;
 /// the operator sends in a storm there (~300), so that it binds only on a smaller apiserver's
 /// behalf or when set lower.
 const DEFAULT_QPS: u32 = 500;
+/// A bound on `kubeApiQps`: past it the bucket's refill would round to no wait at all.
+const MAX_QPS: u32 = 100_000;
 
 /// A token bucket for the requests to the Kubernetes API: `qps` a second on average, up to
 /// `burst` at once after a quiet spell.
@@ -239,7 +243,11 @@ impl Config {
 /// of two seconds' worth, as client-go's defaults (5 and 10) and the external-attacher's tuned
 /// flags (500 and 1000) have it.
 fn api_rate(qps: Option<u32>, burst: Option<u32>) -> Result<Option<ApiRate>, ConfigError> {
-    let Some(qps) = NonZeroU32::new(qps.unwrap_or(DEFAULT_QPS)) else {
+    let qps = qps.unwrap_or(DEFAULT_QPS);
+    if qps > MAX_QPS {
+        return Err(ConfigError::Qps(qps));
+    }
+    let Some(qps) = NonZeroU32::new(qps) else {
         return Ok(None);
     };
     let burst = match burst {
@@ -313,6 +321,10 @@ mod tests {
         assert!(matches!(
             api_rate(Some(50), Some(0)),
             Err(ConfigError::Burst(0))
+        ));
+        assert!(matches!(
+            api_rate(Some(2_000_000_000), None),
+            Err(ConfigError::Qps(2_000_000_000))
         ));
     }
 }

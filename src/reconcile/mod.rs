@@ -13,7 +13,7 @@ mod sweep;
 mod tests;
 mod volume;
 
-use crate::api::{Volume, VolumeAttachment};
+use crate::api::{Volume, VolumeAttachment, VolumeStatus};
 use crate::config::Config;
 use crate::decide::{ProbeAnswer, VolumeProblem};
 
@@ -26,6 +26,7 @@ use events::Publisher;
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt, TryStreamExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
@@ -127,9 +128,9 @@ pub async fn run(
     let attachments_api = Api::<VolumeAttachment>::all(client.clone());
     let volumes_api = Api::<Volume>::all(client.clone());
 
-    // One watch of each kind. The caches keep objects slimmed (`slim_for_cache`); each object a
-    // watch delivers is also handed, after its cache took it in, to the other controller
-    // (`Touched`), which would otherwise watch the same kind a second time. The attachment
+    // One watch of each kind. The caches keep objects slimmed (`slim_for_cache`); what the other
+    // controller needs of each object a watch delivers is handed to it too, after the cache took
+    // the object in (`Touched`), instead of a second watch of the same kind. The attachment
     // controller's concurrency is unbounded: the lanes (`Lanes`) bound what runs.
     let (attachments_touched, touched_attachments) = Touched::channel();
     let (attachments, writer) = reflector::store();
@@ -138,7 +139,12 @@ pub async fn run(
             writer,
             watcher(attachments_api, watch.clone()).modify(slim_for_cache),
         )
-        .inspect_ok(move |event| attachments_touched.send(event))
+        // An attachment's change concerns its Volume's view of which connections are claimed.
+        .inspect_ok(move |event| {
+            attachments_touched.send(event, |attachment: &VolumeAttachment| {
+                ObjectRef::<Volume>::new(&attachment.spec.volume_name)
+            });
+        })
         .applied_objects(),
         attachments.clone(),
     );
@@ -159,7 +165,7 @@ pub async fn run(
                         watcher::Event::Delete(volume) => own_volume_writes.forget(volume),
                         watcher::Event::Init | watcher::Event::InitDone => {}
                     }
-                    volumes_touched.send(event);
+                    volumes_touched.send(event, what_attachments_follow);
                 }
             })
             .applied_objects(),
@@ -225,9 +231,6 @@ pub async fn run(
     let volume_changes = touched_volumes
         .map(Ok)
         .predicate_filter(concerns_attachments, PredicateConfig::default());
-    // An attachment's change concerns its Volume's view of which connections are claimed.
-    let volume_of_attachment =
-        |attachment: VolumeAttachment| Some(ObjectRef::<Volume>::new(&attachment.spec.volume_name));
 
     // The converged objects whose record the backend no longer matches, as the sweep finds them.
     let (attachments_found, found_attachments) = futures::channel::mpsc::unbounded();
@@ -256,7 +259,7 @@ pub async fn run(
             futures::future::ready(())
         });
     let volume_loop = volume_controller
-        .watches_stream(touched_attachments.map(Ok), volume_of_attachment)
+        .reconcile_on(touched_attachments)
         .reconcile_on(found_volumes)
         .graceful_shutdown_on(shutdown.clone())
         .run(volume::reconcile, volume::error_policy, context)
@@ -273,27 +276,50 @@ pub async fn run(
     }
 }
 
-/// Hands each object a watch delivers (applied, listed again, or deleted) to another controller,
-/// after the watch's own cache took it in (a re-list's objects join that cache together, at the
-/// end of the list).
-struct Touched<K>(UnboundedSender<K>);
+/// Hands what another controller needs of each object a watch delivers (applied, listed again,
+/// or deleted) to it, after the watch's own cache took the object in (a re-list's objects join
+/// that cache together, at the end of the list). Only that little is queued, never a copy of the
+/// object: while the other controller pauses its triggers (a failed watch of its own backs them
+/// off), a storm's changes wait there.
+struct Touched<T>(UnboundedSender<T>);
 
-impl<K: Clone> Touched<K> {
-    fn channel() -> (Self, UnboundedReceiver<K>) {
+impl<T> Touched<T> {
+    fn channel() -> (Self, UnboundedReceiver<T>) {
         let (sender, receiver) = futures::channel::mpsc::unbounded();
         (Self(sender), receiver)
     }
 
-    fn send(&self, event: &watcher::Event<K>) {
+    fn send<K>(&self, event: &watcher::Event<K>, needed: impl Fn(&K) -> T) {
         match event {
             watcher::Event::Apply(object)
             | watcher::Event::InitApply(object)
             | watcher::Event::Delete(object) => {
                 // The other controller has stopped: nothing is left to wake.
-                let _ = self.0.unbounded_send(object.clone());
+                let _ = self.0.unbounded_send(needed(object));
             }
             watcher::Event::Init | watcher::Event::InitDone => {}
         }
+    }
+}
+
+/// What of a Volume the wake-ups of its attachments rest on: its identity (name and UID), and
+/// what [`concerns_attachments`] reads.
+fn what_attachments_follow(volume: &Volume) -> Volume {
+    let metadata = &volume.metadata;
+    Volume {
+        metadata: ObjectMeta {
+            name: metadata.name.clone(),
+            namespace: metadata.namespace.clone(),
+            uid: metadata.uid.clone(),
+            generation: metadata.generation,
+            deletion_timestamp: metadata.deletion_timestamp.clone(),
+            ..ObjectMeta::default()
+        },
+        spec: volume.spec.clone(),
+        status: volume.status.as_ref().map(|status| VolumeStatus {
+            connected_nodes: status.connected_nodes.clone(),
+            ..VolumeStatus::default()
+        }),
     }
 }
 

@@ -422,7 +422,7 @@ fn the_cache_keeps_no_copy_of_the_last_kubectl_apply_and_every_other_annotation(
 
 #[test]
 fn each_object_a_watch_delivers_reaches_the_other_controller_deletes_included() {
-    let (touched, mut received) = super::Touched::<VolumeAttachment>::channel();
+    let (touched, mut received) = super::Touched::<String>::channel();
     let spec: crate::api::VolumeAttachmentSpec =
         serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
             .expect("an attachment spec");
@@ -434,11 +434,56 @@ fn each_object_a_watch_delivers_reaches_the_other_controller_deletes_included() 
         watcher::Event::Apply(object("applied")),
         watcher::Event::Delete(object("deleted")),
     ] {
-        touched.send(&event);
+        touched.send(&event, |a: &VolumeAttachment| a.name_any());
     }
     drop(touched);
-    let names: Vec<String> = futures::executor::block_on_stream(&mut received)
-        .map(|a| a.name_any())
-        .collect();
+    let names: Vec<String> = futures::executor::block_on_stream(&mut received).collect();
     assert_eq!(names, ["listed", "applied", "deleted"]);
+}
+
+#[test]
+fn what_a_volume_hands_its_attachments_wakes_them_as_the_whole_volume_would() {
+    let mut volume: Volume = serde_json::from_value(json!({
+        "apiVersion": "safedetach.io/v1alpha1",
+        "kind": "Volume",
+        "metadata": {
+            "name": "vol", "uid": "u1", "generation": 3, "resourceVersion": "17",
+            "deletionTimestamp": "2026-12-01T10:00:00Z",
+            "labels": { "team": "storage" }
+        },
+        "spec": { "driver": "nbd", "volumeHandle": "h1" },
+        "status": {
+            "phase": "InUse", "connectedNodes": ["node-a", "node-b"],
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "BackendAnswers",
+                "message": "the backend answers", "lastTransitionTime": "2026-12-01T10:00:00Z"
+            }]
+        }
+    }))
+    .expect("a Volume");
+    let handed = super::what_attachments_follow(&volume);
+    assert_eq!(
+        super::concerns_attachments(&handed),
+        super::concerns_attachments(&volume)
+    );
+    assert_eq!(ObjectRef::from_obj(&handed), ObjectRef::from_obj(&volume));
+    assert_eq!(handed.metadata.uid.as_deref(), Some("u1"));
+    assert!(
+        handed
+            .status
+            .as_ref()
+            .is_some_and(|s| s.conditions.is_empty())
+    );
+    // Each part the wake-up rests on still tells a change.
+    let before = super::concerns_attachments(&handed);
+    volume
+        .status
+        .as_mut()
+        .expect("status")
+        .connected_nodes
+        .pop();
+    assert_ne!(
+        super::concerns_attachments(&super::what_attachments_follow(&volume)),
+        before
+    );
 }
