@@ -583,17 +583,7 @@ async fn case4_refused_unpublish_stays_detaching_until_an_unpublish_succeeds() {
     );
     assert!(s.occurrences_noting(&name, "DetachFailed", "InUse").await >= 1);
     // The stuck phase is told once, by the force that resolves it, not by a Warning of its own.
-    s.wait_event(
-        VA,
-        &name,
-        "ForceDetaching",
-        &[
-            "Detaching for longer than stuckAfter",
-            "reason StuckDetaching",
-        ],
-    )
-    .await;
-    assert_eq!(s.occurrences(VA, &name, "StuckDetaching").await, 0);
+    s.wait_force_of_stuck_detaching(&name).await;
     s.wait_event(VA, &name, "ForceDetachFailed", &["InUse"])
         .await;
     eprintln!(

@@ -535,18 +535,7 @@ async fn case4_detaching_while_in_use_is_forced_after_stuck_after_and_recorded_o
         export_gone - recorded
     );
 
-    let forcing = s
-        .wait_event(
-            VA,
-            &name,
-            "ForceDetaching",
-            &[
-                "Detaching for longer than stuckAfter",
-                "reason StuckDetaching",
-            ],
-        )
-        .await;
-    assert_eq!(s.occurrences(VA, &name, "StuckDetaching").await, 0);
+    let forcing = s.wait_force_of_stuck_detaching(&name).await;
     assert!(
         forcing.first >= detaching_since + secs(STUCK_AFTER),
         "forced at {} although Detaching only since {detaching_since}",

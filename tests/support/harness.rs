@@ -316,6 +316,25 @@ impl Harness {
             .sum()
     }
 
+    /// Waits for the `ForceDetaching` of the automatic force that resolves attachment `name`'s
+    /// stuck Detaching: it says the phase was stuck, and no `StuckDetaching` Warning goes with it.
+    pub async fn wait_force_of_stuck_detaching(&self, name: &str) -> SeenEvent {
+        let kind = "VolumeAttachment";
+        let forcing = self
+            .wait_event(
+                kind,
+                name,
+                "ForceDetaching",
+                &[
+                    "Detaching for longer than stuckAfter",
+                    "reason StuckDetaching",
+                ],
+            )
+            .await;
+        assert_eq!(self.occurrences(kind, name, "StuckDetaching").await, 0);
+        forcing
+    }
+
     /// Waits for an Event of `reason` about the object whose note contains every one of `notes`.
     pub async fn wait_event(
         &self,
