@@ -7,6 +7,7 @@
 //! - Two Volumes that name one backend volume.
 //! - Two attachments of one (volume, node).
 //! - An orphan that comes back while the operator's cache still has the Volume's older status.
+//! - A restarted operator whose attachments are listed seconds after its Volumes.
 //!
 //! Every check is what the backend shows (the daemon's exports, read over QMP directly, and the
 //! commands it was sent, logged by the QMP proxy) or what the apiserver holds. Clocks are those
@@ -19,6 +20,7 @@ use safe_detach::api::{AttachmentPhase, VOLUME_FINALIZER, Volume, VolumeAttachme
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::Duration;
+use support::harness::WAIT;
 use support::qsd::NbdClient;
 use support::scenario::{Scenario, Setup, attached, export_id, phase, show};
 use tokio::time::Instant;
@@ -444,6 +446,86 @@ async fn a_deleted_volume_is_not_attached_anywhere_new_while_the_cache_lags() {
         "Volume {volume}, being deleted, was exported to {NODE_A} ({export}) for {attachment}; the attachment then:\n{}\n--- operator log (end) ---\n{}",
         show(record.as_ref()),
         s.log_tail(60)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A restart whose attachments are listed after its Volumes
+// ---------------------------------------------------------------------------------------------
+
+/// How late the apiserver answers the restarted operator's list of VolumeAttachments.
+const LATE_LIST: Duration = Duration::from_secs(6);
+
+/// A Volume is deleted while an attachment still holds it on node-a, and the operator starts
+/// again (a crash, a rolling update, a new leader) while the apiserver is slow to list
+/// VolumeAttachments: its Volume cache fills seconds before its attachment cache. Until the
+/// attachments are known, that none names the Volume is not known either: the Volume's finalizer
+/// must stay, the connection must not be recorded as an orphan, and the export must stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_volume_keeps_its_finalizer_while_its_attachments_are_still_being_listed() {
+    let mut s = Scenario::with(Setup {
+        via_proxy: true,
+        api_proxy: true,
+        ..Setup::default()
+    })
+    .await;
+    let handle = "late1";
+    let volume = taken_in(&mut s, "late", handle, json!({})).await;
+    let (attachment, _) = s.attach("late", &volume, NODE_A).await;
+    s.operator.kill();
+    s.volumes
+        .delete(&volume, &kube::api::DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete Volume {volume}: {e}"));
+    s.api().set_list_delay("volumeattachments", LATE_LIST);
+    s.operator.restart();
+
+    // Through the late list, and a little after it.
+    let export = export_id(handle, NODE_A);
+    let until = Instant::now() + LATE_LIST + Duration::from_secs(3);
+    let mut broken = BTreeSet::new();
+    while Instant::now() < until {
+        let record = s
+            .volumes
+            .get_opt(&volume)
+            .await
+            .unwrap_or_else(|e| panic!("get Volume {volume}: {e}"));
+        let Some(record) = record else {
+            broken.insert("the Volume is gone".to_owned());
+            break;
+        };
+        if !record.finalizers().iter().any(|f| f == VOLUME_FINALIZER) {
+            broken.insert("the Volume's finalizer was released".to_owned());
+        }
+        let orphans: Vec<String> = record
+            .status
+            .as_ref()
+            .map(|st| st.orphans.iter().map(|o| o.node.clone()).collect())
+            .unwrap_or_default();
+        if !orphans.is_empty() {
+            broken.insert(format!("the Volume recorded orphans on {orphans:?}"));
+        }
+        if !s.qsd.export_ids().await.contains(&export) {
+            broken.insert(format!("the export {export} went"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.api().set_list_delay("volumeattachments", Duration::ZERO);
+    assert!(
+        broken.is_empty(),
+        "{broken:?} while {attachment} still named it on {NODE_A} and the operator's list of attachments was {LATE_LIST:?} late\n--- operator log (end) ---\n{}",
+        s.log_tail(40)
+    );
+    // The attachment still names the Volume: its detach, then the Volume's release, as designed.
+    s.delete_attachment(&attachment).await;
+    s.wait_attachment_gone(&attachment).await;
+    s.wait_for(&s.volumes, &volume, "released and gone", WAIT, |v| {
+        v.is_none()
+    })
+    .await;
+    assert!(
+        !s.qsd.export_ids().await.contains(&export),
+        "the export {export} outlived its attachment's detach"
     );
 }
 

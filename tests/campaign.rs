@@ -204,6 +204,7 @@ mod observe {
             listed_at: now,
             backend_at: now,
             records,
+            volumes: Some(vec![("va".to_owned(), "v1".to_owned())]),
             exports: Some(
                 nodes
                     .iter()
@@ -364,6 +365,59 @@ mod observe {
             &["n0", "n1"],
         ));
         assert_eq!(rules(&o), [Rule::DoubleAttach]);
+    }
+
+    /// A round without exports in which the shard's Volumes are `volumes` (name, uid).
+    fn with_volumes(records: Vec<Record>, volumes: &[(&str, &str)]) -> Round {
+        Round {
+            volumes: Some(
+                volumes
+                    .iter()
+                    .map(|(n, u)| ((*n).to_owned(), (*u).to_owned()))
+                    .collect(),
+            ),
+            exports: None,
+            ..round(records, &[])
+        }
+    }
+
+    #[test]
+    fn a_volume_released_while_an_attachment_named_it_throughout_is_a_violation() {
+        let mut o = observer();
+        let named = || vec![record("u", "1", AttachmentPhase::Attached, false)];
+        o.check(&with_volumes(named(), &[("va", "v1")]));
+        o.check(&with_volumes(named(), &[]));
+        assert!(
+            rules(&o).is_empty(),
+            "the attachment may have gone just before the release: one more round tells"
+        );
+        o.check(&with_volumes(named(), &[]));
+        assert_eq!(rules(&o), [Rule::ReleasedWhileNamed]);
+    }
+
+    #[test]
+    fn a_volume_released_after_its_last_attachment_went_or_named_after_it_went_is_no_violation() {
+        let mut o = observer();
+        o.check(&with_volumes(
+            vec![record("u", "1", AttachmentPhase::Detaching, true)],
+            &[("va", "v1")],
+        ));
+        o.check(&with_volumes(Vec::new(), &[]));
+        o.check(&with_volumes(Vec::new(), &[]));
+        // An attachment created for the Volume after it went, and the Volume created again.
+        o.check(&with_volumes(
+            vec![record("w", "1", AttachmentPhase::Pending, false)],
+            &[],
+        ));
+        o.check(&with_volumes(
+            vec![record("w", "1", AttachmentPhase::Pending, false)],
+            &[("va", "v2")],
+        ));
+        o.check(&with_volumes(
+            vec![record("w", "2", AttachmentPhase::Attached, false)],
+            &[("va", "v2")],
+        ));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
     }
 }
 

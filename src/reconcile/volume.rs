@@ -2,7 +2,7 @@
 //! which of those no attachment claims (orphans, case 5), and, under `orphanPolicy: Detach`, the
 //! backend-confirmed force-detach of those.
 
-use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe};
+use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe, synced};
 use crate::MANAGER;
 use crate::api::{VOLUME_FINALIZER, Volume, VolumeAttachment, VolumeStatus};
 use crate::decide::events::{orphan_forced, volume_between};
@@ -23,6 +23,9 @@ use tracing::{Instrument, info_span, warn};
 pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Action, Error> {
     let name = volume.name_any();
     let span = info_span!("reconcile", kind = "Volume", object = %name);
+    // Until the attachment cache is filled, every connection would look unclaimed and a deleted
+    // Volume free to go: a restarted operator can list its Volumes before its attachments.
+    synced(&context.attachments).await;
     let started = std::time::Instant::now();
     let volume = context.own_volume_writes.newest(volume.as_ref().clone());
     let action = reconcile_fresh_on_conflict(volume, &context)
@@ -101,6 +104,37 @@ async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Resul
 /// apiserver returns.
 const PASSES: usize = 3;
 
+/// The attachments whose connections count as claimed. On the cache alone, the cache's. On a
+/// pass that may force an orphan off, those the apiserver listed before this pass's turn, and
+/// also those the cache holds now: an attachment created after the list may have attached on a
+/// turn of its own meanwhile, and it was in the cache before it could. A copy the apiserver
+/// listed is preferred to the cache's of the same object; one in either counts.
+pub(super) fn claiming(
+    fresh: Option<&[VolumeAttachment]>,
+    cached: Vec<Arc<VolumeAttachment>>,
+    names: &BTreeSet<String>,
+) -> Vec<Arc<VolumeAttachment>> {
+    let Some(fresh) = fresh else {
+        return cached;
+    };
+    let mut claiming: Vec<Arc<VolumeAttachment>> = fresh
+        .iter()
+        .filter(|a| names.contains(&a.spec.volume_name))
+        .cloned()
+        .map(Arc::new)
+        .collect();
+    let listed: BTreeSet<String> = claiming
+        .iter()
+        .map(|a| a.uid().unwrap_or_default())
+        .collect();
+    claiming.extend(
+        cached
+            .into_iter()
+            .filter(|a| !listed.contains(&a.uid().unwrap_or_default())),
+    );
+    claiming
+}
+
 /// One pass over `volume`. `fresh_attachments`: the attachments as the apiserver has them, for a
 /// pass on a Volume read from the apiserver; without them, the pass is on the cache.
 async fn reconcile_volume(
@@ -166,17 +200,13 @@ async fn reconcile_volume(
         .map(|alias| alias.name_any())
         .collect();
     names.insert(name.clone());
-    let attachments: Vec<Arc<VolumeAttachment>> = match fresh_attachments {
-        Some(fresh) => fresh
-            .iter()
-            .filter(|a| names.contains(&a.spec.volume_name))
-            .cloned()
-            .map(Arc::new)
-            .collect(),
-        None => context
+    let attachments = claiming(
+        fresh_attachments,
+        context
             .attachments
             .state_filter(|a| names.contains(&a.spec.volume_name)),
-    };
+        &names,
+    );
     let claimed: BTreeSet<String> = attachments
         .iter()
         .map(|a| a.spec.node_name.clone())

@@ -6,6 +6,9 @@
 //!   operator that long after the apiserver sent it, in order, while every other request is
 //!   answered at once. The operator's own writes land and answer immediately, but its informer
 //!   cache learns of them late, as a cache behind a slow or overloaded apiserver does.
+//! - A late list ([`ApiProxy::set_list_delay`]): a LIST of one kind is answered that long after
+//!   the apiserver answered it, as a large collection served by a busy apiserver is, while the
+//!   other kinds' lists come at once. A restarted operator's caches then fill in either order.
 //! - A partition ([`ApiProxy::freeze`] and [`ApiProxy::thaw`]): while frozen, nothing the operator
 //!   sends reaches the apiserver and nothing the apiserver sends reaches the operator — new
 //!   requests, answers to requests already on their way, and chunks of open watches are all held
@@ -72,6 +75,8 @@ struct Shared {
     upstream: Client,
     writes: Mutex<Vec<ApiWrite>>,
     watch_delay: Mutex<Duration>,
+    /// The plural resource whose LISTs are answered late, and how late.
+    list_delay: Mutex<Option<(String, Duration)>>,
     /// Whether the partition is on; every holding point waits for this to be false.
     frozen: watch::Sender<bool>,
 }
@@ -79,6 +84,14 @@ struct Shared {
 impl Shared {
     fn watch_delay(&self) -> Duration {
         *self.watch_delay.lock().expect("the proxy's state")
+    }
+
+    /// How late a GET of `path` that is not a watch is answered: a LIST of the lagging kind.
+    fn list_delay(&self, path: &str) -> Duration {
+        match &*self.list_delay.lock().expect("the proxy's state") {
+            Some((plural, delay)) if path.ends_with(&format!("/{plural}")) => *delay,
+            _ => Duration::ZERO,
+        }
     }
 
     /// Resolves at once when not frozen, else at the thaw.
@@ -115,6 +128,7 @@ impl ApiProxy {
             upstream,
             writes: Mutex::default(),
             watch_delay: Mutex::new(Duration::ZERO),
+            list_delay: Mutex::default(),
             frozen: watch::channel(false).0,
         });
         let app = axum::Router::new().fallback({
@@ -165,6 +179,14 @@ impl ApiProxy {
         *self.shared.watch_delay.lock().expect("the proxy's state") = delay;
     }
 
+    /// From now on every LIST of `plural` (e.g. `volumeattachments`, of any group) is handed to
+    /// the operator `delay` after the apiserver answered it; the lists of other kinds, and every
+    /// watch, are not held. Zero turns it off.
+    pub fn set_list_delay(&self, plural: &str, delay: Duration) {
+        *self.shared.list_delay.lock().expect("the proxy's state") =
+            (!delay.is_zero()).then(|| (plural.to_owned(), delay));
+    }
+
     /// Cuts the operator off from the apiserver, in both directions, until [`thaw`](Self::thaw).
     pub fn freeze(&self) {
         self.shared.frozen.send_replace(true);
@@ -210,9 +232,15 @@ async fn forward(shared: Arc<Shared>, request: axum::extract::Request) -> axum::
             });
     }
     let watching = is_watch(parts.uri.query());
+    let late = if parts.method == http::Method::GET && !watching {
+        shared.list_delay(parts.uri.path())
+    } else {
+        Duration::ZERO
+    };
     parts.headers.remove(http::header::HOST);
     let request = http::Request::from_parts(parts, kube::client::Body::from(bytes.to_vec()));
     let answer = shared.upstream.send(request).await;
+    tokio::time::sleep(late).await;
     // An answer that comes back during a partition is held like everything else: a request sent
     // just before the cut must not let the operator learn that it landed.
     shared.thawed().await;

@@ -487,3 +487,43 @@ fn what_a_volume_hands_its_attachments_wakes_them_as_the_whole_volume_would() {
         before
     );
 }
+
+/// A pass that may force an orphan off decides on the attachments the apiserver listed before its
+/// turn and on those the cache holds by then: one created after the list, which attached on a
+/// turn of its own meanwhile, still claims its connection.
+#[test]
+fn an_attachment_created_after_the_fresh_list_still_claims_its_connection() {
+    let attachment = |name: &str, uid: &str, volume: &str, node: &str| {
+        let spec = serde_json::from_value(json!({ "volumeName": volume, "nodeName": node }))
+            .expect("an attachment spec");
+        let mut attachment = VolumeAttachment::new(name, spec);
+        attachment.metadata.uid = Some(uid.to_owned());
+        attachment
+    };
+    let names = ["vol".to_owned()].into();
+    let listed = [
+        attachment("listed", "u1", "vol", "node-a"),
+        attachment("other", "u2", "other-vol", "node-c"),
+    ];
+    let cached = vec![
+        Arc::new(attachment("listed", "u1", "vol", "node-a")),
+        Arc::new(attachment("created-after", "u3", "vol", "node-b")),
+    ];
+    let nodes = |claiming: Vec<Arc<VolumeAttachment>>| -> Vec<String> {
+        claiming.iter().map(|a| a.spec.node_name.clone()).collect()
+    };
+    assert_eq!(
+        nodes(super::volume::claiming(
+            Some(&listed),
+            cached.clone(),
+            &names
+        )),
+        ["node-a", "node-b"],
+        "each attachment once, the listed one from the list, the later one from the cache"
+    );
+    assert_eq!(
+        nodes(super::volume::claiming(None, cached, &names)),
+        ["node-a", "node-b"]
+    );
+    assert!(super::volume::claiming(Some(&[]), Vec::new(), &names).is_empty());
+}

@@ -1,8 +1,8 @@
 //! The observer: the campaign's own view of the system, taken without the operator's help. Each
-//! round reads the records (one LIST of the shard's VolumeAttachments) and then the backend
-//! (`query-block-exports`, straight on the daemon's socket, not through the proxy), in that
-//! order: the operator writes "detached" only after the backend confirmed, so an export listed
-//! after a record said "detached" was listed while the record said so.
+//! round reads the records (one LIST of the shard's VolumeAttachments, then one of its Volumes)
+//! and then the backend (`query-block-exports`, straight on the daemon's socket, not through the
+//! proxy), in that order: the operator writes "detached" only after the backend confirmed, so an
+//! export listed after a record said "detached" was listed while the record said so.
 //!
 //! The checks that need two rounds, or the Events, keep their state here; every finding is a
 //! [`Violation`] with the rule it breaks.
@@ -11,7 +11,7 @@ use super::super::qmp;
 use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use safe_detach::api::{AttachmentPhase, VolumeAttachment};
+use safe_detach::api::{AttachmentPhase, Volume, VolumeAttachment};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -36,11 +36,14 @@ pub enum Rule {
     Panic,
     /// The operator kept writing while everything was converged.
     HotLoop,
+    /// A deleted Volume released (its finalizer gone) while an attachment still named it.
+    ReleasedWhileNamed,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 7] = [
+    pub const ALL: [Rule; 8] = [
         Rule::DetachedWhileExported,
+        Rule::ReleasedWhileNamed,
         Rule::DoubleAttach,
         Rule::TokenReplayed,
         Rule::EarlyOrUnallowedForce,
@@ -58,6 +61,7 @@ impl Rule {
             Rule::NoConvergence => "no-convergence",
             Rule::Panic => "panic",
             Rule::HotLoop => "hot-loop",
+            Rule::ReleasedWhileNamed => "released-while-named",
         }
     }
 }
@@ -198,6 +202,8 @@ pub struct Round {
     pub listed_at: Instant,
     pub backend_at: Instant,
     pub records: Vec<Record>,
+    /// The shard's Volumes, listed after the records; `None` when the list failed.
+    pub volumes: Option<Vec<VolumeId>>,
     /// The backend's exports as (volume name, node); `None` when it could not be asked.
     pub exports: Option<BTreeSet<(String, String)>>,
     /// Export ids no Volume of the schedule accounts for.
@@ -213,6 +219,19 @@ struct Candidate {
     live: Vec<(String, String)>,
 }
 
+/// A Volume as a round lists it: its name and uid.
+pub type VolumeId = (String, String);
+
+/// A Volume seen gone while attachments named it a round before: a violation if one of them is
+/// still there a round later, since it then existed all through the Volume's release.
+struct Release {
+    volume: String,
+    uid: String,
+    /// The uids of the attachments that named the Volume while it was last seen.
+    naming: Vec<String>,
+    at: Instant,
+}
+
 /// The observer's state across rounds.
 pub struct Observer {
     /// Volume name → handle, for reading export ids.
@@ -223,6 +242,9 @@ pub struct Observer {
     pub seen: BTreeMap<String, Vec<(Timestamp, Record)>>,
     previous: Vec<Record>,
     candidates: Vec<Candidate>,
+    /// The last round whose Volume list was read: its Volumes, and its records (listed before).
+    last_volumes: Option<(Vec<VolumeId>, Vec<Record>)>,
+    releases: Vec<Release>,
     pub creates: Arc<Mutex<Vec<CreateWindow>>>,
     pub violations: Vec<Violation>,
     pub rounds: usize,
@@ -243,6 +265,8 @@ impl Observer {
             seen: BTreeMap::new(),
             previous: Vec::new(),
             candidates: Vec::new(),
+            last_volumes: None,
+            releases: Vec::new(),
             creates,
             violations: Vec::new(),
             rounds: 0,
@@ -251,10 +275,11 @@ impl Observer {
         }
     }
 
-    /// Takes one round: the records, then the backend.
+    /// Takes one round: the records (attachments, then Volumes), then the backend.
     pub async fn round(
         &mut self,
         attachments: &Api<VolumeAttachment>,
+        volumes: &Api<Volume>,
         selector: &str,
         qmp_socket: &Path,
     ) -> Option<Round> {
@@ -264,6 +289,16 @@ impl Observer {
             .await
             .ok()?;
         let records: Vec<Record> = listed.items.iter().map(Record::of).collect();
+        let volumes = volumes
+            .list(&ListParams::default().labels(selector))
+            .await
+            .ok()
+            .map(|list| {
+                list.items
+                    .iter()
+                    .map(|v| (v.name_any(), v.uid().unwrap_or_default()))
+                    .collect()
+            });
         let exports = query_exports(qmp_socket).await.ok();
         let backend_at = Instant::now();
         let mut stray = Vec::new();
@@ -288,6 +323,7 @@ impl Observer {
             listed_at,
             backend_at,
             records,
+            volumes,
             exports,
             stray,
         };
@@ -319,6 +355,8 @@ impl Observer {
                 .note(format!("backend exports {:?}", round.exports));
             self.last_exports = round.exports.clone();
         }
+
+        self.check_releases(round);
 
         // Candidates of the previous round: confirmed if every live record that denied the
         // connection is unchanged now, so that no write (an Attaching intent) fell in between.
@@ -397,6 +435,58 @@ impl Observer {
             }
         }
         self.previous = round.records.clone();
+    }
+
+    /// A Volume stays while any attachment names it (design.md). Seen in one round's list and
+    /// gone from a later one, it was released in between; an attachment that named it in the
+    /// first round (listed before that round's Volumes) and is still there in the round after
+    /// the later one (listed after that round's Volumes) existed all through the release.
+    fn check_releases(&mut self, round: &Round) {
+        for release in std::mem::take(&mut self.releases) {
+            let still: Vec<String> = round
+                .records
+                .iter()
+                .filter(|r| release.naming.contains(&r.uid))
+                .map(Record::describe)
+                .collect();
+            if !still.is_empty() {
+                self.violate(
+                    Rule::ReleasedWhileNamed,
+                    release.at,
+                    format!(
+                        "Volume {} uid {} was released while attachments named it, before and after: {still:?}",
+                        release.volume,
+                        short(&release.uid)
+                    ),
+                );
+            }
+        }
+        let Some(volumes) = &round.volumes else {
+            return;
+        };
+        if let Some((before, records)) = &self.last_volumes {
+            for (name, uid) in before
+                .iter()
+                .filter(|(_, uid)| !volumes.iter().any(|(_, u)| u == uid))
+            {
+                self.history
+                    .note(format!("saw Volume {name} uid {} gone", short(uid)));
+                let naming: Vec<String> = records
+                    .iter()
+                    .filter(|r| r.volume == *name)
+                    .map(|r| r.uid.clone())
+                    .collect();
+                if !naming.is_empty() {
+                    self.releases.push(Release {
+                        volume: name.clone(),
+                        uid: uid.clone(),
+                        naming,
+                        at: round.listed_at,
+                    });
+                }
+            }
+        }
+        self.last_volumes = Some((volumes.clone(), round.records.clone()));
     }
 
     fn confirm(&mut self, pair: &(String, String), round: &Round) {

@@ -230,7 +230,12 @@ pub async fn run(plan: Plan) -> Outcome {
             let selector = format!("{SHARD_LABEL}={}", world.shard);
             while !stop.load(Ordering::SeqCst) {
                 observer
-                    .round(&world.attachments, &selector, &world.qmp_socket)
+                    .round(
+                        &world.attachments,
+                        &world.volumes,
+                        &selector,
+                        &world.qmp_socket,
+                    )
                     .await;
                 tokio::time::sleep(OBSERVE_EVERY).await;
             }
@@ -687,9 +692,14 @@ async fn inject(
                 "restarted".to_owned()
             }
             FaultOp::WatchLag { lag, lasting } => {
+                // The watches lag, and the lists of attachments (a restart's first, the Volume
+                // controller's fresh one) come as late: a replica started meanwhile knows its
+                // Volumes before its attachments.
                 api.set_watch_delay(*lag);
+                api.set_list_delay("volumeattachments", *lag);
                 tokio::time::sleep(*lasting).await;
                 api.set_watch_delay(Duration::ZERO);
+                api.set_list_delay("volumeattachments", Duration::ZERO);
                 "over".to_owned()
             }
             FaultOp::Partition(lasting) => {
