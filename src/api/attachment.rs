@@ -25,7 +25,8 @@ use std::collections::BTreeMap;
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Attached","type":"boolean","jsonPath":".status.attached"}"#,
     printcolumn = r#"{"name":"In Phase","type":"date","jsonPath":".status.phaseSince","description":"How long the attachment has been in its phase: for Attaching or Detaching, the stuck clock."}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    selectable = ".spec.volumeName"
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeAttachmentSpec {

@@ -36,6 +36,10 @@ pub const ATTACHMENT_FINALIZER: &str = "safedetach.io/detach";
 /// attachment's detach can still reach the backend.
 pub const VOLUME_FINALIZER: &str = "safedetach.io/attachments";
 
+/// The field selector path of a `VolumeAttachment`'s Volume (a selectable field of its CRD):
+/// `kubectl get sdva --field-selector spec.volumeName=<volume>`.
+pub const VOLUME_NAME_FIELD: &str = "spec.volumeName";
+
 /// Both CRDs, in the order they are installed.
 pub fn crds() -> [CustomResourceDefinition; 2] {
     [Volume::crd(), VolumeAttachment::crd()]

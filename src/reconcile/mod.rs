@@ -91,6 +91,8 @@ pub struct Context {
     lanes: Lanes,
     /// The Volumes this replica wrote, until the cache shows them.
     own_volume_writes: Arc<OwnWrites<Volume>>,
+    /// The label selector of the objects this replica manages (`--selector`), if any.
+    label_selector: Option<String>,
 }
 
 impl Context {
@@ -211,6 +213,7 @@ pub async fn run(
         locks: VolumeLocks::default(),
         fence: replica.fence,
         own_volume_writes,
+        label_selector,
     });
 
     // A Volume's change (its policy, its backend connections) concerns each of its attachments.

@@ -4,14 +4,14 @@
 
 use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe, synced};
 use crate::MANAGER;
-use crate::api::{VOLUME_FINALIZER, Volume, VolumeAttachment, VolumeStatus};
+use crate::api::{VOLUME_FINALIZER, VOLUME_NAME_FIELD, Volume, VolumeAttachment, VolumeStatus};
 use crate::decide::events::{orphan_forced, volume_between};
 use crate::decide::recheck::{Recheck, VolumeOutcome, volume_ending};
 use crate::decide::volume::{VolumeInput, decide_volume};
 use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, ProbeAnswer, VolumeProblem, stuck_after};
 use crate::driver::{Driver, ok_if_not_connected};
 use jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -54,33 +54,27 @@ fn backoff_key(name: &str) -> String {
 /// How a pass over one Volume ended.
 enum Pass {
     Done(Action),
-    /// It would force an orphan off on what the cache says: read the Volume and its
-    /// attachments from the apiserver, and decide again on those.
+    /// It would force an orphan off, or release a deleted Volume, on what the cache says: read
+    /// the Volume and its attachments from the apiserver, and decide again on those.
     ReadAgain,
 }
 
 /// Reconciles the Volume as the cache has it. If a write finds it changed since, reads the
-/// Volume from the apiserver and reconciles that; if an orphan would be forced off, reads the
-/// Volume and its attachments from the apiserver, and decides again on those. Nothing is forced or
-/// released on a Volume whose write was refused, and no orphan is forced off on the cache's word
-/// that nothing claims it. The attachments are listed only then: a refused write alone (most
-/// often the cache still behind this operator's own last write) needs only the Volume again.
+/// Volume from the apiserver and reconciles that; if an orphan would be forced off or the
+/// deleted Volume released, reads the Volume and its attachments from the apiserver, and decides
+/// again on those. Nothing is forced or released on a Volume whose write was refused, and
+/// nothing on the cache's word that no attachment claims it: the attachment cache may not have
+/// seen one created a moment ago. The attachments are listed only then: a refused write alone
+/// (most often the cache still behind this operator's own last write) needs only the Volume again.
 async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Result<Action, Error> {
     let api = Api::<Volume>::all(context.client.clone());
     let mut volume = volume;
-    let mut fresh_attachments: Option<Vec<VolumeAttachment>> = None;
+    let mut fresh = false;
     for _ in 0..PASSES {
-        match reconcile_volume(&volume, context, fresh_attachments.as_deref()).await {
+        match reconcile_volume(&volume, context, fresh).await {
             Ok(Pass::Done(action)) => return Ok(action),
-            Ok(Pass::ReadAgain) if fresh_attachments.is_some() => break,
-            Ok(Pass::ReadAgain) => {
-                fresh_attachments = Some(
-                    Api::<VolumeAttachment>::all(context.client.clone())
-                        .list(&Default::default())
-                        .await?
-                        .items,
-                );
-            }
+            Ok(Pass::ReadAgain) if fresh => break,
+            Ok(Pass::ReadAgain) => fresh = true,
             Err(Error::Conflict(_)) => context.metrics.write_conflict("Volume"),
             // Deleted since the cache had it (a bulk delete outruns the watch): nothing is left
             // to record or release, and the deletion's own event ends its reconciles.
@@ -100,14 +94,50 @@ async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Resul
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
+/// The attachments that name `volume` or another Volume of its backend volume, as the apiserver
+/// has them, among those this replica manages: selected by `spec.volumeName` (a selectable field
+/// of the CRD), one list per name; where the apiserver cannot select on it (before Kubernetes
+/// 1.31), every attachment, filtered here.
+async fn attachments_naming(
+    volume: &Volume,
+    context: &Context,
+) -> Result<Vec<VolumeAttachment>, Error> {
+    let api = Api::<VolumeAttachment>::all(context.client.clone());
+    let managed = || match &context.label_selector {
+        Some(selector) => ListParams::default().labels(selector),
+        None => ListParams::default(),
+    };
+    let mut names: BTreeSet<String> = aliases_of(&context.volumes, volume)
+        .iter()
+        .map(|alias| alias.name_any())
+        .collect();
+    names.insert(volume.name_any());
+    let mut naming = Vec::new();
+    for name in &names {
+        let selected = managed().fields(&format!("{VOLUME_NAME_FIELD}={name}"));
+        match api.list(&selected).await {
+            Ok(list) => naming.extend(list.items),
+            Err(kube::Error::Api(status)) if status.code == 400 => {
+                let every = api.list(&managed()).await?.items;
+                return Ok(every
+                    .into_iter()
+                    .filter(|a| names.contains(&a.spec.volume_name))
+                    .collect());
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(naming)
+}
+
 /// Passes over one Volume in one reconcile: on the cache, and at most twice more on what the
 /// apiserver returns.
 const PASSES: usize = 3;
 
 /// The attachments whose connections count as claimed. On the cache alone, the cache's. On a
-/// pass that may force an orphan off, those the apiserver listed before this pass's turn, and
-/// also those the cache holds now: an attachment created after the list may have attached on a
-/// turn of its own meanwhile, and it was in the cache before it could. A copy the apiserver
+/// pass that may force an orphan off or release the Volume, those the apiserver listed on this
+/// pass's turn, and also those the cache holds: either may lack one the other has (the cache
+/// lags; a list misses what a lagging watch delivered before a re-list). A copy the apiserver
 /// listed is preferred to the cache's of the same object; one in either counts.
 pub(super) fn claiming(
     fresh: Option<&[VolumeAttachment]>,
@@ -135,13 +165,10 @@ pub(super) fn claiming(
     claiming
 }
 
-/// One pass over `volume`. `fresh_attachments`: the attachments as the apiserver has them, for a
-/// pass on a Volume read from the apiserver; without them, the pass is on the cache.
-async fn reconcile_volume(
-    volume: &Volume,
-    context: &Context,
-    fresh_attachments: Option<&[VolumeAttachment]>,
-) -> Result<Pass, Error> {
+/// One pass over `volume`. `fresh`: the pass is on a Volume read from the apiserver, and lists
+/// the attachments from the apiserver too, on the volume's turn, right before it decides; else
+/// the pass is on the cache.
+async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Result<Pass, Error> {
     // A replica unsure of its lease writes nothing and calls nothing.
     if !context.fence.permits() {
         return Ok(Pass::Done(Action::requeue(FENCED_RECHECK)));
@@ -200,8 +227,15 @@ async fn reconcile_volume(
         .map(|alias| alias.name_any())
         .collect();
     names.insert(name.clone());
+    // Listed on the turn: no attachment of this backend volume attaches between the list and what
+    // is decided on it.
+    let listed = if fresh {
+        Some(attachments_naming(&volume, context).await?)
+    } else {
+        None
+    };
     let attachments = claiming(
-        fresh_attachments,
+        listed.as_deref(),
         context
             .attachments
             .state_filter(|a| names.contains(&a.spec.volume_name)),
@@ -232,7 +266,7 @@ async fn reconcile_volume(
             now: Timestamp::now(),
         },
     );
-    if fresh_attachments.is_none() && !decision.force_detach.is_empty() {
+    if !fresh && (decision.release || !decision.force_detach.is_empty()) {
         return Ok(Pass::ReadAgain);
     }
     persist(&volume, context, &current, &decision.status).await?;

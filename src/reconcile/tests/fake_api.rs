@@ -28,6 +28,9 @@ struct State {
     /// Status writes still to be refused, each as if another writer had touched the object
     /// just before it (a label: nothing a decision rests on).
     interleaved_writes: usize,
+    /// Lists by a field selector are refused, as an apiserver older than CRD selectable fields
+    /// (Kubernetes 1.31) refuses them.
+    field_selectors_refused: bool,
     log: Log,
 }
 
@@ -38,6 +41,7 @@ impl FakeApi {
                 objects: BTreeMap::new(),
                 last_version: 0,
                 interleaved_writes: 0,
+                field_selectors_refused: false,
                 log,
             })),
         }
@@ -95,6 +99,11 @@ impl FakeApi {
         self.lock().interleaved_writes = count;
     }
 
+    /// From now on a list by a field selector is answered 400, as before Kubernetes 1.31.
+    pub fn refuse_field_selectors(&self) {
+        self.lock().field_selectors_refused = true;
+    }
+
     /// A delete: with finalizers the object stays, marked as being deleted; without, it is gone.
     pub fn delete<K>(&self, name: &str)
     where
@@ -130,8 +139,17 @@ impl State {
         self.log.lock().expect("the log").push(entry);
     }
 
-    fn answer(&mut self, method: &Method, path: &str, body: &[u8]) -> (StatusCode, Value) {
+    fn answer(
+        &mut self,
+        method: &Method,
+        path: &str,
+        query: &str,
+        body: &[u8],
+    ) -> (StatusCode, Value) {
         let name = path.rsplit('/').next().unwrap_or_default().to_owned();
+        if *method == Method::GET && !self.objects.contains_key(path) && is_collection(path) {
+            return self.list(path, query);
+        }
         if *method == Method::POST && path.ends_with("/events") {
             let event: Value = serde_json::from_slice(body).unwrap_or_default();
             let reason = event["reason"].as_str().unwrap_or_default();
@@ -155,6 +173,54 @@ impl State {
         }
         self.record(format!("unexpected {method} {path}"));
         not_found(&name)
+    }
+
+    /// The objects under the collection `path`, those a field selector `spec.volumeName=…`
+    /// selects if the query has one.
+    fn list(&mut self, path: &str, query: &str) -> (StatusCode, Value) {
+        let selector = query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("fieldSelector="))
+            .map(|s| s.replace("%3D", "=").replace("%3d", "="));
+        self.record(match &selector {
+            Some(selector) => format!("list {} {selector}", short(path)),
+            None => format!("list {}", short(path)),
+        });
+        let wanted = match &selector {
+            Some(_) if self.field_selectors_refused => {
+                self.record("  refused: field selector".to_owned());
+                return failure(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "field label not supported",
+                );
+            }
+            Some(selector) => match selector.strip_prefix("spec.volumeName=") {
+                Some(volume) => Some(volume.to_owned()),
+                None => return failure(StatusCode::BAD_REQUEST, "BadRequest", selector),
+            },
+            None => None,
+        };
+        let prefix = format!("{path}/");
+        let items: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|(key, _)| {
+                key.strip_prefix(&prefix)
+                    .is_some_and(|rest| !rest.contains('/'))
+            })
+            .map(|(_, object)| object.clone())
+            .filter(|object| {
+                wanted
+                    .as_deref()
+                    .is_none_or(|volume| object["spec"]["volumeName"] == volume)
+            })
+            .collect();
+        let version = self.last_version.to_string();
+        (
+            StatusCode::OK,
+            json!({ "apiVersion": "v1", "kind": "List", "metadata": { "resourceVersion": version }, "items": items }),
+        )
     }
 
     /// A server-side apply of the status, on the `resourceVersion` it names.
@@ -236,6 +302,7 @@ impl State {
 async fn answer(state: &Mutex<State>, request: Request<Body>) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or_default().to_owned();
     let body = request
         .into_body()
         .collect()
@@ -245,12 +312,17 @@ async fn answer(state: &Mutex<State>, request: Request<Body>) -> Response<Body> 
     let (code, value) = state
         .lock()
         .expect("the fake apiserver's state")
-        .answer(&method, &path, &body);
+        .answer(&method, &path, &query, &body);
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
         .body(Body::from(serde_json::to_vec(&value).unwrap_or_default()))
         .expect("a response")
+}
+
+/// Whether `path` names a collection of safedetach.io objects rather than one object.
+fn is_collection(path: &str) -> bool {
+    matches!(short(path), "volumes" | "volumeattachments")
 }
 
 fn path_of<K: Resource<DynamicType = ()>>(object: &K) -> String {

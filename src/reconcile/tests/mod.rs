@@ -85,6 +85,7 @@ impl Harness {
             fence: Fence::open(),
             lanes,
             own_volume_writes: Default::default(),
+            label_selector: None,
         });
         Self {
             log,
@@ -488,9 +489,9 @@ fn what_a_volume_hands_its_attachments_wakes_them_as_the_whole_volume_would() {
     );
 }
 
-/// A pass that may force an orphan off decides on the attachments the apiserver listed before its
-/// turn and on those the cache holds by then: one created after the list, which attached on a
-/// turn of its own meanwhile, still claims its connection.
+/// A pass that may force an orphan off or release the Volume decides on the attachments the
+/// apiserver listed and on those the cache holds: one that either lacks still claims its
+/// connection.
 #[test]
 fn an_attachment_created_after_the_fresh_list_still_claims_its_connection() {
     let attachment = |name: &str, uid: &str, volume: &str, node: &str| {
@@ -526,4 +527,64 @@ fn an_attachment_created_after_the_fresh_list_still_claims_its_connection() {
         ["node-a", "node-b"]
     );
     assert!(super::volume::claiming(Some(&[]), Vec::new(), &names).is_empty());
+}
+
+/// A deleted Volume is released only on the apiserver's word that no attachment names it: an
+/// attachment created a moment ago, which the attachment cache has not seen yet, holds it. Where
+/// the apiserver cannot select attachments by `spec.volumeName` (before Kubernetes 1.31), every
+/// attachment is listed instead.
+#[tokio::test]
+async fn a_deleted_volume_is_released_on_the_apiservers_list_not_on_a_lagging_cache() {
+    for refused in [false, true] {
+        let harness = Harness::new();
+        if refused {
+            harness.api.refuse_field_selectors();
+        }
+        let reconcile_volume = || async {
+            let now = harness.api.get::<Volume>("vol");
+            if let Some(now) = now {
+                super::volume::reconcile(Arc::new(now), harness.context.clone())
+                    .await
+                    .expect("the Volume's reconcile");
+            }
+            std::mem::take(&mut *harness.log.lock().expect("the log"))
+        };
+        reconcile_volume().await;
+        // Created in the apiserver; the attachment cache does not have it yet.
+        let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
+            .expect("an attachment spec");
+        harness.api.create(&VolumeAttachment::new("va", spec));
+        harness.api.delete::<Volume>("vol");
+        let held = reconcile_volume().await;
+        let listed: &[&str] = if refused {
+            &[
+                "list volumeattachments spec.volumeName=vol",
+                "  refused: field selector",
+                "list volumeattachments",
+            ]
+        } else {
+            &["list volumeattachments spec.volumeName=vol"]
+        };
+        // Decided on the cache: it would release. So read again, and list on the volume's turn.
+        let expected: Vec<&str> = ["driver probe h1", "get volumes/vol", "driver probe h1"]
+            .into_iter()
+            .chain(listed.iter().copied())
+            .chain([
+                "write volumes/vol/status: phase=Available attached=false",
+                "event WaitingForAttachments",
+            ])
+            .collect();
+        assert_eq!(held, expected, "refused: {refused}");
+        assert!(
+            harness.api.get::<Volume>("vol").is_some(),
+            "released while va names it"
+        );
+        // The attachment goes: now the apiserver's list is empty, and the Volume is released.
+        harness.api.delete::<VolumeAttachment>("va");
+        let released = reconcile_volume().await;
+        assert!(
+            harness.api.get::<Volume>("vol").is_none(),
+            "still held: {released:#?}"
+        );
+    }
 }
