@@ -258,12 +258,15 @@ impl CsiDriver {
                     .is_some_and(|volume| volume.volume_id == volume_handle)
             });
             if let Some(entry) = entry {
-                // With LIST_VOLUMES_PUBLISHED_NODES an absent status means "published nowhere".
-                let nodes = entry
-                    .status
-                    .map(|status| status.published_node_ids)
-                    .unwrap_or_default();
-                return Ok(published(nodes));
+                // With LIST_VOLUMES_PUBLISHED_NODES the spec requires the status; without it the
+                // published nodes are unknown, as for ControllerGetVolume, not "none".
+                let status = entry.status.ok_or_else(|| {
+                    DriverError::Refused(format!(
+                        "ListVolumes answered {volume_handle:?} without the required status: \
+                         the published nodes are unknown"
+                    ))
+                })?;
+                return Ok(published(status.published_node_ids));
             }
             if page.next_token.is_empty() {
                 return Err(DriverError::UnknownVolume(volume_handle.to_owned()));
