@@ -172,7 +172,9 @@ fn the_ledger_adds_a_row_and_counts_its_totals_again() {
 mod observe {
     use safe_detach::api::AttachmentPhase;
     use std::sync::Arc;
-    use support::campaign::observe::{CreateWindow, History, Observer, Record, Round, Rule};
+    use support::campaign::observe::{
+        CreateWindow, History, Observer, Record, Round, Rule, VolumeId,
+    };
     use tokio::time::Instant;
 
     use super::support;
@@ -204,7 +206,7 @@ mod observe {
             listed_at: now,
             backend_at: now,
             records,
-            volumes: Some(vec![("va".to_owned(), "v1".to_owned())]),
+            volumes: Some(vec![volume("v1", true)]),
             exports: Some(
                 nodes
                     .iter()
@@ -367,15 +369,19 @@ mod observe {
         assert_eq!(rules(&o), [Rule::DoubleAttach]);
     }
 
-    /// A round without exports in which the shard's Volumes are `volumes` (name, uid).
-    fn with_volumes(records: Vec<Record>, volumes: &[(&str, &str)]) -> Round {
+    /// Volume `va` with uid `uid`, carrying the operator's finalizer or not.
+    fn volume(uid: &str, held: bool) -> VolumeId {
+        VolumeId {
+            name: "va".to_owned(),
+            uid: uid.to_owned(),
+            held,
+        }
+    }
+
+    /// A round without exports in which the shard's Volumes are `volumes`.
+    fn with_volumes(records: Vec<Record>, volumes: &[VolumeId]) -> Round {
         Round {
-            volumes: Some(
-                volumes
-                    .iter()
-                    .map(|(n, u)| ((*n).to_owned(), (*u).to_owned()))
-                    .collect(),
-            ),
+            volumes: Some(volumes.to_vec()),
             exports: None,
             ..round(records, &[])
         }
@@ -385,7 +391,7 @@ mod observe {
     fn a_volume_released_while_an_attachment_named_it_throughout_is_a_violation() {
         let mut o = observer();
         let named = || vec![record("u", "1", AttachmentPhase::Attached, false)];
-        o.check(&with_volumes(named(), &[("va", "v1")]));
+        o.check(&with_volumes(named(), &[volume("v1", true)]));
         o.check(&with_volumes(named(), &[]));
         assert!(
             rules(&o).is_empty(),
@@ -400,7 +406,7 @@ mod observe {
         let mut o = observer();
         o.check(&with_volumes(
             vec![record("u", "1", AttachmentPhase::Detaching, true)],
-            &[("va", "v1")],
+            &[volume("v1", true)],
         ));
         o.check(&with_volumes(Vec::new(), &[]));
         o.check(&with_volumes(Vec::new(), &[]));
@@ -411,12 +417,22 @@ mod observe {
         ));
         o.check(&with_volumes(
             vec![record("w", "1", AttachmentPhase::Pending, false)],
-            &[("va", "v2")],
+            &[volume("v2", true)],
         ));
         o.check(&with_volumes(
             vec![record("w", "2", AttachmentPhase::Attached, false)],
-            &[("va", "v2")],
+            &[volume("v2", true)],
         ));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+    }
+
+    #[test]
+    fn a_volume_deleted_before_the_operator_held_it_is_gone_at_once_and_no_violation() {
+        let mut o = observer();
+        let named = || vec![record("u", "1", AttachmentPhase::Pending, false)];
+        o.check(&with_volumes(named(), &[volume("v1", false)]));
+        o.check(&with_volumes(named(), &[]));
+        o.check(&with_volumes(named(), &[]));
         assert!(rules(&o).is_empty(), "{:?}", o.violations);
     }
 }

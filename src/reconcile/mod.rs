@@ -36,6 +36,7 @@ use lock::VolumeLocks;
 use own_writes::OwnWrites;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -93,6 +94,9 @@ pub struct Context {
     own_volume_writes: Arc<OwnWrites<Volume>>,
     /// The label selector of the objects this replica manages (`--selector`), if any.
     label_selector: Option<String>,
+    /// The apiserver refused to list attachments by `spec.volumeName` (before Kubernetes 1.31):
+    /// every list of the attachments naming a Volume lists them all.
+    field_selector_refused: AtomicBool,
 }
 
 impl Context {
@@ -214,6 +218,7 @@ pub async fn run(
         fence: replica.fence,
         own_volume_writes,
         label_selector,
+        field_selector_refused: AtomicBool::new(false),
     });
 
     // A Volume's change (its policy, its backend connections) concerns each of its attachments.

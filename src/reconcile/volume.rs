@@ -17,6 +17,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing::{Instrument, info_span, warn};
 
@@ -112,17 +113,27 @@ async fn attachments_naming(
         .map(|alias| alias.name_any())
         .collect();
     names.insert(volume.name_any());
+    let every = || async {
+        let every = api.list(&managed()).await?.items;
+        Ok(every
+            .into_iter()
+            .filter(|a| names.contains(&a.spec.volume_name))
+            .collect())
+    };
+    if context.field_selector_refused.load(Ordering::Relaxed) {
+        return every().await;
+    }
     let mut naming = Vec::new();
     for name in &names {
         let selected = managed().fields(&format!("{VOLUME_NAME_FIELD}={name}"));
         match api.list(&selected).await {
             Ok(list) => naming.extend(list.items),
+            // Remembered: this apiserver will not select on the field (until a restart).
             Err(kube::Error::Api(status)) if status.code == 400 => {
-                let every = api.list(&managed()).await?.items;
-                return Ok(every
-                    .into_iter()
-                    .filter(|a| names.contains(&a.spec.volume_name))
-                    .collect());
+                context
+                    .field_selector_refused
+                    .store(true, Ordering::Relaxed);
+                return every().await;
             }
             Err(error) => return Err(error.into()),
         }
@@ -269,12 +280,14 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     if !fresh && (decision.release || !decision.force_detach.is_empty()) {
         return Ok(Pass::ReadAgain);
     }
-    persist(&volume, context, &current, &decision.status).await?;
     if decision.release {
+        // No status for a Volume about to go: its write would only change the version the
+        // release is conditioned on, and send the release round once more.
         finalizer::remove(&api, &volume, VOLUME_FINALIZER).await?;
         context.own_volume_writes.forget(&volume);
         return Ok(Pass::Done(Action::await_change()));
     }
+    persist(&volume, context, &current, &decision.status).await?;
 
     let mut failed = false;
     if let Some(driver) = &driver

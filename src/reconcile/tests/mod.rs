@@ -86,6 +86,7 @@ impl Harness {
             lanes,
             own_volume_writes: Default::default(),
             label_selector: None,
+            field_selector_refused: Default::default(),
         });
         Self {
             log,
@@ -582,9 +583,23 @@ async fn a_deleted_volume_is_released_on_the_apiservers_list_not_on_a_lagging_ca
         // The attachment goes: now the apiserver's list is empty, and the Volume is released.
         harness.api.delete::<VolumeAttachment>("va");
         let released = reconcile_volume().await;
-        assert!(
-            harness.api.get::<Volume>("vol").is_none(),
-            "still held: {released:#?}"
+        // Refused once, the field selector is not tried again.
+        let listed = if refused {
+            "list volumeattachments"
+        } else {
+            "list volumeattachments spec.volumeName=vol"
+        };
+        assert_eq!(
+            released,
+            [
+                "driver probe h1",
+                "get volumes/vol",
+                "driver probe h1",
+                listed,
+                r#"write volumes/vol: finalizers []"#,
+            ],
+            "refused: {refused}"
         );
+        assert!(harness.api.get::<Volume>("vol").is_none(), "still held");
     }
 }

@@ -11,7 +11,7 @@ use super::super::qmp;
 use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use safe_detach::api::{AttachmentPhase, Volume, VolumeAttachment};
+use safe_detach::api::{AttachmentPhase, VOLUME_FINALIZER, Volume, VolumeAttachment};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -219,8 +219,15 @@ struct Candidate {
     live: Vec<(String, String)>,
 }
 
-/// A Volume as a round lists it: its name and uid.
-pub type VolumeId = (String, String);
+/// A Volume as a round lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeId {
+    pub name: String,
+    pub uid: String,
+    /// Whether it carries the operator's finalizer: only then can the operator release it. One
+    /// deleted before the operator added it is gone at once, whatever names it.
+    pub held: bool,
+}
 
 /// A Volume seen gone while attachments named it a round before: a violation if one of them is
 /// still there a round later, since it then existed all through the Volume's release.
@@ -296,7 +303,11 @@ impl Observer {
             .map(|list| {
                 list.items
                     .iter()
-                    .map(|v| (v.name_any(), v.uid().unwrap_or_default()))
+                    .map(|v| VolumeId {
+                        name: v.name_any(),
+                        uid: v.uid().unwrap_or_default(),
+                        held: v.finalizers().iter().any(|f| f == VOLUME_FINALIZER),
+                    })
                     .collect()
             });
         let exports = query_exports(qmp_socket).await.ok();
@@ -465,9 +476,9 @@ impl Observer {
             return;
         };
         if let Some((before, records)) = &self.last_volumes {
-            for (name, uid) in before
+            for VolumeId { name, uid, held } in before
                 .iter()
-                .filter(|(_, uid)| !volumes.iter().any(|(_, u)| u == uid))
+                .filter(|seen| !volumes.iter().any(|now| now.uid == seen.uid))
             {
                 self.history
                     .note(format!("saw Volume {name} uid {} gone", short(uid)));
@@ -476,7 +487,7 @@ impl Observer {
                     .filter(|r| r.volume == *name)
                     .map(|r| r.uid.clone())
                     .collect();
-                if !naming.is_empty() {
+                if *held && !naming.is_empty() {
                     self.releases.push(Release {
                         volume: name.clone(),
                         uid: uid.clone(),
