@@ -1270,6 +1270,7 @@ mod volume_tests {
             problem: None,
             backend: Some(backend),
             claimed,
+            held_by: claimed,
             attachment_phases: &[],
             orphan_policy: policy,
             multi_attach: false,
@@ -1312,6 +1313,22 @@ mod volume_tests {
             &input(&connected(&[]), &unclaimed, OrphanPolicy::Report, t(1)),
         );
         assert!(!live.release, "a live Volume keeps its finalizer");
+    }
+
+    #[test]
+    fn a_deleted_volume_is_not_held_by_the_attachments_of_an_alias() {
+        let backend = connected(&[]);
+        let alias_claims: BTreeSet<String> = [NODE.to_owned()].into();
+        let none = BTreeSet::new();
+        let decision = decide_volume(
+            &VolumeStatus::default(),
+            &VolumeInput {
+                deleting: true,
+                held_by: &none,
+                ..input(&backend, &alias_claims, OrphanPolicy::Report, t(0))
+            },
+        );
+        assert!(decision.release);
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub struct VolumeInput<'a> {
     /// Nodes for which a VolumeAttachment of this volume exists: those connections are claimed,
     /// and their own controller resolves them.
     pub claimed: &'a BTreeSet<String>,
+    /// Nodes of the VolumeAttachments that name this Volume itself, not another Volume of its
+    /// backend volume: while one exists, a deleted Volume stays. An alias's attachments were
+    /// never attached through this Volume (an alias attaches nothing) and do not hold it.
+    pub held_by: &'a BTreeSet<String>,
     /// The phases of this volume's attachments.
     pub attachment_phases: &'a [AttachmentPhase],
     pub orphan_policy: OrphanPolicy,
@@ -50,9 +54,9 @@ pub struct VolumeDecision {
 pub fn decide_volume(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecision {
     let mut decision = observe_backend(current, input);
     if input.deleting {
-        decision.release = input.claimed.is_empty();
+        decision.release = input.held_by.is_empty();
         if !decision.release {
-            let nodes: Vec<&str> = input.claimed.iter().map(String::as_str).collect();
+            let nodes: Vec<&str> = input.held_by.iter().map(String::as_str).collect();
             let message = format!(
                 "being deleted; waits until no VolumeAttachment names it (still attached or detaching on {})",
                 nodes.join(", ")

@@ -256,6 +256,11 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         .iter()
         .map(|a| a.spec.node_name.clone())
         .collect();
+    let held_by: BTreeSet<String> = attachments
+        .iter()
+        .filter(|a| a.spec.volume_name == name)
+        .map(|a| a.spec.node_name.clone())
+        .collect();
     let phases: Vec<_> = attachments
         .iter()
         .filter_map(|a| a.status.as_ref()?.phase)
@@ -269,6 +274,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
             problem: problem.as_ref(),
             backend: backend.as_ref(),
             claimed: &claimed,
+            held_by: &held_by,
             attachment_phases: &phases,
             orphan_policy: volume.spec.orphan_policy,
             multi_attach: volume.spec.multi_attach,
