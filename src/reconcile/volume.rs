@@ -74,7 +74,7 @@ async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Resul
     for _ in 0..PASSES {
         match reconcile_volume(&volume, context, fresh).await {
             Ok(Pass::Done(action)) => return Ok(action),
-            Ok(Pass::ReadAgain) if fresh => break,
+            // Only a pass on the cache proposes; the fresh pass decides.
             Ok(Pass::ReadAgain) => fresh = true,
             Err(Error::Conflict(_)) => context.metrics.write_conflict("Volume"),
             // Deleted since the cache had it (a bulk delete outruns the watch): nothing is left
@@ -95,12 +95,12 @@ async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Resul
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
-/// The attachments that name `volume` or another Volume of its backend volume, as the apiserver
-/// has them, among those this replica manages: selected by `spec.volumeName` (a selectable field
+/// The attachments that name one of `names` (a Volume and the other Volumes of its backend
+/// volume), as the apiserver has them, among those this replica manages: selected by `spec.volumeName` (a selectable field
 /// of the CRD), one list per name; where the apiserver cannot select on it (before Kubernetes
 /// 1.31), every attachment, filtered here.
 async fn attachments_naming(
-    volume: &Volume,
+    names: &BTreeSet<String>,
     context: &Context,
 ) -> Result<Vec<VolumeAttachment>, Error> {
     let api = Api::<VolumeAttachment>::all(context.client.clone());
@@ -108,11 +108,6 @@ async fn attachments_naming(
         Some(selector) => ListParams::default().labels(selector),
         None => ListParams::default(),
     };
-    let mut names: BTreeSet<String> = aliases_of(&context.volumes, volume)
-        .iter()
-        .map(|alias| alias.name_any())
-        .collect();
-    names.insert(volume.name_any());
     let every = || async {
         let every = api.list(&managed()).await?.items;
         Ok(every
@@ -124,7 +119,7 @@ async fn attachments_naming(
         return every().await;
     }
     let mut naming = Vec::new();
-    for name in &names {
+    for name in names {
         let selected = managed().fields(&format!("{VOLUME_NAME_FIELD}={name}"));
         match api.list(&selected).await {
             Ok(list) => naming.extend(list.items),
@@ -241,7 +236,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     // Listed on the turn: no attachment of this backend volume attaches between the list and what
     // is decided on it.
     let listed = if fresh {
-        Some(attachments_naming(&volume, context).await?)
+        Some(attachments_naming(&names, context).await?)
     } else {
         None
     };
