@@ -249,6 +249,7 @@ mod observe {
             node: "n0".into(),
             sent: Instant::now(),
             answered: None,
+            uid: None,
         });
         o.check(&round(Vec::new(), &["n0"]));
         assert!(
@@ -375,7 +376,27 @@ mod observe {
             name: "va".to_owned(),
             uid: uid.to_owned(),
             held,
+            deleting: false,
         }
+    }
+
+    /// Volume `va` with uid `uid`, held and deleted.
+    fn deleted(uid: &str) -> VolumeId {
+        VolumeId {
+            deleting: true,
+            ..volume(uid, true)
+        }
+    }
+
+    /// Records that the workload created attachment `uid` now.
+    fn created(o: &Observer, uid: &str) {
+        o.creates.lock().expect("creates").push(CreateWindow {
+            volume: "va".into(),
+            node: "n0".into(),
+            sent: Instant::now(),
+            answered: Some(Instant::now()),
+            uid: Some(uid.to_owned()),
+        });
     }
 
     /// A round without exports in which the shard's Volumes are `volumes`.
@@ -424,6 +445,39 @@ mod observe {
             &[volume("v2", true)],
         ));
         assert!(rules(&o).is_empty(), "{:?}", o.violations);
+    }
+
+    #[test]
+    fn an_attachment_created_after_the_volume_was_deleted_does_not_hold_it_unless_it_claimed_a_connection()
+     {
+        // Created once a round had listed the Volume deleting, never attached: the Volume may go.
+        let mut o = observer();
+        o.check(&with_volumes(Vec::new(), &[deleted("v1")]));
+        created(&o, "u");
+        let named = || vec![record("u", "1", AttachmentPhase::Pending, false)];
+        o.check(&with_volumes(named(), &[deleted("v1")]));
+        o.check(&with_volumes(named(), &[]));
+        o.check(&with_volumes(named(), &[]));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+
+        // The same, but created before any round listed the Volume deleting: it holds it.
+        let mut o = observer();
+        created(&o, "u");
+        o.check(&with_volumes(Vec::new(), &[deleted("v1")]));
+        o.check(&with_volumes(named(), &[deleted("v1")]));
+        o.check(&with_volumes(named(), &[]));
+        o.check(&with_volumes(named(), &[]));
+        assert_eq!(rules(&o), [Rule::ReleasedWhileNamed]);
+
+        // Created late, but recorded Attaching once: it claimed a connection and holds the Volume.
+        let mut o = observer();
+        o.check(&with_volumes(Vec::new(), &[deleted("v1")]));
+        created(&o, "u");
+        let attaching = vec![record("u", "1", AttachmentPhase::Attaching, false)];
+        o.check(&with_volumes(attaching, &[deleted("v1")]));
+        o.check(&with_volumes(named(), &[]));
+        o.check(&with_volumes(named(), &[]));
+        assert_eq!(rules(&o), [Rule::ReleasedWhileNamed]);
     }
 
     #[test]

@@ -194,6 +194,8 @@ pub struct CreateWindow {
     pub node: String,
     pub sent: Instant,
     pub answered: Option<Instant>,
+    /// The uid of the attachment it created, once answered OK.
+    pub uid: Option<String>,
 }
 
 /// One observation round.
@@ -227,6 +229,8 @@ pub struct VolumeId {
     /// Whether it carries the operator's finalizer: only then can the operator release it. One
     /// deleted before the operator added it is gone at once, whatever names it.
     pub held: bool,
+    /// Whether it carries a deletion timestamp.
+    pub deleting: bool,
 }
 
 /// A Volume seen gone while attachments named it a round before: a violation if one of them is
@@ -236,6 +240,9 @@ struct Release {
     uid: String,
     /// The uids of the attachments that named the Volume while it was last seen.
     naming: Vec<String>,
+    /// By when the Volume was certainly deleted: the end of the first round that listed it
+    /// deleting, if one did.
+    deleted_by: Option<Instant>,
     at: Instant,
 }
 
@@ -252,6 +259,8 @@ pub struct Observer {
     /// The last round whose Volume list was read: its Volumes, and its records (listed before).
     last_volumes: Option<(Vec<VolumeId>, Vec<Record>)>,
     releases: Vec<Release>,
+    /// Volume uid → the end of the first round that listed it deleting.
+    deleted_by: BTreeMap<String, Instant>,
     pub creates: Arc<Mutex<Vec<CreateWindow>>>,
     pub violations: Vec<Violation>,
     pub rounds: usize,
@@ -274,6 +283,7 @@ impl Observer {
             candidates: Vec::new(),
             last_volumes: None,
             releases: Vec::new(),
+            deleted_by: BTreeMap::new(),
             creates,
             violations: Vec::new(),
             rounds: 0,
@@ -307,6 +317,7 @@ impl Observer {
                         name: v.name_any(),
                         uid: v.uid().unwrap_or_default(),
                         held: v.finalizers().iter().any(|f| f == VOLUME_FINALIZER),
+                        deleting: v.metadata.deletion_timestamp.is_some(),
                     })
                     .collect()
             });
@@ -448,24 +459,40 @@ impl Observer {
         self.previous = round.records.clone();
     }
 
-    /// A Volume stays while any attachment names it (design.md). Seen in one round's list and
-    /// gone from a later one, it was released in between; an attachment that named it in the
-    /// first round (listed before that round's Volumes) and is still there in the round after
-    /// the later one (listed after that round's Volumes) existed all through the release.
+    /// A Volume stays while any attachment names it that was created before its deletion
+    /// (design.md). Seen in one round's list and gone from a later one, it was released in
+    /// between; an attachment that named it in the first round (listed before that round's
+    /// Volumes) and is still there in the round after the later one (listed after that round's
+    /// Volumes) existed all through the release. Exempt is only an attachment whose create was
+    /// sent after a round had listed the Volume deleting, and that never claimed a connection:
+    /// the operator attaches nothing to a deleting Volume, and one created between the release's
+    /// list and its finalizer patch can find the Volume gone.
     fn check_releases(&mut self, round: &Round) {
         for release in std::mem::take(&mut self.releases) {
-            let still: Vec<String> = round
+            let still: Vec<&Record> = round
                 .records
                 .iter()
                 .filter(|r| release.naming.contains(&r.uid))
-                .map(Record::describe)
                 .collect();
-            if !still.is_empty() {
+            let (late, held): (Vec<&Record>, Vec<&Record>) = still
+                .into_iter()
+                .partition(|r| self.created_after_deletion(&r.uid, release.deleted_by));
+            for record in late {
+                self.history.note(format!(
+                    "{} uid {} was created after Volume {} uid {} was deleted and never claimed a connection: it does not hold the Volume",
+                    record.name,
+                    short(&record.uid),
+                    release.volume,
+                    short(&release.uid)
+                ));
+            }
+            if !held.is_empty() {
+                let held: Vec<String> = held.into_iter().map(Record::describe).collect();
                 self.violate(
                     Rule::ReleasedWhileNamed,
                     release.at,
                     format!(
-                        "Volume {} uid {} was released while attachments named it, before and after: {still:?}",
+                        "Volume {} uid {} was released while attachments named it, before and after: {held:?}",
                         release.volume,
                         short(&release.uid)
                     ),
@@ -475,8 +502,15 @@ impl Observer {
         let Some(volumes) = &round.volumes else {
             return;
         };
+        for volume in volumes.iter().filter(|v| v.deleting) {
+            self.deleted_by
+                .entry(volume.uid.clone())
+                .or_insert(round.backend_at);
+        }
         if let Some((before, records)) = &self.last_volumes {
-            for VolumeId { name, uid, held } in before
+            for VolumeId {
+                name, uid, held, ..
+            } in before
                 .iter()
                 .filter(|seen| !volumes.iter().any(|now| now.uid == seen.uid))
             {
@@ -492,12 +526,41 @@ impl Observer {
                         volume: name.clone(),
                         uid: uid.clone(),
                         naming,
+                        deleted_by: self.deleted_by.get(uid).copied(),
                         at: round.listed_at,
                     });
                 }
             }
         }
         self.last_volumes = Some((volumes.clone(), round.records.clone()));
+    }
+
+    /// Whether attachment `uid` was created by a create sent after `deleted_by`, and no record of
+    /// it seen so far claimed a connection (attached, or an intent or attached phase).
+    fn created_after_deletion(&self, uid: &str, deleted_by: Option<Instant>) -> bool {
+        let Some(deleted_by) = deleted_by else {
+            return false;
+        };
+        let created_late = self
+            .creates
+            .lock()
+            .expect("creates")
+            .iter()
+            .any(|c| c.uid.as_deref() == Some(uid) && c.sent > deleted_by);
+        let claimed = self.seen.get(uid).is_some_and(|records| {
+            records.iter().any(|(_, r)| {
+                r.attached
+                    || matches!(
+                        r.phase,
+                        Some(
+                            AttachmentPhase::Attaching
+                                | AttachmentPhase::Attached
+                                | AttachmentPhase::Detaching
+                        )
+                    )
+            })
+        });
+        created_late && !claimed
     }
 
     fn confirm(&mut self, pair: &(String, String), round: &Round) {

@@ -615,6 +615,7 @@ async fn create(
             node: node.clone(),
             sent: Instant::now(),
             answered: None,
+            uid: None,
         });
         creates.len() - 1
     };
@@ -622,7 +623,11 @@ async fn create(
         .attachments
         .create(&PostParams::default(), &object)
         .await;
-    world.creates.lock().expect("creates")[index].answered = Some(Instant::now());
+    {
+        let mut creates = world.creates.lock().expect("creates");
+        creates[index].answered = Some(Instant::now());
+        creates[index].uid = result.as_ref().ok().and_then(|created| created.uid());
+    }
     match result {
         Ok(created) => format!("ok uid {}", created.uid().unwrap_or_default()),
         Err(kube::Error::Api(status)) => format!("refused {} {}", status.code, status.reason),
