@@ -197,6 +197,7 @@ mod observe {
             deleting,
             phase_since: None,
             token: None,
+            bound_uid: None,
         }
     }
 
@@ -481,12 +482,40 @@ mod observe {
     }
 
     #[test]
-    fn a_volume_deleted_before_the_operator_held_it_is_gone_at_once_and_no_violation() {
+    fn a_volume_deleted_before_the_operator_held_it_is_gone_at_once_unless_an_attach_had_begun() {
         let mut o = observer();
         let named = || vec![record("u", "1", AttachmentPhase::Pending, false)];
         o.check(&with_volumes(named(), &[volume("v1", false)]));
         o.check(&with_volumes(named(), &[]));
         o.check(&with_volumes(named(), &[]));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+
+        // Unless an attachment had claimed a connection to it: an attach holds its Volume first.
+        let mut o = observer();
+        let attaching = || vec![record("u", "1", AttachmentPhase::Attaching, false)];
+        o.check(&with_volumes(attaching(), &[volume("v1", false)]));
+        o.check(&with_volumes(attaching(), &[]));
+        o.check(&with_volumes(attaching(), &[]));
+        assert_eq!(rules(&o), [Rule::ReleasedWhileNamed]);
+
+        // A claim that shows only after the Volume went counts too.
+        let mut o = observer();
+        let pending = vec![record("u", "1", AttachmentPhase::Pending, false)];
+        o.check(&with_volumes(pending.clone(), &[volume("v1", false)]));
+        o.check(&with_volumes(pending.clone(), &[]));
+        o.check(&with_volumes(pending, &[]));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+        o.check(&with_volumes(attaching(), &[]));
+        assert_eq!(rules(&o), [Rule::ReleasedWhileNamed]);
+
+        // But not a claim on the Volume created again under the same name.
+        let mut o = observer();
+        let mut on_v2 = record("u", "2", AttachmentPhase::Attaching, false);
+        on_v2.bound_uid = Some("v2".into());
+        o.check(&with_volumes(named(), &[volume("v1", false)]));
+        o.check(&with_volumes(named(), &[]));
+        o.check(&with_volumes(vec![on_v2.clone()], &[volume("v2", true)]));
+        o.check(&with_volumes(vec![on_v2], &[volume("v2", true)]));
         assert!(rules(&o).is_empty(), "{:?}", o.violations);
     }
 }

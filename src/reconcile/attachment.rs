@@ -16,8 +16,8 @@ use super::lanes::{Lane, QUEUED_RECHECK};
 use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe, synced};
 use crate::MANAGER;
 use crate::api::{
-    ATTACHMENT_FINALIZER, Binding, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment,
-    VolumeAttachmentStatus,
+    ATTACHMENT_FINALIZER, Binding, FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER, Volume,
+    VolumeAttachment, VolumeAttachmentStatus,
 };
 use crate::decide::events::{Notice, between, handed_over, is_news, reported_failure};
 use crate::decide::recheck::{self, Recheck};
@@ -305,19 +305,22 @@ impl<'a> Reconcile<'a> {
                     if self.basis != Basis::Fresh && !self.refresh().await? {
                         return Ok(Outcome::Settled(Action::await_change()));
                     }
-                    let volume = Api::<Volume>::all(self.context.client.clone())
-                        .get_opt(&self.attachment.spec.volume_name)
-                        .await?;
-                    target = self.target(volume.map(Arc::new));
-                    volume_fresh = true;
-                    // A Volume replaced since the turn was taken names another backend volume:
-                    // start over on its turn.
-                    let key = target
-                        .as_ref()
-                        .ok()
-                        .map(|t| (t.driver_name.clone(), t.handle.clone()));
-                    if key.is_some() && key != locked {
-                        return Ok(self.outcome(Recheck::Soon(BUSY_RECHECK)));
+                    match self.fresh_target(locked.as_ref()).await? {
+                        FreshVolume::Read(fresh) => {
+                            target = fresh;
+                            volume_fresh = true;
+                        }
+                        // A Volume replaced since the turn was taken names another backend
+                        // volume: start over on its turn.
+                        FreshVolume::Replaced => {
+                            return Ok(self.outcome(Recheck::Soon(BUSY_RECHECK)));
+                        }
+                        FreshVolume::Fenced => {
+                            return Ok(self.outcome(Recheck::Soon(FENCED_RECHECK)));
+                        }
+                        FreshVolume::Changing => {
+                            return Ok(self.outcome(Recheck::Backoff { deadline: None }));
+                        }
                     }
                     continue;
                 }
@@ -425,6 +428,50 @@ impl<'a> Reconcile<'a> {
         // with backoff.
         warn!("no settled state within {MAX_STEPS} steps");
         Ok(self.outcome(Recheck::Backoff { deadline: None }))
+    }
+
+    /// The target of the attachment's Volume as the apiserver has it. A live attachment whose
+    /// Volume it may attach to holds that Volume first (adds the operator's finalizer, guarded by
+    /// the uid and finalizers read): an attach rests on a Volume that cannot go before its
+    /// attachments do, and a Volume deleted before it was held goes at once with nothing attached
+    /// to it. A Volume that is not this reconcile's turn, a problem (an alias, a deleting Volume)
+    /// or a deleted attachment's holds nothing.
+    async fn fresh_target(&self, locked: Option<&(String, String)>) -> Result<FreshVolume, Error> {
+        let api = Api::<Volume>::all(self.context.client.clone());
+        for _ in 0..WRITE_TRIES {
+            let volume = api.get_opt(&self.attachment.spec.volume_name).await?;
+            let target = self.target(volume.clone().map(Arc::new));
+            let key = target
+                .as_ref()
+                .ok()
+                .map(|t| (t.driver_name.clone(), t.handle.clone()));
+            if key.is_some() && key.as_ref() != locked {
+                return Ok(FreshVolume::Replaced);
+            }
+            let Some(volume) = volume.filter(|_| {
+                target.is_ok() && self.attachment.metadata.deletion_timestamp.is_none()
+            }) else {
+                return Ok(FreshVolume::Read(target));
+            };
+            if !self.context.fence.permits() {
+                return Ok(FreshVolume::Fenced);
+            }
+            match finalizer::add(&api, &volume, VOLUME_FINALIZER).await {
+                Ok(Some(written)) => {
+                    self.context
+                        .own_volume_writes
+                        .wrote(volume.resource_version(), &written);
+                    return Ok(FreshVolume::Read(self.target(Some(Arc::new(written)))));
+                }
+                Ok(None) => return Ok(FreshVolume::Read(target)),
+                // Changed since it was read (held by the Volume controller meanwhile, deleted):
+                // read it again.
+                Err(Error::Conflict(_)) => continue,
+                Err(error) if error.is_not_found() => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(FreshVolume::Changing)
     }
 
     /// The controller's action for how the reconcile ends.
@@ -735,6 +782,18 @@ fn holds_its_connection(attachment: &VolumeAttachment) -> bool {
 /// How often a status write is tried on new versions that changed nothing it rests on, before the
 /// decision is taken again.
 const WRITE_TRIES: usize = 3;
+
+/// The attachment's Volume read from the apiserver, for a step that may call the driver.
+enum FreshVolume {
+    /// The target it gives, or why there is none; held if the attachment may attach to it.
+    Read(Result<Target, VolumeProblem>),
+    /// It names another backend volume than the one whose turn this reconcile holds.
+    Replaced,
+    /// The lease is in doubt: nothing is held, nothing attached.
+    Fenced,
+    /// It changed under every try to hold it: look again after a backoff.
+    Changing,
+}
 
 /// Whether `fresh` is the object `read` was, with nothing a decision rests on changed: the same
 /// object (UID), spec, status, annotations (the force-detach request), finalizers and deletion.

@@ -15,7 +15,7 @@ use super::events::Publisher;
 use super::lanes::Lanes;
 use super::lock::VolumeLocks;
 use super::{Context, attachment};
-use crate::api::{FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment};
+use crate::api::{FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER, Volume, VolumeAttachment};
 use crate::config::Config;
 use crate::driver::{Driver, DriverError};
 use crate::runtime::leader::Fence;
@@ -60,7 +60,10 @@ impl Harness {
             "autoForceDetach": true,
         }))
         .expect("a Volume spec");
-        let volume = api.create(&Volume::new("vol", spec));
+        // Held, as the Volume controller leaves it.
+        let mut volume = Volume::new("vol", spec);
+        volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_owned()]);
+        let volume = api.create(&volume);
         // The first list, then what the watch sees after it.
         volumes_writer.apply_watcher_event(&watcher::Event::InitDone);
         volumes_writer.apply_watcher_event(&watcher::Event::Apply(volume));
@@ -141,6 +144,14 @@ impl Harness {
         (action, log)
     }
 
+    /// Takes the operator's finalizer off the Volume at the apiserver, as before the Volume
+    /// controller first held it (the cache keeps its copy).
+    fn unhold_volume(&self) {
+        let mut volume = self.api.get::<Volume>("vol").expect("the Volume");
+        volume.metadata.finalizers = None;
+        self.api.replace(&volume);
+    }
+
     /// Annotates `name` as `kubectl annotate` would.
     fn annotate(&mut self, name: &str, key: &str, value: &str) {
         let mut attachment = self
@@ -192,6 +203,47 @@ async fn an_attach_writes_its_intent_first_and_attached_only_on_the_probe_after_
         ]
     );
     assert_eq!(action, Action::requeue(RESYNC));
+}
+
+#[tokio::test]
+async fn an_attach_holds_its_volume_first_so_that_a_deletion_waits_for_the_attachment() {
+    let mut harness = Harness::new();
+    // The Volume controller has not held it yet.
+    harness.unhold_volume();
+    harness.create("va", &[]);
+    let (_, log) = harness.reconcile("va").await;
+    let held = position(
+        &log,
+        r#"write volumes/vol: finalizers ["safedetach.io/attachments"]"#,
+    );
+    assert!(held > position(&log, "get volumes/vol"));
+    assert!(held < position(&log, "write volumeattachments/va/status: phase=Attaching"));
+    assert!(held < position(&log, "driver attach h1 node-a"));
+    let volume = harness.api.get::<Volume>("vol").expect("the Volume");
+    assert_eq!(volume.finalizers(), [VOLUME_FINALIZER]);
+    // Deleted now, it stays: its release is the Volume controller's, once no attachment names it.
+    harness.api.delete::<Volume>("vol");
+    assert!(harness.api.get::<Volume>("vol").is_some());
+}
+
+#[tokio::test]
+async fn an_attachment_whose_volume_went_before_it_was_held_is_never_attached() {
+    let mut harness = Harness::new();
+    harness.unhold_volume();
+    // Deleted before anything held it: gone at once, though the cache still has it.
+    harness.api.delete::<Volume>("vol");
+    assert!(harness.api.get::<Volume>("vol").is_none());
+    harness.create("va", &[]);
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        !log.iter().any(|entry| entry.starts_with("driver attach")),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|entry| entry.starts_with("write volumes/")),
+        "{log:#?}"
+    );
+    assert!(!harness.driver.connects("h1", NODE));
 }
 
 #[tokio::test]
@@ -338,11 +390,9 @@ async fn a_refused_status_write_is_decided_again_on_the_version_the_apiserver_ha
 #[tokio::test]
 async fn a_volume_gone_since_the_cache_had_it_ends_its_reconcile_quietly() {
     let harness = Harness::new();
-    let cached = harness
-        .context
-        .volumes
-        .get(&ObjectRef::new("vol"))
-        .expect("the Volume is in the cache");
+    // Not held yet, so that the delete takes it at once.
+    harness.unhold_volume();
+    let cached = Arc::new(harness.api.get::<Volume>("vol").expect("the Volume"));
     harness.api.delete::<Volume>("vol");
     let action = super::volume::reconcile(cached, harness.context.clone())
         .await
@@ -370,7 +420,6 @@ async fn a_volume_whose_cache_is_behind_its_own_writes_is_decided_on_what_it_wro
     assert_eq!(
         first,
         [
-            r#"write volumes/vol: finalizers ["safedetach.io/attachments"]"#,
             "driver probe h1",
             "write volumes/vol/status: phase=Available attached=false",
         ],

@@ -129,6 +129,8 @@ pub struct Record {
     pub deleting: bool,
     pub phase_since: Option<Timestamp>,
     pub token: Option<String>,
+    /// The uid of the Volume it recorded attaching (`status.boundTo`).
+    pub bound_uid: Option<String>,
 }
 
 impl Record {
@@ -147,6 +149,9 @@ impl Record {
             token: status
                 .and_then(|s| s.force_detach.as_ref())
                 .and_then(|f| f.token.clone()),
+            bound_uid: status
+                .and_then(|s| s.bound_to.as_ref())
+                .map(|b| b.volume_uid.clone()),
         }
     }
 
@@ -227,7 +232,8 @@ pub struct VolumeId {
     pub name: String,
     pub uid: String,
     /// Whether it carries the operator's finalizer: only then can the operator release it. One
-    /// deleted before the operator added it is gone at once, whatever names it.
+    /// deleted before the operator added it is gone at once, whatever names it, provided no
+    /// attachment had claimed a connection to it.
     pub held: bool,
     /// Whether it carries a deletion timestamp.
     pub deleting: bool,
@@ -243,8 +249,15 @@ struct Release {
     /// By when the Volume was certainly deleted: the end of the first round that listed it
     /// deleting, if one did.
     deleted_by: Option<Instant>,
+    /// Whether it was seen holding the operator's finalizer.
+    held: bool,
+    /// Rounds left in which an attachment that stays may still show a claim on it.
+    rounds_left: usize,
     at: Instant,
 }
+
+/// Rounds a release stays under watch for a claim on the released Volume to show.
+const RELEASE_WATCH_ROUNDS: usize = 5;
 
 /// The observer's state across rounds.
 pub struct Observer {
@@ -464,28 +477,27 @@ impl Observer {
     /// between; an attachment that named it in the first round (listed before that round's
     /// Volumes) and is still there in the round after the later one (listed after that round's
     /// Volumes) existed all through the release. Exempt is only an attachment whose create was
-    /// sent after a round had listed the Volume deleting, and that never claimed a connection:
-    /// the operator attaches nothing to a deleting Volume, and one created between the release's
-    /// list and its finalizer patch can find the Volume gone.
+    /// sent after a round had listed the Volume deleting, and that never claimed a connection to
+    /// it: the operator attaches nothing to a deleting Volume, and one created between the
+    /// release's list and its finalizer patch can find the Volume gone. A Volume never seen held
+    /// may go at once, unless an attachment claimed a connection to it. A release stays under
+    /// watch for a few rounds, for a claim that shows late.
     fn check_releases(&mut self, round: &Round) {
-        for release in std::mem::take(&mut self.releases) {
+        for mut release in std::mem::take(&mut self.releases) {
             let still: Vec<&Record> = round
                 .records
                 .iter()
                 .filter(|r| release.naming.contains(&r.uid))
                 .collect();
-            let (late, held): (Vec<&Record>, Vec<&Record>) = still
-                .into_iter()
-                .partition(|r| self.created_after_deletion(&r.uid, release.deleted_by));
-            for record in late {
-                self.history.note(format!(
-                    "{} uid {} was created after Volume {} uid {} was deleted and never claimed a connection: it does not hold the Volume",
-                    record.name,
-                    short(&record.uid),
-                    release.volume,
-                    short(&release.uid)
-                ));
+            if still.is_empty() {
+                continue;
             }
+            // Held, the Volume had to stay for each of them but one created after its deletion
+            // that never claimed a connection to it; not held, only for one that had.
+            let (held, free): (Vec<&Record>, Vec<&Record>) = still.into_iter().partition(|r| {
+                self.claimed_connection(&r.uid, &release.uid)
+                    || (release.held && !self.created_after_deletion(&r.uid, release.deleted_by))
+            });
             if !held.is_empty() {
                 let held: Vec<String> = held.into_iter().map(Record::describe).collect();
                 self.violate(
@@ -497,6 +509,22 @@ impl Observer {
                         short(&release.uid)
                     ),
                 );
+                continue;
+            }
+            if release.held && release.rounds_left == RELEASE_WATCH_ROUNDS {
+                for record in &free {
+                    self.history.note(format!(
+                        "{} uid {} was created after Volume {} uid {} was deleted and has not claimed a connection: it does not hold the Volume",
+                        record.name,
+                        short(&record.uid),
+                        release.volume,
+                        short(&release.uid)
+                    ));
+                }
+            }
+            if release.rounds_left > 0 {
+                release.rounds_left -= 1;
+                self.releases.push(release);
             }
         }
         let Some(volumes) = &round.volumes else {
@@ -521,12 +549,16 @@ impl Observer {
                     .filter(|r| r.volume == *name)
                     .map(|r| r.uid.clone())
                     .collect();
-                if *held && !naming.is_empty() {
+                // One deleted before the operator held it goes at once, by design, but nothing
+                // may have been attached to it: an attach holds its Volume first.
+                if !naming.is_empty() {
                     self.releases.push(Release {
                         volume: name.clone(),
                         uid: uid.clone(),
                         naming,
                         deleted_by: self.deleted_by.get(uid).copied(),
+                        held: *held,
+                        rounds_left: RELEASE_WATCH_ROUNDS,
                         at: round.listed_at,
                     });
                 }
@@ -535,21 +567,25 @@ impl Observer {
         self.last_volumes = Some((volumes.clone(), round.records.clone()));
     }
 
-    /// Whether attachment `uid` was created by a create sent after `deleted_by`, and no record of
-    /// it seen so far claimed a connection (attached, or an intent or attached phase).
+    /// Whether attachment `uid` was created by a create sent after `deleted_by`.
     fn created_after_deletion(&self, uid: &str, deleted_by: Option<Instant>) -> bool {
         let Some(deleted_by) = deleted_by else {
             return false;
         };
-        let created_late = self
-            .creates
+        self.creates
             .lock()
             .expect("creates")
             .iter()
-            .any(|c| c.uid.as_deref() == Some(uid) && c.sent > deleted_by);
-        let claimed = self.seen.get(uid).is_some_and(|records| {
+            .any(|c| c.uid.as_deref() == Some(uid) && c.sent > deleted_by)
+    }
+
+    /// Whether a record of attachment `uid` seen so far claimed a connection to Volume
+    /// `volume_uid`: attached, or in an intent or attached phase, and bound to that Volume (or to
+    /// none recorded).
+    fn claimed_connection(&self, uid: &str, volume_uid: &str) -> bool {
+        self.seen.get(uid).is_some_and(|records| {
             records.iter().any(|(_, r)| {
-                r.attached
+                let claims = r.attached
                     || matches!(
                         r.phase,
                         Some(
@@ -557,10 +593,13 @@ impl Observer {
                                 | AttachmentPhase::Attached
                                 | AttachmentPhase::Detaching
                         )
-                    )
+                    );
+                claims
+                    && r.bound_uid
+                        .as_deref()
+                        .is_none_or(|bound| bound == volume_uid)
             })
-        });
-        created_late && !claimed
+        })
     }
 
     fn confirm(&mut self, pair: &(String, String), round: &Round) {
