@@ -20,7 +20,9 @@ use safe_detach::api::{AttachmentPhase, VOLUME_FINALIZER, Volume, VolumeAttachme
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::Duration;
+use support::cluster::unique_name;
 use support::harness::WAIT;
+use support::operator::SHARD_LABEL;
 use support::qsd::NbdClient;
 use support::scenario::{Scenario, Setup, attached, export_id, phase, show};
 use tokio::time::Instant;
@@ -517,6 +519,79 @@ async fn a_deleted_volume_keeps_its_finalizer_while_its_attachments_are_still_be
         s.log_tail(40)
     );
     // The attachment still names the Volume: its detach, then the Volume's release, as designed.
+    s.delete_attachment(&attachment).await;
+    s.wait_attachment_gone(&attachment).await;
+    s.wait_for(&s.volumes, &volume, "released and gone", WAIT, |v| {
+        v.is_none()
+    })
+    .await;
+    assert!(
+        !s.qsd.export_ids().await.contains(&export),
+        "the export {export} outlived its attachment's detach"
+    );
+}
+
+/// An attached attachment is relabelled out of the operator's shard (`--selector`), and its
+/// Volume deleted. The attachment still names the Volume and holds its connection: the Volume's
+/// finalizer must stay, and the export with it, whatever the attachment's labels say.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_volume_stays_while_an_attachment_relabelled_out_of_the_shard_names_it() {
+    let mut s = Scenario::start().await;
+    let handle = "relabel1";
+    let volume = taken_in(&mut s, "relabel", handle, json!({})).await;
+    let (attachment, _) = s.attach("relabel", &volume, NODE_A).await;
+    let relabel = |shard: String| {
+        let attachments = s.attachments.clone();
+        let attachment = attachment.clone();
+        async move {
+            let patch = json!({ "metadata": { "labels": { SHARD_LABEL: shard } } });
+            attachments
+                .patch(
+                    &attachment,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("relabel {attachment}: {e}"));
+        }
+    };
+    relabel(unique_name("elsewhere")).await;
+    s.volumes
+        .delete(&volume, &kube::api::DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete Volume {volume}: {e}"));
+
+    let export = export_id(handle, NODE_A);
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut broken = BTreeSet::new();
+    while Instant::now() < until {
+        let record = s
+            .volumes
+            .get_opt(&volume)
+            .await
+            .unwrap_or_else(|e| panic!("get Volume {volume}: {e}"));
+        match record {
+            None => {
+                broken.insert("the Volume is gone".to_owned());
+                break;
+            }
+            Some(record) if !record.finalizers().iter().any(|f| f == VOLUME_FINALIZER) => {
+                broken.insert("the Volume's finalizer was released".to_owned());
+            }
+            Some(_) => {}
+        }
+        if !s.qsd.export_ids().await.contains(&export) {
+            broken.insert(format!("the export {export} went"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        broken.is_empty(),
+        "{broken:?} while {attachment}, out of the shard, still named it on {NODE_A}\n--- operator log (end) ---\n{}",
+        s.log_tail(40)
+    );
+    // Back in the shard and deleted: its detach, then the Volume's release.
+    relabel(s.shard.clone()).await;
     s.delete_attachment(&attachment).await;
     s.wait_attachment_gone(&attachment).await;
     s.wait_for(&s.volumes, &volume, "released and gone", WAIT, |v| {

@@ -92,8 +92,6 @@ pub struct Context {
     lanes: Lanes,
     /// The Volumes this replica wrote, until the cache shows them.
     own_volume_writes: Arc<OwnWrites<Volume>>,
-    /// The label selector of the objects this replica manages (`--selector`), if any.
-    label_selector: Option<String>,
     /// The apiserver refused to list attachments by `spec.volumeName` (before Kubernetes 1.31):
     /// every list of the attachments naming a Volume lists them all.
     field_selector_refused: AtomicBool,
@@ -217,7 +215,6 @@ pub async fn run(
         locks: VolumeLocks::default(),
         fence: replica.fence,
         own_volume_writes,
-        label_selector,
         field_selector_refused: AtomicBool::new(false),
     });
 

@@ -96,20 +96,18 @@ async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Resul
 }
 
 /// The attachments that name one of `names` (a Volume and the other Volumes of its backend
-/// volume), as the apiserver has them, among those this replica manages: selected by `spec.volumeName` (a selectable field
-/// of the CRD), one list per name; where the apiserver cannot select on it (before Kubernetes
-/// 1.31), every attachment, filtered here.
+/// volume), as the apiserver has them: selected by `spec.volumeName` (a selectable field of the
+/// CRD), one list per name; where the apiserver cannot select on it (before Kubernetes 1.31),
+/// every attachment, filtered here. Not only those of this replica's `--selector`: an attachment
+/// that names the Volume holds it and claims its connection whatever its labels say (one
+/// relabelled out of the shard while attached included).
 async fn attachments_naming(
     names: &BTreeSet<String>,
     context: &Context,
 ) -> Result<Vec<VolumeAttachment>, Error> {
     let api = Api::<VolumeAttachment>::all(context.client.clone());
-    let managed = || match &context.label_selector {
-        Some(selector) => ListParams::default().labels(selector),
-        None => ListParams::default(),
-    };
     let every = || async {
-        let every = api.list(&managed()).await?.items;
+        let every = api.list(&ListParams::default()).await?.items;
         Ok(every
             .into_iter()
             .filter(|a| names.contains(&a.spec.volume_name))
@@ -120,7 +118,7 @@ async fn attachments_naming(
     }
     let mut naming = Vec::new();
     for name in names {
-        let selected = managed().fields(&format!("{VOLUME_NAME_FIELD}={name}"));
+        let selected = ListParams::default().fields(&format!("{VOLUME_NAME_FIELD}={name}"));
         match api.list(&selected).await {
             Ok(list) => naming.extend(list.items),
             // Remembered: this apiserver will not select on the field (until a restart).

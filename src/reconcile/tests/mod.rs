@@ -88,7 +88,6 @@ impl Harness {
             fence: Fence::open(),
             lanes,
             own_volume_writes: Default::default(),
-            label_selector: None,
             field_selector_refused: Default::default(),
         });
         Self {
