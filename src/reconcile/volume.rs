@@ -106,12 +106,22 @@ async fn attachments_naming(
     context: &Context,
 ) -> Result<Vec<VolumeAttachment>, Error> {
     let api = Api::<VolumeAttachment>::all(context.client.clone());
+    // In pages, keeping only those that name the Volume: a cluster may hold many thousands.
     let every = || async {
-        let every = api.list(&ListParams::default()).await?.items;
-        Ok(every
-            .into_iter()
-            .filter(|a| names.contains(&a.spec.volume_name))
-            .collect())
+        let mut naming = Vec::new();
+        let mut page = ListParams::default().limit(FALLBACK_PAGE);
+        loop {
+            let list = api.list(&page).await?;
+            naming.extend(
+                list.items
+                    .into_iter()
+                    .filter(|a| names.contains(&a.spec.volume_name)),
+            );
+            match list.metadata.continue_ {
+                Some(token) if !token.is_empty() => page = page.continue_token(&token),
+                _ => return Ok::<_, Error>(naming),
+            }
+        }
     };
     if context.field_selector_refused.load(Ordering::Relaxed) {
         return every().await;
@@ -133,6 +143,9 @@ async fn attachments_naming(
     }
     Ok(naming)
 }
+
+/// Attachments per page of the full list that stands in for a field selector.
+const FALLBACK_PAGE: u32 = 500;
 
 /// Passes over one Volume in one reconcile: on the cache, and at most twice more on what the
 /// apiserver returns.

@@ -182,9 +182,18 @@ impl State {
             .split('&')
             .find_map(|pair| pair.strip_prefix("fieldSelector="))
             .map(|s| s.replace("%3D", "=").replace("%3d", "="));
-        self.record(match &selector {
-            Some(selector) => format!("list {} {selector}", short(path)),
-            None => format!("list {}", short(path)),
+        let param = |name: &str| {
+            query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|value| value.parse::<usize>().ok())
+        };
+        // Pages: `continue` is the offset of the next one.
+        let (limit, from) = (param("limit"), param("continue").unwrap_or(0));
+        self.record(match (&selector, from) {
+            (Some(selector), _) => format!("list {} {selector}", short(path)),
+            (None, 0) => format!("list {}", short(path)),
+            (None, from) => format!("list {} continue={from}", short(path)),
         });
         let wanted = match &selector {
             Some(_) if self.field_selectors_refused => {
@@ -217,9 +226,12 @@ impl State {
             })
             .collect();
         let version = self.last_version.to_string();
+        let end = limit.map_or(items.len(), |limit| (from + limit).min(items.len()));
+        let next = (end < items.len()).then(|| end.to_string());
+        let items = items.get(from..end).unwrap_or_default();
         (
             StatusCode::OK,
-            json!({ "apiVersion": "v1", "kind": "List", "metadata": { "resourceVersion": version }, "items": items }),
+            json!({ "apiVersion": "v1", "kind": "List", "metadata": { "resourceVersion": version, "continue": next }, "items": items }),
         )
     }
 

@@ -651,3 +651,43 @@ async fn a_deleted_volume_is_released_on_the_apiservers_list_not_on_a_lagging_ca
         assert!(harness.api.get::<Volume>("vol").is_none(), "still held");
     }
 }
+
+/// Where the apiserver cannot select attachments by `spec.volumeName`, every attachment is
+/// listed in pages: one that names the deleted Volume on a later page holds it too.
+#[tokio::test]
+async fn the_full_list_that_stands_in_for_a_field_selector_is_read_to_its_last_page() {
+    let harness = Harness::new();
+    harness.api.refuse_field_selectors();
+    let attachment = |name: &str, volume: &str| {
+        let spec = serde_json::from_value(json!({ "volumeName": volume, "nodeName": NODE }))
+            .expect("an attachment spec");
+        VolumeAttachment::new(name, spec)
+    };
+    for i in 0..1_200 {
+        harness
+            .api
+            .create(&attachment(&format!("a{i:04}"), "other"));
+    }
+    // Listed last, on the third page.
+    harness.api.create(&attachment("zz", "vol"));
+    harness.api.delete::<Volume>("vol");
+    let deleted = harness.api.get::<Volume>("vol").expect("held, deleting");
+    super::volume::reconcile(Arc::new(deleted), harness.context.clone())
+        .await
+        .expect("the Volume's reconcile");
+    let log = std::mem::take(&mut *harness.log.lock().expect("the log"));
+    for page in [
+        "list volumeattachments",
+        "list volumeattachments continue=500",
+        "list volumeattachments continue=1000",
+    ] {
+        assert!(
+            log.iter().any(|entry| entry == page),
+            "no {page:?} in {log:#?}"
+        );
+    }
+    assert!(
+        harness.api.get::<Volume>("vol").is_some(),
+        "released while zz names it: {log:#?}"
+    );
+}
