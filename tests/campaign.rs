@@ -211,7 +211,7 @@ mod observe {
             exports: Some(
                 nodes
                     .iter()
-                    .map(|n| ("va".to_owned(), (*n).to_owned()))
+                    .map(|n| ("h0".to_owned(), (*n).to_owned()))
                     .collect(),
             ),
             stray: Vec::new(),
@@ -369,6 +369,58 @@ mod observe {
             &["n0", "n1"],
         ));
         assert_eq!(rules(&o), [Rule::DoubleAttach]);
+    }
+
+    /// Volume `vb` names `va`'s backend volume `h0`: an export of `h0` is claimed by the records
+    /// of either, and two nodes of `h0` at once are a double attach, whichever Volume each came
+    /// through.
+    #[test]
+    fn an_alias_is_judged_by_the_backend_volume_it_names() {
+        let aliased = || {
+            let handles = [
+                ("va".to_owned(), "h0".to_owned()),
+                ("vb".to_owned(), "h0".to_owned()),
+            ]
+            .into();
+            let single = [("h0".to_owned(), "va".to_owned())].into();
+            Observer::new(handles, single, Arc::default(), History::new())
+        };
+        let through_vb = |uid: &str, node: &str, phase| Record {
+            volume: "vb".into(),
+            node: node.into(),
+            ..record(uid, "1", phase, false)
+        };
+        let mut o = aliased();
+        o.check(&round(
+            vec![through_vb("u", "n0", AttachmentPhase::Attached)],
+            &["n0"],
+        ));
+        o.check(&round(
+            vec![through_vb("u", "n0", AttachmentPhase::Attached)],
+            &["n0"],
+        ));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+
+        let mut o = aliased();
+        o.check(&round(
+            vec![
+                record("u", "1", AttachmentPhase::Attached, false),
+                through_vb("w", "n1", AttachmentPhase::Attached),
+            ],
+            &["n0", "n1"],
+        ));
+        assert_eq!(rules(&o), [Rule::DoubleAttach]);
+
+        let mut o = aliased();
+        o.check(&round(
+            vec![through_vb("u", "n0", AttachmentPhase::Failed)],
+            &["n0"],
+        ));
+        o.check(&round(
+            vec![through_vb("u", "n0", AttachmentPhase::Failed)],
+            &["n0"],
+        ));
+        assert_eq!(rules(&o), [Rule::DetachedWhileExported]);
     }
 
     /// Volume `va` with uid `uid`, carrying the operator's finalizer or not.

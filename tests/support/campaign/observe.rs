@@ -211,7 +211,7 @@ pub struct Round {
     pub records: Vec<Record>,
     /// The shard's Volumes, listed after the records; `None` when the list failed.
     pub volumes: Option<Vec<VolumeId>>,
-    /// The backend's exports as (volume name, node); `None` when it could not be asked.
+    /// The backend's exports as (backend volume handle, node); `None` when it could not be asked.
     pub exports: Option<BTreeSet<(String, String)>>,
     /// Export ids no Volume of the schedule accounts for.
     pub stray: Vec<String>,
@@ -263,7 +263,8 @@ const RELEASE_WATCH_ROUNDS: usize = 5;
 pub struct Observer {
     /// Volume name → handle, for reading export ids.
     handles: BTreeMap<String, String>,
-    /// Handle → single-attach Volume name (only those).
+    /// Handle → a single-attach Volume that names it (a handle any single-attach Volume names
+    /// is exclusive, aliases included).
     single: BTreeMap<String, String>,
     /// Every attachment ever seen, by uid: its spec and every distinct record seen.
     pub seen: BTreeMap<String, Vec<(Timestamp, Record)>>,
@@ -342,11 +343,10 @@ impl Observer {
             for id in ids {
                 match safe_detach::driver::nbd::parse_export_id(&id) {
                     Some((handle, node)) => {
-                        match self.handles.iter().find(|(_, h)| h.as_str() == handle) {
-                            Some((volume, _)) => {
-                                pairs.insert((volume.clone(), node.to_owned()));
-                            }
-                            None => stray.push(id),
+                        if self.handles.values().any(|h| h == handle) {
+                            pairs.insert((handle.to_owned(), node.to_owned()));
+                        } else {
+                            stray.push(id);
                         }
                     }
                     None => stray.push(id),
@@ -412,8 +412,8 @@ impl Observer {
             return;
         };
 
-        for (handle_volume, nodes) in by_volume(exports) {
-            if let Some(volume) = self.single.values().find(|v| **v == handle_volume)
+        for (handle, nodes) in by_handle(exports) {
+            if let Some(volume) = self.single.get(&handle)
                 && nodes.len() > 1
             {
                 self.violate(
@@ -429,7 +429,7 @@ impl Observer {
             let of_pair: Vec<&Record> = round
                 .records
                 .iter()
-                .filter(|r| r.volume == pair.0 && r.node == pair.1)
+                .filter(|r| self.of_pair(r, pair))
                 .collect();
             if of_pair
                 .iter()
@@ -437,16 +437,16 @@ impl Observer {
             {
                 continue;
             }
-            let ever = self.seen.values().any(|v| {
-                v.last()
-                    .is_some_and(|(_, r)| r.volume == pair.0 && r.node == pair.1)
-            });
+            let ever = self
+                .seen
+                .values()
+                .any(|v| v.last().is_some_and(|(_, r)| self.of_pair(r, pair)));
             if !ever {
                 continue;
             }
             // A create answered after the list began may have made an attachment the list missed.
             let racing = creates.iter().any(|c| {
-                c.volume == pair.0
+                self.handle_of(&c.volume) == Some(pair.0.as_str())
                     && c.node == pair.1
                     && c.sent < round.backend_at
                     && c.answered.is_none_or(|a| a >= round.listed_at)
@@ -602,22 +602,29 @@ impl Observer {
         })
     }
 
+    /// The backend volume Volume `volume` names.
+    fn handle_of(&self, volume: &str) -> Option<&str> {
+        self.handles.get(volume).map(String::as_str)
+    }
+
+    /// Whether `record` is of the export `pair` (backend volume, node): an attachment of any
+    /// Volume that names that backend volume, aliases included, to that node.
+    fn of_pair(&self, record: &Record, pair: &(String, String)) -> bool {
+        record.node == pair.1 && self.handle_of(&record.volume) == Some(pair.0.as_str())
+    }
+
     fn confirm(&mut self, pair: &(String, String), round: &Round) {
         let records: Vec<String> = round
             .records
             .iter()
-            .filter(|r| r.volume == pair.0 && r.node == pair.1)
+            .filter(|r| self.of_pair(r, pair))
             .map(Record::describe)
             .collect();
         let released: Vec<String> = self
             .seen
             .values()
             .filter_map(|v| v.last())
-            .filter(|(_, r)| {
-                r.volume == pair.0
-                    && r.node == pair.1
-                    && !round.records.iter().any(|x| x.uid == r.uid)
-            })
+            .filter(|(_, r)| self.of_pair(r, pair) && !round.records.iter().any(|x| x.uid == r.uid))
             .map(|(_, r)| format!("{} uid {} (released)", r.name, short(&r.uid)))
             .collect();
         self.violate(
@@ -666,10 +673,10 @@ impl Observer {
     }
 }
 
-fn by_volume(exports: &BTreeSet<(String, String)>) -> BTreeMap<String, Vec<String>> {
+fn by_handle(exports: &BTreeSet<(String, String)>) -> BTreeMap<String, Vec<String>> {
     let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (volume, node) in exports {
-        map.entry(volume.clone()).or_default().push(node.clone());
+    for (handle, node) in exports {
+        map.entry(handle.clone()).or_default().push(node.clone());
     }
     map
 }

@@ -199,6 +199,9 @@ impl FaultOp {
     }
 }
 
+/// Mixed into the seed for the draw of aliases.
+const ALIAS_STREAM: u64 = 0xa11a_5e5d;
+
 /// Slots (VolumeAttachment names) per Volume.
 pub const SLOTS: usize = 3;
 
@@ -244,6 +247,13 @@ impl Plan {
         // Every schedule has a single-attach Volume: the double attach is the rule most worth
         // attacking.
         volumes[0].multi_attach = false;
+        // A quarter of the schedules alias: their last Volume names the first one's backend
+        // volume, and attaches nothing while the first is there. Drawn on a stream of its own, so
+        // that every other draw of a seed is what it was before aliases were drawn.
+        if Rng::new(seed ^ ALIAS_STREAM).chance(25) {
+            let last = volumes.len() - 1;
+            volumes[last].handle = volumes[0].handle.clone();
+        }
         let faults = FaultSwitches {
             qmp_replies: rng.chance(60),
             qmp_outage: rng.chance(40),

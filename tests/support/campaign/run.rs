@@ -122,8 +122,9 @@ pub async fn run(plan: Plan) -> Outcome {
     let history = History::new();
     let mut objects = TestObjects::default();
     let qsd = Qsd::start();
-    for volume in &plan.volumes {
-        qsd.create_image(&volume.handle);
+    let handles: BTreeSet<&String> = plan.volumes.iter().map(|v| &v.handle).collect();
+    for handle in handles {
+        qsd.create_image(handle);
     }
     let qmp_socket = qsd.qmp_socket();
     let proxy = Arc::new(QmpProxy::start(&qsd.dir().join("proxy.sock"), &qmp_socket).await);
@@ -868,8 +869,9 @@ async fn converge(world: &World) -> Result<(), String> {
 }
 
 /// Deletes what can never converge to Attached: attachments of a Volume being deleted or gone,
-/// or bound to a Volume replaced since, all but one node's attachments of a single-attach
-/// Volume, and duplicates of a (volume, node).
+/// of an alias (a Volume naming a backend volume an older live Volume names), or bound to a
+/// Volume replaced since, all but one node's attachments of a backend volume any single-attach
+/// Volume names, and duplicates of a (backend volume, node).
 async fn tidy(world: &World, attachments: &[VolumeAttachment], volumes: &[Volume]) {
     let live: Vec<&VolumeAttachment> = attachments
         .iter()
@@ -878,6 +880,25 @@ async fn tidy(world: &World, attachments: &[VolumeAttachment], volumes: &[Volume
     let mut keep: BTreeSet<String> = BTreeSet::new();
     let mut kept_pairs: BTreeSet<(String, String)> = BTreeSet::new();
     let mut single_node: BTreeMap<String, String> = BTreeMap::new();
+    // The owner of a backend volume once the Volumes being deleted are gone: the oldest of the
+    // others, by creation time and then name, as the operator orders them.
+    let owner = |handle: &str| {
+        volumes
+            .iter()
+            .filter(|v| v.spec.volume_handle == handle && v.metadata.deletion_timestamp.is_none())
+            .min_by_key(|v| {
+                (
+                    v.metadata.creation_timestamp.clone().map(|t| t.0),
+                    v.name_any(),
+                )
+            })
+            .map(|v| v.name_any())
+    };
+    let exclusive = |handle: &str| {
+        volumes
+            .iter()
+            .any(|v| v.spec.volume_handle == handle && !v.spec.multi_attach)
+    };
     // Attached ones first, so that what is kept is what already works.
     let mut ordered = live.clone();
     ordered.sort_by_key(|a| {
@@ -901,15 +922,19 @@ async fn tidy(world: &World, attachments: &[VolumeAttachment], volumes: &[Volume
         if bound_uid.is_some_and(|uid| Some(uid) != v.metadata.uid.as_ref()) {
             continue;
         }
-        if !v.spec.multi_attach {
+        let handle = &v.spec.volume_handle;
+        if owner(handle).as_ref() != Some(volume) {
+            continue;
+        }
+        if exclusive(handle) {
             let node = single_node
-                .entry(volume.clone())
+                .entry(handle.clone())
                 .or_insert_with(|| a.spec.node_name.clone());
             if *node != a.spec.node_name {
                 continue;
             }
         }
-        if kept_pairs.insert((volume.clone(), a.spec.node_name.clone())) {
+        if kept_pairs.insert((handle.clone(), a.spec.node_name.clone())) {
             keep.insert(a.name_any());
         }
     }
