@@ -787,3 +787,64 @@ async fn a_conflict_storm_neither_doubles_an_attach_nor_releases_early() {
         s.log_tail(40)
     );
 }
+
+/// Volumes deleted a moment after an attachment of theirs was created, many at once, each at its
+/// own delay: whenever a Volume goes, no attachment may have recorded an attach to it (an
+/// attach holds its Volume first, so a Volume that goes at once had nothing attached).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_deleted_while_its_attachment_is_new_goes_only_if_nothing_attached_to_it() {
+    let mut s = Scenario::start().await;
+    let mut pairs = Vec::new();
+    for i in 0..16 {
+        let volume = s.volume("race", &format!("race{i}"), json!({})).await;
+        let attachment = s.attachment_name("race");
+        pairs.push((volume, attachment, Duration::from_millis(80 * i as u64)));
+    }
+    let s = &s;
+    let broken: Vec<String> = futures::future::join_all(pairs.iter().map(
+        |(volume, attachment, delay)| async move {
+            s.create_attachment(attachment, volume, NODE_A).await;
+            tokio::time::sleep(*delay).await;
+            let uid = s.get_volume(volume).await.uid().unwrap_or_default();
+            s.volumes
+                .delete(volume, &kube::api::DeleteParams::default())
+                .await
+                .unwrap_or_else(|e| panic!("delete Volume {volume}: {e}"));
+            let mut claims = Vec::new();
+            let until = Instant::now() + Duration::from_secs(6);
+            while Instant::now() < until {
+                let record = s.get_attachment(attachment).await;
+                let gone = s
+                    .volumes
+                    .get_opt(volume)
+                    .await
+                    .unwrap_or_else(|e| panic!("get Volume {volume}: {e}"))
+                    .is_none_or(|v| v.uid().unwrap_or_default() != uid);
+                let status = record.as_ref().and_then(|a| a.status.clone());
+                let bound = status
+                    .as_ref()
+                    .and_then(|st| st.bound_to.as_ref())
+                    .is_some_and(|b| b.volume_uid == uid);
+                if bound {
+                    claims.push(format!("{:?}", status.as_ref().and_then(|st| st.phase)));
+                }
+                if gone {
+                    return (!claims.is_empty()).then(|| {
+                        format!("{volume} went while {attachment} was bound to it: {claims:?}")
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        },
+    ))
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
+    assert!(
+        broken.is_empty(),
+        "{broken:#?}\n--- operator log (end) ---\n{}",
+        s.log_tail(60)
+    );
+}

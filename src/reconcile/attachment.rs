@@ -34,7 +34,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// More steps than any path needs (a probe, a re-read, force, a probe, confirm, attach, a probe,
 /// confirm, and a re-read and a probe after a refused write): a bound, not a budget.
@@ -458,6 +458,11 @@ impl<'a> Reconcile<'a> {
             }
             match finalizer::add(&api, &volume, VOLUME_FINALIZER).await {
                 Ok(Some(written)) => {
+                    info!(
+                        volume = written.name_any(),
+                        uid = written.uid().unwrap_or_default(),
+                        "held the Volume for the attach"
+                    );
                     self.context
                         .own_volume_writes
                         .wrote(volume.resource_version(), &written);

@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Action, Error> {
     let name = volume.name_any();
@@ -296,6 +296,12 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         // No status for a Volume about to go: its write would only change the version the
         // release is conditioned on, and send the release round once more.
         finalizer::remove(&api, &volume, VOLUME_FINALIZER).await?;
+        info!(
+            uid = volume.uid().unwrap_or_default(),
+            version = volume.resource_version().unwrap_or_default(),
+            listed = listed.as_ref().map_or(0, Vec::len),
+            "released: no attachment names it"
+        );
         context.own_volume_writes.forget(&volume);
         return Ok(Pass::Done(Action::await_change()));
     }

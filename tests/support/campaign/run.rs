@@ -410,7 +410,7 @@ pub async fn run(plan: Plan) -> Outcome {
         .iter()
         .map(|v| {
             format!(
-                "VIOLATION seed {} rule {} at {:.3}s: {}\n--- history (seed {}; reproduce: make campaign SCHEDULES=1 SEED={} ACTIVE={}) ---\n{}\n--- operator log (end) ---\n{}",
+                "VIOLATION seed {} rule {} at {:.3}s: {}\n--- history (seed {}; reproduce: make campaign SCHEDULES=1 SEED={} ACTIVE={}) ---\n{}\n--- operator log: the lines that name the objects of the violation, then the end ---\n{}",
                 plan.seed,
                 v.rule.name(),
                 history.offset(v.at),
@@ -421,7 +421,15 @@ pub async fn run(plan: Plan) -> Outcome {
                 history.around(v.at, 60, 10),
                 replicas
                     .iter()
-                    .map(|r| format!("[{}]\n{}", r.identity, tail(&r.operator.log(), 30)))
+                    .map(|r| {
+                        let log = r.operator.log();
+                        format!(
+                            "[{}]\n{}\n...\n{}",
+                            r.identity,
+                            tail(&naming(&log, &v.detail), 80),
+                            tail(&log, 30)
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join("\n"),
             )
@@ -454,6 +462,18 @@ pub async fn run(plan: Plan) -> Outcome {
 }
 
 /// The last `lines` lines of a log, its terminal colour codes taken out.
+/// The lines of `log` that name an object `detail` names (a campaign Volume or attachment).
+fn naming(log: &str, detail: &str) -> String {
+    let names: BTreeSet<&str> = detail
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|word| (word.starts_with("cv") || word.starts_with("ca")) && word.contains('-'))
+        .collect();
+    log.lines()
+        .filter(|line| names.iter().any(|name| line.contains(name)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn tail(log: &str, lines: usize) -> String {
     let all: Vec<&str> = log.lines().collect();
     let mut plain = String::new();
