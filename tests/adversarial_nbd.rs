@@ -801,8 +801,8 @@ async fn a_volume_deleted_while_its_attachment_is_new_goes_only_if_nothing_attac
         pairs.push((volume, attachment, Duration::from_millis(80 * i as u64)));
     }
     let s = &s;
-    let broken: Vec<String> = futures::future::join_all(pairs.iter().map(
-        |(volume, attachment, delay)| async move {
+    let broken: Vec<String> =
+        futures::future::join_all(pairs.iter().map(|(volume, attachment, delay)| async move {
             s.create_attachment(attachment, volume, NODE_A).await;
             tokio::time::sleep(*delay).await;
             let uid = s.get_volume(volume).await.uid().unwrap_or_default();
@@ -836,12 +836,11 @@ async fn a_volume_deleted_while_its_attachment_is_new_goes_only_if_nothing_attac
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             None
-        },
-    ))
-    .await
-    .into_iter()
-    .flatten()
-    .collect();
+        }))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     assert!(
         broken.is_empty(),
         "{broken:#?}\n--- operator log (end) ---\n{}",
