@@ -302,8 +302,16 @@ impl<'a> Reconcile<'a> {
                     if self.basis == Basis::Conflicted {
                         answer = None;
                     }
-                    if self.basis != Basis::Fresh && !self.refresh().await? {
-                        return Ok(Outcome::Settled(Action::await_change()));
+                    if self.basis != Basis::Fresh {
+                        if !self.refresh().await? {
+                            return Ok(Outcome::Settled(Action::await_change()));
+                        }
+                    } else {
+                        // The record is fresh, but what was computed on it since (an intent and
+                        // the binding it records) rests on the cached Volume: dropped, to be
+                        // decided again on the Volume read now. No call was made on it: a call
+                        // needs the fresh Volume this step is about to read.
+                        self.start_from_stored();
                     }
                     match self.fresh_target(locked.as_ref()).await? {
                         FreshVolume::Read(fresh) => {
@@ -317,6 +325,9 @@ impl<'a> Reconcile<'a> {
                         }
                         FreshVolume::Fenced => {
                             return Ok(self.outcome(Recheck::Soon(FENCED_RECHECK)));
+                        }
+                        FreshVolume::JustHeld => {
+                            return Ok(self.outcome(Recheck::Soon(BUSY_RECHECK)));
                         }
                         FreshVolume::Changing => {
                             return Ok(self.outcome(Recheck::Backoff { deadline: None }));
@@ -432,9 +443,9 @@ impl<'a> Reconcile<'a> {
 
     /// The target of the attachment's Volume as the apiserver has it. A live attachment whose
     /// Volume it may attach to holds that Volume first (adds the operator's finalizer, guarded by
-    /// the uid and finalizers read): an attach rests on a Volume that cannot go before its
-    /// attachments do, and a Volume deleted before it was held goes at once with nothing attached
-    /// to it. A Volume that is not this reconcile's turn, a problem (an alias, a deleting Volume)
+    /// the uid and finalizers read), and attaches only on a later read that finds it held: an
+    /// attach rests on a Volume that cannot go before its attachments do, and a Volume deleted
+    /// before it was held goes at once with nothing attached to it. A Volume that is not this reconcile's turn, a problem (an alias, a deleting Volume)
     /// or a deleted attachment's holds nothing.
     async fn fresh_target(&self, locked: Option<&(String, String)>) -> Result<FreshVolume, Error> {
         let api = Api::<Volume>::all(self.context.client.clone());
@@ -466,7 +477,7 @@ impl<'a> Reconcile<'a> {
                     self.context
                         .own_volume_writes
                         .wrote(volume.resource_version(), &written);
-                    return Ok(FreshVolume::Read(self.target(Some(Arc::new(written)))));
+                    return Ok(FreshVolume::JustHeld);
                 }
                 Ok(None) => return Ok(FreshVolume::Read(target)),
                 // Changed since it was read (held by the Volume controller meanwhile, deleted):
@@ -796,6 +807,10 @@ enum FreshVolume {
     Replaced,
     /// The lease is in doubt: nothing is held, nothing attached.
     Fenced,
+    /// Held just now: look again soon, and attach only on a later read that finds it held and
+    /// not deleted. The apiserver may still carry out a DELETE that read the Volume before the
+    /// finalizer was added (kubernetes/kubernetes#77988): such a Volume is gone by then.
+    JustHeld,
     /// It changed under every try to hold it: look again after a backoff.
     Changing,
 }

@@ -210,19 +210,60 @@ async fn an_attach_holds_its_volume_first_so_that_a_deletion_waits_for_the_attac
     // The Volume controller has not held it yet.
     harness.unhold_volume();
     harness.create("va", &[]);
-    let (_, log) = harness.reconcile("va").await;
+    let (action, log) = harness.reconcile("va").await;
     let held = position(
         &log,
         r#"write volumes/vol: finalizers ["safedetach.io/attachments"]"#,
     );
     assert!(held > position(&log, "get volumes/vol"));
-    assert!(held < position(&log, "write volumeattachments/va/status: phase=Attaching"));
-    assert!(held < position(&log, "driver attach h1 node-a"));
+    // Held just now: the attach waits for a later read that finds the Volume held (a DELETE
+    // that read it before the finalizer may still be carried out).
+    assert!(
+        !log.iter()
+            .any(|entry| entry.starts_with("driver attach") || entry.contains("phase=Attaching")),
+        "{log:#?}"
+    );
+    assert_eq!(action, Action::requeue(crate::decide::BUSY_RECHECK));
+    harness.catch_up("va");
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        position(&log, "get volumes/vol")
+            < position(&log, "write volumeattachments/va/status: phase=Attaching")
+    );
+    assert!(
+        !log.iter()
+            .any(|entry| entry.starts_with("write volumes/vol:")),
+        "{log:#?}"
+    );
+    assert!(harness.driver.connects("h1", NODE));
     let volume = harness.api.get::<Volume>("vol").expect("the Volume");
     assert_eq!(volume.finalizers(), [VOLUME_FINALIZER]);
     // Deleted now, it stays: its release is the Volume controller's, once no attachment names it.
     harness.api.delete::<Volume>("vol");
     assert!(harness.api.get::<Volume>("vol").is_some());
+}
+
+/// The cache still has the Volume, the apiserver no longer: the intent the cache suggested (an
+/// attach, bound to that Volume) is dropped once the fresh read finds it gone, and nothing
+/// records a claim on a Volume nothing was attached to.
+#[tokio::test]
+async fn an_intent_decided_on_the_cached_volume_is_not_written_once_the_volume_is_gone() {
+    let mut harness = Harness::new();
+    harness.unhold_volume();
+    harness.api.delete::<Volume>("vol");
+    harness.create("va", &[]);
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        !log.iter().any(|entry| entry.contains("phase=Attaching")),
+        "{log:#?}"
+    );
+    let stored = harness
+        .api
+        .get::<VolumeAttachment>("va")
+        .and_then(|a| a.status)
+        .unwrap_or_default();
+    assert_eq!(stored.bound_to, None, "{log:#?}");
+    assert!(!harness.driver.connects("h1", NODE));
 }
 
 #[tokio::test]
