@@ -181,7 +181,7 @@ mod observe {
 
     fn observer() -> Observer {
         let handles = [("va".to_owned(), "h0".to_owned())].into();
-        let single = [("h0".to_owned(), "va".to_owned())].into();
+        let single = ["va".to_owned()].into();
         Observer::new(handles, single, Arc::default(), History::new())
     }
 
@@ -382,7 +382,7 @@ mod observe {
                 ("vb".to_owned(), "h0".to_owned()),
             ]
             .into();
-            let single = [("h0".to_owned(), "va".to_owned())].into();
+            let single = ["va".to_owned()].into();
             Observer::new(handles, single, Arc::default(), History::new())
         };
         let through_vb = |uid: &str, node: &str, phase| Record {
@@ -410,6 +410,18 @@ mod observe {
             &["n0", "n1"],
         ));
         assert_eq!(rules(&o), [Rule::DoubleAttach]);
+
+        // Once the single-attach Volume is gone, its multi-attach alias owns the backend volume.
+        let mut o = aliased();
+        let on = |node: &str| through_vb(node, node, AttachmentPhase::Attached);
+        o.check(&Round {
+            volumes: Some(vec![VolumeId {
+                name: "vb".into(),
+                ..volume("v2", true)
+            }]),
+            ..round(vec![on("n0"), on("n1")], &["n0", "n1"])
+        });
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
 
         let mut o = aliased();
         o.check(&round(

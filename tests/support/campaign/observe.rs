@@ -263,9 +263,9 @@ const RELEASE_WATCH_ROUNDS: usize = 5;
 pub struct Observer {
     /// Volume name → handle, for reading export ids.
     handles: BTreeMap<String, String>,
-    /// Handle → a single-attach Volume that names it (a handle any single-attach Volume names
-    /// is exclusive, aliases included).
-    single: BTreeMap<String, String>,
+    /// The single-attach Volumes, by name: a backend volume that one of them names while it
+    /// exists is exclusive, whichever Volume an attachment came through.
+    single: BTreeSet<String>,
     /// Every attachment ever seen, by uid: its spec and every distinct record seen.
     pub seen: BTreeMap<String, Vec<(Timestamp, Record)>>,
     previous: Vec<Record>,
@@ -285,7 +285,7 @@ pub struct Observer {
 impl Observer {
     pub fn new(
         handles: BTreeMap<String, String>,
-        single: BTreeMap<String, String>,
+        single: BTreeSet<String>,
         creates: Arc<Mutex<Vec<CreateWindow>>>,
         history: History,
     ) -> Self {
@@ -412,8 +412,20 @@ impl Observer {
             return;
         };
 
+        // Exclusive while a single-attach Volume that names it exists (listed this round, before
+        // the exports were read; the last list if this round's failed): once that Volume is
+        // gone, a multi-attach alias owns the backend volume.
+        let listed: Vec<VolumeId> = round
+            .volumes
+            .as_ref()
+            .or(self.last_volumes.as_ref().map(|(volumes, _)| volumes))
+            .cloned()
+            .unwrap_or_default();
         for (handle, nodes) in by_handle(exports) {
-            if let Some(volume) = self.single.get(&handle)
+            let exclusive = listed.iter().find(|v| {
+                self.single.contains(&v.name) && self.handle_of(&v.name) == Some(handle.as_str())
+            });
+            if let Some(VolumeId { name: volume, .. }) = exclusive
                 && nodes.len() > 1
             {
                 self.violate(

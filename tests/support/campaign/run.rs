@@ -222,7 +222,7 @@ pub async fn run(plan: Plan) -> Outcome {
             .iter()
             .zip(&plan.volumes)
             .filter(|(_, v)| !v.multi_attach)
-            .map(|(n, v)| (v.handle.clone(), n.clone()))
+            .map(|(n, _)| n.clone())
             .collect();
         let mut observer = Observer::new(handles, single, world.creates.clone(), history.clone());
         let world = world.clone();
