@@ -40,6 +40,10 @@ pub const VOLUME_FINALIZER: &str = "safedetach.io/attachments";
 /// `kubectl get sdva --field-selector spec.volumeName=<volume>`.
 pub const VOLUME_NAME_FIELD: &str = "spec.volumeName";
 
+/// The field selector path of a `Volume`'s backend volume (a selectable field of its CRD):
+/// `kubectl get sdvol --field-selector spec.volumeHandle=<handle>` lists a volume's aliases.
+pub const VOLUME_HANDLE_FIELD: &str = "spec.volumeHandle";
+
 /// Both CRDs, in the order they are installed.
 pub fn crds() -> [CustomResourceDefinition; 2] {
     [Volume::crd(), VolumeAttachment::crd()]

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Handle","type":"string","jsonPath":".spec.volumeHandle"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Nodes","type":"string","jsonPath":".status.connectedNodes"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    selectable = ".spec.volumeHandle"
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeSpec {

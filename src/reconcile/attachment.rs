@@ -13,7 +13,10 @@
 //! still holds its lease.
 
 use super::lanes::{Lane, QUEUED_RECHECK};
-use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe, synced};
+use super::{
+    Context, Error, TURN_WAIT, aliases_listed, aliases_of, finalizer, owner_of_handle, probe,
+    synced,
+};
 use crate::MANAGER;
 use crate::api::{
     ATTACHMENT_FINALIZER, Binding, FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER, Volume,
@@ -216,7 +219,7 @@ impl<'a> Reconcile<'a> {
             .context
             .volumes
             .get(&ObjectRef::<Volume>::new(&self.attachment.spec.volume_name));
-        let mut target = self.target(cached);
+        let mut target = self.target(cached, None);
         // One turn for the whole reconcile: from the probe that authorizes a step to the probe
         // that confirms it, no other reconcile of the same backend volume acts.
         let held = match &target {
@@ -451,7 +454,19 @@ impl<'a> Reconcile<'a> {
         let api = Api::<Volume>::all(self.context.client.clone());
         for _ in 0..WRITE_TRIES {
             let volume = api.get_opt(&self.attachment.spec.volume_name).await?;
-            let target = self.target(volume.clone().map(Arc::new));
+            // For an attach, the other Volumes of its backend volume as the apiserver has them
+            // too: one the cache has not seen yet (created a moment ago) may make the attach
+            // exclusive, or this Volume its alias.
+            let listed = match &volume {
+                Some(v)
+                    if v.metadata.deletion_timestamp.is_none()
+                        && self.attachment.metadata.deletion_timestamp.is_none() =>
+                {
+                    Some(aliases_listed(self.context, v).await?)
+                }
+                _ => None,
+            };
+            let target = self.target(volume.clone().map(Arc::new), listed.as_deref());
             let key = target
                 .as_ref()
                 .ok()
@@ -505,7 +520,11 @@ impl<'a> Reconcile<'a> {
     /// The backend and policy of `volume` (the attachment's Volume, from the cache or read
     /// fresh), or why there is none. A deleted attachment that recorded what it attached goes
     /// there, even if its Volume was replaced or is gone.
-    fn target(&self, volume: Option<Arc<Volume>>) -> Result<Target, VolumeProblem> {
+    fn target(
+        &self,
+        volume: Option<Arc<Volume>>,
+        listed: Option<&[Arc<Volume>]>,
+    ) -> Result<Target, VolumeProblem> {
         let volume_name = &self.attachment.spec.volume_name;
         let deleting = self.attachment.metadata.deletion_timestamp.is_some();
         let recorded = self
@@ -527,7 +546,13 @@ impl<'a> Reconcile<'a> {
         if volume.metadata.deletion_timestamp.is_some() && !deleting {
             return Err(VolumeProblem::VolumeDeleting(volume_name.clone()));
         }
-        let aliases = aliases_of(&self.context.volumes, &volume);
+        // The cache's aliases, and those the apiserver listed: either may lack one the other has.
+        let mut aliases = aliases_of(&self.context.volumes, &volume);
+        for alias in listed.unwrap_or_default() {
+            if !aliases.iter().any(|a| a.uid() == alias.uid()) {
+                aliases.push(alias.clone());
+            }
+        }
         if !deleting && let Some(owner) = owner_of_handle(&aliases, &volume) {
             return Err(VolumeProblem::DuplicateHandle { owner });
         }

@@ -13,7 +13,7 @@ mod sweep;
 mod tests;
 mod volume;
 
-use crate::api::{Volume, VolumeAttachment, VolumeStatus};
+use crate::api::{VOLUME_HANDLE_FIELD, Volume, VolumeAttachment, VolumeStatus};
 use crate::config::Config;
 use crate::decide::{ProbeAnswer, VolumeProblem};
 
@@ -27,6 +27,7 @@ use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::ListParams;
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
@@ -36,7 +37,7 @@ use lock::VolumeLocks;
 use own_writes::OwnWrites;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -95,6 +96,9 @@ pub struct Context {
     /// The apiserver refused to list attachments by `spec.volumeName` (before Kubernetes 1.31):
     /// every list of the attachments naming a Volume lists them all.
     field_selector_refused: AtomicBool,
+    /// The same for Volumes by `spec.volumeHandle` (a CRD installed before that field was
+    /// selectable, or an apiserver before 1.31).
+    handle_selector_refused: AtomicBool,
 }
 
 impl Context {
@@ -216,6 +220,7 @@ pub async fn run(
         fence: replica.fence,
         own_volume_writes,
         field_selector_refused: AtomicBool::new(false),
+        handle_selector_refused: AtomicBool::new(false),
     });
 
     // A Volume's change (its policy, its backend connections) concerns each of its attachments.
@@ -452,6 +457,59 @@ where
         .await
         .is_err()
     {}
+}
+
+/// The other Volumes that name the same backend volume (driver and handle) as `volume`, as the
+/// apiserver has them: selected by `spec.volumeHandle` (a selectable field of the CRD); where the
+/// apiserver cannot select on it, every Volume, in pages, filtered here.
+async fn aliases_listed(context: &Context, volume: &Volume) -> Result<Vec<Arc<Volume>>, Error> {
+    let api = Api::<Volume>::all(context.client.clone());
+    let alias = |other: &Volume| {
+        other.spec.driver == volume.spec.driver
+            && other.spec.volume_handle == volume.spec.volume_handle
+            && other.uid() != volume.uid()
+    };
+    if !context.handle_selector_refused.load(Ordering::Relaxed) {
+        let field = format!(
+            "{VOLUME_HANDLE_FIELD}={}",
+            escape_field_value(&volume.spec.volume_handle)
+        );
+        match api.list(&ListParams::default().fields(&field)).await {
+            Ok(list) => {
+                return Ok(list
+                    .items
+                    .into_iter()
+                    .filter(|v| alias(v))
+                    .map(Arc::new)
+                    .collect());
+            }
+            // Remembered: this apiserver will not select on the field (until a restart).
+            Err(kube::Error::Api(status)) if status.code == 400 => {
+                context
+                    .handle_selector_refused
+                    .store(true, Ordering::Relaxed);
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let mut aliases = Vec::new();
+    let mut page = ListParams::default().limit(500);
+    loop {
+        let list = api.list(&page).await?;
+        aliases.extend(list.items.into_iter().filter(|v| alias(v)).map(Arc::new));
+        match list.metadata.continue_ {
+            Some(token) if !token.is_empty() => page = page.continue_token(&token),
+            _ => return Ok(aliases),
+        }
+    }
+}
+
+/// A field selector's value with its separators escaped, as the apiserver reads it.
+fn escape_field_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace(',', "\\,")
+        .replace('=', "\\=")
 }
 
 /// The other Volumes that name the same backend volume (driver and handle) as `volume`.

@@ -175,8 +175,8 @@ impl State {
         not_found(&name)
     }
 
-    /// The objects under the collection `path`, those a field selector `spec.volumeName=…`
-    /// selects if the query has one.
+    /// The objects under the collection `path`, those a field selector `spec.volumeName=…` or
+    /// `spec.volumeHandle=…` selects if the query has one.
     fn list(&mut self, path: &str, query: &str) -> (StatusCode, Value) {
         let selector = query
             .split('&')
@@ -204,9 +204,12 @@ impl State {
                     "field label not supported",
                 );
             }
-            Some(selector) => match selector.strip_prefix("spec.volumeName=") {
-                Some(volume) => Some(volume.to_owned()),
-                None => return failure(StatusCode::BAD_REQUEST, "BadRequest", selector),
+            Some(selector) => match selector.split_once('=') {
+                Some((field @ ("spec.volumeName" | "spec.volumeHandle"), value)) => Some((
+                    field.trim_start_matches("spec.").to_owned(),
+                    value.to_owned(),
+                )),
+                _ => return failure(StatusCode::BAD_REQUEST, "BadRequest", selector),
             },
             None => None,
         };
@@ -221,8 +224,8 @@ impl State {
             .map(|(_, object)| object.clone())
             .filter(|object| {
                 wanted
-                    .as_deref()
-                    .is_none_or(|volume| object["spec"]["volumeName"] == volume)
+                    .as_ref()
+                    .is_none_or(|(field, value)| object["spec"][field] == value.as_str())
             })
             .collect();
         let version = self.last_version.to_string();

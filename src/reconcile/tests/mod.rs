@@ -44,6 +44,7 @@ struct Harness {
     driver: Arc<ScriptedDriver>,
     context: Arc<Context>,
     attachments: Writer<VolumeAttachment>,
+    volumes: Writer<Volume>,
 }
 
 impl Harness {
@@ -89,6 +90,7 @@ impl Harness {
             lanes,
             own_volume_writes: Default::default(),
             field_selector_refused: Default::default(),
+            handle_selector_refused: Default::default(),
         });
         Self {
             log,
@@ -96,6 +98,7 @@ impl Harness {
             driver,
             context,
             attachments: attachments_writer,
+            volumes: volumes_writer,
         }
     }
 
@@ -190,8 +193,9 @@ async fn an_attach_writes_its_intent_first_and_attached_only_on_the_probe_after_
         [
             r#"write volumeattachments/va: finalizers ["safedetach.io/detach"]"#,
             "driver probe h1",
-            // The Volume read fresh before a call rests on its policy.
+            // The Volume read fresh before a call rests on its policy, and its aliases.
             "get volumes/vol",
+            "list volumes spec.volumeHandle=h1",
             // Rule 4: the intent is stored before the call it announces.
             "write volumeattachments/va/status: phase=Attaching attached=false",
             "driver attach h1 node-a",
@@ -266,6 +270,34 @@ async fn an_intent_decided_on_the_cached_volume_is_not_written_once_the_volume_i
     assert!(!harness.driver.connects("h1", NODE));
 }
 
+/// A single-attach alias created a moment ago, which the Volume cache has not seen yet, makes
+/// the attach of a multi-attach Volume of the same backend volume exclusive: an attach lists the
+/// Volume's aliases from the apiserver too.
+#[tokio::test]
+async fn an_alias_the_cache_has_not_seen_yet_still_makes_the_attach_exclusive() {
+    let mut harness = Harness::new();
+    let mut volume = harness.api.get::<Volume>("vol").expect("the Volume");
+    volume.spec.multi_attach = true;
+    harness.api.replace(&volume);
+    let now = harness.api.get::<Volume>("vol").expect("the Volume");
+    harness
+        .volumes
+        .apply_watcher_event(&watcher::Event::Apply(now));
+    // Created now; the cache has not seen it.
+    let spec = serde_json::from_value(json!({ "driver": "scripted", "volumeHandle": "h1" }))
+        .expect("a Volume spec");
+    harness.api.create(&Volume::new("vol-alias", spec));
+    harness.driver.connect("h1", "node-b");
+    harness.create("va", &[]);
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        log.iter()
+            .any(|entry| entry == "list volumes spec.volumeHandle=h1"),
+        "{log:#?}"
+    );
+    assert!(!harness.driver.connects("h1", NODE), "{log:#?}");
+}
+
 #[tokio::test]
 async fn an_attachment_whose_volume_went_before_it_was_held_is_never_attached() {
     let mut harness = Harness::new();
@@ -311,6 +343,7 @@ async fn a_failed_call_is_recorded_once_and_held_back_until_its_backoff_is_due()
             r#"write volumeattachments/va: finalizers ["safedetach.io/detach"]"#,
             "driver probe h1",
             "get volumes/vol",
+            "list volumes spec.volumeHandle=h1",
             "write volumeattachments/va/status: phase=Attaching attached=false",
             "driver attach h1 node-a",
             // The failure is stored with the phase it left (Attaching), and told once.
@@ -378,6 +411,7 @@ async fn a_forced_detach_writes_its_token_before_the_call_and_acts_once_per_toke
             "driver probe h1",
             "get volumeattachments/va",
             "get volumes/vol",
+            "list volumes spec.volumeHandle=h1",
             // The token is stored as taken, with the intent, before the call.
             "write volumeattachments/va/status: phase=Detaching attached=true force=InProgress",
             "event ForceDetaching",
@@ -413,6 +447,7 @@ async fn a_refused_status_write_is_decided_again_on_the_version_the_apiserver_ha
             r#"write volumeattachments/va: finalizers ["safedetach.io/detach"]"#,
             "driver probe h1",
             "get volumes/vol",
+            "list volumes spec.volumeHandle=h1",
             "write volumeattachments/va/status: phase=Attaching attached=false",
             "  refused: the object changed",
             "get volumeattachments/va",

@@ -39,6 +39,14 @@ impl ScriptedDriver {
             .contains(&(volume.to_owned(), node.to_owned()))
     }
 
+    /// Connects `volume` to `node` behind the operator's back.
+    pub fn connect(&self, volume: &str, node: &str) {
+        self.connections
+            .lock()
+            .expect("the backend")
+            .insert((volume.to_owned(), node.to_owned()));
+    }
+
     /// Logs the call, and answers the scripted failure if one is due.
     fn call(
         &self,
