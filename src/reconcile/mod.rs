@@ -96,6 +96,10 @@ pub struct Context {
     /// The apiserver refused to list attachments by `spec.volumeName` (before Kubernetes 1.31):
     /// every list of the attachments naming a Volume lists them all.
     field_selector_refused: AtomicBool,
+    /// The label selector of the Volumes and attachments this replica manages (`--selector`):
+    /// another shard's Volume of the same driver name and handle may be another backend's, and
+    /// is no alias.
+    label_selector: Option<String>,
     /// The same for Volumes by `spec.volumeHandle` (a CRD installed before that field was
     /// selectable, or an apiserver before 1.31).
     handle_selector_refused: AtomicBool,
@@ -219,6 +223,7 @@ pub async fn run(
         locks: VolumeLocks::default(),
         fence: replica.fence,
         own_volume_writes,
+        label_selector,
         field_selector_refused: AtomicBool::new(false),
         handle_selector_refused: AtomicBool::new(false),
     });
@@ -459,9 +464,10 @@ where
     {}
 }
 
-/// The other Volumes that name the same backend volume (driver and handle) as `volume`, as the
-/// apiserver has them: selected by `spec.volumeHandle` (a selectable field of the CRD); where the
-/// apiserver cannot select on it, every Volume, in pages, filtered here.
+/// The other Volumes of this replica's shard that name the same backend volume (driver and
+/// handle) as `volume`, as the apiserver has them: selected by `spec.volumeHandle` (a selectable
+/// field of the CRD); where the apiserver cannot select on it, every Volume of the shard, in
+/// pages, filtered here. The same Volumes the cache holds (it watches the shard), fresh.
 async fn aliases_listed(context: &Context, volume: &Volume) -> Result<Vec<Arc<Volume>>, Error> {
     let api = Api::<Volume>::all(context.client.clone());
     let alias = |other: &Volume| {
@@ -474,7 +480,7 @@ async fn aliases_listed(context: &Context, volume: &Volume) -> Result<Vec<Arc<Vo
             "{VOLUME_HANDLE_FIELD}={}",
             escape_field_value(&volume.spec.volume_handle)
         );
-        match api.list(&ListParams::default().fields(&field)).await {
+        match api.list(&shard(context).fields(&field)).await {
             Ok(list) => {
                 return Ok(list
                     .items
@@ -493,7 +499,7 @@ async fn aliases_listed(context: &Context, volume: &Volume) -> Result<Vec<Arc<Vo
         }
     }
     let mut aliases = Vec::new();
-    let mut page = ListParams::default().limit(500);
+    let mut page = shard(context).limit(500);
     loop {
         let list = api.list(&page).await?;
         aliases.extend(list.items.into_iter().filter(|v| alias(v)).map(Arc::new));
@@ -501,6 +507,14 @@ async fn aliases_listed(context: &Context, volume: &Volume) -> Result<Vec<Arc<Vo
             Some(token) if !token.is_empty() => page = page.continue_token(&token),
             _ => return Ok(aliases),
         }
+    }
+}
+
+/// A list of the objects of this replica's shard.
+fn shard(context: &Context) -> ListParams {
+    match &context.label_selector {
+        Some(selector) => ListParams::default().labels(selector),
+        None => ListParams::default(),
     }
 }
 

@@ -91,6 +91,7 @@ impl Harness {
             own_volume_writes: Default::default(),
             field_selector_refused: Default::default(),
             handle_selector_refused: Default::default(),
+            label_selector: None,
         });
         Self {
             log,
