@@ -498,14 +498,31 @@ async fn aliases_listed(context: &Context, volume: &Volume) -> Result<Vec<Arc<Vo
             Err(error) => return Err(error.into()),
         }
     }
-    let mut aliases = Vec::new();
-    let mut page = shard(context).limit(500);
+    let every = list_pages(&api, shard(context), |v: &Volume| alias(v)).await?;
+    Ok(every.into_iter().map(Arc::new).collect())
+}
+
+/// Objects per page of a full list that stands in for a field selector.
+const FALLBACK_PAGE: u32 = 500;
+
+/// Every object `params` selects, read in pages to the last, that `keep` accepts: a cluster may
+/// hold many thousands.
+async fn list_pages<K>(
+    api: &Api<K>,
+    params: ListParams,
+    keep: impl Fn(&K) -> bool,
+) -> Result<Vec<K>, Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut kept = Vec::new();
+    let mut page = params.limit(FALLBACK_PAGE);
     loop {
         let list = api.list(&page).await?;
-        aliases.extend(list.items.into_iter().filter(|v| alias(v)).map(Arc::new));
+        kept.extend(list.items.into_iter().filter(|object| keep(object)));
         match list.metadata.continue_ {
             Some(token) if !token.is_empty() => page = page.continue_token(&token),
-            _ => return Ok(aliases),
+            _ => return Ok(kept),
         }
     }
 }

@@ -2,7 +2,9 @@
 //! which of those no attachment claims (orphans, case 5), and, under `orphanPolicy: Detach`, the
 //! backend-confirmed force-detach of those.
 
-use super::{Context, Error, TURN_WAIT, aliases_of, finalizer, owner_of_handle, probe, synced};
+use super::{
+    Context, Error, TURN_WAIT, aliases_of, finalizer, list_pages, owner_of_handle, probe, synced,
+};
 use crate::MANAGER;
 use crate::api::{VOLUME_FINALIZER, VOLUME_NAME_FIELD, Volume, VolumeAttachment, VolumeStatus};
 use crate::decide::events::{orphan_forced, volume_between};
@@ -107,21 +109,10 @@ async fn attachments_naming(
 ) -> Result<Vec<VolumeAttachment>, Error> {
     let api = Api::<VolumeAttachment>::all(context.client.clone());
     // In pages, keeping only those that name the Volume: a cluster may hold many thousands.
-    let every = || async {
-        let mut naming = Vec::new();
-        let mut page = ListParams::default().limit(FALLBACK_PAGE);
-        loop {
-            let list = api.list(&page).await?;
-            naming.extend(
-                list.items
-                    .into_iter()
-                    .filter(|a| names.contains(&a.spec.volume_name)),
-            );
-            match list.metadata.continue_ {
-                Some(token) if !token.is_empty() => page = page.continue_token(&token),
-                _ => return Ok::<_, Error>(naming),
-            }
-        }
+    let every = || {
+        list_pages(&api, ListParams::default(), |a: &VolumeAttachment| {
+            names.contains(&a.spec.volume_name)
+        })
     };
     if context.field_selector_refused.load(Ordering::Relaxed) {
         return every().await;
@@ -143,9 +134,6 @@ async fn attachments_naming(
     }
     Ok(naming)
 }
-
-/// Attachments per page of the full list that stands in for a field selector.
-const FALLBACK_PAGE: u32 = 500;
 
 /// Passes over one Volume in one reconcile: on the cache, and at most twice more on what the
 /// apiserver returns.
