@@ -61,6 +61,21 @@ async fn taken_in(s: &mut Scenario, prefix: &str, handle: &str, spec: serde_json
     volume
 }
 
+/// Deletes `attachment`, then waits for its detach and for its Volume's release; the export must
+/// be gone with them.
+async fn detached_then_released(s: &Scenario, attachment: &str, volume: &str, export: &str) {
+    s.delete_attachment(attachment).await;
+    s.wait_attachment_gone(attachment).await;
+    s.wait_for(&s.volumes, volume, "released and gone", WAIT, |v| {
+        v.is_none()
+    })
+    .await;
+    assert!(
+        !s.qsd.export_ids().await.iter().any(|id| id == export),
+        "the export {export} outlived its attachment's detach"
+    );
+}
+
 /// Reads the daemon's exports every [`EXPORT_POLL`] for `window`: every export id seen, and
 /// whether `export` was missing at some poll.
 async fn watch_exports(s: &Scenario, window: Duration, export: &str) -> (BTreeSet<String>, usize) {
@@ -519,16 +534,7 @@ async fn a_deleted_volume_keeps_its_finalizer_while_its_attachments_are_still_be
         s.log_tail(40)
     );
     // The attachment still names the Volume: its detach, then the Volume's release, as designed.
-    s.delete_attachment(&attachment).await;
-    s.wait_attachment_gone(&attachment).await;
-    s.wait_for(&s.volumes, &volume, "released and gone", WAIT, |v| {
-        v.is_none()
-    })
-    .await;
-    assert!(
-        !s.qsd.export_ids().await.contains(&export),
-        "the export {export} outlived its attachment's detach"
-    );
+    detached_then_released(&s, &attachment, &volume, &export).await;
 }
 
 /// An attached attachment is relabelled out of the operator's shard (`--selector`), and its
@@ -592,16 +598,7 @@ async fn a_deleted_volume_stays_while_an_attachment_relabelled_out_of_the_shard_
     );
     // Back in the shard and deleted: its detach, then the Volume's release.
     relabel(s.shard.clone()).await;
-    s.delete_attachment(&attachment).await;
-    s.wait_attachment_gone(&attachment).await;
-    s.wait_for(&s.volumes, &volume, "released and gone", WAIT, |v| {
-        v.is_none()
-    })
-    .await;
-    assert!(
-        !s.qsd.export_ids().await.contains(&export),
-        "the export {export} outlived its attachment's detach"
-    );
+    detached_then_released(&s, &attachment, &volume, &export).await;
 }
 
 // ---------------------------------------------------------------------------------------------
