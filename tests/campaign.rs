@@ -182,7 +182,13 @@ mod observe {
     fn observer() -> Observer {
         let handles = [("va".to_owned(), "h0".to_owned())].into();
         let single = ["va".to_owned()].into();
-        Observer::new(handles, single, Arc::default(), History::new())
+        Observer::new(
+            handles,
+            single,
+            Arc::default(),
+            Arc::default(),
+            History::new(),
+        )
     }
 
     fn record(uid: &str, rv: &str, phase: AttachmentPhase, deleting: bool) -> Record {
@@ -383,7 +389,13 @@ mod observe {
             ]
             .into();
             let single = ["va".to_owned()].into();
-            Observer::new(handles, single, Arc::default(), History::new())
+            Observer::new(
+                handles,
+                single,
+                Arc::default(),
+                Arc::default(),
+                History::new(),
+            )
         };
         let through_vb = |uid: &str, node: &str, phase| Record {
             volume: "vb".into(),
@@ -422,6 +434,65 @@ mod observe {
             ..round(vec![on("n0"), on("n1")], &["n0", "n1"])
         });
         assert!(rules(&o).is_empty(), "{:?}", o.violations);
+
+        // A single-attach alias created while its multi-attach alias is exported to two nodes does
+        // not make those exports a double attach; an export seen after its create does, and so
+        // does every export once the backend went unanswered (it may have restarted).
+        let mut o = aliased();
+        let only_vb = || {
+            Some(vec![VolumeId {
+                name: "vb".into(),
+                ..volume("v2", true)
+            }])
+        };
+        let both = || {
+            Some(vec![
+                volume("v1", true),
+                VolumeId {
+                    name: "vb".into(),
+                    ..volume("v2", true)
+                },
+            ])
+        };
+        let on_nodes = |nodes: &[&str]| -> Vec<Record> { nodes.iter().map(|n| on(n)).collect() };
+        o.check(&Round {
+            volumes: only_vb(),
+            ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
+        });
+        let volume_creates = o.volume_creates.clone();
+        volume_creates
+            .lock()
+            .expect("volume creates")
+            .insert("va".into(), Instant::now());
+        o.check(&Round {
+            volumes: both(),
+            ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
+        });
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+        o.check(&Round {
+            volumes: both(),
+            ..round(on_nodes(&["n0", "n1", "n2"]), &["n0", "n1", "n2"])
+        });
+        assert_eq!(rules(&o), [Rule::DoubleAttach]);
+        let mut o = aliased();
+        o.check(&Round {
+            volumes: only_vb(),
+            ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
+        });
+        o.volume_creates
+            .lock()
+            .expect("volume creates")
+            .insert("va".into(), Instant::now());
+        o.check(&Round {
+            exports: None,
+            volumes: both(),
+            ..round(on_nodes(&["n0", "n1"]), &[])
+        });
+        o.check(&Round {
+            volumes: both(),
+            ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
+        });
+        assert_eq!(rules(&o), [Rule::DoubleAttach]);
 
         let mut o = aliased();
         o.check(&round(

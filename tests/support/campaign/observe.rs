@@ -276,6 +276,11 @@ pub struct Observer {
     /// Volume uid → the end of the first round that listed it deleting.
     deleted_by: BTreeMap<String, Instant>,
     pub creates: Arc<Mutex<Vec<CreateWindow>>>,
+    /// Volume name → when its latest create was sent.
+    pub volume_creates: Arc<Mutex<BTreeMap<String, Instant>>>,
+    /// Each export seen → the backend read of the first round of the run of rounds that has seen
+    /// it without a break (an unanswered read breaks every run: the daemon may have restarted).
+    exported_since: BTreeMap<(String, String), Instant>,
     pub violations: Vec<Violation>,
     pub rounds: usize,
     history: History,
@@ -287,6 +292,7 @@ impl Observer {
         handles: BTreeMap<String, String>,
         single: BTreeSet<String>,
         creates: Arc<Mutex<Vec<CreateWindow>>>,
+        volume_creates: Arc<Mutex<BTreeMap<String, Instant>>>,
         history: History,
     ) -> Self {
         Self {
@@ -299,6 +305,8 @@ impl Observer {
             releases: Vec::new(),
             deleted_by: BTreeMap::new(),
             creates,
+            volume_creates,
+            exported_since: BTreeMap::new(),
             violations: Vec::new(),
             rounds: 0,
             history,
@@ -385,7 +393,8 @@ impl Observer {
             self.history
                 .note(format!("saw {} uid {} gone", gone.name, short(&gone.uid)));
         }
-        if round.exports != self.last_exports {
+        let exports_changed = round.exports != self.last_exports;
+        if exports_changed {
             self.history
                 .note(format!("backend exports {:?}", round.exports));
             self.last_exports = round.exports.clone();
@@ -408,32 +417,71 @@ impl Observer {
         }
 
         let Some(exports) = &round.exports else {
+            self.exported_since.clear();
             self.previous = round.records.clone();
             return;
         };
+        self.exported_since.retain(|pair, _| exports.contains(pair));
+        for pair in exports {
+            self.exported_since
+                .entry(pair.clone())
+                .or_insert(round.backend_at);
+        }
 
         // Exclusive while a single-attach Volume that names it exists (listed this round, before
         // the exports were read; the last list if this round's failed): once that Volume is
-        // gone, a multi-attach alias owns the backend volume.
+        // gone, a multi-attach alias owns the backend volume. An attach is exclusive while such a
+        // Volume names the handle (design.md), but the exports of a multi-attach alias made
+        // before that Volume was created stay: a violation needs one export seen only after the
+        // create was sent.
         let listed: Vec<VolumeId> = round
             .volumes
             .as_ref()
             .or(self.last_volumes.as_ref().map(|(volumes, _)| volumes))
             .cloned()
             .unwrap_or_default();
+        let volume_creates = self.volume_creates.lock().expect("volume creates").clone();
         for (handle, nodes) in by_handle(exports) {
-            let exclusive = listed.iter().find(|v| {
-                self.single.contains(&v.name) && self.handle_of(&v.name) == Some(handle.as_str())
-            });
-            if let Some(VolumeId { name: volume, .. }) = exclusive
-                && nodes.len() > 1
-            {
-                self.violate(
-                    Rule::DoubleAttach,
-                    round.backend_at,
-                    format!("single-attach volume {volume} exported to {nodes:?} at once"),
-                );
+            if nodes.len() < 2 {
+                continue;
             }
+            let exclusive: Vec<&VolumeId> = listed
+                .iter()
+                .filter(|v| {
+                    self.single.contains(&v.name)
+                        && self.handle_of(&v.name) == Some(handle.as_str())
+                })
+                .collect();
+            let Some(created) = exclusive
+                .iter()
+                .map(|v| volume_creates.get(&v.name).copied())
+                .min()
+            else {
+                continue;
+            };
+            let names: Vec<&str> = exclusive.iter().map(|v| v.name.as_str()).collect();
+            let (older, newer): (Vec<&String>, Vec<&String>) = nodes.iter().partition(|node| {
+                let since = self.exported_since[&(handle.clone(), node.to_string())];
+                created.is_some_and(|created| since < created)
+            });
+            if newer.is_empty() {
+                if exports_changed {
+                    self.history.note(format!(
+                        "exports of {handle} on {older:?} were seen before single-attach {names:?} \
+                     was created: a multi-attach alias made them, not judged"
+                    ));
+                }
+                continue;
+            }
+            self.violate(
+                Rule::DoubleAttach,
+                round.backend_at,
+                format!(
+                    "single-attach volume {} exported to {nodes:?} at once ({newer:?} seen \
+                     only after it was created)",
+                    names.join(", ")
+                ),
+            );
         }
 
         let creates = self.creates.lock().expect("creates").clone();

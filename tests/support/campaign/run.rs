@@ -83,6 +83,8 @@ struct World {
     creates: Arc<Mutex<Vec<CreateWindow>>>,
     qmp_socket: PathBuf,
     volume_uids: Mutex<BTreeMap<String, usize>>,
+    /// Volume name → when its latest create was sent.
+    volume_creates: Arc<Mutex<BTreeMap<String, Instant>>>,
 }
 
 impl World {
@@ -107,6 +109,10 @@ impl World {
             },
         });
         let volume: Volume = serde_json::from_value(object).expect("a Volume");
+        self.volume_creates
+            .lock()
+            .expect("volume creates")
+            .insert(name.clone(), Instant::now());
         let created = self.volumes.create(&PostParams::default(), &volume).await?;
         self.volume_uids
             .lock()
@@ -195,6 +201,7 @@ pub async fn run(plan: Plan) -> Outcome {
         creates: Arc::default(),
         qmp_socket: qmp_socket.clone(),
         volume_uids: Mutex::default(),
+        volume_creates: Arc::default(),
     });
     history.note(format!(
         "seed {} volumes {:?} nodes {:?} faults {:?}",
@@ -224,7 +231,13 @@ pub async fn run(plan: Plan) -> Outcome {
             .filter(|(_, v)| !v.multi_attach)
             .map(|(n, _)| n.clone())
             .collect();
-        let mut observer = Observer::new(handles, single, world.creates.clone(), history.clone());
+        let mut observer = Observer::new(
+            handles,
+            single,
+            world.creates.clone(),
+            world.volume_creates.clone(),
+            history.clone(),
+        );
         let world = world.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
