@@ -346,7 +346,13 @@ impl Bench {
         let (latencies, last) = self.tracker.wait(names, storm_timeout()).await;
         let total = last.saturating_duration_since(started);
         let cpu = CpuReading::now(&processes).since(&cpu_before);
-        let writes = self.requests().await.since(&requests_before).writes();
+        let requests = self.requests().await.since(&requests_before);
+        let writes = requests.writes();
+        // The reads besides: the fresh reads an attach decision makes (its attachment, its
+        // Volume, the Volumes naming the same backend volume) cost the apiserver too.
+        let reads = requests.matching(|kind| {
+            matches!(kind.verb.as_str(), "GET" | "LIST") && kind.resource != "leases"
+        });
         let rss = self.operator_process().map(|p| p.memory_mib());
         let calls = self.driver_calls().await;
         let per_object = |n: f64| match names.len() {
@@ -373,14 +379,23 @@ impl Bench {
             writes,
             cpu,
             rss,
-            extra: vec![(
-                "the operator's driver calls".to_owned(),
-                if calls.is_empty() {
-                    "none".to_owned()
-                } else {
-                    calls.join(", ")
-                },
-            )],
+            extra: vec![
+                (
+                    "the operator's driver calls".to_owned(),
+                    if calls.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        calls.join(", ")
+                    },
+                ),
+                (
+                    format!(
+                        "reads served by the apiserver ({:.1} per object, the bench's own included)",
+                        reads.total() / names.len().max(1) as f64
+                    ),
+                    reads.breakdown(),
+                ),
+            ],
         }
     }
 
