@@ -239,6 +239,11 @@ impl<'a> Reconcile<'a> {
         // a driver call is made only on a fresh attachment *and* a fresh Volume (its policy, its
         // deletion).
         let mut volume_fresh = false;
+        // Whether a driver call was made since the Volume was last read. The call may have taken
+        // long, and the Volume (its policy, its aliases) changed meanwhile: another call after it
+        // is decided on the Volume read again. What the call's answer recorded rests on the
+        // backend, not on the Volume, and stays; steps that make no call need no new read.
+        let mut called_since_volume_read = false;
 
         // For a backend that cannot be probed: what the last successful call confirmed.
         let mut confirmed = None;
@@ -290,7 +295,10 @@ impl<'a> Reconcile<'a> {
                 resync: self.context.config.resync_interval,
                 now: Timestamp::now(),
             };
-            let step = decide(&input);
+            let step = match decide(&input) {
+                step if step.calls_driver() && called_since_volume_read => Step::Refresh,
+                step => step,
+            };
             debug!(?step, "step");
             let ending = recheck::ending(&step, &input, swept);
             match &step {
@@ -309,7 +317,7 @@ impl<'a> Reconcile<'a> {
                         if !self.refresh().await? {
                             return Ok(Outcome::Settled(Action::await_change()));
                         }
-                    } else {
+                    } else if !called_since_volume_read {
                         // The record is fresh, but what was computed on it since (an intent and
                         // the binding it records) rests on the cached Volume: dropped, to be
                         // decided again on the Volume read now. No call was made on it: a call
@@ -320,6 +328,7 @@ impl<'a> Reconcile<'a> {
                         FreshVolume::Read(fresh) => {
                             target = fresh;
                             volume_fresh = true;
+                            called_since_volume_read = false;
                         }
                         // A Volume replaced since the turn was taken names another backend
                         // volume: start over on its turn.
@@ -411,6 +420,7 @@ impl<'a> Reconcile<'a> {
                     .map(|()| None),
             };
             answer = None;
+            called_since_volume_read = true;
             if let Step::ForceDetach { reason, .. } = &step {
                 let reason = format!("{reason:?}");
                 self.context

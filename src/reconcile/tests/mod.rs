@@ -418,6 +418,9 @@ async fn a_forced_detach_writes_its_token_before_the_call_and_acts_once_per_toke
             "event ForceDetaching",
             "driver force_detach h1 node-a",
             "driver probe h1",
+            // The Volume read again for the new attach: the call may have taken long.
+            "get volumes/vol",
+            "list volumes spec.volumeHandle=h1",
             // The confirmed detach, written with the new attach's intent: one write for both.
             "write volumeattachments/va/status: phase=Attaching attached=false force=Succeeded",
             "event ForceDetached",
@@ -432,6 +435,44 @@ async fn a_forced_detach_writes_its_token_before_the_call_and_acts_once_per_toke
     let (_, log) = harness.reconcile("va").await;
     assert_eq!(log, ["driver probe h1"], "acted again on a spent token");
     assert!(harness.driver.connects("h1", NODE));
+}
+
+/// The attach that follows a forced detach in the same reconcile rests on the Volume as it is
+/// after the call, not as it was read before it: a single-attach alias created during the call
+/// makes the attach exclusive.
+#[tokio::test]
+async fn the_attach_after_a_forced_detach_reads_the_volume_again() {
+    let mut harness = Harness::new();
+    let mut volume = harness.api.get::<Volume>("vol").expect("the Volume");
+    volume.spec.multi_attach = true;
+    harness.api.replace(&volume);
+    let now = harness.api.get::<Volume>("vol").expect("the Volume");
+    harness
+        .volumes
+        .apply_watcher_event(&watcher::Event::Apply(now));
+    attached(&mut harness, "va").await;
+    // Another node holds the backend volume, as a multi-attach Volume allows.
+    harness.driver.connect("h1", "node-b");
+    harness.annotate("va", FORCE_DETACH_ANNOTATION, "t1");
+    let api = harness.api.clone();
+    harness.driver.meanwhile("force_detach", move || {
+        let spec = serde_json::from_value(
+            json!({ "driver": "scripted", "volumeHandle": "h1", "multiAttach": false }),
+        )
+        .expect("a Volume spec");
+        api.create(&Volume::new("vol-alias", spec));
+    });
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        log.iter()
+            .any(|entry| entry == "driver force_detach h1 node-a"),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|entry| entry.starts_with("driver attach")),
+        "attached beside node-b though a single-attach Volume names h1 now: {log:#?}"
+    );
+    assert!(!harness.driver.connects("h1", NODE), "{log:#?}");
 }
 
 #[tokio::test]

@@ -12,7 +12,11 @@ pub struct ScriptedDriver {
     connections: Mutex<BTreeSet<(String, String)>>,
     /// The next calls that fail, by operation, in order.
     failures: Mutex<VecDeque<(&'static str, DriverError)>>,
+    /// What happens elsewhere while the next call of an operation is under way, in order.
+    meanwhile: Mutex<VecDeque<(&'static str, Meanwhile)>>,
 }
+
+type Meanwhile = Box<dyn FnOnce() + Send>;
 
 impl ScriptedDriver {
     pub fn new(log: Log) -> Self {
@@ -20,6 +24,7 @@ impl ScriptedDriver {
             log,
             connections: Mutex::new(BTreeSet::new()),
             failures: Mutex::new(VecDeque::new()),
+            meanwhile: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -29,6 +34,15 @@ impl ScriptedDriver {
             .lock()
             .expect("the script")
             .push_back((operation, error));
+    }
+
+    /// Runs `change` while the next call of `operation` is under way (another client's write
+    /// that lands during the call).
+    pub fn meanwhile(&self, operation: &'static str, change: impl FnOnce() + Send + 'static) {
+        self.meanwhile
+            .lock()
+            .expect("the script")
+            .push_back((operation, Box::new(change)));
     }
 
     /// Whether the backend connects `volume` to `node`.
@@ -59,6 +73,17 @@ impl ScriptedDriver {
             None => format!("driver {operation} {volume}"),
         };
         self.log.lock().expect("the log").push(entry);
+        let change = {
+            let mut meanwhile = self.meanwhile.lock().expect("the script");
+            if meanwhile.front().is_some_and(|(op, _)| *op == operation) {
+                meanwhile.pop_front().map(|(_, change)| change)
+            } else {
+                None
+            }
+        };
+        if let Some(change) = change {
+            change();
+        }
         let mut failures = self.failures.lock().expect("the script");
         if failures.front().is_some_and(|(op, _)| *op == operation)
             && let Some((_, error)) = failures.pop_front()
