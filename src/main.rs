@@ -2,6 +2,7 @@ use clap::{Parser, Subcommand};
 use futures::FutureExt;
 use safe_detach::api::parse_duration;
 use safe_detach::config::Config;
+use safe_detach::reconcile::Stopped;
 use safe_detach::runtime::api_rate;
 use safe_detach::runtime::health::{self, Health};
 use safe_detach::runtime::leader;
@@ -11,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// safe-detach: a Kubernetes operator that resolves stuck volume attachments, changing the record
 /// only after the storage backend confirms.
@@ -184,25 +185,33 @@ async fn run(args: RunArgs) -> ExitCode {
         },
         shutdown.clone(),
     );
-    let code = match leadership.as_mut() {
-        None => {
-            controllers.await;
-            ExitCode::SUCCESS
-        }
+    let (code, stopped) = match leadership.as_mut() {
+        None => (ExitCode::SUCCESS, controllers.await),
         Some(leadership) => tokio::select! {
-            _ = controllers => ExitCode::SUCCESS,
+            stopped = controllers => (ExitCode::SUCCESS, stopped),
             // Stop acting at once: the reconciles under way are dropped where they stand. Each
             // wrote its intent before calling the driver, so the next leader resumes from it.
             _ = leadership.lost() => {
                 error!("lost the lease: stopping at once");
-                ExitCode::FAILURE
+                (ExitCode::FAILURE, Stopped::CutShort)
             }
         },
     };
-    if let Some(leadership) = leadership {
-        leadership.release().await;
-    }
     server.abort();
+    if let Some(leadership) = leadership {
+        if stopped == Stopped::Drained {
+            leadership.release().await;
+        } else {
+            // A driver call dropped here may still be under way at the backend (a CSI plugin
+            // need not stop on a cancelled call): giving the lease up now would let the next
+            // leader probe and act meanwhile. The process ends without releasing it, and the next
+            // leader takes over once the lease has run out.
+            warn!(
+                "reconciles were cut short: leaving the lease to run out rather than releasing it"
+            );
+            std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
+        }
+    }
     code
 }
 

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use support::cluster::{admin_kubeconfig, eventually, kubectl, unique_name};
 use support::operator::http_get;
+use support::qmp_proxy::Fault;
 use support::scenario::{FIRST_REPLICA, POLL, Scenario, Setup, WAIT, attached};
 use tokio::time::Instant;
 
@@ -146,6 +147,50 @@ async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
     assert!(handover < lease_duration / 3, "handover took {handover:?}");
 }
 
+/// A leader stopped while a driver call of its own is still under way at the backend (the
+/// daemon's reply to an attach held back longer than the shutdown's grace) drops that reconcile
+/// after the grace, and exits without giving the lease up: a next leader that took over at once
+/// could probe and act while the call still lands. It takes over when the lease runs out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_cut_short_mid_call_leaves_its_lease_to_run_out() {
+    let mut s = Scenario::with(Setup {
+        leader_election: Some("30s"),
+        via_proxy: true,
+        deadline: "60s",
+        ..Setup::default()
+    })
+    .await;
+    s.wait_leader(FIRST_REPLICA, WAIT).await;
+    let volume = s.volume("cut", "disk-cut", json!({})).await;
+    s.proxy().arm(
+        "block-export-add",
+        Fault::DelayReply(Duration::from_secs(40)),
+    );
+    let name = s.attachment("cut", &volume, "node-a").await;
+    eventually("the attach reached the daemon", WAIT, POLL, || async {
+        (!s.proxy().calls_of("block-export-add").is_empty()).then_some(())
+    })
+    .await;
+    let asked = Instant::now();
+    let status = s.operator.terminate().expect("the leader was running");
+    let stopped = asked.elapsed();
+    assert!(status.success(), "the leader exited with {status}");
+    assert!(
+        stopped >= Duration::from_secs(15),
+        "the leader exited {stopped:?} after SIGTERM, before its grace for the reconciles under way"
+    );
+    let log = s.operator.log();
+    assert_eq!(
+        s.lease_holder().await.as_deref(),
+        Some(FIRST_REPLICA),
+        "the leader gave its lease up with a driver call under way; its log:\n{log}"
+    );
+    assert!(
+        log.contains("leaving the lease to run out"),
+        "{name}: no word of the reconcile cut short; the log:\n{log}"
+    );
+}
+
 /// SIGTERM before the caches have synced (the apiserver unreachable from the start): nothing is
 /// under way, and the operator exits at once rather than waiting for reconciles that cannot start
 /// (the controllers hold them until the caches sync, which their stopped watches never do).
@@ -177,7 +222,7 @@ async fn a_sigterm_before_the_caches_sync_ends_the_operator_at_once() {
     println!("FIGURE: exit {took:?} after SIGTERM with the caches never synced");
     let log = s.operator.log();
     assert!(
-        log.contains("controllers stopped without waiting for the reconciles under way"),
+        log.contains("controllers stopped while waiting for their caches: nothing was under way"),
         "{log}"
     );
     assert!(!log.contains("caches synced"), "{log}");

@@ -122,6 +122,16 @@ pub struct Replica {
     pub fence: Fence,
 }
 
+/// How the controllers stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every reconcile under way finished (or none was: the caches never synced).
+    Drained,
+    /// Reconciles were dropped where they stood after [`SHUTDOWN_GRACE`]: a driver call of one
+    /// may still be under way at the backend.
+    CutShort,
+}
+
 /// Runs both controllers until `shutdown` resolves. With a `label_selector`, only the Volumes and
 /// VolumeAttachments it matches are managed: one operator per backend or shard.
 pub async fn run(
@@ -132,7 +142,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     replica: Replica,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
+) -> Stopped {
     let watch = match &label_selector {
         Some(selector) => watcher::Config::default().labels(selector),
         None => watcher::Config::default(),
@@ -284,9 +294,20 @@ pub async fn run(
         });
     info!("controllers started");
     tokio::select! {
-        _ = futures::future::join(attachment_loop, volume_loop) => info!("controllers stopped"),
-        () = stop_waiting(shutdown, caches_synced) => {
-            warn!("controllers stopped without waiting for the reconciles under way");
+        _ = futures::future::join(attachment_loop, volume_loop) => {
+            info!("controllers stopped");
+            Stopped::Drained
+        }
+        stopped = stop_waiting(shutdown, caches_synced) => {
+            match stopped {
+                Stopped::CutShort => {
+                    warn!("controllers stopped without waiting for the reconciles under way");
+                }
+                Stopped::Drained => {
+                    info!("controllers stopped while waiting for their caches: nothing was under way");
+                }
+            }
+            stopped
         }
     }
 }
@@ -351,11 +372,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 async fn stop_waiting(
     shutdown: impl Future<Output = ()>,
     caches_synced: Shared<BoxFuture<'static, ()>>,
-) {
+) -> Stopped {
     shutdown.await;
-    if caches_synced.peek().is_some() {
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    if caches_synced.peek().is_none() {
+        return Stopped::Drained;
     }
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
+    Stopped::CutShort
 }
 
 /// Volume reconciles at once: as many as in an attachment lane. Each waits on the backend and
