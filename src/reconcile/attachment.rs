@@ -500,11 +500,27 @@ impl<'a> Reconcile<'a> {
                         "held the Volume for the attach"
                     );
                     self.context
+                        .recently_held
+                        .held(&written.uid().unwrap_or_default());
+                    self.context
                         .own_volume_writes
                         .wrote(volume.resource_version(), &written);
                     return Ok(FreshVolume::JustHeld);
                 }
-                Ok(None) => return Ok(FreshVolume::Read(target)),
+                // Held already, by the Volume controller perhaps a moment ago: attached on only
+                // once that hold has settled, as after this reconcile's own.
+                Ok(None) => {
+                    return Ok(
+                        match self
+                            .context
+                            .recently_held
+                            .settling(&volume.uid().unwrap_or_default())
+                        {
+                            Some(_) => FreshVolume::JustHeld,
+                            None => FreshVolume::Read(target),
+                        },
+                    );
+                }
                 // Changed since it was read (held by the Volume controller meanwhile, deleted):
                 // read it again.
                 Err(Error::Conflict(_)) => continue,

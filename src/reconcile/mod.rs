@@ -8,6 +8,7 @@ mod finalizer;
 mod lanes;
 mod lock;
 mod own_writes;
+mod recently_held;
 mod sweep;
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use lanes::Lanes;
 use lock::VolumeLocks;
 use own_writes::OwnWrites;
+use recently_held::RecentlyHeld;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,6 +95,8 @@ pub struct Context {
     lanes: Lanes,
     /// The Volumes this replica wrote, until the cache shows them.
     own_volume_writes: Arc<OwnWrites<Volume>>,
+    /// The Volumes this process held a moment ago: an attach waits until a hold has settled.
+    recently_held: RecentlyHeld,
     /// The apiserver refused to list attachments by `spec.volumeName` (before Kubernetes 1.31):
     /// every list of the attachments naming a Volume lists them all.
     field_selector_refused: AtomicBool,
@@ -233,6 +237,7 @@ pub async fn run(
         locks: VolumeLocks::default(),
         fence: replica.fence,
         own_volume_writes,
+        recently_held: RecentlyHeld::default(),
         label_selector,
         field_selector_refused: AtomicBool::new(false),
         handle_selector_refused: AtomicBool::new(false),

@@ -183,6 +183,9 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     let mut volume = volume.clone();
     if !deleting && let Some(written) = finalizer::add(&api, &volume, VOLUME_FINALIZER).await? {
         context
+            .recently_held
+            .held(&written.uid().unwrap_or_default());
+        context
             .own_volume_writes
             .wrote(volume.resource_version(), &written);
         volume = written;

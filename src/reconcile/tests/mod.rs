@@ -14,6 +14,7 @@ use super::backoff::Backoff;
 use super::events::Publisher;
 use super::lanes::Lanes;
 use super::lock::VolumeLocks;
+use super::recently_held::SETTLE;
 use super::{Context, attachment};
 use crate::api::{FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER, Volume, VolumeAttachment};
 use crate::config::Config;
@@ -89,6 +90,7 @@ impl Harness {
             fence: Fence::open(),
             lanes,
             own_volume_writes: Default::default(),
+            recently_held: Default::default(),
             field_selector_refused: Default::default(),
             handle_selector_refused: Default::default(),
             label_selector: None,
@@ -230,6 +232,15 @@ async fn an_attach_holds_its_volume_first_so_that_a_deletion_waits_for_the_attac
     );
     assert_eq!(action, Action::requeue(crate::decide::BUSY_RECHECK));
     harness.catch_up("va");
+    // Looked at again before the hold has settled: still no attach.
+    let (action, log) = harness.reconcile("va").await;
+    assert!(
+        !log.iter()
+            .any(|entry| entry.starts_with("driver attach") || entry.contains("phase=Attaching")),
+        "{log:#?}"
+    );
+    assert_eq!(action, Action::requeue(crate::decide::BUSY_RECHECK));
+    tokio::time::sleep(SETTLE).await;
     let (_, log) = harness.reconcile("va").await;
     assert!(
         position(&log, "get volumes/vol")
@@ -297,6 +308,36 @@ async fn an_alias_the_cache_has_not_seen_yet_still_makes_the_attach_exclusive() 
         "{log:#?}"
     );
     assert!(!harness.driver.connects("h1", NODE), "{log:#?}");
+}
+
+/// A Volume the Volume controller held a moment ago is attached on no sooner than one the
+/// attachment held itself: a DELETE that read it before the finalizer may still be carried out.
+#[tokio::test]
+async fn an_attach_waits_until_the_volume_controllers_hold_has_settled() {
+    let mut harness = Harness::new();
+    let uid = harness
+        .api
+        .get::<Volume>("vol")
+        .expect("the Volume")
+        .uid()
+        .expect("a uid");
+    // As the Volume controller records the finalizer it has just added.
+    harness.context.recently_held.held(&uid);
+    harness.create("va", &[]);
+    let (action, log) = harness.reconcile("va").await;
+    assert!(
+        !log.iter()
+            .any(|entry| entry.starts_with("driver attach") || entry.contains("phase=Attaching")),
+        "{log:#?}"
+    );
+    assert_eq!(action, Action::requeue(crate::decide::BUSY_RECHECK));
+    tokio::time::sleep(SETTLE).await;
+    harness.catch_up("va");
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        log.iter().any(|entry| entry == "driver attach h1 node-a"),
+        "{log:#?}"
+    );
 }
 
 #[tokio::test]
