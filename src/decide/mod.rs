@@ -343,6 +343,12 @@ impl Step {
         matches!(self, Self::Attach | Self::Detach | Self::ForceDetach { .. })
     }
 
+    /// Whether the step is a driver call or the intent written before one: what it records
+    /// (the binding, the policy it attaches by) rests on the Volume as read.
+    pub fn begins_a_call(&self) -> bool {
+        self.calls_driver() || matches!(self, Self::BeginAttach | Self::BeginDetach)
+    }
+
     /// Whether the step acts outside the status write (which the apiserver refuses when its
     /// version is old): those steps are taken only on a fresh record.
     pub fn needs_fresh_record(&self) -> bool {

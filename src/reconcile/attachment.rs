@@ -296,7 +296,7 @@ impl<'a> Reconcile<'a> {
                 now: Timestamp::now(),
             };
             let step = match decide(&input) {
-                step if step.calls_driver() && called_since_volume_read => Step::Refresh,
+                step if step.begins_a_call() && called_since_volume_read => Step::Refresh,
                 step => step,
             };
             debug!(?step, "step");
@@ -324,7 +324,13 @@ impl<'a> Reconcile<'a> {
                         // needs the fresh Volume this step is about to read.
                         self.start_from_stored();
                     }
-                    match self.fresh_target(locked.as_ref()).await? {
+                    let fresh = self.fresh_target(locked.as_ref()).await;
+                    // What a call's answer recorded is stored before the reconcile ends without
+                    // acting on it.
+                    if called_since_volume_read && !matches!(fresh, Ok(FreshVolume::Read(_))) {
+                        self.persist().await?;
+                    }
+                    match fresh? {
                         FreshVolume::Read(fresh) => {
                             target = fresh;
                             volume_fresh = true;
@@ -464,6 +470,20 @@ impl<'a> Reconcile<'a> {
         let api = Api::<Volume>::all(self.context.client.clone());
         for _ in 0..WRITE_TRIES {
             let volume = api.get_opt(&self.attachment.spec.volume_name).await?;
+            // Held by this process a moment ago (by the Volume controller, or another
+            // attachment): attached on only once that hold has settled, as after this
+            // reconcile's own.
+            if let Some(v) = &volume
+                && v.metadata.deletion_timestamp.is_none()
+                && self.attachment.metadata.deletion_timestamp.is_none()
+                && v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)
+                && self
+                    .context
+                    .recently_held
+                    .settling(&v.uid().unwrap_or_default())
+            {
+                return Ok(FreshVolume::JustHeld);
+            }
             // For an attach, the other Volumes of its backend volume as the apiserver has them
             // too: one the cache has not seen yet (created a moment ago) may make the attach
             // exclusive, or this Volume its alias.
@@ -492,6 +512,10 @@ impl<'a> Reconcile<'a> {
             if !self.context.fence.permits() {
                 return Ok(FreshVolume::Fenced);
             }
+            let uid = volume.uid().unwrap_or_default();
+            if !volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER) {
+                self.context.recently_held.held(&uid);
+            }
             match finalizer::add(&api, &volume, VOLUME_FINALIZER).await {
                 Ok(Some(written)) => {
                     info!(
@@ -499,28 +523,13 @@ impl<'a> Reconcile<'a> {
                         uid = written.uid().unwrap_or_default(),
                         "held the Volume for the attach"
                     );
-                    self.context
-                        .recently_held
-                        .held(&written.uid().unwrap_or_default());
+                    self.context.recently_held.held(&uid);
                     self.context
                         .own_volume_writes
                         .wrote(volume.resource_version(), &written);
                     return Ok(FreshVolume::JustHeld);
                 }
-                // Held already, by the Volume controller perhaps a moment ago: attached on only
-                // once that hold has settled, as after this reconcile's own.
-                Ok(None) => {
-                    return Ok(
-                        match self
-                            .context
-                            .recently_held
-                            .settling(&volume.uid().unwrap_or_default())
-                        {
-                            Some(_) => FreshVolume::JustHeld,
-                            None => FreshVolume::Read(target),
-                        },
-                    );
-                }
+                Ok(None) => return Ok(FreshVolume::Read(target)),
                 // Changed since it was read (held by the Volume controller meanwhile, deleted):
                 // read it again.
                 Err(Error::Conflict(_)) => continue,

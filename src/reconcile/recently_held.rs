@@ -14,28 +14,47 @@ use std::time::{Duration, Instant};
 /// How old a hold must be before an attach rests on it.
 pub const SETTLE: Duration = Duration::from_millis(200);
 
-/// When this process held each Volume (by UID), for [`SETTLE`].
-#[derive(Default)]
+/// When this process held each Volume (by UID), for as long as a hold takes to settle.
 pub struct RecentlyHeld {
+    settle: Duration,
     at: Mutex<HashMap<String, Instant>>,
 }
 
+impl Default for RecentlyHeld {
+    fn default() -> Self {
+        Self::new(SETTLE)
+    }
+}
+
 impl RecentlyHeld {
-    /// Records that the Volume with `uid` was held just now.
+    pub fn new(settle: Duration) -> Self {
+        Self {
+            settle,
+            at: Mutex::default(),
+        }
+    }
+
+    /// Records that the Volume with `uid` is held now: called before the finalizer's PATCH is
+    /// sent (another reconcile may read it held before this one has the answer) and again
+    /// once it is answered.
     pub fn held(&self, uid: &str) {
         let now = Instant::now();
         let mut at = self.at.lock().expect("the recent holds");
-        at.retain(|_, held| now.duration_since(*held) < SETTLE);
+        at.retain(|_, held| now.duration_since(*held) < self.settle);
         at.insert(uid.to_owned(), now);
     }
 
-    /// How long until the hold of the Volume with `uid` is settled; `None` if it is (or was
-    /// never added by this process: a hold by another replica is older than a hand-over).
-    pub fn settling(&self, uid: &str) -> Option<Duration> {
+    /// Whether the hold of the Volume with `uid` has yet to settle; `false` once it has (or if
+    /// this process never added it: a hold by another replica is older than a hand-over).
+    pub fn settling(&self, uid: &str) -> bool {
         let at = self.at.lock().expect("the recent holds");
-        at.get(uid)
-            .map(|held| SETTLE.saturating_sub(held.elapsed()))
-            .filter(|left| !left.is_zero())
+        at.get(uid).is_some_and(|held| held.elapsed() < self.settle)
+    }
+
+    /// Lets every hold settle now, as if its time had passed.
+    #[cfg(test)]
+    pub fn settle_all(&self) {
+        self.at.lock().expect("the recent holds").clear();
     }
 }
 
@@ -45,12 +64,16 @@ mod tests {
 
     #[test]
     fn a_hold_settles_after_its_time_and_is_forgotten() {
-        let holds = RecentlyHeld::default();
-        assert_eq!(holds.settling("u1"), None);
+        let holds = RecentlyHeld::new(Duration::from_secs(3600));
+        assert!(!holds.settling("u1"));
         holds.held("u1");
-        assert!(holds.settling("u1").is_some_and(|left| left <= SETTLE));
-        std::thread::sleep(SETTLE);
-        assert_eq!(holds.settling("u1"), None);
+        assert!(holds.settling("u1"));
+        assert!(!holds.settling("u2"));
+
+        let holds = RecentlyHeld::new(Duration::from_millis(20));
+        holds.held("u1");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!holds.settling("u1"));
         holds.held("u2");
         assert_eq!(
             holds.at.lock().expect("the recent holds").len(),

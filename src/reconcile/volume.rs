@@ -181,10 +181,14 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     let api = Api::<Volume>::all(context.client.clone());
     let deleting = volume.metadata.deletion_timestamp.is_some();
     let mut volume = volume.clone();
+    // Recorded before the PATCH is sent (an attachment may read the Volume held before this
+    // reconcile has the answer) and again once it is answered.
+    let uid = volume.uid().unwrap_or_default();
+    if !deleting && !volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER) {
+        context.recently_held.held(&uid);
+    }
     if !deleting && let Some(written) = finalizer::add(&api, &volume, VOLUME_FINALIZER).await? {
-        context
-            .recently_held
-            .held(&written.uid().unwrap_or_default());
+        context.recently_held.held(&uid);
         context
             .own_volume_writes
             .wrote(volume.resource_version(), &written);

@@ -14,7 +14,7 @@ use super::backoff::Backoff;
 use super::events::Publisher;
 use super::lanes::Lanes;
 use super::lock::VolumeLocks;
-use super::recently_held::SETTLE;
+use super::recently_held::RecentlyHeld;
 use super::{Context, attachment};
 use crate::api::{FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER, Volume, VolumeAttachment};
 use crate::config::Config;
@@ -90,7 +90,8 @@ impl Harness {
             fence: Fence::open(),
             lanes,
             own_volume_writes: Default::default(),
-            recently_held: Default::default(),
+            // Long enough that no hold settles in a test unless it says so.
+            recently_held: RecentlyHeld::new(Duration::from_secs(3600)),
             field_selector_refused: Default::default(),
             handle_selector_refused: Default::default(),
             label_selector: None,
@@ -240,7 +241,7 @@ async fn an_attach_holds_its_volume_first_so_that_a_deletion_waits_for_the_attac
         "{log:#?}"
     );
     assert_eq!(action, Action::requeue(crate::decide::BUSY_RECHECK));
-    tokio::time::sleep(SETTLE).await;
+    harness.context.recently_held.settle_all();
     let (_, log) = harness.reconcile("va").await;
     assert!(
         position(&log, "get volumes/vol")
@@ -331,7 +332,7 @@ async fn an_attach_waits_until_the_volume_controllers_hold_has_settled() {
         "{log:#?}"
     );
     assert_eq!(action, Action::requeue(crate::decide::BUSY_RECHECK));
-    tokio::time::sleep(SETTLE).await;
+    harness.context.recently_held.settle_all();
     harness.catch_up("va");
     let (_, log) = harness.reconcile("va").await;
     assert!(
@@ -514,6 +515,38 @@ async fn the_attach_after_a_forced_detach_reads_the_volume_again() {
         "attached beside node-b though a single-attach Volume names h1 now: {log:#?}"
     );
     assert!(!harness.driver.connects("h1", NODE), "{log:#?}");
+}
+
+/// A Volume deleted during a forced detach: the reconcile records the confirmed detach, and no
+/// intent to attach bound to a Volume on its way out.
+#[tokio::test]
+async fn a_volume_deleted_during_a_forced_detach_gets_no_intent_to_attach() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    harness.annotate("va", FORCE_DETACH_ANNOTATION, "t1");
+    let api = harness.api.clone();
+    harness
+        .driver
+        .meanwhile("force_detach", move || api.delete::<Volume>("vol"));
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        log.iter()
+            .any(|entry| entry == "driver force_detach h1 node-a"),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter()
+            .any(|entry| entry.starts_with("driver attach") || entry.contains("phase=Attaching")),
+        "{log:#?}"
+    );
+    let stored = harness
+        .api
+        .get::<VolumeAttachment>("va")
+        .and_then(|a| a.status)
+        .expect("a status");
+    assert_eq!(stored.phase, Some(crate::api::AttachmentPhase::Detached));
+    assert_eq!(stored.bound_to, None, "{stored:?}");
+    assert!(!harness.driver.connects("h1", NODE));
 }
 
 #[tokio::test]
