@@ -173,7 +173,7 @@ mod observe {
     use safe_detach::api::AttachmentPhase;
     use std::sync::Arc;
     use support::campaign::observe::{
-        CreateWindow, History, Observer, Record, Round, Rule, VolumeId,
+        CreateWindow, History, Observer, Record, Round, Rule, VolumeCreate, VolumeId,
     };
     use tokio::time::Instant;
 
@@ -204,6 +204,7 @@ mod observe {
             phase_since: None,
             token: None,
             bound_uid: None,
+            attach_failed: false,
         }
     }
 
@@ -463,7 +464,7 @@ mod observe {
         volume_creates
             .lock()
             .expect("volume creates")
-            .insert("va".into(), Instant::now());
+            .insert("va".into(), created_at(10));
         o.check(&Round {
             volumes: both(),
             ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
@@ -482,7 +483,7 @@ mod observe {
         o.volume_creates
             .lock()
             .expect("volume creates")
-            .insert("va".into(), Instant::now());
+            .insert("va".into(), created_at(10));
         o.check(&Round {
             exports: None,
             volumes: both(),
@@ -494,6 +495,37 @@ mod observe {
         });
         assert_eq!(rules(&o), [Rule::DoubleAttach]);
 
+        // An export seen after the single-attach alias's create, of an attach whose intent was
+        // written before it (a lower resourceVersion than the created Volume's, no failed try
+        // since): decided before the alias existed, the window design.md accepts. Written after
+        // it, or after a failed try, it is judged.
+        let intent = |version: &str, failed: bool| Record {
+            resource_version: version.into(),
+            attach_failed: failed,
+            ..through_vb("w", "n2", AttachmentPhase::Attaching)
+        };
+        for (version, failed, judged) in
+            [("5", false, false), ("15", false, true), ("5", true, true)]
+        {
+            let mut o = aliased();
+            o.check(&Round {
+                volumes: only_vb(),
+                ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
+            });
+            o.volume_creates
+                .lock()
+                .expect("volume creates")
+                .insert("va".into(), created_at(10));
+            let mut records = on_nodes(&["n0", "n1"]);
+            records.push(intent(version, failed));
+            o.check(&Round {
+                volumes: both(),
+                ..round(records, &["n0", "n1", "n2"])
+            });
+            let expected: &[Rule] = if judged { &[Rule::DoubleAttach] } else { &[] };
+            assert_eq!(rules(&o), expected, "intent at {version}, failed {failed}");
+        }
+
         let mut o = aliased();
         o.check(&round(
             vec![through_vb("u", "n0", AttachmentPhase::Failed)],
@@ -504,6 +536,14 @@ mod observe {
             &["n0"],
         ));
         assert_eq!(rules(&o), [Rule::DetachedWhileExported]);
+    }
+
+    /// A Volume create sent now and answered at `version`.
+    fn created_at(version: u64) -> VolumeCreate {
+        VolumeCreate {
+            sent: Instant::now(),
+            version: Some(version),
+        }
     }
 
     /// Volume `va` with uid `uid`, carrying the operator's finalizer or not.

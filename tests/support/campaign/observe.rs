@@ -131,6 +131,9 @@ pub struct Record {
     pub token: Option<String>,
     /// The uid of the Volume it recorded attaching (`status.boundTo`).
     pub bound_uid: Option<String>,
+    /// Whether it records a failed attach (`Ready=False, AttachFailed`): a later try may have
+    /// been decided without a new write.
+    pub attach_failed: bool,
 }
 
 impl Record {
@@ -152,6 +155,11 @@ impl Record {
             bound_uid: status
                 .and_then(|s| s.bound_to.as_ref())
                 .map(|b| b.volume_uid.clone()),
+            attach_failed: status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.reason == safe_detach::api::reasons::ATTACH_FAILED)
+            }),
         }
     }
 
@@ -256,6 +264,27 @@ struct Release {
     at: Instant,
 }
 
+/// The workload's latest create of a Volume name.
+#[derive(Clone, Copy, Debug)]
+pub struct VolumeCreate {
+    /// When it was sent.
+    pub sent: Instant,
+    /// The `resourceVersion` of the created object, once answered: the apiserver's own order of
+    /// the create against every other write.
+    pub version: Option<u64>,
+}
+
+/// An export as the observer first saw it, in a run of rounds that saw it without a break.
+#[derive(Clone, Copy, Debug)]
+struct Exported {
+    /// The backend read of that first round.
+    since: Instant,
+    /// The lowest `resourceVersion` of the records in that round that claimed it with an
+    /// intent to attach and no failed attempt recorded: the version its decision was written
+    /// at, if no other decision followed it.
+    intent: Option<u64>,
+}
+
 /// Rounds a release stays under watch for a claim on the released Volume to show.
 const RELEASE_WATCH_ROUNDS: usize = 5;
 
@@ -276,11 +305,11 @@ pub struct Observer {
     /// Volume uid → the end of the first round that listed it deleting.
     deleted_by: BTreeMap<String, Instant>,
     pub creates: Arc<Mutex<Vec<CreateWindow>>>,
-    /// Volume name → when its latest create was sent.
-    pub volume_creates: Arc<Mutex<BTreeMap<String, Instant>>>,
-    /// Each export seen → the backend read of the first round of the run of rounds that has seen
-    /// it without a break (an unanswered read breaks every run: the daemon may have restarted).
-    exported_since: BTreeMap<(String, String), Instant>,
+    /// Volume name → its latest create.
+    pub volume_creates: Arc<Mutex<BTreeMap<String, VolumeCreate>>>,
+    /// Each export as first seen in the run of rounds that has seen it without a break (an
+    /// unanswered read breaks every run: the daemon may have restarted).
+    exported_since: BTreeMap<(String, String), Exported>,
     pub violations: Vec<Violation>,
     pub rounds: usize,
     history: History,
@@ -292,7 +321,7 @@ impl Observer {
         handles: BTreeMap<String, String>,
         single: BTreeSet<String>,
         creates: Arc<Mutex<Vec<CreateWindow>>>,
-        volume_creates: Arc<Mutex<BTreeMap<String, Instant>>>,
+        volume_creates: Arc<Mutex<BTreeMap<String, VolumeCreate>>>,
         history: History,
     ) -> Self {
         Self {
@@ -423,9 +452,26 @@ impl Observer {
         };
         self.exported_since.retain(|pair, _| exports.contains(pair));
         for pair in exports {
-            self.exported_since
-                .entry(pair.clone())
-                .or_insert(round.backend_at);
+            if self.exported_since.contains_key(pair) {
+                continue;
+            }
+            let intent = round
+                .records
+                .iter()
+                .filter(|r| {
+                    self.of_pair(r, pair)
+                        && r.phase == Some(AttachmentPhase::Attaching)
+                        && !r.attach_failed
+                })
+                .filter_map(|r| r.resource_version.parse::<u64>().ok())
+                .min();
+            self.exported_since.insert(
+                pair.clone(),
+                Exported {
+                    since: round.backend_at,
+                    intent,
+                },
+            );
         }
 
         // Exclusive while a single-attach Volume that names it exists (listed this round, before
@@ -433,7 +479,9 @@ impl Observer {
         // gone, a multi-attach alias owns the backend volume. An attach is exclusive while such a
         // Volume names the handle (design.md), but the exports of a multi-attach alias made
         // before that Volume was created stay: a violation needs one export seen only after the
-        // create was sent.
+        // create was sent. And an attach decided before the create (its intent written at an
+        // older resourceVersion than the created Volume's) may still land after it: design.md
+        // accepts that window, the same as any change of policy during an attach.
         let listed: Vec<VolumeId> = round
             .volumes
             .as_ref()
@@ -455,20 +503,29 @@ impl Observer {
             let Some(created) = exclusive
                 .iter()
                 .map(|v| volume_creates.get(&v.name).copied())
-                .min()
+                .min_by_key(|c| c.map(|c| c.sent))
             else {
                 continue;
             };
             let names: Vec<&str> = exclusive.iter().map(|v| v.name.as_str()).collect();
-            let (older, newer): (Vec<&String>, Vec<&String>) = nodes.iter().partition(|node| {
-                let since = self.exported_since[&(handle.clone(), node.to_string())];
-                created.is_some_and(|created| since < created)
-            });
+            let exported = |node: &String| self.exported_since[&(handle.clone(), node.clone())];
+            let (older, newer): (Vec<&String>, Vec<&String>) = nodes
+                .iter()
+                .partition(|node| created.is_some_and(|c| exported(node).since < c.sent));
+            let (decided_before, newer): (Vec<&String>, Vec<&String>) =
+                newer.into_iter().partition(|node| {
+                    let version = created.and_then(|c| c.version);
+                    exported(node)
+                        .intent
+                        .zip(version)
+                        .is_some_and(|(intent, version)| intent < version)
+                });
             if newer.is_empty() {
                 if exports_changed {
                     self.history.note(format!(
-                        "exports of {handle} on {older:?} were seen before single-attach {names:?} \
-                     was created: a multi-attach alias made them, not judged"
+                        "exports of {handle}: on {older:?} seen before single-attach {names:?} was \
+                         created (a multi-attach alias made them), on {decided_before:?} decided \
+                         before it (an intent written at an older version): not judged"
                     ));
                 }
                 continue;
@@ -478,7 +535,7 @@ impl Observer {
                 round.backend_at,
                 format!(
                     "single-attach volume {} exported to {nodes:?} at once ({newer:?} seen \
-                     only after it was created)",
+                     only after it was created, with no intent older than it)",
                     names.join(", ")
                 ),
             );

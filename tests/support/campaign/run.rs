@@ -5,7 +5,7 @@
 //! observer beside them. Then the faults stop, the workload tidies up as a person would, and the
 //! schedule is judged: convergence, quiet once converged, no panic, and the Events.
 
-use super::observe::{CreateWindow, History, Observer, Rule, Violation};
+use super::observe::{CreateWindow, History, Observer, Rule, Violation, VolumeCreate};
 use super::plan::{FaultOp, Op, Plan, SLOTS, VolumePlan};
 use crate::support::api_proxy::ApiProxy;
 use crate::support::cluster::{TestObjects, admin_client, unique_name};
@@ -84,7 +84,7 @@ struct World {
     qmp_socket: PathBuf,
     volume_uids: Mutex<BTreeMap<String, usize>>,
     /// Volume name → when its latest create was sent.
-    volume_creates: Arc<Mutex<BTreeMap<String, Instant>>>,
+    volume_creates: Arc<Mutex<BTreeMap<String, VolumeCreate>>>,
 }
 
 impl World {
@@ -109,11 +109,22 @@ impl World {
             },
         });
         let volume: Volume = serde_json::from_value(object).expect("a Volume");
-        self.volume_creates
+        self.volume_creates.lock().expect("volume creates").insert(
+            name.clone(),
+            VolumeCreate {
+                sent: Instant::now(),
+                version: None,
+            },
+        );
+        let created = self.volumes.create(&PostParams::default(), &volume).await?;
+        if let Some(create) = self
+            .volume_creates
             .lock()
             .expect("volume creates")
-            .insert(name.clone(), Instant::now());
-        let created = self.volumes.create(&PostParams::default(), &volume).await?;
+            .get_mut(name)
+        {
+            create.version = created.resource_version().and_then(|v| v.parse().ok());
+        }
         self.volume_uids
             .lock()
             .expect("uids")
