@@ -125,6 +125,11 @@ impl World {
         {
             create.version = created.resource_version().and_then(|v| v.parse().ok());
         }
+        self.history.note(format!(
+            "created Volume {name} uid {} at resourceVersion {}",
+            created.uid().unwrap_or_default(),
+            created.resource_version().unwrap_or_default()
+        ));
         self.volume_uids
             .lock()
             .expect("uids")
