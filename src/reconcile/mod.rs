@@ -131,8 +131,8 @@ pub struct Replica {
 pub enum Stopped {
     /// Every reconcile under way finished (or none was: the caches never synced).
     Drained,
-    /// Reconciles were dropped where they stood after [`SHUTDOWN_GRACE`]: a driver call of one
-    /// may still be under way at the backend.
+    /// Reconciles were dropped where they stood after the shutdown's grace (20 s): a driver
+    /// call of one may still be under way at the backend.
     CutShort,
 }
 
