@@ -439,7 +439,6 @@ mod observe {
         // A single-attach alias created while its multi-attach alias is exported to two nodes does
         // not make those exports a double attach; an export seen after its create does, and so
         // does every export once the backend went unanswered (it may have restarted).
-        let mut o = aliased();
         let only_vb = || {
             Some(vec![VolumeId {
                 name: "vb".into(),
@@ -456,15 +455,20 @@ mod observe {
             ])
         };
         let on_nodes = |nodes: &[&str]| -> Vec<Record> { nodes.iter().map(|n| on(n)).collect() };
-        o.check(&Round {
-            volumes: only_vb(),
-            ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
-        });
-        let volume_creates = o.volume_creates.clone();
-        volume_creates
-            .lock()
-            .expect("volume creates")
-            .insert("va".into(), created_at(10));
+        // vb exported to n0 and n1, then the single-attach va created (at version 10).
+        let alias_created_over_two_exports = || {
+            let mut o = aliased();
+            o.check(&Round {
+                volumes: only_vb(),
+                ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
+            });
+            o.volume_creates
+                .lock()
+                .expect("volume creates")
+                .insert("va".into(), created_at(10));
+            o
+        };
+        let mut o = alias_created_over_two_exports();
         o.check(&Round {
             volumes: both(),
             ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
@@ -475,15 +479,7 @@ mod observe {
             ..round(on_nodes(&["n0", "n1", "n2"]), &["n0", "n1", "n2"])
         });
         assert_eq!(rules(&o), [Rule::DoubleAttach]);
-        let mut o = aliased();
-        o.check(&Round {
-            volumes: only_vb(),
-            ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
-        });
-        o.volume_creates
-            .lock()
-            .expect("volume creates")
-            .insert("va".into(), created_at(10));
+        let mut o = alias_created_over_two_exports();
         o.check(&Round {
             exports: None,
             volumes: both(),
@@ -507,15 +503,7 @@ mod observe {
         for (version, failed, judged) in
             [("5", false, false), ("15", false, true), ("5", true, true)]
         {
-            let mut o = aliased();
-            o.check(&Round {
-                volumes: only_vb(),
-                ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
-            });
-            o.volume_creates
-                .lock()
-                .expect("volume creates")
-                .insert("va".into(), created_at(10));
+            let mut o = alias_created_over_two_exports();
             let mut records = on_nodes(&["n0", "n1"]);
             records.push(intent(version, failed));
             o.check(&Round {

@@ -158,6 +158,16 @@ impl Harness {
         self.api.replace(&volume);
     }
 
+    /// Makes the Volume multi-attach, at the apiserver and in the cache.
+    fn allow_multi_attach(&mut self) {
+        let mut volume = self.api.get::<Volume>("vol").expect("the Volume");
+        volume.spec.multi_attach = true;
+        self.api.replace(&volume);
+        let now = self.api.get::<Volume>("vol").expect("the Volume");
+        self.volumes
+            .apply_watcher_event(&watcher::Event::Apply(now));
+    }
+
     /// Annotates `name` as `kubectl annotate` would.
     fn annotate(&mut self, name: &str, key: &str, value: &str) {
         let mut attachment = self
@@ -289,13 +299,7 @@ async fn an_intent_decided_on_the_cached_volume_is_not_written_once_the_volume_i
 #[tokio::test]
 async fn an_alias_the_cache_has_not_seen_yet_still_makes_the_attach_exclusive() {
     let mut harness = Harness::new();
-    let mut volume = harness.api.get::<Volume>("vol").expect("the Volume");
-    volume.spec.multi_attach = true;
-    harness.api.replace(&volume);
-    let now = harness.api.get::<Volume>("vol").expect("the Volume");
-    harness
-        .volumes
-        .apply_watcher_event(&watcher::Event::Apply(now));
+    harness.allow_multi_attach();
     // Created now; the cache has not seen it.
     let spec = serde_json::from_value(json!({ "driver": "scripted", "volumeHandle": "h1" }))
         .expect("a Volume spec");
@@ -485,13 +489,7 @@ async fn a_forced_detach_writes_its_token_before_the_call_and_acts_once_per_toke
 #[tokio::test]
 async fn the_attach_after_a_forced_detach_reads_the_volume_again() {
     let mut harness = Harness::new();
-    let mut volume = harness.api.get::<Volume>("vol").expect("the Volume");
-    volume.spec.multi_attach = true;
-    harness.api.replace(&volume);
-    let now = harness.api.get::<Volume>("vol").expect("the Volume");
-    harness
-        .volumes
-        .apply_watcher_event(&watcher::Event::Apply(now));
+    harness.allow_multi_attach();
     attached(&mut harness, "va").await;
     // Another node holds the backend volume, as a multi-attach Volume allows.
     harness.driver.connect("h1", "node-b");
