@@ -14,8 +14,8 @@
 
 use super::lanes::{Lane, QUEUED_RECHECK};
 use super::{
-    Context, Error, TURN_WAIT, aliases_listed, aliases_of, finalizer, owner_of_handle, probe,
-    synced,
+    Context, Error, TURN_WAIT, aliases_listed, aliases_of, finalizer, hold_volume, owner_of_handle,
+    probe, synced,
 };
 use crate::MANAGER;
 use crate::api::{
@@ -512,18 +512,13 @@ impl<'a> Reconcile<'a> {
             if !self.context.fence.permits() {
                 return Ok(FreshVolume::Fenced);
             }
-            let uid = volume.uid().unwrap_or_default();
-            if !volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER) {
-                self.context.recently_held.held(&uid);
-            }
-            match finalizer::add(&api, &volume, VOLUME_FINALIZER).await {
+            match hold_volume(self.context, &api, &volume).await {
                 Ok(Some(written)) => {
                     info!(
                         volume = written.name_any(),
                         uid = written.uid().unwrap_or_default(),
                         "held the Volume for the attach"
                     );
-                    self.context.recently_held.held(&uid);
                     self.context
                         .own_volume_writes
                         .wrote(volume.resource_version(), &written);

@@ -14,7 +14,7 @@ mod sweep;
 mod tests;
 mod volume;
 
-use crate::api::{VOLUME_HANDLE_FIELD, Volume, VolumeAttachment, VolumeStatus};
+use crate::api::{VOLUME_FINALIZER, VOLUME_HANDLE_FIELD, Volume, VolumeAttachment, VolumeStatus};
 use crate::config::Config;
 use crate::decide::{ProbeAnswer, VolumeProblem};
 
@@ -528,6 +528,26 @@ async fn aliases_listed(context: &Context, volume: &Volume) -> Result<Vec<Arc<Vo
     }
     let every = list_pages(&api, shard(context), |v: &Volume| alias(v)).await?;
     Ok(every.into_iter().map(Arc::new).collect())
+}
+
+/// Holds `volume` (adds the operator's finalizer, guarded as `finalizer::add` guards it), and
+/// records the hold as recent: before the PATCH is sent (another reconcile may read the Volume
+/// held before this one has the answer) and again once it is answered. `None` if it was held
+/// already.
+async fn hold_volume(
+    context: &Context,
+    api: &Api<Volume>,
+    volume: &Volume,
+) -> Result<Option<Volume>, Error> {
+    let uid = volume.uid().unwrap_or_default();
+    if !volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER) {
+        context.recently_held.held(&uid);
+    }
+    let written = finalizer::add(api, volume, VOLUME_FINALIZER).await?;
+    if written.is_some() {
+        context.recently_held.held(&uid);
+    }
+    Ok(written)
 }
 
 /// Objects per page of a full list that stands in for a field selector.

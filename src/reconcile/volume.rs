@@ -3,7 +3,8 @@
 //! backend-confirmed force-detach of those.
 
 use super::{
-    Context, Error, TURN_WAIT, aliases_of, finalizer, list_pages, owner_of_handle, probe, synced,
+    Context, Error, TURN_WAIT, aliases_of, finalizer, hold_volume, list_pages, owner_of_handle,
+    probe, synced,
 };
 use crate::MANAGER;
 use crate::api::{VOLUME_FINALIZER, VOLUME_NAME_FIELD, Volume, VolumeAttachment, VolumeStatus};
@@ -181,14 +182,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     let api = Api::<Volume>::all(context.client.clone());
     let deleting = volume.metadata.deletion_timestamp.is_some();
     let mut volume = volume.clone();
-    // Recorded before the PATCH is sent (an attachment may read the Volume held before this
-    // reconcile has the answer) and again once it is answered.
-    let uid = volume.uid().unwrap_or_default();
-    if !deleting && !volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER) {
-        context.recently_held.held(&uid);
-    }
-    if !deleting && let Some(written) = finalizer::add(&api, &volume, VOLUME_FINALIZER).await? {
-        context.recently_held.held(&uid);
+    if !deleting && let Some(written) = hold_volume(context, &api, &volume).await? {
         context
             .own_volume_writes
             .wrote(volume.resource_version(), &written);
