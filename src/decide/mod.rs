@@ -469,15 +469,11 @@ fn decide_on_record(input: &Input) -> Step {
         }
     };
 
-    // A person's request comes first, whatever the phase.
-    if let Request::New(token) = input.request {
-        return Step::ForceDetach {
-            reason: ForceDetachReason::Requested,
-            token: Some(token.clone()),
-        };
-    }
-    // Deleting one of two claims on one connection detaches nothing: the other keeps it. A
-    // forced detach under way goes on (it was decided before the other claim was seen).
+    // Deleting one of two claims on one connection detaches nothing: the other keeps it. This
+    // comes before a person's request: a token on the claim being deleted asks for that claim to
+    // be released, which the hand-over does without cutting off the client of the one that stays
+    // (a token on the live claim is what cuts the connection). A forced detach under way goes on
+    // (it was decided before the other claim was seen).
     if input.deleting
         && let Some(sibling) = input.sibling
         && !input
@@ -488,6 +484,13 @@ fn decide_on_record(input: &Input) -> Step {
     {
         return Step::HandOver {
             to: sibling.to_owned(),
+        };
+    }
+    // A person's request comes next, whatever the phase.
+    if let Request::New(token) = input.request {
+        return Step::ForceDetach {
+            reason: ForceDetachReason::Requested,
+            token: Some(token.clone()),
         };
     }
 

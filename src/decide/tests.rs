@@ -1660,16 +1660,39 @@ fn deleting_one_of_two_claims_on_a_connection_hands_it_over() {
     );
     // Without another claim, the normal detach.
     assert_eq!(row.decide(), Step::BeginDetach);
-    // A person's request still cuts it off.
+    // A person's request on the claim being deleted releases that claim: the hand-over does so
+    // without cutting off the client of the one that stays.
     let requested = Row::new(Attached, connected(&[NODE]))
         .deleting()
         .requested("t1");
-    assert!(matches!(
+    assert_eq!(
         decide(&Input {
             sibling: Some("renamed"),
             ..requested.input()
         }),
-        Step::ForceDetach { .. }
+        Step::HandOver {
+            to: "renamed".into()
+        }
+    );
+    // Without another claim, the request forces.
+    assert!(matches!(requested.decide(), Step::ForceDetach { .. }));
+    // A forced detach already under way goes on.
+    let mut forcing = Row::new(Detaching, connected(&[NODE])).deleting();
+    forcing.status.force_detach = Some(ForceDetachStatus {
+        token: Some("t1".into()),
+        reason: ForceDetachReason::Requested,
+        state: ForceDetachState::InProgress,
+        attempts: 1,
+        started_at: Time(t(0)),
+        finished_at: None,
+        message: None,
+    });
+    assert!(!matches!(
+        decide(&Input {
+            sibling: Some("renamed"),
+            ..forcing.input()
+        }),
+        Step::HandOver { .. }
     ));
 }
 
