@@ -821,22 +821,40 @@ async fn converge(world: &World) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?
             .items;
-        if !tidied {
-            tidy(world, &attachments, &volumes).await;
-            tidied = true;
-            continue;
-        }
         // An attachment whose Volume is gone cannot confirm its detach (by design); a person
-        // creates the Volume again so that it can.
+        // creates the Volume again so that it can. What can converge depends on the Volumes
+        // there are (a single-attach one makes its backend volume exclusive), so the tidy step
+        // comes after, and again after each Volume created later.
         for (index, name) in world.volume_names.iter().enumerate() {
             let named = attachments.iter().any(|a| a.spec.volume_name == *name);
             if named && !volumes.iter().any(|v| v.name_any() == *name) {
                 let created = world.create_volume(index).await;
                 world.history.note(format!(
                     "a person creates Volume {name} again: {:?}",
-                    created.map(|_| ())
+                    created.as_ref().map(|_| ())
                 ));
+                if created.is_ok() {
+                    tidied = false;
+                }
             }
+        }
+        if !tidied {
+            // Read again: the tidy step judges the Volumes as they are now.
+            let attachments = world
+                .attachments
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(|e| e.to_string())?
+                .items;
+            let volumes = world
+                .volumes
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(|e| e.to_string())?
+                .items;
+            tidy(world, &attachments, &volumes).await;
+            tidied = true;
+            continue;
         }
         // A person decides for a detach that waits for one (autoForceDetach: false): its client
         // is gone now, but the safe retries may be backed off for minutes.
