@@ -219,6 +219,13 @@ impl<'a> Reconcile<'a> {
             .context
             .volumes
             .get(&ObjectRef::<Volume>::new(&self.attachment.spec.volume_name));
+        // An attach waits until a hold of its Volume by this process has settled
+        // (`fresh_target`): until then, a live attachment not attached yet is looked at again
+        // later, with no turn taken and no probe (in a storm of new Volumes, the watch wakes it
+        // several times meanwhile).
+        if self.waits_for_a_settling_hold(cached.as_deref()) {
+            return Ok(self.outcome(Recheck::Soon(BUSY_RECHECK)));
+        }
         let mut target = self.target(cached, None);
         // One turn for the whole reconcile: from the probe that authorizes a step to the probe
         // that confirms it, no other reconcile of the same backend volume acts.
@@ -458,6 +465,22 @@ impl<'a> Reconcile<'a> {
         // with backoff.
         warn!("no settled state within {MAX_STEPS} steps");
         Ok(self.outcome(Recheck::Backoff { deadline: None }))
+    }
+
+    /// Whether the attachment is live and not attached, and this process held its Volume (as
+    /// cached) too recently for an attach to rest on the hold. Waiting is never unsafe: it only
+    /// spares the turn and the probe of a reconcile whose attach would wait anyway.
+    fn waits_for_a_settling_hold(&self, cached: Option<&Volume>) -> bool {
+        let attached = self.attachment.status.as_ref().is_some_and(|s| s.attached);
+        self.attachment.metadata.deletion_timestamp.is_none()
+            && !attached
+            && cached.is_some_and(|v| {
+                v.metadata.deletion_timestamp.is_none()
+                    && self
+                        .context
+                        .recently_held
+                        .settling(&v.uid().unwrap_or_default())
+            })
     }
 
     /// The target of the attachment's Volume as the apiserver has it. A live attachment whose

@@ -243,11 +243,11 @@ async fn an_attach_holds_its_volume_first_so_that_a_deletion_waits_for_the_attac
     );
     assert_eq!(action, Action::requeue(crate::decide::BUSY_RECHECK));
     harness.catch_up("va");
-    // Looked at again before the hold has settled: still no attach.
+    // Looked at again before the hold has settled: still no attach, and no probe.
     let (action, log) = harness.reconcile("va").await;
     assert!(
         !log.iter()
-            .any(|entry| entry.starts_with("driver attach") || entry.contains("phase=Attaching")),
+            .any(|entry| entry.starts_with("driver ") || entry.contains("phase=Attaching")),
         "{log:#?}"
     );
     assert_eq!(action, Action::requeue(crate::decide::BUSY_RECHECK));
@@ -333,6 +333,11 @@ async fn an_attach_waits_until_the_volume_controllers_hold_has_settled() {
     assert!(
         !log.iter()
             .any(|entry| entry.starts_with("driver attach") || entry.contains("phase=Attaching")),
+        "{log:#?}"
+    );
+    // Nor is the backend asked: the attach would wait anyway.
+    assert!(
+        !log.iter().any(|entry| entry.starts_with("driver probe")),
         "{log:#?}"
     );
     assert_eq!(action, Action::requeue(crate::decide::BUSY_RECHECK));
