@@ -385,7 +385,10 @@ impl<'a> Reconcile<'a> {
                 }
                 // Detached is stored before the finalizer goes.
                 Step::ReleaseFinalizer => self.persist().await? && self.release().await?,
-                Step::HandOver { to } => self.hand_over(to).await?,
+                Step::HandOver { to } => {
+                    self.hand_over(to, target.as_ref().ok().map(|t| &t.binding))
+                        .await?
+                }
                 Step::Fail(problem) => {
                     let written = self.persist().await?;
                     if written {
@@ -671,24 +674,21 @@ impl<'a> Reconcile<'a> {
         Ok(info)
     }
 
-    /// Another attachment of the same Volume to the same node, not being deleted, as the cache
-    /// shows it: it claims the same connection.
+    /// Another attachment of the same backend volume to the same node, not being deleted and
+    /// attached as the backend confirmed, as the cache shows it: it claims the same connection.
     fn sibling(&self, ours: Option<&Binding>) -> Option<String> {
         // Only a deleted attachment asks: the others need no answer, and the cache is large.
         self.attachment.metadata.deletion_timestamp.as_ref()?;
         let ours = ours?;
         let spec = &self.attachment.spec;
-        // The backend volume another attachment claims: what it recorded attaching, else what
-        // its Volume names.
-        let claimed =
-            |a: &VolumeAttachment| match a.status.as_ref().and_then(|s| s.bound_to.as_ref()) {
-                Some(bound) => Some((bound.driver.clone(), bound.volume_handle.clone())),
-                None => self
-                    .context
-                    .volumes
-                    .get(&ObjectRef::<Volume>::new(&a.spec.volume_name))
-                    .map(|v| (v.spec.driver.clone(), v.spec.volume_handle.clone())),
-            };
+        // The backend volume another attachment claims: what it recorded attaching (an
+        // attachment attached as the backend confirmed records it; `hand_over` asks the same).
+        let claimed = |a: &VolumeAttachment| {
+            a.status
+                .as_ref()
+                .and_then(|s| s.bound_to.as_ref())
+                .map(|bound| (bound.driver.clone(), bound.volume_handle.clone()))
+        };
         let ours = Some((ours.driver.clone(), ours.volume_handle.clone()));
         let mut siblings: Vec<String> = self
             .context
@@ -726,23 +726,28 @@ impl<'a> Reconcile<'a> {
     /// Leaves the connection to `to`, once the apiserver confirms it claims it, and releases
     /// this attachment without a detach. `false` if it does not (gone, or being deleted too), or
     /// the release was refused: decide again.
-    async fn hand_over(&mut self, to: &str) -> Result<bool, Error> {
+    async fn hand_over(&mut self, to: &str, target: Option<&Binding>) -> Result<bool, Error> {
+        // The connection this attachment stands for: what it recorded attaching, else what its
+        // target names (an attach of unknown outcome records no binding).
         let ours = self
             .attachment
             .status
             .as_ref()
-            .and_then(|s| s.bound_to.as_ref());
+            .and_then(|s| s.bound_to.as_ref())
+            .or(target);
         let live = self.api.get_opt(to).await?.filter(|sibling| {
             let recorded = sibling.status.as_ref().and_then(|s| s.bound_to.as_ref());
             sibling.metadata.deletion_timestamp.is_none()
                 && sibling.spec.node_name == self.attachment.spec.node_name
                 && holds_its_connection(sibling)
+                // The same backend volume, as both name it: an object of the sibling's name
+                // created again since the cache showed it may be another volume's.
                 && match (ours, recorded) {
                     (Some(ours), Some(theirs)) => {
                         (&ours.driver, &ours.volume_handle)
                             == (&theirs.driver, &theirs.volume_handle)
                     }
-                    _ => true,
+                    _ => false,
                 }
         });
         let Some(sibling) = live else {

@@ -16,7 +16,10 @@ use super::lanes::Lanes;
 use super::lock::VolumeLocks;
 use super::recently_held::RecentlyHeld;
 use super::{Context, attachment};
-use crate::api::{FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER, Volume, VolumeAttachment};
+use crate::api::{
+    ATTACHMENT_FINALIZER, AttachmentPhase, Binding, FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER,
+    Volume, VolumeAttachment, VolumeAttachmentStatus,
+};
 use crate::config::Config;
 use crate::driver::{Driver, DriverError};
 use crate::runtime::leader::Fence;
@@ -547,7 +550,7 @@ async fn a_volume_deleted_during_a_forced_detach_gets_no_intent_to_attach() {
         .get::<VolumeAttachment>("va")
         .and_then(|a| a.status)
         .expect("a status");
-    assert_eq!(stored.phase, Some(crate::api::AttachmentPhase::Detached));
+    assert_eq!(stored.phase, Some(AttachmentPhase::Detached));
     assert_eq!(stored.bound_to, None, "{stored:?}");
     assert!(!harness.driver.connects("h1", NODE));
 }
@@ -885,4 +888,62 @@ async fn the_full_list_that_stands_in_for_a_field_selector_is_read_to_its_last_p
         harness.api.get::<Volume>("vol").is_some(),
         "released while zz names it: {log:#?}"
     );
+}
+
+/// A deleted attachment hands its connection over only to an attachment that names the same
+/// backend volume when read from the apiserver: one created again under the sibling's name since
+/// the cache showed it, attached to another backend volume, does not take this one's connection.
+/// (An attach of unknown outcome records no binding: the connection is the target's.)
+#[tokio::test]
+async fn a_connection_is_handed_over_only_to_an_attachment_of_the_same_backend_volume() {
+    let mut harness = Harness::new();
+    let volume_uid = harness
+        .api
+        .get::<Volume>("vol")
+        .expect("the Volume")
+        .uid()
+        .expect("a uid");
+    let bound = |handle: &str| Binding {
+        driver: "scripted".into(),
+        volume_handle: handle.into(),
+        volume_uid: volume_uid.clone(),
+    };
+    // va: an attach of unknown outcome that landed, then deleted; it recorded no binding.
+    harness.create("va", &[]);
+    let mut va = harness.api.get::<VolumeAttachment>("va").expect("va");
+    va.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    va.status = Some(VolumeAttachmentStatus {
+        phase: Some(AttachmentPhase::Pending),
+        ..Default::default()
+    });
+    harness.api.replace(&va);
+    harness.driver.connect("h1", NODE);
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.catch_up("va");
+    // vb, as the cache shows it: attached to h1 on the same node.
+    harness.create("vb", &[]);
+    let mut vb = harness.api.get::<VolumeAttachment>("vb").expect("vb");
+    vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    vb.status = Some(VolumeAttachmentStatus {
+        phase: Some(AttachmentPhase::Attached),
+        attached: true,
+        bound_to: Some(bound("h1")),
+        ..Default::default()
+    });
+    harness.api.replace(&vb);
+    harness.catch_up("vb");
+    // At the apiserver, vb now stands for another backend volume.
+    vb.status.as_mut().expect("a status").bound_to = Some(bound("h2"));
+    harness.api.replace(&vb);
+
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        !log.iter().any(|entry| entry.contains("HandedOver")),
+        "{log:#?}"
+    );
+    assert!(
+        position(&log, "driver detach h1 node-a") < log.len(),
+        "released without a detach: {log:#?}"
+    );
+    assert!(!harness.driver.connects("h1", NODE), "{log:#?}");
 }
