@@ -13,6 +13,7 @@
 //! still holds its lease.
 
 use super::lanes::{Lane, QUEUED_RECHECK};
+use super::status_patch::status_patch;
 use super::{
     Context, Error, TURN_WAIT, aliases_listed, aliases_of, finalizer, hold_volume, owner_of_handle,
     probe, synced,
@@ -35,7 +36,6 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use std::sync::Arc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -805,19 +805,19 @@ impl<'a> Reconcile<'a> {
         if self.status == self.stored {
             return Ok(true);
         }
-        let params = PatchParams::apply(MANAGER).force();
+        let params = PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..PatchParams::default()
+        };
         let mut version = self.attachment.resource_version();
         let mut tries = 0;
         let written = loop {
-            let patch = json!({
-                "apiVersion": "safedetach.io/v1alpha1",
-                "kind": "VolumeAttachment",
-                "metadata": { "resourceVersion": version },
-                "status": self.status,
-            });
+            // What changed from the stored status, on condition that the server still has the
+            // version it was decided on (`same_grounds` below keeps that status the stored one).
+            let patch = status_patch(version.clone(), &self.stored, &self.status)?;
             match self
                 .api
-                .patch_status(&self.name, &params, &Patch::Apply(&patch))
+                .patch_status(&self.name, &params, &Patch::Merge(&patch))
                 .await
                 .map_err(Error::from_write)
             {

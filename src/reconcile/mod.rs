@@ -9,6 +9,7 @@ mod lanes;
 mod lock;
 mod own_writes;
 mod recently_held;
+mod status_patch;
 mod sweep;
 #[cfg(test)]
 mod tests;

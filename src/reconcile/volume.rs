@@ -2,6 +2,7 @@
 //! which of those no attachment claims (orphans, case 5), and, under `orphanPolicy: Detach`, the
 //! backend-confirmed force-detach of those.
 
+use super::status_patch::status_patch;
 use super::{
     Context, Error, TURN_WAIT, aliases_of, finalizer, hold_volume, list_pages, owner_of_handle,
     probe, synced,
@@ -17,7 +18,6 @@ use jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -370,18 +370,13 @@ async fn persist(
     let api = Api::<Volume>::all(context.client.clone());
     // Conditioned on the version the status was computed from: the apiserver refuses the write
     // if the Volume changed since.
-    let patch = json!({
-        "apiVersion": "safedetach.io/v1alpha1",
-        "kind": "Volume",
-        "metadata": { "resourceVersion": volume.resource_version() },
-        "status": next,
-    });
+    let patch = status_patch(volume.resource_version(), current, next)?;
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    };
     let written = api
-        .patch_status(
-            &volume.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
+        .patch_status(&volume.name_any(), &params, &Patch::Merge(&patch))
         .await
         .map_err(Error::from_write)?;
     context

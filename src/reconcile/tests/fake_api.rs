@@ -238,14 +238,20 @@ impl State {
         )
     }
 
-    /// A server-side apply of the status, on the `resourceVersion` it names.
+    /// A merge patch of the status, on the `resourceVersion` it names.
     fn patch_status(&mut self, path: &str, body: &[u8]) -> (StatusCode, Value) {
         let patch: Value = serde_json::from_slice(body).unwrap_or_default();
-        let status = &patch["status"];
+        // The status the write asks for: the stored one with the patch merged in.
+        let mut status = self
+            .objects
+            .get(path)
+            .map(|object| object["status"].clone())
+            .unwrap_or_default();
+        json_patch::merge(&mut status, &patch["status"]);
         self.record(format!(
             "write {}/status: {}",
             short(path),
-            describe_status(status)
+            describe_status(&status)
         ));
         let version = self.next_version();
         let Some(object) = self.objects.get_mut(path) else {
@@ -268,7 +274,7 @@ impl State {
                 "the object has been modified",
             );
         }
-        object["status"] = status.clone();
+        object["status"] = status;
         object["metadata"]["resourceVersion"] = json!(version);
         (StatusCode::OK, object.clone())
     }
