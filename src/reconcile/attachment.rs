@@ -383,7 +383,14 @@ impl<'a> Reconcile<'a> {
                     }
                     continue;
                 }
-                // Detached is stored before the finalizer goes.
+                // The release is the object's last write when no other finalizer keeps it: the
+                // `Detached` it would store goes with it, and its Events tell it. Kept a while
+                // by another finalizer, it shows `Detached` first.
+                Step::ReleaseFinalizer
+                    if self.attachment.finalizers() == [ATTACHMENT_FINALIZER] =>
+                {
+                    self.release_as_last_write().await?
+                }
                 Step::ReleaseFinalizer => self.persist().await? && self.release().await?,
                 Step::HandOver { to } => {
                     self.hand_over(to, target.as_ref().ok().map(|t| &t.binding))
@@ -721,6 +728,21 @@ impl<'a> Reconcile<'a> {
             Err(error) if error.is_not_found() => Ok(true),
             Err(error) => Err(error),
         }
+    }
+
+    /// Releases the finalizer without storing the status first, then tells what the status
+    /// would have said (its Events, the forced detach it confirms). `false` as [`Self::release`].
+    async fn release_as_last_write(&mut self) -> Result<bool, Error> {
+        if !self.release().await? {
+            return Ok(false);
+        }
+        if let Some(reason) = force_confirmed(&self.stored, &self.status) {
+            self.context.metrics.force_detached(&format!("{reason:?}"));
+        }
+        for notice in std::mem::take(&mut self.notices) {
+            self.context.events.publish(&self.attachment, &notice).await;
+        }
+        Ok(true)
     }
 
     /// Leaves the connection to `to`, once the apiserver confirms it claims it, and releases

@@ -426,8 +426,11 @@ async fn a_failed_call_is_recorded_once_and_held_back_until_its_backoff_is_due()
     );
 }
 
+/// A deleted attachment is released on the backend's word, after the probe that follows the
+/// detach. Its finalizer's release is its last write: the `Detached` it would store goes with
+/// it, and the Event tells it.
 #[tokio::test]
-async fn a_deleted_attachment_stores_detached_on_the_backends_word_before_its_finalizer_goes() {
+async fn a_deleted_attachment_is_released_on_the_backends_word() {
     let mut harness = Harness::new();
     attached(&mut harness, "va").await;
     harness.api.delete::<VolumeAttachment>("va");
@@ -444,13 +447,51 @@ async fn a_deleted_attachment_stores_detached_on_the_backends_word_before_its_fi
             "driver terminate_connection h1 node-a",
             "driver detach h1 node-a",
             "driver probe h1",
-            "write volumeattachments/va/status: phase=Detached attached=false",
-            "event Detached",
             "write volumeattachments/va: finalizers []",
+            "event Detached",
         ]
     );
     assert_eq!(action, Action::await_change());
     assert!(harness.api.get::<VolumeAttachment>("va").is_none());
+    assert!(!harness.driver.connects("h1", NODE));
+}
+
+/// Another controller's finalizer keeps a deleted attachment a while after the operator's goes:
+/// it shows `Detached`, stored on the backend's word before the release.
+#[tokio::test]
+async fn a_deleted_attachment_that_another_finalizer_keeps_stores_detached_first() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    let mut va = harness.api.get::<VolumeAttachment>("va").expect("va");
+    va.finalizers_mut().push("example.com/audit".into());
+    harness.api.replace(&va);
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.catch_up("va");
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        position(&log, "driver probe h1")
+            < position(
+                &log,
+                "write volumeattachments/va/status: phase=Detached attached=false"
+            )
+            && position(
+                &log,
+                "write volumeattachments/va/status: phase=Detached attached=false"
+            ) < position(
+                &log,
+                r#"write volumeattachments/va: finalizers ["example.com/audit"]"#
+            ),
+        "{log:#?}"
+    );
+    let kept = harness
+        .api
+        .get::<VolumeAttachment>("va")
+        .expect("kept by the other finalizer");
+    assert_eq!(kept.finalizers(), ["example.com/audit"]);
+    assert_eq!(
+        kept.status.and_then(|s| s.phase),
+        Some(AttachmentPhase::Detached)
+    );
     assert!(!harness.driver.connects("h1", NODE));
 }
 
