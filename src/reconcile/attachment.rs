@@ -383,11 +383,14 @@ impl<'a> Reconcile<'a> {
                     }
                     continue;
                 }
-                // The release is the object's last write when no other finalizer keeps it: the
-                // `Detached` it would store goes with it, and its Events tell it. Kept a while
-                // by another finalizer, it shows `Detached` first.
+                // The release is the object's last write when no other finalizer keeps it and
+                // it confirms no forced detach: the `Detached` it would store goes with it, and
+                // its Events tell it. A forced detach's confirmation is stored first (the record
+                // `kubectl safe-detach force --wait` and the force metric rest on), and so is
+                // `Detached` on an object another finalizer keeps a while.
                 Step::ReleaseFinalizer
-                    if self.attachment.finalizers() == [ATTACHMENT_FINALIZER] =>
+                    if self.attachment.finalizers() == [ATTACHMENT_FINALIZER]
+                        && self.status.force_detach == self.stored.force_detach =>
                 {
                     self.release_as_last_write().await?
                 }
@@ -731,13 +734,10 @@ impl<'a> Reconcile<'a> {
     }
 
     /// Releases the finalizer without storing the status first, then tells what the status
-    /// would have said (its Events, the forced detach it confirms). `false` as [`Self::release`].
+    /// would have said (its Events). `false` as [`Self::release`].
     async fn release_as_last_write(&mut self) -> Result<bool, Error> {
         if !self.release().await? {
             return Ok(false);
-        }
-        if let Some(reason) = force_confirmed(&self.stored, &self.status) {
-            self.context.metrics.force_detached(&format!("{reason:?}"));
         }
         for notice in std::mem::take(&mut self.notices) {
             self.context.events.publish(&self.attachment, &notice).await;

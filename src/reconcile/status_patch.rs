@@ -10,12 +10,18 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 /// The merge patch that turns `stored`, the status of the object at `version`, into `next`, on
-/// condition that the object is still at `version`.
+/// condition that the object is still at `version`. Without a version there is no condition to
+/// put (a `null` would remove it): an error, never an unconditional write.
 pub fn status_patch<S: Serialize>(
     version: Option<String>,
     stored: &S,
     next: &S,
 ) -> Result<Value, serde_json::Error> {
+    let Some(version) = version else {
+        return Err(serde::ser::Error::custom(
+            "the object has no resourceVersion to condition the status write on",
+        ));
+    };
     let (stored, next) = (serde_json::to_value(stored)?, serde_json::to_value(next)?);
     Ok(json!({
         "metadata": { "resourceVersion": version },
@@ -102,5 +108,6 @@ mod tests {
             patch,
             json!({ "metadata": { "resourceVersion": "42" }, "status": { "a": 2 } })
         );
+        assert!(status_patch(None, &json!({ "a": 1 }), &json!({ "a": 2 })).is_err());
     }
 }

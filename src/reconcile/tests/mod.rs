@@ -4,8 +4,9 @@
 //! reads, status writes, finalizer patches, Events and driver calls that the design's rules
 //! demand: the intent written before the call it announces, nothing that says detached before
 //! the backend confirmed it, no write once converged, a failed try held back until its backoff
-//! is due, and `Detached` stored before the finalizer goes. The Volume controller's reconcile runs
-//! on the same fakes where a case needs it (a Volume gone since the cache had it).
+//! is due, and the finalizer released only on the backend's word (a forced detach's confirmation
+//! stored first). The Volume controller's reconcile runs on the same fakes where a case needs it
+//! (a Volume gone since the cache had it).
 
 mod fake_api;
 mod scripted_driver;
@@ -454,6 +455,27 @@ async fn a_deleted_attachment_is_released_on_the_backends_word() {
     assert_eq!(action, Action::await_change());
     assert!(harness.api.get::<VolumeAttachment>("va").is_none());
     assert!(!harness.driver.connects("h1", NODE));
+}
+
+/// A forced detach of a deleted attachment stores its confirmation before the release: it is the
+/// record that `kubectl safe-detach force --wait` and the force metric rest on.
+#[tokio::test]
+async fn a_deleted_attachments_forced_detach_stores_its_confirmation_before_the_release() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.annotate("va", FORCE_DETACH_ANNOTATION, "t1");
+    let (_, log) = harness.reconcile("va").await;
+    let confirmed =
+        "write volumeattachments/va/status: phase=Detached attached=false force=Succeeded";
+    assert!(
+        position(&log, "driver force_detach h1 node-a") < position(&log, confirmed)
+            && position(&log, confirmed)
+                < position(&log, "write volumeattachments/va: finalizers []")
+            && position(&log, "write volumeattachments/va: finalizers []") < log.len(),
+        "{log:#?}"
+    );
+    assert!(harness.api.get::<VolumeAttachment>("va").is_none());
 }
 
 /// Another controller's finalizer keeps a deleted attachment a while after the operator's goes:
