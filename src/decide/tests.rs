@@ -506,18 +506,23 @@ fn a_connection_lost_out_of_band_is_recorded_then_reattached() {
     );
 }
 
-#[test]
-fn a_force_detach_under_way_goes_on_after_a_restart() {
-    let mut row = Row::new(Detaching, connected(&[NODE]));
-    row.status.force_detach = Some(ForceDetachStatus {
-        token: Some("t1".into()),
+/// A forced detach a person requested with `token`, its intent stored, its call not confirmed.
+fn requested_force_in_progress(token: &str) -> ForceDetachStatus {
+    ForceDetachStatus {
+        token: Some(token.into()),
         reason: ForceDetachReason::Requested,
         state: ForceDetachState::InProgress,
         attempts: 1,
         started_at: Time(t(0)),
         finished_at: None,
         message: None,
-    });
+    }
+}
+
+#[test]
+fn a_force_detach_under_way_goes_on_after_a_restart() {
+    let mut row = Row::new(Detaching, connected(&[NODE]));
+    row.status.force_detach = Some(requested_force_in_progress("t1"));
     assert_eq!(
         row.decide(),
         Step::ForceDetach {
@@ -1678,15 +1683,7 @@ fn deleting_one_of_two_claims_on_a_connection_hands_it_over() {
     assert!(matches!(requested.decide(), Step::ForceDetach { .. }));
     // A forced detach already under way goes on.
     let mut forcing = Row::new(Detaching, connected(&[NODE])).deleting();
-    forcing.status.force_detach = Some(ForceDetachStatus {
-        token: Some("t1".into()),
-        reason: ForceDetachReason::Requested,
-        state: ForceDetachState::InProgress,
-        attempts: 1,
-        started_at: Time(t(0)),
-        finished_at: None,
-        message: None,
-    });
+    forcing.status.force_detach = Some(requested_force_in_progress("t1"));
     assert!(!matches!(
         decide(&Input {
             sibling: Some("renamed"),

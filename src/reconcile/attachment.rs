@@ -487,13 +487,17 @@ impl<'a> Reconcile<'a> {
         let attached = self.attachment.status.as_ref().is_some_and(|s| s.attached);
         self.attachment.metadata.deletion_timestamp.is_none()
             && !attached
-            && cached.is_some_and(|v| {
-                v.metadata.deletion_timestamp.is_none()
-                    && self
-                        .context
-                        .recently_held
-                        .settling(&v.uid().unwrap_or_default())
-            })
+            && cached.is_some_and(|v| self.held_moments_ago(v))
+    }
+
+    /// Whether `volume`, not being deleted, was held by this process too recently for an attach
+    /// to rest on the hold.
+    fn held_moments_ago(&self, volume: &Volume) -> bool {
+        volume.metadata.deletion_timestamp.is_none()
+            && self
+                .context
+                .recently_held
+                .settling(&volume.uid().unwrap_or_default())
     }
 
     /// The target of the attachment's Volume as the apiserver has it. A live attachment whose
@@ -510,13 +514,9 @@ impl<'a> Reconcile<'a> {
             // attachment): attached on only once that hold has settled, as after this
             // reconcile's own.
             if let Some(v) = &volume
-                && v.metadata.deletion_timestamp.is_none()
                 && self.attachment.metadata.deletion_timestamp.is_none()
                 && v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)
-                && self
-                    .context
-                    .recently_held
-                    .settling(&v.uid().unwrap_or_default())
+                && self.held_moments_ago(v)
             {
                 return Ok(FreshVolume::JustHeld);
             }
@@ -691,15 +691,6 @@ impl<'a> Reconcile<'a> {
         self.attachment.metadata.deletion_timestamp.as_ref()?;
         let ours = ours?;
         let spec = &self.attachment.spec;
-        // The backend volume another attachment claims: what it recorded attaching (an
-        // attachment attached as the backend confirmed records it; `hand_over` asks the same).
-        let claimed = |a: &VolumeAttachment| {
-            a.status
-                .as_ref()
-                .and_then(|s| s.bound_to.as_ref())
-                .map(|bound| (bound.driver.clone(), bound.volume_handle.clone()))
-        };
-        let ours = Some((ours.driver.clone(), ours.volume_handle.clone()));
         let mut siblings: Vec<String> = self
             .context
             .attachments
@@ -711,7 +702,7 @@ impl<'a> Reconcile<'a> {
             })
             .iter()
             // The same connection: the same backend volume on the same node.
-            .filter(|a| claimed(a) == ours)
+            .filter(|a| bound_to_same_backend_volume(a, ours))
             .map(|a| a.name_any())
             .filter(|name| !self.gone_siblings.contains(name))
             .collect();
@@ -733,44 +724,38 @@ impl<'a> Reconcile<'a> {
         }
     }
 
+    /// Publishes the Events the status written (or released) on `object` tells.
+    async fn publish_notices(&mut self, object: &VolumeAttachment) {
+        for notice in std::mem::take(&mut self.notices) {
+            self.context.events.publish(object, &notice).await;
+        }
+    }
+
     /// Releases the finalizer without storing the status first, then tells what the status
     /// would have said (its Events). `false` as [`Self::release`].
     async fn release_as_last_write(&mut self) -> Result<bool, Error> {
         if !self.release().await? {
             return Ok(false);
         }
-        for notice in std::mem::take(&mut self.notices) {
-            self.context.events.publish(&self.attachment, &notice).await;
-        }
+        let released = self.attachment.clone();
+        self.publish_notices(&released).await;
         Ok(true)
     }
 
     /// Leaves the connection to `to`, once the apiserver confirms it claims it, and releases
     /// this attachment without a detach. `false` if it does not (gone, or being deleted too), or
     /// the release was refused: decide again.
-    async fn hand_over(&mut self, to: &str, target: Option<&Binding>) -> Result<bool, Error> {
-        // The connection this attachment stands for: what it recorded attaching, else what its
-        // target names (an attach of unknown outcome records no binding).
-        let ours = self
-            .attachment
-            .status
-            .as_ref()
-            .and_then(|s| s.bound_to.as_ref())
-            .or(target);
+    /// `ours` is the connection this attachment stands for: its target's binding, which for a
+    /// deleted attachment is what it recorded attaching, else what its Volume names (an attach
+    /// of unknown outcome records no binding).
+    async fn hand_over(&mut self, to: &str, ours: Option<&Binding>) -> Result<bool, Error> {
         let live = self.api.get_opt(to).await?.filter(|sibling| {
-            let recorded = sibling.status.as_ref().and_then(|s| s.bound_to.as_ref());
             sibling.metadata.deletion_timestamp.is_none()
                 && sibling.spec.node_name == self.attachment.spec.node_name
                 && holds_its_connection(sibling)
-                // The same backend volume, as both name it: an object of the sibling's name
-                // created again since the cache showed it may be another volume's.
-                && match (ours, recorded) {
-                    (Some(ours), Some(theirs)) => {
-                        (&ours.driver, &ours.volume_handle)
-                            == (&theirs.driver, &theirs.volume_handle)
-                    }
-                    _ => false,
-                }
+                // Asked again of the object as read now: one of the sibling's name created
+                // again since the cache showed it may be another volume's.
+                && ours.is_some_and(|ours| bound_to_same_backend_volume(sibling, ours))
         });
         let Some(sibling) = live else {
             self.gone_siblings.push(to.to_owned());
@@ -869,9 +854,7 @@ impl<'a> Reconcile<'a> {
         if let Some(reason) = force_confirmed(&self.stored, &self.status) {
             self.context.metrics.force_detached(&format!("{reason:?}"));
         }
-        for notice in std::mem::take(&mut self.notices) {
-            self.context.events.publish(&written, &notice).await;
-        }
+        self.publish_notices(&written).await;
         self.adopt(written, Basis::Fresh);
         Ok(true)
     }
@@ -894,6 +877,18 @@ impl<'a> Reconcile<'a> {
 
 /// Whether an attachment holds its connection, so that another may leave it to it: Attached, as
 /// the backend confirmed. One that is Pending, Failed or on its way cannot keep what it is given.
+/// Whether `attachment` recorded attaching the backend volume `ours` names. An attachment
+/// attached as the backend confirmed records it; one without a record claims nothing.
+fn bound_to_same_backend_volume(attachment: &VolumeAttachment, ours: &Binding) -> bool {
+    attachment
+        .status
+        .as_ref()
+        .and_then(|s| s.bound_to.as_ref())
+        .is_some_and(|theirs| {
+            (&theirs.driver, &theirs.volume_handle) == (&ours.driver, &ours.volume_handle)
+        })
+}
+
 fn holds_its_connection(attachment: &VolumeAttachment) -> bool {
     attachment.status.as_ref().is_some_and(|status| {
         status.phase == Some(crate::api::AttachmentPhase::Attached) && status.attached

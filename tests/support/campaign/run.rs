@@ -809,18 +809,7 @@ async fn converge(world: &World) -> Result<(), String> {
     let mut decided = false;
     let begun = Instant::now();
     loop {
-        let attachments = world
-            .attachments
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(|e| e.to_string())?
-            .items;
-        let volumes = world
-            .volumes
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(|e| e.to_string())?
-            .items;
+        let (attachments, volumes) = shard_objects(world, &selector).await?;
         // An attachment whose Volume is gone cannot confirm its detach (by design); a person
         // creates the Volume again so that it can. What can converge depends on the Volumes
         // there are (a single-attach one makes its backend volume exclusive), so the tidy step
@@ -840,18 +829,7 @@ async fn converge(world: &World) -> Result<(), String> {
         }
         if !tidied {
             // Read again: the tidy step judges the Volumes as they are now.
-            let attachments = world
-                .attachments
-                .list(&ListParams::default().labels(&selector))
-                .await
-                .map_err(|e| e.to_string())?
-                .items;
-            let volumes = world
-                .volumes
-                .list(&ListParams::default().labels(&selector))
-                .await
-                .map_err(|e| e.to_string())?
-                .items;
+            let (attachments, volumes) = shard_objects(world, &selector).await?;
             tidy(world, &attachments, &volumes).await;
             tidied = true;
             continue;
@@ -933,6 +911,25 @@ async fn converge(world: &World) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The schedule's attachments and Volumes as the apiserver has them now.
+async fn shard_objects(
+    world: &World,
+    selector: &str,
+) -> Result<(Vec<VolumeAttachment>, Vec<Volume>), String> {
+    let params = ListParams::default().labels(selector);
+    let attachments = world
+        .attachments
+        .list(&params)
+        .await
+        .map_err(|e| e.to_string())?;
+    let volumes = world
+        .volumes
+        .list(&params)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((attachments.items, volumes.items))
 }
 
 /// Deletes what can never converge to Attached: attachments of a Volume being deleted or gone,
