@@ -5,13 +5,17 @@
 //!
 //! The policy binds cluster-wide, and other test binaries write status as the admin, so the
 //! policy and its binding are deleted when the test ends, whether it passed or not.
+//!
+//! And deploy/'s MutatingAdmissionPolicy, bound to labelled Volumes only
+//! (`support::volume_hold`): a Volume held from its creation is never deleted at once.
 
 mod support;
 
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use safe_detach::api::{
-    AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
+    AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachState, VOLUME_FINALIZER, Volume,
+    VolumeAttachment,
 };
 use safe_detach::config::{ConfigFile, DriverEntry};
 use serde_json::{Value, json};
@@ -22,6 +26,7 @@ use support::cluster::{
 };
 use support::operator::{Operator, SHARD_LABEL};
 use support::qsd::Qsd;
+use support::volume_hold::{self, HOLD_LABEL, HOLD_VALUE};
 use tokio::time::Instant;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -401,4 +406,140 @@ async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
         "re-attached: {:?}",
         forced.status
     );
+}
+
+/// deploy/volume-hold-policy.yaml closes the apiserver's delete/finalizer race
+/// (kubernetes/kubernetes#77988): a Volume carries the operator's finalizer from its creation, so
+/// a DELETE sent at once, while the operator's controllers are taking the new Volume up, only
+/// marks it deleting; never does the apiserver remove it at once. An attachment then keeps its
+/// Volume, and the operator releases the Volumes as soon as nothing names them. Without the
+/// policy the same DELETEs find the Volumes unheld and remove them at once (about one in four
+/// on this machine found the operator's hold added a moment before and removed it anyway).
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_held_from_their_creation_are_never_deleted_at_once() {
+    let client = admin_client().await;
+    let attachments = Api::<VolumeAttachment>::all(client.clone());
+    let volumes = Api::<Volume>::all(client.clone());
+    const RACED: usize = 20;
+
+    let qsd = Qsd::start();
+    let mut objects = TestObjects::default();
+    let shard = unique_name("shard");
+    let driver = format!("nbd-{shard}");
+    let handle = "disk-held";
+    qsd.create_image(handle);
+    let labels = json!({ SHARD_LABEL: shard, HOLD_LABEL: HOLD_VALUE });
+    volume_hold::install(&client).await;
+    let config = ConfigFile {
+        default_stuck_after: Some("30s".into()),
+        resync_interval: Some("5s".into()),
+        drivers: vec![DriverEntry::nbd(driver.as_str(), qsd.config()).with_deadline("5s")],
+        ..ConfigFile::default()
+    }
+    .to_text()
+    .expect("the daemon's paths are UTF-8");
+    let _operator = Operator::start(&shard, &config).await;
+
+    // A Volume with an attachment on it: deleted, it stays while the attachment names it.
+    let kept = objects.volume("held-volume");
+    let attachment = objects.attachment("held-attachment");
+    let created = volumes
+        .create(
+            &PostParams::default(),
+            &volume_object(&kept, &labels, &driver, handle),
+        )
+        .await
+        .expect("create the Volume");
+    assert!(
+        created.finalizers().iter().any(|f| f == VOLUME_FINALIZER),
+        "the apiserver's answer to the create carries the finalizer: {:?}",
+        created.finalizers()
+    );
+    create(
+        &client,
+        json!({
+            "apiVersion": "safedetach.io/v1alpha1",
+            "kind": "VolumeAttachment",
+            "metadata": { "name": attachment, "labels": labels },
+            "spec": { "volumeName": kept, "nodeName": "node-a" },
+        }),
+    )
+    .await;
+    eventually("the attachment is attached", WAIT, POLL, || async {
+        attached_and_confirmed(&attachments.get(&attachment).await.ok()?).then_some(())
+    })
+    .await;
+
+    // Volumes created and deleted at once, all together, while the operator takes them up.
+    let raced: Vec<String> = (0..RACED).map(|_| objects.volume("raced-volume")).collect();
+    let answers = futures::future::join_all(raced.iter().map(|name| {
+        let volumes = volumes.clone();
+        let object = volume_object(name, &labels, &driver, &format!("{name}-disk"));
+        async move {
+            volumes
+                .create(&PostParams::default(), &object)
+                .await
+                .expect("create a Volume");
+            volumes
+                .delete(name, &Default::default())
+                .await
+                .expect("delete the Volume")
+        }
+    }))
+    .await;
+    let deleting = answers
+        .iter()
+        .filter(|answer| {
+            answer
+                .as_ref()
+                .left()
+                .is_some_and(|v| v.metadata.deletion_timestamp.is_some())
+        })
+        .count();
+    assert_eq!(
+        deleting, RACED,
+        "every DELETE only marked its Volume deleting; answers: {answers:?}"
+    );
+    volumes
+        .delete(&kept, &Default::default())
+        .await
+        .expect("delete the Volume the attachment names");
+
+    // The operator releases every Volume that nothing names, and keeps the one named.
+    for name in &raced {
+        eventually("the operator releases the Volume", WAIT, POLL, || async {
+            volumes.get_opt(name).await.ok()?.is_none().then_some(())
+        })
+        .await;
+    }
+    let still = volumes.get(&kept).await.expect("the named Volume stays");
+    assert!(still.metadata.deletion_timestamp.is_some());
+    assert!(
+        attached_and_confirmed(&attachments.get(&attachment).await.expect("the attachment")),
+        "the attachment stays attached"
+    );
+    attachments
+        .delete(&attachment, &Default::default())
+        .await
+        .expect("delete the attachment");
+    eventually("the attachment and its Volume go", WAIT, POLL, || async {
+        (attachments.get_opt(&attachment).await.ok()?.is_none()
+            && volumes.get_opt(&kept).await.ok()?.is_none())
+        .then_some(())
+    })
+    .await;
+    assert!(
+        qsd.export_ids().await.is_empty(),
+        "nothing is exported once everything went"
+    );
+}
+
+fn volume_object(name: &str, labels: &Value, driver: &str, handle: &str) -> Volume {
+    serde_json::from_value(json!({
+        "apiVersion": "safedetach.io/v1alpha1",
+        "kind": "Volume",
+        "metadata": { "name": name, "labels": labels },
+        "spec": { "driver": driver, "volumeHandle": handle },
+    }))
+    .expect("a Volume")
 }

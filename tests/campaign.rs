@@ -171,7 +171,8 @@ fn the_ledger_adds_a_row_and_counts_its_totals_again() {
 /// and stay quiet on the orderings the design allows, or the campaign could not fail.
 mod observe {
     use safe_detach::api::AttachmentPhase;
-    use std::sync::Arc;
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
     use support::campaign::observe::{
         CreateWindow, History, Observer, Record, Round, Rule, VolumeCreate, VolumeId,
     };
@@ -180,6 +181,15 @@ mod observe {
     use super::support;
 
     fn observer() -> Observer {
+        observer_of(Arc::default(), false)
+    }
+
+    /// An observer of a schedule whose Volume DELETEs in `deleted_at_once` were answered by
+    /// their removal at once, with or without the admission policy's hold at create.
+    fn observer_of(
+        deleted_at_once: Arc<Mutex<BTreeSet<String>>>,
+        hold_at_create: bool,
+    ) -> Observer {
         let handles = [("va".to_owned(), "h0".to_owned())].into();
         let single = ["va".to_owned()].into();
         Observer::new(
@@ -187,6 +197,8 @@ mod observe {
             single,
             Arc::default(),
             Arc::default(),
+            deleted_at_once,
+            hold_at_create,
             History::new(),
         )
     }
@@ -395,6 +407,8 @@ mod observe {
                 single,
                 Arc::default(),
                 Arc::default(),
+                Arc::default(),
+                false,
                 History::new(),
             )
         };
@@ -680,6 +694,44 @@ mod observe {
         o.check(&with_volumes(vec![on_v2.clone()], &[volume("v2", true)]));
         o.check(&with_volumes(vec![on_v2], &[volume("v2", true)]));
         assert!(rules(&o).is_empty(), "{:?}", o.violations);
+    }
+
+    #[test]
+    fn a_held_volume_the_apiserver_removed_at_once_holds_only_attachments_that_claimed_it() {
+        let removed_at_once = || Arc::new(Mutex::new(BTreeSet::from(["v1".to_owned()])));
+        let pending = || vec![record("u", "1", AttachmentPhase::Pending, false)];
+        // Seen held, its DELETE answered by its removal: the apiserver's race, not a release.
+        let mut o = observer_of(removed_at_once(), false);
+        created(&o, "u");
+        o.check(&with_volumes(pending(), &[volume("v1", true)]));
+        o.check(&with_volumes(pending(), &[]));
+        o.check(&with_volumes(pending(), &[]));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+
+        // Unless the attachment claimed a connection to it.
+        let mut o = observer_of(removed_at_once(), false);
+        created(&o, "u");
+        let attaching = vec![record("u", "1", AttachmentPhase::Attaching, false)];
+        o.check(&with_volumes(attaching, &[volume("v1", true)]));
+        o.check(&with_volumes(pending(), &[]));
+        o.check(&with_volumes(pending(), &[]));
+        assert_eq!(rules(&o), [Rule::ReleasedWhileNamed]);
+
+        // A DELETE answered otherwise: the Volume went by a release, and the rule stands.
+        let mut o = observer_of(Arc::default(), false);
+        created(&o, "u");
+        o.check(&with_volumes(pending(), &[volume("v1", true)]));
+        o.check(&with_volumes(pending(), &[]));
+        o.check(&with_volumes(pending(), &[]));
+        assert_eq!(rules(&o), [Rule::ReleasedWhileNamed]);
+
+        // Under the admission policy's hold no DELETE can find the Volume unheld: the rule stands.
+        let mut o = observer_of(removed_at_once(), true);
+        created(&o, "u");
+        o.check(&with_volumes(pending(), &[volume("v1", true)]));
+        o.check(&with_volumes(pending(), &[]));
+        o.check(&with_volumes(pending(), &[]));
+        assert_eq!(rules(&o), [Rule::ReleasedWhileNamed]);
     }
 }
 

@@ -587,6 +587,8 @@ async fn deploy_renders_and_the_apiserver_accepts_it() {
         "Service",
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
+        "MutatingAdmissionPolicy",
+        "MutatingAdmissionPolicyBinding",
         "CustomResourceDefinition",
     ] {
         assert!(
@@ -647,6 +649,28 @@ async fn deploy_renders_and_the_apiserver_accepts_it() {
         overlay.path().to_str().expect("a UTF-8 path"),
     ])
     .await;
+    // The overlay docs/operations.md gives for clusters that do not serve MutatingAdmissionPolicy
+    // v1: the base without the volume-hold policy, and nothing else left out.
+    let operations = std::fs::read_to_string(Path::new(REPO).join("docs/operations.md"))
+        .expect("docs/operations.md");
+    let before_1_36 = operations
+        .split("```yaml\n# kustomization.yaml of an overlay for Kubernetes 1.30 to 1.35\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("docs/operations.md gives the overlay for Kubernetes 1.30 to 1.35");
+    let overlay = tempfile::tempdir_in(&inside).expect("an overlay folder");
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        before_1_36.replace("- deploy/", "- ../../deploy/"),
+    )
+    .expect("write the overlay");
+    let older = kubectl(&["kustomize", overlay.path().to_str().expect("a UTF-8 path")]).await;
+    assert!(!older.contains("kind: MutatingAdmissionPolicy"), "{older}");
+    assert_eq!(
+        older.split("\n---\n").count(),
+        objects - 2,
+        "only the policy and its binding are left out"
+    );
     let examples = kubectl(&[
         "kustomize",
         deploy.join("examples").to_str().expect("UTF-8"),

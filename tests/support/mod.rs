@@ -16,3 +16,4 @@ pub mod qmp;
 pub mod qmp_proxy;
 pub mod qsd;
 pub mod scenario;
+pub mod volume_hold;

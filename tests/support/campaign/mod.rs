@@ -7,6 +7,8 @@ pub mod observe;
 pub mod plan;
 pub mod run;
 
+use crate::support::cluster::admin_client;
+use crate::support::volume_hold;
 use observe::Rule;
 use plan::Plan;
 use run::Outcome;
@@ -32,6 +34,8 @@ pub struct Summary {
 /// Runs the schedules of `seeds`, `parallel` at a time, each active for `active`.
 pub async fn campaign(seeds: &[u64], parallel: usize, active: Duration) -> Summary {
     let started = std::time::Instant::now();
+    // For the schedules whose Volumes are held from their creation (`Plan::hold_at_create`).
+    volume_hold::install(&admin_client().await).await;
     let mut summary = Summary::default();
     for wave in seeds.chunks(parallel.max(1)) {
         let runs = wave.iter().map(|seed| {

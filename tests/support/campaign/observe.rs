@@ -307,6 +307,11 @@ pub struct Observer {
     pub creates: Arc<Mutex<Vec<CreateWindow>>>,
     /// Volume name → its latest create.
     pub volume_creates: Arc<Mutex<BTreeMap<String, VolumeCreate>>>,
+    /// The uids of the Volumes whose DELETE the apiserver answered by removing them at once.
+    deleted_at_once: Arc<Mutex<BTreeSet<String>>>,
+    /// Whether the schedule's Volumes carry the finalizer from their creation (the admission
+    /// policy): then no DELETE can find one unheld.
+    hold_at_create: bool,
     /// Each export as first seen in the run of rounds that has seen it without a break (an
     /// unanswered read breaks every run: the daemon may have restarted).
     exported_since: BTreeMap<(String, String), Exported>,
@@ -322,6 +327,8 @@ impl Observer {
         single: BTreeSet<String>,
         creates: Arc<Mutex<Vec<CreateWindow>>>,
         volume_creates: Arc<Mutex<BTreeMap<String, VolumeCreate>>>,
+        deleted_at_once: Arc<Mutex<BTreeSet<String>>>,
+        hold_at_create: bool,
         history: History,
     ) -> Self {
         Self {
@@ -335,6 +342,8 @@ impl Observer {
             deleted_by: BTreeMap::new(),
             creates,
             volume_creates,
+            deleted_at_once,
+            hold_at_create,
             exported_since: BTreeMap::new(),
             violations: Vec::new(),
             rounds: 0,
@@ -597,8 +606,11 @@ impl Observer {
     /// sent after a round had listed the Volume deleting, and that never claimed a connection to
     /// it: the operator attaches nothing to a deleting Volume, and one created between the
     /// release's list and its finalizer patch can find the Volume gone. A Volume never seen held
-    /// may go at once, unless an attachment claimed a connection to it. A release stays under
-    /// watch for a few rounds, for a claim that shows late.
+    /// may go at once, unless an attachment claimed a connection to it; so may one seen held whose
+    /// DELETE the apiserver answered by removing it at once, in a schedule without the admission
+    /// policy's hold: the DELETE read it before the operator's hold and removed it anyway
+    /// (kubernetes/kubernetes#77988, design.md). A release stays under watch for a few rounds,
+    /// for a claim that shows late.
     fn check_releases(&mut self, round: &Round) {
         for mut release in std::mem::take(&mut self.releases) {
             let still: Vec<&Record> = round
@@ -611,9 +623,12 @@ impl Observer {
             }
             // Held, the Volume had to stay for each of them but one created after its deletion
             // that never claimed a connection to it; not held, only for one that had.
+            let raced = release.held && self.removed_by_the_apiservers_race(&release.uid);
             let (held, free): (Vec<&Record>, Vec<&Record>) = still.into_iter().partition(|r| {
                 self.claimed_connection(&r.uid, &release.uid)
-                    || (release.held && !self.created_after_deletion(&r.uid, release.deleted_by))
+                    || (release.held
+                        && !raced
+                        && !self.created_after_deletion(&r.uid, release.deleted_by))
             });
             if !held.is_empty() {
                 let held: Vec<String> = held.into_iter().map(Record::describe).collect();
@@ -628,7 +643,13 @@ impl Observer {
                 );
                 continue;
             }
-            if release.held && release.rounds_left == RELEASE_WATCH_ROUNDS {
+            if raced && release.rounds_left == RELEASE_WATCH_ROUNDS {
+                self.history.note(format!(
+                    "the apiserver removed Volume {} uid {} at once though it was seen held: its DELETE read it before the hold (kubernetes/kubernetes#77988); it holds only attachments that claimed a connection to it",
+                    release.volume,
+                    short(&release.uid)
+                ));
+            } else if release.held && release.rounds_left == RELEASE_WATCH_ROUNDS {
                 for record in &free {
                     self.history.note(format!(
                         "{} uid {} was created after Volume {} uid {} was deleted and has not claimed a connection: it does not hold the Volume",
@@ -682,6 +703,18 @@ impl Observer {
             }
         }
         self.last_volumes = Some((volumes.clone(), round.records.clone()));
+    }
+
+    /// Whether the apiserver answered the DELETE of Volume `uid` by removing it at once, in a
+    /// schedule whose Volumes are not held from their creation. Under the admission policy's
+    /// hold no DELETE finds a Volume unheld, so there the rule stays whole.
+    fn removed_by_the_apiservers_race(&self, uid: &str) -> bool {
+        !self.hold_at_create
+            && self
+                .deleted_at_once
+                .lock()
+                .expect("deleted at once")
+                .contains(uid)
     }
 
     /// Whether attachment `uid` was created by a create sent after `deleted_by`.

@@ -201,6 +201,8 @@ impl FaultOp {
 
 /// Mixed into the seed for the draw of aliases.
 const ALIAS_STREAM: u64 = 0xa11a_5e5d;
+/// Mixed into the seed for the draw of the admission policy's hold.
+const HOLD_STREAM: u64 = 0x401d_a7c0;
 
 /// Slots (VolumeAttachment names) per Volume.
 pub const SLOTS: usize = 3;
@@ -218,6 +220,10 @@ pub struct Plan {
     pub fault_ops: Vec<(Duration, FaultOp)>,
     /// How long operations and faults go on; convergence is judged after.
     pub active: Duration,
+    /// Whether the schedule's Volumes carry the operator's finalizer from their creation, as
+    /// deploy/volume-hold-policy.yaml makes them; otherwise the operator adds it, as on a cluster
+    /// without the policy.
+    pub hold_at_create: bool,
 }
 
 /// QMP commands the nbd driver sends, any of which a fault may spoil.
@@ -265,6 +271,8 @@ impl Plan {
         };
         let ops = draw_ops(&mut rng, &volumes, active);
         let fault_ops = draw_faults(&mut rng, &faults, active);
+        // Half the schedules run under the policy; a stream of its own keeps the other draws.
+        let hold_at_create = Rng::new(seed ^ HOLD_STREAM).chance(50);
         Self {
             seed,
             volumes,
@@ -273,6 +281,7 @@ impl Plan {
             ops,
             fault_ops,
             active,
+            hold_at_create,
         }
     }
 

@@ -12,6 +12,7 @@ use crate::support::cluster::{TestObjects, admin_client, unique_name};
 use crate::support::operator::{Operator, Options, SHARD_LABEL};
 use crate::support::qmp_proxy::QmpProxy;
 use crate::support::qsd::{NbdClient, Qsd};
+use crate::support::volume_hold::{HOLD_LABEL, HOLD_VALUE};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -85,11 +86,23 @@ struct World {
     volume_uids: Mutex<BTreeMap<String, usize>>,
     /// Volume name → when its latest create was sent.
     volume_creates: Arc<Mutex<BTreeMap<String, VolumeCreate>>>,
+    /// The uids of the Volumes whose DELETE the apiserver answered by removing them at once.
+    deleted_at_once: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl World {
     fn labels(&self) -> serde_json::Value {
         json!({ SHARD_LABEL: self.shard })
+    }
+
+    /// The shard's label, and the one the volume-hold policy's tests' binding selects when the
+    /// schedule runs under it.
+    fn volume_labels(&self) -> serde_json::Value {
+        let mut labels = self.labels();
+        if self.plan.hold_at_create {
+            labels[HOLD_LABEL] = json!(HOLD_VALUE);
+        }
+        labels
     }
 
     async fn create_volume(&self, index: usize) -> Result<(), kube::Error> {
@@ -98,7 +111,7 @@ impl World {
         let object = json!({
             "apiVersion": "safedetach.io/v1alpha1",
             "kind": "Volume",
-            "metadata": { "name": name, "labels": self.labels() },
+            "metadata": { "name": name, "labels": self.volume_labels() },
             "spec": {
                 "driver": "nbd",
                 "volumeHandle": plan.handle,
@@ -218,10 +231,11 @@ pub async fn run(plan: Plan) -> Outcome {
         qmp_socket: qmp_socket.clone(),
         volume_uids: Mutex::default(),
         volume_creates: Arc::default(),
+        deleted_at_once: Arc::default(),
     });
     history.note(format!(
-        "seed {} volumes {:?} nodes {:?} faults {:?}",
-        plan.seed, plan.volumes, plan.nodes, plan.faults
+        "seed {} volumes {:?} nodes {:?} faults {:?} held at create {}",
+        plan.seed, plan.volumes, plan.nodes, plan.faults, plan.hold_at_create
     ));
     for (i, name) in world.volume_names.iter().enumerate() {
         history.note(format!("volume {i} is {name}"));
@@ -252,6 +266,8 @@ pub async fn run(plan: Plan) -> Outcome {
             single,
             world.creates.clone(),
             world.volume_creates.clone(),
+            world.deleted_at_once.clone(),
+            plan.hold_at_create,
             history.clone(),
         );
         let world = world.clone();
@@ -619,13 +635,29 @@ async fn apply(
             }
             None => "skipped: no client".into(),
         },
-        Op::DeleteVolume { volume } => said(
-            world
+        Op::DeleteVolume { volume } => {
+            match world
                 .volumes
                 .delete(&world.volume_names[*volume], &DeleteParams::default())
                 .await
-                .map(|_| ()),
-        ),
+            {
+                // The apiserver removed it at once: it found no finalizer when it read it.
+                Ok(answer) => match answer.right() {
+                    None => "ok: deleting".into(),
+                    Some(status) => {
+                        let uid = status.details.map(|d| d.uid).unwrap_or_default();
+                        let line = format!("ok: removed at once, uid {uid}");
+                        world
+                            .deleted_at_once
+                            .lock()
+                            .expect("deleted at once")
+                            .insert(uid);
+                        line
+                    }
+                },
+                Err(e) => said(Err(e)),
+            }
+        }
         Op::RecreateVolume { volume } => {
             match world.volumes.get_opt(&world.volume_names[*volume]).await {
                 Ok(None) => said(world.create_volume(*volume).await),
