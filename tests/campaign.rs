@@ -171,10 +171,9 @@ fn the_ledger_adds_a_row_and_counts_its_totals_again() {
 /// and stay quiet on the orderings the design allows, or the campaign could not fail.
 mod observe {
     use safe_detach::api::AttachmentPhase;
-    use std::collections::BTreeSet;
     use std::sync::{Arc, Mutex};
     use support::campaign::observe::{
-        CreateWindow, History, Observer, Record, Round, Rule, VolumeCreate, VolumeId,
+        CreateWindow, History, Observer, Record, Round, Rule, VolumeCreate, VolumeDelete, VolumeId,
     };
     use tokio::time::Instant;
 
@@ -184,10 +183,10 @@ mod observe {
         observer_of(Arc::default(), false)
     }
 
-    /// An observer of a schedule whose Volume DELETEs in `deleted_at_once` were answered by
-    /// their removal at once, with or without the admission policy's hold at create.
+    /// An observer of a schedule whose workload sent the Volume DELETEs `volume_deletes`, with or
+    /// without the admission policy's hold at create.
     fn observer_of(
-        deleted_at_once: Arc<Mutex<BTreeSet<String>>>,
+        volume_deletes: Arc<Mutex<Vec<VolumeDelete>>>,
         hold_at_create: bool,
     ) -> Observer {
         let handles = [("va".to_owned(), "h0".to_owned())].into();
@@ -197,7 +196,7 @@ mod observe {
             single,
             Arc::default(),
             Arc::default(),
-            deleted_at_once,
+            volume_deletes,
             hold_at_create,
             History::new(),
         )
@@ -227,6 +226,7 @@ mod observe {
             backend_at: now,
             records,
             volumes: Some(vec![volume("v1", true)]),
+            volumes_at: now,
             exports: Some(
                 nodes
                     .iter()
@@ -698,40 +698,59 @@ mod observe {
 
     #[test]
     fn a_held_volume_the_apiserver_removed_at_once_holds_only_attachments_that_claimed_it() {
-        let removed_at_once = || Arc::new(Mutex::new(BTreeSet::from(["v1".to_owned()])));
+        let delete = |removed_at_once| VolumeDelete {
+            uid: "v1".into(),
+            sent: Instant::now(),
+            removed_at_once,
+        };
+        // One DELETE of v1, sent now: before the rounds below first list it held.
+        let deletes = |removed_at_once| Arc::new(Mutex::new(vec![delete(removed_at_once)]));
         let pending = || vec![record("u", "1", AttachmentPhase::Pending, false)];
-        // Seen held, its DELETE answered by its removal: the apiserver's race, not a release.
-        let mut o = observer_of(removed_at_once(), false);
-        created(&o, "u");
-        o.check(&with_volumes(pending(), &[volume("v1", true)]));
-        o.check(&with_volumes(pending(), &[]));
-        o.check(&with_volumes(pending(), &[]));
-        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+        let judge = |o: &mut Observer, first: Vec<Record>| {
+            created(o, "u");
+            o.check(&with_volumes(first, &[volume("v1", true)]));
+            o.check(&with_volumes(pending(), &[]));
+            o.check(&with_volumes(pending(), &[]));
+            rules(o)
+        };
+
+        // Seen held, its DELETE sent before that and answered by its removal: the apiserver's
+        // race, not a release.
+        let mut o = observer_of(deletes(true), false);
+        assert!(judge(&mut o, pending()).is_empty(), "{:?}", o.violations);
+        assert_eq!(o.apiserver_races, 1);
 
         // Unless the attachment claimed a connection to it.
-        let mut o = observer_of(removed_at_once(), false);
-        created(&o, "u");
+        let mut o = observer_of(deletes(true), false);
         let attaching = vec![record("u", "1", AttachmentPhase::Attaching, false)];
-        o.check(&with_volumes(attaching, &[volume("v1", true)]));
+        assert_eq!(judge(&mut o, attaching), [Rule::ReleasedWhileNamed]);
+
+        // A DELETE answered by marking it deleting: the Volume went by a release.
+        let mut o = observer_of(deletes(false), false);
+        assert_eq!(judge(&mut o, pending()), [Rule::ReleasedWhileNamed]);
+
+        // Removed at once by a DELETE sent after a list showed it held: the DELETE read it held,
+        // so its finalizer went some other way.
+        let sent_later = Arc::default();
+        let mut o = observer_of(Arc::clone(&sent_later), false);
+        created(&o, "u");
+        o.check(&with_volumes(pending(), &[volume("v1", true)]));
+        sent_later.lock().expect("deletes").push(delete(true));
         o.check(&with_volumes(pending(), &[]));
         o.check(&with_volumes(pending(), &[]));
         assert_eq!(rules(&o), [Rule::ReleasedWhileNamed]);
 
-        // A DELETE answered otherwise: the Volume went by a release, and the rule stands.
-        let mut o = observer_of(Arc::default(), false);
+        // Listed deleting before it went: it had the finalizer when deleted, a release removed it.
+        let mut o = observer_of(deletes(true), false);
         created(&o, "u");
-        o.check(&with_volumes(pending(), &[volume("v1", true)]));
+        o.check(&with_volumes(pending(), &[deleted("v1")]));
         o.check(&with_volumes(pending(), &[]));
         o.check(&with_volumes(pending(), &[]));
         assert_eq!(rules(&o), [Rule::ReleasedWhileNamed]);
 
         // Under the admission policy's hold no DELETE can find the Volume unheld: the rule stands.
-        let mut o = observer_of(removed_at_once(), true);
-        created(&o, "u");
-        o.check(&with_volumes(pending(), &[volume("v1", true)]));
-        o.check(&with_volumes(pending(), &[]));
-        o.check(&with_volumes(pending(), &[]));
-        assert_eq!(rules(&o), [Rule::ReleasedWhileNamed]);
+        let mut o = observer_of(deletes(true), true);
+        assert_eq!(judge(&mut o, pending()), [Rule::ReleasedWhileNamed]);
     }
 }
 

@@ -25,6 +25,7 @@ pub struct Summary {
     pub observations: usize,
     pub faults: BTreeMap<&'static str, usize>,
     pub hard_deletes: usize,
+    pub apiserver_races: usize,
     pub violations: BTreeMap<&'static str, Vec<u64>>,
     pub reports: Vec<String>,
     pub wall: Duration,
@@ -54,7 +55,7 @@ pub async fn campaign(seeds: &[u64], parallel: usize, active: Duration) -> Summa
 
 fn print_outcome(outcome: &Outcome) {
     println!(
-        "CAMPAIGN: seed {} ops {}/{} faults {:?} observations {} converged after {:?} quiet writes {} hard deletes {} violations {} wall {:.1}s",
+        "CAMPAIGN: seed {} ops {}/{} faults {:?} observations {} converged after {:?} quiet writes {} hard deletes {} apiserver races {} violations {} wall {:.1}s",
         outcome.seed,
         outcome.ops_applied,
         outcome.ops,
@@ -63,6 +64,7 @@ fn print_outcome(outcome: &Outcome) {
         outcome.converged_after,
         outcome.quiet_writes,
         outcome.hard_deletes,
+        outcome.apiserver_races,
         outcome.violations.len(),
         outcome.wall.as_secs_f64()
     );
@@ -77,6 +79,7 @@ fn add(summary: &mut Summary, outcome: Outcome) {
     summary.ops_applied += outcome.ops_applied;
     summary.observations += outcome.observations;
     summary.hard_deletes += outcome.hard_deletes;
+    summary.apiserver_races += outcome.apiserver_races;
     for (kind, n) in outcome.faults {
         *summary.faults.entry(kind).or_insert(0) += n;
     }
@@ -140,6 +143,11 @@ impl Summary {
             t,
             "| hard `block-export-del` calls (forced detaches) | {} |",
             self.hard_deletes
+        );
+        let _ = writeln!(
+            t,
+            "| held Volumes the apiserver removed at once (its delete/finalizer race; schedules without the volume-hold policy) | {} |",
+            self.apiserver_races
         );
         for rule in Rule::ALL {
             let seeds = self.violations.get(rule.name());

@@ -211,6 +211,17 @@ pub struct CreateWindow {
     pub uid: Option<String>,
 }
 
+/// A DELETE of a Volume the workload sent, and how the apiserver answered it.
+#[derive(Clone, Debug)]
+pub struct VolumeDelete {
+    /// The Volume's uid, from the answer.
+    pub uid: String,
+    pub sent: Instant,
+    /// Answered by the removal of the Volume (a `Status`), not by the Volume marked deleting:
+    /// the DELETE found no finalizer when it read it.
+    pub removed_at_once: bool,
+}
+
 /// One observation round.
 #[derive(Clone, Debug)]
 pub struct Round {
@@ -219,6 +230,8 @@ pub struct Round {
     pub records: Vec<Record>,
     /// The shard's Volumes, listed after the records; `None` when the list failed.
     pub volumes: Option<Vec<VolumeId>>,
+    /// When the list of Volumes was answered.
+    pub volumes_at: Instant,
     /// The backend's exports as (backend volume handle, node); `None` when it could not be asked.
     pub exports: Option<BTreeSet<(String, String)>>,
     /// Export ids no Volume of the schedule accounts for.
@@ -259,6 +272,8 @@ struct Release {
     deleted_by: Option<Instant>,
     /// Whether it was seen holding the operator's finalizer.
     held: bool,
+    /// When a list first showed it held, if one did.
+    held_since: Option<Instant>,
     /// Rounds left in which an attachment that stays may still show a claim on it.
     rounds_left: usize,
     at: Instant,
@@ -307,8 +322,12 @@ pub struct Observer {
     pub creates: Arc<Mutex<Vec<CreateWindow>>>,
     /// Volume name → its latest create.
     pub volume_creates: Arc<Mutex<BTreeMap<String, VolumeCreate>>>,
-    /// The uids of the Volumes whose DELETE the apiserver answered by removing them at once.
-    deleted_at_once: Arc<Mutex<BTreeSet<String>>>,
+    /// The workload's DELETEs of Volumes, with the apiserver's answers.
+    volume_deletes: Arc<Mutex<Vec<VolumeDelete>>>,
+    /// Volume uid → when a list first showed it held.
+    held_since: BTreeMap<String, Instant>,
+    /// Releases judged the apiserver's race ([`Observer::removed_by_the_apiservers_race`]).
+    pub apiserver_races: usize,
     /// Whether the schedule's Volumes carry the finalizer from their creation (the admission
     /// policy): then no DELETE can find one unheld.
     hold_at_create: bool,
@@ -327,7 +346,7 @@ impl Observer {
         single: BTreeSet<String>,
         creates: Arc<Mutex<Vec<CreateWindow>>>,
         volume_creates: Arc<Mutex<BTreeMap<String, VolumeCreate>>>,
-        deleted_at_once: Arc<Mutex<BTreeSet<String>>>,
+        volume_deletes: Arc<Mutex<Vec<VolumeDelete>>>,
         hold_at_create: bool,
         history: History,
     ) -> Self {
@@ -342,7 +361,9 @@ impl Observer {
             deleted_by: BTreeMap::new(),
             creates,
             volume_creates,
-            deleted_at_once,
+            volume_deletes,
+            held_since: BTreeMap::new(),
+            apiserver_races: 0,
             hold_at_create,
             exported_since: BTreeMap::new(),
             violations: Vec::new(),
@@ -381,6 +402,7 @@ impl Observer {
                     })
                     .collect()
             });
+        let volumes_at = Instant::now();
         let exports = query_exports(qmp_socket).await.ok();
         let backend_at = Instant::now();
         let mut stray = Vec::new();
@@ -405,6 +427,7 @@ impl Observer {
             backend_at,
             records,
             volumes,
+            volumes_at,
             exports,
             stray,
         };
@@ -623,7 +646,7 @@ impl Observer {
             }
             // Held, the Volume had to stay for each of them but one created after its deletion
             // that never claimed a connection to it; not held, only for one that had.
-            let raced = release.held && self.removed_by_the_apiservers_race(&release.uid);
+            let raced = self.removed_by_the_apiservers_race(&release);
             let (held, free): (Vec<&Record>, Vec<&Record>) = still.into_iter().partition(|r| {
                 self.claimed_connection(&r.uid, &release.uid)
                     || (release.held
@@ -644,6 +667,7 @@ impl Observer {
                 continue;
             }
             if raced && release.rounds_left == RELEASE_WATCH_ROUNDS {
+                self.apiserver_races += 1;
                 self.history.note(format!(
                     "the apiserver removed Volume {} uid {} at once though it was seen held: its DELETE read it before the hold (kubernetes/kubernetes#77988); it holds only attachments that claimed a connection to it",
                     release.volume,
@@ -673,6 +697,11 @@ impl Observer {
                 .entry(volume.uid.clone())
                 .or_insert(round.backend_at);
         }
+        for volume in volumes.iter().filter(|v| v.held) {
+            self.held_since
+                .entry(volume.uid.clone())
+                .or_insert(round.volumes_at);
+        }
         if let Some((before, records)) = &self.last_volumes {
             for VolumeId {
                 name, uid, held, ..
@@ -696,6 +725,7 @@ impl Observer {
                         naming,
                         deleted_by: self.deleted_by.get(uid).copied(),
                         held: *held,
+                        held_since: self.held_since.get(uid).copied(),
                         rounds_left: RELEASE_WATCH_ROUNDS,
                         at: round.listed_at,
                     });
@@ -705,16 +735,22 @@ impl Observer {
         self.last_volumes = Some((volumes.clone(), round.records.clone()));
     }
 
-    /// Whether the apiserver answered the DELETE of Volume `uid` by removing it at once, in a
-    /// schedule whose Volumes are not held from their creation. Under the admission policy's
-    /// hold no DELETE finds a Volume unheld, so there the rule stays whole.
-    fn removed_by_the_apiservers_race(&self, uid: &str) -> bool {
-        !self.hold_at_create
-            && self
-                .deleted_at_once
-                .lock()
-                .expect("deleted at once")
-                .contains(uid)
+    /// Whether held Volume `release` went by the apiserver's delete/finalizer race, not by a
+    /// release: in a schedule without the admission policy's hold (under it no DELETE can find a
+    /// Volume unheld), no round listed it deleting, no DELETE of it was answered by marking it
+    /// deleting, and one was answered by its removal though it was sent before any list showed
+    /// the Volume held. A DELETE sent after that read a Volume already held: removed at once, it
+    /// had lost its finalizer some other way, which the rule must still catch.
+    fn removed_by_the_apiservers_race(&self, release: &Release) -> bool {
+        if self.hold_at_create || !release.held || release.deleted_by.is_some() {
+            return false;
+        }
+        let Some(held_since) = release.held_since else {
+            return false;
+        };
+        let deletes = self.volume_deletes.lock().expect("volume deletes");
+        let of_it = || deletes.iter().filter(|d| d.uid == release.uid);
+        of_it().all(|d| d.removed_at_once) && of_it().any(|d| d.sent < held_since)
     }
 
     /// Whether attachment `uid` was created by a create sent after `deleted_by`.

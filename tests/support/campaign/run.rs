@@ -5,7 +5,9 @@
 //! observer beside them. Then the faults stop, the workload tidies up as a person would, and the
 //! schedule is judged: convergence, quiet once converged, no panic, and the Events.
 
-use super::observe::{CreateWindow, History, Observer, Rule, Violation, VolumeCreate};
+use super::observe::{
+    CreateWindow, History, Observer, Rule, Violation, VolumeCreate, VolumeDelete,
+};
 use super::plan::{FaultOp, Op, Plan, SLOTS, VolumePlan};
 use crate::support::api_proxy::ApiProxy;
 use crate::support::cluster::{TestObjects, admin_client, unique_name};
@@ -17,7 +19,9 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use safe_detach::api::{AttachmentPhase, FORCE_DETACH_ANNOTATION, Volume, VolumeAttachment};
+use safe_detach::api::{
+    AttachmentPhase, FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER, Volume, VolumeAttachment,
+};
 use safe_detach::config::{ConfigFile, DriverEntry};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -62,6 +66,8 @@ pub struct Outcome {
     pub converged_after: Option<Duration>,
     pub quiet_writes: usize,
     pub hard_deletes: usize,
+    /// Volumes the apiserver removed at once though they were held (its delete/finalizer race).
+    pub apiserver_races: usize,
 }
 
 struct Replica {
@@ -86,8 +92,8 @@ struct World {
     volume_uids: Mutex<BTreeMap<String, usize>>,
     /// Volume name → when its latest create was sent.
     volume_creates: Arc<Mutex<BTreeMap<String, VolumeCreate>>>,
-    /// The uids of the Volumes whose DELETE the apiserver answered by removing them at once.
-    deleted_at_once: Arc<Mutex<BTreeSet<String>>>,
+    /// The workload's DELETEs of Volumes, with the apiserver's answers.
+    volume_deletes: Arc<Mutex<Vec<VolumeDelete>>>,
 }
 
 impl World {
@@ -130,6 +136,13 @@ impl World {
             },
         );
         let created = self.volumes.create(&PostParams::default(), &volume).await?;
+        // Under the policy the apiserver's answer carries the finalizer; without it, the schedule
+        // would run without the hold it claims to test.
+        assert!(
+            !self.plan.hold_at_create || created.finalizers().iter().any(|f| f == VOLUME_FINALIZER),
+            "Volume {name} was created without the volume-hold policy's finalizer: {:?}",
+            created.finalizers()
+        );
         if let Some(create) = self
             .volume_creates
             .lock()
@@ -231,7 +244,7 @@ pub async fn run(plan: Plan) -> Outcome {
         qmp_socket: qmp_socket.clone(),
         volume_uids: Mutex::default(),
         volume_creates: Arc::default(),
-        deleted_at_once: Arc::default(),
+        volume_deletes: Arc::default(),
     });
     history.note(format!(
         "seed {} volumes {:?} nodes {:?} faults {:?} held at create {}",
@@ -266,7 +279,7 @@ pub async fn run(plan: Plan) -> Outcome {
             single,
             world.creates.clone(),
             world.volume_creates.clone(),
-            world.deleted_at_once.clone(),
+            world.volume_deletes.clone(),
             plan.hold_at_create,
             history.clone(),
         );
@@ -503,6 +516,7 @@ pub async fn run(plan: Plan) -> Outcome {
         converged_after,
         quiet_writes,
         hard_deletes,
+        apiserver_races: observer.apiserver_races,
     }
 }
 
@@ -636,27 +650,39 @@ async fn apply(
             None => "skipped: no client".into(),
         },
         Op::DeleteVolume { volume } => {
-            match world
+            let sent = Instant::now();
+            let answer = match world
                 .volumes
                 .delete(&world.volume_names[*volume], &DeleteParams::default())
                 .await
             {
-                // The apiserver removed it at once: it found no finalizer when it read it.
-                Ok(answer) => match answer.right() {
-                    None => "ok: deleting".into(),
-                    Some(status) => {
-                        let uid = status.details.map(|d| d.uid).unwrap_or_default();
-                        let line = format!("ok: removed at once, uid {uid}");
-                        world
-                            .deleted_at_once
-                            .lock()
-                            .expect("deleted at once")
-                            .insert(uid);
-                        line
-                    }
+                Ok(answer) => answer,
+                Err(e) => return said(Err(e)),
+            };
+            // A `Status`: the apiserver removed it at once, having found no finalizer when it read
+            // it. The object: it is marked deleting.
+            let (uid, removed_at_once) =
+                answer.either(|v| (v.uid(), false), |s| (s.details.map(|d| d.uid), true));
+            let delete = VolumeDelete {
+                uid: uid.unwrap_or_default(),
+                sent,
+                removed_at_once,
+            };
+            let line = format!(
+                "ok: {}, uid {}",
+                if delete.removed_at_once {
+                    "removed at once"
+                } else {
+                    "deleting"
                 },
-                Err(e) => said(Err(e)),
-            }
+                delete.uid
+            );
+            world
+                .volume_deletes
+                .lock()
+                .expect("volume deletes")
+                .push(delete);
+            line
         }
         Op::RecreateVolume { volume } => {
             match world.volumes.get_opt(&world.volume_names[*volume]).await {
