@@ -118,7 +118,7 @@ pub struct Binding {
 }
 
 /// The phase of an attachment.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum AttachmentPhase {
     Pending,
     Attaching,

@@ -14,6 +14,7 @@ mod sweep;
 #[cfg(test)]
 mod tests;
 mod volume;
+mod volume_wakes;
 
 use crate::api::{VOLUME_FINALIZER, VOLUME_HANDLE_FIELD, Volume, VolumeAttachment, VolumeStatus};
 use crate::config::Config;
@@ -43,6 +44,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tracing::{info, warn};
+use volume_wakes::VolumeWakes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -166,11 +168,15 @@ pub async fn run(
             writer,
             watcher(attachments_api, watch.clone()).modify(slim_for_cache),
         )
-        // An attachment's change concerns its Volume's view of which connections are claimed.
-        .inspect_ok(move |event| {
-            attachments_touched.send(event, |attachment: &VolumeAttachment| {
-                ObjectRef::<Volume>::new(&attachment.spec.volume_name)
-            });
+        // An attachment's change concerns its Volume's view of which connections are claimed,
+        // when it changes what the Volume reads of it.
+        .inspect_ok({
+            let mut wakes = VolumeWakes::default();
+            move |event| {
+                for volume in wakes.volumes_to_wake(event) {
+                    attachments_touched.wake(ObjectRef::<Volume>::new(&volume));
+                }
+            }
         })
         .applied_objects(),
         attachments.clone(),
@@ -329,6 +335,11 @@ impl<T> Touched<T> {
     fn channel() -> (Self, UnboundedReceiver<T>) {
         let (sender, receiver) = futures::channel::mpsc::unbounded();
         (Self(sender), receiver)
+    }
+
+    fn wake(&self, needed: T) {
+        // The other controller has stopped: nothing is left to wake.
+        let _ = self.0.unbounded_send(needed);
     }
 
     fn send<K>(&self, event: &watcher::Event<K>, needed: impl Fn(&K) -> T) {
