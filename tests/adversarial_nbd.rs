@@ -8,6 +8,7 @@
 //! - Two attachments of one (volume, node).
 //! - An orphan that comes back while the operator's cache still has the Volume's older status.
 //! - A restarted operator whose attachments are listed seconds after its Volumes.
+//! - The apiserver restarting under attaches and detaches under way.
 //!
 //! Every check is what the backend shows (the daemon's exports, read over QMP directly, and the
 //! commands it was sent, logged by the QMP proxy) or what the apiserver holds. Clocks are those
@@ -843,4 +844,77 @@ async fn a_volume_deleted_while_its_attachment_is_new_goes_only_if_nothing_attac
         "{broken:#?}\n--- operator log (end) ---\n{}",
         s.log_tail(60)
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The apiserver restarting
+// ---------------------------------------------------------------------------------------------
+
+/// An apiserver restart as the operator sees it (`support::api_proxy`): its watches end, the
+/// answers of requests under way are lost though their writes land, and for a while every request
+/// is refused. Restarts fall among attaches and detaches under way; afterwards every record is
+/// what the backend shows: the kept attachments `Attached` and exported, the deleted ones gone
+/// and not exported, and nothing else exported.
+#[tokio::test(flavor = "multi_thread")]
+async fn apiserver_restarts_among_attaches_and_detaches_leave_every_record_true() {
+    let mut s = Scenario::with(Setup {
+        via_proxy: true,
+        api_proxy: true,
+        ..Setup::default()
+    })
+    .await;
+    const VOLUMES: usize = 4;
+    let mut volumes = Vec::new();
+    for i in 0..VOLUMES {
+        let handle = format!("restart{i}");
+        volumes.push((
+            taken_in(&mut s, "restart", &handle, json!({})).await,
+            handle,
+        ));
+    }
+    // Half attached first, to be detached across the restarts; half attached across them.
+    let mut leaving = Vec::new();
+    for (volume, _) in &volumes[..VOLUMES / 2] {
+        leaving.push(s.attach("leaving", volume, NODE_A).await.0);
+    }
+    let mut coming = Vec::new();
+    for (volume, _) in &volumes[VOLUMES / 2..] {
+        coming.push(s.attachment("coming", volume, NODE_B).await);
+    }
+    for name in &leaving {
+        s.delete_attachment(name).await;
+    }
+    for down in [300, 1500, 700] {
+        s.api().restart(Duration::from_millis(down));
+        tokio::time::sleep(Duration::from_millis(down + 400)).await;
+    }
+    let (refused, lost) = s.api().restart_effects();
+
+    for name in &coming {
+        s.wait_attached(name).await;
+    }
+    for name in &leaving {
+        s.wait_attachment_gone(name).await;
+    }
+    let expected: BTreeSet<String> = volumes[VOLUMES / 2..]
+        .iter()
+        .map(|(_, handle)| export_id(handle, NODE_B))
+        .collect();
+    let exports: BTreeSet<String> = s.qsd.export_ids().await.into_iter().collect();
+    println!(
+        "FIGURE: three apiserver restarts: {refused} requests refused, {lost} answers lost; exports afterwards {exports:?}"
+    );
+    assert!(
+        refused > 0,
+        "the restarts refused nothing: the fault did not happen"
+    );
+    assert_eq!(
+        exports,
+        expected,
+        "the backend exports exactly the attachments kept\n--- operator log (end) ---\n{}",
+        s.log_tail(60)
+    );
+    for name in &coming {
+        assert!(is_attached(&s.get_attachment(name).await.expect("kept")));
+    }
 }

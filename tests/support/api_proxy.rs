@@ -14,6 +14,11 @@
 //!   requests, answers to requests already on their way, and chunks of open watches are all held
 //!   until the thaw (or until the operator gives up on them). Its lease renewals do not land, and
 //!   its cache stands still.
+//! - A restart of the apiserver, as the operator sees it ([`ApiProxy::restart`]): every open watch
+//!   ends; a request under way reaches the apiserver, and a write lands, but its answer is lost
+//!   (503); and for a while every new request is refused (503), as by a load balancer in front
+//!   of an apiserver that is not ready. The real apiserver is shared by every schedule and test
+//!   running at once, so it is not restarted itself.
 //!
 //! The apiserver's own metrics count every client of a shared cluster; the writes recorded here
 //! are one operator's.
@@ -27,6 +32,7 @@ use http_body_util::BodyExt;
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -79,6 +85,13 @@ struct Shared {
     list_delay: Mutex<Option<(String, Duration)>>,
     /// Whether the partition is on; every holding point waits for this to be false.
     frozen: watch::Sender<bool>,
+    /// How many restarts so far: a request or watch that began before one is cut by it.
+    restarts: watch::Sender<u64>,
+    /// Until when the restarted apiserver refuses every request.
+    down_until: Mutex<Option<Instant>>,
+    /// Requests refused while down, and answers lost to a restart.
+    refused: AtomicUsize,
+    lost: AtomicUsize,
 }
 
 impl Shared {
@@ -92,6 +105,17 @@ impl Shared {
             Some((plural, delay)) if path.ends_with(&format!("/{plural}")) => *delay,
             _ => Duration::ZERO,
         }
+    }
+
+    fn down(&self) -> bool {
+        self.down_until
+            .lock()
+            .expect("the proxy's state")
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn restarts(&self) -> u64 {
+        *self.restarts.borrow()
     }
 
     /// Resolves at once when not frozen, else at the thaw.
@@ -130,6 +154,10 @@ impl ApiProxy {
             watch_delay: Mutex::new(Duration::ZERO),
             list_delay: Mutex::default(),
             frozen: watch::channel(false).0,
+            restarts: watch::channel(0).0,
+            down_until: Mutex::default(),
+            refused: AtomicUsize::new(0),
+            lost: AtomicUsize::new(0),
         });
         let app = axum::Router::new().fallback({
             let shared = shared.clone();
@@ -197,12 +225,47 @@ impl ApiProxy {
     pub fn thaw(&self) {
         self.shared.frozen.send_replace(false);
     }
+
+    /// Restarts the apiserver as the operator sees it: every open watch ends, every request under
+    /// way loses its answer (a write lands all the same), and every request is refused for
+    /// `down`.
+    pub fn restart(&self, down: Duration) {
+        *self.shared.down_until.lock().expect("the proxy's state") = Some(Instant::now() + down);
+        self.shared.restarts.send_modify(|n| *n += 1);
+    }
+
+    /// How many requests the restarts refused, and how many answers they lost.
+    pub fn restart_effects(&self) -> (usize, usize) {
+        (
+            self.shared.refused.load(Ordering::SeqCst),
+            self.shared.lost.load(Ordering::SeqCst),
+        )
+    }
 }
 
 impl Drop for ApiProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The answer of an apiserver that cannot serve: 503 with a `Status`, as a client reads it.
+fn unavailable(message: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "message": message,
+        "reason": "ServiceUnavailable",
+        "code": 503,
+    });
+    (
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        status.to_string(),
+    )
+        .into_response()
 }
 
 /// Whether the request opens a watch (`?watch=true`, or `1`, as clients spell it).
@@ -220,6 +283,11 @@ async fn forward(shared: Arc<Shared>, request: axum::extract::Request) -> axum::
         return (http::StatusCode::BAD_REQUEST, "unreadable body").into_response();
     };
     shared.thawed().await;
+    if shared.down() {
+        shared.refused.fetch_add(1, Ordering::SeqCst);
+        return unavailable("the apiserver is restarting");
+    }
+    let restarts = shared.restarts();
     if !matches!(parts.method, http::Method::GET | http::Method::HEAD) {
         shared
             .writes
@@ -244,6 +312,12 @@ async fn forward(shared: Arc<Shared>, request: axum::extract::Request) -> axum::
     // An answer that comes back during a partition is held like everything else: a request sent
     // just before the cut must not let the operator learn that it landed.
     shared.thawed().await;
+    // A restart while the request was under way: whatever it did at the apiserver stands, but
+    // the connection that would have carried the answer is gone.
+    if shared.restarts() != restarts {
+        shared.lost.fetch_add(1, Ordering::SeqCst);
+        return unavailable("the apiserver restarted before it answered");
+    }
     match answer {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
@@ -251,7 +325,7 @@ async fn forward(shared: Arc<Shared>, request: axum::extract::Request) -> axum::
                 parts.headers.remove(hop);
             }
             let body = if watching {
-                delay_line(shared, body)
+                delay_line(shared, body, restarts)
             } else {
                 axum::body::Body::new(body)
             };
@@ -268,12 +342,23 @@ type Held = (Instant, Result<Bytes, kube::Error>);
 /// apiserver sends it and stamps it with its release time (arrival plus the delay of that
 /// moment); the operator's side hands the chunks on in order, each at its release time and not
 /// during a partition. Reading ahead keeps the arrival times true however long the line is.
-fn delay_line(shared: Arc<Shared>, mut upstream: kube::client::Body) -> axum::body::Body {
+fn delay_line(
+    shared: Arc<Shared>,
+    mut upstream: kube::client::Body,
+    restarts: u64,
+) -> axum::body::Body {
     let (line, out) = mpsc::unbounded_channel::<Held>();
     let reader = {
         let shared = shared.clone();
         tokio::spawn(async move {
-            while let Some(frame) = upstream.frame().await {
+            let mut restarted = shared.restarts.subscribe();
+            loop {
+                // A restart ends the watch: what it had not sent yet is never sent.
+                let frame = tokio::select! {
+                    frame = upstream.frame() => frame,
+                    _ = restarted.wait_for(|n| *n != restarts) => return,
+                };
+                let Some(frame) = frame else { return };
                 let release = Instant::now() + shared.watch_delay();
                 let chunk = match frame {
                     Ok(frame) => match frame.into_data() {

@@ -82,6 +82,9 @@ pub struct FaultSwitches {
     pub watch_lag: bool,
     /// The operators cut off from the apiserver for a while (the API proxy).
     pub partition: bool,
+    /// The apiserver restarting, as the operators see it (the API proxy): every watch ends,
+    /// writes under way land but their answers are lost, and every request is refused a while.
+    pub apiserver_restart: bool,
 }
 
 /// One step of the workload. Volumes and slots are indexes; a slot is a VolumeAttachment name
@@ -164,6 +167,8 @@ pub enum FaultOp {
     },
     /// The operator cannot reach the apiserver for this long.
     Partition(Duration),
+    /// The apiserver restarts, as the operator sees it, and answers nothing for this long.
+    RestartApiserver(Duration),
 }
 
 impl fmt::Display for FaultOp {
@@ -176,6 +181,7 @@ impl fmt::Display for FaultOp {
             Self::RestartQsd => write!(f, "restart qemu-storage-daemon"),
             Self::WatchLag { lag, lasting } => write!(f, "watch lag {lag:?} for {lasting:?}"),
             Self::Partition(d) => write!(f, "partition {d:?}"),
+            Self::RestartApiserver(d) => write!(f, "restart the apiserver, down {d:?}"),
         }
     }
 }
@@ -195,6 +201,7 @@ impl FaultOp {
             Self::RestartQsd => "qsd restart",
             Self::WatchLag { .. } => "watch lag",
             Self::Partition(_) => "partition",
+            Self::RestartApiserver(_) => "apiserver restart",
         }
     }
 }
@@ -203,6 +210,8 @@ impl FaultOp {
 const ALIAS_STREAM: u64 = 0xa11a_5e5d;
 /// Mixed into the seed for the draw of the admission policy's hold.
 const HOLD_STREAM: u64 = 0x401d_a7c0;
+/// Mixed into the seed for the draw of the apiserver's restarts.
+const RESTART_STREAM: u64 = 0x5e7a_47ed;
 
 /// Slots (VolumeAttachment names) per Volume.
 pub const SLOTS: usize = 3;
@@ -260,7 +269,7 @@ impl Plan {
             let last = volumes.len() - 1;
             volumes[last].handle = volumes[0].handle.clone();
         }
-        let faults = FaultSwitches {
+        let mut faults = FaultSwitches {
             qmp_replies: rng.chance(60),
             qmp_outage: rng.chance(40),
             kill: rng.chance(50),
@@ -268,9 +277,21 @@ impl Plan {
             qsd_restart: rng.chance(25),
             watch_lag: rng.chance(30),
             partition: rng.chance(20),
+            apiserver_restart: false,
         };
         let ops = draw_ops(&mut rng, &volumes, active);
-        let fault_ops = draw_faults(&mut rng, &faults, active);
+        let mut fault_ops = draw_faults(&mut rng, &faults, active);
+        // Restarts of the apiserver in a third of the schedules, on a stream of their own.
+        let mut restarts = Rng::new(seed ^ RESTART_STREAM);
+        faults.apiserver_restart = restarts.chance(33);
+        if faults.apiserver_restart {
+            let ms = active.as_millis() as u64;
+            for _ in 0..1 + restarts.below(2) {
+                let down = restarts.millis(200, 3000);
+                fault_ops.push((restarts.millis(0, ms), FaultOp::RestartApiserver(down)));
+            }
+            fault_ops.sort_by_key(|(at, _)| *at);
+        }
         // Half the schedules run under the policy; a stream of its own keeps the other draws.
         let hold_at_create = Rng::new(seed ^ HOLD_STREAM).chance(50);
         Self {

@@ -821,6 +821,11 @@ async fn inject(
                 api.thaw();
                 "over".to_owned()
             }
+            FaultOp::RestartApiserver(down) => {
+                api.restart(*down);
+                tokio::time::sleep(*down).await;
+                "up again".to_owned()
+            }
         };
         if !note.starts_with("skipped") {
             *counts.entry(fault.kind()).or_insert(0) += 1;
