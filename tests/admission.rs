@@ -236,16 +236,7 @@ async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
         }),
     )
     .await;
-    create(
-        &client,
-        json!({
-            "apiVersion": "safedetach.io/v1alpha1",
-            "kind": "VolumeAttachment",
-            "metadata": { "name": attachment, "labels": labels },
-            "spec": { "volumeName": volume, "nodeName": "node-a" },
-        }),
-    )
-    .await;
+    create(&client, attachment_object(&attachment, &labels, &volume)).await;
 
     // A new policy takes a moment to load. Probe with a dry run, which passes admission but
     // changes nothing, until the admin's status edit is refused.
@@ -274,15 +265,7 @@ async fn hand_edits_of_status_are_refused_while_the_operator_writes_on() {
     assert_eq!(code, 403, "{message}");
 
     // The operator, under its own identity, writes status as usual: it attaches.
-    let config = ConfigFile {
-        default_stuck_after: Some("30s".into()),
-        resync_interval: Some("5s".into()),
-        drivers: vec![DriverEntry::nbd(driver.as_str(), qsd.config()).with_deadline("5s")],
-        ..ConfigFile::default()
-    }
-    .to_text()
-    .expect("the daemon's paths are UTF-8");
-    let _operator = Operator::start(&shard, &config).await;
+    let _operator = Operator::start(&shard, &operator_config(&driver, &qsd)).await;
     let attached = eventually(
         "the operator attaches under the policy",
         WAIT,
@@ -430,15 +413,7 @@ async fn volumes_held_from_their_creation_are_never_deleted_at_once() {
     qsd.create_image(handle);
     let labels = json!({ SHARD_LABEL: shard, HOLD_LABEL: HOLD_VALUE });
     volume_hold::install(&client).await;
-    let config = ConfigFile {
-        default_stuck_after: Some("30s".into()),
-        resync_interval: Some("5s".into()),
-        drivers: vec![DriverEntry::nbd(driver.as_str(), qsd.config()).with_deadline("5s")],
-        ..ConfigFile::default()
-    }
-    .to_text()
-    .expect("the daemon's paths are UTF-8");
-    let _operator = Operator::start(&shard, &config).await;
+    let _operator = Operator::start(&shard, &operator_config(&driver, &qsd)).await;
 
     // A Volume with an attachment on it: deleted, it stays while the attachment names it.
     let kept = objects.volume("held-volume");
@@ -455,16 +430,7 @@ async fn volumes_held_from_their_creation_are_never_deleted_at_once() {
         "the apiserver's answer to the create carries the finalizer: {:?}",
         created.finalizers()
     );
-    create(
-        &client,
-        json!({
-            "apiVersion": "safedetach.io/v1alpha1",
-            "kind": "VolumeAttachment",
-            "metadata": { "name": attachment, "labels": labels },
-            "spec": { "volumeName": kept, "nodeName": "node-a" },
-        }),
-    )
-    .await;
+    create(&client, attachment_object(&attachment, &labels, &kept)).await;
     eventually("the attachment is attached", WAIT, POLL, || async {
         attached_and_confirmed(&attachments.get(&attachment).await.ok()?).then_some(())
     })
@@ -532,6 +498,28 @@ async fn volumes_held_from_their_creation_are_never_deleted_at_once() {
         qsd.export_ids().await.is_empty(),
         "nothing is exported once everything went"
     );
+}
+
+/// The operator's configuration in these tests: the daemon of `qsd` as driver `driver`.
+fn operator_config(driver: &str, qsd: &Qsd) -> String {
+    ConfigFile {
+        default_stuck_after: Some("30s".into()),
+        resync_interval: Some("5s".into()),
+        drivers: vec![DriverEntry::nbd(driver, qsd.config()).with_deadline("5s")],
+        ..ConfigFile::default()
+    }
+    .to_text()
+    .expect("the daemon's paths are UTF-8")
+}
+
+/// A VolumeAttachment of `volume` on node-a.
+fn attachment_object(name: &str, labels: &Value, volume: &str) -> Value {
+    json!({
+        "apiVersion": "safedetach.io/v1alpha1",
+        "kind": "VolumeAttachment",
+        "metadata": { "name": name, "labels": labels },
+        "spec": { "volumeName": volume, "nodeName": "node-a" },
+    })
 }
 
 fn volume_object(name: &str, labels: &Value, driver: &str, handle: &str) -> Volume {
