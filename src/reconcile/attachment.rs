@@ -15,8 +15,8 @@
 use super::lanes::{Lane, QUEUED_RECHECK};
 use super::status_patch::status_patch;
 use super::{
-    Context, Error, TURN_WAIT, aliases_listed, aliases_of, finalizer, hold_volume, owner_of_handle,
-    probe, synced,
+    Context, Error, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
+    hold_volume, owner_of_handle, probe, synced, volumes_naming,
 };
 use crate::MANAGER;
 use crate::api::{
@@ -36,6 +36,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -168,6 +169,10 @@ struct Reconcile<'a> {
     /// Attachments the cache showed claiming the same connection that the apiserver says no
     /// longer do: not handed over to.
     gone_siblings: Vec<String>,
+    /// For a deleted attachment, the attachments that may claim the same connection, as the
+    /// apiserver listed them on this turn before a driver call: one attached a moment ago (its
+    /// turn just ended) may not be in the cache yet, and its connection is not to be cut.
+    listed_siblings: Vec<VolumeAttachment>,
 }
 
 impl<'a> Reconcile<'a> {
@@ -184,6 +189,7 @@ impl<'a> Reconcile<'a> {
             noticed: VolumeAttachmentStatus::default(),
             reported_failure: None,
             gone_siblings: Vec::new(),
+            listed_siblings: Vec::new(),
         };
         reconcile.start_from_stored();
         reconcile
@@ -342,6 +348,11 @@ impl<'a> Reconcile<'a> {
                             target = fresh;
                             volume_fresh = true;
                             called_since_volume_read = false;
+                            if let Ok(target) = &target
+                                && self.attachment.metadata.deletion_timestamp.is_some()
+                            {
+                                self.listed_siblings = self.siblings_listed(target).await?;
+                            }
                         }
                         // A Volume replaced since the turn was taken names another backend
                         // volume: start over on its turn.
@@ -685,29 +696,49 @@ impl<'a> Reconcile<'a> {
     }
 
     /// Another attachment of the same backend volume to the same node, not being deleted and
-    /// attached as the backend confirmed, as the cache shows it: it claims the same connection.
+    /// attached as the backend confirmed, as the cache shows it or the apiserver listed it on
+    /// this turn (`listed_siblings`): it claims the same connection.
     fn sibling(&self, ours: Option<&Binding>) -> Option<String> {
         // Only a deleted attachment asks: the others need no answer, and the cache is large.
         self.attachment.metadata.deletion_timestamp.as_ref()?;
         let ours = ours?;
-        let spec = &self.attachment.spec;
-        let mut siblings: Vec<String> = self
-            .context
-            .attachments
-            .state_filter(|a| {
-                a.spec.node_name == spec.node_name
-                    && a.metadata.deletion_timestamp.is_none()
-                    && a.uid() != self.attachment.uid()
-                    && holds_its_connection(a)
-            })
+        let claims = |a: &VolumeAttachment| {
+            a.spec.node_name == self.attachment.spec.node_name
+                && a.metadata.deletion_timestamp.is_none()
+                && a.uid() != self.attachment.uid()
+                && holds_its_connection(a)
+                // The same connection: the same backend volume on the same node.
+                && bound_to_same_backend_volume(a, ours)
+        };
+        let cached = self.context.attachments.state_filter(|a| claims(a));
+        let listed = self.listed_siblings.iter().filter(|a| claims(a));
+        let mut siblings: Vec<String> = cached
             .iter()
-            // The same connection: the same backend volume on the same node.
-            .filter(|a| bound_to_same_backend_volume(a, ours))
+            .map(|a| a.as_ref())
+            .chain(listed)
             .map(|a| a.name_any())
             .filter(|name| !self.gone_siblings.contains(name))
             .collect();
         siblings.sort();
         siblings.into_iter().next()
+    }
+
+    /// The attachments that may claim the connection `target` stands for, as the apiserver has
+    /// them: those that name this attachment's Volume or another Volume of the same backend
+    /// volume. Read on the volume's turn, which an attach takes too: no attachment of this
+    /// backend volume becomes attached between this list and the call it comes before.
+    async fn siblings_listed(&self, target: &Target) -> Result<Vec<VolumeAttachment>, Error> {
+        let mut names: BTreeSet<String> = volumes_naming(
+            self.context,
+            &target.binding.driver,
+            &target.binding.volume_handle,
+        )
+        .await?
+        .iter()
+        .map(|v| v.name_any())
+        .collect();
+        names.insert(self.attachment.spec.volume_name.clone());
+        attachments_naming(&names, self.context).await
     }
 
     /// Releases the finalizer: the object goes. `false` if the release was refused as based on an
