@@ -537,6 +537,9 @@ async fn a_forced_detach_writes_its_token_before_the_call_and_acts_once_per_toke
             "write volumeattachments/va/status: phase=Detaching attached=true force=InProgress",
             "event ForceDetaching",
             "driver force_detach h1 node-a",
+            // The attachments that may have claimed the connection it cut (none).
+            "list volumes spec.volumeHandle=h1",
+            "list volumeattachments spec.volumeName=vol",
             "driver probe h1",
             // The Volume read again for the new attach: the call may have taken long.
             "get volumes/vol",
@@ -1124,4 +1127,57 @@ async fn an_orphan_is_not_forced_off_when_an_alias_the_cache_lacks_owns_the_back
         "forced off a connection vol-owner's attachment claims: {log:#?}"
     );
     assert!(harness.driver.connects("h1", "node-b"));
+}
+
+/// A person's token on one of two attachments that claim the same connection cuts it for both:
+/// once the backend confirmed the forced detach, the other one is recorded as having lost its
+/// connection (conditioned on the version read), told by an Event, and attaches again. On a
+/// backend that cannot be probed nothing else would tell it.
+#[tokio::test]
+async fn a_forced_detach_tells_another_attachment_of_the_connection_it_cut() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    let binding = harness
+        .api
+        .get::<VolumeAttachment>("va")
+        .and_then(|va| va.status?.bound_to)
+        .expect("va recorded what it attached");
+    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
+        .expect("an attachment spec");
+    let mut vb = harness.api.create(&VolumeAttachment::new("vb", spec));
+    vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    vb.status = Some(VolumeAttachmentStatus {
+        phase: Some(AttachmentPhase::Attached),
+        attached: true,
+        bound_to: Some(binding),
+        ..Default::default()
+    });
+    harness.api.replace(&vb);
+    harness.catch_up("vb");
+    harness.annotate("va", FORCE_DETACH_ANNOTATION, "t1");
+    let (_, log) = harness.reconcile("va").await;
+    let forced = position(&log, "driver force_detach h1 node-a");
+    let told = position(
+        &log,
+        "write volumeattachments/vb/status: phase=Pending attached=false",
+    );
+    assert!(forced < told, "{log:#?}");
+    assert!(
+        log[told..]
+            .iter()
+            .any(|entry| entry == "event ConnectionLost"),
+        "{log:#?}"
+    );
+    let vb = harness.api.get::<VolumeAttachment>("vb").expect("vb");
+    let status = vb.status.expect("a status");
+    assert_eq!(status.phase, Some(AttachmentPhase::Pending));
+    assert!(!status.attached);
+    // vb attaches again on its own reconcile.
+    harness.catch_up("vb");
+    let (_, log) = harness.reconcile("vb").await;
+    assert!(
+        log.iter()
+            .any(|entry| entry.starts_with("write volumeattachments/vb/status: phase=Attached")),
+        "{log:#?}"
+    );
 }
