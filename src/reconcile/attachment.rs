@@ -322,6 +322,14 @@ impl<'a> Reconcile<'a> {
                     continue;
                 }
                 Step::Refresh => {
+                    // A deleted attachment lists the other claims of its connection on this
+                    // turn, before the reads: the reads stay right before the write they
+                    // condition, which another writer's changes may otherwise outrun.
+                    if let Some((driver, handle)) = &locked
+                        && self.attachment.metadata.deletion_timestamp.is_some()
+                    {
+                        self.listed_siblings = self.siblings_listed(driver, handle).await?;
+                    }
                     // A write of someone else's came between: what was probed is asked again.
                     if self.basis == Basis::Conflicted {
                         answer = None;
@@ -348,11 +356,6 @@ impl<'a> Reconcile<'a> {
                             target = fresh;
                             volume_fresh = true;
                             called_since_volume_read = false;
-                            if let Ok(target) = &target
-                                && self.attachment.metadata.deletion_timestamp.is_some()
-                            {
-                                self.listed_siblings = self.siblings_listed(target).await?;
-                            }
                         }
                         // A Volume replaced since the turn was taken names another backend
                         // volume: start over on its turn.
@@ -739,7 +742,8 @@ impl<'a> Reconcile<'a> {
         let listed = if self.attachment.metadata.deletion_timestamp.is_some() {
             self.listed_siblings.clone()
         } else {
-            self.siblings_listed(target).await?
+            self.siblings_listed(&target.binding.driver, &target.binding.volume_handle)
+                .await?
         };
         for other in listed
             .iter()
@@ -810,20 +814,20 @@ impl<'a> Reconcile<'a> {
         }
     }
 
-    /// The attachments that may claim the connection `target` stands for, as the apiserver has
-    /// them: those that name this attachment's Volume or another Volume of the same backend
-    /// volume. Read on the volume's turn, which an attach takes too: no attachment of this
-    /// backend volume becomes attached between this list and the call it comes before.
-    async fn siblings_listed(&self, target: &Target) -> Result<Vec<VolumeAttachment>, Error> {
-        let mut names: BTreeSet<String> = volumes_naming(
-            self.context,
-            &target.binding.driver,
-            &target.binding.volume_handle,
-        )
-        .await?
-        .iter()
-        .map(|v| v.name_any())
-        .collect();
+    /// The attachments that may claim the connection to the backend volume `handle` of `driver`,
+    /// as the apiserver has them: those that name this attachment's Volume or another Volume of
+    /// that backend volume. Read on the volume's turn, which an attach takes too: no attachment
+    /// of this backend volume becomes attached between this list and the call it comes before.
+    async fn siblings_listed(
+        &self,
+        driver: &str,
+        handle: &str,
+    ) -> Result<Vec<VolumeAttachment>, Error> {
+        let mut names: BTreeSet<String> = volumes_naming(self.context, driver, handle)
+            .await?
+            .iter()
+            .map(|v| v.name_any())
+            .collect();
         names.insert(self.attachment.spec.volume_name.clone());
         attachments_naming(&names, self.context).await
     }

@@ -441,12 +441,12 @@ async fn a_deleted_attachment_is_released_on_the_backends_word() {
         log,
         [
             "driver probe h1",
-            // The deletion is acted on only as the apiserver has it, with its Volume, and with
-            // the attachments that may share its connection (none).
-            "get volumeattachments/va",
-            "get volumes/vol",
+            // The deletion is acted on only as the apiserver has it, with the attachments that
+            // may share its connection (none), and with its Volume.
             "list volumes spec.volumeHandle=h1",
             "list volumeattachments spec.volumeName=vol",
+            "get volumeattachments/va",
+            "get volumes/vol",
             "write volumeattachments/va/status: phase=Detaching attached=true",
             "driver terminate_connection h1 node-a",
             "driver detach h1 node-a",

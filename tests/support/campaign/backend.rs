@@ -30,8 +30,14 @@ const DEADLINE: &str = "2s";
 const READ_WITHIN: Duration = Duration::from_secs(2);
 
 pub enum Backend {
-    Nbd { qsd: Qsd, proxy: Arc<QmpProxy> },
-    Csi { plugin: CsiPlugin, proxy: GrpcProxy },
+    Nbd {
+        qsd: Qsd,
+        proxy: Arc<QmpProxy>,
+    },
+    Csi {
+        plugin: Box<CsiPlugin>,
+        proxy: GrpcProxy,
+    },
 }
 
 impl Backend {
@@ -61,7 +67,13 @@ impl Backend {
                     on_backend.insert(handle.clone(), id);
                 }
                 let proxy = GrpcProxy::start(plugin.socket(), &plugin.dir().join("proxy.sock"));
-                (Self::Csi { plugin, proxy }, on_backend)
+                (
+                    Self::Csi {
+                        plugin: Box::new(plugin),
+                        proxy,
+                    },
+                    on_backend,
+                )
             }
         }
     }

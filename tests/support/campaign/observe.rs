@@ -664,7 +664,7 @@ impl Observer {
             return;
         };
         for cut in std::mem::take(&mut self.cuts) {
-            let unchanged = round.records.iter().any(|r| *r == cut.record);
+            let unchanged = round.records.contains(&cut.record);
             if unchanged
                 && round.backend_epoch == cut.epoch
                 && !now.contains(&cut.pair)
