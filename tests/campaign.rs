@@ -234,6 +234,7 @@ mod observe {
                     .collect(),
             ),
             stray: Vec::new(),
+            backend_epoch: 0,
         }
     }
 
@@ -376,6 +377,97 @@ mod observe {
             &["n0"],
         ));
         assert_eq!(rules(&o), [Rule::DetachedWhileExported]);
+    }
+
+    /// Round `k` exports the pair under an Attached record; then it is gone. A cut unless the
+    /// record moves on by the round after (a forced detach records its intent before its call),
+    /// the backend restarted meanwhile, or the attachment is being deleted.
+    #[test]
+    fn a_connection_cut_under_an_unchanged_attached_record_is_a_violation() {
+        let attached = || vec![record("u", "3", AttachmentPhase::Attached, false)];
+        let mut o = observer();
+        o.check(&round(attached(), &["n0"]));
+        o.check(&round(attached(), &[]));
+        assert!(
+            rules(&o).is_empty(),
+            "one round may list the cut before the record"
+        );
+        o.check(&round(attached(), &[]));
+        assert_eq!(rules(&o), [Rule::CutWhileAttached]);
+
+        // The record moves on: a forced detach's intent, written before its call.
+        let mut o = observer();
+        o.check(&round(attached(), &["n0"]));
+        o.check(&round(attached(), &[]));
+        o.check(&round(
+            vec![record("u", "4", AttachmentPhase::Detaching, false)],
+            &[],
+        ));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+
+        // The backend restarted between the rounds: every connection went with it.
+        let mut o = observer();
+        o.check(&round(attached(), &["n0"]));
+        let mut restarted = round(attached(), &[]);
+        restarted.backend_epoch = 2;
+        o.check(&restarted);
+        let mut after = round(attached(), &[]);
+        after.backend_epoch = 2;
+        o.check(&after);
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+
+        // A restart between the round that missed the connection and the one that would
+        // confirm the cut: that round cannot tell a cut from the restart's loss, so the cut is
+        // not judged (conservative: a violation must be one).
+        let mut o = observer();
+        o.check(&round(attached(), &["n0"]));
+        o.check(&round(attached(), &[]));
+        let mut after = round(attached(), &[]);
+        after.backend_epoch = 1;
+        o.check(&after);
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+
+        // Being deleted, the attachment's own detach cuts it (and says so when it is done).
+        let deleting = || vec![record("u", "3", AttachmentPhase::Attached, true)];
+        let mut o = observer();
+        o.check(&round(deleting(), &["n0"]));
+        o.check(&round(deleting(), &[]));
+        o.check(&round(deleting(), &[]));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+
+        // A person's token on another live claim of the same connection cuts it for both
+        // (design.md, "Hand-over"): the other record shows the force.
+        let mut o = observer();
+        let mut other = record("w", "5", AttachmentPhase::Attached, false);
+        other.name = "other".into();
+        o.check(&round(vec![attached()[0].clone(), other.clone()], &["n0"]));
+        let mut forcing = record("w", "6", AttachmentPhase::Attaching, false);
+        forcing.name = "other".into();
+        forcing.token = Some("t1".into());
+        o.check(&round(vec![attached()[0].clone(), forcing.clone()], &[]));
+        o.check(&round(vec![attached()[0].clone(), forcing], &[]));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+        // But not a deleted claim's detach: that one hands the connection over instead.
+        let mut o = observer();
+        let mut deleted = record("w", "5", AttachmentPhase::Attached, true);
+        deleted.name = "other".into();
+        o.check(&round(
+            vec![attached()[0].clone(), deleted.clone()],
+            &["n0"],
+        ));
+        deleted.phase = Some(AttachmentPhase::Detaching);
+        deleted.resource_version = "6".into();
+        o.check(&round(vec![attached()[0].clone(), deleted.clone()], &[]));
+        o.check(&round(attached(), &[]));
+        assert_eq!(rules(&o), [Rule::CutWhileAttached]);
+
+        // Not attached yet: nothing was promised.
+        let pending = || vec![record("u", "3", AttachmentPhase::Pending, false)];
+        let mut o = observer();
+        o.check(&round(pending(), &["n0"]));
+        o.check(&round(pending(), &[]));
+        o.check(&round(pending(), &[]));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
     }
 
     #[test]
@@ -755,7 +847,9 @@ mod observe {
 }
 
 mod plan {
-    use super::support::campaign::plan::Plan;
+    use super::support::campaign::backend::CSI_METHODS;
+    use super::support::campaign::plan::{Backend, FaultOp, Plan};
+    use super::support::csi::DRIVER_NAME;
     use std::time::Duration;
 
     #[test]
@@ -765,5 +859,50 @@ mod plan {
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
         let c = Plan::draw(43, Duration::from_secs(10));
         assert_ne!(format!("{a:?}"), format!("{c:?}"));
+    }
+
+    /// A schedule on the csi backend attaches to the plugin's one node and spoils only what the
+    /// plugin serves: its two calls, or all of them for a while; never a QMP command or the
+    /// daemon. About a third of the seeds are drawn for it.
+    #[test]
+    fn a_schedule_on_the_csi_backend_names_the_plugin_and_faults_only_its_calls() {
+        let plans: Vec<Plan> = (0..1000)
+            .map(|seed| Plan::draw(seed, Duration::from_secs(15)))
+            .collect();
+        let csi: Vec<&Plan> = plans.iter().filter(|p| p.backend == Backend::Csi).collect();
+        assert!(
+            (200..=400).contains(&csi.len()),
+            "{} of 1000 on csi",
+            csi.len()
+        );
+        let mut plugin_faults = 0;
+        for plan in &csi {
+            assert_eq!(plan.nodes, [DRIVER_NAME], "seed {}", plan.seed);
+            assert!(!plan.faults.qsd_restart, "seed {}", plan.seed);
+            for (_, fault) in &plan.fault_ops {
+                match fault {
+                    FaultOp::Grpc { method, .. } => {
+                        assert!(CSI_METHODS.contains(method), "seed {}", plan.seed);
+                        plugin_faults += 1;
+                    }
+                    FaultOp::PluginOutage(_) => plugin_faults += 1,
+                    FaultOp::Qmp { .. } | FaultOp::Outage(_) | FaultOp::RestartQsd => {
+                        panic!("seed {}: {fault} on the csi backend", plan.seed)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert!(plugin_faults > csi.len(), "{plugin_faults} plugin faults");
+        for plan in plans.iter().filter(|p| p.backend == Backend::Nbd) {
+            assert!(
+                !plan
+                    .fault_ops
+                    .iter()
+                    .any(|(_, f)| matches!(f, FaultOp::Grpc { .. } | FaultOp::PluginOutage(_))),
+                "seed {}",
+                plan.seed
+            );
+        }
     }
 }

@@ -191,6 +191,45 @@ async fn a_leader_cut_short_mid_call_leaves_its_lease_to_run_out() {
     );
 }
 
+/// A replica killed and started again under the same name (a container restarted in its pod)
+/// finds the lease naming it: an earlier process of it may have left driver calls under way, so
+/// it waits for that lease to run out, as another replica would, before it renews it and acts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_restarted_under_its_own_name_waits_for_its_earlier_lease_to_run_out() {
+    let lease_duration = Duration::from_secs(5);
+    let mut s = election("5s").await;
+    s.wait_leader(FIRST_REPLICA, WAIT).await;
+    let before = s
+        .lease_renewed()
+        .await
+        .expect("the leader renewed its lease");
+    s.operator.kill();
+    // Renewed after the kill only by the process started again.
+    s.operator.restart();
+    let after = eventually(
+        "the restarted replica renews the lease",
+        WAIT,
+        POLL,
+        || async { s.lease_renewed().await.filter(|renewed| *renewed > before) },
+    )
+    .await;
+    let waited = after.duration_since(before);
+    println!("FIGURE: renewed {waited:?} after the last renewal of the killed process");
+    assert!(
+        waited >= jiff::SignedDuration::try_from(lease_duration).expect("a duration"),
+        "the restarted replica took its own lease over {waited:?} after its last renewal, before it ran out ({lease_duration:?}); its log:\n{}",
+        s.operator.log()
+    );
+    assert!(
+        s.operator
+            .log()
+            .contains("the lease names this identity from an earlier process"),
+        "{}",
+        s.operator.log()
+    );
+    assert_eq!(s.lease_holder().await.as_deref(), Some(FIRST_REPLICA));
+}
+
 /// SIGTERM before the caches have synced (the apiserver unreachable from the start): nothing is
 /// under way, and the operator exits at once rather than waiting for reconciles that cannot start
 /// (the controllers hold them until the caches sync, which their stopped watches never do).

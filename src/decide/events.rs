@@ -205,6 +205,18 @@ pub fn handed_over(from: &str, to: &str, volume: &str, node: &str) -> (Notice, N
     )
 }
 
+/// The event of an attachment whose connection another attachment's confirmed detach cut (the
+/// same volume on the same node, claimed by both).
+pub fn cut_by_another(by: &str, volume: &str, node: &str) -> Notice {
+    Notice::new(
+        Severity::Warning,
+        reasons::CONNECTION_LOST,
+        format!(
+            "the connection of volume {volume} to node {node} was cut by the detach of attachment {by}, which claimed it too; attaching again"
+        ),
+    )
+}
+
 /// The events the Volume's status change from `old` to `new` deserves: a connection to more
 /// nodes than a single-attach volume allows, each new orphan, a Volume that became unusable (or
 /// unusable for another reason), and a deletion that waits for its attachments. Each once, when

@@ -24,6 +24,34 @@ fn time(input: &Input) -> Time {
     Time(input.now)
 }
 
+/// The status of another attachment that claimed the same connection (the same backend volume
+/// on the same node) as `by`, once `by`'s detach or forced detach of it was confirmed by the
+/// backend: the connection is gone, so this one is attached again, as after a lost connection.
+pub fn cut_by_another(
+    current: &VolumeAttachmentStatus,
+    by: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> VolumeAttachmentStatus {
+    let mut status = current.clone();
+    set_phase(&mut status, AttachmentPhase::Pending, now);
+    status.attached = false;
+    status.connection_info.clear();
+    status.bound_to = None;
+    set_condition(
+        &mut status.conditions,
+        READY,
+        ConditionStatus::False,
+        reasons::CONNECTION_LOST,
+        format!(
+            "attachment {by} claimed the same connection, and the backend confirmed its detach; attaching again"
+        ),
+        generation,
+        Time(now),
+    );
+    status
+}
+
 /// The status after `step` was decided on `input`, before any driver call it implies.
 pub fn after_step(input: &Input, step: &Step) -> VolumeAttachmentStatus {
     let current = input.status;

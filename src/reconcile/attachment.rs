@@ -15,8 +15,8 @@
 use super::lanes::{Lane, QUEUED_RECHECK};
 use super::status_patch::status_patch;
 use super::{
-    Context, Error, TURN_WAIT, aliases_listed, aliases_of, finalizer, hold_volume, owner_of_handle,
-    probe, synced,
+    Context, Error, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
+    hold_volume, owner_of_handle, probe, synced, volumes_naming,
 };
 use crate::MANAGER;
 use crate::api::{
@@ -25,7 +25,7 @@ use crate::api::{
 };
 use crate::decide::events::{Notice, between, handed_over, is_news, reported_failure};
 use crate::decide::recheck::{self, Recheck};
-use crate::decide::status::{CallResult, after_call, after_step, force_confirmed};
+use crate::decide::status::{CallResult, after_call, after_step, cut_by_another, force_confirmed};
 use crate::decide::{
     BUSY_RECHECK, Basis, FENCED_RECHECK, Input, ProbeAnswer, Request, Step, Turn, VolumePolicy,
     VolumeProblem, decide, stuck_after,
@@ -36,6 +36,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -168,6 +169,10 @@ struct Reconcile<'a> {
     /// Attachments the cache showed claiming the same connection that the apiserver says no
     /// longer do: not handed over to.
     gone_siblings: Vec<String>,
+    /// For a deleted attachment, the attachments that may claim the same connection, as the
+    /// apiserver listed them on this turn before a driver call: one attached a moment ago (its
+    /// turn just ended) may not be in the cache yet, and its connection is not to be cut.
+    listed_siblings: Vec<VolumeAttachment>,
 }
 
 impl<'a> Reconcile<'a> {
@@ -184,6 +189,7 @@ impl<'a> Reconcile<'a> {
             noticed: VolumeAttachmentStatus::default(),
             reported_failure: None,
             gone_siblings: Vec::new(),
+            listed_siblings: Vec::new(),
         };
         reconcile.start_from_stored();
         reconcile
@@ -316,6 +322,14 @@ impl<'a> Reconcile<'a> {
                     continue;
                 }
                 Step::Refresh => {
+                    // A deleted attachment lists the other claims of its connection on this
+                    // turn, before the reads: the reads stay right before the write they
+                    // condition, which another writer's changes may otherwise outrun.
+                    if let Some((driver, handle)) = &locked
+                        && self.attachment.metadata.deletion_timestamp.is_some()
+                    {
+                        self.listed_siblings = self.siblings_listed(driver, handle).await?;
+                    }
                     // A write of someone else's came between: what was probed is asked again.
                     if self.basis == Basis::Conflicted {
                         answer = None;
@@ -447,6 +461,9 @@ impl<'a> Reconcile<'a> {
             };
             answer = None;
             called_since_volume_read = true;
+            if result.is_ok() && matches!(step, Step::Detach | Step::ForceDetach { .. }) {
+                self.tell_claims_cut(target).await?;
+            }
             if let Step::ForceDetach { reason, .. } = &step {
                 let reason = format!("{reason:?}");
                 self.context
@@ -685,29 +702,134 @@ impl<'a> Reconcile<'a> {
     }
 
     /// Another attachment of the same backend volume to the same node, not being deleted and
-    /// attached as the backend confirmed, as the cache shows it: it claims the same connection.
+    /// attached as the backend confirmed, as the cache shows it or the apiserver listed it on
+    /// this turn (`listed_siblings`): it claims the same connection.
     fn sibling(&self, ours: Option<&Binding>) -> Option<String> {
         // Only a deleted attachment asks: the others need no answer, and the cache is large.
         self.attachment.metadata.deletion_timestamp.as_ref()?;
         let ours = ours?;
-        let spec = &self.attachment.spec;
-        let mut siblings: Vec<String> = self
-            .context
-            .attachments
-            .state_filter(|a| {
-                a.spec.node_name == spec.node_name
-                    && a.metadata.deletion_timestamp.is_none()
-                    && a.uid() != self.attachment.uid()
-                    && holds_its_connection(a)
-            })
+        let claims = |a: &VolumeAttachment| self.claims_our_connection(a, ours);
+        let cached = self.context.attachments.state_filter(|a| claims(a));
+        let listed = self.listed_siblings.iter().filter(|a| claims(a));
+        let mut siblings: Vec<String> = cached
             .iter()
-            // The same connection: the same backend volume on the same node.
-            .filter(|a| bound_to_same_backend_volume(a, ours))
+            .map(|a| a.as_ref())
+            .chain(listed)
             .map(|a| a.name_any())
             .filter(|name| !self.gone_siblings.contains(name))
             .collect();
         siblings.sort();
         siblings.into_iter().next()
+    }
+
+    /// Whether `other`, not being deleted and attached as the backend confirmed, claims the
+    /// connection `ours` stands for: the same backend volume on the same node.
+    fn claims_our_connection(&self, other: &VolumeAttachment, ours: &Binding) -> bool {
+        other.spec.node_name == self.attachment.spec.node_name
+            && other.metadata.deletion_timestamp.is_none()
+            && other.uid() != self.attachment.uid()
+            && holds_its_connection(other)
+            && bound_to_same_backend_volume(other, ours)
+    }
+
+    /// After this attachment's detach or forced detach of the connection `target` stands for was
+    /// confirmed (an OK call), the other attachments that claimed it learn that it is gone: each
+    /// is recorded as having lost its connection, and attaches again. Nothing else would tell
+    /// them on a backend that cannot be probed. A deleted attachment does not cut a connection
+    /// another claims unless a forced detach was already under way (it hands it over), and it
+    /// listed the claims on this turn before its call; a live one cuts it on a person's token.
+    async fn tell_claims_cut(&self, target: &Target) -> Result<(), Error> {
+        let listed = if self.attachment.metadata.deletion_timestamp.is_some() {
+            self.listed_siblings.clone()
+        } else {
+            self.siblings_listed(&target.binding.driver, &target.binding.volume_handle)
+                .await?
+        };
+        for other in listed
+            .iter()
+            .filter(|a| self.claims_our_connection(a, &target.binding))
+        {
+            self.tell_cut(other.clone(), &target.binding).await?;
+        }
+        Ok(())
+    }
+
+    /// Records on `other` that its connection was cut, conditioned on the version read; read
+    /// again and tried again if it changed and still claims the connection.
+    async fn tell_cut(&self, mut other: VolumeAttachment, ours: &Binding) -> Result<(), Error> {
+        let params = PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..PatchParams::default()
+        };
+        let mut refused = None;
+        for _ in 0..WRITE_TRIES {
+            let current = other.status.clone().unwrap_or_default();
+            let next = cut_by_another(
+                &current,
+                &self.name,
+                other.metadata.generation,
+                Timestamp::now(),
+            );
+            let patch = status_patch(other.resource_version(), &current, &next)?;
+            match self
+                .api
+                .patch_status(&other.name_any(), &params, &Patch::Merge(&patch))
+                .await
+                .map_err(Error::from_write)
+            {
+                Ok(written) => {
+                    info!(
+                        other = written.name_any(),
+                        "the detach cut the connection another attachment claimed: told it"
+                    );
+                    let notice = crate::decide::events::cut_by_another(
+                        &self.name,
+                        &ours.volume_handle,
+                        &written.spec.node_name,
+                    );
+                    self.context.events.publish(&written, &notice).await;
+                    return Ok(());
+                }
+                Err(Error::Conflict(error)) => {
+                    refused = Some(error);
+                    match self.api.get_opt(&other.name_any()).await? {
+                        Some(fresh)
+                            if fresh.uid() == other.uid()
+                                && self.claims_our_connection(&fresh, ours) =>
+                        {
+                            other = fresh;
+                        }
+                        // Gone, replaced, or no longer claiming it: nothing to tell.
+                        _ => return Ok(()),
+                    }
+                }
+                Err(error) if error.is_not_found() => return Ok(()),
+                Err(error) => return Err(error),
+            }
+        }
+        // Changed under every try: this reconcile fails, and its retry tells it again.
+        match refused {
+            Some(error) => Err(Error::Conflict(error)),
+            None => Ok(()),
+        }
+    }
+
+    /// The attachments that may claim the connection to the backend volume `handle` of `driver`,
+    /// as the apiserver has them: those that name this attachment's Volume or another Volume of
+    /// that backend volume. Read on the volume's turn, which an attach takes too: no attachment
+    /// of this backend volume becomes attached between this list and the call it comes before.
+    async fn siblings_listed(
+        &self,
+        driver: &str,
+        handle: &str,
+    ) -> Result<Vec<VolumeAttachment>, Error> {
+        let mut names: BTreeSet<String> = volumes_naming(self.context, driver, handle)
+            .await?
+            .iter()
+            .map(|v| v.name_any())
+            .collect();
+        names.insert(self.attachment.spec.volume_name.clone());
+        attachments_naming(&names, self.context).await
     }
 
     /// Releases the finalizer: the object goes. `false` if the release was refused as based on an

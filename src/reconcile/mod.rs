@@ -16,7 +16,10 @@ mod tests;
 mod volume;
 mod volume_wakes;
 
-use crate::api::{VOLUME_FINALIZER, VOLUME_HANDLE_FIELD, Volume, VolumeAttachment, VolumeStatus};
+use crate::api::{
+    VOLUME_FINALIZER, VOLUME_HANDLE_FIELD, VOLUME_NAME_FIELD, Volume, VolumeAttachment,
+    VolumeStatus,
+};
 use crate::config::Config;
 use crate::decide::{ProbeAnswer, VolumeProblem};
 
@@ -39,6 +42,7 @@ use lanes::Lanes;
 use lock::VolumeLocks;
 use own_writes::OwnWrites;
 use recently_held::RecentlyHeld;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -505,27 +509,34 @@ where
 }
 
 /// The other Volumes of this replica's shard that name the same backend volume (driver and
-/// handle) as `volume`, as the apiserver has them: selected by `spec.volumeHandle` (a selectable
-/// field of the CRD); where the apiserver cannot select on it, every Volume of the shard, in
-/// pages, filtered here. The same Volumes the cache holds (it watches the shard), fresh.
+/// handle) as `volume`, as the apiserver has them (see [`volumes_naming`]).
 async fn aliases_listed(context: &Context, volume: &Volume) -> Result<Vec<Arc<Volume>>, Error> {
+    let naming = volumes_naming(context, &volume.spec.driver, &volume.spec.volume_handle).await?;
+    Ok(naming
+        .into_iter()
+        .filter(|other| other.uid() != volume.uid())
+        .collect())
+}
+
+/// The Volumes of this replica's shard that name the backend volume `handle` of `driver`, as the
+/// apiserver has them: selected by `spec.volumeHandle` (a selectable field of the CRD); where the
+/// apiserver cannot select on it, every Volume of the shard, in pages, filtered here. The same
+/// Volumes the cache holds (it watches the shard), fresh.
+pub(super) async fn volumes_naming(
+    context: &Context,
+    driver: &str,
+    handle: &str,
+) -> Result<Vec<Arc<Volume>>, Error> {
     let api = Api::<Volume>::all(context.client.clone());
-    let alias = |other: &Volume| {
-        other.spec.driver == volume.spec.driver
-            && other.spec.volume_handle == volume.spec.volume_handle
-            && other.uid() != volume.uid()
-    };
+    let naming = |other: &Volume| other.spec.driver == driver && other.spec.volume_handle == handle;
     if !context.handle_selector_refused.load(Ordering::Relaxed) {
-        let field = format!(
-            "{VOLUME_HANDLE_FIELD}={}",
-            escape_field_value(&volume.spec.volume_handle)
-        );
+        let field = format!("{VOLUME_HANDLE_FIELD}={}", escape_field_value(handle));
         match api.list(&shard(context).fields(&field)).await {
             Ok(list) => {
                 return Ok(list
                     .items
                     .into_iter()
-                    .filter(|v| alias(v))
+                    .filter(|v| naming(v))
                     .map(Arc::new)
                     .collect());
             }
@@ -538,8 +549,46 @@ async fn aliases_listed(context: &Context, volume: &Volume) -> Result<Vec<Arc<Vo
             Err(error) => return Err(error.into()),
         }
     }
-    let every = list_pages(&api, shard(context), |v: &Volume| alias(v)).await?;
+    let every = list_pages(&api, shard(context), |v: &Volume| naming(v)).await?;
     Ok(every.into_iter().map(Arc::new).collect())
+}
+
+/// The attachments that name one of `names` (a Volume and the other Volumes of its backend
+/// volume), as the apiserver has them: selected by `spec.volumeName` (a selectable field of the
+/// CRD), one list per name; where the apiserver cannot select on it (before Kubernetes 1.31),
+/// every attachment, filtered here. Not only those of this replica's `--selector`: an attachment
+/// that names the Volume holds it and claims its connection whatever its labels say (one
+/// relabelled out of the shard while attached included).
+pub(super) async fn attachments_naming(
+    names: &BTreeSet<String>,
+    context: &Context,
+) -> Result<Vec<VolumeAttachment>, Error> {
+    let api = Api::<VolumeAttachment>::all(context.client.clone());
+    // In pages, keeping only those that name the Volume: a cluster may hold many thousands.
+    let every = || {
+        list_pages(&api, ListParams::default(), |a: &VolumeAttachment| {
+            names.contains(&a.spec.volume_name)
+        })
+    };
+    if context.field_selector_refused.load(Ordering::Relaxed) {
+        return every().await;
+    }
+    let mut naming = Vec::new();
+    for name in names {
+        let selected = ListParams::default().fields(&format!("{VOLUME_NAME_FIELD}={name}"));
+        match api.list(&selected).await {
+            Ok(list) => naming.extend(list.items),
+            // Remembered: this apiserver will not select on the field (until a restart).
+            Err(kube::Error::Api(status)) if status.code == 400 => {
+                context
+                    .field_selector_refused
+                    .store(true, Ordering::Relaxed);
+                return every().await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(naming)
 }
 
 /// Holds `volume` (adds the operator's finalizer, guarded as `finalizer::add` guards it), and

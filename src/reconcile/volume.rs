@@ -4,23 +4,22 @@
 
 use super::status_patch::status_patch;
 use super::{
-    Context, Error, TURN_WAIT, aliases_of, finalizer, hold_volume, list_pages, owner_of_handle,
-    probe, synced,
+    Context, Error, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
+    hold_volume, owner_of_handle, probe, synced,
 };
 use crate::MANAGER;
-use crate::api::{VOLUME_FINALIZER, VOLUME_NAME_FIELD, Volume, VolumeAttachment, VolumeStatus};
+use crate::api::{VOLUME_FINALIZER, Volume, VolumeAttachment, VolumeStatus};
 use crate::decide::events::{orphan_forced, volume_between};
 use crate::decide::recheck::{Recheck, VolumeOutcome, volume_ending};
 use crate::decide::volume::{VolumeInput, decide_volume};
 use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, ProbeAnswer, VolumeProblem, stuck_after};
 use crate::driver::{Driver, ok_if_not_connected};
 use jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -96,44 +95,6 @@ async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Resul
     }
     // Changed under every pass: look again soon, not at once.
     Ok(Action::requeue(Duration::from_secs(1)))
-}
-
-/// The attachments that name one of `names` (a Volume and the other Volumes of its backend
-/// volume), as the apiserver has them: selected by `spec.volumeName` (a selectable field of the
-/// CRD), one list per name; where the apiserver cannot select on it (before Kubernetes 1.31),
-/// every attachment, filtered here. Not only those of this replica's `--selector`: an attachment
-/// that names the Volume holds it and claims its connection whatever its labels say (one
-/// relabelled out of the shard while attached included).
-async fn attachments_naming(
-    names: &BTreeSet<String>,
-    context: &Context,
-) -> Result<Vec<VolumeAttachment>, Error> {
-    let api = Api::<VolumeAttachment>::all(context.client.clone());
-    // In pages, keeping only those that name the Volume: a cluster may hold many thousands.
-    let every = || {
-        list_pages(&api, ListParams::default(), |a: &VolumeAttachment| {
-            names.contains(&a.spec.volume_name)
-        })
-    };
-    if context.field_selector_refused.load(Ordering::Relaxed) {
-        return every().await;
-    }
-    let mut naming = Vec::new();
-    for name in names {
-        let selected = ListParams::default().fields(&format!("{VOLUME_NAME_FIELD}={name}"));
-        match api.list(&selected).await {
-            Ok(list) => naming.extend(list.items),
-            // Remembered: this apiserver will not select on the field (until a restart).
-            Err(kube::Error::Api(status)) if status.code == 400 => {
-                context
-                    .field_selector_refused
-                    .store(true, Ordering::Relaxed);
-                return every().await;
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Ok(naming)
 }
 
 /// Passes over one Volume in one reconcile: on the cache, and at most twice more on what the
@@ -215,6 +176,17 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         }
         _ => None,
     };
+    // The other Volumes of its backend volume: on the fresh pass, as the apiserver has them on
+    // the volume's turn. One the cache has not seen yet may own the handle, or claim a connection
+    // through its own attachments: nothing is forced off on the cache's word that none does.
+    let aliases = if fresh {
+        aliases_listed(context, &volume).await?
+    } else {
+        aliases_of(&context.volumes, &volume)
+    };
+    let problem = problem.or_else(|| {
+        owner_of_handle(&aliases, &volume).map(|owner| VolumeProblem::DuplicateHandle { owner })
+    });
     let backend = match &driver {
         Some(driver) if problem.is_none() && !driver.can_probe() => {
             Some(ProbeAnswer::Unprobeable(None))
@@ -228,10 +200,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     let name = volume.name_any();
     // A connection is claimed by an attachment of this Volume, or of another Volume naming the
     // same backend volume: an alias never takes another's connection for an orphan.
-    let mut names: BTreeSet<String> = aliases_of(&context.volumes, &volume)
-        .iter()
-        .map(|alias| alias.name_any())
-        .collect();
+    let mut names: BTreeSet<String> = aliases.iter().map(|alias| alias.name_any()).collect();
     names.insert(name.clone());
     // Listed on the turn: no attachment of this backend volume attaches between the list and what
     // is decided on it.

@@ -137,6 +137,44 @@ impl Candidate {
         }
     }
 
+    /// Waits until a lease this identity already holds has run out. Only an earlier process of
+    /// the same identity can hold it (a container restarted in its pod keeps the pod's name),
+    /// one that did not give it up: it died, or left the lease to run out on purpose with driver
+    /// calls still under way. Taken over as is, the lease would let this process act while those
+    /// calls land; it waits as any other replica would.
+    async fn wait_out_an_earlier_holding(&self) {
+        let Ok(Some(lease)) = self.leases().get_opt(&self.name).await else {
+            return;
+        };
+        let Some(spec) = lease.spec else {
+            return;
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return;
+        }
+        let Some(renewed) = spec.renew_time.or(spec.acquire_time) else {
+            return;
+        };
+        let seconds = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(self.seconds);
+        let Ok(lasting) = jiff::SignedDuration::try_from(Duration::from_secs(seconds)) else {
+            return;
+        };
+        let runs_out = renewed.0.saturating_add(lasting).unwrap_or(renewed.0);
+        let left = runs_out.duration_since(Timestamp::now());
+        if let Ok(left) = Duration::try_from(left)
+            && !left.is_zero()
+        {
+            warn!(
+                identity = %self.identity,
+                "the lease names this identity from an earlier process, which may have left driver calls under way: waiting {left:?} for it to run out"
+            );
+            tokio::time::sleep(left).await;
+        }
+    }
+
     /// The renew deadline: how long after its last confirmed renewal a leader still acts.
     fn renew_deadline(&self) -> Duration {
         Duration::from_secs(self.seconds) * 3 / 4
@@ -185,6 +223,7 @@ pub async fn join(
         identity: identity.clone(),
         seconds: lease.as_secs().max(2),
     };
+    candidate.wait_out_an_earlier_holding().await;
     // The first manager is built here, so that a Lease that cannot be used stops the start.
     let manager = candidate.manager().await?;
     let (renewed_sender, renewed) = watch::channel(None);

@@ -172,28 +172,17 @@ impl CsiPlugin {
             .volume_id
     }
 
-    /// The nodes the plugin's own record says the volume is controller-published to: the volume
-    /// context keys `<node>/dev` that its `ControllerPublishVolume` sets and its
-    /// `ControllerUnpublishVolume` removes. (Its `published_node_ids` cannot tell.)
+    /// The nodes the plugin's own record says the volume is controller-published to (see
+    /// [`published_nodes`]).
     pub async fn controller_published_nodes(&self, volume_id: &str) -> BTreeSet<String> {
-        let reply = self
-            .controller()
-            .await
-            .controller_get_volume(proto::ControllerGetVolumeRequest {
-                volume_id: volume_id.to_owned(),
-            })
+        published_nodes(&self.socket, volume_id)
             .await
             .expect("ControllerGetVolume")
-            .into_inner();
-        let volume = reply
-            .volume
-            .expect("ControllerGetVolume returns the volume");
-        volume
-            .volume_context
-            .iter()
-            .filter(|(_, device)| !device.is_empty())
-            .filter_map(|(key, _)| key.strip_suffix("/dev").map(str::to_owned))
-            .collect()
+    }
+
+    /// How the plugin exited, if it did.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     async fn controller(&self) -> ControllerClient<Channel> {
@@ -204,6 +193,31 @@ impl CsiPlugin {
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// The nodes the plugin's own record says the volume is controller-published to, asked on the
+/// plugin's `socket`: the volume context keys `<node>/dev` that its `ControllerPublishVolume` sets
+/// and its `ControllerUnpublishVolume` removes. (Its `published_node_ids` cannot tell.)
+pub async fn published_nodes(socket: &Path, volume_id: &str) -> Result<BTreeSet<String>, String> {
+    let channel = channel(socket)
+        .await
+        .map_err(|e| format!("connect to the plugin: {e}"))?;
+    let reply = ControllerClient::new(channel)
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: volume_id.to_owned(),
+        })
+        .await
+        .map_err(|e| format!("ControllerGetVolume {volume_id}: {e}"))?
+        .into_inner();
+    let volume = reply
+        .volume
+        .ok_or_else(|| format!("ControllerGetVolume {volume_id} returned no volume"))?;
+    Ok(volume
+        .volume_context
+        .iter()
+        .filter(|(_, device)| !device.is_empty())
+        .filter_map(|(key, _)| key.strip_suffix("/dev").map(str::to_owned))
+        .collect())
 }
 
 /// The capability the tests create volumes with: mount, single node writer.

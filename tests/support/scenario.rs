@@ -235,6 +235,21 @@ impl Scenario {
         found.spec?.holder_identity.filter(|h| !h.is_empty())
     }
 
+    /// When the election's Lease was last renewed (or acquired), by whoever holds it.
+    pub async fn lease_renewed(&self) -> Option<jiff::Timestamp> {
+        let (lease, _) = self
+            .election
+            .as_ref()
+            .expect("the scenario runs a leader election");
+        let leases = Api::<Lease>::namespaced(self.client.clone(), LEASE_NAMESPACE);
+        let spec = leases
+            .get_opt(lease)
+            .await
+            .unwrap_or_else(|e| panic!("read the Lease {lease}: {e}"))?
+            .spec?;
+        spec.renew_time.or(spec.acquire_time).map(|t| t.0)
+    }
+
     /// Waits until `identity` holds the election's Lease.
     pub async fn wait_leader(&self, identity: &str, timeout: Duration) {
         let give_up = Instant::now() + timeout;

@@ -441,7 +441,10 @@ async fn a_deleted_attachment_is_released_on_the_backends_word() {
         log,
         [
             "driver probe h1",
-            // The deletion is acted on only as the apiserver has it, with its Volume.
+            // The deletion is acted on only as the apiserver has it, with the attachments that
+            // may share its connection (none), and with its Volume.
+            "list volumes spec.volumeHandle=h1",
+            "list volumeattachments spec.volumeName=vol",
             "get volumeattachments/va",
             "get volumes/vol",
             "write volumeattachments/va/status: phase=Detaching attached=true",
@@ -534,6 +537,9 @@ async fn a_forced_detach_writes_its_token_before_the_call_and_acts_once_per_toke
             "write volumeattachments/va/status: phase=Detaching attached=true force=InProgress",
             "event ForceDetaching",
             "driver force_detach h1 node-a",
+            // The attachments that may have claimed the connection it cut (none).
+            "list volumes spec.volumeHandle=h1",
+            "list volumeattachments spec.volumeName=vol",
             "driver probe h1",
             // The Volume read again for the new attach: the call may have taken long.
             "get volumes/vol",
@@ -875,9 +881,21 @@ async fn a_deleted_volume_is_released_on_the_apiservers_list_not_on_a_lagging_ca
         } else {
             &["list volumeattachments spec.volumeName=vol"]
         };
-        // Decided on the cache: it would release. So read again, and list on the volume's turn.
-        let expected: Vec<&str> = ["driver probe h1", "get volumes/vol", "driver probe h1"]
+        // Decided on the cache: it would release. So read again, and list its aliases and its
+        // attachments on the volume's turn.
+        let aliases: &[&str] = if refused {
+            &[
+                "list volumes spec.volumeHandle=h1",
+                "  refused: field selector",
+                "list volumes",
+            ]
+        } else {
+            &["list volumes spec.volumeHandle=h1"]
+        };
+        let expected: Vec<&str> = ["driver probe h1", "get volumes/vol"]
             .into_iter()
+            .chain(aliases.iter().copied())
+            .chain(["driver probe h1"])
             .chain(listed.iter().copied())
             .chain([
                 "write volumes/vol/status: phase=Available attached=false",
@@ -892,17 +910,21 @@ async fn a_deleted_volume_is_released_on_the_apiservers_list_not_on_a_lagging_ca
         // The attachment goes: now the apiserver's list is empty, and the Volume is released.
         harness.api.delete::<VolumeAttachment>("va");
         let released = reconcile_volume().await;
-        // Refused once, the field selector is not tried again.
-        let listed = if refused {
-            "list volumeattachments"
+        // Refused once, the field selectors are not tried again.
+        let (aliases, listed) = if refused {
+            ("list volumes", "list volumeattachments")
         } else {
-            "list volumeattachments spec.volumeName=vol"
+            (
+                "list volumes spec.volumeHandle=h1",
+                "list volumeattachments spec.volumeName=vol",
+            )
         };
         assert_eq!(
             released,
             [
                 "driver probe h1",
                 "get volumes/vol",
+                aliases,
                 "driver probe h1",
                 listed,
                 r#"write volumes/vol: finalizers []"#,
@@ -1009,4 +1031,153 @@ async fn a_connection_is_handed_over_only_to_an_attachment_of_the_same_backend_v
         "released without a detach: {log:#?}"
     );
     assert!(!harness.driver.connects("h1", NODE), "{log:#?}");
+}
+
+/// A deleted attachment does not cut a connection another attachment of the same (volume, node)
+/// was confirmed on a moment ago, before the cache showed it (its turn had just ended): a deleted
+/// attachment lists the attachments that may claim its connection from the apiserver before it
+/// calls the driver, and hands the connection over.
+#[tokio::test]
+async fn a_deleted_attachment_hands_over_to_one_attached_a_moment_ago_that_the_cache_lacks() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    let binding = harness
+        .api
+        .get::<VolumeAttachment>("va")
+        .and_then(|va| va.status?.bound_to)
+        .expect("va recorded what it attached");
+    // vb: attached at the apiserver, on the same connection; the cache has not seen it at all.
+    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
+        .expect("an attachment spec");
+    let mut vb = harness.api.create(&VolumeAttachment::new("vb", spec));
+    vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    vb.status = Some(VolumeAttachmentStatus {
+        phase: Some(AttachmentPhase::Attached),
+        attached: true,
+        bound_to: Some(binding),
+        ..Default::default()
+    });
+    harness.api.replace(&vb);
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.catch_up("va");
+
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        log.iter()
+            .any(|entry| entry == "list volumeattachments spec.volumeName=vol"),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter()
+            .any(|entry| entry.starts_with("driver detach")
+                || entry.starts_with("driver force_detach")),
+        "cut vb's connection: {log:#?}"
+    );
+    assert!(harness.driver.connects("h1", NODE), "{log:#?}");
+    assert!(
+        harness.api.get::<VolumeAttachment>("va").is_none(),
+        "not released: {log:#?}"
+    );
+}
+
+/// The Volume controller forces no orphan off on the cache's word about the Volume's aliases: a
+/// Volume of the same backend volume that the cache has not seen yet may own it, and its
+/// attachments claim their connections.
+#[tokio::test]
+async fn an_orphan_is_not_forced_off_when_an_alias_the_cache_lacks_owns_the_backend_volume() {
+    let harness = Harness::new();
+    let mut volume = harness.api.get::<Volume>("vol").expect("the Volume");
+    volume.spec.orphan_policy = crate::api::OrphanPolicy::Detach;
+    volume.spec.stuck_after = Some("1s".into());
+    harness.api.replace(&volume);
+    // An alias that owns h1 (created earlier than vol, so first), and its attachment on
+    // node-b, attached; neither is in the caches.
+    let spec = serde_json::from_value(json!({ "driver": "scripted", "volumeHandle": "h1" }))
+        .expect("a Volume spec");
+    let mut owner = Volume::new("vol-owner", spec);
+    owner.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        jiff::Timestamp::UNIX_EPOCH,
+    ));
+    harness.api.create(&owner);
+    let spec = serde_json::from_value(json!({ "volumeName": "vol-owner", "nodeName": "node-b" }))
+        .expect("an attachment spec");
+    harness.api.create(&VolumeAttachment::new("vb", spec));
+    harness.driver.connect("h1", "node-b");
+
+    let reconcile_volume = || async {
+        let now = harness.api.get::<Volume>("vol").expect("the Volume");
+        super::volume::reconcile(Arc::new(now), harness.context.clone())
+            .await
+            .expect("the Volume's reconcile");
+        std::mem::take(&mut *harness.log.lock().expect("the log"))
+    };
+    // The first pass records the unclaimed connection; once its grace is over, the next pass
+    // would force it, on what the cache says.
+    reconcile_volume().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let log = reconcile_volume().await;
+    assert!(
+        log.iter()
+            .any(|entry| entry == "list volumes spec.volumeHandle=h1"),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter()
+            .any(|entry| entry.starts_with("driver force_detach")),
+        "forced off a connection vol-owner's attachment claims: {log:#?}"
+    );
+    assert!(harness.driver.connects("h1", "node-b"));
+}
+
+/// A person's token on one of two attachments that claim the same connection cuts it for both:
+/// once the backend confirmed the forced detach, the other one is recorded as having lost its
+/// connection (conditioned on the version read), told by an Event, and attaches again. On a
+/// backend that cannot be probed nothing else would tell it.
+#[tokio::test]
+async fn a_forced_detach_tells_another_attachment_of_the_connection_it_cut() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    let binding = harness
+        .api
+        .get::<VolumeAttachment>("va")
+        .and_then(|va| va.status?.bound_to)
+        .expect("va recorded what it attached");
+    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
+        .expect("an attachment spec");
+    let mut vb = harness.api.create(&VolumeAttachment::new("vb", spec));
+    vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    vb.status = Some(VolumeAttachmentStatus {
+        phase: Some(AttachmentPhase::Attached),
+        attached: true,
+        bound_to: Some(binding),
+        ..Default::default()
+    });
+    harness.api.replace(&vb);
+    harness.catch_up("vb");
+    harness.annotate("va", FORCE_DETACH_ANNOTATION, "t1");
+    let (_, log) = harness.reconcile("va").await;
+    let forced = position(&log, "driver force_detach h1 node-a");
+    let told = position(
+        &log,
+        "write volumeattachments/vb/status: phase=Pending attached=false",
+    );
+    assert!(forced < told, "{log:#?}");
+    assert!(
+        log[told..]
+            .iter()
+            .any(|entry| entry == "event ConnectionLost"),
+        "{log:#?}"
+    );
+    let vb = harness.api.get::<VolumeAttachment>("vb").expect("vb");
+    let status = vb.status.expect("a status");
+    assert_eq!(status.phase, Some(AttachmentPhase::Pending));
+    assert!(!status.attached);
+    // vb attaches again on its own reconcile.
+    harness.catch_up("vb");
+    let (_, log) = harness.reconcile("vb").await;
+    assert!(
+        log.iter()
+            .any(|entry| entry.starts_with("write volumeattachments/vb/status: phase=Attached")),
+        "{log:#?}"
+    );
 }

@@ -3,6 +3,7 @@
 //! ([`run`]), checked from outside the operator ([`observe`]). docs/reliability.md explains the
 //! rules and how to run a seed again.
 
+pub mod backend;
 pub mod observe;
 pub mod plan;
 pub mod run;
@@ -20,6 +21,8 @@ use std::time::Duration;
 #[derive(Debug, Default)]
 pub struct Summary {
     pub schedules: usize,
+    /// Of them, those on the csi backend (the mock CSI plugin).
+    pub csi_schedules: usize,
     pub ops: usize,
     pub ops_applied: usize,
     pub observations: usize,
@@ -55,8 +58,9 @@ pub async fn campaign(seeds: &[u64], parallel: usize, active: Duration) -> Summa
 
 fn print_outcome(outcome: &Outcome) {
     println!(
-        "CAMPAIGN: seed {} ops {}/{} faults {:?} observations {} converged after {:?} quiet writes {} hard deletes {} apiserver races {} violations {} wall {:.1}s",
+        "CAMPAIGN: seed {} backend {:?} ops {}/{} faults {:?} observations {} converged after {:?} quiet writes {} hard deletes {} apiserver races {} violations {} wall {:.1}s",
         outcome.seed,
+        outcome.backend,
         outcome.ops_applied,
         outcome.ops,
         outcome.faults,
@@ -75,6 +79,9 @@ fn print_outcome(outcome: &Outcome) {
 
 fn add(summary: &mut Summary, outcome: Outcome) {
     summary.schedules += 1;
+    if outcome.backend == Some(plan::Backend::Csi) {
+        summary.csi_schedules += 1;
+    }
     summary.ops += outcome.ops;
     summary.ops_applied += outcome.ops_applied;
     summary.observations += outcome.observations;
@@ -129,6 +136,11 @@ impl Summary {
             "| schedules | {} (seeds {first_seed}..={}) |",
             self.schedules,
             (first_seed + self.schedules as u64).saturating_sub(1)
+        );
+        let _ = writeln!(
+            t,
+            "| of them on the csi backend (the mock CSI plugin; the rest on nbd) | {} |",
+            self.csi_schedules
         );
         let _ = writeln!(
             t,

@@ -1,13 +1,14 @@
 //! The observer: the campaign's own view of the system, taken without the operator's help. Each
 //! round reads the records (one LIST of the shard's VolumeAttachments, then one of its Volumes)
-//! and then the backend (`query-block-exports`, straight on the daemon's socket, not through the
-//! proxy), in that order: the operator writes "detached" only after the backend confirmed, so an
+//! and then the backend (`query-block-exports` on the daemon's own socket, or the CSI plugin's
+//! own publish record, never through the proxy the operator goes through), in that order: the operator writes "detached" only after the backend confirmed, so an
 //! export listed after a record said "detached" was listed while the record said so.
 //!
 //! The checks that need two rounds, or the Events, keep their state here; every finding is a
 //! [`Violation`] with the rule it breaks.
 
 use super::super::qmp;
+use super::backend::BackendReader;
 use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -15,6 +16,7 @@ use safe_detach::api::{AttachmentPhase, VOLUME_FINALIZER, Volume, VolumeAttachme
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -38,12 +40,16 @@ pub enum Rule {
     HotLoop,
     /// A deleted Volume released (its finalizer gone) while an attachment still named it.
     ReleasedWhileNamed,
+    /// A connection cut while a live attachment recorded it attached and said nothing of a
+    /// detach: the operator took away a disk someone was told is there.
+    CutWhileAttached,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 8] = [
+    pub const ALL: [Rule; 9] = [
         Rule::DetachedWhileExported,
         Rule::ReleasedWhileNamed,
+        Rule::CutWhileAttached,
         Rule::DoubleAttach,
         Rule::TokenReplayed,
         Rule::EarlyOrUnallowedForce,
@@ -62,6 +68,7 @@ impl Rule {
             Rule::Panic => "panic",
             Rule::HotLoop => "hot-loop",
             Rule::ReleasedWhileNamed => "released-while-named",
+            Rule::CutWhileAttached => "cut-while-attached",
         }
     }
 }
@@ -236,10 +243,31 @@ pub struct Round {
     pub exports: Option<BTreeSet<(String, String)>>,
     /// Export ids no Volume of the schedule accounts for.
     pub stray: Vec<String>,
+    /// How many times the backend had begun or ended a restart when it was read: a connection
+    /// the backend lost by restarting was not cut by the operator.
+    pub backend_epoch: usize,
 }
 
 /// A possible "detached while exported", waiting for the next round to rule out a record that
 /// moved on in between.
+/// A connection gone from the backend while a live attachment recorded it attached, unchanged
+/// since the round before it went: a cut if the record is still unchanged a round later (a
+/// forced detach of that attachment records its intent before its call, so it shows by then).
+#[derive(Clone, Debug)]
+struct Cut {
+    pair: (String, String),
+    /// The record, as it was when the connection was last seen and first missed.
+    record: Record,
+    /// When the connection was first missed.
+    at: Instant,
+    /// The backend's restart count when the connection was last seen.
+    epoch: usize,
+    /// The other live records of the pair when the connection was last seen, by uid, with the
+    /// force-detach token each recorded: a person's token on one of them cuts the connection
+    /// they share (design.md, "Hand-over").
+    others: BTreeMap<String, Option<String>>,
+}
+
 struct Candidate {
     pair: (String, String),
     round: Round,
@@ -338,6 +366,9 @@ pub struct Observer {
     pub rounds: usize,
     history: History,
     last_exports: Option<BTreeSet<(String, String)>>,
+    /// The backend's restart count at the last round that read it.
+    last_epoch: usize,
+    cuts: Vec<Cut>,
 }
 
 impl Observer {
@@ -370,6 +401,8 @@ impl Observer {
             rounds: 0,
             history,
             last_exports: None,
+            last_epoch: 0,
+            cuts: Vec::new(),
         }
     }
 
@@ -379,7 +412,8 @@ impl Observer {
         attachments: &Api<VolumeAttachment>,
         volumes: &Api<Volume>,
         selector: &str,
-        qmp_socket: &Path,
+        backend: &BackendReader,
+        backend_epoch: &AtomicUsize,
     ) -> Option<Round> {
         let listed_at = Instant::now();
         let listed = attachments
@@ -403,21 +437,18 @@ impl Observer {
                     .collect()
             });
         let volumes_at = Instant::now();
-        let exports = query_exports(qmp_socket).await.ok();
+        let connections = backend.connections().await.ok();
         let backend_at = Instant::now();
+        let backend_epoch = backend_epoch.load(Ordering::SeqCst);
         let mut stray = Vec::new();
-        let exports = exports.map(|ids| {
+        let exports = connections.map(|connections| {
+            stray.extend(connections.unparsed);
             let mut pairs = BTreeSet::new();
-            for id in ids {
-                match safe_detach::driver::nbd::parse_export_id(&id) {
-                    Some((handle, node)) => {
-                        if self.handles.values().any(|h| h == handle) {
-                            pairs.insert((handle.to_owned(), node.to_owned()));
-                        } else {
-                            stray.push(id);
-                        }
-                    }
-                    None => stray.push(id),
+            for (handle, node) in connections.pairs {
+                if self.handles.values().any(|h| *h == handle) {
+                    pairs.insert((handle, node));
+                } else {
+                    stray.push(format!("{handle}@{node}"));
                 }
             }
             pairs
@@ -430,6 +461,7 @@ impl Observer {
             volumes_at,
             exports,
             stray,
+            backend_epoch,
         };
         self.check(&round);
         self.rounds += 1;
@@ -454,6 +486,7 @@ impl Observer {
             self.history
                 .note(format!("saw {} uid {} gone", gone.name, short(&gone.uid)));
         }
+        self.check_cuts(round);
         let exports_changed = round.exports != self.last_exports;
         if exports_changed {
             self.history
@@ -619,6 +652,92 @@ impl Observer {
             }
         }
         self.previous = round.records.clone();
+    }
+
+    /// A connection a live attachment records as attached is cut only after that attachment
+    /// said so (a forced detach records its intent first), or by the backend restarting. Two
+    /// rounds tell: the connection listed in one and missing in the next while the record stayed
+    /// as it was, and the record still unchanged in the round after.
+    fn check_cuts(&mut self, round: &Round) {
+        let Some(now) = &round.exports else {
+            // Unanswered: the next answered round compares with the last answered one.
+            return;
+        };
+        for cut in std::mem::take(&mut self.cuts) {
+            let unchanged = round.records.contains(&cut.record);
+            if unchanged
+                && round.backend_epoch == cut.epoch
+                && !now.contains(&cut.pair)
+                && !self.forced_by_another(&cut, &round.records)
+            {
+                self.violate(
+                    Rule::CutWhileAttached,
+                    cut.at,
+                    format!(
+                        "the backend stopped connecting {}@{} while {} recorded it attached, and that record said nothing of a detach before or since",
+                        cut.pair.0,
+                        cut.pair.1,
+                        cut.record.describe()
+                    ),
+                );
+            }
+        }
+        if let Some(before) = &self.last_exports
+            && round.backend_epoch == self.last_epoch
+        {
+            for pair in before.iter().filter(|p| !now.contains(*p)) {
+                let attached: Vec<&Record> = round
+                    .records
+                    .iter()
+                    .filter(|r| {
+                        self.of_pair(r, pair)
+                            && !r.deleting
+                            && r.phase == Some(AttachmentPhase::Attached)
+                            && r.attached
+                            && self.previous.contains(r)
+                    })
+                    .collect();
+                let others: BTreeMap<String, Option<String>> = self
+                    .previous
+                    .iter()
+                    .filter(|r| self.of_pair(r, pair) && !r.deleting)
+                    .map(|r| (r.uid.clone(), r.token.clone()))
+                    .collect();
+                for record in attached {
+                    let cut = Cut {
+                        pair: pair.clone(),
+                        record: record.clone(),
+                        at: round.backend_at,
+                        epoch: self.last_epoch,
+                        others: others.clone(),
+                    };
+                    if self.forced_by_another(&cut, &round.records) {
+                        continue;
+                    }
+                    self.history.note(format!(
+                        "{}@{} gone while {} records it attached: a cut unless that record moves on",
+                        pair.0,
+                        pair.1,
+                        record.describe()
+                    ));
+                    self.cuts.push(cut);
+                }
+            }
+        }
+        self.last_epoch = round.backend_epoch;
+    }
+
+    /// Whether another live attachment of the cut's pair is being force-detached in `records`
+    /// (`Detaching`), or recorded a force since the connection was last seen (a new token): a
+    /// person's request on one claim of a shared connection cuts it for every claim.
+    fn forced_by_another(&self, cut: &Cut, records: &[Record]) -> bool {
+        records.iter().any(|r| {
+            r.uid != cut.record.uid
+                && !r.deleting
+                && self.of_pair(r, &cut.pair)
+                && (r.phase == Some(AttachmentPhase::Detaching)
+                    || (r.token.is_some() && cut.others.get(&r.uid) != Some(&r.token)))
+        })
     }
 
     /// A Volume stays while any attachment names it that was created before its deletion

@@ -2,7 +2,10 @@
 //! workload operations and faults. The timeline is drawn in full before anything runs, from the
 //! seed alone, so a seed names one schedule: a failing seed is run again as it was.
 
+use super::super::csi::DRIVER_NAME as CSI_NODE;
+use super::super::grpc_proxy::Fault as GrpcFault;
 use super::super::qmp_proxy::Fault;
+use super::backend::CSI_METHODS;
 use std::fmt;
 use std::time::Duration;
 
@@ -55,7 +58,19 @@ impl Rng {
     }
 }
 
-/// A Volume of the schedule, on the nbd driver.
+/// The backend a schedule runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A qemu-storage-daemon behind the QMP proxy, through the `nbd` driver.
+    Nbd,
+    /// The Kubernetes mock CSI plugin behind the gRPC proxy, through the `csi` driver (which
+    /// confirms on its calls' answers: the mock's listing is a superset). The plugin has one
+    /// node, its own, so every attachment of such a schedule names it: no two nodes race there,
+    /// but every other rule and fault applies.
+    Csi,
+}
+
+/// A Volume of the schedule.
 #[derive(Clone, Debug)]
 pub struct VolumePlan {
     pub handle: String,
@@ -68,15 +83,18 @@ pub struct VolumePlan {
 /// Which kinds of fault a schedule injects.
 #[derive(Clone, Debug, Default)]
 pub struct FaultSwitches {
-    /// Lost and late QMP replies through the proxy.
+    /// Lost and late driver replies through the backend's proxy (on the csi backend, refused
+    /// calls too).
     pub qmp_replies: bool,
-    /// QMP refusing connections for a while: every driver call fails.
+    /// The backend refusing calls for a while: every driver call fails.
     pub qmp_outage: bool,
     /// SIGKILL of an operator process, restarted after a pause.
     pub kill: bool,
     /// Two replicas under `--leader-elect`, the leader stopped with SIGTERM now and then.
     pub replicas: bool,
-    /// The qemu-storage-daemon killed and started again: every export gone at once.
+    /// The qemu-storage-daemon killed and started again: every export gone at once (nbd only: the
+    /// mock CSI plugin keeps its publish record in memory, and a real backend does not forget its
+    /// connections on a restart).
     pub qsd_restart: bool,
     /// The operator's watch streams lag (the API proxy in front of the operators).
     pub watch_lag: bool,
@@ -150,6 +168,14 @@ pub enum FaultOp {
     },
     /// QMP refuses connections for this long.
     Outage(Duration),
+    /// Calls of one CSI method meet `fault` for `lasting` (the gRPC proxy).
+    Grpc {
+        method: &'static str,
+        fault: GrpcFault,
+        lasting: Duration,
+    },
+    /// The CSI plugin answers every call `UNAVAILABLE` for this long.
+    PluginOutage(Duration),
     /// SIGKILL of one replica (index), started again after `down`.
     Kill {
         replica: usize,
@@ -176,6 +202,12 @@ impl fmt::Display for FaultOp {
         match self {
             Self::Qmp { command, fault } => write!(f, "qmp {command} {fault:?}"),
             Self::Outage(d) => write!(f, "qmp outage {d:?}"),
+            Self::Grpc {
+                method,
+                fault,
+                lasting,
+            } => write!(f, "csi {method} {fault:?} for {lasting:?}"),
+            Self::PluginOutage(d) => write!(f, "csi outage {d:?}"),
             Self::Kill { replica, down } => write!(f, "SIGKILL replica {replica}, down {down:?}"),
             Self::HandOver { down } => write!(f, "SIGTERM leader, down {down:?}"),
             Self::RestartQsd => write!(f, "restart qemu-storage-daemon"),
@@ -196,6 +228,16 @@ impl FaultOp {
             } => "qmp lost reply",
             Self::Qmp { .. } => "qmp late reply",
             Self::Outage(_) => "qmp outage",
+            Self::Grpc {
+                fault: GrpcFault::Drop,
+                ..
+            } => "csi lost reply",
+            Self::Grpc {
+                fault: GrpcFault::Delay(_),
+                ..
+            } => "csi late reply",
+            Self::Grpc { .. } => "csi refused call",
+            Self::PluginOutage(_) => "csi outage",
             Self::Kill { .. } => "operator SIGKILL",
             Self::HandOver { .. } => "leader SIGTERM",
             Self::RestartQsd => "qsd restart",
@@ -212,6 +254,10 @@ const ALIAS_STREAM: u64 = 0xa11a_5e5d;
 const HOLD_STREAM: u64 = 0x401d_a7c0;
 /// Mixed into the seed for the draw of the apiserver's restarts.
 const RESTART_STREAM: u64 = 0x5e7a_47ed;
+/// Mixed into the seed for the draw of the backend, and of the csi backend's faults.
+const BACKEND_STREAM: u64 = 0xc51_ba5e;
+/// The share of schedules on the csi backend, in percent.
+const CSI_SHARE: u64 = 30;
 
 /// Slots (VolumeAttachment names) per Volume.
 pub const SLOTS: usize = 3;
@@ -220,6 +266,7 @@ pub const SLOTS: usize = 3;
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub seed: u64,
+    pub backend: Backend,
     pub volumes: Vec<VolumePlan>,
     pub nodes: Vec<String>,
     pub faults: FaultSwitches,
@@ -249,7 +296,7 @@ impl Plan {
     /// Draws the schedule of `seed`.
     pub fn draw(seed: u64, active: Duration) -> Self {
         let mut rng = Rng::new(seed);
-        let nodes = (0..3 + rng.below(3)).map(|i| format!("n{i}")).collect();
+        let mut nodes: Vec<String> = (0..3 + rng.below(3)).map(|i| format!("n{i}")).collect();
         let volume_count = 2 + rng.index(2);
         let mut volumes: Vec<VolumePlan> = (0..volume_count)
             .map(|i| VolumePlan {
@@ -294,8 +341,22 @@ impl Plan {
         }
         // Half the schedules run under the policy; a stream of its own keeps the other draws.
         let hold_at_create = Rng::new(seed ^ HOLD_STREAM).chance(50);
+        // Some on the csi backend, on a stream of their own: a seed drawn for nbd is the schedule
+        // it was before the csi backend was drawn.
+        let mut backend_rng = Rng::new(seed ^ BACKEND_STREAM);
+        let backend = if backend_rng.chance(CSI_SHARE) {
+            Backend::Csi
+        } else {
+            Backend::Nbd
+        };
+        if backend == Backend::Csi {
+            nodes = vec![CSI_NODE.to_owned()];
+            faults.qsd_restart = false;
+            fault_ops = for_the_plugin(&mut backend_rng, fault_ops);
+        }
         Self {
             seed,
+            backend,
             volumes,
             nodes,
             faults,
@@ -309,6 +370,48 @@ impl Plan {
     pub fn node_count(&self) -> usize {
         self.nodes.len()
     }
+}
+
+/// The faults of a schedule on the csi backend: each QMP fault drawn becomes a fault of a CSI
+/// call at the same time, drawn on `rng`; a QMP outage becomes the plugin's; the daemon's restart
+/// goes.
+fn for_the_plugin(rng: &mut Rng, drawn: Vec<(Duration, FaultOp)>) -> Vec<(Duration, FaultOp)> {
+    drawn
+        .into_iter()
+        .filter_map(|(at, fault)| {
+            let fault = match fault {
+                FaultOp::Qmp { .. } => {
+                    let method = CSI_METHODS[rng.index(CSI_METHODS.len())];
+                    let fault = match rng.weighted(&[35, 35, 30]) {
+                        0 => GrpcFault::Drop,
+                        // Some beyond the driver's deadline of 2 s: a timeout, an unknown outcome.
+                        1 => GrpcFault::Delay(rng.millis(200, 3000)),
+                        _ => {
+                            let codes = [
+                                tonic::Code::Unavailable,
+                                tonic::Code::Internal,
+                                tonic::Code::Aborted,
+                                tonic::Code::FailedPrecondition,
+                            ];
+                            GrpcFault::Fail {
+                                code: codes[rng.index(codes.len())],
+                                message: "injected by the campaign".into(),
+                            }
+                        }
+                    };
+                    FaultOp::Grpc {
+                        method,
+                        fault,
+                        lasting: rng.millis(100, 1000),
+                    }
+                }
+                FaultOp::Outage(lasting) => FaultOp::PluginOutage(lasting),
+                FaultOp::RestartQsd => return None,
+                other => other,
+            };
+            Some((at, fault))
+        })
+        .collect()
 }
 
 fn draw_ops(rng: &mut Rng, volumes: &[VolumePlan], active: Duration) -> Vec<(Duration, Op)> {

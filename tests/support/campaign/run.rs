@@ -1,19 +1,20 @@
-//! Runs one schedule against the real system: a qemu-storage-daemon behind the fault-injecting
-//! QMP proxy, one or two operator processes (under `--leader-elect` when two) reaching the
+//! Runs one schedule against the real system: its backend (a qemu-storage-daemon behind the
+//! fault-injecting QMP proxy, or a mock CSI plugin behind the gRPC proxy), one or two operator
+//! processes (under `--leader-elect` when two) reaching the
 //! apiserver through the API proxy (which records their writes, lags their watches and
 //! partitions them), the workload and the faults of the plan, and the
 //! observer beside them. Then the faults stop, the workload tidies up as a person would, and the
 //! schedule is judged: convergence, quiet once converged, no panic, and the Events.
 
+use super::backend::{Backend, BackendReader, CSI_METHODS, plugin_down};
 use super::observe::{
     CreateWindow, History, Observer, Rule, Violation, VolumeCreate, VolumeDelete,
 };
-use super::plan::{FaultOp, Op, Plan, SLOTS, VolumePlan};
+use super::plan::{Backend as BackendKind, FaultOp, Op, Plan, SLOTS, VolumePlan};
 use crate::support::api_proxy::ApiProxy;
 use crate::support::cluster::{TestObjects, admin_client, unique_name};
 use crate::support::operator::{Operator, Options, SHARD_LABEL};
-use crate::support::qmp_proxy::QmpProxy;
-use crate::support::qsd::{NbdClient, Qsd};
+use crate::support::qsd::NbdClient;
 use crate::support::volume_hold::{HOLD_LABEL, HOLD_VALUE};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
@@ -22,10 +23,9 @@ use kube::{Client, ResourceExt};
 use safe_detach::api::{
     AttachmentPhase, FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER, Volume, VolumeAttachment,
 };
-use safe_detach::config::{ConfigFile, DriverEntry};
+use safe_detach::config::ConfigFile;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,7 +35,6 @@ use tokio::time::Instant;
 /// a schedule; the resync too.
 pub use crate::support::harness::STUCK_AFTER;
 use crate::support::harness::{LEASE_NAMESPACE, RESYNC};
-const DEADLINE: &str = "2s";
 const LEASE_DURATION: &str = "5s";
 /// How long the system may take to converge once the faults stop: a lease to expire, a backoff
 /// or two, a stuck clock and a resync, with room to spare on a loaded machine.
@@ -48,13 +47,14 @@ const QUIET_WINDOW: Duration = Duration::from_secs(6);
 const QUIET_WRITES: usize = 6;
 const OBSERVE_EVERY: Duration = Duration::from_millis(100);
 
-/// The fault kind under which a crash of the daemon that no fault caused is counted.
-pub const BACKEND_CRASH: &str = "qsd crash, not injected";
+/// The fault kind under which a crash of the backend's process that no fault caused is counted.
+pub const BACKEND_CRASH: &str = "backend crash, not injected";
 
 /// What one schedule came to.
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub seed: u64,
+    pub backend: Option<BackendKind>,
     pub ops: usize,
     pub ops_applied: usize,
     pub faults: BTreeMap<&'static str, usize>,
@@ -88,7 +88,13 @@ struct World {
     shard: String,
     history: History,
     creates: Arc<Mutex<Vec<CreateWindow>>>,
-    qmp_socket: PathBuf,
+    /// Each Volume's backend volume handle, as the backend has it.
+    handles: Vec<String>,
+    /// The operator's driver for the backend.
+    driver: &'static str,
+    backend: BackendReader,
+    /// Counts the starts and ends of the backend's restarts (see `Round::backend_epoch`).
+    backend_epoch: Arc<AtomicUsize>,
     volume_uids: Mutex<BTreeMap<String, usize>>,
     /// Volume name → when its latest create was sent.
     volume_creates: Arc<Mutex<BTreeMap<String, VolumeCreate>>>,
@@ -119,8 +125,8 @@ impl World {
             "kind": "Volume",
             "metadata": { "name": name, "labels": self.volume_labels() },
             "spec": {
-                "driver": "nbd",
-                "volumeHandle": plan.handle,
+                "driver": self.driver,
+                "volumeHandle": self.handles[index],
                 "multiAttach": plan.multi_attach,
                 "autoForceDetach": plan.auto_force_detach,
                 "orphanPolicy": if plan.orphan_detach { "Detach" } else { "Report" },
@@ -169,20 +175,18 @@ pub async fn run(plan: Plan) -> Outcome {
     let started = Instant::now();
     let history = History::new();
     let mut objects = TestObjects::default();
-    let qsd = Qsd::start();
-    let handles: BTreeSet<&String> = plan.volumes.iter().map(|v| &v.handle).collect();
-    for handle in handles {
-        qsd.create_image(handle);
-    }
-    let qmp_socket = qsd.qmp_socket();
-    let proxy = Arc::new(QmpProxy::start(&qsd.dir().join("proxy.sock"), &qmp_socket).await);
+    let (backend, on_backend) = Backend::start(&plan).await;
+    let handles: Vec<String> = plan
+        .volumes
+        .iter()
+        .map(|v| on_backend[&v.handle].clone())
+        .collect();
+    let reader = backend.reader(&on_backend);
     let shard = unique_name("campaign");
     let config = ConfigFile {
         default_stuck_after: Some(format!("{}s", STUCK_AFTER.as_secs())),
         resync_interval: Some(format!("{}s", RESYNC.as_secs())),
-        drivers: vec![
-            DriverEntry::nbd("nbd", qsd.config_via(proxy.socket())).with_deadline(DEADLINE),
-        ],
+        drivers: vec![backend.driver_entry()],
         ..ConfigFile::default()
     }
     .to_text()
@@ -218,7 +222,6 @@ pub async fn run(plan: Plan) -> Outcome {
         });
     }
     let replicas = Arc::new(tokio::sync::Mutex::new(replicas));
-    let qsd_running = Arc::new(AtomicBool::new(true));
 
     let client = admin_client().await;
     let volume_names: Vec<String> = (0..plan.volumes.len())
@@ -241,14 +244,23 @@ pub async fn run(plan: Plan) -> Outcome {
         shard: shard.clone(),
         history: history.clone(),
         creates: Arc::default(),
-        qmp_socket: qmp_socket.clone(),
+        handles,
+        driver: backend.driver_name(),
+        backend: reader,
+        backend_epoch: Arc::default(),
         volume_uids: Mutex::default(),
         volume_creates: Arc::default(),
         volume_deletes: Arc::default(),
     });
     history.note(format!(
-        "seed {} volumes {:?} nodes {:?} faults {:?} held at create {}",
-        plan.seed, plan.volumes, plan.nodes, plan.faults, plan.hold_at_create
+        "seed {} backend {:?} volumes {:?} handles {:?} nodes {:?} faults {:?} held at create {}",
+        plan.seed,
+        plan.backend,
+        plan.volumes,
+        world.handles,
+        plan.nodes,
+        plan.faults,
+        plan.hold_at_create
     ));
     for (i, name) in world.volume_names.iter().enumerate() {
         history.note(format!("volume {i} is {name}"));
@@ -264,8 +276,8 @@ pub async fn run(plan: Plan) -> Outcome {
         let handles = world
             .volume_names
             .iter()
-            .zip(&plan.volumes)
-            .map(|(n, v)| (n.clone(), v.handle.clone()))
+            .zip(&world.handles)
+            .map(|(n, h)| (n.clone(), h.clone()))
             .collect();
         let single = world
             .volume_names
@@ -293,7 +305,8 @@ pub async fn run(plan: Plan) -> Outcome {
                         &world.attachments,
                         &world.volumes,
                         &selector,
-                        &world.qmp_socket,
+                        &world.backend,
+                        &world.backend_epoch,
                     )
                     .await;
                 tokio::time::sleep(OBSERVE_EVERY).await;
@@ -333,47 +346,44 @@ pub async fn run(plan: Plan) -> Outcome {
     };
     let faults = {
         let world = world.clone();
-        let proxy = proxy.clone();
         let replicas = replicas.clone();
-        let qsd_running = qsd_running.clone();
         let api = api.clone();
         let lease = lease.clone();
         tokio::task::spawn(async move {
-            let mut qsd = qsd;
+            let mut backend = backend;
             let counts = inject(
                 &world,
                 started,
-                &proxy,
                 &replicas,
-                &mut qsd,
-                &qsd_running,
+                &mut backend,
                 api.as_ref(),
                 &lease,
             )
             .await;
-            (qsd, counts)
+            (backend, counts)
         })
     };
     let clients = workload.await.expect("the workload task");
-    let (mut qsd, mut fault_counts) = faults.await.expect("the fault task");
-    // The daemon is a real one and can crash by itself (QEMU 7.2 has segfaulted here): its
+    let (mut backend, mut fault_counts) = faults.await.expect("the fault task");
+    // The backend is a real one and can crash by itself (QEMU 7.2 has segfaulted here): its
     // supervisor starts it again, and the crash is counted, so that what follows judges the
     // operator and not a backend no one restarted.
-    if let Some(status) = qsd.exited() {
+    let mut crashed = false;
+    if let Some(status) = backend.exited() {
+        crashed = true;
+        let recovered = backend.recover();
         history.note(format!(
-            "qemu-storage-daemon exited by itself ({status}); started again, as its supervisor would"
+            "the backend exited by itself ({status}); started again, as its supervisor would: {recovered}"
         ));
         eprintln!(
-            "seed {}: qemu-storage-daemon exited by itself ({status})",
+            "seed {}: the backend exited by itself ({status})",
             plan.seed
         );
         *fault_counts.entry(BACKEND_CRASH).or_insert(0) += 1;
-        tokio::task::block_in_place(|| qsd.restart());
     }
 
-    // The faults stop: nothing armed, QMP answers, every replica may run.
-    proxy.disarm();
-    proxy.set_refusing(false).await;
+    // The faults stop: nothing armed, the backend answers, every replica may run.
+    backend.heal().await;
     api.thaw();
     api.set_watch_delay(Duration::ZERO);
     for replica in replicas.lock().await.iter_mut() {
@@ -418,8 +428,9 @@ pub async fn run(plan: Plan) -> Outcome {
             Rule::NoConvergence,
             format!(
                 "not converged {CONVERGE_WITHIN:?} after the faults stopped: {state}{}",
-                qsd.exited()
-                    .map(|s| format!(" (the daemon exited by itself meanwhile: {s})"))
+                backend
+                    .exited()
+                    .map(|s| format!(" (the backend exited by itself meanwhile: {s})"))
                     .unwrap_or_default()
             ),
         )),
@@ -435,6 +446,21 @@ pub async fn run(plan: Plan) -> Outcome {
 
     stop.store(true, Ordering::SeqCst);
     let mut observer = observer.await.expect("the observer task");
+    crashed |= backend.exited().is_some();
+    if crashed {
+        // A crash takes every connection with it, unannounced: no cut is the operator's then.
+        let cuts = observer
+            .violations
+            .iter()
+            .filter(|v| v.rule == Rule::CutWhileAttached)
+            .count();
+        observer
+            .violations
+            .retain(|v| v.rule != Rule::CutWhileAttached);
+        history.note(format!(
+            "the backend crashed: {cuts} connections cut while attached are its doing, not judged"
+        ));
+    }
     let _ = watchdog.await;
     let mut replicas = Arc::try_unwrap(replicas)
         .ok()
@@ -458,11 +484,11 @@ pub async fn run(plan: Plan) -> Outcome {
     }
     check_events(&world, &mut observer).await;
 
-    let hard_deletes = proxy
-        .calls()
-        .iter()
-        .filter(|c| c.command == "block-export-del" && c.arguments["mode"] == "hard")
-        .count();
+    let hard_deletes = backend.hard_deletes();
+    let backend_log = backend
+        .log_tail()
+        .map(|log| format!("\n--- the backend's log, its end ---\n{log}"))
+        .unwrap_or_default();
     let reports = observer
         .violations
         .iter()
@@ -490,7 +516,7 @@ pub async fn run(plan: Plan) -> Outcome {
                     })
                     .collect::<Vec<_>>()
                     .join("\n"),
-            )
+            ) + &backend_log
         })
         .collect();
 
@@ -501,11 +527,12 @@ pub async fn run(plan: Plan) -> Outcome {
     tokio::task::block_in_place(move || {
         drop(replicas);
         drop(objects);
-        drop(qsd);
+        drop(backend);
     });
     let counts = fault_counts;
     Outcome {
         seed: plan.seed,
+        backend: Some(plan.backend),
         ops: plan.ops.len(),
         ops_applied: applied.load(Ordering::SeqCst),
         faults: counts,
@@ -617,6 +644,9 @@ async fn apply(
                     .await
                     .map(|_| ()),
             )
+        }
+        Op::Connect { .. } if world.plan.backend == BackendKind::Csi => {
+            "skipped: no data path on the csi backend".into()
         }
         Op::Connect { volume, slot } => {
             if clients.contains_key(&(*volume, *slot)) {
@@ -748,10 +778,8 @@ async fn create(
 async fn inject(
     world: &World,
     started: Instant,
-    proxy: &QmpProxy,
     replicas: &tokio::sync::Mutex<Vec<Replica>>,
-    qsd: &mut Qsd,
-    qsd_running: &AtomicBool,
+    backend: &mut Backend,
     api: &ApiProxy,
     lease: &str,
 ) -> BTreeMap<&'static str, usize> {
@@ -760,14 +788,40 @@ async fn inject(
         tokio::time::sleep_until(started + at).await;
         let note = match &fault {
             FaultOp::Qmp { command, fault } => {
+                let proxy = backend.qmp_proxy().expect("QMP faults on the nbd backend");
                 proxy.arm(command, *fault);
                 "armed".to_owned()
             }
             FaultOp::Outage(lasting) => {
+                let proxy = backend.qmp_proxy().expect("QMP faults on the nbd backend");
                 world.history.note(format!("fault {fault}: begins"));
                 proxy.set_refusing(true).await;
                 tokio::time::sleep(*lasting).await;
                 proxy.set_refusing(false).await;
+                "over".to_owned()
+            }
+            FaultOp::Grpc {
+                method,
+                fault: call_fault,
+                lasting,
+            } => {
+                let proxy = backend.grpc_proxy().expect("CSI faults on the csi backend");
+                world.history.note(format!("fault {fault}: begins"));
+                proxy.arm(method, call_fault.clone());
+                tokio::time::sleep(*lasting).await;
+                proxy.disarm(method);
+                "over".to_owned()
+            }
+            FaultOp::PluginOutage(lasting) => {
+                let proxy = backend.grpc_proxy().expect("CSI faults on the csi backend");
+                world.history.note(format!("fault {fault}: begins"));
+                for method in CSI_METHODS {
+                    proxy.arm(method, plugin_down());
+                }
+                tokio::time::sleep(*lasting).await;
+                for method in CSI_METHODS {
+                    proxy.disarm(method);
+                }
                 "over".to_owned()
             }
             FaultOp::Kill { replica, down } => {
@@ -799,9 +853,12 @@ async fn inject(
                 }
             }
             FaultOp::RestartQsd => {
-                qsd_running.store(false, Ordering::SeqCst);
-                tokio::task::block_in_place(|| qsd.restart());
-                qsd_running.store(true, Ordering::SeqCst);
+                world.backend_epoch.fetch_add(1, Ordering::SeqCst);
+                assert!(
+                    backend.restart_daemon(),
+                    "a daemon restart on the nbd backend"
+                );
+                world.backend_epoch.fetch_add(1, Ordering::SeqCst);
                 "restarted".to_owned()
             }
             FaultOp::WatchLag { lag, lasting } => {
@@ -919,7 +976,7 @@ async fn converge(world: &World) -> Result<(), String> {
                     .note(format!("a person decides for {}", attachment.name_any()));
             }
         }
-        let exports = super::observe::query_exports(&world.qmp_socket).await;
+        let connections = world.backend.connections().await;
         let mut off = Vec::new();
         let mut wanted = BTreeSet::new();
         for a in &attachments {
@@ -942,12 +999,9 @@ async fn converge(world: &World) -> Result<(), String> {
                 .volume_names
                 .iter()
                 .position(|n| *n == a.spec.volume_name)
-                .map(|i| world.plan.volumes[i].handle.clone())
+                .map(|i| world.handles[i].clone())
                 .unwrap_or_default();
-            wanted.insert(safe_detach::driver::nbd::export_id(
-                &handle,
-                &a.spec.node_name,
-            ));
+            wanted.insert((handle, a.spec.node_name.clone()));
         }
         for v in volumes
             .iter()
@@ -955,12 +1009,12 @@ async fn converge(world: &World) -> Result<(), String> {
         {
             off.push(format!("Volume {} still being deleted", v.name_any()));
         }
-        match &exports {
-            Ok(ids) => {
-                let listed: BTreeSet<String> = ids.iter().cloned().collect();
-                if listed != wanted {
+        match &connections {
+            Ok(connections) => {
+                if connections.pairs != wanted || !connections.unparsed.is_empty() {
                     off.push(format!(
-                        "backend exports {listed:?}, attachments want {wanted:?}"
+                        "the backend connects {:?} (and lists {:?}), attachments want {wanted:?}",
+                        connections.pairs, connections.unparsed
                     ));
                 }
             }
