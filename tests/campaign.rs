@@ -214,6 +214,7 @@ mod observe {
             deleting,
             phase_since: None,
             token: None,
+            forcing: false,
             bound_uid: None,
             attach_failed: false,
         }
@@ -447,7 +448,20 @@ mod observe {
         o.check(&round(vec![attached()[0].clone(), forcing.clone()], &[]));
         o.check(&round(vec![attached()[0].clone(), forcing], &[]));
         assert!(rules(&o).is_empty(), "{:?}", o.violations);
-        // But not a deleted claim's detach: that one hands the connection over instead.
+        // Nor a forced detach under way on a claim being deleted (decided before its deletion,
+        // or before the other claim was seen): it goes on, and tells the others once confirmed.
+        let mut o = observer();
+        let mut deleted = record("w", "5", AttachmentPhase::Detaching, true);
+        deleted.name = "other".into();
+        deleted.forcing = true;
+        o.check(&round(
+            vec![attached()[0].clone(), deleted.clone()],
+            &["n0"],
+        ));
+        o.check(&round(vec![attached()[0].clone(), deleted.clone()], &[]));
+        o.check(&round(vec![attached()[0].clone(), deleted], &[]));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+        // But not a deleted claim's plain detach: that one hands the connection over instead.
         let mut o = observer();
         let mut deleted = record("w", "5", AttachmentPhase::Attached, true);
         deleted.name = "other".into();

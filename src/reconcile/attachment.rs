@@ -38,7 +38,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 /// More steps than any path needs (a probe, a re-read, force, a probe, confirm, attach, a probe,
 /// confirm, and a re-read and a probe after a refused write): a bound, not a budget.
@@ -170,9 +170,10 @@ struct Reconcile<'a> {
     /// longer do: not handed over to.
     gone_siblings: Vec<String>,
     /// For a deleted attachment, the attachments that may claim the same connection, as the
-    /// apiserver listed them on this turn before a driver call: one attached a moment ago (its
-    /// turn just ended) may not be in the cache yet, and its connection is not to be cut.
-    listed_siblings: Vec<VolumeAttachment>,
+    /// apiserver listed them at the last refresh on this turn, before any driver call: one
+    /// attached a moment ago (its turn just ended) may not be in the cache yet, and its
+    /// connection is not to be cut. `None` until listed.
+    listed_siblings: Option<Vec<VolumeAttachment>>,
 }
 
 impl<'a> Reconcile<'a> {
@@ -189,7 +190,7 @@ impl<'a> Reconcile<'a> {
             noticed: VolumeAttachmentStatus::default(),
             reported_failure: None,
             gone_siblings: Vec::new(),
-            listed_siblings: Vec::new(),
+            listed_siblings: None,
         };
         reconcile.start_from_stored();
         reconcile
@@ -323,12 +324,16 @@ impl<'a> Reconcile<'a> {
                 }
                 Step::Refresh => {
                     // A deleted attachment lists the other claims of its connection on this
-                    // turn, before the reads: the reads stay right before the write they
-                    // condition, which another writer's changes may otherwise outrun.
-                    if let Some((driver, handle)) = &locked
+                    // turn, before the reads when it can: the reads stay right before the
+                    // write they condition, which another writer's changes may otherwise
+                    // outrun. Not before a call's answer is stored (below).
+                    let after_call = called_since_volume_read;
+                    self.listed_siblings = None;
+                    if !after_call
+                        && let Some((driver, handle)) = &locked
                         && self.attachment.metadata.deletion_timestamp.is_some()
                     {
-                        self.listed_siblings = self.siblings_listed(driver, handle).await?;
+                        self.listed_siblings = Some(self.siblings_listed(driver, handle).await?);
                     }
                     // A write of someone else's came between: what was probed is asked again.
                     if self.basis == Basis::Conflicted {
@@ -356,6 +361,23 @@ impl<'a> Reconcile<'a> {
                             target = fresh;
                             volume_fresh = true;
                             called_since_volume_read = false;
+                            // A deletion these reads found (the cached copy was live), or one
+                            // after a call: listed now, still on the turn. A failed list ends
+                            // the reconcile, a call's answer stored first.
+                            if self.listed_siblings.is_none()
+                                && self.attachment.metadata.deletion_timestamp.is_some()
+                                && let Some((driver, handle)) = &locked
+                            {
+                                match self.siblings_listed(driver, handle).await {
+                                    Ok(listed) => self.listed_siblings = Some(listed),
+                                    Err(error) => {
+                                        if after_call {
+                                            self.persist().await?;
+                                        }
+                                        return Err(error);
+                                    }
+                                }
+                            }
                         }
                         // A Volume replaced since the turn was taken names another backend
                         // volume: start over on its turn.
@@ -462,7 +484,7 @@ impl<'a> Reconcile<'a> {
             answer = None;
             called_since_volume_read = true;
             if result.is_ok() && matches!(step, Step::Detach | Step::ForceDetach { .. }) {
-                self.tell_claims_cut(target).await?;
+                self.tell_claims_cut(target).await;
             }
             if let Step::ForceDetach { reason, .. } = &step {
                 let reason = format!("{reason:?}");
@@ -710,7 +732,7 @@ impl<'a> Reconcile<'a> {
         let ours = ours?;
         let claims = |a: &VolumeAttachment| self.claims_our_connection(a, ours);
         let cached = self.context.attachments.state_filter(|a| claims(a));
-        let listed = self.listed_siblings.iter().filter(|a| claims(a));
+        let listed = self.listed_siblings.iter().flatten().filter(|a| claims(a));
         let mut siblings: Vec<String> = cached
             .iter()
             .map(|a| a.as_ref())
@@ -738,20 +760,34 @@ impl<'a> Reconcile<'a> {
     /// them on a backend that cannot be probed. A deleted attachment does not cut a connection
     /// another claims unless a forced detach was already under way (it hands it over), and it
     /// listed the claims on this turn before its call; a live one cuts it on a person's token.
-    async fn tell_claims_cut(&self, target: &Target) -> Result<(), Error> {
-        let listed = if self.attachment.metadata.deletion_timestamp.is_some() {
-            self.listed_siblings.clone()
-        } else {
-            self.siblings_listed(&target.binding.driver, &target.binding.volume_handle)
-                .await?
+    /// Telling never undoes the call's answer, which this reconcile goes on to store: an
+    /// apiserver that keeps refusing leaves the other claim untold, and says so in the log
+    /// (on a backend that can be probed, that claim's own probe still finds the connection gone).
+    async fn tell_claims_cut(&self, target: &Target) {
+        let listed = match &self.listed_siblings {
+            Some(listed) if self.attachment.metadata.deletion_timestamp.is_some() => {
+                Ok(listed.clone())
+            }
+            _ => {
+                self.siblings_listed(&target.binding.driver, &target.binding.volume_handle)
+                    .await
+            }
+        };
+        let listed = match listed {
+            Ok(listed) => listed,
+            Err(error) => {
+                error!(%error, "cannot list the other claims of the connection the detach cut: they are not told");
+                return;
+            }
         };
         for other in listed
             .iter()
             .filter(|a| self.claims_our_connection(a, &target.binding))
         {
-            self.tell_cut(other.clone(), &target.binding).await?;
+            if let Err(error) = self.tell_cut(other.clone(), &target.binding).await {
+                error!(%error, other = other.name_any(), "cannot record that the detach cut this attachment's connection: it is not told");
+            }
         }
-        Ok(())
     }
 
     /// Records on `other` that its connection was cut, conditioned on the version read; read
@@ -791,7 +827,7 @@ impl<'a> Reconcile<'a> {
                     return Ok(());
                 }
                 Err(Error::Conflict(error)) => {
-                    refused = Some(error);
+                    refused = Some(Error::Conflict(error));
                     match self.api.get_opt(&other.name_any()).await? {
                         Some(fresh)
                             if fresh.uid() == other.uid()
@@ -804,12 +840,15 @@ impl<'a> Reconcile<'a> {
                     }
                 }
                 Err(error) if error.is_not_found() => return Ok(()),
-                Err(error) => return Err(error),
+                // Tried again a moment later: a busy or restarting apiserver.
+                Err(error) => {
+                    refused = Some(error);
+                    tokio::time::sleep(TELL_RETRY).await;
+                }
             }
         }
-        // Changed under every try: this reconcile fails, and its retry tells it again.
         match refused {
-            Some(error) => Err(Error::Conflict(error)),
+            Some(error) => Err(error),
             None => Ok(()),
         }
     }
@@ -1016,6 +1055,10 @@ fn holds_its_connection(attachment: &VolumeAttachment) -> bool {
         status.phase == Some(crate::api::AttachmentPhase::Attached) && status.attached
     })
 }
+
+/// How long telling another attachment its connection was cut waits before it tries again
+/// after an error of the apiserver.
+const TELL_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// How often a status write is tried on new versions that changed nothing it rests on, before the
 /// decision is taken again.

@@ -143,7 +143,21 @@ impl Candidate {
     /// calls still under way. Taken over as is, the lease would let this process act while those
     /// calls land; it waits as any other replica would.
     async fn wait_out_an_earlier_holding(&self) {
-        let Ok(Some(lease)) = self.leases().get_opt(&self.name).await else {
+        // Asked until answered: an earlier process that stopped over a flaky apiserver is most
+        // likely followed by a failed read. Unanswered for a whole lease, any lease it held has
+        // run out by now.
+        let asked = std::time::Instant::now();
+        let lease = loop {
+            match self.leases().get_opt(&self.name).await {
+                Ok(lease) => break lease,
+                Err(error) if asked.elapsed() < Duration::from_secs(self.seconds) => {
+                    warn!(%error, "cannot read the lease yet; asking again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(_) => return,
+            }
+        };
+        let Some(lease) = lease else {
             return;
         };
         let Some(spec) = lease.spec else {

@@ -1181,3 +1181,52 @@ async fn a_forced_detach_tells_another_attachment_of_the_connection_it_cut() {
         "{log:#?}"
     );
 }
+
+/// The same, when the deletion itself is news to the reconcile: it started from a live cached
+/// copy, and the read before its call finds the attachment deleted. The claims of the
+/// connection are listed then, still on the turn, and the connection is handed over.
+#[tokio::test]
+async fn an_attachment_found_deleted_only_by_its_refresh_still_hands_over() {
+    let mut harness = Harness::new();
+    let volume_uid = harness
+        .api
+        .get::<Volume>("vol")
+        .and_then(|v| v.uid())
+        .expect("the Volume's uid");
+    // va: live in the cache, not attached yet; at the apiserver, held and deleted since.
+    harness.create("va", &[]);
+    let mut va = harness.api.get::<VolumeAttachment>("va").expect("va");
+    va.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    harness.api.replace(&va);
+    harness.api.delete::<VolumeAttachment>("va");
+    // vb: attached on the same connection at the apiserver; the cache has not seen it.
+    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
+        .expect("an attachment spec");
+    let mut vb = harness.api.create(&VolumeAttachment::new("vb", spec));
+    vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    vb.status = Some(VolumeAttachmentStatus {
+        phase: Some(AttachmentPhase::Attached),
+        attached: true,
+        bound_to: Some(Binding {
+            driver: "scripted".into(),
+            volume_handle: "h1".into(),
+            volume_uid,
+        }),
+        ..Default::default()
+    });
+    harness.api.replace(&vb);
+    harness.driver.connect("h1", NODE);
+
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        !log.iter()
+            .any(|entry| entry.starts_with("driver detach")
+                || entry.starts_with("driver force_detach")),
+        "cut vb's connection: {log:#?}"
+    );
+    assert!(harness.driver.connects("h1", NODE), "{log:#?}");
+    assert!(
+        harness.api.get::<VolumeAttachment>("va").is_none(),
+        "not released: {log:#?}"
+    );
+}

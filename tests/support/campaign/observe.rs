@@ -12,7 +12,9 @@ use super::backend::BackendReader;
 use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use safe_detach::api::{AttachmentPhase, VOLUME_FINALIZER, Volume, VolumeAttachment};
+use safe_detach::api::{
+    AttachmentPhase, ForceDetachState, VOLUME_FINALIZER, Volume, VolumeAttachment,
+};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -136,6 +138,8 @@ pub struct Record {
     pub deleting: bool,
     pub phase_since: Option<Timestamp>,
     pub token: Option<String>,
+    /// Whether it records a forced detach under way (`status.forceDetach.state: InProgress`).
+    pub forcing: bool,
     /// The uid of the Volume it recorded attaching (`status.boundTo`).
     pub bound_uid: Option<String>,
     /// Whether it records a failed attach (`Ready=False, AttachFailed`): a later try may have
@@ -159,6 +163,9 @@ impl Record {
             token: status
                 .and_then(|s| s.force_detach.as_ref())
                 .and_then(|f| f.token.clone()),
+            forcing: status
+                .and_then(|s| s.force_detach.as_ref())
+                .is_some_and(|f| f.state == ForceDetachState::InProgress),
             bound_uid: status
                 .and_then(|s| s.bound_to.as_ref())
                 .map(|b| b.volume_uid.clone()),
@@ -727,16 +734,20 @@ impl Observer {
         self.last_epoch = round.backend_epoch;
     }
 
-    /// Whether another live attachment of the cut's pair is being force-detached in `records`
-    /// (`Detaching`), or recorded a force since the connection was last seen (a new token): a
-    /// person's request on one claim of a shared connection cuts it for every claim.
+    /// Whether another attachment of the cut's pair records a forced detach under way in
+    /// `records` (being deleted or not: one decided before the deletion goes on), or, live, is
+    /// `Detaching` or recorded a force since the connection was last seen (a new token): a force
+    /// on one claim of a shared connection cuts it for every claim (design.md, "Hand-over"), and
+    /// the others are told only once the backend confirmed it. A deleted attachment's plain
+    /// detach excuses nothing: it hands a claimed connection over instead.
     fn forced_by_another(&self, cut: &Cut, records: &[Record]) -> bool {
         records.iter().any(|r| {
             r.uid != cut.record.uid
-                && !r.deleting
                 && self.of_pair(r, &cut.pair)
-                && (r.phase == Some(AttachmentPhase::Detaching)
-                    || (r.token.is_some() && cut.others.get(&r.uid) != Some(&r.token)))
+                && (r.forcing
+                    || (!r.deleting
+                        && (r.phase == Some(AttachmentPhase::Detaching)
+                            || (r.token.is_some() && cut.others.get(&r.uid) != Some(&r.token)))))
         })
     }
 
