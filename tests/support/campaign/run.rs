@@ -395,7 +395,12 @@ pub async fn run(plan: Plan) -> Outcome {
     }
 
     let quiesced = Instant::now();
-    let converged = converge(&world).await;
+    let mut crashes = 0;
+    let converged = converge(&world, &mut backend, &mut crashes).await;
+    if crashes > 0 {
+        crashed = true;
+        *fault_counts.entry(BACKEND_CRASH).or_insert(0) += crashes;
+    }
     let mut late = Vec::new();
     let mut quiet_writes = 0;
     match converged {
@@ -922,13 +927,24 @@ async fn stop_gracefully(operator: &mut Operator) -> String {
 /// Tidies up as a person would, then waits until everything is converged: each attachment
 /// Attached and confirmed, each deleted one and each deleted Volume gone, and the backend
 /// exporting exactly the attached (volume, node) pairs. Returns what was still off on timeout.
-async fn converge(world: &World) -> Result<(), String> {
+async fn converge(world: &World, backend: &mut Backend, crashes: &mut usize) -> Result<(), String> {
     let selector = format!("{SHARD_LABEL}={}", world.shard);
     let give_up = Instant::now() + CONVERGE_WITHIN;
     let mut tidied = false;
     let mut decided = false;
     let begun = Instant::now();
     loop {
+        // The backend's process can crash by itself meanwhile too: its supervisor starts it
+        // again, and the crash is counted (and no cut judged), as after the workload.
+        if let Some(status) = backend.exited() {
+            world.backend_epoch.fetch_add(1, Ordering::SeqCst);
+            let recovered = backend.recover();
+            world.backend_epoch.fetch_add(1, Ordering::SeqCst);
+            world.history.note(format!(
+                "the backend exited by itself while converging ({status}); started again, as its supervisor would: {recovered}"
+            ));
+            *crashes += 1;
+        }
         let (attachments, volumes) = shard_objects(world, &selector).await?;
         // An attachment whose Volume is gone cannot confirm its detach (by design); a person
         // creates the Volume again so that it can. What can converge depends on the Volumes
