@@ -34,8 +34,27 @@ pub fn cut_by_another(
     now: Timestamp,
 ) -> VolumeAttachmentStatus {
     let mut status = current.clone();
-    set_phase(&mut status, AttachmentPhase::Pending, now);
     status.attached = false;
+    lose_connection(
+        &mut status,
+        format!(
+            "attachment {by} claimed the same connection, and the backend confirmed its detach; attaching again"
+        ),
+        generation,
+        now,
+    );
+    status
+}
+
+/// The record of a connection the attachment no longer has: `Pending`, nothing it was attached
+/// with kept, `Ready=False` (`ConnectionLost`) saying why, so that it attaches again.
+fn lose_connection(
+    status: &mut VolumeAttachmentStatus,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    set_phase(status, AttachmentPhase::Pending, now);
     status.connection_info.clear();
     status.bound_to = None;
     set_condition(
@@ -43,13 +62,10 @@ pub fn cut_by_another(
         READY,
         ConditionStatus::False,
         reasons::CONNECTION_LOST,
-        format!(
-            "attachment {by} claimed the same connection, and the backend confirmed its detach; attaching again"
-        ),
+        message,
         generation,
         Time(now),
     );
-    status
 }
 
 /// The status after `step` was decided on `input`, before any driver call it implies.
@@ -113,20 +129,12 @@ pub fn after_step(input: &Input, step: &Step) -> VolumeAttachmentStatus {
                 now,
             );
         }
-        Step::ConnectionLost => {
-            set_phase(&mut status, AttachmentPhase::Pending, input.now);
-            status.connection_info.clear();
-            status.bound_to = None;
-            let message =
-                "the backend no longer shows the volume connected to the node; attaching again";
-            ready(
-                &mut status,
-                input,
-                ConditionStatus::False,
-                reasons::CONNECTION_LOST,
-                message,
-            );
-        }
+        Step::ConnectionLost => lose_connection(
+            &mut status,
+            "the backend no longer shows the volume connected to the node; attaching again".into(),
+            input.generation,
+            input.now,
+        ),
         Step::BeginDetach | Step::Detach => {
             set_phase(&mut status, AttachmentPhase::Detaching, input.now);
         }

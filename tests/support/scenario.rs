@@ -223,31 +223,30 @@ impl Scenario {
 
     /// Who holds the election's Lease now (`None`: nobody, or no Lease yet).
     pub async fn lease_holder(&self) -> Option<String> {
-        let (lease, _) = self
-            .election
-            .as_ref()
-            .expect("the scenario runs a leader election");
-        let leases = Api::<Lease>::namespaced(self.client.clone(), LEASE_NAMESPACE);
-        let found = leases
-            .get_opt(lease)
-            .await
-            .unwrap_or_else(|e| panic!("read the Lease {lease}: {e}"))?;
-        found.spec?.holder_identity.filter(|h| !h.is_empty())
+        self.lease()
+            .await?
+            .holder_identity
+            .filter(|h| !h.is_empty())
     }
 
     /// When the election's Lease was last renewed (or acquired), by whoever holds it.
     pub async fn lease_renewed(&self) -> Option<jiff::Timestamp> {
+        let spec = self.lease().await?;
+        spec.renew_time.or(spec.acquire_time).map(|t| t.0)
+    }
+
+    /// The election's Lease as the apiserver has it now (`None`: no Lease yet).
+    async fn lease(&self) -> Option<k8s_openapi::api::coordination::v1::LeaseSpec> {
         let (lease, _) = self
             .election
             .as_ref()
             .expect("the scenario runs a leader election");
         let leases = Api::<Lease>::namespaced(self.client.clone(), LEASE_NAMESPACE);
-        let spec = leases
+        leases
             .get_opt(lease)
             .await
             .unwrap_or_else(|e| panic!("read the Lease {lease}: {e}"))?
-            .spec?;
-        spec.renew_time.or(spec.acquire_time).map(|t| t.0)
+            .spec
     }
 
     /// Waits until `identity` holds the election's Lease.

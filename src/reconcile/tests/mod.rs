@@ -193,6 +193,22 @@ fn position(log: &[String], prefix: &str) -> usize {
         .unwrap_or_else(|| panic!("no {prefix:?} in {log:#?}"))
 }
 
+/// Creates `name`, an attachment of `vol` to [`NODE`] at the apiserver only (the cache has not
+/// seen it), held and `Attached` as the backend confirmed, on the connection `binding` names.
+fn attached_at_the_apiserver(harness: &Harness, name: &str, binding: Binding) {
+    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
+        .expect("an attachment spec");
+    let mut attachment = harness.api.create(&VolumeAttachment::new(name, spec));
+    attachment.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    attachment.status = Some(VolumeAttachmentStatus {
+        phase: Some(AttachmentPhase::Attached),
+        attached: true,
+        bound_to: Some(binding),
+        ..Default::default()
+    });
+    harness.api.replace(&attachment);
+}
+
 /// Attached and converged: the starting point of the detach tests.
 async fn attached(harness: &mut Harness, name: &str) {
     harness.create(name, &[]);
@@ -1047,17 +1063,7 @@ async fn a_deleted_attachment_hands_over_to_one_attached_a_moment_ago_that_the_c
         .and_then(|va| va.status?.bound_to)
         .expect("va recorded what it attached");
     // vb: attached at the apiserver, on the same connection; the cache has not seen it at all.
-    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
-        .expect("an attachment spec");
-    let mut vb = harness.api.create(&VolumeAttachment::new("vb", spec));
-    vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
-    vb.status = Some(VolumeAttachmentStatus {
-        phase: Some(AttachmentPhase::Attached),
-        attached: true,
-        bound_to: Some(binding),
-        ..Default::default()
-    });
-    harness.api.replace(&vb);
+    attached_at_the_apiserver(&harness, "vb", binding);
     harness.api.delete::<VolumeAttachment>("va");
     harness.catch_up("va");
 
@@ -1142,17 +1148,7 @@ async fn a_forced_detach_tells_another_attachment_of_the_connection_it_cut() {
         .get::<VolumeAttachment>("va")
         .and_then(|va| va.status?.bound_to)
         .expect("va recorded what it attached");
-    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
-        .expect("an attachment spec");
-    let mut vb = harness.api.create(&VolumeAttachment::new("vb", spec));
-    vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
-    vb.status = Some(VolumeAttachmentStatus {
-        phase: Some(AttachmentPhase::Attached),
-        attached: true,
-        bound_to: Some(binding),
-        ..Default::default()
-    });
-    harness.api.replace(&vb);
+    attached_at_the_apiserver(&harness, "vb", binding);
     harness.catch_up("vb");
     harness.annotate("va", FORCE_DETACH_ANNOTATION, "t1");
     let (_, log) = harness.reconcile("va").await;
@@ -1200,21 +1196,15 @@ async fn an_attachment_found_deleted_only_by_its_refresh_still_hands_over() {
     harness.api.replace(&va);
     harness.api.delete::<VolumeAttachment>("va");
     // vb: attached on the same connection at the apiserver; the cache has not seen it.
-    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
-        .expect("an attachment spec");
-    let mut vb = harness.api.create(&VolumeAttachment::new("vb", spec));
-    vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
-    vb.status = Some(VolumeAttachmentStatus {
-        phase: Some(AttachmentPhase::Attached),
-        attached: true,
-        bound_to: Some(Binding {
+    attached_at_the_apiserver(
+        &harness,
+        "vb",
+        Binding {
             driver: "scripted".into(),
             volume_handle: "h1".into(),
             volume_uid,
-        }),
-        ..Default::default()
-    });
-    harness.api.replace(&vb);
+        },
+    );
     harness.driver.connect("h1", NODE);
 
     let (_, log) = harness.reconcile("va").await;
