@@ -68,6 +68,7 @@ fn main() {
                 volume: Ok(&policy),
                 target: None,
                 sibling: None,
+                claimed_elsewhere: None,
                 backend: Some(&backend),
                 basis: Basis::Fresh,
                 turn: Turn::Ours,

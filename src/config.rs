@@ -188,6 +188,7 @@ impl Config {
         if file.drivers.is_empty() {
             return Err(ConfigError::NoDrivers);
         }
+        one_entry_per_backend(&file.drivers)?;
         let mut drivers = BTreeMap::new();
         for entry in file.drivers {
             let field = format!("drivers[{}].deadline", entry.name);
@@ -270,9 +271,83 @@ fn duration_or(
         })
 }
 
+/// Refuses two entries that reach one backend (the same QMP socket, or the same CSI endpoint)
+/// under two names. The operator knows a backend volume by its driver's name and handle: two
+/// names for one backend would make two volumes of one, each taking turns of its own, each
+/// cutting the other's connections on a detach and forcing them off as orphans.
+fn one_entry_per_backend(entries: &[DriverEntry]) -> Result<(), ConfigError> {
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for entry in entries {
+        let address = match (&entry.nbd, &entry.csi) {
+            (Some(nbd), _) => format!("qmpSocket {}", nbd.qmp_socket.display()),
+            (None, Some(csi)) => {
+                let endpoint = csi.endpoint.to_string_lossy();
+                let path = endpoint.strip_prefix("unix://").unwrap_or(&endpoint);
+                format!("endpoint {path}")
+            }
+            (None, None) => continue,
+        };
+        if let Some(first) = seen.insert(address.clone(), &entry.name) {
+            return Err(ConfigError::Driver {
+                name: entry.name.clone(),
+                message: format!(
+                    "{address} is driver {first:?}'s too: one backend under two names would let each cut the other's connections; give each backend one entry"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_backend_under_two_names_is_refused() {
+        let nbd = |name: &str, qmp: &str| {
+            DriverEntry::nbd(
+                name,
+                NbdConfig {
+                    qmp_socket: qmp.into(),
+                    nbd_socket: "/run/qsd/nbd.sock".into(),
+                    image_dir: "/var/lib/images".into(),
+                },
+            )
+        };
+        let csi = |name: &str, endpoint: &str| {
+            DriverEntry::csi(
+                name,
+                CsiConfig {
+                    endpoint: endpoint.into(),
+                    trust_published_nodes: true,
+                },
+            )
+        };
+        let refused =
+            one_entry_per_backend(&[nbd("a", "/run/qmp.sock"), nbd("b", "/run/qmp.sock")])
+                .expect_err("one QMP socket under two names");
+        assert!(
+            refused
+                .to_string()
+                .contains("qmpSocket /run/qmp.sock is driver \"a\"'s too"),
+            "{refused}"
+        );
+        // `unix://` is only a way of writing the same socket.
+        assert!(
+            one_entry_per_backend(&[csi("a", "unix:///csi/c.sock"), csi("b", "/csi/c.sock")])
+                .is_err()
+        );
+        assert!(
+            one_entry_per_backend(&[
+                nbd("a", "/run/a.sock"),
+                nbd("b", "/run/b.sock"),
+                csi("c", "unix:///csi/c.sock"),
+                csi("d", "/csi/d.sock"),
+            ])
+            .is_ok()
+        );
+    }
 
     #[test]
     fn a_built_file_reads_back_as_written() {

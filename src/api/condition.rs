@@ -73,6 +73,9 @@ pub mod reasons {
     pub const FORCE_DETACHING: &str = "ForceDetaching";
     pub const HANDED_OVER: &str = "HandedOver";
     pub const HELD_BY_ANOTHER_NODE: &str = "HeldByAnotherNode";
+    /// A backend that cannot be probed, and another node's attachment records the volume
+    /// attached there: a single-attach volume waits for that attachment's confirmed detach.
+    pub const CLAIMED_BY_ANOTHER_NODE: &str = "ClaimedByAnotherNode";
     pub const IN_SYNC: &str = "InSync";
     pub const INVALID_TOKEN: &str = "InvalidToken";
     pub const INVALID_VOLUME: &str = "InvalidVolume";

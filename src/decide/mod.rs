@@ -246,6 +246,12 @@ pub struct Input<'a> {
     /// Attached as the backend confirmed: it holds the same connection (a GitOps rename creates
     /// one before it prunes the other).
     pub sibling: Option<&'a str>,
+    /// For a live attachment of a single-attach volume on a backend that cannot be probed: the
+    /// attachments on other nodes whose records claim a connection to the same backend volume
+    /// that no confirmed detach has ended (`status.boundTo` set), as the apiserver listed them on
+    /// this turn; `None` when they were not listed. The backend cannot say where the volume is
+    /// connected, so these records are the operator's own guard against a second node.
+    pub claimed_elsewhere: Option<&'a [String]>,
     /// The backend's answer on this turn, since the last driver call; absent when it was not
     /// asked yet (the decision then asks for it with [`Step::Probe`] when it needs it).
     pub backend: Option<&'a ProbeAnswer>,
@@ -267,6 +273,16 @@ impl Input<'_> {
     }
 }
 
+/// Where the holders of a blocked attach were seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldersSeenIn {
+    /// The backend's answer: the volume is connected there.
+    Backend,
+    /// Other attachments' records, for a backend that cannot be asked: they claim a connection
+    /// that no confirmed detach has ended.
+    Records,
+}
+
 /// The one next thing to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -280,7 +296,10 @@ pub enum Step {
     /// attach was stuck and the backend shows it had in fact completed (case 2).
     MarkAttached { rolled_forward: bool },
     /// Another node holds a single-attach volume: do not attach.
-    BlockAttach { holders: Vec<String> },
+    BlockAttach {
+        holders: Vec<String>,
+        seen_in: HoldersSeenIn,
+    },
     /// The record says attached, the backend shows no connection: record the truth, then attach again.
     ConnectionLost,
     /// Record the intent to detach (phase Detaching, its clock restarted), before calling the driver.
@@ -559,7 +578,10 @@ fn decide_on_record(input: &Input) -> Step {
             }
         }
         AttachmentPhase::Attaching if !others.is_empty() && !policy.multi_attach => {
-            Step::BlockAttach { holders: others }
+            Step::BlockAttach {
+                holders: others,
+                seen_in: HoldersSeenIn::Backend,
+            }
         }
         // Case 1: stuck attaching and not connected: clean up, then attach from scratch.
         AttachmentPhase::Attaching if stuck => {
@@ -577,15 +599,19 @@ fn decide_on_record(input: &Input) -> Step {
 
         // Pending, Detached (after a forced detach of a live attachment) or Failed: attach anew.
         _ if here => Step::BeginAttach,
-        _ if !others.is_empty() && !policy.multi_attach => Step::BlockAttach { holders: others },
+        _ if !others.is_empty() && !policy.multi_attach => Step::BlockAttach {
+            holders: others,
+            seen_in: HoldersSeenIn::Backend,
+        },
         _ => Step::BeginAttach,
     }
 }
 
 /// The same decisions for a backend that cannot be probed, with the word of a call that just
 /// succeeded in place of the probe. Without that word nothing is marked attached or detached.
-/// The multi-attach guard rests on the backend's own refusal here (a CSI plugin refuses to
-/// publish a single-writer volume to a second node), since it cannot be asked beforehand.
+/// The multi-attach guard rests on the records of the other attachments of the backend volume,
+/// listed on the turn, and on the backend's own refusal (a CSI plugin refuses to publish a
+/// single-writer volume to a second node), since the backend cannot be asked beforehand.
 fn decide_unprobed(
     input: &Input,
     policy: &VolumePolicy,
@@ -618,7 +644,20 @@ fn decide_unprobed(
         }
         AttachmentPhase::Attaching => Step::Attach,
         AttachmentPhase::Attached => Step::wait(Wait::Converged, Some(input.resync)),
-        _ => Step::BeginAttach,
+        _ if policy.multi_attach => Step::BeginAttach,
+        // Pending, Detached or Failed, single-attach: a new attach only when no other node's
+        // record claims the volume. The backend's refusal of a second single-writer attach is
+        // a second guard, not the only one. An attach already intended (Attaching) goes on: it
+        // was decided on such a list, and blocking it could leave two intents waiting on each
+        // other.
+        _ => match input.claimed_elsewhere {
+            None => Step::Refresh,
+            Some([]) => Step::BeginAttach,
+            Some(claims) => Step::BlockAttach {
+                holders: claims.to_vec(),
+                seen_in: HoldersSeenIn::Records,
+            },
+        },
     }
 }
 

@@ -5,7 +5,7 @@
 //! failed or unanswered try after a backoff that grows, a reconcile that did not get its turn
 //! soon, without backoff.
 
-use super::{BUSY_RECHECK, Input, ProbeAnswer, Step, Wait};
+use super::{BUSY_RECHECK, HoldersSeenIn, Input, ProbeAnswer, Step, Wait};
 use std::time::Duration;
 
 /// How a reconcile ends.
@@ -52,7 +52,20 @@ pub fn ending(step: &Step, input: &Input, swept: bool) -> Option<Recheck> {
         // A missing Volume or driver is fixed by a change that wakes the attachment, and a
         // holder's detach changes the Volume's status, which wakes a blocked one: the timer is
         // only a safety net, slow enough never to spin.
-        Step::Fail(_) | Step::BlockAttach { .. } => Recheck::Settled(Some(input.resync)),
+        Step::Fail(_)
+        | Step::BlockAttach {
+            seen_in: HoldersSeenIn::Backend,
+            ..
+        } => Recheck::Settled(Some(input.resync)),
+        // Nothing wakes an attachment blocked by another's record when that one's detach is
+        // confirmed (a backend that cannot be probed changes no Volume status): looked at again
+        // soon, then less often, and at least every `CLAIMED_RECHECK`.
+        Step::BlockAttach {
+            seen_in: HoldersSeenIn::Records,
+            ..
+        } => Recheck::Backoff {
+            deadline: Some(CLAIMED_RECHECK.min(input.resync)),
+        },
         // The object goes away, or another takes over the connection.
         Step::ReleaseFinalizer | Step::HandOver { .. } => Recheck::Settled(None),
         Step::AddFinalizer
@@ -68,6 +81,9 @@ pub fn ending(step: &Step, input: &Input, swept: bool) -> Option<Recheck> {
         | Step::Probe => return None,
     })
 }
+
+/// The longest an attachment blocked by another node's record waits before it looks again.
+pub const CLAIMED_RECHECK: Duration = Duration::from_secs(10);
 
 /// How soon a Volume whose orphans were just forced loose is looked at again, to see them gone.
 pub const ORPHANS_FORCED_RECHECK: Duration = Duration::from_secs(1);

@@ -6,8 +6,8 @@
 
 use super::recheck::Recheck;
 use super::{
-    Confirmed, Input, MAX_HANDLED_TOKENS, ProbeAnswer, Request, Step, VolumeProblem, phase_of,
-    stuck_in,
+    Confirmed, HoldersSeenIn, Input, MAX_HANDLED_TOKENS, ProbeAnswer, Request, Step, VolumeProblem,
+    phase_of, stuck_in,
 };
 use crate::api::reasons;
 use crate::api::{
@@ -112,18 +112,29 @@ pub fn after_step(input: &Input, step: &Step) -> VolumeAttachmentStatus {
             };
             ready(&mut status, input, ConditionStatus::True, reason, message);
         }
-        Step::BlockAttach { holders } => {
+        Step::BlockAttach { holders, seen_in } => {
             set_phase(&mut status, AttachmentPhase::Pending, input.now);
-            let message = format!(
-                "the backend shows the volume connected to {}; it is not multiAttach, so it is not attached here until that node is detached",
-                holders.join(", ")
-            );
+            let holders = holders.join(", ");
+            let (reason, message) = match seen_in {
+                HoldersSeenIn::Backend => (
+                    reasons::HELD_BY_ANOTHER_NODE,
+                    format!(
+                        "the backend shows the volume connected to {holders}; it is not multiAttach, so it is not attached here until that node is detached"
+                    ),
+                ),
+                HoldersSeenIn::Records => (
+                    reasons::CLAIMED_BY_ANOTHER_NODE,
+                    format!(
+                        "{holders} records the volume attached, and the backend cannot be asked where it is connected; it is not multiAttach, so it is not attached here until that attachment's detach is confirmed"
+                    ),
+                ),
+            };
             let generation = input.generation;
             set_condition(
                 &mut status.conditions,
                 ATTACH_BLOCKED,
                 ConditionStatus::True,
-                reasons::HELD_BY_ANOTHER_NODE,
+                reason,
                 message,
                 generation,
                 now,
@@ -255,7 +266,10 @@ pub fn after_call(input: &Input, step: &Step, result: CallResult, now: Timestamp
             } else {
                 holders.clone()
             };
-            let blocked = Step::BlockAttach { holders };
+            let blocked = Step::BlockAttach {
+                holders,
+                seen_in: HoldersSeenIn::Backend,
+            };
             let status = after_step(
                 &Input {
                     status: &status,

@@ -35,6 +35,7 @@ fn on_record() -> Input<'static> {
         volume: Ok(&ANY_POLICY),
         target: None,
         sibling: None,
+        claimed_elsewhere: Some(&[]),
         backend: None,
         basis: Basis::Fresh,
         turn: Turn::Ours,
@@ -137,6 +138,7 @@ impl Row {
             volume: Ok(&self.policy),
             target: None,
             sibling: None,
+            claimed_elsewhere: Some(&[]),
             backend: Some(&self.backend),
             basis: self.basis,
             turn: self.turn,
@@ -336,6 +338,60 @@ fn a_backend_that_cannot_be_probed_is_confirmed_only_by_its_calls() {
     );
 }
 
+#[test]
+fn where_the_backend_cannot_be_asked_another_nodes_record_blocks_a_new_single_attach() {
+    let unprobed = ProbeAnswer::Unprobeable(None);
+    let claims = ["attachment a2 on node node-b".to_owned()];
+    let decide_with = |row: &Row, claimed: Option<&[String]>| {
+        decide(&Input {
+            claimed_elsewhere: claimed,
+            ..row.input()
+        })
+    };
+    for phase in [Pending, Failed, Detached] {
+        let row = Row::new(phase, unprobed.clone());
+        assert_eq!(
+            decide_with(&row, Some(&claims)),
+            Step::BlockAttach {
+                holders: claims.to_vec(),
+                seen_in: HoldersSeenIn::Records,
+            },
+            "{phase:?}"
+        );
+        // Not listed on this turn: the list comes with the fresh reads, never a guess.
+        assert_eq!(decide_with(&row, None), Step::Refresh, "{phase:?}");
+        assert_eq!(decide_with(&row, Some(&[])), Step::BeginAttach, "{phase:?}");
+        // A multi-attach volume may be on other nodes too.
+        let mut multi = Row::new(phase, unprobed.clone());
+        multi.policy.multi_attach = true;
+        assert_eq!(decide_with(&multi, Some(&claims)), Step::BeginAttach);
+    }
+    // An attach already intended goes on (it was decided on such a list): blocking it could
+    // leave two intents waiting on each other, and the backend still refuses a second writer.
+    let attaching = Row::new(Attaching, unprobed.clone());
+    assert_eq!(decide_with(&attaching, Some(&claims)), Step::Attach);
+    // A backend that answers is asked instead of the records.
+    let probed = Row::new(Pending, connected(&[]));
+    assert_eq!(decide_with(&probed, Some(&claims)), Step::BeginAttach);
+    // The block tells who claims the volume, and is looked at again without the resync's wait.
+    let blocked = Step::BlockAttach {
+        holders: claims.to_vec(),
+        seen_in: HoldersSeenIn::Records,
+    };
+    let row = Row::new(Pending, unprobed);
+    let status = stepped(&row.status, &blocked, &row.input());
+    let condition = find_condition(&status.conditions, crate::api::types::ATTACH_BLOCKED).unwrap();
+    assert_eq!(condition.status, "True");
+    assert_eq!(condition.reason, "ClaimedByAnotherNode");
+    assert!(condition.message.contains("attachment a2 on node node-b"));
+    assert_eq!(
+        recheck::ending(&blocked, &row.input(), false),
+        Some(Recheck::Backoff {
+            deadline: Some(recheck::CLAIMED_RECHECK)
+        })
+    );
+}
+
 fn handled(tokens: &[&str]) -> VolumeAttachmentStatus {
     VolumeAttachmentStatus {
         handled_tokens: tokens.iter().map(|t| t.to_string()).collect(),
@@ -484,13 +540,15 @@ fn an_attach_is_blocked_while_another_node_holds_a_single_attach_volume() {
     assert_eq!(
         step,
         Step::BlockAttach {
-            holders: vec![OTHER.into()]
+            holders: vec![OTHER.into()],
+            seen_in: HoldersSeenIn::Backend,
         }
     );
     assert_eq!(
         Row::new(Attaching, connected(&[OTHER])).decide(),
         Step::BlockAttach {
-            holders: vec![OTHER.into()]
+            holders: vec![OTHER.into()],
+            seen_in: HoldersSeenIn::Backend,
         }
     );
     let mut multi = Row::new(Pending, connected(&[OTHER]));
@@ -880,6 +938,7 @@ fn every_state_converges_when_the_backend_works() {
                         volume: Ok(&policy),
                         target: None,
                         sibling: None,
+                        claimed_elsewhere: Some(&[]),
                         backend: Some(&answer),
                         basis: Basis::Fresh,
                         turn: Turn::Ours,
@@ -937,6 +996,7 @@ fn a_requested_force_detach_of_a_live_attachment_reattaches() {
             volume: Ok(&policy),
             target: None,
             sibling: None,
+            claimed_elsewhere: Some(&[]),
             backend: Some(&answer),
             basis: Basis::Fresh,
             turn: Turn::Ours,
@@ -1205,6 +1265,7 @@ mod status_tests {
         let policy = policy(true, false);
         let step = Step::BlockAttach {
             holders: vec![OTHER.into()],
+            seen_in: HoldersSeenIn::Backend,
         };
         let blocked = stepped(
             &in_phase(Pending, 0),

@@ -20,15 +20,15 @@ use super::{
 };
 use crate::MANAGER;
 use crate::api::{
-    ATTACHMENT_FINALIZER, Binding, FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER, Volume,
-    VolumeAttachment, VolumeAttachmentStatus,
+    ATTACHMENT_FINALIZER, AttachmentPhase, Binding, FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER,
+    Volume, VolumeAttachment, VolumeAttachmentStatus,
 };
 use crate::decide::events::{Notice, between, handed_over, is_news, reported_failure};
 use crate::decide::recheck::{self, Recheck};
 use crate::decide::status::{CallResult, after_call, after_step, cut_by_another, force_confirmed};
 use crate::decide::{
     BUSY_RECHECK, Basis, FENCED_RECHECK, Input, ProbeAnswer, Request, Step, Turn, VolumePolicy,
-    VolumeProblem, decide, stuck_after,
+    VolumeProblem, decide, phase_of, stuck_after,
 };
 use crate::driver::{AttachRequest, ConnectionInfo, Driver, DriverError, ok_if_not_connected};
 use jiff::Timestamp;
@@ -278,6 +278,10 @@ impl<'a> Reconcile<'a> {
             // the request is spent: each token acts once.
             let request = Request::read(annotation.as_deref(), &decided_on);
             let sibling = self.sibling(target.as_ref().ok().map(|t| &t.binding));
+            let claimed_elsewhere = target
+                .as_ref()
+                .ok()
+                .and_then(|t| self.claimed_elsewhere(&t.binding));
             let backend = match &target {
                 Ok(target) if target.driver.can_probe() => answer.clone(),
                 Ok(_) => Some(ProbeAnswer::Unprobeable(confirmed)),
@@ -293,6 +297,7 @@ impl<'a> Reconcile<'a> {
                 volume: target.as_ref().map(|t| &t.policy),
                 target: target.as_ref().ok().map(|t| &t.binding),
                 sibling: sibling.as_deref(),
+                claimed_elsewhere: claimed_elsewhere.as_deref(),
                 backend: backend.as_ref(),
                 basis: match self.basis {
                     Basis::Fresh if !volume_fresh => Basis::Cached,
@@ -324,14 +329,17 @@ impl<'a> Reconcile<'a> {
                 }
                 Step::Refresh => {
                     // A deleted attachment lists the other claims of its connection on this
-                    // turn, before the reads when it can: the reads stay right before the
+                    // turn, and so does a live one about to attach a single-attach volume anew
+                    // where the backend cannot be probed (the claims on other nodes hold it),
+                    // before the reads when it can: the reads stay right before the
                     // write they condition, which another writer's changes may otherwise
                     // outrun. Not before a call's answer is stored (below).
                     let after_call = called_since_volume_read;
                     self.listed_siblings = None;
                     if !after_call
                         && let Some((driver, handle)) = &locked
-                        && self.attachment.metadata.deletion_timestamp.is_some()
+                        && (self.attachment.metadata.deletion_timestamp.is_some()
+                            || self.guards_by_records(&target))
                     {
                         self.listed_siblings = Some(self.siblings_listed(driver, handle).await?);
                     }
@@ -362,10 +370,12 @@ impl<'a> Reconcile<'a> {
                             volume_fresh = true;
                             called_since_volume_read = false;
                             // A deletion these reads found (the cached copy was live), or one
-                            // after a call: listed now, still on the turn. A failed list ends
-                            // the reconcile, a call's answer stored first.
+                            // after a call, and an attach anew after a call (the forced detach
+                            // of a live attachment): listed now, still on the turn. A failed
+                            // list ends the reconcile, a call's answer stored first.
                             if self.listed_siblings.is_none()
-                                && self.attachment.metadata.deletion_timestamp.is_some()
+                                && (self.attachment.metadata.deletion_timestamp.is_some()
+                                    || self.guards_by_records(&target))
                                 && let Some((driver, handle)) = &locked
                             {
                                 match self.siblings_listed(driver, handle).await {
@@ -744,6 +754,49 @@ impl<'a> Reconcile<'a> {
         siblings.into_iter().next()
     }
 
+    /// Whether this attachment, live and about to attach anew, can ask no backend whether another
+    /// node holds its single-attach volume: the records of the other attachments of that backend
+    /// volume are then listed on the turn, before the reads (as a deleted one lists its claims).
+    fn guards_by_records(&self, target: &Result<Target, VolumeProblem>) -> bool {
+        let begins_an_attach = matches!(
+            phase_of(&self.status),
+            AttachmentPhase::Pending | AttachmentPhase::Failed | AttachmentPhase::Detached
+        );
+        self.attachment.metadata.deletion_timestamp.is_none()
+            && begins_an_attach
+            && target
+                .as_ref()
+                .is_ok_and(|t| !t.driver.can_probe() && !t.policy.multi_attach)
+    }
+
+    /// For a live attachment, the attachments on other nodes whose records, as listed on this
+    /// turn, claim a connection to the backend volume `ours` names that no confirmed detach has
+    /// ended (`status.boundTo` is cleared only then), deleted ones included; `None` when not
+    /// listed on this turn.
+    fn claimed_elsewhere(&self, ours: &Binding) -> Option<Vec<String>> {
+        if self.attachment.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
+        let listed = self.listed_siblings.as_ref()?;
+        let mut claims: Vec<String> = listed
+            .iter()
+            .filter(|other| {
+                other.uid() != self.attachment.uid()
+                    && other.spec.node_name != self.attachment.spec.node_name
+                    && bound_to_same_backend_volume(other, ours)
+            })
+            .map(|other| {
+                format!(
+                    "attachment {} on node {}",
+                    other.name_any(),
+                    other.spec.node_name
+                )
+            })
+            .collect();
+        claims.sort();
+        Some(claims)
+    }
+
     /// Whether `other`, not being deleted and attached as the backend confirmed, claims the
     /// connection `ours` stands for: the same backend volume on the same node.
     fn claims_our_connection(&self, other: &VolumeAttachment, ours: &Binding) -> bool {
@@ -1051,9 +1104,10 @@ fn bound_to_same_backend_volume(attachment: &VolumeAttachment, ours: &Binding) -
 }
 
 fn holds_its_connection(attachment: &VolumeAttachment) -> bool {
-    attachment.status.as_ref().is_some_and(|status| {
-        status.phase == Some(crate::api::AttachmentPhase::Attached) && status.attached
-    })
+    attachment
+        .status
+        .as_ref()
+        .is_some_and(|status| status.phase == Some(AttachmentPhase::Attached) && status.attached)
 }
 
 /// How long telling another attachment its connection was cut waits before it tries again

@@ -1220,3 +1220,82 @@ async fn an_attachment_found_deleted_only_by_its_refresh_still_hands_over() {
         "not released: {log:#?}"
     );
 }
+
+/// On a backend that cannot be probed, nothing but the records says where a single-attach
+/// volume is connected, and a plugin need not refuse a second node (this one does not): an
+/// attach to another node waits for the first node's claim, which the apiserver lists on the
+/// turn though the cache has not seen it, until that claim's detach is confirmed.
+#[tokio::test(start_paused = true)]
+async fn where_the_backend_cannot_be_probed_another_nodes_claim_the_cache_lacks_blocks_an_attach() {
+    let mut harness = Harness::new();
+    harness.driver.cannot_probe();
+    let volume_uid = harness.api.get::<Volume>("vol").expect("the Volume").uid();
+    let binding = Binding {
+        driver: "scripted".into(),
+        volume_handle: "h1".into(),
+        volume_uid: volume_uid.expect("a UID"),
+    };
+    // va, on node-b, attached as its call confirmed: at the apiserver only.
+    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": "node-b" }))
+        .expect("an attachment spec");
+    let mut va = harness.api.create(&VolumeAttachment::new("va", spec));
+    va.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    va.status = Some(VolumeAttachmentStatus {
+        phase: Some(AttachmentPhase::Attached),
+        attached: true,
+        bound_to: Some(binding),
+        ..Default::default()
+    });
+    harness.api.replace(&va);
+    harness.driver.connect("h1", "node-b");
+
+    harness.create("vb", &[]);
+    let (action, log) = harness.reconcile("vb").await;
+    assert!(
+        !log.iter().any(|entry| entry.starts_with("driver attach")),
+        "{log:#?}"
+    );
+    assert!(
+        position(&log, "list volumeattachments spec.volumeName=vol")
+            < position(&log, "write volumeattachments/vb/status: phase=Pending"),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|entry| entry == "event ClaimedByAnotherNode"),
+        "{log:#?}"
+    );
+    let status = harness
+        .api
+        .get::<VolumeAttachment>("vb")
+        .and_then(|vb| vb.status)
+        .expect("a status");
+    let blocked = crate::api::find_condition(&status.conditions, crate::api::types::ATTACH_BLOCKED)
+        .expect("AttachBlocked");
+    assert_eq!(blocked.reason, "ClaimedByAnotherNode");
+    assert!(
+        blocked.message.contains("attachment va on node node-b"),
+        "{blocked:?}"
+    );
+    // Looked at again soon (the first backoff), not after the resync.
+    assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+    assert!(!harness.driver.connects("h1", NODE));
+
+    // va's detach is confirmed (its record no longer bound): vb attaches on its next look.
+    let mut va = harness.api.get::<VolumeAttachment>("va").expect("va");
+    va.status = Some(VolumeAttachmentStatus {
+        phase: Some(AttachmentPhase::Detached),
+        ..Default::default()
+    });
+    harness.api.replace(&va);
+    harness.driver.disconnect("h1", "node-b");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    harness.catch_up("vb");
+    let (_, log) = harness.reconcile("vb").await;
+    assert!(
+        position(&log, "list volumeattachments spec.volumeName=vol")
+            < position(&log, "driver attach h1 node-a"),
+        "{log:#?}"
+    );
+    assert!(harness.driver.connects("h1", NODE));
+}

@@ -6,6 +6,7 @@ use crate::driver::{AttachRequest, ConnectionInfo, Connections, Driver, DriverEr
 use async_trait::async_trait;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub struct ScriptedDriver {
     log: Log,
@@ -14,6 +15,9 @@ pub struct ScriptedDriver {
     failures: Mutex<VecDeque<(&'static str, DriverError)>>,
     /// What happens elsewhere while the next call of an operation is under way, in order.
     meanwhile: Mutex<VecDeque<(&'static str, Meanwhile)>>,
+    /// Whether the backend cannot be asked where a volume is connected (a CSI plugin that does
+    /// not report published nodes), and attaches to any node it is asked to.
+    unprobeable: AtomicBool,
 }
 
 type Meanwhile = Box<dyn FnOnce() + Send>;
@@ -25,7 +29,13 @@ impl ScriptedDriver {
             connections: Mutex::new(BTreeSet::new()),
             failures: Mutex::new(VecDeque::new()),
             meanwhile: Mutex::new(VecDeque::new()),
+            unprobeable: AtomicBool::new(false),
         }
+    }
+
+    /// From now on the backend cannot be probed, and refuses no attach.
+    pub fn cannot_probe(&self) {
+        self.unprobeable.store(true, Ordering::SeqCst);
     }
 
     /// The next call of `operation` fails with `error` (and changes nothing).
@@ -93,7 +103,8 @@ impl ScriptedDriver {
         Ok(())
     }
 
-    fn disconnect(&self, volume: &str, node: &str) {
+    /// Ends the connection of `volume` to `node`.
+    pub fn disconnect(&self, volume: &str, node: &str) {
         self.connections
             .lock()
             .expect("the backend")
@@ -105,6 +116,10 @@ impl ScriptedDriver {
 impl Driver for ScriptedDriver {
     fn kind(&self) -> &'static str {
         "scripted"
+    }
+
+    fn can_probe(&self) -> bool {
+        !self.unprobeable.load(Ordering::SeqCst)
     }
 
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
