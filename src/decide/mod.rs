@@ -56,6 +56,9 @@ pub enum Turn {
     VolumeBusy,
     /// The replica cannot be sure it still holds the lease: another replica may be acting.
     Fenced,
+    /// A call of unknown outcome on this backend volume may still be carried out by the backend
+    /// for up to this long: what a probe or another call says now may be undone by it.
+    CallMayStillLand(Duration),
 }
 
 /// What the Volume asks of its attachments.
@@ -346,6 +349,9 @@ pub enum Wait {
     VolumeBusy,
     /// The replica cannot be sure it holds the lease: it neither calls a driver nor writes.
     Fenced,
+    /// An earlier call of unknown outcome may still land: nothing is asked or called until it
+    /// cannot.
+    CallMayStillLand,
     /// The backend has a connection of the volume that names no node: it may be this node's, so
     /// the detach is not confirmed until it is gone.
     UnattributedConnection,
@@ -467,8 +473,10 @@ fn decide_on_record(input: &Input) -> Step {
         }
         return Step::Fail(problem);
     }
-    if input.turn == Turn::VolumeBusy {
-        return Step::wait(Wait::VolumeBusy, Some(BUSY_RECHECK));
+    match input.turn {
+        Turn::VolumeBusy => return Step::wait(Wait::VolumeBusy, Some(BUSY_RECHECK)),
+        Turn::CallMayStillLand(left) => return Step::wait(Wait::CallMayStillLand, Some(left)),
+        Turn::Ours | Turn::Fenced => {}
     }
 
     // The probe's answer, or for a backend that cannot be probed, what a call just confirmed.

@@ -28,7 +28,7 @@ pub enum Recheck {
 pub fn ending(step: &Step, input: &Input, swept: bool) -> Option<Recheck> {
     Some(match step {
         Step::Wait {
-            why: Wait::Fenced | Wait::VolumeBusy,
+            why: Wait::Fenced | Wait::VolumeBusy | Wait::CallMayStillLand,
             recheck_after,
         } => Recheck::Soon(recheck_after.unwrap_or(BUSY_RECHECK)),
         Step::Wait {

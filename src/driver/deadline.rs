@@ -67,6 +67,10 @@ impl Driver for Deadlined {
         self.inner.can_probe()
     }
 
+    fn settles_within(&self) -> Duration {
+        self.inner.settles_within()
+    }
+
     async fn health_check(&self) -> Result<(), DriverError> {
         self.run("health_check", self.inner.health_check()).await
     }

@@ -161,6 +161,14 @@ pub trait Driver: Send + Sync {
         true
     }
 
+    /// How long after a call of unknown outcome (a timeout, a lost reply) the backend may still
+    /// carry that call out. Until then no other call or probe on the volume may be taken as the
+    /// backend's last word: an opposite call answered OK meanwhile could be undone by the late
+    /// one. Zero for a backend that carries out or drops a command before it serves anyone else.
+    fn settles_within(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// Whether the backend answers at all, for the operator's readiness. Not a probe: it says
     /// nothing of where any volume is connected (the csi driver calls CSI's `Probe` here).
     async fn health_check(&self) -> Result<(), DriverError> {

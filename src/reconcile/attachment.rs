@@ -30,7 +30,9 @@ use crate::decide::{
     BUSY_RECHECK, Basis, FENCED_RECHECK, Input, ProbeAnswer, Request, Step, Turn, VolumePolicy,
     VolumeProblem, decide, phase_of, stuck_after,
 };
-use crate::driver::{AttachRequest, ConnectionInfo, Driver, DriverError, ok_if_not_connected};
+use crate::driver::{
+    AttachRequest, ConnectionInfo, Driver, DriverError, ErrorClass, ok_if_not_connected,
+};
 use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -306,7 +308,12 @@ impl<'a> Reconcile<'a> {
                 turn: if !self.context.fence.permits() {
                     Turn::Fenced
                 } else if held.is_some() || target.is_err() {
-                    Turn::Ours
+                    match locked.as_ref().and_then(|(driver, handle)| {
+                        self.context.locks.may_still_land(driver, handle)
+                    }) {
+                        Some(left) => Turn::CallMayStillLand(left),
+                        None => Turn::Ours,
+                    }
                 } else {
                     Turn::VolumeBusy
                 },
@@ -493,6 +500,15 @@ impl<'a> Reconcile<'a> {
             };
             answer = None;
             called_since_volume_read = true;
+            if let Err(error) = &result
+                && error.class() == ErrorClass::UnknownOutcome
+            {
+                self.context.locks.call_may_land(
+                    &target.driver_name,
+                    &target.handle,
+                    target.driver.settles_within(),
+                );
+            }
             if result.is_ok() && matches!(step, Step::Detach | Step::ForceDetach { .. }) {
                 self.tell_claims_cut(target).await;
             }

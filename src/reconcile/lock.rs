@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
 
 /// How many keys may be added between two sweeps of the locks nobody holds or waits for.
 const SWEEP_EVERY: usize = 1024;
@@ -20,6 +21,8 @@ const SWEEP_EVERY: usize = 1024;
 #[derive(Default)]
 pub struct VolumeLocks {
     inner: Mutex<Locks>,
+    /// Until when a call of unknown outcome on a volume may still be carried out by its backend.
+    landing: Mutex<HashMap<(String, String), Instant>>,
 }
 
 #[derive(Default)]
@@ -37,6 +40,34 @@ impl VolumeLocks {
     pub async fn turn(&self, driver: &str, handle: &str, wait: Duration) -> Option<VolumeTurn> {
         let lock = self.lock_of(driver, handle);
         tokio::time::timeout(wait, lock.lock_owned()).await.ok()
+    }
+
+    /// Records that a call on (driver, handle) ended without a known outcome, and that its
+    /// backend may still carry it out for up to `within`.
+    pub fn call_may_land(&self, driver: &str, handle: &str, within: Duration) {
+        if within.is_zero() {
+            return;
+        }
+        let until = Instant::now() + within;
+        let mut landing = self.landing.lock().unwrap_or_else(|p| p.into_inner());
+        landing.retain(|_, until| *until > Instant::now());
+        let entry = landing
+            .entry((driver.to_owned(), handle.to_owned()))
+            .or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// How much longer a call of unknown outcome on (driver, handle) may still land; `None` once
+    /// none can.
+    pub fn may_still_land(&self, driver: &str, handle: &str) -> Option<Duration> {
+        let landing = self.landing.lock().unwrap_or_else(|p| p.into_inner());
+        if landing.is_empty() {
+            return None;
+        }
+        landing
+            .get(&(driver.to_owned(), handle.to_owned()))?
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
     }
 
     fn lock_of(&self, driver: &str, handle: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -60,6 +91,29 @@ impl VolumeLocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_of_unknown_outcome_keeps_its_volume_unsettled_for_the_time_given() {
+        let locks = VolumeLocks::default();
+        assert_eq!(locks.may_still_land("csi", "vol1"), None);
+        locks.call_may_land("csi", "vol1", Duration::ZERO);
+        assert_eq!(locks.may_still_land("csi", "vol1"), None);
+        locks.call_may_land("csi", "vol1", Duration::from_secs(30));
+        locks.call_may_land("csi", "vol1", Duration::from_secs(10));
+        assert_eq!(
+            locks.may_still_land("csi", "vol1"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(locks.may_still_land("csi", "vol2"), None);
+        assert_eq!(locks.may_still_land("nbd", "vol1"), None);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(
+            locks.may_still_land("csi", "vol1"),
+            Some(Duration::from_secs(10))
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(locks.may_still_land("csi", "vol1"), None);
+    }
 
     #[tokio::test]
     async fn one_turn_per_volume_and_other_volumes_are_free() {

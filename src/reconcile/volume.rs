@@ -13,7 +13,7 @@ use crate::decide::events::{orphan_forced, volume_between};
 use crate::decide::recheck::{Recheck, VolumeOutcome, volume_ending};
 use crate::decide::volume::{VolumeInput, decide_volume};
 use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, ProbeAnswer, VolumeProblem, stuck_after};
-use crate::driver::{Driver, ok_if_not_connected};
+use crate::driver::{Driver, ErrorClass, ok_if_not_connected};
 use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -172,6 +172,13 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
             if turn.is_none() {
                 return Ok(Pass::Done(Action::requeue(BUSY_RECHECK)));
             }
+            // A call of unknown outcome may still land: no probe now, which it could belie.
+            if let Some(left) = context
+                .locks
+                .may_still_land(&volume.spec.driver, &volume.spec.volume_handle)
+            {
+                return Ok(Pass::Done(Action::requeue(left)));
+            }
             turn
         }
         _ => None,
@@ -306,6 +313,13 @@ async fn force_detach_orphan(
 ) -> bool {
     let handle = &volume.spec.volume_handle;
     let result = ok_if_not_connected(driver.force_detach(handle, node).await);
+    if let Err(error) = &result
+        && error.class() == ErrorClass::UnknownOutcome
+    {
+        context
+            .locks
+            .call_may_land(&volume.spec.driver, handle, driver.settles_within());
+    }
     // An OK call counts once the backend shows the connection gone.
     let answer = match &result {
         Ok(()) => Some(probe(driver, handle).await),

@@ -323,6 +323,13 @@ impl Driver for CsiDriver {
             && self.plugin.capabilities.probe_method() != ProbeMethod::Unsupported
     }
 
+    /// The plugin was told the call's deadline as its gRPC timeout and should give up by then,
+    /// but an operation it started (a cloud API's request) may outlive the cancelled call: one
+    /// deadline more, from the moment the outcome became unknown.
+    fn settles_within(&self) -> Duration {
+        self.transport.call_timeout
+    }
+
     async fn health_check(&self) -> Result<(), DriverError> {
         self.transport
             .call(

@@ -1299,3 +1299,53 @@ async fn where_the_backend_cannot_be_probed_another_nodes_claim_the_cache_lacks_
     );
     assert!(harness.driver.connects("h1", NODE));
 }
+
+/// A call whose caller gave up may still be carried out by a plugin that does not stop with it.
+/// Nothing else is asked of or done to that volume until it cannot: an attach that timed out and
+/// lands 5 s later is undone by the detach after the wait, where a detach at once would have
+/// been confirmed before it landed, and released a connection made after it.
+#[tokio::test(start_paused = true)]
+async fn after_a_call_of_unknown_outcome_nothing_acts_on_its_volume_until_it_can_no_longer_land() {
+    let mut harness = Harness::new();
+    harness.driver.cannot_probe();
+    harness.driver.lands_late_within(Duration::from_secs(15));
+    harness.create("va", &[]);
+    harness.driver.fail_next(
+        "attach",
+        DriverError::Timeout {
+            operation: "attach",
+            deadline: Duration::from_secs(15),
+        },
+    );
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        log.iter().any(|e| e == "driver attach h1 node-a"),
+        "{log:#?}"
+    );
+    assert!(!harness.driver.connects("h1", NODE));
+
+    // Deleted a second later, past its backoff: it waits for the call that may still land.
+    harness.api.delete::<VolumeAttachment>("va");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    harness.catch_up("va");
+    let (action, log) = harness.reconcile("va").await;
+    assert!(!log.iter().any(|e| e.starts_with("driver")), "{log:#?}");
+    assert!(
+        !log.iter()
+            .any(|e| e.starts_with("write volumeattachments/va")),
+        "{log:#?}"
+    );
+    assert_eq!(action, Action::requeue(Duration::from_secs(14)));
+
+    // The attach lands late, within the plugin's time.
+    tokio::time::advance(Duration::from_secs(4)).await;
+    harness.driver.connect("h1", NODE);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        position(&log, "driver detach h1 node-a")
+            < position(&log, "write volumeattachments/va: finalizers []"),
+        "{log:#?}"
+    );
+    assert!(!harness.driver.connects("h1", NODE));
+}

@@ -18,6 +18,8 @@ pub struct ScriptedDriver {
     /// Whether the backend cannot be asked where a volume is connected (a CSI plugin that does
     /// not report published nodes), and attaches to any node it is asked to.
     unprobeable: AtomicBool,
+    /// How long the backend may carry out a call after its caller gave up on it.
+    settles_within: Mutex<std::time::Duration>,
 }
 
 type Meanwhile = Box<dyn FnOnce() + Send>;
@@ -30,7 +32,13 @@ impl ScriptedDriver {
             failures: Mutex::new(VecDeque::new()),
             meanwhile: Mutex::new(VecDeque::new()),
             unprobeable: AtomicBool::new(false),
+            settles_within: Mutex::new(std::time::Duration::ZERO),
         }
+    }
+
+    /// From now on a call whose caller gave up may still be carried out for up to `within`.
+    pub fn lands_late_within(&self, within: std::time::Duration) {
+        *self.settles_within.lock().expect("the script") = within;
     }
 
     /// From now on the backend cannot be probed, and refuses no attach.
@@ -120,6 +128,10 @@ impl Driver for ScriptedDriver {
 
     fn can_probe(&self) -> bool {
         !self.unprobeable.load(Ordering::SeqCst)
+    }
+
+    fn settles_within(&self) -> std::time::Duration {
+        *self.settles_within.lock().expect("the script")
     }
 
     async fn probe(&self, volume_handle: &str) -> Result<Connections, DriverError> {
