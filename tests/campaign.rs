@@ -864,6 +864,7 @@ mod plan {
     use super::support::campaign::backend::CSI_METHODS;
     use super::support::campaign::plan::{Backend, FaultOp, Plan};
     use super::support::csi::DRIVER_NAME;
+    use super::support::grpc_proxy::Fault as GrpcFault;
     use std::time::Duration;
 
     #[test]
@@ -890,14 +891,25 @@ mod plan {
             csi.len()
         );
         let mut plugin_faults = 0;
+        let mut late_calls = 0;
         for plan in &csi {
             assert_eq!(plan.nodes, [DRIVER_NAME], "seed {}", plan.seed);
             assert!(!plan.faults.qsd_restart, "seed {}", plan.seed);
             for (_, fault) in &plan.fault_ops {
                 match fault {
-                    FaultOp::Grpc { method, .. } => {
+                    FaultOp::Grpc { method, fault, .. } => {
                         assert!(CSI_METHODS.contains(method), "seed {}", plan.seed);
                         plugin_faults += 1;
+                        // Past the driver's deadline of 2 s, within one more.
+                        if let GrpcFault::Late(hold) = fault {
+                            assert!(
+                                (Duration::from_millis(2200)..Duration::from_secs(4))
+                                    .contains(hold),
+                                "seed {}: {hold:?}",
+                                plan.seed
+                            );
+                            late_calls += 1;
+                        }
                     }
                     FaultOp::PluginOutage(_) => plugin_faults += 1,
                     FaultOp::Qmp { .. } | FaultOp::Outage(_) | FaultOp::RestartQsd => {
@@ -908,6 +920,11 @@ mod plan {
             }
         }
         assert!(plugin_faults > csi.len(), "{plugin_faults} plugin faults");
+        // About a fifth of the call faults.
+        assert!(
+            (plugin_faults / 10..plugin_faults / 3).contains(&late_calls),
+            "{late_calls} late calls of {plugin_faults} plugin faults"
+        );
         for plan in plans.iter().filter(|p| p.backend == Backend::Nbd) {
             assert!(
                 !plan

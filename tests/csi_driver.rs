@@ -267,6 +267,37 @@ async fn a_lost_publish_reply_is_an_unknown_outcome_and_the_publish_happened() {
     assert!(plugin.controller_published_nodes(&volume).await.is_empty());
 }
 
+/// A call that reaches the plugin after its caller gave up is still carried out: what the
+/// driver then says of how long the plugin may take (`settles_within`, its deadline) is what the
+/// operator waits out.
+#[tokio::test]
+async fn a_late_call_lands_after_its_caller_gave_up() {
+    let plugin = CsiPlugin::start().await;
+    let deadline = Duration::from_millis(500);
+    let (proxy, driver) = proxied(&plugin, deadline).await;
+    assert_eq!(driver.settles_within(), deadline);
+    let node = plugin.node();
+    let volume = plugin.create_volume("late-call").await;
+    proxy.arm(PUBLISH, Fault::Late(Duration::from_millis(900)));
+
+    let started = Instant::now();
+    let error = driver
+        .attach(&request(&volume, node))
+        .await
+        .expect_err("the caller gives up");
+    assert_eq!(error.class(), ErrorClass::UnknownOutcome, "{error:?}");
+    assert!(started.elapsed() < Duration::from_millis(900));
+    assert!(plugin.controller_published_nodes(&volume).await.is_empty());
+    proxy.disarm(PUBLISH);
+    // Within one deadline of the caller's giving up, the plugin carries the call out.
+    tokio::time::sleep(Duration::from_millis(900).saturating_sub(started.elapsed()) + deadline / 2)
+        .await;
+    assert_eq!(
+        plugin.controller_published_nodes(&volume).await,
+        nodes(&[node])
+    );
+}
+
 #[tokio::test]
 async fn a_late_reply_is_a_timeout() {
     let plugin = CsiPlugin::start().await;

@@ -10,6 +10,9 @@
 //! - [`Fault::Drop`]: forwards, waits for the plugin's whole reply, then closes the client's
 //!   connection without sending it (the call took effect; its answer is lost).
 //! - [`Fault::Fail`]: answers with the given gRPC status and forwards nothing.
+//! - [`Fault::Late`]: holds the call back, then forwards it on a connection of its own whatever
+//!   the client did meanwhile (it may have given up at its deadline): a plugin that carries out
+//!   a call after its caller stopped waiting for it.
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri};
@@ -39,6 +42,8 @@ pub enum Fault {
     Drop,
     /// Reply with this status without forwarding.
     Fail { code: tonic::Code, message: String },
+    /// Hold the call this long, then forward it whether or not the client still waits.
+    Late(Duration),
 }
 
 #[derive(Default)]
@@ -112,6 +117,7 @@ impl Drop for GrpcProxy {
 /// Serves one client connection over one upstream connection, until either ends or a
 /// [`Fault::Drop`] kills it.
 async fn serve(stream: UnixStream, upstream: PathBuf, shared: Arc<Mutex<Shared>>) {
+    let upstream_path = upstream.clone();
     let Ok(upstream) = UnixStream::connect(&upstream).await else {
         return; // The client sees its connection closed, as with no plugin at all.
     };
@@ -124,7 +130,15 @@ async fn serve(stream: UnixStream, upstream: PathBuf, shared: Arc<Mutex<Shared>>
     let kill = Arc::new(Notify::new());
     let service = hyper::service::service_fn({
         let kill = kill.clone();
-        move |request| handle(request, sender.clone(), shared.clone(), kill.clone())
+        move |request| {
+            handle(
+                request,
+                sender.clone(),
+                upstream_path.clone(),
+                shared.clone(),
+                kill.clone(),
+            )
+        }
     });
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(stream), service);
@@ -139,6 +153,7 @@ async fn serve(stream: UnixStream, upstream: PathBuf, shared: Arc<Mutex<Shared>>
 async fn handle(
     request: Request<Incoming>,
     mut upstream: SendRequest<Incoming>,
+    upstream_path: PathBuf,
     shared: Arc<Mutex<Shared>>,
     kill: Arc<Notify>,
 ) -> Result<Response<ProxyBody>, Infallible> {
@@ -151,19 +166,12 @@ async fn handle(
     if let Some(Fault::Fail { code, message }) = &fault {
         return Ok(status_response(*code, message));
     }
+    if let Some(Fault::Late(hold)) = fault {
+        return Ok(forward_late(request, upstream_path, hold).await);
+    }
 
     let (mut parts, body) = request.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority("localhost")
-        .path_and_query(path)
-        .build()
-        .expect("a valid upstream URI");
+    parts.uri = upstream_uri(&parts.uri);
     let response = match upstream
         .send_request(Request::from_parts(parts, body))
         .await
@@ -178,7 +186,7 @@ async fn handle(
     };
 
     match fault {
-        None | Some(Fault::Fail { .. }) => {
+        None | Some(Fault::Fail { .. } | Fault::Late(_)) => {
             Ok(response.map(|body| body.map_err(BoxError::from).boxed()))
         }
         Some(Fault::Delay(delay)) => {
@@ -194,6 +202,68 @@ async fn handle(
             std::future::pending().await
         }
     }
+}
+
+/// Reads the whole call, then forwards it after `hold` from a task of its own, on a connection of
+/// its own: the client's giving up (a reset stream, a closed connection) does not stop it. The
+/// plugin's reply reaches the client if it still waits.
+async fn forward_late(
+    request: Request<Incoming>,
+    upstream: PathBuf,
+    hold: Duration,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = request.into_parts();
+    let Ok(body) = body.collect().await.map(|collected| collected.to_bytes()) else {
+        return status_response(
+            tonic::Code::Unavailable,
+            "proxy: the call's body was cut off",
+        );
+    };
+    parts.uri = upstream_uri(&parts.uri);
+    let (reply, replied) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        let response = match send_alone(&upstream, Request::from_parts(parts, body)).await {
+            Ok(response) => response,
+            Err(error) => status_response(
+                tonic::Code::Unavailable,
+                &format!("proxy: upstream failed: {error}"),
+            ),
+        };
+        let _ = reply.send(response);
+    });
+    replied.await.unwrap_or_else(|_| {
+        status_response(tonic::Code::Unavailable, "proxy: the late call was lost")
+    })
+}
+
+/// One call on a new connection to the plugin, its whole reply read.
+async fn send_alone(
+    upstream: &Path,
+    request: Request<Bytes>,
+) -> Result<Response<ProxyBody>, BoxError> {
+    let stream = UnixStream::connect(upstream).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    let connection = tokio::spawn(connection);
+    let (parts, body) = request.into_parts();
+    let request = Request::from_parts(parts, http_body_util::Full::new(body));
+    let response = sender.send_request(request).await?;
+    let (parts, body) = response.into_parts();
+    let body = collect(body).await;
+    connection.abort();
+    Ok(Response::from_parts(parts, body))
+}
+
+/// The same path on the plugin's side.
+fn upstream_uri(uri: &Uri) -> Uri {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    Uri::builder()
+        .scheme("http")
+        .authority("localhost")
+        .path_and_query(path)
+        .build()
+        .expect("a valid upstream URI")
 }
 
 /// The whole body, re-served from memory, trailers included.

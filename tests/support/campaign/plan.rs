@@ -236,6 +236,10 @@ impl FaultOp {
                 fault: GrpcFault::Delay(_),
                 ..
             } => "csi late reply",
+            Self::Grpc {
+                fault: GrpcFault::Late(_),
+                ..
+            } => "csi late call",
             Self::Grpc { .. } => "csi refused call",
             Self::PluginOutage(_) => "csi outage",
             Self::Kill { .. } => "operator SIGKILL",
@@ -258,6 +262,10 @@ const RESTART_STREAM: u64 = 0x5e7a_47ed;
 const BACKEND_STREAM: u64 = 0xc51_ba5e;
 /// The share of schedules on the csi backend, in percent.
 const CSI_SHARE: u64 = 30;
+/// Mixed into the seed for the draw of the csi faults that become late calls.
+const LATE_STREAM: u64 = 0x1a7e_ca11;
+/// The share of csi call faults that are late calls, in percent.
+const LATE_SHARE: u64 = 20;
 
 /// Slots (VolumeAttachment names) per Volume.
 pub const SLOTS: usize = 3;
@@ -353,6 +361,7 @@ impl Plan {
             nodes = vec![CSI_NODE.to_owned()];
             faults.qsd_restart = false;
             fault_ops = for_the_plugin(&mut backend_rng, fault_ops);
+            fault_ops = some_late(&mut Rng::new(seed ^ LATE_STREAM), fault_ops);
         }
         Self {
             seed,
@@ -410,6 +419,30 @@ fn for_the_plugin(rng: &mut Rng, drawn: Vec<(Duration, FaultOp)>) -> Vec<(Durati
                 other => other,
             };
             Some((at, fault))
+        })
+        .collect()
+}
+
+/// Some of the csi call faults drawn become late calls: the call reaches the plugin after the
+/// driver's deadline of 2 s (its outcome unknown to the operator), and is carried out then. Each
+/// lands within one deadline of the operator's giving up (2.2–3.9 s after it was sent): the time
+/// the operator leaves a plugin to carry out a call it started. Drawn on a stream of their own, so
+/// that the rest of the schedule is what it was without them.
+fn some_late(rng: &mut Rng, drawn: Vec<(Duration, FaultOp)>) -> Vec<(Duration, FaultOp)> {
+    drawn
+        .into_iter()
+        .map(|(at, fault)| match fault {
+            FaultOp::Grpc {
+                method, lasting, ..
+            } if rng.chance(LATE_SHARE) => (
+                at,
+                FaultOp::Grpc {
+                    method,
+                    fault: GrpcFault::Late(rng.millis(2200, 3900)),
+                    lasting,
+                },
+            ),
+            other => (at, other),
         })
         .collect()
 }
