@@ -81,6 +81,11 @@ async fn long_campaign() {
     } else {
         code
     };
+    // Another operator than this tree's (to compare a fix with what came before it).
+    let code = match std::env::var("SAFE_DETACH_OPERATOR_BIN") {
+        Ok(other) => format!("campaign of {code}, operator {other}"),
+        Err(_) => code,
+    };
     let summary = campaign(&seeds, parallel, active).await;
     let _ = std::fs::remove_file(binary);
     let table = summary.table(first, &format!("commit {code}"));
