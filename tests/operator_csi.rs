@@ -717,6 +717,36 @@ async fn a_lost_publish_reply_is_retried_and_ends_attached_with_one_publish_reco
         .await;
 }
 
+/// A publish that the plugin carries out after the operator gave up on it (the proxy holds the
+/// call 5 s, past the 3 s deadline), while its attachment is deleted: the unpublish that confirms
+/// the detach waits until the late publish can no longer land (one deadline after the timeout),
+/// so nothing stays published once the attachment is released (design.md, "Wait out a call of
+/// unknown outcome"). An unpublish at once would be answered OK before the publish landed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_that_lands_after_its_timeout_is_undone_before_the_release() {
+    let mut s = CsiScenario::start(Setup {
+        deadline: "3s",
+        ..Setup::default()
+    })
+    .await;
+    let (volume, handle) = s.volume("csi-vol").await;
+    s.proxy.arm(PUBLISH, Fault::Late(Duration::from_secs(5)));
+    let name = s.attachment("csi-va", &volume).await;
+    s.wait_event(VA, &name, "AttachFailed", &["Timeout"]).await;
+    s.proxy.disarm(PUBLISH);
+    s.delete_attachment(&name).await;
+    s.wait_attachment_gone(&name).await;
+    let unpublishes = s.proxy.calls(UNPUBLISH);
+    // Longer than the late publish could still take to land.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        s.published(&handle).await.is_empty(),
+        "published with no attachment left: the late publish landed after the release\n{}",
+        s.log_tail(60)
+    );
+    assert!(unpublishes >= 1, "released without an unpublish");
+}
+
 /// A force-detach the plugin keeps refusing is retried with the operator's backoff (docs/design.md,
 /// Backoff: "so that a failing backend neither hot-loops nor delays the stuck resolution"), not
 /// as fast as the API server answers. Exponential backoff from 1 s allows at most 4 attempts in
