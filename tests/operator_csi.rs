@@ -747,6 +747,39 @@ async fn a_publish_that_lands_after_its_timeout_is_undone_before_the_release() {
     assert!(unpublishes >= 1, "released without an unpublish");
 }
 
+/// The same across a crash. The operator is killed while its publish is held at the plugin, and
+/// the attachment deleted: the process started again cannot know of that call. It waits its
+/// deadline and that time again before it acts on the plugin's volumes, so its unpublish comes
+/// after the late publish landed (the campaign found this gap: seed 27649).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_left_under_way_by_a_killed_operator_is_undone_before_the_release() {
+    let mut s = CsiScenario::start(Setup {
+        deadline: "3s",
+        ..Setup::default()
+    })
+    .await;
+    let (volume, handle) = s.volume("csi-vol").await;
+    s.proxy.arm(PUBLISH, Fault::Late(Duration::from_secs(5)));
+    let name = s.attachment("csi-va", &volume).await;
+    let give_up = Instant::now() + WAIT;
+    while s.proxy.calls(PUBLISH) == 0 {
+        assert!(Instant::now() < give_up, "no publish within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.operator.kill();
+    s.proxy.disarm(PUBLISH);
+    s.delete_attachment(&name).await;
+    s.operator.restart();
+    s.wait_attachment_gone(&name).await;
+    // Longer than the late publish could still take to land.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        s.published(&handle).await.is_empty(),
+        "published with no attachment left: the late publish landed after the release\n{}",
+        s.log_tail(60)
+    );
+}
+
 /// A force-detach the plugin keeps refusing is retried with the operator's backoff (docs/design.md,
 /// Backoff: "so that a failing backend neither hot-loops nor delays the stuck resolution"), not
 /// as fast as the API server answers. Exponential backoff from 1 s allows at most 4 attempts in

@@ -1140,10 +1140,11 @@ fn attacher_rules() -> serde_json::Value {
     ])
 }
 
-/// Waits until the operator serves `/readyz` with 200 (its caches synced).
+/// Waits until the operator serves `/readyz` with 200: its caches synced, and its wait for calls
+/// an earlier process may have left under way over (twice the csi driver's deadline).
 async fn wait_ready(operator: &mut Operator) {
     let address = operator.http_address();
-    let give_up = Instant::now() + Duration::from_secs(60);
+    let give_up = Instant::now() + Duration::from_secs(180);
     loop {
         if ready(address).await {
             return;
@@ -1155,7 +1156,7 @@ async fn wait_ready(operator: &mut Operator) {
         );
         assert!(
             Instant::now() < give_up,
-            "the operator was not ready within 60 s:\n{}",
+            "the operator was not ready within 180 s:\n{}",
             operator.log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;

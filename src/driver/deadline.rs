@@ -71,6 +71,15 @@ impl Driver for Deadlined {
         self.inner.settles_within()
     }
 
+    /// A call sent just before the process before this one died ran until its deadline, and
+    /// may be carried out for as long again after that.
+    fn unsettled_at_start(&self) -> Duration {
+        match self.inner.settles_within() {
+            within if within.is_zero() => Duration::ZERO,
+            within => self.deadline + within,
+        }
+    }
+
     async fn health_check(&self) -> Result<(), DriverError> {
         self.run("health_check", self.inner.health_check()).await
     }

@@ -169,6 +169,14 @@ pub trait Driver: Send + Sync {
         Duration::ZERO
     }
 
+    /// How long a process that starts acting on this backend waits first: calls the process
+    /// before it left under way (it died, or another replica led) may still be carried out.
+    /// Zero where [`settles_within`](Self::settles_within) is; the deadline wrapper adds the
+    /// longest such a call may have run before that process was gone.
+    fn unsettled_at_start(&self) -> Duration {
+        self.settles_within()
+    }
+
     /// Whether the backend answers at all, for the operator's readiness. Not a probe: it says
     /// nothing of where any volume is connected (the csi driver calls CSI's `Probe` here).
     async fn health_check(&self) -> Result<(), DriverError> {

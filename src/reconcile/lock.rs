@@ -23,6 +23,8 @@ pub struct VolumeLocks {
     inner: Mutex<Locks>,
     /// Until when a call of unknown outcome on a volume may still be carried out by its backend.
     landing: Mutex<HashMap<(String, String), Instant>>,
+    /// Until when a call an earlier process made on any volume of a driver may still be.
+    landing_on_driver: Mutex<HashMap<String, Instant>>,
 }
 
 #[derive(Default)]
@@ -57,16 +59,45 @@ impl VolumeLocks {
         *entry = (*entry).max(until);
     }
 
-    /// How much longer a call of unknown outcome on (driver, handle) may still land; `None` once
-    /// none can.
-    pub fn may_still_land(&self, driver: &str, handle: &str) -> Option<Duration> {
-        let landing = self.landing.lock().unwrap_or_else(|p| p.into_inner());
-        if landing.is_empty() {
-            return None;
+    /// Records that calls an earlier process made on `driver`'s volumes (this process before a
+    /// restart, or the leader before this one), whose outcome this process cannot know, may
+    /// still be carried out for up to `within` from now.
+    pub fn earlier_calls_may_land(&self, driver: &str, within: Duration) {
+        if within.is_zero() {
+            return;
         }
-        landing
-            .get(&(driver.to_owned(), handle.to_owned()))?
-            .checked_duration_since(Instant::now())
+        self.landing_on_driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(driver.to_owned(), Instant::now() + within);
+    }
+
+    /// How much longer a call of unknown outcome on (driver, handle) may still land, this
+    /// process's or an earlier one's; `None` once none can.
+    pub fn may_still_land(&self, driver: &str, handle: &str) -> Option<Duration> {
+        let now = Instant::now();
+        let on_driver = {
+            let landing = self
+                .landing_on_driver
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            landing.get(driver).copied()
+        };
+        let on_volume = {
+            let landing = self.landing.lock().unwrap_or_else(|p| p.into_inner());
+            if landing.is_empty() {
+                None
+            } else {
+                landing
+                    .get(&(driver.to_owned(), handle.to_owned()))
+                    .copied()
+            }
+        };
+        on_driver
+            .into_iter()
+            .chain(on_volume)
+            .max()?
+            .checked_duration_since(now)
             .filter(|left| !left.is_zero())
     }
 
@@ -113,6 +144,31 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(locks.may_still_land("csi", "vol1"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_processs_calls_keep_every_volume_of_the_driver_unsettled() {
+        let locks = VolumeLocks::default();
+        locks.earlier_calls_may_land("csi", Duration::from_secs(15));
+        locks.earlier_calls_may_land("nbd", Duration::ZERO);
+        assert_eq!(
+            locks.may_still_land("csi", "any"),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(locks.may_still_land("nbd", "any"), None);
+        // A call of this process's own that may land later than that counts for its volume.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        locks.call_may_land("csi", "vol1", Duration::from_secs(15));
+        assert_eq!(
+            locks.may_still_land("csi", "vol1"),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(
+            locks.may_still_land("csi", "vol2"),
+            Some(Duration::from_secs(10))
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(locks.may_still_land("csi", "vol2"), None);
     }
 
     #[tokio::test]

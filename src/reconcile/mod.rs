@@ -222,11 +222,28 @@ pub async fn run(
     }
     .boxed()
     .shared();
+    // The process before this one (this one before a restart, or the leader before it) may have
+    // left calls under way that a backend carries out after their caller is gone: nothing is
+    // asked of or done to such a backend until they can no longer land, and the operator is not
+    // ready before then.
+    let earlier_calls_land_within: Vec<(String, Duration)> = config
+        .drivers
+        .iter()
+        .map(|(name, driver)| (name.clone(), driver.unsettled_at_start()))
+        .filter(|(_, within)| !within.is_zero())
+        .collect();
+    let settled = tokio::time::Instant::now()
+        + earlier_calls_land_within
+            .iter()
+            .map(|(_, within)| *within)
+            .max()
+            .unwrap_or_default();
     tokio::spawn({
         let (health, caches_synced) = (health.clone(), caches_synced.clone());
         async move {
             caches_synced.await;
             info!("caches synced");
+            tokio::time::sleep_until(settled).await;
             health.set_ready(true);
         }
     });
@@ -253,6 +270,11 @@ pub async fn run(
         field_selector_refused: AtomicBool::new(false),
         handle_selector_refused: AtomicBool::new(false),
     });
+
+    for (name, within) in &earlier_calls_land_within {
+        info!(driver = %name, wait = ?within, "acting on this driver's volumes after a wait: calls made before this process led may still land");
+        context.locks.earlier_calls_may_land(name, *within);
+    }
 
     // A Volume's change (its policy, its backend connections) concerns each of its attachments.
     // Only what an attachment's decision rests on, though: the Volume's spec (its generation),
