@@ -717,42 +717,11 @@ async fn a_lost_publish_reply_is_retried_and_ends_attached_with_one_publish_reco
         .await;
 }
 
-/// A publish that the plugin carries out after the operator gave up on it (the proxy holds the
-/// call 5 s, past the 3 s deadline), while its attachment is deleted: the unpublish that confirms
-/// the detach waits until the late publish can no longer land (one deadline after the timeout),
-/// so nothing stays published once the attachment is released (design.md, "Wait out a call of
-/// unknown outcome"). An unpublish at once would be answered OK before the publish landed.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_publish_that_lands_after_its_timeout_is_undone_before_the_release() {
-    let mut s = CsiScenario::start(Setup {
-        deadline: "3s",
-        ..Setup::default()
-    })
-    .await;
-    let (volume, handle) = s.volume("csi-vol").await;
-    s.proxy.arm(PUBLISH, Fault::Late(Duration::from_secs(5)));
-    let name = s.attachment("csi-va", &volume).await;
-    s.wait_event(VA, &name, "AttachFailed", &["Timeout"]).await;
-    s.proxy.disarm(PUBLISH);
-    s.delete_attachment(&name).await;
-    s.wait_attachment_gone(&name).await;
-    let unpublishes = s.proxy.calls(UNPUBLISH);
-    // Longer than the late publish could still take to land.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        s.published(&handle).await.is_empty(),
-        "published with no attachment left: the late publish landed after the release\n{}",
-        s.log_tail(60)
-    );
-    assert!(unpublishes >= 1, "released without an unpublish");
-}
-
-/// The same across a crash. The operator is killed while its publish is held at the plugin, and
-/// the attachment deleted: the process started again cannot know of that call. It waits its
-/// deadline and that time again before it acts on the plugin's volumes, so its unpublish comes
-/// after the late publish landed (the campaign found this gap: seed 27649).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_publish_left_under_way_by_a_killed_operator_is_undone_before_the_release() {
+/// A scenario whose driver deadline is 3 s, with one Volume and one attachment of it whose
+/// publish the proxy holds 5 s, past that deadline, then carries out (the call is disarmed once
+/// it has reached the proxy). Returns the scenario, the attachment's name and the volume's
+/// handle.
+async fn publish_held_past_its_deadline() -> (CsiScenario, String, String) {
     let mut s = CsiScenario::start(Setup {
         deadline: "3s",
         ..Setup::default()
@@ -766,18 +735,50 @@ async fn a_publish_left_under_way_by_a_killed_operator_is_undone_before_the_rele
         assert!(Instant::now() < give_up, "no publish within {WAIT:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    s.operator.kill();
     s.proxy.disarm(PUBLISH);
-    s.delete_attachment(&name).await;
-    s.operator.restart();
-    s.wait_attachment_gone(&name).await;
-    // Longer than the late publish could still take to land.
+    (s, name, handle)
+}
+
+/// Once the attachment was released, and for longer than the late publish could still take to
+/// land, the plugin publishes nothing.
+async fn nothing_published_after_the_release(s: &CsiScenario, name: &str, handle: &str) {
+    s.wait_attachment_gone(name).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(
-        s.published(&handle).await.is_empty(),
+        s.published(handle).await.is_empty(),
         "published with no attachment left: the late publish landed after the release\n{}",
         s.log_tail(60)
     );
+}
+
+/// A publish that the plugin carries out after the operator gave up on it, while its attachment
+/// is deleted: the unpublish that confirms the detach waits until the late publish can no longer
+/// land (one deadline after the timeout), so nothing stays published once the attachment is
+/// released (design.md, "Wait out a call of unknown outcome"). An unpublish at once would be
+/// answered OK before the publish landed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_that_lands_after_its_timeout_is_undone_before_the_release() {
+    let (s, name, handle) = publish_held_past_its_deadline().await;
+    s.wait_event(VA, &name, "AttachFailed", &["Timeout"]).await;
+    s.delete_attachment(&name).await;
+    nothing_published_after_the_release(&s, &name, &handle).await;
+    assert!(
+        s.proxy.calls(UNPUBLISH) >= 1,
+        "released without an unpublish"
+    );
+}
+
+/// The same across a crash. The operator is killed while its publish is held at the plugin, and
+/// the attachment deleted: the process started again cannot know of that call. It waits its
+/// deadline and that time again before it acts on the plugin's volumes, so its unpublish comes
+/// after the late publish landed (the campaign found this gap: seed 27649).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_left_under_way_by_a_killed_operator_is_undone_before_the_release() {
+    let (mut s, name, handle) = publish_held_past_its_deadline().await;
+    s.operator.kill();
+    s.delete_attachment(&name).await;
+    s.operator.restart();
+    nothing_published_after_the_release(&s, &name, &handle).await;
 }
 
 /// A force-detach the plugin keeps refusing is retried with the operator's backoff (docs/design.md,

@@ -196,7 +196,12 @@ fn position(log: &[String], prefix: &str) -> usize {
 /// Creates `name`, an attachment of `vol` to [`NODE`] at the apiserver only (the cache has not
 /// seen it), held and `Attached` as the backend confirmed, on the connection `binding` names.
 fn attached_at_the_apiserver(harness: &Harness, name: &str, binding: Binding) {
-    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
+    attached_at_the_apiserver_on(harness, name, NODE, binding);
+}
+
+/// The same on `node`.
+fn attached_at_the_apiserver_on(harness: &Harness, name: &str, node: &str, binding: Binding) {
+    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": node }))
         .expect("an attachment spec");
     let mut attachment = harness.api.create(&VolumeAttachment::new(name, spec));
     attachment.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
@@ -1236,17 +1241,7 @@ async fn where_the_backend_cannot_be_probed_another_nodes_claim_the_cache_lacks_
         volume_uid: volume_uid.expect("a UID"),
     };
     // va, on node-b, attached as its call confirmed: at the apiserver only.
-    let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": "node-b" }))
-        .expect("an attachment spec");
-    let mut va = harness.api.create(&VolumeAttachment::new("va", spec));
-    va.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
-    va.status = Some(VolumeAttachmentStatus {
-        phase: Some(AttachmentPhase::Attached),
-        attached: true,
-        bound_to: Some(binding),
-        ..Default::default()
-    });
-    harness.api.replace(&va);
+    attached_at_the_apiserver_on(&harness, "va", "node-b", binding);
     harness.driver.connect("h1", "node-b");
 
     harness.create("vb", &[]);
