@@ -279,11 +279,11 @@ fn one_entry_per_backend(entries: &[DriverEntry]) -> Result<(), ConfigError> {
     let mut seen: BTreeMap<String, &str> = BTreeMap::new();
     for entry in entries {
         let address = match (&entry.nbd, &entry.csi) {
-            (Some(nbd), _) => format!("qmpSocket {}", nbd.qmp_socket.display()),
+            (Some(nbd), _) => format!("qmpSocket {}", same_file(&nbd.qmp_socket).display()),
             (None, Some(csi)) => {
                 let endpoint = csi.endpoint.to_string_lossy();
                 let path = endpoint.strip_prefix("unix://").unwrap_or(&endpoint);
-                format!("endpoint {path}")
+                format!("endpoint {}", same_file(Path::new(path)).display())
             }
             (None, None) => continue,
         };
@@ -297,6 +297,12 @@ fn one_entry_per_backend(entries: &[DriverEntry]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// One name for every way of writing a socket's path: its symbolic links and `..` resolved
+/// where it exists already, its `.` and repeated `/` dropped where it does not.
+fn same_file(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.components().collect())
 }
 
 #[cfg(test)]
@@ -333,10 +339,25 @@ mod tests {
                 .contains("qmpSocket /run/qmp.sock is driver \"a\"'s too"),
             "{refused}"
         );
-        // `unix://` is only a way of writing the same socket.
+        // `unix://`, `//`, `.` and a symbolic link are only ways of writing the same socket.
         assert!(
             one_entry_per_backend(&[csi("a", "unix:///csi/c.sock"), csi("b", "/csi/c.sock")])
                 .is_err()
+        );
+        assert!(
+            one_entry_per_backend(&[csi("a", "/csi//./c.sock"), csi("b", "/csi/c.sock")]).is_err()
+        );
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let socket = dir.path().join("qmp.sock");
+        std::fs::write(&socket, "").expect("a file");
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&socket, &link).expect("a symbolic link");
+        assert!(
+            one_entry_per_backend(&[
+                nbd("a", socket.to_str().expect("UTF-8")),
+                nbd("b", link.to_str().expect("UTF-8")),
+            ])
+            .is_err()
         );
         assert!(
             one_entry_per_backend(&[

@@ -722,13 +722,18 @@ async fn a_lost_publish_reply_is_retried_and_ends_attached_with_one_publish_reco
 /// it has reached the proxy). Returns the scenario, the attachment's name and the volume's
 /// handle.
 async fn publish_held_past_its_deadline() -> (CsiScenario, String, String) {
+    publish_held(Fault::Late(Duration::from_secs(5))).await
+}
+
+/// The same, with the publish armed with `fault`.
+async fn publish_held(fault: Fault) -> (CsiScenario, String, String) {
     let mut s = CsiScenario::start(Setup {
         deadline: "3s",
         ..Setup::default()
     })
     .await;
     let (volume, handle) = s.volume("csi-vol").await;
-    s.proxy.arm(PUBLISH, Fault::Late(Duration::from_secs(5)));
+    s.proxy.arm(PUBLISH, fault);
     let name = s.attachment("csi-va", &volume).await;
     let give_up = Instant::now() + WAIT;
     while s.proxy.calls(PUBLISH) == 0 {
@@ -766,6 +771,19 @@ async fn a_publish_that_lands_after_its_timeout_is_undone_before_the_release() {
         s.proxy.calls(UNPUBLISH) >= 1,
         "released without an unpublish"
     );
+}
+
+/// The same when the publish's reply is lost at once (the connection cut a moment after the
+/// send) and the plugin carries it out 5 s after the send, within its deadline and one more: the
+/// wait is counted from the send, not from the lost reply, so the unpublish comes after the
+/// publish landed. Counted from the lost reply (3 s), the unpublish would be answered OK first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_whose_reply_was_lost_early_and_that_lands_late_is_undone_before_the_release() {
+    let (s, name, handle) = publish_held(Fault::LateAfterCut(Duration::from_secs(5))).await;
+    s.wait_event(VA, &name, "AttachFailed", &["LostReply"])
+        .await;
+    s.delete_attachment(&name).await;
+    nothing_published_after_the_release(&s, &name, &handle).await;
 }
 
 /// The same across a crash. The operator is killed while its publish is held at the plugin, and

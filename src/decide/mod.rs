@@ -647,17 +647,39 @@ fn decide_unprobed(
                 rolled_forward: false,
             }
         }
-        AttachmentPhase::Attaching if stuck => {
-            stuck_step(policy, ForceDetachReason::StuckAttaching, Step::Attach)
+        AttachmentPhase::Attaching if policy.multi_attach => {
+            if stuck {
+                stuck_step(policy, ForceDetachReason::StuckAttaching, Step::Attach)
+            } else {
+                Step::Attach
+            }
         }
-        AttachmentPhase::Attaching => Step::Attach,
+        // Single-attach, an attach already intended: called again only while no other node's
+        // record claims the volume. An intent decided on such a list finds none; one that was
+        // not (written while the Volume was multi-attach) may. Its own call may have landed, so
+        // it stays Attaching rather than Pending, and once stuck it is forced off its own node
+        // (case 1) or waits for a person's token: two such intents cannot wait on each other
+        // for good.
+        AttachmentPhase::Attaching => {
+            let go_on = match input.claimed_elsewhere {
+                None => return Step::Refresh,
+                Some([]) => Step::Attach,
+                Some(claims) => Step::BlockAttach {
+                    holders: claims.to_vec(),
+                    seen_in: HoldersSeenIn::Records,
+                },
+            };
+            if stuck {
+                stuck_step(policy, ForceDetachReason::StuckAttaching, go_on)
+            } else {
+                go_on
+            }
+        }
         AttachmentPhase::Attached => Step::wait(Wait::Converged, Some(input.resync)),
         _ if policy.multi_attach => Step::BeginAttach,
         // Pending, Detached or Failed, single-attach: a new attach only when no other node's
         // record claims the volume. The backend's refusal of a second single-writer attach is
-        // a second guard, not the only one. An attach already intended (Attaching) goes on: it
-        // was decided on such a list, and blocking it could leave two intents waiting on each
-        // other.
+        // a second guard, not the only one.
         _ => match input.claimed_elsewhere {
             None => Step::Refresh,
             Some([]) => Step::BeginAttach,

@@ -113,7 +113,13 @@ pub fn after_step(input: &Input, step: &Step) -> VolumeAttachmentStatus {
             ready(&mut status, input, ConditionStatus::True, reason, message);
         }
         Step::BlockAttach { holders, seen_in } => {
-            set_phase(&mut status, AttachmentPhase::Pending, input.now);
+            // An intent blocked by another node's record keeps its phase: where nothing can be
+            // probed its own call may have landed, and its stuck clock runs on.
+            if !(*seen_in == HoldersSeenIn::Records
+                && phase_of(&status) == AttachmentPhase::Attaching)
+            {
+                set_phase(&mut status, AttachmentPhase::Pending, input.now);
+            }
             let holders = holders.join(", ");
             let (reason, message) = match seen_in {
                 HoldersSeenIn::Backend => (

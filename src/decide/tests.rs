@@ -366,10 +366,41 @@ fn where_the_backend_cannot_be_asked_another_nodes_record_blocks_a_new_single_at
         multi.policy.multi_attach = true;
         assert_eq!(decide_with(&multi, Some(&claims)), Step::BeginAttach);
     }
-    // An attach already intended goes on (it was decided on such a list): blocking it could
-    // leave two intents waiting on each other, and the backend still refuses a second writer.
+    // An attach already intended is called again only while no other node claims the volume
+    // (an intent written while the Volume was multi-attach was decided on no list); its phase
+    // stays (its call may have landed), and once stuck it is forced off its own node, or waits
+    // for a person: two such intents never wait on each other for good.
     let attaching = Row::new(Attaching, unprobed.clone());
-    assert_eq!(decide_with(&attaching, Some(&claims)), Step::Attach);
+    let blocked = Step::BlockAttach {
+        holders: claims.to_vec(),
+        seen_in: HoldersSeenIn::Records,
+    };
+    assert_eq!(decide_with(&attaching, Some(&claims)), blocked);
+    assert_eq!(decide_with(&attaching, Some(&[])), Step::Attach);
+    assert_eq!(decide_with(&attaching, None), Step::Refresh);
+    let status = stepped(&attaching.status, &blocked, &attaching.input());
+    assert_eq!(status.phase, Some(Attaching));
+    assert_eq!(
+        decide_with(
+            &Row::new(Attaching, unprobed.clone()).stuck(),
+            Some(&claims)
+        ),
+        Step::ForceDetach {
+            reason: ForceDetachReason::StuckAttaching,
+            token: None
+        }
+    );
+    assert_eq!(
+        decide_with(
+            &Row::new(Attaching, unprobed.clone()).stuck().manual(),
+            Some(&claims)
+        ),
+        blocked
+    );
+    let mut multi = Row::new(Attaching, unprobed.clone());
+    multi.policy.multi_attach = true;
+    assert_eq!(decide_with(&multi, Some(&claims)), Step::Attach);
+    assert_eq!(decide_with(&multi, None), Step::Attach);
     // A backend that answers is asked instead of the records.
     let probed = Row::new(Pending, connected(&[]));
     assert_eq!(decide_with(&probed, Some(&claims)), Step::BeginAttach);

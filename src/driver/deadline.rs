@@ -71,9 +71,9 @@ impl Driver for Deadlined {
         self.inner.settles_within()
     }
 
-    /// A call sent just before the process before this one died ran until its deadline, and
-    /// may be carried out for as long again after that.
-    fn unsettled_at_start(&self) -> Duration {
+    /// A call runs until its deadline, and may be carried out for as long as the backend
+    /// settles after that.
+    fn lands_within(&self) -> Duration {
         match self.inner.settles_within() {
             within if within.is_zero() => Duration::ZERO,
             within => self.deadline + within,

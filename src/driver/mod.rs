@@ -161,19 +161,21 @@ pub trait Driver: Send + Sync {
         true
     }
 
-    /// How long after a call of unknown outcome (a timeout, a lost reply) the backend may still
-    /// carry that call out. Until then no other call or probe on the volume may be taken as the
-    /// backend's last word: an opposite call answered OK meanwhile could be undone by the late
-    /// one. Zero for a backend that carries out or drops a command before it serves anyone else.
+    /// How long after its deadline a call may still be carried out by the backend (an operation
+    /// the backend started may outlive the cancelled call). Zero for a backend that carries out
+    /// or drops a command before it serves anyone else.
     fn settles_within(&self) -> Duration {
         Duration::ZERO
     }
 
-    /// How long a process that starts acting on this backend waits first: calls the process
-    /// before it left under way (it died, or another replica led) may still be carried out.
-    /// Zero where [`settles_within`](Self::settles_within) is; the deadline wrapper adds the
-    /// longest such a call may have run before that process was gone.
-    fn unsettled_at_start(&self) -> Duration {
+    /// How long after it was sent a call may still be carried out: until then, once its outcome
+    /// is unknown (a timeout, a lost reply, however early), no other call or probe on the volume
+    /// may be taken as the backend's last word, since an opposite call answered OK meanwhile
+    /// could be undone by the late one. A process that starts acting on this backend waits as
+    /// long first: the process before it (it died, or another replica led) may have sent a call
+    /// just before it was gone. Zero where [`settles_within`](Self::settles_within) is; the
+    /// deadline wrapper adds the deadline.
+    fn lands_within(&self) -> Duration {
         self.settles_within()
     }
 

@@ -492,6 +492,7 @@ impl<'a> Reconcile<'a> {
             if !self.context.fence.permits() {
                 return Ok(self.outcome(Recheck::Soon(FENCED_RECHECK)));
             }
+            let sent = tokio::time::Instant::now();
             let result = match &step {
                 Step::Attach => self.attach(target).await.map(Some),
                 Step::Detach => detach_safely(target, &node).await.map(|()| None),
@@ -506,7 +507,8 @@ impl<'a> Reconcile<'a> {
                 self.context.locks.call_may_land(
                     &target.driver_name,
                     &target.handle,
-                    target.driver.settles_within(),
+                    sent,
+                    target.driver.lands_within(),
                 );
             }
             if result.is_ok() && matches!(step, Step::Detach | Step::ForceDetach { .. }) {
@@ -770,13 +772,17 @@ impl<'a> Reconcile<'a> {
         siblings.into_iter().next()
     }
 
-    /// Whether this attachment, live and about to attach anew, can ask no backend whether another
-    /// node holds its single-attach volume: the records of the other attachments of that backend
-    /// volume are then listed on the turn, before the reads (as a deleted one lists its claims).
+    /// Whether this attachment, live and about to call an attach (anew, or again for an intent),
+    /// can ask no backend whether another node holds its single-attach volume: the records of
+    /// the other attachments of that backend volume are then listed on the turn, before the
+    /// reads (as a deleted one lists its claims).
     fn guards_by_records(&self, target: &Result<Target, VolumeProblem>) -> bool {
         let begins_an_attach = matches!(
             phase_of(&self.status),
-            AttachmentPhase::Pending | AttachmentPhase::Failed | AttachmentPhase::Detached
+            AttachmentPhase::Pending
+                | AttachmentPhase::Failed
+                | AttachmentPhase::Detached
+                | AttachmentPhase::Attaching
         );
         self.attachment.metadata.deletion_timestamp.is_none()
             && begins_an_attach

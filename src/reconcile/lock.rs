@@ -44,13 +44,15 @@ impl VolumeLocks {
         tokio::time::timeout(wait, lock.lock_owned()).await.ok()
     }
 
-    /// Records that a call on (driver, handle) ended without a known outcome, and that its
-    /// backend may still carry it out for up to `within`.
-    pub fn call_may_land(&self, driver: &str, handle: &str, within: Duration) {
+    /// Records that a call on (driver, handle), sent at `sent`, ended without a known outcome,
+    /// and that its backend may still carry it out for up to `within` after it was sent
+    /// ([`Driver::lands_within`](crate::driver::Driver::lands_within)): counted from the send,
+    /// so that a reply lost early is waited out as long as a timeout.
+    pub fn call_may_land(&self, driver: &str, handle: &str, sent: Instant, within: Duration) {
         if within.is_zero() {
             return;
         }
-        let until = Instant::now() + within;
+        let until = sent + within;
         let mut landing = self.landing.lock().unwrap_or_else(|p| p.into_inner());
         landing.retain(|_, until| *until > Instant::now());
         let entry = landing
@@ -126,11 +128,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_call_of_unknown_outcome_keeps_its_volume_unsettled_for_the_time_given() {
         let locks = VolumeLocks::default();
+        let now = Instant::now();
         assert_eq!(locks.may_still_land("csi", "vol1"), None);
-        locks.call_may_land("csi", "vol1", Duration::ZERO);
+        locks.call_may_land("csi", "vol1", now, Duration::ZERO);
         assert_eq!(locks.may_still_land("csi", "vol1"), None);
-        locks.call_may_land("csi", "vol1", Duration::from_secs(30));
-        locks.call_may_land("csi", "vol1", Duration::from_secs(10));
+        locks.call_may_land("csi", "vol1", now, Duration::from_secs(30));
+        locks.call_may_land("csi", "vol1", now, Duration::from_secs(10));
         assert_eq!(
             locks.may_still_land("csi", "vol1"),
             Some(Duration::from_secs(30))
@@ -146,6 +149,23 @@ mod tests {
         assert_eq!(locks.may_still_land("csi", "vol1"), None);
     }
 
+    /// A reply lost a moment after the send is waited out as long, from the send, as a call
+    /// that ran to its deadline: the backend got the same deadline either way.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_may_land_counted_from_its_send_not_from_its_end() {
+        let locks = VolumeLocks::default();
+        let sent = Instant::now();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        locks.call_may_land("csi", "vol1", sent, Duration::from_secs(6));
+        assert_eq!(
+            locks.may_still_land("csi", "vol1"),
+            Some(Duration::from_millis(5900))
+        );
+        // A call whose time has run out already by the time its end is recorded leaves nothing.
+        locks.call_may_land("csi", "vol2", sent, Duration::from_millis(50));
+        assert_eq!(locks.may_still_land("csi", "vol2"), None);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_earlier_processs_calls_keep_every_volume_of_the_driver_unsettled() {
         let locks = VolumeLocks::default();
@@ -158,7 +178,7 @@ mod tests {
         assert_eq!(locks.may_still_land("nbd", "any"), None);
         // A call of this process's own that may land later than that counts for its volume.
         tokio::time::advance(Duration::from_secs(5)).await;
-        locks.call_may_land("csi", "vol1", Duration::from_secs(15));
+        locks.call_may_land("csi", "vol1", Instant::now(), Duration::from_secs(15));
         assert_eq!(
             locks.may_still_land("csi", "vol1"),
             Some(Duration::from_secs(15))

@@ -229,7 +229,7 @@ pub async fn run(
     let earlier_calls_land_within: Vec<(String, Duration)> = config
         .drivers
         .iter()
-        .map(|(name, driver)| (name.clone(), driver.unsettled_at_start()))
+        .map(|(name, driver)| (name.clone(), driver.lands_within()))
         .filter(|(_, within)| !within.is_zero())
         .collect();
     let settled = tokio::time::Instant::now()
@@ -523,11 +523,15 @@ where
     K: reflector::Lookup + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    // An error means the writer is gone with its controller: nothing will ever be synced.
-    while tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready())
-        .await
-        .is_err()
-    {}
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
+            Ok(Ok(())) => return,
+            // The writer is gone with its controller (the operator is stopping): nothing will
+            // ever be synced, and nothing may say it was.
+            Ok(Err(_)) => std::future::pending::<()>().await,
+            Err(_) => {}
+        }
+    }
 }
 
 /// The other Volumes of this replica's shard that name the same backend volume (driver and

@@ -312,13 +312,14 @@ async fn force_detach_orphan(
     node: &str,
 ) -> bool {
     let handle = &volume.spec.volume_handle;
+    let sent = tokio::time::Instant::now();
     let result = ok_if_not_connected(driver.force_detach(handle, node).await);
     if let Err(error) = &result
         && error.class() == ErrorClass::UnknownOutcome
     {
         context
             .locks
-            .call_may_land(&volume.spec.driver, handle, driver.settles_within());
+            .call_may_land(&volume.spec.driver, handle, sent, driver.lands_within());
     }
     // An OK call counts once the backend shows the connection gone.
     let answer = match &result {

@@ -12,7 +12,8 @@
 //! - [`Fault::Fail`]: answers with the given gRPC status and forwards nothing.
 //! - [`Fault::Late`]: holds the call back, then forwards it on a connection of its own whatever
 //!   the client did meanwhile (it may have given up at its deadline): a plugin that carries out
-//!   a call after its caller stopped waiting for it.
+//!   a call after its caller stopped waiting for it. [`Fault::LateAfterCut`] does the same and
+//!   cuts the client off at once: a reply lost early.
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri};
@@ -44,6 +45,9 @@ pub enum Fault {
     Fail { code: tonic::Code, message: String },
     /// Hold the call this long, then forward it whether or not the client still waits.
     Late(Duration),
+    /// Close the client's connection at once, and forward the call after this long: a reply
+    /// lost early, for a call that the plugin carries out late.
+    LateAfterCut(Duration),
 }
 
 #[derive(Default)]
@@ -169,6 +173,13 @@ async fn handle(
     if let Some(Fault::Late(hold)) = fault {
         return Ok(forward_late(request, upstream_path, hold).await);
     }
+    if let Some(Fault::LateAfterCut(hold)) = fault {
+        if let Err(response) = send_later(request, upstream_path, hold).await {
+            return Ok(response);
+        }
+        kill.notify_one();
+        return Ok(std::future::pending().await);
+    }
 
     let (mut parts, body) = request.into_parts();
     parts.uri = upstream_uri(&parts.uri);
@@ -186,7 +197,7 @@ async fn handle(
     };
 
     match fault {
-        None | Some(Fault::Fail { .. } | Fault::Late(_)) => {
+        None | Some(Fault::Fail { .. } | Fault::Late(_) | Fault::LateAfterCut(_)) => {
             Ok(response.map(|body| body.map_err(BoxError::from).boxed()))
         }
         Some(Fault::Delay(delay)) => {
@@ -212,12 +223,27 @@ async fn forward_late(
     upstream: PathBuf,
     hold: Duration,
 ) -> Response<ProxyBody> {
+    match send_later(request, upstream, hold).await {
+        Ok(replied) => replied.await.unwrap_or_else(|_| {
+            status_response(tonic::Code::Unavailable, "proxy: the late call was lost")
+        }),
+        Err(response) => response,
+    }
+}
+
+/// Reads the whole call and leaves a task of its own to send it after `hold`; its reply comes
+/// on the channel returned.
+async fn send_later(
+    request: Request<Incoming>,
+    upstream: PathBuf,
+    hold: Duration,
+) -> Result<tokio::sync::oneshot::Receiver<Response<ProxyBody>>, Response<ProxyBody>> {
     let (mut parts, body) = request.into_parts();
     let Ok(body) = body.collect().await.map(|collected| collected.to_bytes()) else {
-        return status_response(
+        return Err(status_response(
             tonic::Code::Unavailable,
             "proxy: the call's body was cut off",
-        );
+        ));
     };
     parts.uri = upstream_uri(&parts.uri);
     let (reply, replied) = tokio::sync::oneshot::channel();
@@ -232,9 +258,7 @@ async fn forward_late(
         };
         let _ = reply.send(response);
     });
-    replied.await.unwrap_or_else(|_| {
-        status_response(tonic::Code::Unavailable, "proxy: the late call was lost")
-    })
+    Ok(replied)
 }
 
 /// One call on a new connection to the plugin, its whole reply read.

@@ -325,7 +325,7 @@ impl Driver for CsiDriver {
 
     /// The plugin was told the call's deadline as its gRPC timeout and should give up by then,
     /// but an operation it started (a cloud API's request) may outlive the cancelled call: one
-    /// deadline more, from the moment the outcome became unknown.
+    /// deadline more, after the call's deadline.
     fn settles_within(&self) -> Duration {
         self.transport.call_timeout
     }

@@ -49,8 +49,10 @@ impl Transport {
                 )))
             })?
             .map_err(Failure::Driver)?;
+        // The plugin is told what is left of the deadline, so that it gives up when the caller
+        // does: a call is never carried out on the plugin's own clock past the caller's.
         let remaining = deadline.saturating_sub(started.elapsed());
-        match tokio::time::timeout(remaining, make_call(channel, deadlined(message, deadline)))
+        match tokio::time::timeout(remaining, make_call(channel, deadlined(message, remaining)))
             .await
         {
             Ok(Ok(response)) => Ok(response.into_inner()),

@@ -1295,6 +1295,75 @@ async fn where_the_backend_cannot_be_probed_another_nodes_claim_the_cache_lacks_
     assert!(harness.driver.connects("h1", NODE));
 }
 
+/// Where the backend cannot be probed, an attach already intended is not called again while
+/// another node's record claims the single-attach volume: an intent written while the Volume
+/// was multi-attach was decided on no list. It stays Attaching (its own call may have landed)
+/// and, once stuck, is forced off its own node rather than attached beside the other.
+#[tokio::test(start_paused = true)]
+async fn where_the_backend_cannot_be_probed_an_intent_is_not_attached_again_beside_another_nodes_claim()
+ {
+    let mut harness = Harness::new();
+    harness.driver.cannot_probe();
+    let volume_uid = harness.api.get::<Volume>("vol").expect("the Volume").uid();
+    let binding = Binding {
+        driver: "scripted".into(),
+        volume_handle: "h1".into(),
+        volume_uid: volume_uid.expect("a UID"),
+    };
+    attached_at_the_apiserver_on(&harness, "va", "node-b", binding.clone());
+    harness.driver.connect("h1", "node-b");
+    // vb's attach on node-a was intended while the Volume allowed several nodes, and its call
+    // failed; the Volume is single-attach now.
+    harness.create("vb", &[]);
+    let intended = |harness: &Harness, since: jiff::Timestamp| {
+        let mut vb = harness.api.get::<VolumeAttachment>("vb").expect("vb");
+        vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+        vb.status = Some(VolumeAttachmentStatus {
+            phase: Some(AttachmentPhase::Attaching),
+            phase_since: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(since)),
+            bound_to: Some(binding.clone()),
+            ..Default::default()
+        });
+        harness.api.replace(&vb);
+    };
+    intended(&harness, jiff::Timestamp::now());
+    harness.catch_up("vb");
+    let (_, log) = harness.reconcile("vb").await;
+    assert!(
+        !log.iter().any(|entry| entry.starts_with("driver attach")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|entry| entry == "event ClaimedByAnotherNode"),
+        "{log:#?}"
+    );
+    let status = harness
+        .api
+        .get::<VolumeAttachment>("vb")
+        .and_then(|vb| vb.status)
+        .expect("a status");
+    assert_eq!(status.phase, Some(AttachmentPhase::Attaching));
+    assert!(!harness.driver.connects("h1", NODE));
+
+    // Stuck past its stuckAfter: forced off its own node, never attached beside va.
+    intended(&harness, jiff::Timestamp::UNIX_EPOCH);
+    harness.catch_up("vb");
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let (_, log) = harness.reconcile("vb").await;
+    assert!(
+        log.iter()
+            .any(|entry| entry == "driver force_detach h1 node-a"),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|entry| entry.starts_with("driver attach")),
+        "{log:#?}"
+    );
+    assert!(!harness.driver.connects("h1", NODE));
+    assert!(harness.driver.connects("h1", "node-b"));
+}
+
 /// A call whose caller gave up may still be carried out by a plugin that does not stop with it.
 /// Nothing else is asked of or done to that volume until it cannot: an attach that timed out and
 /// lands 5 s later is undone by the detach after the wait, where a detach at once would have
