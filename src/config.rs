@@ -299,10 +299,19 @@ fn one_entry_per_backend(entries: &[DriverEntry]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// One name for every way of writing a socket's path: its symbolic links and `..` resolved
-/// where it exists already, its `.` and repeated `/` dropped where it does not.
+/// One name for every way of writing a socket's path: its symbolic links and `..` resolved as
+/// far as it exists already (a plugin may create its socket after the operator starts), its `.`
+/// and repeated `/` dropped beyond that.
 fn same_file(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.components().collect())
+    if let Ok(resolved) = std::fs::canonicalize(path) {
+        return resolved;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => {
+            same_file(parent).join(name)
+        }
+        _ => path.components().collect(),
+    }
 }
 
 #[cfg(test)]
@@ -352,6 +361,16 @@ mod tests {
         std::fs::write(&socket, "").expect("a file");
         let link = dir.path().join("link.sock");
         std::os::unix::fs::symlink(&socket, &link).expect("a symbolic link");
+        // A socket not made yet, in a directory reached through a link.
+        let linked_dir = dir.path().join("run");
+        std::os::unix::fs::symlink(dir.path(), &linked_dir).expect("a symbolic link");
+        assert!(
+            one_entry_per_backend(&[
+                csi("a", dir.path().join("later.sock").to_str().expect("UTF-8")),
+                csi("b", linked_dir.join("later.sock").to_str().expect("UTF-8")),
+            ])
+            .is_err()
+        );
         assert!(
             one_entry_per_backend(&[
                 nbd("a", socket.to_str().expect("UTF-8")),

@@ -247,7 +247,8 @@ pub struct Input<'a> {
     pub target: Option<&'a Binding>,
     /// Another attachment of the same backend volume to the same node, not being deleted and
     /// Attached as the backend confirmed: it holds the same connection (a GitOps rename creates
-    /// one before it prunes the other).
+    /// one before it prunes the other). Asked for a deleted attachment, and for a live one that
+    /// attaches on the records alone (from the attachments listed on the turn).
     pub sibling: Option<&'a str>,
     /// For a live attachment of a single-attach volume on a backend that cannot be probed: the
     /// attachments on other nodes whose records claim a connection to the same backend volume
@@ -659,7 +660,8 @@ fn decide_unprobed(
         // not (written while the Volume was multi-attach) may. Its own call may have landed, so
         // it stays Attaching rather than Pending, and once stuck it is forced off its own node
         // (case 1) or waits for a person's token: two such intents cannot wait on each other
-        // for good.
+        // for good. Not forced while another attachment of its node holds that connection:
+        // the force would cut that one's client, for a claim that never attached.
         AttachmentPhase::Attaching => {
             let go_on = match input.claimed_elsewhere {
                 None => return Step::Refresh,
@@ -669,7 +671,7 @@ fn decide_unprobed(
                     seen_in: HoldersSeenIn::Records,
                 },
             };
-            if stuck {
+            if stuck && input.sibling.is_none() {
                 stuck_step(policy, ForceDetachReason::StuckAttaching, go_on)
             } else {
                 go_on

@@ -397,6 +397,17 @@ fn where_the_backend_cannot_be_asked_another_nodes_record_blocks_a_new_single_at
         ),
         blocked
     );
+    // Not forced off a connection another attachment of its node holds: that one's client
+    // would lose its disk for a claim that never attached.
+    let stuck = Row::new(Attaching, unprobed.clone()).stuck();
+    assert_eq!(
+        decide(&Input {
+            claimed_elsewhere: Some(&claims),
+            sibling: Some("vc"),
+            ..stuck.input()
+        }),
+        blocked
+    );
     let mut multi = Row::new(Attaching, unprobed.clone());
     multi.policy.multi_attach = true;
     assert_eq!(decide_with(&multi, Some(&claims)), Step::Attach);

@@ -755,10 +755,20 @@ impl<'a> Reconcile<'a> {
     /// attached as the backend confirmed, as the cache shows it or the apiserver listed it on
     /// this turn (`listed_siblings`): it claims the same connection.
     fn sibling(&self, ours: Option<&Binding>) -> Option<String> {
-        // Only a deleted attachment asks: the others need no answer, and the cache is large.
-        self.attachment.metadata.deletion_timestamp.as_ref()?;
         let ours = ours?;
         let claims = |a: &VolumeAttachment| self.claims_our_connection(a, ours);
+        // A live attachment asks only what was listed on its turn (where it attaches on the
+        // records alone): the cache is large, and no other live one needs the answer.
+        if self.attachment.metadata.deletion_timestamp.is_none() {
+            return self
+                .listed_siblings
+                .iter()
+                .flatten()
+                .filter(|a| claims(a))
+                .map(|a| a.name_any())
+                .filter(|name| !self.gone_siblings.contains(name))
+                .min();
+        }
         let cached = self.context.attachments.state_filter(|a| claims(a));
         let listed = self.listed_siblings.iter().flatten().filter(|a| claims(a));
         let mut siblings: Vec<String> = cached

@@ -1364,6 +1364,48 @@ async fn where_the_backend_cannot_be_probed_an_intent_is_not_attached_again_besi
     assert!(harness.driver.connects("h1", "node-b"));
 }
 
+/// The same blocked intent, stuck, is not forced off its node while another attachment of that
+/// node holds the connection: the force would cut that attachment's client.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_intent_blocked_by_the_records_does_not_cut_its_nodes_attached_connection() {
+    let mut harness = Harness::new();
+    harness.driver.cannot_probe();
+    let volume_uid = harness.api.get::<Volume>("vol").expect("the Volume").uid();
+    let binding = Binding {
+        driver: "scripted".into(),
+        volume_handle: "h1".into(),
+        volume_uid: volume_uid.expect("a UID"),
+    };
+    attached_at_the_apiserver_on(&harness, "va", "node-b", binding.clone());
+    harness.driver.connect("h1", "node-b");
+    attached_at_the_apiserver_on(&harness, "vc", NODE, binding.clone());
+    harness.driver.connect("h1", NODE);
+    harness.create("vb", &[]);
+    let mut vb = harness.api.get::<VolumeAttachment>("vb").expect("vb");
+    vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    vb.status = Some(VolumeAttachmentStatus {
+        phase: Some(AttachmentPhase::Attaching),
+        phase_since: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::UNIX_EPOCH,
+        )),
+        bound_to: Some(binding),
+        ..Default::default()
+    });
+    harness.api.replace(&vb);
+    harness.catch_up("vb");
+    let (_, log) = harness.reconcile("vb").await;
+    assert!(
+        !log.iter().any(|entry| entry.starts_with("driver ")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|entry| entry == "event ClaimedByAnotherNode"),
+        "{log:#?}"
+    );
+    assert!(harness.driver.connects("h1", NODE));
+}
+
 /// A call whose caller gave up may still be carried out by a plugin that does not stop with it.
 /// Nothing else is asked of or done to that volume until it cannot: an attach that timed out and
 /// lands 5 s later is undone by the detach after the wait, where a detach at once would have
