@@ -214,6 +214,51 @@ fn attached_at_the_apiserver_on(harness: &Harness, name: &str, node: &str, bindi
     harness.api.replace(&attachment);
 }
 
+/// What an attachment of `vol` binds to: the scripted driver, handle h1, the Volume's UID.
+fn binding_of_vol(harness: &Harness) -> Binding {
+    let volume = harness.api.get::<Volume>("vol").expect("the Volume");
+    Binding {
+        driver: "scripted".into(),
+        volume_handle: "h1".into(),
+        volume_uid: volume.uid().expect("a UID"),
+    }
+}
+
+/// `name`, created already, recorded at the apiserver as an attach intended `since` then: its
+/// finalizer, phase `Attaching`, bound to `binding`.
+fn intended_at_the_apiserver(
+    harness: &Harness,
+    name: &str,
+    binding: &Binding,
+    since: jiff::Timestamp,
+) {
+    let mut attachment = harness
+        .api
+        .get::<VolumeAttachment>(name)
+        .expect("the attachment");
+    attachment.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    attachment.status = Some(VolumeAttachmentStatus {
+        phase: Some(AttachmentPhase::Attaching),
+        phase_since: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(since)),
+        bound_to: Some(binding.clone()),
+        ..Default::default()
+    });
+    harness.api.replace(&attachment);
+}
+
+/// The reconcile logged no attach, and told of another node's claim.
+fn blocked_by_another_nodes_claim(log: &[String]) {
+    assert!(
+        !log.iter().any(|entry| entry.starts_with("driver attach")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|entry| entry == "event ClaimedByAnotherNode"),
+        "{log:#?}"
+    );
+}
+
 /// Attached and converged: the starting point of the detach tests.
 async fn attached(harness: &mut Harness, name: &str) {
     harness.create(name, &[]);
@@ -1234,12 +1279,7 @@ async fn an_attachment_found_deleted_only_by_its_refresh_still_hands_over() {
 async fn where_the_backend_cannot_be_probed_another_nodes_claim_the_cache_lacks_blocks_an_attach() {
     let mut harness = Harness::new();
     harness.driver.cannot_probe();
-    let volume_uid = harness.api.get::<Volume>("vol").expect("the Volume").uid();
-    let binding = Binding {
-        driver: "scripted".into(),
-        volume_handle: "h1".into(),
-        volume_uid: volume_uid.expect("a UID"),
-    };
+    let binding = binding_of_vol(&harness);
     // va, on node-b, attached as its call confirmed: at the apiserver only.
     attached_at_the_apiserver_on(&harness, "va", "node-b", binding);
     harness.driver.connect("h1", "node-b");
@@ -1304,40 +1344,16 @@ async fn where_the_backend_cannot_be_probed_an_intent_is_not_attached_again_besi
  {
     let mut harness = Harness::new();
     harness.driver.cannot_probe();
-    let volume_uid = harness.api.get::<Volume>("vol").expect("the Volume").uid();
-    let binding = Binding {
-        driver: "scripted".into(),
-        volume_handle: "h1".into(),
-        volume_uid: volume_uid.expect("a UID"),
-    };
+    let binding = binding_of_vol(&harness);
     attached_at_the_apiserver_on(&harness, "va", "node-b", binding.clone());
     harness.driver.connect("h1", "node-b");
     // vb's attach on node-a was intended while the Volume allowed several nodes, and its call
     // failed; the Volume is single-attach now.
     harness.create("vb", &[]);
-    let intended = |harness: &Harness, since: jiff::Timestamp| {
-        let mut vb = harness.api.get::<VolumeAttachment>("vb").expect("vb");
-        vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
-        vb.status = Some(VolumeAttachmentStatus {
-            phase: Some(AttachmentPhase::Attaching),
-            phase_since: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(since)),
-            bound_to: Some(binding.clone()),
-            ..Default::default()
-        });
-        harness.api.replace(&vb);
-    };
-    intended(&harness, jiff::Timestamp::now());
+    intended_at_the_apiserver(&harness, "vb", &binding, jiff::Timestamp::now());
     harness.catch_up("vb");
     let (_, log) = harness.reconcile("vb").await;
-    assert!(
-        !log.iter().any(|entry| entry.starts_with("driver attach")),
-        "{log:#?}"
-    );
-    assert!(
-        log.iter()
-            .any(|entry| entry == "event ClaimedByAnotherNode"),
-        "{log:#?}"
-    );
+    blocked_by_another_nodes_claim(&log);
     let status = harness
         .api
         .get::<VolumeAttachment>("vb")
@@ -1347,7 +1363,7 @@ async fn where_the_backend_cannot_be_probed_an_intent_is_not_attached_again_besi
     assert!(!harness.driver.connects("h1", NODE));
 
     // Stuck past its stuckAfter: forced off its own node, never attached beside va.
-    intended(&harness, jiff::Timestamp::UNIX_EPOCH);
+    intended_at_the_apiserver(&harness, "vb", &binding, jiff::Timestamp::UNIX_EPOCH);
     harness.catch_up("vb");
     tokio::time::advance(Duration::from_secs(11)).await;
     let (_, log) = harness.reconcile("vb").await;
@@ -1370,28 +1386,13 @@ async fn where_the_backend_cannot_be_probed_an_intent_is_not_attached_again_besi
 async fn a_stuck_intent_blocked_by_the_records_does_not_cut_its_nodes_attached_connection() {
     let mut harness = Harness::new();
     harness.driver.cannot_probe();
-    let volume_uid = harness.api.get::<Volume>("vol").expect("the Volume").uid();
-    let binding = Binding {
-        driver: "scripted".into(),
-        volume_handle: "h1".into(),
-        volume_uid: volume_uid.expect("a UID"),
-    };
+    let binding = binding_of_vol(&harness);
     attached_at_the_apiserver_on(&harness, "va", "node-b", binding.clone());
     harness.driver.connect("h1", "node-b");
     attached_at_the_apiserver_on(&harness, "vc", NODE, binding.clone());
     harness.driver.connect("h1", NODE);
     harness.create("vb", &[]);
-    let mut vb = harness.api.get::<VolumeAttachment>("vb").expect("vb");
-    vb.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
-    vb.status = Some(VolumeAttachmentStatus {
-        phase: Some(AttachmentPhase::Attaching),
-        phase_since: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            jiff::Timestamp::UNIX_EPOCH,
-        )),
-        bound_to: Some(binding),
-        ..Default::default()
-    });
-    harness.api.replace(&vb);
+    intended_at_the_apiserver(&harness, "vb", &binding, jiff::Timestamp::UNIX_EPOCH);
     harness.catch_up("vb");
     let (_, log) = harness.reconcile("vb").await;
     assert!(
