@@ -498,6 +498,7 @@ mod observe {
             vec![record("u", "2", AttachmentPhase::Attached, false), on_n1],
             &["n0", "n1"],
         ));
+        o.finish();
         assert_eq!(rules(&o), [Rule::DoubleAttach]);
     }
 
@@ -547,6 +548,7 @@ mod observe {
             ],
             &["n0", "n1"],
         ));
+        o.finish();
         assert_eq!(rules(&o), [Rule::DoubleAttach]);
 
         // Once the single-attach Volume is gone, its multi-attach alias owns the backend volume.
@@ -603,6 +605,7 @@ mod observe {
             volumes: both(),
             ..round(on_nodes(&["n0", "n1", "n2"]), &["n0", "n1", "n2"])
         });
+        o.finish();
         assert_eq!(rules(&o), [Rule::DoubleAttach]);
         let mut o = alias_created_over_two_exports();
         o.check(&Round {
@@ -614,6 +617,7 @@ mod observe {
             volumes: both(),
             ..round(on_nodes(&["n0", "n1"]), &["n0", "n1"])
         });
+        o.finish();
         assert_eq!(rules(&o), [Rule::DoubleAttach]);
 
         // An export seen after the single-attach alias's create, of an attach whose intent was
@@ -635,8 +639,42 @@ mod observe {
                 volumes: both(),
                 ..round(records, &["n0", "n1", "n2"])
             });
+            o.finish();
             let expected: &[Rule] = if judged { &[Rule::DoubleAttach] } else { &[] };
             assert_eq!(rules(&o), expected, "intent at {version}, failed {failed}");
+        }
+
+        // The same, with the intent written and followed by Attached between two rounds: no
+        // round lists it, the watch of the attachments delivers it. Only the latest intent of an
+        // attachment the round lists for the pair counts: an older one, followed by a detach and
+        // a new intent, decided nothing the export shows.
+        for (watched, judged) in [
+            (&[("w", "5")][..], false),
+            (&[("w", "15")][..], true),
+            (&[("w", "5"), ("w", "15")][..], true),
+            (&[("gone", "5")][..], true),
+            (&[][..], true),
+        ] {
+            let mut o = alias_created_over_two_exports();
+            for (uid, version) in watched {
+                o.intents.lock().expect("intents").push(Record {
+                    uid: (*uid).into(),
+                    ..intent(version, false)
+                });
+            }
+            let mut records = on_nodes(&["n0", "n1"]);
+            records.push(Record {
+                resource_version: "3".into(),
+                ..through_vb("w", "n2", AttachmentPhase::Pending)
+            });
+            o.check(&Round {
+                volumes: both(),
+                ..round(records, &["n0", "n1", "n2"])
+            });
+            assert!(rules(&o).is_empty(), "judged a round later");
+            o.finish();
+            let expected: &[Rule] = if judged { &[Rule::DoubleAttach] } else { &[] };
+            assert_eq!(rules(&o), expected, "watched intents {watched:?}");
         }
 
         let mut o = aliased();

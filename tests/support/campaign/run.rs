@@ -8,7 +8,7 @@
 
 use super::backend::{Backend, BackendReader, CSI_METHODS, plugin_down};
 use super::observe::{
-    CreateWindow, History, Observer, Rule, Violation, VolumeCreate, VolumeDelete,
+    CreateWindow, History, Observer, Record, Rule, Violation, VolumeCreate, VolumeDelete,
 };
 use super::plan::{Backend as BackendKind, FaultOp, Op, Plan, SLOTS, VolumePlan};
 use crate::support::api_proxy::ApiProxy;
@@ -16,9 +16,12 @@ use crate::support::cluster::{TestObjects, admin_client, unique_name};
 use crate::support::operator::{Operator, Options, SHARD_LABEL};
 use crate::support::qsd::NbdClient;
 use crate::support::volume_hold::{HOLD_LABEL, HOLD_VALUE};
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, watcher};
 use kube::{Client, ResourceExt};
 use safe_detach::api::{
     AttachmentPhase, FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER, Volume, VolumeAttachment,
@@ -295,6 +298,27 @@ pub async fn run(plan: Plan) -> Outcome {
             plan.hold_at_create,
             history.clone(),
         );
+        // Every intent to attach, as a watch delivers it: a round's list can miss one written
+        // and followed by `Attached` between two rounds.
+        let intents = observer.intents.clone();
+        let attachments = world.attachments.clone();
+        let selector = format!("{SHARD_LABEL}={}", world.shard);
+        let intent_watch = tokio::spawn(async move {
+            let mut events = watcher(attachments, watcher::Config::default().labels(&selector))
+                .default_backoff()
+                .boxed();
+            while let Some(event) = events.next().await {
+                let Ok(watcher::Event::Apply(attachment) | watcher::Event::InitApply(attachment)) =
+                    event
+                else {
+                    continue;
+                };
+                let record = Record::of(&attachment);
+                if record.phase == Some(AttachmentPhase::Attaching) && !record.attach_failed {
+                    intents.lock().expect("intents").push(record);
+                }
+            }
+        });
         let world = world.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -311,6 +335,8 @@ pub async fn run(plan: Plan) -> Outcome {
                     .await;
                 tokio::time::sleep(OBSERVE_EVERY).await;
             }
+            intent_watch.abort();
+            observer.finish();
             observer
         })
     };
