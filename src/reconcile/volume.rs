@@ -9,11 +9,11 @@ use super::{
 };
 use crate::MANAGER;
 use crate::api::{VOLUME_FINALIZER, Volume, VolumeAttachment, VolumeStatus};
-use crate::decide::events::{orphan_forced, volume_between};
+use crate::decide::events::{orphan_forced, released_leaving, volume_between};
 use crate::decide::recheck::{Recheck, VolumeOutcome, volume_ending};
 use crate::decide::volume::{VolumeInput, decide_volume};
 use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, ProbeAnswer, VolumeProblem, stuck_after};
-use crate::driver::{Driver, ErrorClass, ok_if_not_connected};
+use crate::driver::{Driver, DriverError, ErrorClass, ok_if_not_connected};
 use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -194,12 +194,22 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     let problem = problem.or_else(|| {
         owner_of_handle(&aliases, &volume).map(|owner| VolumeProblem::DuplicateHandle { owner })
     });
+    let mut no_such_volume = false;
     let backend = match &driver {
         Some(driver) if problem.is_none() && !driver.can_probe() => {
             Some(ProbeAnswer::Unprobeable(None))
         }
         Some(driver) if problem.is_none() => {
-            Some(probe(driver.as_ref(), &volume.spec.volume_handle).await)
+            Some(match driver.probe(&volume.spec.volume_handle).await {
+                Ok(connections) => ProbeAnswer::Answered(connections),
+                Err(error) => {
+                    no_such_volume = matches!(
+                        error,
+                        DriverError::UnknownVolume(_) | DriverError::Invalid(_)
+                    );
+                    ProbeAnswer::Unreachable(error.to_string())
+                }
+            })
         }
         _ => None,
     };
@@ -250,6 +260,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
             orphan_policy: volume.spec.orphan_policy,
             multi_attach: volume.spec.multi_attach,
             grace: grace.unwrap_or(context.config.default_stuck_after),
+            no_such_volume,
             deleting,
             now: Timestamp::now(),
         },
@@ -261,6 +272,12 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         // No status for a Volume about to go: its write would only change the version the
         // release is conditioned on, and send the release round once more.
         finalizer::remove(&api, &volume, VOLUME_FINALIZER).await?;
+        // Told once: a Volume another finalizer keeps comes back here with ours gone.
+        if volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER)
+            && let Some(notice) = released_leaving(&name, decision.leaves.as_deref())
+        {
+            context.events.publish(&volume, &notice).await;
+        }
         info!(
             uid = volume.uid().unwrap_or_default(),
             version = volume.resource_version().unwrap_or_default(),
