@@ -287,14 +287,28 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         context.own_volume_writes.forget(&volume);
         return Ok(Pass::Done(Action::await_change()));
     }
-    persist(&volume, context, &current, &decision.status).await?;
+    let wrote = persist(&volume, context, &current, &decision.status).await?;
+    // A force rests on the Volume as this pass read it (its orphanPolicy, its grace), before the
+    // turn. A status write conditioned on that version proved it unchanged; without one, its
+    // version is read again right before the calls, and a Volume changed since is decided again.
+    if fresh && !wrote && !decision.force_detach.is_empty() && changed_since(&api, &volume).await? {
+        return Ok(Pass::ReadAgain);
+    }
 
     let mut failed = false;
     if let Some(driver) = &driver
         && context.fence.permits()
     {
         for node in &decision.force_detach {
-            failed |= !force_detach_orphan(&volume, context, driver.as_ref(), node).await;
+            let Err(class) = force_detach_orphan(&volume, context, driver.as_ref(), node).await
+            else {
+                continue;
+            };
+            failed = true;
+            // The call may still land: nothing more acts on the volume until it can no longer.
+            if class == ErrorClass::UnknownOutcome {
+                break;
+            }
         }
     }
 
@@ -320,14 +334,23 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     }))
 }
 
-/// Force-detaches the orphaned connection of `volume` to `node`, and tells how it ended: `true`
-/// when the call returned OK.
+/// Whether the Volume at the apiserver is no longer the version `volume` is (changed, deleted or
+/// re-created).
+async fn changed_since(api: &Api<Volume>, volume: &Volume) -> Result<bool, Error> {
+    let now = api.get_opt(&volume.name_any()).await?;
+    Ok(now.is_none_or(|now| {
+        now.uid() != volume.uid() || now.resource_version() != volume.resource_version()
+    }))
+}
+
+/// Force-detaches the orphaned connection of `volume` to `node`, and tells how it ended: the
+/// class of the call's error, if it failed.
 async fn force_detach_orphan(
     volume: &Volume,
     context: &Context,
     driver: &dyn Driver,
     node: &str,
-) -> bool {
+) -> Result<(), ErrorClass> {
     let handle = &volume.spec.volume_handle;
     let sent = tokio::time::Instant::now();
     let result = ok_if_not_connected(driver.force_detach(handle, node).await);
@@ -356,17 +379,18 @@ async fn force_detach_orphan(
         context.metrics.force_detached("Orphan");
     }
     context.events.publish(volume, &forced.notice).await;
-    result.is_ok()
+    result.map_err(|error| error.class())
 }
 
+/// Writes the Volume's status if it changed; tells whether it wrote.
 async fn persist(
     volume: &Volume,
     context: &Context,
     current: &VolumeStatus,
     next: &VolumeStatus,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     if current == next {
-        return Ok(());
+        return Ok(false);
     }
     let api = Api::<Volume>::all(context.client.clone());
     // Conditioned on the version the status was computed from: the apiserver refuses the write
@@ -386,5 +410,5 @@ async fn persist(
     for notice in volume_between(current, next, &volume.name_any(), volume.spec.orphan_policy) {
         context.events.publish(volume, &notice).await;
     }
-    Ok(())
+    Ok(true)
 }

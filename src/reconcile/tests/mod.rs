@@ -1160,18 +1160,11 @@ async fn an_orphan_is_not_forced_off_when_an_alias_the_cache_lacks_owns_the_back
     harness.api.create(&VolumeAttachment::new("vb", spec));
     harness.driver.connect("h1", "node-b");
 
-    let reconcile_volume = || async {
-        let now = harness.api.get::<Volume>("vol").expect("the Volume");
-        super::volume::reconcile(Arc::new(now), harness.context.clone())
-            .await
-            .expect("the Volume's reconcile");
-        std::mem::take(&mut *harness.log.lock().expect("the log"))
-    };
     // The first pass records the unclaimed connection; once its grace is over, the next pass
     // would force it, on what the cache says.
-    reconcile_volume().await;
+    reconcile_volume(&harness).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let log = reconcile_volume().await;
+    let log = reconcile_volume(&harness).await;
     assert!(
         log.iter()
             .any(|entry| entry == "list volumes spec.volumeHandle=h1"),
@@ -1455,4 +1448,74 @@ async fn after_a_call_of_unknown_outcome_nothing_acts_on_its_volume_until_it_can
         "{log:#?}"
     );
     assert!(!harness.driver.connects("h1", NODE));
+}
+
+/// `vol` under `orphanPolicy: Detach` with a grace of 1 s, connected to `nodes` with no
+/// attachment, its orphans recorded by a first reconcile and their grace over.
+async fn orphans_past_their_grace(harness: &Harness, nodes: &[&str]) {
+    let mut volume = harness.api.get::<Volume>("vol").expect("the Volume");
+    volume.spec.orphan_policy = crate::api::OrphanPolicy::Detach;
+    volume.spec.stuck_after = Some("1s".into());
+    harness.api.replace(&volume);
+    for node in nodes {
+        harness.driver.connect("h1", node);
+    }
+    reconcile_volume(harness).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+}
+
+/// The Volume controller's reconcile of `vol` as the apiserver has it; its log.
+async fn reconcile_volume(harness: &Harness) -> Vec<String> {
+    let now = harness.api.get::<Volume>("vol").expect("the Volume");
+    super::volume::reconcile(Arc::new(now), harness.context.clone())
+        .await
+        .expect("the Volume's reconcile");
+    std::mem::take(&mut *harness.log.lock().expect("the log"))
+}
+
+/// A force rests on the Volume as read before the turn. A person who sets `orphanPolicy: Report`
+/// while the pass waits for the backend's answer is not overruled: the Volume's version is read
+/// again before the call, and the pass decides again on what changed.
+#[tokio::test]
+async fn an_orphan_is_not_forced_off_on_a_policy_changed_since_the_volume_was_read() {
+    let harness = Harness::new();
+    orphans_past_their_grace(&harness, &["node-b"]).await;
+    // The pass on the cache probes first; the pass on the apiserver's Volume probes next.
+    let (api, changed) = (harness.api.clone(), Arc::new(Mutex::new(false)));
+    let seen = changed.clone();
+    harness.driver.meanwhile("probe", || {});
+    harness.driver.meanwhile("probe", move || {
+        let mut volume = api.get::<Volume>("vol").expect("the Volume");
+        volume.spec.orphan_policy = crate::api::OrphanPolicy::Report;
+        api.replace(&volume);
+        *seen.lock().expect("the flag") = true;
+    });
+    let log = reconcile_volume(&harness).await;
+    assert!(*changed.lock().expect("the flag"), "{log:#?}");
+    assert!(
+        !log.iter().any(|e| e.starts_with("driver force_detach")),
+        "forced under a policy changed to Report: {log:#?}"
+    );
+    assert!(harness.driver.connects("h1", "node-b"));
+}
+
+/// After a forced detach of unknown outcome, the pass forces no other orphan of the volume: the
+/// call may still land, and nothing acts on the volume until it can no longer.
+#[tokio::test]
+async fn after_an_orphan_force_of_unknown_outcome_no_other_orphan_is_forced_in_that_pass() {
+    let harness = Harness::new();
+    orphans_past_their_grace(&harness, &["node-b", "node-c"]).await;
+    harness.driver.fail_next(
+        "force_detach",
+        DriverError::Timeout {
+            operation: "force_detach",
+            deadline: Duration::from_secs(15),
+        },
+    );
+    let log = reconcile_volume(&harness).await;
+    let forced: Vec<&String> = log
+        .iter()
+        .filter(|e| e.starts_with("driver force_detach"))
+        .collect();
+    assert_eq!(forced, ["driver force_detach h1 node-b"], "{log:#?}");
 }
