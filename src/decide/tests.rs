@@ -2255,3 +2255,27 @@ fn how_a_volumes_reconcile_ends() {
         Recheck::Settled(Some(RESYNC))
     );
 }
+
+#[test]
+fn a_phase_under_way_with_no_recorded_start_records_one_and_becomes_stuck_from_it() {
+    // Set by hand: Detaching, connected, no phaseSince.
+    let mut row = Row::new(Detaching, connected(&[NODE])).deleting();
+    row.status.phase_since = None;
+    let step = row.decide();
+    assert!(
+        !matches!(step, Step::ForceDetach { .. }),
+        "not stuck at first sight: {step:?}"
+    );
+    let recorded = after_step(&row.input(), &step);
+    assert_eq!(recorded.phase_since, Some(Time(row.now)));
+
+    row.status = recorded;
+    row.now = row.now + STUCK_AFTER + Duration::from_secs(2);
+    assert_eq!(
+        row.decide(),
+        Step::ForceDetach {
+            reason: ForceDetachReason::StuckDetaching,
+            token: None
+        }
+    );
+}

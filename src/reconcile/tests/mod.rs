@@ -1519,3 +1519,36 @@ async fn after_an_orphan_force_of_unknown_outcome_no_other_orphan_is_forced_in_t
         .collect();
     assert_eq!(forced, ["driver force_detach h1 node-b"], "{log:#?}");
 }
+
+/// A safe detach makes two calls. When the second one's outcome is unknown, the wait for it to
+/// land runs from when it was sent, not from the first call, however long that one took.
+#[tokio::test(start_paused = true)]
+async fn the_wait_after_a_detach_of_unknown_outcome_runs_from_its_own_send() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    harness.driver.lands_late_within(Duration::from_secs(15));
+    harness
+        .driver
+        .takes("terminate_connection", Duration::from_secs(10));
+    harness.driver.fail_next(
+        "detach",
+        DriverError::Timeout {
+            operation: "detach",
+            deadline: Duration::from_secs(15),
+        },
+    );
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.catch_up("va");
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        position(&log, "driver terminate_connection h1 node-a")
+            < position(&log, "driver detach h1 node-a"),
+        "{log:#?}"
+    );
+
+    tokio::time::advance(Duration::from_secs(1)).await;
+    harness.catch_up("va");
+    let (action, log) = harness.reconcile("va").await;
+    assert!(!log.iter().any(|e| e.starts_with("driver")), "{log:#?}");
+    assert_eq!(action, Action::requeue(Duration::from_secs(14)));
+}
