@@ -15,7 +15,7 @@
 use super::lanes::{Lane, QUEUED_RECHECK};
 use super::status_patch::status_patch;
 use super::{
-    Context, Error, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
+    Context, Error, Outcome, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
     hold_volume, owner_of_handle, probe, synced, volumes_naming,
 };
 use crate::MANAGER;
@@ -137,13 +137,6 @@ pub fn error_policy(
     context: Arc<Context>,
 ) -> Action {
     Action::requeue(context.backoff.failed(&attachment.name_any(), None))
-}
-
-/// How a reconcile ended: settled (its backoff is forgotten), or to be retried with backoff after
-/// a failed driver call or an unreachable backend.
-enum Outcome {
-    Settled(Action),
-    Retry(Action),
 }
 
 /// One reconcile of one attachment: the state it carries between steps.

@@ -4,7 +4,7 @@
 
 use super::status_patch::status_patch;
 use super::{
-    Context, Error, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
+    Context, Error, Outcome, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
     hold_volume, owner_of_handle, probe, synced,
 };
 use crate::MANAGER;
@@ -31,14 +31,18 @@ pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Act
     synced(&context.attachments).await;
     let started = std::time::Instant::now();
     let volume = context.own_volume_writes.newest(volume.as_ref().clone());
-    let action = reconcile_fresh_on_conflict(volume, &context)
+    let outcome = reconcile_fresh_on_conflict(volume, &context)
         .instrument(span)
         .await;
     context.metrics.reconcile_took("Volume", started.elapsed());
-    if action.is_ok() {
-        context.backoff.succeeded(&backoff_key(&name));
+    match outcome? {
+        Outcome::Settled(action) => {
+            context.backoff.succeeded(&backoff_key(&name));
+            Ok(action)
+        }
+        // A failed force keeps its backoff growing.
+        Outcome::Retry(action) => Ok(action),
     }
-    action
 }
 
 pub fn error_policy(volume: Arc<Volume>, _error: &Error, context: Arc<Context>) -> Action {
@@ -56,32 +60,37 @@ fn backoff_key(name: &str) -> String {
 
 /// How a pass over one Volume ended.
 enum Pass {
-    Done(Action),
-    /// It would force an orphan off, or release a deleted Volume, on what the cache says: read
-    /// the Volume and its attachments from the apiserver, and decide again on those.
+    Done(Outcome),
+    /// It would force an orphan off, or release a deleted Volume, on what the cache says; or, on
+    /// the apiserver's Volume, that Volume changed before a force: read the Volume (and its
+    /// attachments) from the apiserver, and decide again on those.
     ReadAgain,
 }
 
 /// Reconciles the Volume as the cache has it. If a write finds it changed since, reads the
 /// Volume from the apiserver and reconciles that; if an orphan would be forced off or the
 /// deleted Volume released, reads the Volume and its attachments from the apiserver, and decides
-/// again on those. Nothing is forced or released on a Volume whose write was refused, and
-/// nothing on the cache's word that no attachment claims it: the attachment cache may not have
+/// again on those, and again if the Volume changes before a force. Nothing is forced or
+/// released on a Volume whose write was refused, and nothing on the cache's word that no
+/// attachment claims it: the attachment cache may not have
 /// seen one created a moment ago. The attachments are listed only then: a refused write alone
 /// (most often the cache still behind this operator's own last write) needs only the Volume again.
-async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Result<Action, Error> {
+async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Result<Outcome, Error> {
     let api = Api::<Volume>::all(context.client.clone());
     let mut volume = volume;
     let mut fresh = false;
     for _ in 0..PASSES {
         match reconcile_volume(&volume, context, fresh).await {
-            Ok(Pass::Done(action)) => return Ok(action),
-            // Only a pass on the cache proposes; the fresh pass decides.
+            Ok(Pass::Done(outcome)) => return Ok(outcome),
+            // A pass on the cache proposes; a fresh pass decides, on a Volume that has not
+            // changed since it was read.
             Ok(Pass::ReadAgain) => fresh = true,
             Err(Error::Conflict(_)) => context.metrics.write_conflict("Volume"),
             // Deleted since the cache had it (a bulk delete outruns the watch): nothing is left
             // to record or release, and the deletion's own event ends its reconciles.
-            Err(error) if error.is_not_found() => return Ok(Action::await_change()),
+            Err(error) if error.is_not_found() => {
+                return Ok(Outcome::Settled(Action::await_change()));
+            }
             Err(error) => return Err(error),
         }
         match api
@@ -90,11 +99,11 @@ async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Resul
             .filter(|fresh| fresh.uid() == volume.uid())
         {
             Some(fresh) => volume = fresh,
-            None => return Ok(Action::await_change()),
+            None => return Ok(Outcome::Settled(Action::await_change())),
         }
     }
     // Changed under every pass: look again soon, not at once.
-    Ok(Action::requeue(Duration::from_secs(1)))
+    Ok(Outcome::Settled(Action::requeue(Duration::from_secs(1))))
 }
 
 /// Passes over one Volume in one reconcile: on the cache, and at most twice more on what the
@@ -138,7 +147,9 @@ pub(super) fn claiming(
 async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Result<Pass, Error> {
     // A replica unsure of its lease writes nothing and calls nothing.
     if !context.fence.permits() {
-        return Ok(Pass::Done(Action::requeue(FENCED_RECHECK)));
+        return Ok(Pass::Done(Outcome::Settled(Action::requeue(
+            FENCED_RECHECK,
+        ))));
     }
     let api = Api::<Volume>::all(context.client.clone());
     let deleting = volume.metadata.deletion_timestamp.is_some();
@@ -170,14 +181,14 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
                 .turn(&volume.spec.driver, &volume.spec.volume_handle, TURN_WAIT)
                 .await;
             if turn.is_none() {
-                return Ok(Pass::Done(Action::requeue(BUSY_RECHECK)));
+                return Ok(Pass::Done(Outcome::Settled(Action::requeue(BUSY_RECHECK))));
             }
             // A call of unknown outcome may still land: no probe now, which it could belie.
             if let Some(left) = context
                 .locks
                 .may_still_land(&volume.spec.driver, &volume.spec.volume_handle)
             {
-                return Ok(Pass::Done(Action::requeue(left)));
+                return Ok(Pass::Done(Outcome::Settled(Action::requeue(left))));
             }
             turn
         }
@@ -285,21 +296,22 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
             "released: no attachment names it"
         );
         context.own_volume_writes.forget(&volume);
-        return Ok(Pass::Done(Action::await_change()));
+        return Ok(Pass::Done(Outcome::Settled(Action::await_change())));
     }
     let wrote = persist(&volume, context, &current, &decision.status).await?;
-    // A force rests on the Volume as this pass read it (its orphanPolicy, its grace), before the
-    // turn. A status write conditioned on that version proved it unchanged; without one, its
-    // version is read again right before the calls, and a Volume changed since is decided again.
-    if fresh && !wrote && !decision.force_detach.is_empty() && changed_since(&api, &volume).await? {
-        return Ok(Pass::ReadAgain);
-    }
 
     let mut failed = false;
     if let Some(driver) = &driver
         && context.fence.permits()
     {
-        for node in &decision.force_detach {
+        for (index, node) in decision.force_detach.iter().enumerate() {
+            // A force rests on the Volume as this pass read it, before the turn (its
+            // orphanPolicy, its grace). A status write conditioned on that version proved it
+            // unchanged just now; otherwise, and before each later force, the Volume is read
+            // again, and one changed since is decided again.
+            if (index > 0 || !wrote) && changed_since(&api, &volume).await? {
+                return Ok(Pass::ReadAgain);
+            }
             let Err(class) = force_detach_orphan(&volume, context, driver.as_ref(), node).await
             else {
                 continue;
@@ -326,20 +338,25 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         driver.as_ref().is_some_and(|d| d.can_probe_many()),
     );
     Ok(Pass::Done(match ending {
-        Recheck::Settled(None) => Action::await_change(),
-        Recheck::Settled(Some(after)) | Recheck::Soon(after) => Action::requeue(after),
-        Recheck::Backoff { deadline } => {
-            Action::requeue(context.backoff.failed(&backoff_key(&name), deadline))
+        Recheck::Settled(None) => Outcome::Settled(Action::await_change()),
+        Recheck::Settled(Some(after)) | Recheck::Soon(after) => {
+            Outcome::Settled(Action::requeue(after))
         }
+        Recheck::Backoff { deadline } => Outcome::Retry(Action::requeue(
+            context.backoff.failed(&backoff_key(&name), deadline),
+        )),
     }))
 }
 
-/// Whether the Volume at the apiserver is no longer the version `volume` is (changed, deleted or
-/// re-created).
+/// Whether the Volume at the apiserver no longer stands on the grounds `volume` gave the
+/// decision: deleted or re-created, its spec changed, or its deletion begun. A label, an
+/// annotation or another controller's finalizer changes nothing the decision rests on.
 async fn changed_since(api: &Api<Volume>, volume: &Volume) -> Result<bool, Error> {
     let now = api.get_opt(&volume.name_any()).await?;
     Ok(now.is_none_or(|now| {
-        now.uid() != volume.uid() || now.resource_version() != volume.resource_version()
+        now.uid() != volume.uid()
+            || now.spec != volume.spec
+            || now.metadata.deletion_timestamp != volume.metadata.deletion_timestamp
     }))
 }
 

@@ -1496,6 +1496,19 @@ async fn an_orphan_is_not_forced_off_on_a_policy_changed_since_the_volume_was_re
         !log.iter().any(|e| e.starts_with("driver force_detach")),
         "forced under a policy changed to Report: {log:#?}"
     );
+    // Stopped by the Volume read again after the probe, not by a refused status write.
+    let second_probe = log
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| *e == "driver probe h1")
+        .nth(1)
+        .map(|(i, _)| i)
+        .expect("two probes");
+    assert!(
+        log[second_probe..].iter().any(|e| e == "get volumes/vol"),
+        "{log:#?}"
+    );
+    assert!(!log.iter().any(|e| e.contains("refused")), "{log:#?}");
     assert!(harness.driver.connects("h1", "node-b"));
 }
 
@@ -1505,6 +1518,7 @@ async fn an_orphan_is_not_forced_off_on_a_policy_changed_since_the_volume_was_re
 async fn after_an_orphan_force_of_unknown_outcome_no_other_orphan_is_forced_in_that_pass() {
     let harness = Harness::new();
     orphans_past_their_grace(&harness, &["node-b", "node-c"]).await;
+    harness.driver.lands_late_within(Duration::from_secs(15));
     harness.driver.fail_next(
         "force_detach",
         DriverError::Timeout {
@@ -1518,6 +1532,33 @@ async fn after_an_orphan_force_of_unknown_outcome_no_other_orphan_is_forced_in_t
         .filter(|e| e.starts_with("driver force_detach"))
         .collect();
     assert_eq!(forced, ["driver force_detach h1 node-b"], "{log:#?}");
+    // The next reconcile neither probes nor forces while the call may still land.
+    let log = reconcile_volume(&harness).await;
+    assert!(!log.iter().any(|e| e.starts_with("driver")), "{log:#?}");
+}
+
+/// A force of an orphan that keeps failing is retried with a growing backoff, not every second.
+#[tokio::test]
+async fn a_failing_orphan_force_backs_off_further_each_time() {
+    let harness = Harness::new();
+    orphans_past_their_grace(&harness, &["node-b"]).await;
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        harness
+            .driver
+            .fail_next("force_detach", DriverError::Unreachable("down".into()));
+        let now = harness.api.get::<Volume>("vol").expect("the Volume");
+        let action = super::volume::reconcile(Arc::new(now), harness.context.clone())
+            .await
+            .expect("the Volume's reconcile");
+        delays.push(action);
+    }
+    assert_eq!(
+        delays,
+        [1, 2, 4].map(|s| Action::requeue(Duration::from_secs(s))),
+        "{:#?}",
+        harness.log.lock().expect("the log")
+    );
 }
 
 /// A safe detach makes two calls. When the second one's outcome is unknown, the wait for it to
