@@ -361,7 +361,8 @@ async fn changed_since(api: &Api<Volume>, volume: &Volume) -> Result<bool, Error
 }
 
 /// Force-detaches the orphaned connection of `volume` to `node`, and tells how it ended: the
-/// class of the call's error, if it failed.
+/// class of the call's error, if it failed, and `Retryable` for an OK the backend does not
+/// confirm.
 async fn force_detach_orphan(
     volume: &Volume,
     context: &Context,
@@ -396,7 +397,12 @@ async fn force_detach_orphan(
         context.metrics.force_detached("Orphan");
     }
     context.events.publish(volume, &forced.notice).await;
-    result.map_err(|error| error.class())
+    match result {
+        // Returned OK, yet still connected: looked at again with backoff, as a failure is.
+        Ok(()) if !forced.confirmed => Err(ErrorClass::Retryable),
+        Ok(()) => Ok(()),
+        Err(error) => Err(error.class()),
+    }
 }
 
 /// Writes the Volume's status if it changed; tells whether it wrote.

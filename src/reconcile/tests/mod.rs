@@ -1593,3 +1593,41 @@ async fn the_wait_after_a_detach_of_unknown_outcome_runs_from_its_own_send() {
     assert!(!log.iter().any(|e| e.starts_with("driver")), "{log:#?}");
     assert_eq!(action, Action::requeue(Duration::from_secs(14)));
 }
+
+/// A force the backend answers OK but does not show done (the connection made again at once, or
+/// a backend that acknowledges and keeps it) is looked at again with a growing backoff, not
+/// every second.
+#[tokio::test]
+async fn an_orphan_force_the_backend_does_not_confirm_backs_off_further_each_time() {
+    let harness = Harness::new();
+    orphans_past_their_grace(&harness, &["node-b"]).await;
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        // The pass on the cache probes, the pass on the apiserver's Volume probes, the force,
+        // then the probe that should confirm it: someone connects node-b again before that one.
+        let driver = harness.driver.clone();
+        harness.driver.meanwhile("probe", || {});
+        harness.driver.meanwhile("probe", || {});
+        harness
+            .driver
+            .meanwhile("probe", move || driver.connect("h1", "node-b"));
+        let now = harness.api.get::<Volume>("vol").expect("the Volume");
+        let action = super::volume::reconcile(Arc::new(now), harness.context.clone())
+            .await
+            .expect("the Volume's reconcile");
+        delays.push(action);
+    }
+    let log = harness.log.lock().expect("the log").clone();
+    assert_eq!(
+        log.iter()
+            .filter(|e| e.starts_with("driver force_detach"))
+            .count(),
+        3,
+        "{log:#?}"
+    );
+    assert_eq!(
+        delays,
+        [1, 2, 4].map(|s| Action::requeue(Duration::from_secs(s))),
+        "{log:#?}"
+    );
+}
