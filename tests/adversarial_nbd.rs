@@ -277,8 +277,11 @@ async fn deleting_a_duplicate_attachment_leaves_the_other_of_the_same_node_conne
 /// A Volume under `orphanPolicy: Detach` is the last record of a connection no attachment claims:
 /// deleted, it stays until that connection is forced off and the backend shows it gone. Here the
 /// operator's cache lags 5 s, and the reply to its forced `block-export-del` is lost (the daemon
-/// carries it out): the call's outcome is unknown, so the operator waits it out before it looks
-/// again. At no poll is the Volume gone while the export is still served, and it does go.
+/// carries it out): the call's outcome is unknown to the operator, which releases the Volume only
+/// on a later probe. Each poll reads the Volume first, then the exports: an export still served
+/// after the Volume was seen gone is a release too early (one removed between the release and
+/// that read is missed). At no poll is the Volume gone while the export is served, and it does
+/// go.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_volumes_orphan_forced_through_a_lost_reply_goes_before_the_volume() {
     let mut s = Scenario::with(Setup {

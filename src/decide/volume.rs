@@ -34,8 +34,8 @@ pub struct VolumeInput<'a> {
     /// How long a connection must stay unclaimed before `Detach` acts on it, so that an attach
     /// racing with the attachment's creation is never cut off.
     pub grace: Duration,
-    /// The probe failed for good: the backend has no such volume, or refuses its handle. Nothing
-    /// is connected under it that this Volume could detach.
+    /// The probe failed because the backend says it has no such volume: nothing is connected
+    /// under it that this Volume could detach.
     pub no_such_volume: bool,
     /// The Volume is being deleted: its finalizer goes once no attachment names it.
     pub deleting: bool,
@@ -113,9 +113,10 @@ fn left_connected(input: &VolumeInput, next: &VolumeStatus) -> Option<String> {
 /// Volume goes when the backend shows it gone), and a backend that does not answer, which may
 /// have one: the Volume is the last record of that connection. Under `Report` the connection is
 /// left in place, as it would be for a Volume that stays; the release tells so in an Event. A
-/// Volume that cannot reach its backend at all (an unknown driver, a handle another Volume owns),
-/// one whose backend has no such volume, or one whose backend cannot be probed has nothing to
-/// wait for; nor does an export that names no node, which no force can name either.
+/// Volume that cannot reach its backend at all (an unknown driver, an invalid spec, a handle
+/// another Volume owns), one whose backend says it has no such volume, or one whose backend
+/// cannot be probed has nothing to wait for; nor does an export that names no node, which no
+/// force can name either.
 fn waiting_to_go(input: &VolumeInput, next: &VolumeStatus) -> Option<(&'static str, String)> {
     if !input.held_by.is_empty() {
         let nodes: Vec<&str> = input.held_by.iter().map(String::as_str).collect();

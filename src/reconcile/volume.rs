@@ -147,9 +147,7 @@ pub(super) fn claiming(
 async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Result<Pass, Error> {
     // A replica unsure of its lease writes nothing and calls nothing.
     if !context.fence.permits() {
-        return Ok(Pass::Done(Outcome::Settled(Action::requeue(
-            FENCED_RECHECK,
-        ))));
+        return Ok(Pass::Done(Outcome::Retry(Action::requeue(FENCED_RECHECK))));
     }
     let api = Api::<Volume>::all(context.client.clone());
     let deleting = volume.metadata.deletion_timestamp.is_some();
@@ -181,14 +179,14 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
                 .turn(&volume.spec.driver, &volume.spec.volume_handle, TURN_WAIT)
                 .await;
             if turn.is_none() {
-                return Ok(Pass::Done(Outcome::Settled(Action::requeue(BUSY_RECHECK))));
+                return Ok(Pass::Done(Outcome::Retry(Action::requeue(BUSY_RECHECK))));
             }
             // A call of unknown outcome may still land: no probe now, which it could belie.
             if let Some(left) = context
                 .locks
                 .may_still_land(&volume.spec.driver, &volume.spec.volume_handle)
             {
-                return Ok(Pass::Done(Outcome::Settled(Action::requeue(left))));
+                return Ok(Pass::Done(Outcome::Retry(Action::requeue(left))));
             }
             turn
         }
@@ -214,10 +212,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
             Some(match driver.probe(&volume.spec.volume_handle).await {
                 Ok(connections) => ProbeAnswer::Answered(connections),
                 Err(error) => {
-                    no_such_volume = matches!(
-                        error,
-                        DriverError::UnknownVolume(_) | DriverError::Invalid(_)
-                    );
+                    no_such_volume = matches!(error, DriverError::UnknownVolume(_));
                     ProbeAnswer::Unreachable(error.to_string())
                 }
             })
@@ -276,7 +271,14 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
             now: Timestamp::now(),
         },
     );
-    if !fresh && (decision.release || !decision.force_detach.is_empty()) {
+    // A force that failed holds the next one back until its backoff is due, whatever woke the
+    // Volume (most often its own status write); the status is still recorded.
+    let held = if decision.force_detach.is_empty() {
+        None
+    } else {
+        context.backoff.holding(&backoff_key(&name))
+    };
+    if !fresh && (decision.release || (!decision.force_detach.is_empty() && held.is_none())) {
         return Ok(Pass::ReadAgain);
     }
     if decision.release {
@@ -299,17 +301,26 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         return Ok(Pass::Done(Outcome::Settled(Action::await_change())));
     }
     let wrote = persist(&volume, context, &current, &decision.status).await?;
+    if let Some(left) = held {
+        return Ok(Pass::Done(Outcome::Retry(Action::requeue(left))));
+    }
 
     let mut failed = false;
-    if let Some(driver) = &driver
-        && context.fence.permits()
-    {
+    if let Some(driver) = &driver {
         for (index, node) in decision.force_detach.iter().enumerate() {
+            // A replica unsure of its lease calls nothing, however far the pass has come.
+            if !context.fence.permits() {
+                break;
+            }
             // A force rests on the Volume as this pass read it, before the turn (its
             // orphanPolicy, its grace). A status write conditioned on that version proved it
             // unchanged just now; otherwise, and before each later force, the Volume is read
-            // again, and one changed since is decided again.
+            // again, and one changed since is decided again (after a failed force of this
+            // pass, once its backoff is due).
             if (index > 0 || !wrote) && changed_since(&api, &volume).await? {
+                if failed {
+                    break;
+                }
                 return Ok(Pass::ReadAgain);
             }
             let Err(class) = force_detach_orphan(&volume, context, driver.as_ref(), node).await

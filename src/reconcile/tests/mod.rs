@@ -1537,7 +1537,17 @@ async fn after_an_orphan_force_of_unknown_outcome_no_other_orphan_is_forced_in_t
     assert!(!log.iter().any(|e| e.starts_with("driver")), "{log:#?}");
 }
 
-/// A force of an orphan that keeps failing is retried with a growing backoff, not every second.
+/// The Volume controller's reconcile of `vol`, as the apiserver has it; what it asked to be
+/// woken after.
+async fn reconcile_volume_for_action(harness: &Harness) -> Action {
+    let now = harness.api.get::<Volume>("vol").expect("the Volume");
+    super::volume::reconcile(Arc::new(now), harness.context.clone())
+        .await
+        .expect("the Volume's reconcile")
+}
+
+/// A force of an orphan that keeps failing is retried with a growing backoff, not every second,
+/// and a reconcile woken before it is due (by its own status write, say) forces nothing.
 #[tokio::test]
 async fn a_failing_orphan_force_backs_off_further_each_time() {
     let harness = Harness::new();
@@ -1547,18 +1557,31 @@ async fn a_failing_orphan_force_backs_off_further_each_time() {
         harness
             .driver
             .fail_next("force_detach", DriverError::Unreachable("down".into()));
-        let now = harness.api.get::<Volume>("vol").expect("the Volume");
-        let action = super::volume::reconcile(Arc::new(now), harness.context.clone())
-            .await
-            .expect("the Volume's reconcile");
-        delays.push(action);
+        let action = reconcile_volume_for_action(&harness).await;
+        delays.push(action.clone());
+        harness.log.lock().expect("the log").clear();
+        let early = reconcile_volume_for_action(&harness).await;
+        let log = std::mem::take(&mut *harness.log.lock().expect("the log"));
+        assert!(
+            !log.iter().any(|e| e.starts_with("driver force_detach")),
+            "forced again before the backoff was due: {log:#?}"
+        );
+        assert!(early != Action::await_change(), "{early:?}");
+        tokio::time::sleep(action_delay(&action)).await;
     }
     assert_eq!(
         delays,
         [1, 2, 4].map(|s| Action::requeue(Duration::from_secs(s))),
-        "{:#?}",
-        harness.log.lock().expect("the log")
     );
+}
+
+/// The delay of a requeue.
+fn action_delay(action: &Action) -> Duration {
+    [1, 2, 4, 8]
+        .map(Duration::from_secs)
+        .into_iter()
+        .find(|d| *action == Action::requeue(*d))
+        .unwrap_or_else(|| panic!("a requeue of whole seconds: {action:?}"))
 }
 
 /// A safe detach makes two calls. When the second one's outcome is unknown, the wait for it to
@@ -1611,10 +1634,8 @@ async fn an_orphan_force_the_backend_does_not_confirm_backs_off_further_each_tim
         harness
             .driver
             .meanwhile("probe", move || driver.connect("h1", "node-b"));
-        let now = harness.api.get::<Volume>("vol").expect("the Volume");
-        let action = super::volume::reconcile(Arc::new(now), harness.context.clone())
-            .await
-            .expect("the Volume's reconcile");
+        let action = reconcile_volume_for_action(&harness).await;
+        tokio::time::sleep(action_delay(&action)).await;
         delays.push(action);
     }
     let log = harness.log.lock().expect("the log").clone();
