@@ -291,55 +291,9 @@ impl Scenario {
     /// Exports the image `handle` for `node` behind the operator's back, exactly as the driver
     /// would have (same block node and export names), and returns the export's NBD URI.
     pub async fn export_out_of_band(&self, handle: &str, node: &str, read_only: bool) -> String {
-        let image = self.qsd.image_dir().join(handle);
-        let node_name = safe_detach::driver::nbd::block_node_name(handle);
-        let added = self
-            .qsd
-            .qmp(
-                "blockdev-add",
-                json!({
-                    "driver": "raw",
-                    "node-name": node_name,
-                    "read-only": read_only,
-                    "file": { "driver": "file", "filename": image },
-                }),
-            )
-            .await;
-        if let Err(error) = &added {
-            assert!(
-                error.to_string().to_lowercase().contains("duplicate node"),
-                "blockdev-add: {error}"
-            );
-        }
-        let nbd = self.qsd.nbd_socket();
-        let started = self
-            .qsd
-            .qmp(
-                "nbd-server-start",
-                json!({ "addr": { "type": "unix", "data": { "path": nbd } } }),
-            )
-            .await;
-        if let Err(error) = &started {
-            assert!(
-                error.to_string().contains("already running"),
-                "nbd-server-start: {error}"
-            );
-        }
-        let id = export_id(handle, node);
-        self.qsd
-            .qmp(
-                "block-export-add",
-                json!({
-                    "type": "nbd",
-                    "id": id,
-                    "node-name": node_name,
-                    "name": id,
-                    "writable": !read_only,
-                }),
-            )
+        crate::support::qsd::export_out_of_band(&self.qsd.config(), handle, node, read_only)
             .await
-            .unwrap_or_else(|e| panic!("block-export-add {id}: {e}"));
-        format!("nbd+unix:///{id}?socket={}", nbd.display())
+            .unwrap_or_else(|e| panic!("export {handle} to {node} out of band: {e}"))
     }
 
     /// Deletes an export behind the operator's back (mode `hard`: connected clients are cut off)

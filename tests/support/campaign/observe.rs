@@ -45,12 +45,16 @@ pub enum Rule {
     /// A connection cut while a live attachment recorded it attached and said nothing of a
     /// detach: the operator took away a disk someone was told is there.
     CutWhileAttached,
+    /// A deleted Volume under `orphanPolicy: Detach` released while the backend still connected
+    /// it to a node no VolumeAttachment names: the connection was left with no record of it.
+    ReleasedWithOrphan,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 9] = [
+    pub const ALL: [Rule; 10] = [
         Rule::DetachedWhileExported,
         Rule::ReleasedWhileNamed,
+        Rule::ReleasedWithOrphan,
         Rule::CutWhileAttached,
         Rule::DoubleAttach,
         Rule::TokenReplayed,
@@ -71,6 +75,7 @@ impl Rule {
             Rule::HotLoop => "hot-loop",
             Rule::ReleasedWhileNamed => "released-while-named",
             Rule::CutWhileAttached => "cut-while-attached",
+            Rule::ReleasedWithOrphan => "released-with-orphan",
         }
     }
 }
@@ -335,6 +340,36 @@ struct Exported {
     intent: Option<u64>,
 }
 
+/// A connection the workload asked the backend for behind the operator's back
+/// ([`super::plan::Op::Orphan`]).
+#[derive(Clone, Debug)]
+pub struct OrphanMade {
+    pub handle: String,
+    pub sent: Instant,
+    /// `Some(true)`: made; `Some(false)`: refused (nothing made); `None`: no answer, so it may
+    /// have been made, then or later.
+    pub made: Option<bool>,
+}
+
+/// The connections the workload makes behind the operator's back, and the Volumes that must
+/// force theirs off before they go.
+#[derive(Clone, Debug, Default)]
+pub struct Orphans {
+    /// The names of the Volumes under `orphanPolicy: Detach`.
+    pub forced_first: BTreeSet<String>,
+    /// Every such connection asked for, in order.
+    pub made: Arc<Mutex<Vec<OrphanMade>>>,
+}
+
+impl Orphans {
+    /// Whether a connection of `handle` may have been made in `(after, until]`.
+    pub fn made_between(&self, handle: &str, after: Instant, until: Instant) -> bool {
+        self.made.lock().expect("orphans made").iter().any(|m| {
+            m.handle == handle && m.made != Some(false) && m.sent > after && m.sent <= until
+        })
+    }
+}
+
 /// Rounds a release stays under watch for a claim on the released Volume to show.
 const RELEASE_WATCH_ROUNDS: usize = 5;
 
@@ -383,6 +418,10 @@ pub struct Observer {
     /// Double attaches not explained by an intent seen so far, judged a round later, once a
     /// watch event that lagged the round has had time to come.
     doubles: Vec<Double>,
+    /// The connections made behind the operator's back.
+    pub orphans: Orphans,
+    /// The last Volume list that was answered, and when.
+    last_listed: Option<(Vec<VolumeId>, Instant)>,
 }
 
 /// A single-attach backend volume exported to nodes whose exports no older intent explains yet.
@@ -434,6 +473,8 @@ impl Observer {
             cuts: Vec::new(),
             intents: Arc::default(),
             doubles: Vec::new(),
+            orphans: Orphans::default(),
+            last_listed: None,
         }
     }
 
@@ -627,6 +668,8 @@ impl Observer {
             );
         }
 
+        self.check_orphans_left(round, exports);
+
         // Exclusive while a single-attach Volume that names it exists (listed this round, before
         // the exports were read; the last list if this round's failed): once that Volume is
         // gone, a multi-attach alias owns the backend volume. An attach is exclusive while such a
@@ -751,6 +794,67 @@ impl Observer {
             }
         }
         self.previous = round.records.clone();
+    }
+
+    /// A deleted Volume under `orphanPolicy: Detach` goes only once the backend shows no
+    /// connection of it that no attachment claims: one made behind the operator's back
+    /// ([`super::plan::ORPHAN_NODE`], which no attachment names) and exported without a break
+    /// from before the last list that showed the Volume held until after the list that shows it
+    /// gone was there all through its release. Judged on the Volume lists that were answered,
+    /// the Volume's uid (a Volume created again under its name is another), and only where no
+    /// other connection of its backend volume was asked for meanwhile.
+    fn check_orphans_left(&mut self, round: &Round, exports: &BTreeSet<(String, String)>) {
+        let Some(listed) = &round.volumes else {
+            return;
+        };
+        let last = self.last_listed.replace((listed.clone(), round.volumes_at));
+        let Some((before, before_at)) = last else {
+            return;
+        };
+        let removed_at_once: BTreeSet<String> = self
+            .volume_deletes
+            .lock()
+            .expect("volume deletes")
+            .iter()
+            .filter(|d| d.removed_at_once)
+            .map(|d| d.uid.clone())
+            .collect();
+        let mut left = Vec::new();
+        for gone in before.iter().filter(|v| {
+            v.held
+                && self.orphans.forced_first.contains(&v.name)
+                && !removed_at_once.contains(&v.uid)
+                && !listed.iter().any(|l| l.uid == v.uid)
+        }) {
+            let Some(handle) = self.handle_of(&gone.name).map(str::to_owned) else {
+                continue;
+            };
+            let pair = (handle.clone(), super::plan::ORPHAN_NODE.to_owned());
+            let Some(exported) = self.exported_since.get(&pair).copied() else {
+                continue;
+            };
+            if !exports.contains(&pair)
+                || exported.since >= before_at
+                || self
+                    .orphans
+                    .made_between(&handle, exported.since, round.backend_at)
+            {
+                continue;
+            }
+            left.push(format!(
+                    "Volume {} uid {} (orphanPolicy Detach) released while {handle} was exported to {}, which no VolumeAttachment names: exported since {:.3}s, the Volume listed held at {:.3}s, gone at {:.3}s, still exported at {:.3}s",
+                    gone.name,
+                    short(&gone.uid),
+                    pair.1,
+                    self.history.offset(exported.since),
+                    self.history.offset(before_at),
+                    self.history.offset(round.volumes_at),
+                self.history.offset(round.backend_at),
+            ));
+        }
+        for detail in left {
+            self.violate(Rule::ReleasedWithOrphan, round.volumes_at, detail);
+        }
     }
 
     /// A connection a live attachment records as attached is cut only after that attachment
