@@ -14,7 +14,7 @@ use super::api_proxy::ApiProxy;
 use super::cluster::{WRITE_VERBS, unique_name};
 use super::operator::{Operator, Options, SHARD_LABEL};
 use super::qmp_proxy::QmpProxy;
-use super::qsd::Qsd;
+use super::qsd::{NbdClient, Qsd};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -294,6 +294,29 @@ impl Scenario {
         crate::support::qsd::export_out_of_band(&self.qsd.config(), handle, node, read_only)
             .await
             .unwrap_or_else(|e| panic!("export {handle} to {node} out of band: {e}"))
+    }
+
+    /// Exports `handle` to `node` behind the operator's back, holds it open with an NBD client,
+    /// and waits until Volume `volume` lists the connection as an orphan; returns the client and
+    /// the Volume as it first listed it.
+    pub async fn orphan_held_open(
+        &self,
+        volume: &str,
+        handle: &str,
+        node: &str,
+    ) -> (NbdClient, Volume) {
+        let uri = self.export_out_of_band(handle, node, false).await;
+        let client = NbdClient::connect_uri(&uri)
+            .await
+            .expect("a client on the orphan");
+        let listed = self
+            .wait_volume(volume, &format!("listing {node} as an orphan"), |v| {
+                v.status
+                    .as_ref()
+                    .is_some_and(|st| st.orphans.iter().any(|o| o.node == node))
+            })
+            .await;
+        (client, listed)
     }
 
     /// Deletes an export behind the operator's back (mode `hard`: connected clients are cut off)
