@@ -294,6 +294,7 @@ impl Scenario {
         crate::support::qsd::export_out_of_band(&self.qsd.config(), handle, node, read_only)
             .await
             .unwrap_or_else(|e| panic!("export {handle} to {node} out of band: {e}"))
+            .uri
     }
 
     /// Exports `handle` to `node` behind the operator's back, holds it open with an NBD client,

@@ -345,6 +345,9 @@ struct Exported {
 #[derive(Clone, Debug)]
 pub struct OrphanMade {
     pub handle: String,
+    /// When it was asked for: once the monitor was the workload's, right before the export's
+    /// command (nothing else reaches the daemon in between, so the export is new after this);
+    /// for a make of unknown outcome, when the workload began to ask.
     pub sent: Instant,
     /// `Some(true)`: made; `Some(false)`: refused (nothing made); `None`: no answer, so it may
     /// have been made, then or later.
@@ -362,12 +365,72 @@ pub struct Orphans {
 }
 
 impl Orphans {
-    /// Whether a connection of `handle` may have been made in `(after, until]`.
+    /// Whether a connection of `handle` may have been made in `(after, until]`: one the daemon
+    /// answered made then, or one of unknown outcome asked for before `until` (its command may
+    /// have been carried out any time after).
     pub fn made_between(&self, handle: &str, after: Instant, until: Instant) -> bool {
         self.made.lock().expect("orphans made").iter().any(|m| {
-            m.handle == handle && m.made != Some(false) && m.sent > after && m.sent <= until
+            m.handle == handle
+                && m.sent <= until
+                && match m.made {
+                    Some(true) => m.sent > after,
+                    Some(false) => false,
+                    None => true,
+                }
         })
     }
+}
+
+/// The daemon's own record of the forces of orphans: every `block-export-del` of an export to
+/// [`super::plan::ORPHAN_NODE`] the operator sent (only an orphan's force sends one), by handle
+/// and time. None may come under `orphanPolicy: Report` (`detach_policy` false for the handle);
+/// under `Detach` none before `grace` has passed since the orphan was made. That is judged for
+/// the first orphan of each handle only, when the daemon answered it made: the operator keeps
+/// the time it first saw an orphan of a (volume, node) for as long as no probe of its shows that
+/// connection gone, so a later orphan that replaced one it never saw go (a daemon restart in
+/// between, a force that landed unconfirmed) may rightly be forced on the older one's time. A
+/// second of slack: the operator's record has whole seconds. Returns what broke the rule.
+pub fn judge_orphan_forces(
+    detach_policy: impl Fn(&str) -> Option<bool>,
+    made: &[OrphanMade],
+    forces: &[(String, Instant)],
+    grace: Duration,
+) -> Vec<String> {
+    let node = super::plan::ORPHAN_NODE;
+    let mut found = Vec::new();
+    for (handle, _) in forces {
+        if detach_policy(handle) == Some(false) {
+            found.push(format!(
+                "{handle} forced off {node}, though its Volume is under orphanPolicy Report"
+            ));
+        }
+    }
+    let handles: BTreeSet<&String> = made.iter().map(|m| &m.handle).collect();
+    for handle in handles {
+        let Some(first) = made
+            .iter()
+            .find(|m| &m.handle == handle && m.made != Some(false))
+        else {
+            continue;
+        };
+        if first.made != Some(true) || detach_policy(handle) != Some(true) {
+            continue;
+        }
+        let Some((_, at)) = forces
+            .iter()
+            .find(|(h, at)| h == handle && *at > first.sent)
+        else {
+            continue;
+        };
+        let after = at.duration_since(first.sent);
+        if after + Duration::from_secs(1) < grace {
+            found.push(format!(
+                "{handle} forced off {node} {:.3}s after the orphan was made (stuckAfter {grace:?})",
+                after.as_secs_f64()
+            ));
+        }
+    }
+    found
 }
 
 /// Rounds a release stays under watch for a claim on the released Volume to show.
@@ -811,20 +874,16 @@ impl Observer {
         let Some((before, before_at)) = last else {
             return;
         };
-        let removed_at_once: BTreeSet<String> = self
-            .volume_deletes
-            .lock()
-            .expect("volume deletes")
-            .iter()
-            .filter(|d| d.removed_at_once)
-            .map(|d| d.uid.clone())
-            .collect();
         let mut left = Vec::new();
         for gone in before.iter().filter(|v| {
             v.held
                 && self.orphans.forced_first.contains(&v.name)
-                && !removed_at_once.contains(&v.uid)
                 && !listed.iter().any(|l| l.uid == v.uid)
+                && !self.apiservers_race(
+                    &v.uid,
+                    self.deleted_by.get(&v.uid).copied(),
+                    self.held_since.get(&v.uid).copied(),
+                )
         }) {
             let Some(handle) = self.handle_of(&gone.name).map(str::to_owned) else {
                 continue;
@@ -1068,14 +1127,25 @@ impl Observer {
     /// the Volume held. A DELETE sent after that read a Volume already held: removed at once, it
     /// had lost its finalizer some other way, which the rule must still catch.
     fn removed_by_the_apiservers_race(&self, release: &Release) -> bool {
-        if self.hold_at_create || !release.held || release.deleted_by.is_some() {
+        release.held && self.apiservers_race(&release.uid, release.deleted_by, release.held_since)
+    }
+
+    /// Whether Volume `uid`, seen held since `held_since` and listed deleting by `deleted_by`,
+    /// went by the apiserver's delete/finalizer race ([`Self::removed_by_the_apiservers_race`]).
+    fn apiservers_race(
+        &self,
+        uid: &str,
+        deleted_by: Option<Instant>,
+        held_since: Option<Instant>,
+    ) -> bool {
+        if self.hold_at_create || deleted_by.is_some() {
             return false;
         }
-        let Some(held_since) = release.held_since else {
+        let Some(held_since) = held_since else {
             return false;
         };
         let deletes = self.volume_deletes.lock().expect("volume deletes");
-        let of_it = || deletes.iter().filter(|d| d.uid == release.uid);
+        let of_it = || deletes.iter().filter(|d| d.uid == uid);
         of_it().all(|d| d.removed_at_once) && of_it().any(|d| d.sent < held_since)
     }
 

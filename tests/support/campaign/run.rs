@@ -9,7 +9,7 @@
 use super::backend::{Backend, BackendReader, CSI_METHODS, Pair, plugin_down};
 use super::observe::{
     CreateWindow, History, Observer, OrphanMade, Orphans, Record, Rule, Violation, VolumeCreate,
-    VolumeDelete,
+    VolumeDelete, judge_orphan_forces,
 };
 use super::plan::{Backend as BackendKind, FaultOp, ORPHAN_NODE, Op, Plan, SLOTS, VolumePlan};
 use crate::support::api_proxy::ApiProxy;
@@ -826,17 +826,25 @@ async fn make_orphan(world: &World, volume: usize) -> String {
         Err(e) => return format!("skipped: {e}"),
     }
     let handle = &world.handles[volume];
-    let sent = Instant::now();
+    let began = Instant::now();
     let answer = tokio::time::timeout(
         ORPHAN_WITHIN,
         qsd::export_out_of_band(daemon, handle, ORPHAN_NODE, false),
     )
     .await;
-    let (made, line) = match answer {
-        Ok(Ok(uri)) => (Some(true), format!("ok exported to {ORPHAN_NODE}: {uri}")),
-        Ok(Err(QmpError::Refused(error))) => (Some(false), format!("refused: {error}")),
-        Ok(Err(error)) => (None, format!("unknown: {error}")),
-        Err(_) => (None, format!("unknown: no answer within {ORPHAN_WITHIN:?}")),
+    let (made, sent, line) = match answer {
+        Ok(Ok(export)) => (
+            Some(true),
+            Instant::from_std(export.asked),
+            format!("ok exported to {ORPHAN_NODE}: {}", export.uri),
+        ),
+        Ok(Err(QmpError::Refused(error))) => (Some(false), began, format!("refused: {error}")),
+        Ok(Err(error)) => (None, began, format!("unknown: {error}")),
+        Err(_) => (
+            None,
+            began,
+            format!("unknown: no answer within {ORPHAN_WITHIN:?}"),
+        ),
     };
     world
         .orphans
@@ -1115,6 +1123,30 @@ async fn converge(world: &World, backend: &mut Backend, crashes: &mut usize) -> 
             }
         }
         let connections = world.backend.connections().await;
+        // An orphan of a Volume under `orphanPolicy: Detach` that is gone (deleted before the
+        // operator held it, or removed by the apiserver's delete/finalizer race): a person creates
+        // the Volume again, so that the operator forces the orphan off.
+        if let Ok(connections) = &connections {
+            let mut created = false;
+            for (index, name) in world.volume_names.iter().enumerate() {
+                let orphan = (world.handles[index].clone(), ORPHAN_NODE.to_owned());
+                if world.plan.volumes[index].orphan_detach
+                    && connections.pairs.contains(&orphan)
+                    && !volumes.iter().any(|v| v.name_any() == *name)
+                {
+                    let result = world.create_volume(index).await;
+                    world.history.note(format!(
+                        "a person creates Volume {name} again for its orphan: {:?}",
+                        result.as_ref().map(|_| ())
+                    ));
+                    created |= result.is_ok();
+                }
+            }
+            if created {
+                tidied = false;
+                continue;
+            }
+        }
         let mut off = Vec::new();
         let mut wanted = BTreeSet::new();
         for a in &attachments {
@@ -1383,58 +1415,25 @@ async fn check_events(world: &World, observer: &mut Observer) {
     }
 }
 
-/// The backend's own record of the forces of connections made behind the operator's back (every
-/// `block-export-del` of an export to [`ORPHAN_NODE`], which only an orphan's force sends): none
-/// under `orphanPolicy: Report`, and under `Detach` none before the grace (`stuckAfter`) has
-/// passed since the connection was made. Judged for the first force after each connection the
-/// backend answered made (the export was new then), unless a force of the same connection came
-/// within the grace before it: the operator may not have seen the old one gone, and takes the
-/// new one for it.
+/// The rules of the forces of orphans ([`judge_orphan_forces`]), on the QMP proxy's record of
+/// what the operator sent.
 fn check_orphan_forces(world: &World, calls: &[Call], observer: &mut Observer) {
     let made = world.orphans.made.lock().expect("orphans made").clone();
-    let forces: Vec<(&str, std::time::Instant)> = calls
+    let forces: Vec<(String, Instant)> = calls
         .iter()
         .filter(|c| c.command == "block-export-del")
         .filter_map(|c| {
             let id = c.arguments["id"].as_str()?;
             let (handle, node) = safe_detach::driver::nbd::parse_export_id(id)?;
-            (node == ORPHAN_NODE).then_some((handle, c.at))
+            (node == ORPHAN_NODE).then(|| (handle.to_owned(), Instant::from_std(c.at)))
         })
         .collect();
-    let mut found = Vec::new();
-    for (handle, _) in &forces {
-        let Some(index) = world.handles.iter().position(|h| h == handle) else {
-            continue;
-        };
-        if !world.plan.volumes[index].orphan_detach {
-            found.push(format!(
-                "{handle} forced off {ORPHAN_NODE}, though its Volume {} is under orphanPolicy Report",
-                world.volume_names[index]
-            ));
-        }
-    }
-    for m in made.iter().filter(|m| m.made == Some(true)) {
-        let sent = m.sent.into_std();
-        let of_handle = |(handle, _): &&(&str, std::time::Instant)| *handle == m.handle;
-        let forced_just_before = forces
-            .iter()
-            .filter(of_handle)
-            .any(|(_, at)| *at <= sent && sent.duration_since(*at) < STUCK_AFTER);
-        let Some((_, first)) = forces.iter().filter(of_handle).find(|(_, at)| *at > sent) else {
-            continue;
-        };
-        // The operator's record of when it first saw the connection has whole seconds.
-        let early = first.duration_since(sent) + Duration::from_secs(1) < STUCK_AFTER;
-        if early && !forced_just_before {
-            found.push(format!(
-                "{} forced off {ORPHAN_NODE} {:.3}s after the connection was made (stuckAfter {STUCK_AFTER:?})",
-                m.handle,
-                first.duration_since(sent).as_secs_f64()
-            ));
-        }
-    }
+    let detach_policy = |handle: &str| {
+        let index = world.handles.iter().position(|h| h == handle)?;
+        Some(world.plan.volumes[index].orphan_detach)
+    };
     let now = Instant::now();
-    for detail in found {
+    for detail in judge_orphan_forces(detach_policy, &made, &forces, STUCK_AFTER) {
         observer.violate(Rule::EarlyOrUnallowedForce, now, detail);
     }
 }
