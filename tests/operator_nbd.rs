@@ -643,21 +643,14 @@ async fn case5_an_unclaimed_export_is_reported_as_an_orphan_and_left_alone() {
             .is_some_and(|st| st.phase == Some(VolumePhase::Available))
     })
     .await;
-    let orphan_uri = s.export_out_of_band(HANDLE, "node-x", false).await;
-    let mut client = NbdClient::connect_uri(&orphan_uri)
-        .await
-        .expect("a client on the orphan");
-
+    let (mut client, _) = s.orphan_held_open(&volume, HANDLE, "node-x").await;
     let reported = s
         .wait_volume(&volume, "reporting node-x as an orphan", |v| {
-            v.status
-                .as_ref()
-                .is_some_and(|st| st.orphans.iter().any(|o| o.node == "node-x"))
-                && has(
-                    volume_condition(v, "Orphaned"),
-                    "True",
-                    Some("UnclaimedConnection"),
-                )
+            has(
+                volume_condition(v, "Orphaned"),
+                "True",
+                Some("UnclaimedConnection"),
+            )
         })
         .await;
     let status = reported.status.expect("status");
@@ -711,18 +704,7 @@ async fn case5_an_orphan_is_force_detached_after_the_grace_under_orphan_policy_d
         })
         .await;
     assert_eq!(stored.spec.orphan_policy, OrphanPolicy::Detach);
-    let orphan_uri = s.export_out_of_band(HANDLE, "node-x", false).await;
-    let mut client = NbdClient::connect_uri(&orphan_uri)
-        .await
-        .expect("a client on the orphan");
-
-    let reported = s
-        .wait_volume(&volume, "listing node-x as an orphan", |v| {
-            v.status
-                .as_ref()
-                .is_some_and(|st| st.orphans.iter().any(|o| o.node == "node-x"))
-        })
-        .await;
+    let (mut client, reported) = s.orphan_held_open(&volume, HANDLE, "node-x").await;
     let since = reported.status.expect("status").orphans[0].since.0;
 
     let give_up = Instant::now() + WAIT;
@@ -775,17 +757,7 @@ async fn a_deleted_volume_under_orphan_policy_detach_goes_only_once_its_orphan_i
         v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)
     })
     .await;
-    let orphan_uri = s.export_out_of_band(HANDLE, "node-x", false).await;
-    let mut client = NbdClient::connect_uri(&orphan_uri)
-        .await
-        .expect("a client on the orphan");
-    let reported = s
-        .wait_volume(&volume, "listing node-x as an orphan", |v| {
-            v.status
-                .as_ref()
-                .is_some_and(|st| st.orphans.iter().any(|o| o.node == "node-x"))
-        })
-        .await;
+    let (mut client, reported) = s.orphan_held_open(&volume, HANDLE, "node-x").await;
     let since = reported.status.expect("status").orphans[0].since.0;
 
     s.volumes

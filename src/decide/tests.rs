@@ -1375,7 +1375,7 @@ mod volume_tests {
     use super::*;
     use crate::api::types::{ORPHANED, READY};
     use crate::api::{OrphanPolicy, VolumePhase, VolumeStatus};
-    use crate::decide::volume::{VolumeInput, decide_volume};
+    use crate::decide::volume::{VolumeDecision, VolumeInput, decide_volume};
     use std::collections::BTreeSet;
 
     fn input<'a>(
@@ -1451,6 +1451,21 @@ mod volume_tests {
         assert!(decision.release);
     }
 
+    /// The decision for a deleted Volume under `orphanPolicy: Detach` that no attachment claims.
+    fn deleting_under_detach(
+        backend: &ProbeAnswer,
+        status: &VolumeStatus,
+        now: Timestamp,
+    ) -> VolumeDecision {
+        decide_volume(
+            status,
+            &VolumeInput {
+                deleting: true,
+                ..input(backend, &BTreeSet::new(), OrphanPolicy::Detach, now)
+            },
+        )
+    }
+
     fn ready_reason(status: &VolumeStatus) -> (String, String) {
         let ready = find_condition(&status.conditions, READY).unwrap();
         (ready.reason.clone(), ready.message.clone())
@@ -1458,16 +1473,7 @@ mod volume_tests {
 
     #[test]
     fn a_deleted_volume_under_orphan_policy_detach_forces_its_orphan_off_before_it_goes() {
-        let unclaimed = BTreeSet::new();
-        let deleting = |backend, status: &VolumeStatus, now| {
-            decide_volume(
-                status,
-                &VolumeInput {
-                    deleting: true,
-                    ..input(backend, &unclaimed, OrphanPolicy::Detach, now)
-                },
-            )
-        };
+        let deleting = deleting_under_detach;
         let orphan = connected(&[OTHER]);
         let first = deleting(&orphan, &VolumeStatus::default(), t(0));
         assert!(!first.release, "not while the backend shows an orphan");
@@ -1561,16 +1567,8 @@ mod volume_tests {
     #[test]
     fn a_deleted_volume_tells_once_what_it_waits_for_and_again_when_that_changes() {
         use crate::decide::events::volume_between;
-        let unclaimed = BTreeSet::new();
         let deleting = |backend, status: &VolumeStatus, now| {
-            decide_volume(
-                status,
-                &VolumeInput {
-                    deleting: true,
-                    ..input(backend, &unclaimed, OrphanPolicy::Detach, now)
-                },
-            )
-            .status
+            deleting_under_detach(backend, status, now).status
         };
         let waiting_reasons = |old: &VolumeStatus, new: &VolumeStatus| -> Vec<String> {
             volume_between(old, new, "vol", OrphanPolicy::Detach)
