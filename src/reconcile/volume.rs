@@ -163,7 +163,14 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         volume.spec.stuck_after.as_deref(),
         context.config.default_stuck_after,
     );
-    let owner = owner_of_handle(&aliases_of(&context.volumes, &volume), &volume);
+    // On the fresh pass, whether another Volume owns the backend volume is decided on the aliases
+    // listed on the turn below: one the cache still has may be gone, and this Volume then owns
+    // the backend volume and what is connected to it.
+    let owner = if fresh {
+        None
+    } else {
+        owner_of_handle(&aliases_of(&context.volumes, &volume), &volume)
+    };
     let problem = match (&driver, &grace, owner) {
         (Err(problem), _, _) | (_, Err(problem), _) => Some(problem.clone()),
         (_, _, Some(owner)) => Some(VolumeProblem::DuplicateHandle { owner }),
@@ -308,10 +315,6 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     let mut failed = false;
     if let Some(driver) = &driver {
         for (index, node) in decision.force_detach.iter().enumerate() {
-            // A replica unsure of its lease calls nothing, however far the pass has come.
-            if !context.fence.permits() {
-                break;
-            }
             // A force rests on the Volume as this pass read it, before the turn (its
             // orphanPolicy, its grace). A status write conditioned on that version proved it
             // unchanged just now; otherwise, and before each later force, the Volume is read
@@ -322,6 +325,11 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
                     break;
                 }
                 return Ok(Pass::ReadAgain);
+            }
+            // A replica unsure of its lease calls nothing, however far the pass has come: checked
+            // after the read above, which a slow apiserver may draw out past the lease.
+            if !context.fence.permits() {
+                break;
             }
             let Err(class) = force_detach_orphan(&volume, context, driver.as_ref(), node).await
             else {

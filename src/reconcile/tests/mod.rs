@@ -1178,6 +1178,71 @@ async fn an_orphan_is_not_forced_off_when_an_alias_the_cache_lacks_owns_the_back
     assert!(harness.driver.connects("h1", "node-b"));
 }
 
+/// A deleted Volume under `orphanPolicy: Detach` whose alias the cache still has, though the
+/// apiserver no longer does, owns its backend volume: it is not released as that alias's
+/// duplicate, with the connection no attachment claims left behind.
+#[tokio::test]
+async fn a_deleted_volume_is_not_released_as_the_duplicate_of_an_alias_gone_from_the_apiserver() {
+    let mut harness = Harness::new();
+    let mut volume = harness.api.get::<Volume>("vol").expect("the Volume");
+    volume.spec.orphan_policy = crate::api::OrphanPolicy::Detach;
+    volume.spec.stuck_after = Some("1s".into());
+    harness.api.replace(&volume);
+    // An older alias of h1, released and gone; the cache has not seen it go.
+    let spec = serde_json::from_value(json!({ "driver": "scripted", "volumeHandle": "h1" }))
+        .expect("a Volume spec");
+    let mut gone = Volume::new("vol-gone", spec);
+    gone.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        jiff::Timestamp::UNIX_EPOCH,
+    ));
+    gone.metadata.uid = Some("uid-of-vol-gone".into());
+    harness
+        .volumes
+        .apply_watcher_event(&watcher::Event::Apply(gone));
+    harness.driver.connect("h1", "node-b");
+    harness.api.delete::<Volume>("vol");
+
+    let log = reconcile_volume(&harness).await;
+    assert!(
+        log.iter()
+            .any(|entry| entry == "list volumes spec.volumeHandle=h1"),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|entry| entry.contains("finalizers []")),
+        "released with node-b still connected: {log:#?}"
+    );
+    let held = harness
+        .api
+        .get::<Volume>("vol")
+        .expect("vol is still there");
+    let status = held.status.expect("a status");
+    assert_eq!(
+        status
+            .orphans
+            .iter()
+            .map(|orphan| orphan.node.as_str())
+            .collect::<Vec<_>>(),
+        ["node-b"],
+        "{log:#?}"
+    );
+
+    // Once its grace is over, the orphan is forced off, and the Volume goes when the backend
+    // shows it gone.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let log = reconcile_volume(&harness).await;
+    position(&log, "driver force_detach h1 node-b");
+    assert!(!harness.driver.connects("h1", "node-b"), "{log:#?}");
+    if harness.api.get::<Volume>("vol").is_some() {
+        let log = reconcile_volume(&harness).await;
+        assert!(
+            log.iter().any(|entry| entry.contains("finalizers []")),
+            "{log:#?}"
+        );
+    }
+    assert!(harness.api.get::<Volume>("vol").is_none(), "still held");
+}
+
 /// A person's token on one of two attachments that claim the same connection cuts it for both:
 /// once the backend confirmed the forced detach, the other one is recorded as having lost its
 /// connection (conditioned on the version read), told by an Event, and attaches again. On a
