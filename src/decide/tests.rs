@@ -1565,6 +1565,48 @@ mod volume_tests {
     }
 
     #[test]
+    fn a_deleted_volume_that_goes_unprobed_names_the_orphans_it_last_saw() {
+        let unclaimed = BTreeSet::new();
+        // Its last answered probe recorded an orphan on OTHER.
+        let seen = decide_volume(
+            &VolumeStatus::default(),
+            &input(&connected(&[OTHER]), &unclaimed, OrphanPolicy::Detach, t(0)),
+        )
+        .status;
+        assert_eq!(seen.orphans.len(), 1);
+        let unknown = VolumeProblem::UnknownDriver("gone".into());
+        let unreachable = ProbeAnswer::Unreachable("connection refused".into());
+        for (backend, problem) in [
+            (&unreachable, Some(&unknown)),
+            (&ProbeAnswer::Unprobeable(None), None),
+        ] {
+            let decision = decide_volume(
+                &seen,
+                &VolumeInput {
+                    deleting: true,
+                    problem,
+                    ..input(backend, &unclaimed, OrphanPolicy::Detach, t(1))
+                },
+            );
+            assert!(decision.release, "{backend:?}");
+            let leaves = decision.leaves.expect("told");
+            assert!(leaves.contains(OTHER), "{leaves}");
+            assert!(leaves.contains("as last probed"), "{leaves}");
+        }
+        // A backend with no such volume has nothing connected under it: nothing to tell.
+        let no_such = decide_volume(
+            &seen,
+            &VolumeInput {
+                deleting: true,
+                no_such_volume: true,
+                ..input(&unreachable, &unclaimed, OrphanPolicy::Detach, t(1))
+            },
+        );
+        assert!(no_such.release);
+        assert_eq!(no_such.leaves, None);
+    }
+
+    #[test]
     fn a_deleted_volume_tells_once_what_it_waits_for_and_again_when_that_changes() {
         use crate::decide::events::volume_between;
         let deleting = |backend, status: &VolumeStatus, now| {

@@ -85,10 +85,19 @@ pub fn decide_volume(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecis
 
 /// What a deleted Volume leaves connected as it goes, as its probe on this pass showed it: the
 /// nodes no attachment claims (under `Report`), and exports that name no node, which no force
-/// can name either.
+/// can name either. One that goes unprobed (an unknown driver, a handle another Volume owns, a
+/// backend that cannot be probed) names the orphans its last answered probe recorded, said as
+/// such; one whose backend has no such volume has nothing connected.
 fn left_connected(input: &VolumeInput, next: &VolumeStatus) -> Option<String> {
     let Some(ProbeAnswer::Answered(connections)) = input.backend else {
-        return None;
+        if next.orphans.is_empty() || input.no_such_volume {
+            return None;
+        }
+        let nodes: Vec<&str> = next.orphans.iter().map(|o| o.node.as_str()).collect();
+        return Some(format!(
+            "to {} with no VolumeAttachment, as last probed (not probed again as it went)",
+            nodes.join(", ")
+        ));
     };
     let mut parts = Vec::new();
     if !next.orphans.is_empty() {
