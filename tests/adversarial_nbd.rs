@@ -24,7 +24,8 @@ use std::time::Duration;
 use support::cluster::unique_name;
 use support::harness::WAIT;
 use support::operator::SHARD_LABEL;
-use support::qsd::NbdClient;
+use support::qmp_proxy::Fault;
+use support::qsd::{NbdClient, ReadOutcome};
 use support::scenario::{Scenario, Setup, attached, export_id, phase, show};
 use tokio::time::Instant;
 
@@ -267,6 +268,89 @@ async fn deleting_a_duplicate_attachment_leaves_the_other_of_the_same_node_conne
         s.log_tail(60)
     );
     user.close().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A deleted Volume's orphan, forced through a lost reply and a lagging cache
+// ---------------------------------------------------------------------------------------------
+
+/// A Volume under `orphanPolicy: Detach` is the last record of a connection no attachment claims:
+/// deleted, it stays until that connection is forced off and the backend shows it gone. Here the
+/// operator's cache lags 5 s, and the reply to its forced `block-export-del` is lost (the daemon
+/// carries it out): the call's outcome is unknown to the operator, which releases the Volume only
+/// on a later probe. Each poll reads the Volume first, then the exports: an export still served
+/// after the Volume was seen gone is a release too early (one removed between the release and
+/// that read is missed). At no poll is the Volume gone while the export is served, and it does
+/// go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_volumes_orphan_forced_through_a_lost_reply_goes_before_the_volume() {
+    let mut s = Scenario::with(Setup {
+        via_proxy: true,
+        api_proxy: true,
+        ..Setup::default()
+    })
+    .await;
+    let handle = "orphandel1";
+    let volume = taken_in(
+        &mut s,
+        "orphandel",
+        handle,
+        json!({ "orphanPolicy": "Detach", "stuckAfter": "5s" }),
+    )
+    .await;
+    let uri = s.export_out_of_band(handle, NODE_A, false).await;
+    let mut client = NbdClient::connect_uri(&uri).await.expect("a client");
+    s.wait_volume(&volume, "the orphan recorded", |v| {
+        v.status
+            .as_ref()
+            .is_some_and(|st| st.orphans.iter().any(|o| o.node == NODE_A))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.api().set_watch_delay(Duration::from_secs(5));
+    s.proxy().arm("block-export-del", Fault::DropReply);
+    s.volumes
+        .delete(&volume, &Default::default())
+        .await
+        .expect("delete the Volume");
+
+    let export = export_id(handle, NODE_A);
+    let give_up = Instant::now() + WAIT;
+    let mut served_while_there = 0;
+    loop {
+        let present = s.volumes.get_opt(&volume).await.expect("get the Volume");
+        let exports = s.qsd.export_ids().await;
+        let served = exports.contains(&export);
+        if present.is_none() {
+            assert!(
+                !served,
+                "the Volume went while {export} was still served\n{}",
+                s.log_tail(80)
+            );
+            break;
+        }
+        served_while_there += usize::from(served);
+        assert!(
+            Instant::now() < give_up,
+            "the deleted Volume did not go; exports {exports:?}\n{}",
+            s.log_tail(80)
+        );
+        tokio::time::sleep(EXPORT_POLL).await;
+    }
+    s.api().set_watch_delay(Duration::ZERO);
+    let fired = s.proxy().fired();
+    let forced = hard_deletes_of(&s, handle, NODE_A);
+    println!(
+        "FIGURE: deleted Volume's orphan: the export seen served at {served_while_there} polls while the Volume stayed, {forced} hard deletes, {fired} replies lost"
+    );
+    assert!(
+        served_while_there > 0,
+        "the orphan was seen served meanwhile"
+    );
+    assert_eq!(fired, 1, "the forced delete's reply was lost");
+    assert!(forced >= 1);
+    assert!(s.qsd.export_ids().await.is_empty());
+    assert_eq!(client.read().await, ReadOutcome::IoError, "cut off");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -177,9 +177,12 @@ fn the_ledger_adds_a_row_and_counts_its_totals_again() {
 mod observe {
     use safe_detach::api::AttachmentPhase;
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
     use support::campaign::observe::{
-        CreateWindow, History, Observer, Record, Round, Rule, VolumeCreate, VolumeDelete, VolumeId,
+        CreateWindow, History, Observer, OrphanMade, Record, Round, Rule, VolumeCreate,
+        VolumeDelete, VolumeId, judge_orphan_forces,
     };
+    use support::campaign::plan::ORPHAN_NODE;
     use tokio::time::Instant;
 
     use super::support;
@@ -901,11 +904,206 @@ mod observe {
         let mut o = observer_of(deletes(true), true);
         assert_eq!(judge(&mut o, pending()), [Rule::ReleasedWhileNamed]);
     }
+
+    /// An observer of multi-attach Volume `va` on `h0`, under `orphanPolicy: Detach` or not.
+    fn orphan_observer(detach: bool) -> Observer {
+        let mut o = Observer::new(
+            [("va".to_owned(), "h0".to_owned())].into(),
+            Default::default(),
+            Arc::default(),
+            Arc::default(),
+            Arc::default(),
+            false,
+            History::new(),
+        );
+        if detach {
+            o.orphans.forced_first = ["va".to_owned()].into();
+        }
+        o
+    }
+
+    /// Round `k` from `start`, 10 ms apart: its Volumes listed, then the backend read, showing
+    /// `h0` exported to the orphan node or nothing.
+    fn orphan_round(start: Instant, k: u32, volumes: &[VolumeId], orphan: bool) -> Round {
+        let at = start + Duration::from_millis(10) * k;
+        let exports = if orphan {
+            [("h0".to_owned(), ORPHAN_NODE.to_owned())].into()
+        } else {
+            Default::default()
+        };
+        Round {
+            listed_at: at,
+            volumes_at: at + Duration::from_millis(2),
+            backend_at: at + Duration::from_millis(4),
+            records: Vec::new(),
+            volumes: Some(volumes.to_vec()),
+            exports: Some(exports),
+            stray: Vec::new(),
+            backend_epoch: 0,
+        }
+    }
+
+    /// Rounds: `va` held with its orphan exported, then deleting, then `last` (its Volumes) with
+    /// the orphan still exported or not.
+    fn released(o: &mut Observer, last: &[VolumeId], orphan_stays: bool) -> Vec<Rule> {
+        let start = Instant::now();
+        o.check(&orphan_round(start, 0, &[volume("v1", true)], true));
+        o.check(&orphan_round(start, 1, &[deleted("v1")], true));
+        o.check(&orphan_round(start, 2, last, orphan_stays));
+        rules(o)
+    }
+
+    #[test]
+    fn a_volume_under_orphan_policy_detach_released_while_its_orphan_is_exported_is_a_violation() {
+        assert_eq!(
+            released(&mut orphan_observer(true), &[], true),
+            [Rule::ReleasedWithOrphan]
+        );
+        // Created again under its name meanwhile: the one deleted went with the orphan still there.
+        assert_eq!(
+            released(&mut orphan_observer(true), &[volume("v2", true)], true),
+            [Rule::ReleasedWithOrphan]
+        );
+    }
+
+    #[test]
+    fn a_volume_released_once_its_orphan_is_gone_or_under_orphan_policy_report_is_no_violation() {
+        // The orphan forced off in the round the release shows.
+        assert!(released(&mut orphan_observer(true), &[], false).is_empty());
+        // Forced off a round before the release.
+        let mut o = orphan_observer(true);
+        let start = Instant::now();
+        o.check(&orphan_round(start, 0, &[volume("v1", true)], true));
+        o.check(&orphan_round(start, 1, &[deleted("v1")], false));
+        o.check(&orphan_round(start, 2, &[], false));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+        // Under Report the Volume goes and leaves the connection.
+        assert!(released(&mut orphan_observer(false), &[], true).is_empty());
+    }
+
+    #[test]
+    fn an_orphan_not_seen_before_the_release_or_made_again_meanwhile_is_not_judged() {
+        // First seen only in the round that shows the Volume gone: it may have come after.
+        let mut o = orphan_observer(true);
+        let start = Instant::now();
+        o.check(&orphan_round(start, 0, &[volume("v1", true)], false));
+        o.check(&orphan_round(start, 1, &[deleted("v1")], false));
+        o.check(&orphan_round(start, 2, &[], true));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+        // Asked for again between the rounds, answered made, or with no answer at all (asked
+        // before the orphan was first seen, carried out any time after): it may be another
+        // connection than the one seen.
+        for (sent_ms, made) in [(15, Some(true)), (1, None)] {
+            let mut o = orphan_observer(true);
+            let start = Instant::now();
+            o.orphans.made.lock().expect("made").push(OrphanMade {
+                handle: "h0".into(),
+                sent: start + Duration::from_millis(sent_ms),
+                made,
+            });
+            o.check(&orphan_round(start, 0, &[volume("v1", true)], true));
+            o.check(&orphan_round(start, 1, &[deleted("v1")], true));
+            o.check(&orphan_round(start, 2, &[], true));
+            assert!(rules(&o).is_empty(), "{made:?}: {:?}", o.violations);
+        }
+        // Asked for and refused: nothing was made, the rule stands.
+        let mut o = orphan_observer(true);
+        let start = Instant::now();
+        o.orphans.made.lock().expect("made").push(OrphanMade {
+            handle: "h0".into(),
+            sent: start + Duration::from_millis(15),
+            made: Some(false),
+        });
+        assert_eq!(released(&mut o, &[], true), [Rule::ReleasedWithOrphan]);
+        // A Volume that never carried the operator's finalizer is not the operator's release.
+        let mut o = orphan_observer(true);
+        let start = Instant::now();
+        o.check(&orphan_round(start, 0, &[volume("v1", false)], true));
+        o.check(&orphan_round(start, 1, &[], true));
+        assert!(rules(&o).is_empty(), "{:?}", o.violations);
+    }
+
+    /// The handle of Volume `va`'s backend volume under `orphanPolicy: Detach` (`h0`) or
+    /// `Report` (`h1`); no other handle belongs to the schedule.
+    fn policy_of(handle: &str) -> Option<bool> {
+        match handle {
+            "h0" => Some(true),
+            "h1" => Some(false),
+            _ => None,
+        }
+    }
+
+    fn made(handle: &str, at: Instant, made: Option<bool>) -> OrphanMade {
+        OrphanMade {
+            handle: handle.into(),
+            sent: at,
+            made,
+        }
+    }
+
+    #[test]
+    fn an_orphan_forced_before_its_grace_or_under_orphan_policy_report_is_a_violation() {
+        let grace = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let early = judge_orphan_forces(
+            policy_of,
+            &[made("h0", t0, Some(true))],
+            &[("h0".into(), t0 + s(3))],
+            grace,
+        );
+        assert_eq!(early.len(), 1, "{early:?}");
+        assert!(early[0].contains("after the orphan was made"), "{early:?}");
+        let report = judge_orphan_forces(
+            policy_of,
+            &[made("h1", t0, Some(true))],
+            &[("h1".into(), t0 + s(30))],
+            grace,
+        );
+        assert_eq!(report.len(), 1, "{report:?}");
+        assert!(report[0].contains("orphanPolicy Report"), "{report:?}");
+    }
+
+    #[test]
+    fn an_orphan_forced_after_its_grace_or_one_that_may_have_replaced_another_is_no_violation() {
+        let grace = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        // After the grace, with the second of slack for the operator's whole-second record.
+        for at in [s(5), s(9) / 2, s(60)] {
+            let forces = [("h0".to_owned(), t0 + at)];
+            let found =
+                judge_orphan_forces(policy_of, &[made("h0", t0, Some(true))], &forces, grace);
+            assert!(found.is_empty(), "{at:?}: {found:?}");
+        }
+        // A second orphan of the same handle, forced on the first one's time: the operator may not
+        // have seen the first go (a daemon restart between them).
+        let makes = [
+            made("h0", t0, Some(true)),
+            made("h0", t0 + s(4), Some(true)),
+        ];
+        let forces = [("h0".to_owned(), t0 + s(6))];
+        assert!(judge_orphan_forces(policy_of, &makes, &forces, grace).is_empty());
+        // The first ask of unknown outcome: when the orphan came is not known.
+        let makes = [made("h0", t0, None), made("h0", t0 + s(4), Some(true))];
+        let forces = [("h0".to_owned(), t0 + s(6))];
+        assert!(judge_orphan_forces(policy_of, &makes, &forces, grace).is_empty());
+        // A refused ask made nothing: the first orphan is the next one, judged.
+        let makes = [
+            made("h0", t0, Some(false)),
+            made("h0", t0 + s(4), Some(true)),
+        ];
+        let forces = [("h0".to_owned(), t0 + s(6))];
+        assert_eq!(
+            judge_orphan_forces(policy_of, &makes, &forces, grace).len(),
+            1
+        );
+    }
 }
 
 mod plan {
     use super::support::campaign::backend::CSI_METHODS;
-    use super::support::campaign::plan::{Backend, FaultOp, Plan};
+    use super::support::campaign::plan::{Backend, FaultOp, Op, Plan};
     use super::support::csi::DRIVER_NAME;
     use super::support::grpc_proxy::Fault as GrpcFault;
     use std::time::Duration;
@@ -978,5 +1176,42 @@ mod plan {
                 plan.seed
             );
         }
+    }
+
+    /// Orphans are drawn on nbd only, for multi-attach Volumes that alone name their backend
+    /// volume, in some schedules, in time order with the rest of the workload.
+    #[test]
+    fn orphans_are_made_only_where_no_other_rule_is_changed_by_them() {
+        let mut with_orphans = 0;
+        for seed in 0..1000 {
+            let plan = Plan::draw(seed, Duration::from_secs(15));
+            let orphans: Vec<usize> = plan
+                .ops
+                .iter()
+                .filter_map(|(_, op)| match op {
+                    Op::Orphan { volume } => Some(*volume),
+                    _ => None,
+                })
+                .collect();
+            if orphans.is_empty() {
+                continue;
+            }
+            with_orphans += 1;
+            assert_eq!(plan.backend, Backend::Nbd, "seed {seed}");
+            for volume in orphans {
+                let drawn = &plan.volumes[volume];
+                assert!(drawn.multi_attach, "seed {seed}");
+                let sharing = plan.volumes.iter().filter(|v| v.handle == drawn.handle);
+                assert_eq!(sharing.count(), 1, "seed {seed}");
+            }
+            assert!(
+                plan.ops.windows(2).all(|w| w[0].0 <= w[1].0),
+                "seed {seed}: in time order"
+            );
+        }
+        assert!(
+            (80..=300).contains(&with_orphans),
+            "{with_orphans} of 1000 with orphans"
+        );
     }
 }

@@ -643,21 +643,14 @@ async fn case5_an_unclaimed_export_is_reported_as_an_orphan_and_left_alone() {
             .is_some_and(|st| st.phase == Some(VolumePhase::Available))
     })
     .await;
-    let orphan_uri = s.export_out_of_band(HANDLE, "node-x", false).await;
-    let mut client = NbdClient::connect_uri(&orphan_uri)
-        .await
-        .expect("a client on the orphan");
-
+    let (mut client, _) = s.orphan_held_open(&volume, HANDLE, "node-x").await;
     let reported = s
         .wait_volume(&volume, "reporting node-x as an orphan", |v| {
-            v.status
-                .as_ref()
-                .is_some_and(|st| st.orphans.iter().any(|o| o.node == "node-x"))
-                && has(
-                    volume_condition(v, "Orphaned"),
-                    "True",
-                    Some("UnclaimedConnection"),
-                )
+            has(
+                volume_condition(v, "Orphaned"),
+                "True",
+                Some("UnclaimedConnection"),
+            )
         })
         .await;
     let status = reported.status.expect("status");
@@ -674,6 +667,24 @@ async fn case5_an_unclaimed_export_is_reported_as_an_orphan_and_left_alone() {
     assert_eq!(s.occurrences(VOLUME, &volume, "ForceDetached").await, 0);
     let volume_now = s.get_volume(&volume).await;
     assert!(has(volume_condition(&volume_now, "Orphaned"), "True", None));
+
+    // Deleted, the Volume goes and leaves the connection as it is, saying so.
+    s.volumes
+        .delete(&volume, &Default::default())
+        .await
+        .expect("delete the Volume");
+    s.wait_for(&s.volumes, &volume, "gone", WAIT, |v| v.is_none())
+        .await;
+    s.wait_event(
+        VOLUME,
+        &volume,
+        "Orphaned",
+        &["deleted and released", "node-x"],
+    )
+    .await;
+    assert_eq!(s.qsd.export_ids().await, [export_id(HANDLE, "node-x")]);
+    assert_eq!(client.read().await, ReadOutcome::Ok);
+    assert_eq!(s.occurrences(VOLUME, &volume, "ForceDetached").await, 0);
     client.close().await;
 }
 
@@ -693,18 +704,7 @@ async fn case5_an_orphan_is_force_detached_after_the_grace_under_orphan_policy_d
         })
         .await;
     assert_eq!(stored.spec.orphan_policy, OrphanPolicy::Detach);
-    let orphan_uri = s.export_out_of_band(HANDLE, "node-x", false).await;
-    let mut client = NbdClient::connect_uri(&orphan_uri)
-        .await
-        .expect("a client on the orphan");
-
-    let reported = s
-        .wait_volume(&volume, "listing node-x as an orphan", |v| {
-            v.status
-                .as_ref()
-                .is_some_and(|st| st.orphans.iter().any(|o| o.node == "node-x"))
-        })
-        .await;
+    let (mut client, reported) = s.orphan_held_open(&volume, HANDLE, "node-x").await;
     let since = reported.status.expect("status").orphans[0].since.0;
 
     let give_up = Instant::now() + WAIT;
@@ -735,6 +735,69 @@ async fn case5_an_orphan_is_force_detached_after_the_grace_under_orphan_policy_d
     })
     .await;
     assert!(s.qsd.block_nodes().await.is_empty());
+}
+
+/// Case 5 on a Volume being deleted, under `orphanPolicy: Detach`: the Volume is the last record
+/// of the unclaimed connection, so it stays (Ready False, WaitingForOrphans) until the orphan has
+/// been unclaimed for stuckAfter, is forced off and the backend shows it gone. Never is the
+/// Volume seen gone while the export is still served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_volume_under_orphan_policy_detach_goes_only_once_its_orphan_is_forced_off() {
+    let mut s = Scenario::start().await;
+    // A grace long enough that the orphan is still within it when the Volume is deleted.
+    let grace = Duration::from_secs(15);
+    let volume = s
+        .volume(
+            "orphandel",
+            HANDLE,
+            json!({ "orphanPolicy": "Detach", "stuckAfter": "15s" }),
+        )
+        .await;
+    s.wait_volume(&volume, "holding its finalizer", |v| {
+        v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)
+    })
+    .await;
+    let (mut client, reported) = s.orphan_held_open(&volume, HANDLE, "node-x").await;
+    let since = reported.status.expect("status").orphans[0].since.0;
+
+    s.volumes
+        .delete(&volume, &Default::default())
+        .await
+        .expect("delete the Volume");
+    s.wait_event(VOLUME, &volume, "WaitingForOrphans", &["node-x"])
+        .await;
+    // The Volume goes after the export, never before: once it is seen gone, nothing serves it.
+    let give_up = Instant::now() + WAIT;
+    let mut served_while_there = false;
+    loop {
+        let present = s.volumes.get_opt(&volume).await.expect("get the Volume");
+        let exports = s.qsd.export_ids().await;
+        let Some(present) = present else {
+            assert!(
+                exports.is_empty(),
+                "the Volume went while {exports:?} was still served\n{}",
+                s.log_tail(60)
+            );
+            break;
+        };
+        served_while_there |= !exports.is_empty();
+        assert!(present.metadata.deletion_timestamp.is_some());
+        assert!(
+            Instant::now() < give_up,
+            "the deleted Volume did not go\n{}",
+            s.log_tail(60)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gone_at = Timestamp::now();
+    assert!(served_while_there, "the orphan was seen served meanwhile");
+    assert!(
+        gone_at >= since + secs(grace),
+        "gone at {gone_at}, within the grace of an orphan first seen at {since}"
+    );
+    s.wait_event(VOLUME, &volume, "ForceDetached", &["Orphan", "node-x"])
+        .await;
+    assert_eq!(client.read().await, ReadOutcome::IoError, "cut off");
 }
 
 // ---------------------------------------------------------------------------------------------

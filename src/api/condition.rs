@@ -98,6 +98,10 @@ pub mod reasons {
     pub const VOLUME_NOT_FOUND: &str = "VolumeNotFound";
     pub const VOLUME_REPLACED: &str = "VolumeReplaced";
     pub const WAITING_FOR_ATTACHMENTS: &str = "WaitingForAttachments";
+    /// A deleted Volume under `orphanPolicy: Detach` whose backend does not answer.
+    pub const WAITING_FOR_BACKEND: &str = "WaitingForBackend";
+    /// A deleted Volume under `orphanPolicy: Detach` with connections no attachment claims.
+    pub const WAITING_FOR_ORPHANS: &str = "WaitingForOrphans";
 
     /// The reasons of a Ready condition that only names the phase: nothing to tell beyond it.
     pub const PHASES: [&str; 6] = [PENDING, ATTACHING, ATTACHED, DETACHING, DETACHED, FAILED];
@@ -153,6 +157,18 @@ pub fn set_condition(
             observed_generation,
             last_transition_time: now,
         }),
+    }
+}
+
+/// Gives the condition of `type_` in `conditions` the `lastTransitionTime` it has in `before`,
+/// if its status is the same there: for a condition set twice in one decision, the second
+/// setting flipping it back.
+pub fn keep_transition_time(before: &[Condition], conditions: &mut [Condition], type_: &str) {
+    if let Some(before) = find_condition(before, type_)
+        && let Some(now) = conditions.iter_mut().find(|c| c.type_ == type_)
+        && now.status == before.status
+    {
+        now.last_transition_time = before.last_transition_time.clone();
     }
 }
 

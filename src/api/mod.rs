@@ -14,7 +14,8 @@ pub use attachment::{
     VolumeAttachment, VolumeAttachmentSpec, VolumeAttachmentStatus,
 };
 pub use condition::{
-    ConditionStatus, condition_with, find_condition, is_true, reasons, set_condition, types,
+    ConditionStatus, condition_with, find_condition, is_true, keep_transition_time, reasons,
+    set_condition, types,
 };
 pub use duration::{DurationError, parse_duration};
 pub use probe::{ProbeRecord, ProbeResult};

@@ -58,7 +58,8 @@ pub struct VolumeSpec {
     pub auto_force_detach: bool,
 
     /// What to do with a backend connection that no VolumeAttachment claims: `Report` (a condition,
-    /// an Event and a metric; the default) or `Detach` (a backend-confirmed force-detach).
+    /// an Event and a metric; the default) or `Detach` (a backend-confirmed force-detach). Under
+    /// `Detach` a deleted Volume stays until its unclaimed connections are forced off.
     #[serde(default)]
     pub orphan_policy: OrphanPolicy,
 }

@@ -235,8 +235,14 @@ pub fn volume_between(
             .filter(|_| status.phase == Some(VolumePhase::Error))
     }
     fn waiting(status: &VolumeStatus) -> Option<&Condition> {
-        find_condition(&status.conditions, READY)
-            .filter(|c| c.reason == reasons::WAITING_FOR_ATTACHMENTS)
+        find_condition(&status.conditions, READY).filter(|c| {
+            [
+                reasons::WAITING_FOR_ATTACHMENTS,
+                reasons::WAITING_FOR_ORPHANS,
+                reasons::WAITING_FOR_BACKEND,
+            ]
+            .contains(&c.reason.as_str())
+        })
     }
     let mut notices = Vec::new();
     if let Some(condition) = multi_attached(new)
@@ -272,7 +278,7 @@ pub fn volume_between(
         ));
     }
     if let Some(condition) = waiting(new)
-        && waiting(old).is_none()
+        && waiting(old).is_none_or(|c| c.reason != condition.reason)
     {
         notices.push(Notice::new(
             Severity::Normal,
@@ -281,6 +287,20 @@ pub fn volume_between(
         ));
     }
     notices
+}
+
+/// The Event of a deleted Volume released while its backend still connects it (`leaves`, see
+/// [`crate::decide::volume::VolumeDecision::leaves`]): the last word on those connections.
+pub fn released_leaving(volume: &str, leaves: Option<&str>) -> Option<Notice> {
+    leaves.map(|leaves| {
+        Notice::new(
+            Severity::Warning,
+            ORPHANED,
+            format!(
+                "volume {volume} was deleted and released; the backend still connects it {leaves}: left in place"
+            ),
+        )
+    })
 }
 
 /// How a forced detach of an orphaned connection ended: succeeded only once the probe after the

@@ -218,6 +218,15 @@ pub fn after_step(input: &Input, step: &Step) -> VolumeAttachmentStatus {
         | Step::Probe
         | Step::Wait { .. } => {}
     }
+    // A phase under way with no recorded start (a status set by hand) starts its clock at the
+    // first observation, recorded, so that it can become stuck.
+    if matches!(
+        status.phase,
+        Some(AttachmentPhase::Attaching | AttachmentPhase::Detaching)
+    ) && status.phase_since.is_none()
+    {
+        status.phase_since = Some(Time(input.now));
+    }
     observe(&mut status, current, step, input);
     status
 }

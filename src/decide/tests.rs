@@ -1375,7 +1375,7 @@ mod volume_tests {
     use super::*;
     use crate::api::types::{ORPHANED, READY};
     use crate::api::{OrphanPolicy, VolumePhase, VolumeStatus};
-    use crate::decide::volume::{VolumeInput, decide_volume};
+    use crate::decide::volume::{VolumeDecision, VolumeInput, decide_volume};
     use std::collections::BTreeSet;
 
     fn input<'a>(
@@ -1394,6 +1394,7 @@ mod volume_tests {
             orphan_policy: policy,
             multi_attach: false,
             grace: STUCK_AFTER,
+            no_such_volume: false,
             deleting: false,
             now,
         }
@@ -1448,6 +1449,185 @@ mod volume_tests {
             },
         );
         assert!(decision.release);
+    }
+
+    /// The decision for a deleted Volume under `orphanPolicy: Detach` that no attachment claims.
+    fn deleting_under_detach(
+        backend: &ProbeAnswer,
+        status: &VolumeStatus,
+        now: Timestamp,
+    ) -> VolumeDecision {
+        decide_volume(
+            status,
+            &VolumeInput {
+                deleting: true,
+                ..input(backend, &BTreeSet::new(), OrphanPolicy::Detach, now)
+            },
+        )
+    }
+
+    fn ready_reason(status: &VolumeStatus) -> (String, String) {
+        let ready = find_condition(&status.conditions, READY).unwrap();
+        (ready.reason.clone(), ready.message.clone())
+    }
+
+    #[test]
+    fn a_deleted_volume_under_orphan_policy_detach_forces_its_orphan_off_before_it_goes() {
+        let deleting = deleting_under_detach;
+        let orphan = connected(&[OTHER]);
+        let first = deleting(&orphan, &VolumeStatus::default(), t(0));
+        assert!(!first.release, "not while the backend shows an orphan");
+        assert!(first.force_detach.is_empty(), "not before the grace");
+        assert_eq!(first.recheck_after, Some(STUCK_AFTER));
+        let (reason, message) = ready_reason(&first.status);
+        assert_eq!(reason, "WaitingForOrphans");
+        assert!(message.contains(OTHER), "{message}");
+
+        let past_grace = deleting(&orphan, &first.status, t(200));
+        assert_eq!(past_grace.force_detach, vec![OTHER.to_owned()]);
+        assert!(!past_grace.release, "forced, but not yet shown gone");
+
+        let gone = deleting(&connected(&[]), &past_grace.status, t(201));
+        assert!(gone.release);
+        assert!(gone.force_detach.is_empty());
+    }
+
+    #[test]
+    fn a_deleted_volume_under_orphan_policy_detach_waits_for_a_backend_that_does_not_answer() {
+        let unclaimed = BTreeSet::new();
+        let decide = |backend: &ProbeAnswer, policy, problem: Option<&VolumeProblem>| {
+            decide_volume(
+                &VolumeStatus::default(),
+                &VolumeInput {
+                    deleting: true,
+                    problem,
+                    ..input(backend, &unclaimed, policy, t(0))
+                },
+            )
+        };
+        let unreachable = ProbeAnswer::Unreachable("connection refused".into());
+        let waits = decide(&unreachable, OrphanPolicy::Detach, None);
+        assert!(!waits.release);
+        let (reason, message) = ready_reason(&waits.status);
+        assert_eq!(reason, "WaitingForBackend");
+        assert!(message.contains("connection refused"), "{message}");
+        assert!(message.contains("orphanPolicy: Report"), "{message}");
+
+        assert!(decide(&unreachable, OrphanPolicy::Report, None).release);
+        // A backend that has no such volume has nothing connected under it.
+        let no_such = decide_volume(
+            &VolumeStatus::default(),
+            &VolumeInput {
+                deleting: true,
+                no_such_volume: true,
+                ..input(&unreachable, &unclaimed, OrphanPolicy::Detach, t(0))
+            },
+        );
+        assert!(no_such.release);
+        // Orphans cannot be found where the backend cannot be probed.
+        assert!(decide(&ProbeAnswer::Unprobeable(None), OrphanPolicy::Detach, None).release);
+        // A Volume that cannot reach its backend at all has nothing to wait for.
+        let unknown = VolumeProblem::UnknownDriver("gone".into());
+        assert!(decide(&unreachable, OrphanPolicy::Detach, Some(&unknown)).release);
+    }
+
+    #[test]
+    fn a_deleted_volume_under_orphan_policy_report_goes_and_tells_what_it_leaves() {
+        let unclaimed = BTreeSet::new();
+        let deleting = |backend: &ProbeAnswer, policy| {
+            decide_volume(
+                &VolumeStatus::default(),
+                &VolumeInput {
+                    deleting: true,
+                    ..input(backend, &unclaimed, policy, t(0))
+                },
+            )
+        };
+        let decision = deleting(&connected(&[OTHER]), OrphanPolicy::Report);
+        assert!(decision.release);
+        assert!(decision.force_detach.is_empty());
+        let notice = events::released_leaving("vol", decision.leaves.as_deref()).unwrap();
+        assert_eq!(notice.reason, "Orphaned");
+        assert!(notice.message.contains(OTHER), "{}", notice.message);
+
+        let clean = deleting(&connected(&[]), OrphanPolicy::Report);
+        assert!(clean.release);
+        assert_eq!(clean.leaves, None);
+
+        // An export that names no node cannot be forced by node: neither policy waits for it,
+        // and the release names it.
+        for policy in [OrphanPolicy::Report, OrphanPolicy::Detach] {
+            let decision = deleting(&unattributed(&[]), policy);
+            assert!(decision.release, "{policy:?}");
+            let leaves = decision.leaves.expect("told");
+            assert!(leaves.contains("by-hand"), "{leaves}");
+        }
+    }
+
+    #[test]
+    fn a_deleted_volume_that_goes_unprobed_names_the_orphans_it_last_saw() {
+        let unclaimed = BTreeSet::new();
+        // Its last answered probe recorded an orphan on OTHER.
+        let seen = decide_volume(
+            &VolumeStatus::default(),
+            &input(&connected(&[OTHER]), &unclaimed, OrphanPolicy::Detach, t(0)),
+        )
+        .status;
+        assert_eq!(seen.orphans.len(), 1);
+        let unknown = VolumeProblem::UnknownDriver("gone".into());
+        let unreachable = ProbeAnswer::Unreachable("connection refused".into());
+        for (backend, problem) in [
+            (&unreachable, Some(&unknown)),
+            (&ProbeAnswer::Unprobeable(None), None),
+        ] {
+            let decision = decide_volume(
+                &seen,
+                &VolumeInput {
+                    deleting: true,
+                    problem,
+                    ..input(backend, &unclaimed, OrphanPolicy::Detach, t(1))
+                },
+            );
+            assert!(decision.release, "{backend:?}");
+            let leaves = decision.leaves.expect("told");
+            assert!(leaves.contains(OTHER), "{leaves}");
+            assert!(leaves.contains("as last probed"), "{leaves}");
+        }
+        // A backend with no such volume has nothing connected under it: nothing to tell.
+        let no_such = decide_volume(
+            &seen,
+            &VolumeInput {
+                deleting: true,
+                no_such_volume: true,
+                ..input(&unreachable, &unclaimed, OrphanPolicy::Detach, t(1))
+            },
+        );
+        assert!(no_such.release);
+        assert_eq!(no_such.leaves, None);
+    }
+
+    #[test]
+    fn a_deleted_volume_tells_once_what_it_waits_for_and_again_when_that_changes() {
+        use crate::decide::events::volume_between;
+        let deleting = |backend, status: &VolumeStatus, now| {
+            deleting_under_detach(backend, status, now).status
+        };
+        let waiting_reasons = |old: &VolumeStatus, new: &VolumeStatus| -> Vec<String> {
+            volume_between(old, new, "vol", OrphanPolicy::Detach)
+                .into_iter()
+                .map(|n| n.reason)
+                .filter(|r| r.starts_with("WaitingFor"))
+                .collect()
+        };
+        let orphan = connected(&[OTHER]);
+        let start = VolumeStatus::default();
+        let first = deleting(&orphan, &start, t(0));
+        assert_eq!(waiting_reasons(&start, &first), ["WaitingForOrphans"]);
+        let again = deleting(&orphan, &first, t(10));
+        assert!(waiting_reasons(&first, &again).is_empty(), "told once");
+        assert_eq!(again, first, "nothing new, nothing to write");
+        let down = deleting(&ProbeAnswer::Unreachable("down".into()), &again, t(20));
+        assert_eq!(waiting_reasons(&again, &down), ["WaitingForBackend"]);
     }
 
     #[test]
@@ -2113,5 +2293,29 @@ fn how_a_volumes_reconcile_ends() {
     assert_eq!(
         volume_ending(unusable, RESYNC, true),
         Recheck::Settled(Some(RESYNC))
+    );
+}
+
+#[test]
+fn a_phase_under_way_with_no_recorded_start_records_one_and_becomes_stuck_from_it() {
+    // Set by hand: Detaching, connected, no phaseSince.
+    let mut row = Row::new(Detaching, connected(&[NODE])).deleting();
+    row.status.phase_since = None;
+    let step = row.decide();
+    assert!(
+        !matches!(step, Step::ForceDetach { .. }),
+        "not stuck at first sight: {step:?}"
+    );
+    let recorded = after_step(&row.input(), &step);
+    assert_eq!(recorded.phase_since, Some(Time(row.now)));
+
+    row.status = recorded;
+    row.now = row.now + STUCK_AFTER + Duration::from_secs(2);
+    assert_eq!(
+        row.decide(),
+        Step::ForceDetach {
+            reason: ForceDetachReason::StuckDetaching,
+            token: None
+        }
     );
 }

@@ -5,7 +5,7 @@ use super::{ProbeAnswer, VolumeProblem, elapsed_since, status::next_probe_record
 use crate::api::reasons;
 use crate::api::{
     AttachmentPhase, ConditionStatus, Orphan, OrphanPolicy, ProbeResult, VolumePhase, VolumeStatus,
-    find_condition, set_condition,
+    find_condition, keep_transition_time, set_condition,
     types::{MULTI_ATTACHED, ORPHANED, READY},
 };
 use jiff::Timestamp;
@@ -34,6 +34,9 @@ pub struct VolumeInput<'a> {
     /// How long a connection must stay unclaimed before `Detach` acts on it, so that an attach
     /// racing with the attachment's creation is never cut off.
     pub grace: Duration,
+    /// The probe failed because the backend says it has no such volume: nothing is connected
+    /// under it that this Volume could detach.
+    pub no_such_volume: bool,
     /// The Volume is being deleted: its finalizer goes once no attachment names it.
     pub deleting: bool,
     pub now: Timestamp,
@@ -49,30 +52,115 @@ pub struct VolumeDecision {
     /// The Volume is being deleted and no attachment names it: its finalizer may go. While one
     /// does, the Volume stays, so that the attachment's detach can still reach the backend.
     pub release: bool,
+    /// On a release, what the probe of this pass still showed connected that no attachment
+    /// claims, and that no one will look after once the Volume is gone.
+    pub leaves: Option<String>,
 }
 
 pub fn decide_volume(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecision {
     let mut decision = observe_backend(current, input);
     if input.deleting {
-        decision.release = input.held_by.is_empty();
-        if !decision.release {
-            let nodes: Vec<&str> = input.held_by.iter().map(String::as_str).collect();
-            let message = format!(
-                "being deleted; waits until no VolumeAttachment names it (still attached or detaching on {})",
-                nodes.join(", ")
-            );
-            set_condition(
-                &mut decision.status.conditions,
-                READY,
-                ConditionStatus::False,
-                reasons::WAITING_FOR_ATTACHMENTS,
-                message,
-                input.generation,
-                Time(input.now),
-            );
+        let waiting = waiting_to_go(input, &decision.status);
+        decision.release = waiting.is_none();
+        match waiting {
+            Some((reason, message)) => {
+                set_condition(
+                    &mut decision.status.conditions,
+                    READY,
+                    ConditionStatus::False,
+                    reason,
+                    message,
+                    input.generation,
+                    Time(input.now),
+                );
+                // The backend's answer set Ready first: a wait that goes on keeps the time it
+                // began, so that a pass that finds nothing new writes nothing.
+                keep_transition_time(&current.conditions, &mut decision.status.conditions, READY);
+            }
+            None => decision.leaves = left_connected(input, &decision.status),
         }
     }
     decision
+}
+
+/// What a deleted Volume leaves connected as it goes, as its probe on this pass showed it: the
+/// nodes no attachment claims (under `Report`), and exports that name no node, which no force
+/// can name either. One that goes unprobed (an unknown driver, a handle another Volume owns, a
+/// backend that cannot be probed) names the orphans its last answered probe recorded, said as
+/// such; one whose backend has no such volume has nothing connected.
+fn left_connected(input: &VolumeInput, next: &VolumeStatus) -> Option<String> {
+    let Some(ProbeAnswer::Answered(connections)) = input.backend else {
+        if next.orphans.is_empty() || input.no_such_volume {
+            return None;
+        }
+        let nodes: Vec<&str> = next.orphans.iter().map(|o| o.node.as_str()).collect();
+        return Some(format!(
+            "to {} with no VolumeAttachment, as last probed (not probed again as it went)",
+            nodes.join(", ")
+        ));
+    };
+    let mut parts = Vec::new();
+    if !next.orphans.is_empty() {
+        let nodes: Vec<&str> = next.orphans.iter().map(|o| o.node.as_str()).collect();
+        parts.push(format!("to {} with no VolumeAttachment", nodes.join(", ")));
+    }
+    if !connections.unattributed.is_empty() {
+        let ids: Vec<&str> = connections
+            .unattributed
+            .iter()
+            .map(String::as_str)
+            .collect();
+        parts.push(format!("as {}, which names no node", ids.join(", ")));
+    }
+    (!parts.is_empty()).then(|| parts.join(", and "))
+}
+
+/// What a deleted Volume still waits for before its finalizer goes, as the reason and message
+/// of its Ready condition; `None` once it may go. An attachment that names it holds it, so that
+/// the attachment's detach can still reach the backend. Under `orphanPolicy: Detach` so does a
+/// connection no attachment claims (it is forced off once unclaimed for the grace, and the
+/// Volume goes when the backend shows it gone), and a backend that does not answer, which may
+/// have one: the Volume is the last record of that connection. Under `Report` the connection is
+/// left in place, as it would be for a Volume that stays; the release tells so in an Event. A
+/// Volume that cannot reach its backend at all (an unknown driver, an invalid spec, a handle
+/// another Volume owns), one whose backend says it has no such volume, or one whose backend
+/// cannot be probed has nothing to wait for; nor does an export that names no node, which no
+/// force can name either.
+fn waiting_to_go(input: &VolumeInput, next: &VolumeStatus) -> Option<(&'static str, String)> {
+    if !input.held_by.is_empty() {
+        let nodes: Vec<&str> = input.held_by.iter().map(String::as_str).collect();
+        return Some((
+            reasons::WAITING_FOR_ATTACHMENTS,
+            format!(
+                "being deleted; waits until no VolumeAttachment names it (still attached or detaching on {})",
+                nodes.join(", ")
+            ),
+        ));
+    }
+    if input.orphan_policy != OrphanPolicy::Detach || input.problem.is_some() {
+        return None;
+    }
+    match input.backend? {
+        ProbeAnswer::Answered(_) if next.orphans.is_empty() => None,
+        ProbeAnswer::Answered(_) => {
+            let nodes: Vec<&str> = next.orphans.iter().map(|o| o.node.as_str()).collect();
+            Some((
+                reasons::WAITING_FOR_ORPHANS,
+                format!(
+                    "being deleted; orphanPolicy is Detach: first force-detaches the connections no VolumeAttachment claims, once unclaimed for stuckAfter ({}); set orphanPolicy: Report to let it go and leave them",
+                    nodes.join(", ")
+                ),
+            ))
+        }
+        ProbeAnswer::Unreachable(_) if input.no_such_volume => None,
+        ProbeAnswer::Unreachable(message) => Some((
+            reasons::WAITING_FOR_BACKEND,
+            format!(
+                "being deleted; orphanPolicy is Detach: waits for the backend to answer, to force-detach any connection no VolumeAttachment claims (set orphanPolicy: Report to let it go without): {message}"
+            ),
+        )),
+        ProbeAnswer::Unprobeable(_) => None,
+    }
 }
 
 fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecision {
@@ -99,6 +187,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
             force_detach,
             recheck_after,
             release: false,
+            leaves: None,
         };
     }
 
@@ -279,6 +368,7 @@ fn observe_backend(current: &VolumeStatus, input: &VolumeInput) -> VolumeDecisio
         force_detach,
         recheck_after,
         release: false,
+        leaves: None,
     }
 }
 

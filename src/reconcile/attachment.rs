@@ -15,7 +15,7 @@
 use super::lanes::{Lane, QUEUED_RECHECK};
 use super::status_patch::status_patch;
 use super::{
-    Context, Error, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
+    Context, Error, Outcome, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
     hold_volume, owner_of_handle, probe, synced, volumes_naming,
 };
 use crate::MANAGER;
@@ -137,13 +137,6 @@ pub fn error_policy(
     context: Arc<Context>,
 ) -> Action {
     Action::requeue(context.backoff.failed(&attachment.name_any(), None))
-}
-
-/// How a reconcile ended: settled (its backoff is forgotten), or to be retried with backoff after
-/// a failed driver call or an unreachable backend.
-enum Outcome {
-    Settled(Action),
-    Retry(Action),
 }
 
 /// One reconcile of one attachment: the state it carries between steps.
@@ -492,10 +485,10 @@ impl<'a> Reconcile<'a> {
             if !self.context.fence.permits() {
                 return Ok(self.outcome(Recheck::Soon(FENCED_RECHECK)));
             }
-            let sent = tokio::time::Instant::now();
+            let mut sent = tokio::time::Instant::now();
             let result = match &step {
                 Step::Attach => self.attach(target).await.map(Some),
-                Step::Detach => detach_safely(target, &node).await.map(|()| None),
+                Step::Detach => detach_safely(target, &node, &mut sent).await.map(|()| None),
                 _ => ok_if_not_connected(target.driver.force_detach(&target.handle, &node).await)
                     .map(|()| None),
             };
@@ -1178,12 +1171,20 @@ fn same_grounds(fresh: &VolumeAttachment, read: &VolumeAttachment) -> bool {
 }
 
 /// The safe detach: terminate the connection (refused while a user holds it), then detach.
-async fn detach_safely(target: &Target, node: &str) -> Result<(), DriverError> {
+/// `sent` ends as the time the last call was sent, from which a failure of unknown outcome is
+/// waited out.
+async fn detach_safely(
+    target: &Target,
+    node: &str,
+    sent: &mut tokio::time::Instant,
+) -> Result<(), DriverError> {
     ok_if_not_connected(
         target
             .driver
             .terminate_connection(&target.handle, node)
             .await,
     )?;
+    // A failure of unknown outcome from here on is the second call's: it was sent now.
+    *sent = tokio::time::Instant::now();
     ok_if_not_connected(target.driver.detach(&target.handle, node).await)
 }

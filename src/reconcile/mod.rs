@@ -704,6 +704,13 @@ fn owner_of_handle(aliases: &[Arc<Volume>], volume: &Volume) -> Option<String> {
         .map(|owner| owner.name_any())
 }
 
+/// How a reconcile ended: settled (its backoff is forgotten), or to be retried with backoff after
+/// a failed driver call or an unreachable backend.
+enum Outcome {
+    Settled(Action),
+    Retry(Action),
+}
+
 /// Asks the backend where the volume is connected; no answer is recorded as such, never guessed.
 async fn probe(driver: &dyn Driver, handle: &str) -> ProbeAnswer {
     match driver.probe(handle).await {

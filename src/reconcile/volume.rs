@@ -4,16 +4,16 @@
 
 use super::status_patch::status_patch;
 use super::{
-    Context, Error, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
+    Context, Error, Outcome, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
     hold_volume, owner_of_handle, probe, synced,
 };
 use crate::MANAGER;
 use crate::api::{VOLUME_FINALIZER, Volume, VolumeAttachment, VolumeStatus};
-use crate::decide::events::{orphan_forced, volume_between};
+use crate::decide::events::{orphan_forced, released_leaving, volume_between};
 use crate::decide::recheck::{Recheck, VolumeOutcome, volume_ending};
 use crate::decide::volume::{VolumeInput, decide_volume};
 use crate::decide::{BUSY_RECHECK, FENCED_RECHECK, ProbeAnswer, VolumeProblem, stuck_after};
-use crate::driver::{Driver, ErrorClass, ok_if_not_connected};
+use crate::driver::{Driver, DriverError, ErrorClass, ok_if_not_connected};
 use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -31,14 +31,18 @@ pub async fn reconcile(volume: Arc<Volume>, context: Arc<Context>) -> Result<Act
     synced(&context.attachments).await;
     let started = std::time::Instant::now();
     let volume = context.own_volume_writes.newest(volume.as_ref().clone());
-    let action = reconcile_fresh_on_conflict(volume, &context)
+    let outcome = reconcile_fresh_on_conflict(volume, &context)
         .instrument(span)
         .await;
     context.metrics.reconcile_took("Volume", started.elapsed());
-    if action.is_ok() {
-        context.backoff.succeeded(&backoff_key(&name));
+    match outcome? {
+        Outcome::Settled(action) => {
+            context.backoff.succeeded(&backoff_key(&name));
+            Ok(action)
+        }
+        // A failed force keeps its backoff growing.
+        Outcome::Retry(action) => Ok(action),
     }
-    action
 }
 
 pub fn error_policy(volume: Arc<Volume>, _error: &Error, context: Arc<Context>) -> Action {
@@ -56,32 +60,37 @@ fn backoff_key(name: &str) -> String {
 
 /// How a pass over one Volume ended.
 enum Pass {
-    Done(Action),
-    /// It would force an orphan off, or release a deleted Volume, on what the cache says: read
-    /// the Volume and its attachments from the apiserver, and decide again on those.
+    Done(Outcome),
+    /// It would force an orphan off, or release a deleted Volume, on what the cache says; or, on
+    /// the apiserver's Volume, that Volume changed before a force: read the Volume (and its
+    /// attachments) from the apiserver, and decide again on those.
     ReadAgain,
 }
 
 /// Reconciles the Volume as the cache has it. If a write finds it changed since, reads the
 /// Volume from the apiserver and reconciles that; if an orphan would be forced off or the
 /// deleted Volume released, reads the Volume and its attachments from the apiserver, and decides
-/// again on those. Nothing is forced or released on a Volume whose write was refused, and
-/// nothing on the cache's word that no attachment claims it: the attachment cache may not have
+/// again on those, and again if the Volume changes before a force. Nothing is forced or
+/// released on a Volume whose write was refused, and nothing on the cache's word that no
+/// attachment claims it: the attachment cache may not have
 /// seen one created a moment ago. The attachments are listed only then: a refused write alone
 /// (most often the cache still behind this operator's own last write) needs only the Volume again.
-async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Result<Action, Error> {
+async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Result<Outcome, Error> {
     let api = Api::<Volume>::all(context.client.clone());
     let mut volume = volume;
     let mut fresh = false;
     for _ in 0..PASSES {
         match reconcile_volume(&volume, context, fresh).await {
-            Ok(Pass::Done(action)) => return Ok(action),
-            // Only a pass on the cache proposes; the fresh pass decides.
+            Ok(Pass::Done(outcome)) => return Ok(outcome),
+            // A pass on the cache proposes; a fresh pass decides, on a Volume that has not
+            // changed since it was read.
             Ok(Pass::ReadAgain) => fresh = true,
             Err(Error::Conflict(_)) => context.metrics.write_conflict("Volume"),
             // Deleted since the cache had it (a bulk delete outruns the watch): nothing is left
             // to record or release, and the deletion's own event ends its reconciles.
-            Err(error) if error.is_not_found() => return Ok(Action::await_change()),
+            Err(error) if error.is_not_found() => {
+                return Ok(Outcome::Settled(Action::await_change()));
+            }
             Err(error) => return Err(error),
         }
         match api
@@ -90,11 +99,11 @@ async fn reconcile_fresh_on_conflict(volume: Volume, context: &Context) -> Resul
             .filter(|fresh| fresh.uid() == volume.uid())
         {
             Some(fresh) => volume = fresh,
-            None => return Ok(Action::await_change()),
+            None => return Ok(Outcome::Settled(Action::await_change())),
         }
     }
     // Changed under every pass: look again soon, not at once.
-    Ok(Action::requeue(Duration::from_secs(1)))
+    Ok(Outcome::Settled(Action::requeue(Duration::from_secs(1))))
 }
 
 /// Passes over one Volume in one reconcile: on the cache, and at most twice more on what the
@@ -138,7 +147,7 @@ pub(super) fn claiming(
 async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Result<Pass, Error> {
     // A replica unsure of its lease writes nothing and calls nothing.
     if !context.fence.permits() {
-        return Ok(Pass::Done(Action::requeue(FENCED_RECHECK)));
+        return Ok(Pass::Done(Outcome::Retry(Action::requeue(FENCED_RECHECK))));
     }
     let api = Api::<Volume>::all(context.client.clone());
     let deleting = volume.metadata.deletion_timestamp.is_some();
@@ -154,7 +163,14 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         volume.spec.stuck_after.as_deref(),
         context.config.default_stuck_after,
     );
-    let owner = owner_of_handle(&aliases_of(&context.volumes, &volume), &volume);
+    // On the fresh pass, whether another Volume owns the backend volume is decided on the aliases
+    // listed on the turn below: one the cache still has may be gone, and this Volume then owns
+    // the backend volume and what is connected to it.
+    let owner = if fresh {
+        None
+    } else {
+        owner_of_handle(&aliases_of(&context.volumes, &volume), &volume)
+    };
     let problem = match (&driver, &grace, owner) {
         (Err(problem), _, _) | (_, Err(problem), _) => Some(problem.clone()),
         (_, _, Some(owner)) => Some(VolumeProblem::DuplicateHandle { owner }),
@@ -170,14 +186,14 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
                 .turn(&volume.spec.driver, &volume.spec.volume_handle, TURN_WAIT)
                 .await;
             if turn.is_none() {
-                return Ok(Pass::Done(Action::requeue(BUSY_RECHECK)));
+                return Ok(Pass::Done(Outcome::Retry(Action::requeue(BUSY_RECHECK))));
             }
             // A call of unknown outcome may still land: no probe now, which it could belie.
             if let Some(left) = context
                 .locks
                 .may_still_land(&volume.spec.driver, &volume.spec.volume_handle)
             {
-                return Ok(Pass::Done(Action::requeue(left)));
+                return Ok(Pass::Done(Outcome::Retry(Action::requeue(left))));
             }
             turn
         }
@@ -194,12 +210,19 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     let problem = problem.or_else(|| {
         owner_of_handle(&aliases, &volume).map(|owner| VolumeProblem::DuplicateHandle { owner })
     });
+    let mut no_such_volume = false;
     let backend = match &driver {
         Some(driver) if problem.is_none() && !driver.can_probe() => {
             Some(ProbeAnswer::Unprobeable(None))
         }
         Some(driver) if problem.is_none() => {
-            Some(probe(driver.as_ref(), &volume.spec.volume_handle).await)
+            Some(match driver.probe(&volume.spec.volume_handle).await {
+                Ok(connections) => ProbeAnswer::Answered(connections),
+                Err(error) => {
+                    no_such_volume = matches!(error, DriverError::UnknownVolume(_));
+                    ProbeAnswer::Unreachable(error.to_string())
+                }
+            })
         }
         _ => None,
     };
@@ -250,17 +273,31 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
             orphan_policy: volume.spec.orphan_policy,
             multi_attach: volume.spec.multi_attach,
             grace: grace.unwrap_or(context.config.default_stuck_after),
+            no_such_volume,
             deleting,
             now: Timestamp::now(),
         },
     );
-    if !fresh && (decision.release || !decision.force_detach.is_empty()) {
+    // A force that failed holds the next one back until its backoff is due, whatever woke the
+    // Volume (most often its own status write); the status is still recorded.
+    let held = if decision.force_detach.is_empty() {
+        None
+    } else {
+        context.backoff.holding(&backoff_key(&name))
+    };
+    if !fresh && (decision.release || (!decision.force_detach.is_empty() && held.is_none())) {
         return Ok(Pass::ReadAgain);
     }
     if decision.release {
         // No status for a Volume about to go: its write would only change the version the
         // release is conditioned on, and send the release round once more.
         finalizer::remove(&api, &volume, VOLUME_FINALIZER).await?;
+        // Told once: a Volume another finalizer keeps comes back here with ours gone.
+        if volume.finalizers().iter().any(|f| f == VOLUME_FINALIZER)
+            && let Some(notice) = released_leaving(&name, decision.leaves.as_deref())
+        {
+            context.events.publish(&volume, &notice).await;
+        }
         info!(
             uid = volume.uid().unwrap_or_default(),
             version = volume.resource_version().unwrap_or_default(),
@@ -268,16 +305,41 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
             "released: no attachment names it"
         );
         context.own_volume_writes.forget(&volume);
-        return Ok(Pass::Done(Action::await_change()));
+        return Ok(Pass::Done(Outcome::Settled(Action::await_change())));
     }
-    persist(&volume, context, &current, &decision.status).await?;
+    let wrote = persist(&volume, context, &current, &decision.status).await?;
+    if let Some(left) = held {
+        return Ok(Pass::Done(Outcome::Retry(Action::requeue(left))));
+    }
 
     let mut failed = false;
-    if let Some(driver) = &driver
-        && context.fence.permits()
-    {
-        for node in &decision.force_detach {
-            failed |= !force_detach_orphan(&volume, context, driver.as_ref(), node).await;
+    if let Some(driver) = &driver {
+        for (index, node) in decision.force_detach.iter().enumerate() {
+            // A force rests on the Volume as this pass read it, before the turn (its
+            // orphanPolicy, its grace). A status write conditioned on that version proved it
+            // unchanged just now; otherwise, and before each later force, the Volume is read
+            // again, and one changed since is decided again (after a failed force of this
+            // pass, once its backoff is due).
+            if (index > 0 || !wrote) && changed_since(&api, &volume).await? {
+                if failed {
+                    break;
+                }
+                return Ok(Pass::ReadAgain);
+            }
+            // A replica unsure of its lease calls nothing, however far the pass has come: checked
+            // after the read above, which a slow apiserver may draw out past the lease.
+            if !context.fence.permits() {
+                break;
+            }
+            let Err(class) = force_detach_orphan(&volume, context, driver.as_ref(), node).await
+            else {
+                continue;
+            };
+            failed = true;
+            // The call may still land: nothing more acts on the volume until it can no longer.
+            if class == ErrorClass::UnknownOutcome {
+                break;
+            }
         }
     }
 
@@ -295,22 +357,37 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         driver.as_ref().is_some_and(|d| d.can_probe_many()),
     );
     Ok(Pass::Done(match ending {
-        Recheck::Settled(None) => Action::await_change(),
-        Recheck::Settled(Some(after)) | Recheck::Soon(after) => Action::requeue(after),
-        Recheck::Backoff { deadline } => {
-            Action::requeue(context.backoff.failed(&backoff_key(&name), deadline))
+        Recheck::Settled(None) => Outcome::Settled(Action::await_change()),
+        Recheck::Settled(Some(after)) | Recheck::Soon(after) => {
+            Outcome::Settled(Action::requeue(after))
         }
+        Recheck::Backoff { deadline } => Outcome::Retry(Action::requeue(
+            context.backoff.failed(&backoff_key(&name), deadline),
+        )),
     }))
 }
 
-/// Force-detaches the orphaned connection of `volume` to `node`, and tells how it ended: `true`
-/// when the call returned OK.
+/// Whether the Volume at the apiserver no longer stands on the grounds `volume` gave the
+/// decision: deleted or re-created, its spec changed, or its deletion begun. A label, an
+/// annotation or another controller's finalizer changes nothing the decision rests on.
+async fn changed_since(api: &Api<Volume>, volume: &Volume) -> Result<bool, Error> {
+    let now = api.get_opt(&volume.name_any()).await?;
+    Ok(now.is_none_or(|now| {
+        now.uid() != volume.uid()
+            || now.spec != volume.spec
+            || now.metadata.deletion_timestamp != volume.metadata.deletion_timestamp
+    }))
+}
+
+/// Force-detaches the orphaned connection of `volume` to `node`, and tells how it ended: the
+/// class of the call's error, if it failed, and `Retryable` for an OK the backend does not
+/// confirm.
 async fn force_detach_orphan(
     volume: &Volume,
     context: &Context,
     driver: &dyn Driver,
     node: &str,
-) -> bool {
+) -> Result<(), ErrorClass> {
     let handle = &volume.spec.volume_handle;
     let sent = tokio::time::Instant::now();
     let result = ok_if_not_connected(driver.force_detach(handle, node).await);
@@ -339,17 +416,23 @@ async fn force_detach_orphan(
         context.metrics.force_detached("Orphan");
     }
     context.events.publish(volume, &forced.notice).await;
-    result.is_ok()
+    match result {
+        // Returned OK, yet still connected: looked at again with backoff, as a failure is.
+        Ok(()) if !forced.confirmed => Err(ErrorClass::Retryable),
+        Ok(()) => Ok(()),
+        Err(error) => Err(error.class()),
+    }
 }
 
+/// Writes the Volume's status if it changed; tells whether it wrote.
 async fn persist(
     volume: &Volume,
     context: &Context,
     current: &VolumeStatus,
     next: &VolumeStatus,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     if current == next {
-        return Ok(());
+        return Ok(false);
     }
     let api = Api::<Volume>::all(context.client.clone());
     // Conditioned on the version the status was computed from: the apiserver refuses the write
@@ -369,5 +452,5 @@ async fn persist(
     for notice in volume_between(current, next, &volume.name_any(), volume.spec.orphan_policy) {
         context.events.publish(volume, &notice).await;
     }
-    Ok(())
+    Ok(true)
 }

@@ -21,6 +21,95 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const GREETING_WAIT: Duration = Duration::from_secs(2);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An export made behind the operator's back.
+pub struct OutOfBand {
+    /// Its NBD URI.
+    pub uri: String,
+    /// When its command was sent, on a connection that held the daemon's monitor: it did not
+    /// exist before.
+    pub asked: Instant,
+}
+
+/// Exports the image `handle` of the daemon `daemon` for `node` behind the operator's back, exactly
+/// as the driver would have (same block node and export names), on one connection to its own QMP
+/// socket (`daemon.qmp_socket`, not a proxy's), within [`qmp::TIMEOUT`]. The block node and the
+/// NBD server may be there already (the driver made them); the export must be new.
+pub async fn export_out_of_band(
+    daemon: &NbdConfig,
+    handle: &str,
+    node: &str,
+    read_only: bool,
+) -> Result<OutOfBand, QmpError> {
+    tokio::time::timeout(
+        qmp::TIMEOUT,
+        export_on_one_connection(daemon, handle, node, read_only),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(QmpError::Unreachable(format!(
+            "no reply within {:?}",
+            qmp::TIMEOUT
+        )))
+    })
+}
+
+async fn export_on_one_connection(
+    daemon: &NbdConfig,
+    handle: &str,
+    node: &str,
+    read_only: bool,
+) -> Result<OutOfBand, QmpError> {
+    let id = safe_detach::driver::nbd::export_id(handle, node);
+    let mut session = qmp::Session::connect(&daemon.qmp_socket).await?;
+    let added = session
+        .execute(
+            "blockdev-add",
+            json!({
+                "driver": "raw",
+                "node-name": safe_detach::driver::nbd::block_node_name(handle),
+                "read-only": read_only,
+                "file": { "driver": "file", "filename": daemon.image_dir.join(handle) },
+            }),
+        )
+        .await;
+    match added {
+        Err(QmpError::Refused(error))
+            if error.to_string().to_lowercase().contains("duplicate node") => {}
+        other => {
+            other?;
+        }
+    }
+    let started = session
+        .execute(
+            "nbd-server-start",
+            json!({ "addr": { "type": "unix", "data": { "path": daemon.nbd_socket } } }),
+        )
+        .await;
+    match started {
+        Err(QmpError::Refused(error)) if error.to_string().contains("already running") => {}
+        other => {
+            other?;
+        }
+    }
+    let asked = Instant::now();
+    session
+        .execute(
+            "block-export-add",
+            json!({
+                "type": "nbd",
+                "id": id,
+                "node-name": safe_detach::driver::nbd::block_node_name(handle),
+                "name": id,
+                "writable": !read_only,
+            }),
+        )
+        .await?;
+    Ok(OutOfBand {
+        uri: format!("nbd+unix:///{id}?socket={}", daemon.nbd_socket.display()),
+        asked,
+    })
+}
+
 /// A running `qemu-storage-daemon` with a QMP socket and an empty image folder.
 pub struct Qsd {
     child: Child,

@@ -14,7 +14,7 @@ use super::api_proxy::ApiProxy;
 use super::cluster::{WRITE_VERBS, unique_name};
 use super::operator::{Operator, Options, SHARD_LABEL};
 use super::qmp_proxy::QmpProxy;
-use super::qsd::Qsd;
+use super::qsd::{NbdClient, Qsd};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -291,55 +291,33 @@ impl Scenario {
     /// Exports the image `handle` for `node` behind the operator's back, exactly as the driver
     /// would have (same block node and export names), and returns the export's NBD URI.
     pub async fn export_out_of_band(&self, handle: &str, node: &str, read_only: bool) -> String {
-        let image = self.qsd.image_dir().join(handle);
-        let node_name = safe_detach::driver::nbd::block_node_name(handle);
-        let added = self
-            .qsd
-            .qmp(
-                "blockdev-add",
-                json!({
-                    "driver": "raw",
-                    "node-name": node_name,
-                    "read-only": read_only,
-                    "file": { "driver": "file", "filename": image },
-                }),
-            )
-            .await;
-        if let Err(error) = &added {
-            assert!(
-                error.to_string().to_lowercase().contains("duplicate node"),
-                "blockdev-add: {error}"
-            );
-        }
-        let nbd = self.qsd.nbd_socket();
-        let started = self
-            .qsd
-            .qmp(
-                "nbd-server-start",
-                json!({ "addr": { "type": "unix", "data": { "path": nbd } } }),
-            )
-            .await;
-        if let Err(error) = &started {
-            assert!(
-                error.to_string().contains("already running"),
-                "nbd-server-start: {error}"
-            );
-        }
-        let id = export_id(handle, node);
-        self.qsd
-            .qmp(
-                "block-export-add",
-                json!({
-                    "type": "nbd",
-                    "id": id,
-                    "node-name": node_name,
-                    "name": id,
-                    "writable": !read_only,
-                }),
-            )
+        crate::support::qsd::export_out_of_band(&self.qsd.config(), handle, node, read_only)
             .await
-            .unwrap_or_else(|e| panic!("block-export-add {id}: {e}"));
-        format!("nbd+unix:///{id}?socket={}", nbd.display())
+            .unwrap_or_else(|e| panic!("export {handle} to {node} out of band: {e}"))
+            .uri
+    }
+
+    /// Exports `handle` to `node` behind the operator's back, holds it open with an NBD client,
+    /// and waits until Volume `volume` lists the connection as an orphan; returns the client and
+    /// the Volume as it first listed it.
+    pub async fn orphan_held_open(
+        &self,
+        volume: &str,
+        handle: &str,
+        node: &str,
+    ) -> (NbdClient, Volume) {
+        let uri = self.export_out_of_band(handle, node, false).await;
+        let client = NbdClient::connect_uri(&uri)
+            .await
+            .expect("a client on the orphan");
+        let listed = self
+            .wait_volume(volume, &format!("listing {node} as an orphan"), |v| {
+                v.status
+                    .as_ref()
+                    .is_some_and(|st| st.orphans.iter().any(|o| o.node == node))
+            })
+            .await;
+        (client, listed)
     }
 
     /// Deletes an export behind the operator's back (mode `hard`: connected clients are cut off)

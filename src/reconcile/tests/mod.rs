@@ -1160,18 +1160,11 @@ async fn an_orphan_is_not_forced_off_when_an_alias_the_cache_lacks_owns_the_back
     harness.api.create(&VolumeAttachment::new("vb", spec));
     harness.driver.connect("h1", "node-b");
 
-    let reconcile_volume = || async {
-        let now = harness.api.get::<Volume>("vol").expect("the Volume");
-        super::volume::reconcile(Arc::new(now), harness.context.clone())
-            .await
-            .expect("the Volume's reconcile");
-        std::mem::take(&mut *harness.log.lock().expect("the log"))
-    };
     // The first pass records the unclaimed connection; once its grace is over, the next pass
     // would force it, on what the cache says.
-    reconcile_volume().await;
+    reconcile_volume(&harness).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let log = reconcile_volume().await;
+    let log = reconcile_volume(&harness).await;
     assert!(
         log.iter()
             .any(|entry| entry == "list volumes spec.volumeHandle=h1"),
@@ -1183,6 +1176,71 @@ async fn an_orphan_is_not_forced_off_when_an_alias_the_cache_lacks_owns_the_back
         "forced off a connection vol-owner's attachment claims: {log:#?}"
     );
     assert!(harness.driver.connects("h1", "node-b"));
+}
+
+/// A deleted Volume under `orphanPolicy: Detach` whose alias the cache still has, though the
+/// apiserver no longer does, owns its backend volume: it is not released as that alias's
+/// duplicate, with the connection no attachment claims left behind.
+#[tokio::test]
+async fn a_deleted_volume_is_not_released_as_the_duplicate_of_an_alias_gone_from_the_apiserver() {
+    let mut harness = Harness::new();
+    let mut volume = harness.api.get::<Volume>("vol").expect("the Volume");
+    volume.spec.orphan_policy = crate::api::OrphanPolicy::Detach;
+    volume.spec.stuck_after = Some("1s".into());
+    harness.api.replace(&volume);
+    // An older alias of h1, released and gone; the cache has not seen it go.
+    let spec = serde_json::from_value(json!({ "driver": "scripted", "volumeHandle": "h1" }))
+        .expect("a Volume spec");
+    let mut gone = Volume::new("vol-gone", spec);
+    gone.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        jiff::Timestamp::UNIX_EPOCH,
+    ));
+    gone.metadata.uid = Some("uid-of-vol-gone".into());
+    harness
+        .volumes
+        .apply_watcher_event(&watcher::Event::Apply(gone));
+    harness.driver.connect("h1", "node-b");
+    harness.api.delete::<Volume>("vol");
+
+    let log = reconcile_volume(&harness).await;
+    assert!(
+        log.iter()
+            .any(|entry| entry == "list volumes spec.volumeHandle=h1"),
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|entry| entry.contains("finalizers []")),
+        "released with node-b still connected: {log:#?}"
+    );
+    let held = harness
+        .api
+        .get::<Volume>("vol")
+        .expect("vol is still there");
+    let status = held.status.expect("a status");
+    assert_eq!(
+        status
+            .orphans
+            .iter()
+            .map(|orphan| orphan.node.as_str())
+            .collect::<Vec<_>>(),
+        ["node-b"],
+        "{log:#?}"
+    );
+
+    // Once its grace is over, the orphan is forced off, and the Volume goes when the backend
+    // shows it gone.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let log = reconcile_volume(&harness).await;
+    position(&log, "driver force_detach h1 node-b");
+    assert!(!harness.driver.connects("h1", "node-b"), "{log:#?}");
+    if harness.api.get::<Volume>("vol").is_some() {
+        let log = reconcile_volume(&harness).await;
+        assert!(
+            log.iter().any(|entry| entry.contains("finalizers []")),
+            "{log:#?}"
+        );
+    }
+    assert!(harness.api.get::<Volume>("vol").is_none(), "still held");
 }
 
 /// A person's token on one of two attachments that claim the same connection cuts it for both:
@@ -1452,4 +1510,207 @@ async fn after_a_call_of_unknown_outcome_nothing_acts_on_its_volume_until_it_can
         "{log:#?}"
     );
     assert!(!harness.driver.connects("h1", NODE));
+}
+
+/// `vol` under `orphanPolicy: Detach` with a grace of 1 s, connected to `nodes` with no
+/// attachment, its orphans recorded by a first reconcile and their grace over.
+async fn orphans_past_their_grace(harness: &Harness, nodes: &[&str]) {
+    let mut volume = harness.api.get::<Volume>("vol").expect("the Volume");
+    volume.spec.orphan_policy = crate::api::OrphanPolicy::Detach;
+    volume.spec.stuck_after = Some("1s".into());
+    harness.api.replace(&volume);
+    for node in nodes {
+        harness.driver.connect("h1", node);
+    }
+    reconcile_volume(harness).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+}
+
+/// The Volume controller's reconcile of `vol` as the apiserver has it; its log.
+async fn reconcile_volume(harness: &Harness) -> Vec<String> {
+    let now = harness.api.get::<Volume>("vol").expect("the Volume");
+    super::volume::reconcile(Arc::new(now), harness.context.clone())
+        .await
+        .expect("the Volume's reconcile");
+    std::mem::take(&mut *harness.log.lock().expect("the log"))
+}
+
+/// A force rests on the Volume as read before the turn. A person who sets `orphanPolicy: Report`
+/// while the pass waits for the backend's answer is not overruled: the Volume's version is read
+/// again before the call, and the pass decides again on what changed.
+#[tokio::test]
+async fn an_orphan_is_not_forced_off_on_a_policy_changed_since_the_volume_was_read() {
+    let harness = Harness::new();
+    orphans_past_their_grace(&harness, &["node-b"]).await;
+    // The pass on the cache probes first; the pass on the apiserver's Volume probes next.
+    let (api, changed) = (harness.api.clone(), Arc::new(Mutex::new(false)));
+    let seen = changed.clone();
+    harness.driver.meanwhile("probe", || {});
+    harness.driver.meanwhile("probe", move || {
+        let mut volume = api.get::<Volume>("vol").expect("the Volume");
+        volume.spec.orphan_policy = crate::api::OrphanPolicy::Report;
+        api.replace(&volume);
+        *seen.lock().expect("the flag") = true;
+    });
+    let log = reconcile_volume(&harness).await;
+    assert!(*changed.lock().expect("the flag"), "{log:#?}");
+    assert!(
+        !log.iter().any(|e| e.starts_with("driver force_detach")),
+        "forced under a policy changed to Report: {log:#?}"
+    );
+    // Stopped by the Volume read again after the probe, not by a refused status write.
+    let second_probe = log
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| *e == "driver probe h1")
+        .nth(1)
+        .map(|(i, _)| i)
+        .expect("two probes");
+    assert!(
+        log[second_probe..].iter().any(|e| e == "get volumes/vol"),
+        "{log:#?}"
+    );
+    assert!(!log.iter().any(|e| e.contains("refused")), "{log:#?}");
+    assert!(harness.driver.connects("h1", "node-b"));
+}
+
+/// After a forced detach of unknown outcome, the pass forces no other orphan of the volume: the
+/// call may still land, and nothing acts on the volume until it can no longer.
+#[tokio::test]
+async fn after_an_orphan_force_of_unknown_outcome_no_other_orphan_is_forced_in_that_pass() {
+    let harness = Harness::new();
+    orphans_past_their_grace(&harness, &["node-b", "node-c"]).await;
+    harness.driver.lands_late_within(Duration::from_secs(15));
+    harness.driver.fail_next(
+        "force_detach",
+        DriverError::Timeout {
+            operation: "force_detach",
+            deadline: Duration::from_secs(15),
+        },
+    );
+    let log = reconcile_volume(&harness).await;
+    let forced: Vec<&String> = log
+        .iter()
+        .filter(|e| e.starts_with("driver force_detach"))
+        .collect();
+    assert_eq!(forced, ["driver force_detach h1 node-b"], "{log:#?}");
+    // The next reconcile neither probes nor forces while the call may still land.
+    let log = reconcile_volume(&harness).await;
+    assert!(!log.iter().any(|e| e.starts_with("driver")), "{log:#?}");
+}
+
+/// The Volume controller's reconcile of `vol`, as the apiserver has it; what it asked to be
+/// woken after.
+async fn reconcile_volume_for_action(harness: &Harness) -> Action {
+    let now = harness.api.get::<Volume>("vol").expect("the Volume");
+    super::volume::reconcile(Arc::new(now), harness.context.clone())
+        .await
+        .expect("the Volume's reconcile")
+}
+
+/// A force of an orphan that keeps failing is retried with a growing backoff, not every second,
+/// and a reconcile woken before it is due (by its own status write, say) forces nothing.
+#[tokio::test]
+async fn a_failing_orphan_force_backs_off_further_each_time() {
+    let harness = Harness::new();
+    orphans_past_their_grace(&harness, &["node-b"]).await;
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        harness
+            .driver
+            .fail_next("force_detach", DriverError::Unreachable("down".into()));
+        let action = reconcile_volume_for_action(&harness).await;
+        delays.push(action.clone());
+        harness.log.lock().expect("the log").clear();
+        let early = reconcile_volume_for_action(&harness).await;
+        let log = std::mem::take(&mut *harness.log.lock().expect("the log"));
+        assert!(
+            !log.iter().any(|e| e.starts_with("driver force_detach")),
+            "forced again before the backoff was due: {log:#?}"
+        );
+        assert!(early != Action::await_change(), "{early:?}");
+        tokio::time::sleep(action_delay(&action)).await;
+    }
+    assert_eq!(
+        delays,
+        [1, 2, 4].map(|s| Action::requeue(Duration::from_secs(s))),
+    );
+}
+
+/// The delay of a requeue.
+fn action_delay(action: &Action) -> Duration {
+    [1, 2, 4, 8]
+        .map(Duration::from_secs)
+        .into_iter()
+        .find(|d| *action == Action::requeue(*d))
+        .unwrap_or_else(|| panic!("a requeue of whole seconds: {action:?}"))
+}
+
+/// A safe detach makes two calls. When the second one's outcome is unknown, the wait for it to
+/// land runs from when it was sent, not from the first call, however long that one took.
+#[tokio::test(start_paused = true)]
+async fn the_wait_after_a_detach_of_unknown_outcome_runs_from_its_own_send() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    harness.driver.lands_late_within(Duration::from_secs(15));
+    harness
+        .driver
+        .takes("terminate_connection", Duration::from_secs(10));
+    harness.driver.fail_next(
+        "detach",
+        DriverError::Timeout {
+            operation: "detach",
+            deadline: Duration::from_secs(15),
+        },
+    );
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.catch_up("va");
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        position(&log, "driver terminate_connection h1 node-a")
+            < position(&log, "driver detach h1 node-a"),
+        "{log:#?}"
+    );
+
+    tokio::time::advance(Duration::from_secs(1)).await;
+    harness.catch_up("va");
+    let (action, log) = harness.reconcile("va").await;
+    assert!(!log.iter().any(|e| e.starts_with("driver")), "{log:#?}");
+    assert_eq!(action, Action::requeue(Duration::from_secs(14)));
+}
+
+/// A force the backend answers OK but does not show done (the connection made again at once, or
+/// a backend that acknowledges and keeps it) is looked at again with a growing backoff, not
+/// every second.
+#[tokio::test]
+async fn an_orphan_force_the_backend_does_not_confirm_backs_off_further_each_time() {
+    let harness = Harness::new();
+    orphans_past_their_grace(&harness, &["node-b"]).await;
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        // The pass on the cache probes, the pass on the apiserver's Volume probes, the force,
+        // then the probe that should confirm it: someone connects node-b again before that one.
+        let driver = harness.driver.clone();
+        harness.driver.meanwhile("probe", || {});
+        harness.driver.meanwhile("probe", || {});
+        harness
+            .driver
+            .meanwhile("probe", move || driver.connect("h1", "node-b"));
+        let action = reconcile_volume_for_action(&harness).await;
+        tokio::time::sleep(action_delay(&action)).await;
+        delays.push(action);
+    }
+    let log = harness.log.lock().expect("the log").clone();
+    assert_eq!(
+        log.iter()
+            .filter(|e| e.starts_with("driver force_detach"))
+            .count(),
+        3,
+        "{log:#?}"
+    );
+    assert_eq!(
+        delays,
+        [1, 2, 4].map(|s| Action::requeue(Duration::from_secs(s))),
+        "{log:#?}"
+    );
 }

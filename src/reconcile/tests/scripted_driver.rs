@@ -20,6 +20,8 @@ pub struct ScriptedDriver {
     unprobeable: AtomicBool,
     /// How long the backend may carry out a call after its caller gave up on it.
     settles_within: Mutex<std::time::Duration>,
+    /// How long the next call of an operation takes, by operation, in order.
+    slow: Mutex<VecDeque<(&'static str, std::time::Duration)>>,
 }
 
 type Meanwhile = Box<dyn FnOnce() + Send>;
@@ -33,6 +35,30 @@ impl ScriptedDriver {
             meanwhile: Mutex::new(VecDeque::new()),
             unprobeable: AtomicBool::new(false),
             settles_within: Mutex::new(std::time::Duration::ZERO),
+            slow: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// The next call of `operation` takes `duration` before it answers.
+    pub fn takes(&self, operation: &'static str, duration: std::time::Duration) {
+        self.slow
+            .lock()
+            .expect("the script")
+            .push_back((operation, duration));
+    }
+
+    /// Waits as long as the script says the call of `operation` takes.
+    async fn take_time(&self, operation: &'static str) {
+        let duration = {
+            let mut slow = self.slow.lock().expect("the script");
+            if slow.front().is_some_and(|(op, _)| *op == operation) {
+                slow.pop_front().map(|(_, duration)| duration)
+            } else {
+                None
+            }
+        };
+        if let Some(duration) = duration {
+            tokio::time::sleep(duration).await;
         }
     }
 
@@ -162,6 +188,7 @@ impl Driver for ScriptedDriver {
         volume_handle: &str,
         node: &str,
     ) -> Result<(), DriverError> {
+        self.take_time("terminate_connection").await;
         self.call("terminate_connection", volume_handle, Some(node))
     }
 

@@ -14,6 +14,7 @@ use crate::support::qmp_proxy::QmpProxy;
 use crate::support::qsd::Qsd;
 use safe_detach::config::DriverEntry;
 use safe_detach::driver::csi::CsiConfig;
+use safe_detach::driver::nbd::NbdConfig;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -102,6 +103,15 @@ impl Backend {
         match self {
             Self::Nbd { .. } => "nbd",
             Self::Csi { .. } => "csi",
+        }
+    }
+
+    /// The nbd daemon as reached past the proxy: for what the workload does behind the
+    /// operator's back.
+    pub fn daemon(&self) -> Option<NbdConfig> {
+        match self {
+            Self::Nbd { qsd, .. } => Some(qsd.config()),
+            Self::Csi { .. } => None,
         }
     }
 

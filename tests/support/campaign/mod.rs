@@ -29,6 +29,8 @@ pub struct Summary {
     pub faults: BTreeMap<&'static str, usize>,
     pub hard_deletes: usize,
     pub apiserver_races: usize,
+    /// Connections made behind the operator's back (orphans), as the backend answered them.
+    pub orphans_made: usize,
     pub violations: BTreeMap<&'static str, Vec<u64>>,
     pub reports: Vec<String>,
     pub wall: Duration,
@@ -58,7 +60,7 @@ pub async fn campaign(seeds: &[u64], parallel: usize, active: Duration) -> Summa
 
 fn print_outcome(outcome: &Outcome) {
     println!(
-        "CAMPAIGN: seed {} backend {:?} ops {}/{} faults {:?} observations {} converged after {:?} quiet writes {} hard deletes {} apiserver races {} violations {} wall {:.1}s",
+        "CAMPAIGN: seed {} backend {:?} ops {}/{} faults {:?} observations {} converged after {:?} quiet writes {} hard deletes {} apiserver races {} orphans made {} violations {} wall {:.1}s",
         outcome.seed,
         outcome.backend,
         outcome.ops_applied,
@@ -69,6 +71,7 @@ fn print_outcome(outcome: &Outcome) {
         outcome.quiet_writes,
         outcome.hard_deletes,
         outcome.apiserver_races,
+        outcome.orphans_made,
         outcome.violations.len(),
         outcome.wall.as_secs_f64()
     );
@@ -87,6 +90,7 @@ fn add(summary: &mut Summary, outcome: Outcome) {
     summary.observations += outcome.observations;
     summary.hard_deletes += outcome.hard_deletes;
     summary.apiserver_races += outcome.apiserver_races;
+    summary.orphans_made += outcome.orphans_made;
     for (kind, n) in outcome.faults {
         *summary.faults.entry(kind).or_insert(0) += n;
     }
@@ -160,6 +164,11 @@ impl Summary {
             t,
             "| held Volumes the apiserver removed at once (its delete/finalizer race; schedules without the volume-hold policy) | {} |",
             self.apiserver_races
+        );
+        let _ = writeln!(
+            t,
+            "| connections made behind the operator's back (orphans on nbd) | {} |",
+            self.orphans_made
         );
         for rule in Rule::ALL {
             let seeds = self.violations.get(rule.name());

@@ -45,12 +45,16 @@ pub enum Rule {
     /// A connection cut while a live attachment recorded it attached and said nothing of a
     /// detach: the operator took away a disk someone was told is there.
     CutWhileAttached,
+    /// A deleted Volume under `orphanPolicy: Detach` released while the backend still connected
+    /// it to a node no VolumeAttachment names: the connection was left with no record of it.
+    ReleasedWithOrphan,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 9] = [
+    pub const ALL: [Rule; 10] = [
         Rule::DetachedWhileExported,
         Rule::ReleasedWhileNamed,
+        Rule::ReleasedWithOrphan,
         Rule::CutWhileAttached,
         Rule::DoubleAttach,
         Rule::TokenReplayed,
@@ -71,6 +75,7 @@ impl Rule {
             Rule::HotLoop => "hot-loop",
             Rule::ReleasedWhileNamed => "released-while-named",
             Rule::CutWhileAttached => "cut-while-attached",
+            Rule::ReleasedWithOrphan => "released-with-orphan",
         }
     }
 }
@@ -335,6 +340,99 @@ struct Exported {
     intent: Option<u64>,
 }
 
+/// A connection the workload asked the backend for behind the operator's back
+/// ([`super::plan::Op::Orphan`]).
+#[derive(Clone, Debug)]
+pub struct OrphanMade {
+    pub handle: String,
+    /// When it was asked for: once the monitor was the workload's, right before the export's
+    /// command (nothing else reaches the daemon in between, so the export is new after this);
+    /// for a make of unknown outcome, when the workload began to ask.
+    pub sent: Instant,
+    /// `Some(true)`: made; `Some(false)`: refused (nothing made); `None`: no answer, so it may
+    /// have been made, then or later.
+    pub made: Option<bool>,
+}
+
+/// The connections the workload makes behind the operator's back, and the Volumes that must
+/// force theirs off before they go.
+#[derive(Clone, Debug, Default)]
+pub struct Orphans {
+    /// The names of the Volumes under `orphanPolicy: Detach`.
+    pub forced_first: BTreeSet<String>,
+    /// Every such connection asked for, in order.
+    pub made: Arc<Mutex<Vec<OrphanMade>>>,
+}
+
+impl Orphans {
+    /// Whether a connection of `handle` may have been made in `(after, until]`: one the daemon
+    /// answered made then, or one of unknown outcome asked for before `until` (its command may
+    /// have been carried out any time after).
+    pub fn made_between(&self, handle: &str, after: Instant, until: Instant) -> bool {
+        self.made.lock().expect("orphans made").iter().any(|m| {
+            m.handle == handle
+                && m.sent <= until
+                && match m.made {
+                    Some(true) => m.sent > after,
+                    Some(false) => false,
+                    None => true,
+                }
+        })
+    }
+}
+
+/// The daemon's own record of the forces of orphans: every `block-export-del` of an export to
+/// [`super::plan::ORPHAN_NODE`] the operator sent (only an orphan's force sends one), by handle
+/// and time. None may come under `orphanPolicy: Report` (`detach_policy` false for the handle);
+/// under `Detach` none before `grace` has passed since the orphan was made. That is judged for
+/// the first orphan of each handle only, when the daemon answered it made: the operator keeps
+/// the time it first saw an orphan of a (volume, node) for as long as no probe of its shows that
+/// connection gone, so a later orphan that replaced one it never saw go (a daemon restart in
+/// between, a force that landed unconfirmed) may rightly be forced on the older one's time. A
+/// second of slack: the operator's record has whole seconds. Returns what broke the rule.
+pub fn judge_orphan_forces(
+    detach_policy: impl Fn(&str) -> Option<bool>,
+    made: &[OrphanMade],
+    forces: &[(String, Instant)],
+    grace: Duration,
+) -> Vec<String> {
+    let node = super::plan::ORPHAN_NODE;
+    let mut found = Vec::new();
+    for (handle, _) in forces {
+        if detach_policy(handle) == Some(false) {
+            found.push(format!(
+                "{handle} forced off {node}, though its Volume is under orphanPolicy Report"
+            ));
+        }
+    }
+    let handles: BTreeSet<&String> = made.iter().map(|m| &m.handle).collect();
+    for handle in handles {
+        let Some(first) = made
+            .iter()
+            .find(|m| &m.handle == handle && m.made != Some(false))
+        else {
+            continue;
+        };
+        if first.made != Some(true) || detach_policy(handle) != Some(true) {
+            continue;
+        }
+        let Some((_, at)) = forces
+            .iter()
+            .find(|(h, at)| h == handle && *at > first.sent)
+        else {
+            continue;
+        };
+        let after = at.duration_since(first.sent);
+        if after + Duration::from_secs(1) < grace {
+            found.push(format!(
+                "{handle} forced off {node} {:.3}s after the orphan was made (stuckAfter {grace:?})",
+                after.as_secs_f64()
+            ));
+        }
+    }
+    found
+}
+
 /// Rounds a release stays under watch for a claim on the released Volume to show.
 const RELEASE_WATCH_ROUNDS: usize = 5;
 
@@ -383,6 +481,10 @@ pub struct Observer {
     /// Double attaches not explained by an intent seen so far, judged a round later, once a
     /// watch event that lagged the round has had time to come.
     doubles: Vec<Double>,
+    /// The connections made behind the operator's back.
+    pub orphans: Orphans,
+    /// The last Volume list that was answered, and when.
+    last_listed: Option<(Vec<VolumeId>, Instant)>,
 }
 
 /// A single-attach backend volume exported to nodes whose exports no older intent explains yet.
@@ -434,6 +536,8 @@ impl Observer {
             cuts: Vec::new(),
             intents: Arc::default(),
             doubles: Vec::new(),
+            orphans: Orphans::default(),
+            last_listed: None,
         }
     }
 
@@ -627,6 +731,8 @@ impl Observer {
             );
         }
 
+        self.check_orphans_left(round, exports);
+
         // Exclusive while a single-attach Volume that names it exists (listed this round, before
         // the exports were read; the last list if this round's failed): once that Volume is
         // gone, a multi-attach alias owns the backend volume. An attach is exclusive while such a
@@ -751,6 +857,63 @@ impl Observer {
             }
         }
         self.previous = round.records.clone();
+    }
+
+    /// A deleted Volume under `orphanPolicy: Detach` goes only once the backend shows no
+    /// connection of it that no attachment claims: one made behind the operator's back
+    /// ([`super::plan::ORPHAN_NODE`], which no attachment names) and exported without a break
+    /// from before the last list that showed the Volume held until after the list that shows it
+    /// gone was there all through its release. Judged on the Volume lists that were answered,
+    /// the Volume's uid (a Volume created again under its name is another), and only where no
+    /// other connection of its backend volume was asked for meanwhile.
+    fn check_orphans_left(&mut self, round: &Round, exports: &BTreeSet<(String, String)>) {
+        let Some(listed) = &round.volumes else {
+            return;
+        };
+        let last = self.last_listed.replace((listed.clone(), round.volumes_at));
+        let Some((before, before_at)) = last else {
+            return;
+        };
+        let mut left = Vec::new();
+        for gone in before.iter().filter(|v| {
+            v.held
+                && self.orphans.forced_first.contains(&v.name)
+                && !listed.iter().any(|l| l.uid == v.uid)
+                && !self.apiservers_race(
+                    &v.uid,
+                    self.deleted_by.get(&v.uid).copied(),
+                    self.held_since.get(&v.uid).copied(),
+                )
+        }) {
+            let Some(handle) = self.handle_of(&gone.name).map(str::to_owned) else {
+                continue;
+            };
+            let pair = (handle.clone(), super::plan::ORPHAN_NODE.to_owned());
+            let Some(exported) = self.exported_since.get(&pair).copied() else {
+                continue;
+            };
+            if !exports.contains(&pair)
+                || exported.since >= before_at
+                || self
+                    .orphans
+                    .made_between(&handle, exported.since, round.backend_at)
+            {
+                continue;
+            }
+            left.push(format!(
+                    "Volume {} uid {} (orphanPolicy Detach) released while {handle} was exported to {}, which no VolumeAttachment names: exported since {:.3}s, the Volume listed held at {:.3}s, gone at {:.3}s, still exported at {:.3}s",
+                    gone.name,
+                    short(&gone.uid),
+                    pair.1,
+                    self.history.offset(exported.since),
+                    self.history.offset(before_at),
+                    self.history.offset(round.volumes_at),
+                self.history.offset(round.backend_at),
+            ));
+        }
+        for detail in left {
+            self.violate(Rule::ReleasedWithOrphan, round.volumes_at, detail);
+        }
     }
 
     /// A connection a live attachment records as attached is cut only after that attachment
@@ -964,14 +1127,25 @@ impl Observer {
     /// the Volume held. A DELETE sent after that read a Volume already held: removed at once, it
     /// had lost its finalizer some other way, which the rule must still catch.
     fn removed_by_the_apiservers_race(&self, release: &Release) -> bool {
-        if self.hold_at_create || !release.held || release.deleted_by.is_some() {
+        release.held && self.apiservers_race(&release.uid, release.deleted_by, release.held_since)
+    }
+
+    /// Whether Volume `uid`, seen held since `held_since` and listed deleting by `deleted_by`,
+    /// went by the apiserver's delete/finalizer race ([`Self::removed_by_the_apiservers_race`]).
+    fn apiservers_race(
+        &self,
+        uid: &str,
+        deleted_by: Option<Instant>,
+        held_since: Option<Instant>,
+    ) -> bool {
+        if self.hold_at_create || deleted_by.is_some() {
             return false;
         }
-        let Some(held_since) = release.held_since else {
+        let Some(held_since) = held_since else {
             return false;
         };
         let deletes = self.volume_deletes.lock().expect("volume deletes");
-        let of_it = || deletes.iter().filter(|d| d.uid == release.uid);
+        let of_it = || deletes.iter().filter(|d| d.uid == uid);
         of_it().all(|d| d.removed_at_once) && of_it().any(|d| d.sent < held_since)
     }
 

@@ -149,7 +149,17 @@ pub enum Op {
     RecreateVolume {
         volume: usize,
     },
+    /// Exports the Volume's backend volume to [`ORPHAN_NODE`] behind the operator's back: a
+    /// connection no VolumeAttachment claims (case 5), left by a node that was lost with it.
+    /// Skipped while the Volume is missing or being deleted.
+    Orphan {
+        volume: usize,
+    },
 }
+
+/// The node of the connections the workload makes behind the operator's back. No attachment
+/// names it, so each such connection stays an orphan until the operator forces it off.
+pub const ORPHAN_NODE: &str = "lost0";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenKind {
@@ -266,6 +276,10 @@ const CSI_SHARE: u64 = 30;
 const LATE_STREAM: u64 = 0x1a7e_ca11;
 /// The share of csi call faults that are late calls, in percent.
 const LATE_SHARE: u64 = 20;
+/// Mixed into the seed for the draw of the connections made behind the operator's back.
+const ORPHAN_STREAM: u64 = 0x0e9a_4a11;
+/// The share of schedules with such connections, among those that can have them, in percent.
+const ORPHAN_SHARE: u64 = 80;
 
 /// Slots (VolumeAttachment names) per Volume.
 pub const SLOTS: usize = 3;
@@ -334,7 +348,7 @@ impl Plan {
             partition: rng.chance(20),
             apiserver_restart: false,
         };
-        let ops = draw_ops(&mut rng, &volumes, active);
+        let mut ops = draw_ops(&mut rng, &volumes, active);
         let mut fault_ops = draw_faults(&mut rng, &faults, active);
         // Restarts of the apiserver in a third of the schedules, on a stream of their own.
         let mut restarts = Rng::new(seed ^ RESTART_STREAM);
@@ -362,6 +376,11 @@ impl Plan {
             faults.qsd_restart = false;
             fault_ops = for_the_plugin(&mut backend_rng, fault_ops);
             fault_ops = some_late(&mut Rng::new(seed ^ LATE_STREAM), fault_ops);
+        }
+        if backend == Backend::Nbd {
+            let orphans = draw_orphans(&mut Rng::new(seed ^ ORPHAN_STREAM), &volumes, active);
+            ops.extend(orphans);
+            ops.sort_by_key(|(at, _)| *at);
         }
         Self {
             seed,
@@ -509,6 +528,36 @@ fn draw_ops(rng: &mut Rng, volumes: &[VolumePlan], active: Duration) -> Vec<(Dur
         at += rng.millis(80, 600);
     }
     ops
+}
+
+/// Connections made behind the operator's back, on a stream of their own (a seed drawn before
+/// them is the schedule it was, plus these): one or two, at any time of the schedule, to Volumes
+/// that may have them without changing what the other rules judge. Such a Volume is
+/// multi-attach, so that the connection blocks no attach (a blocked attach under `Report` would
+/// never converge, and a connection made beside an attachment of a single-attach volume would be
+/// a double attach of the workload's making), and the only Volume of its backend volume, so that
+/// no single-attach alias makes it exclusive.
+fn draw_orphans(rng: &mut Rng, volumes: &[VolumePlan], active: Duration) -> Vec<(Duration, Op)> {
+    let eligible: Vec<usize> = (0..volumes.len())
+        .filter(|&i| {
+            volumes[i].multi_attach
+                && volumes
+                    .iter()
+                    .filter(|v| v.handle == volumes[i].handle)
+                    .count()
+                    == 1
+        })
+        .collect();
+    if eligible.is_empty() || !rng.chance(ORPHAN_SHARE) {
+        return Vec::new();
+    }
+    let ms = active.as_millis() as u64;
+    (0..1 + rng.below(2))
+        .map(|_| {
+            let volume = eligible[rng.index(eligible.len())];
+            (rng.millis(0, ms), Op::Orphan { volume })
+        })
+        .collect()
 }
 
 fn draw_faults(

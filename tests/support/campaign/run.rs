@@ -6,15 +6,18 @@
 //! observer beside them. Then the faults stop, the workload tidies up as a person would, and the
 //! schedule is judged: convergence, quiet once converged, no panic, and the Events.
 
-use super::backend::{Backend, BackendReader, CSI_METHODS, plugin_down};
+use super::backend::{Backend, BackendReader, CSI_METHODS, Pair, plugin_down};
 use super::observe::{
-    CreateWindow, History, Observer, Record, Rule, Violation, VolumeCreate, VolumeDelete,
+    CreateWindow, History, Observer, OrphanMade, Orphans, Record, Rule, Violation, VolumeCreate,
+    VolumeDelete, judge_orphan_forces,
 };
-use super::plan::{Backend as BackendKind, FaultOp, Op, Plan, SLOTS, VolumePlan};
+use super::plan::{Backend as BackendKind, FaultOp, ORPHAN_NODE, Op, Plan, SLOTS, VolumePlan};
 use crate::support::api_proxy::ApiProxy;
 use crate::support::cluster::{TestObjects, admin_client, unique_name};
 use crate::support::operator::{Operator, Options, SHARD_LABEL};
-use crate::support::qsd::NbdClient;
+use crate::support::qmp::QmpError;
+use crate::support::qmp_proxy::Call;
+use crate::support::qsd::{self, NbdClient};
 use crate::support::volume_hold::{HOLD_LABEL, HOLD_VALUE};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -27,6 +30,7 @@ use safe_detach::api::{
     AttachmentPhase, FORCE_DETACH_ANNOTATION, VOLUME_FINALIZER, Volume, VolumeAttachment,
 };
 use safe_detach::config::ConfigFile;
+use safe_detach::driver::nbd::NbdConfig;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -49,6 +53,9 @@ const QUIET_SETTLE: Duration = Duration::from_secs(3);
 const QUIET_WINDOW: Duration = Duration::from_secs(6);
 const QUIET_WRITES: usize = 6;
 const OBSERVE_EVERY: Duration = Duration::from_millis(100);
+/// How long the workload waits for a connection it makes behind the operator's back (the
+/// daemon's monitor serves one client at a time: the operator's session may hold it).
+const ORPHAN_WITHIN: Duration = Duration::from_secs(5);
 
 /// The fault kind under which a crash of the backend's process that no fault caused is counted.
 pub const BACKEND_CRASH: &str = "backend crash, not injected";
@@ -71,6 +78,8 @@ pub struct Outcome {
     pub hard_deletes: usize,
     /// Volumes the apiserver removed at once though they were held (its delete/finalizer race).
     pub apiserver_races: usize,
+    /// Connections made behind the operator's back that the backend answered made.
+    pub orphans_made: usize,
 }
 
 struct Replica {
@@ -103,6 +112,10 @@ struct World {
     volume_creates: Arc<Mutex<BTreeMap<String, VolumeCreate>>>,
     /// The workload's DELETEs of Volumes, with the apiserver's answers.
     volume_deletes: Arc<Mutex<Vec<VolumeDelete>>>,
+    /// The nbd daemon past the proxy, for the connections made behind the operator's back.
+    daemon: Option<NbdConfig>,
+    /// The connections made behind the operator's back.
+    orphans: Orphans,
 }
 
 impl World {
@@ -118,6 +131,25 @@ impl World {
             labels[HOLD_LABEL] = json!(HOLD_VALUE);
         }
         labels
+    }
+
+    /// The connections made behind the operator's back, or perhaps made, of the Volumes under
+    /// `orphanPolicy: Report`: the operator leaves them in place.
+    fn orphans_left_in_place(&self) -> BTreeSet<Pair> {
+        self.orphans
+            .made
+            .lock()
+            .expect("orphans made")
+            .iter()
+            .filter(|m| m.made != Some(false))
+            .filter(|m| {
+                self.handles
+                    .iter()
+                    .position(|h| *h == m.handle)
+                    .is_some_and(|i| !self.plan.volumes[i].orphan_detach)
+            })
+            .map(|m| (m.handle.clone(), ORPHAN_NODE.to_owned()))
+            .collect()
     }
 
     async fn create_volume(&self, index: usize) -> Result<(), kube::Error> {
@@ -185,6 +217,7 @@ pub async fn run(plan: Plan) -> Outcome {
         .map(|v| on_backend[&v.handle].clone())
         .collect();
     let reader = backend.reader(&on_backend);
+    let daemon = backend.daemon();
     let shard = unique_name("campaign");
     let config = ConfigFile {
         default_stuck_after: Some(format!("{}s", STUCK_AFTER.as_secs())),
@@ -237,6 +270,12 @@ pub async fn run(plan: Plan) -> Outcome {
                 .collect()
         })
         .collect();
+    let forced_first = volume_names
+        .iter()
+        .zip(&plan.volumes)
+        .filter(|(_, v)| v.orphan_detach)
+        .map(|(n, _)| n.clone())
+        .collect();
     let world = Arc::new(World {
         plan: plan.clone(),
         attachments: Api::all(client.clone()),
@@ -254,6 +293,11 @@ pub async fn run(plan: Plan) -> Outcome {
         volume_uids: Mutex::default(),
         volume_creates: Arc::default(),
         volume_deletes: Arc::default(),
+        daemon,
+        orphans: Orphans {
+            forced_first,
+            made: Arc::default(),
+        },
     });
     history.note(format!(
         "seed {} backend {:?} volumes {:?} handles {:?} nodes {:?} faults {:?} held at create {}",
@@ -298,6 +342,7 @@ pub async fn run(plan: Plan) -> Outcome {
             plan.hold_at_create,
             history.clone(),
         );
+        observer.orphans = world.orphans.clone();
         // Every intent to attach, as a watch delivers it: a round's list can miss one written
         // and followed by `Attached` between two rounds.
         let intents = observer.intents.clone();
@@ -514,6 +559,9 @@ pub async fn run(plan: Plan) -> Outcome {
         observer.violate(rule, now, detail);
     }
     check_events(&world, &mut observer).await;
+    if let Some(proxy) = backend.qmp_proxy() {
+        check_orphan_forces(&world, &proxy.calls(), &mut observer);
+    }
 
     let hard_deletes = backend.hard_deletes();
     let backend_log = backend
@@ -575,6 +623,14 @@ pub async fn run(plan: Plan) -> Outcome {
         quiet_writes,
         hard_deletes,
         apiserver_races: observer.apiserver_races,
+        orphans_made: world
+            .orphans
+            .made
+            .lock()
+            .expect("orphans made")
+            .iter()
+            .filter(|m| m.made == Some(true))
+            .count(),
     }
 }
 
@@ -745,6 +801,7 @@ async fn apply(
                 .push(delete);
             line
         }
+        Op::Orphan { volume } => make_orphan(world, *volume).await,
         Op::RecreateVolume { volume } => {
             match world.volumes.get_opt(&world.volume_names[*volume]).await {
                 Ok(None) => said(world.create_volume(*volume).await),
@@ -753,6 +810,53 @@ async fn apply(
             }
         }
     }
+}
+
+/// Exports the backend volume of `volume` to [`ORPHAN_NODE`] behind the operator's back, while
+/// the Volume is there and not being deleted (the workload runs one operation at a time, so it
+/// stays so until the export is asked for), and records the attempt and its answer.
+async fn make_orphan(world: &World, volume: usize) -> String {
+    let Some(daemon) = &world.daemon else {
+        return "skipped: no daemon to reach past the operator".into();
+    };
+    match world.volumes.get_opt(&world.volume_names[volume]).await {
+        Ok(Some(v)) if v.metadata.deletion_timestamp.is_none() => {}
+        Ok(Some(_)) => return "skipped: the Volume is being deleted".into(),
+        Ok(None) => return "skipped: no Volume".into(),
+        Err(e) => return format!("skipped: {e}"),
+    }
+    let handle = &world.handles[volume];
+    let began = Instant::now();
+    let answer = tokio::time::timeout(
+        ORPHAN_WITHIN,
+        qsd::export_out_of_band(daemon, handle, ORPHAN_NODE, false),
+    )
+    .await;
+    let (made, sent, line) = match answer {
+        Ok(Ok(export)) => (
+            Some(true),
+            Instant::from_std(export.asked),
+            format!("ok exported to {ORPHAN_NODE}: {}", export.uri),
+        ),
+        Ok(Err(QmpError::Refused(error))) => (Some(false), began, format!("refused: {error}")),
+        Ok(Err(error)) => (None, began, format!("unknown: {error}")),
+        Err(_) => (
+            None,
+            began,
+            format!("unknown: no answer within {ORPHAN_WITHIN:?}"),
+        ),
+    };
+    world
+        .orphans
+        .made
+        .lock()
+        .expect("orphans made")
+        .push(OrphanMade {
+            handle: handle.clone(),
+            sent,
+            made,
+        });
+    line
 }
 
 /// Creates the attachment of `slot` of `volume` on `node` (an index into the plan's nodes, taken
@@ -1019,6 +1123,30 @@ async fn converge(world: &World, backend: &mut Backend, crashes: &mut usize) -> 
             }
         }
         let connections = world.backend.connections().await;
+        // An orphan of a Volume under `orphanPolicy: Detach` that is gone (deleted before the
+        // operator held it, or removed by the apiserver's delete/finalizer race): a person creates
+        // the Volume again, so that the operator forces the orphan off.
+        if let Ok(connections) = &connections {
+            let mut created = false;
+            for (index, name) in world.volume_names.iter().enumerate() {
+                let orphan = (world.handles[index].clone(), ORPHAN_NODE.to_owned());
+                if world.plan.volumes[index].orphan_detach
+                    && connections.pairs.contains(&orphan)
+                    && !volumes.iter().any(|v| v.name_any() == *name)
+                {
+                    let result = world.create_volume(index).await;
+                    world.history.note(format!(
+                        "a person creates Volume {name} again for its orphan: {:?}",
+                        result.as_ref().map(|_| ())
+                    ));
+                    created |= result.is_ok();
+                }
+            }
+            if created {
+                tidied = false;
+                continue;
+            }
+        }
         let mut off = Vec::new();
         let mut wanted = BTreeSet::new();
         for a in &attachments {
@@ -1051,9 +1179,16 @@ async fn converge(world: &World, backend: &mut Backend, crashes: &mut usize) -> 
         {
             off.push(format!("Volume {} still being deleted", v.name_any()));
         }
+        // A connection made behind the operator's back stays under `orphanPolicy: Report`.
+        let left_in_place = world.orphans_left_in_place();
         match &connections {
             Ok(connections) => {
-                if connections.pairs != wanted || !connections.unparsed.is_empty() {
+                let judged: BTreeSet<Pair> = connections
+                    .pairs
+                    .difference(&left_in_place)
+                    .cloned()
+                    .collect();
+                if judged != wanted || !connections.unparsed.is_empty() {
                     off.push(format!(
                         "the backend connects {:?} (and lists {:?}), attachments want {wanted:?}",
                         connections.pairs, connections.unparsed
@@ -1277,6 +1412,29 @@ async fn check_events(world: &World, observer: &mut Observer) {
             .filter(|d| d.is_positive())
             .map_or(Duration::ZERO, |d| d.unsigned_abs());
         observer.violate(rule, now.checked_sub(ago).unwrap_or(now), detail);
+    }
+}
+
+/// The rules of the forces of orphans ([`judge_orphan_forces`]), on the QMP proxy's record of
+/// what the operator sent.
+fn check_orphan_forces(world: &World, calls: &[Call], observer: &mut Observer) {
+    let made = world.orphans.made.lock().expect("orphans made").clone();
+    let forces: Vec<(String, Instant)> = calls
+        .iter()
+        .filter(|c| c.command == "block-export-del")
+        .filter_map(|c| {
+            let id = c.arguments["id"].as_str()?;
+            let (handle, node) = safe_detach::driver::nbd::parse_export_id(id)?;
+            (node == ORPHAN_NODE).then(|| (handle.to_owned(), Instant::from_std(c.at)))
+        })
+        .collect();
+    let detach_policy = |handle: &str| {
+        let index = world.handles.iter().position(|h| h == handle)?;
+        Some(world.plan.volumes[index].orphan_detach)
+    };
+    let now = Instant::now();
+    for detail in judge_orphan_forces(detach_policy, &made, &forces, STUCK_AFTER) {
+        observer.violate(Rule::EarlyOrUnallowedForce, now, detail);
     }
 }
 
