@@ -1148,13 +1148,7 @@ async fn an_orphan_is_not_forced_off_when_an_alias_the_cache_lacks_owns_the_back
     harness.api.replace(&volume);
     // An alias that owns h1 (created earlier than vol, so first), and its attachment on
     // node-b, attached; neither is in the caches.
-    let spec = serde_json::from_value(json!({ "driver": "scripted", "volumeHandle": "h1" }))
-        .expect("a Volume spec");
-    let mut owner = Volume::new("vol-owner", spec);
-    owner.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-        jiff::Timestamp::UNIX_EPOCH,
-    ));
-    harness.api.create(&owner);
+    harness.api.create(&older_alias_of_h1("vol-owner"));
     let spec = serde_json::from_value(json!({ "volumeName": "vol-owner", "nodeName": "node-b" }))
         .expect("an attachment spec");
     harness.api.create(&VolumeAttachment::new("vb", spec));
@@ -1178,6 +1172,17 @@ async fn an_orphan_is_not_forced_off_when_an_alias_the_cache_lacks_owns_the_back
     assert!(harness.driver.connects("h1", "node-b"));
 }
 
+/// Another Volume of the backend volume `h1`, created before `vol`: it owns the handle.
+fn older_alias_of_h1(name: &str) -> Volume {
+    let spec = serde_json::from_value(json!({ "driver": "scripted", "volumeHandle": "h1" }))
+        .expect("a Volume spec");
+    let mut alias = Volume::new(name, spec);
+    alias.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        jiff::Timestamp::UNIX_EPOCH,
+    ));
+    alias
+}
+
 /// A deleted Volume under `orphanPolicy: Detach` whose alias the cache still has, though the
 /// apiserver no longer does, owns its backend volume: it is not released as that alias's
 /// duplicate, with the connection no attachment claims left behind.
@@ -1189,12 +1194,7 @@ async fn a_deleted_volume_is_not_released_as_the_duplicate_of_an_alias_gone_from
     volume.spec.stuck_after = Some("1s".into());
     harness.api.replace(&volume);
     // An older alias of h1, released and gone; the cache has not seen it go.
-    let spec = serde_json::from_value(json!({ "driver": "scripted", "volumeHandle": "h1" }))
-        .expect("a Volume spec");
-    let mut gone = Volume::new("vol-gone", spec);
-    gone.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-        jiff::Timestamp::UNIX_EPOCH,
-    ));
+    let mut gone = older_alias_of_h1("vol-gone");
     gone.metadata.uid = Some("uid-of-vol-gone".into());
     harness
         .volumes
