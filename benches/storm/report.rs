@@ -97,6 +97,8 @@ pub struct Table {
     rows: Vec<Row>,
     pub limits: Limits,
     pub wall: Duration,
+    /// How long the operator took, from its start, to take in the N Volumes the storms use.
+    pub volumes_ready: Option<Duration>,
 }
 
 impl Table {
@@ -106,6 +108,7 @@ impl Table {
             rows: Vec::new(),
             limits: Limits::default(),
             wall: Duration::ZERO,
+            volumes_ready: None,
         }
     }
 
@@ -146,6 +149,14 @@ impl Table {
             self.n,
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
+        if let Some(ready) = self.volumes_ready {
+            let _ = writeln!(
+                out,
+                "Before the storms, the operator took in the {} Volumes (finalizer, first probe, `Available`) in {:.1} s from its start; their writes are in no row.\n",
+                self.n,
+                ready.as_secs_f64()
+            );
+        }
         let merge = self.limits.writes.iter().find(|l| l.kind == Limit::MERGE);
         let _ = writeln!(
             out,

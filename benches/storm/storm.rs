@@ -14,7 +14,8 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use safe_detach::api::{
-    AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachState, Volume, VolumeAttachment,
+    AttachmentPhase, FORCE_DETACH_ANNOTATION, ForceDetachState, VOLUME_FINALIZER, Volume,
+    VolumeAttachment, VolumePhase,
 };
 use safe_detach::config::{ConfigFile, DriverEntry};
 use serde_json::json;
@@ -35,6 +36,9 @@ const STUCK_AFTER: Duration = Duration::from_secs(10);
 /// The Volumes a person attaches from during the detach storm, one at a time.
 const PERSON_VOLUMES: usize = 20;
 const PERSON_INTERVAL: Duration = Duration::from_millis(250);
+/// A storm's writes are over once none has landed for this long.
+const TAIL_QUIET: Duration = Duration::from_secs(2);
+const TAIL_LONGEST: Duration = Duration::from_secs(60);
 /// The longest a storm may take before the bench stops waiting and reports what it reached:
 /// `BENCH_TIMEOUT_SECS`, default 1800.
 fn storm_timeout() -> Duration {
@@ -214,6 +218,82 @@ impl Bench {
         bench.create_volumes(n).await;
         bench.start_operator(false).await;
         bench
+    }
+
+    /// Waits until the operator has taken in every Volume (its finalizer on, its first probe
+    /// recorded, `Available`), so that a storm's figures are of its attachments alone, not of
+    /// the Volumes' own first writes. Returns how long that took from the operator's start.
+    async fn volumes_ready(&self) -> Duration {
+        let started = Instant::now();
+        let selector = format!("{SHARD_LABEL}={}", self.shard);
+        loop {
+            let listed = self
+                .volumes
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .expect("list the Volumes");
+            let ready = listed
+                .items
+                .iter()
+                .filter(|v| {
+                    v.finalizers().iter().any(|f| f == VOLUME_FINALIZER)
+                        && v.status.as_ref().and_then(|s| s.phase) == Some(VolumePhase::Available)
+                })
+                .count();
+            if ready == listed.items.len() {
+                eprintln!(
+                    "{ready} Volumes ready in {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < storm_timeout(),
+                "only {ready} of {} Volumes ready after {:?}",
+                listed.items.len(),
+                storm_timeout()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// After a storm is done: how long the operator's writes go on (until none lands for two
+    /// seconds, read from the apiserver's own counts), and how many land in that tail. These are
+    /// the writes the storm caused after its last object reached its goal — mostly Volumes'
+    /// statuses — which its row does not count.
+    async fn add_writes_tail(&self, row: &mut Row) {
+        let (went_on, writes) = self.writes_tail().await;
+        // A count that did not move reads as a negative zero.
+        let total = writes.total().max(0.0);
+        row.extra.push((
+            "the operator's writes after all were done, until none landed for 2 s (not in the row)"
+                .to_owned(),
+            format!(
+                "{:.0} ({:.2} per object), the last {:.1} s after: {}",
+                total,
+                total / row.objects.max(1) as f64,
+                went_on.as_secs_f64(),
+                writes.breakdown()
+            ),
+        ));
+    }
+
+    async fn writes_tail(&self) -> (Duration, Requests) {
+        let started = Instant::now();
+        let first = self.requests().await;
+        let mut last = first.writes().total();
+        let mut quiet_since = Instant::now();
+        let mut went_on = Duration::ZERO;
+        while quiet_since.elapsed() < TAIL_QUIET && started.elapsed() < TAIL_LONGEST {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = self.requests().await.writes().total();
+            if now > last {
+                last = now;
+                quiet_since = Instant::now();
+                went_on = started.elapsed();
+            }
+        }
+        (went_on, self.requests().await.since(&first).writes())
     }
 
     /// Starts the operator, on the daemon directly or through the proxy.
@@ -447,12 +527,15 @@ impl Bench {
         for name in &self.names {
             self.tracker.expect(name, attached());
         }
-        self.measure("attach", &self.names, || async {
-            let started = Instant::now();
-            self.create_attachments(0..self.names.len(), None).await;
-            started.elapsed()
-        })
-        .await
+        let mut row = self
+            .measure("attach", &self.names, || async {
+                let started = Instant::now();
+                self.create_attachments(0..self.names.len(), None).await;
+                started.elapsed()
+            })
+            .await;
+        self.add_writes_tail(&mut row).await;
+        row
     }
 
     /// Converged: nothing changes, nothing should be written.
@@ -479,7 +562,8 @@ impl Bench {
             self.tracker
                 .expect(name, forced_and_attached_again(token.clone()));
         }
-        self.measure("token", &self.names, || async {
+        let mut row = self
+            .measure("token", &self.names, || async {
             let started = Instant::now();
             let api = self.attachments.clone();
             futures::stream::iter(self.names.iter().cloned().zip(tokens.iter().cloned()))
@@ -496,7 +580,9 @@ impl Bench {
                 .await;
             started.elapsed()
         })
-        .await
+        .await;
+        self.add_writes_tail(&mut row).await;
+        row
     }
 
     /// The detach storm, with a person attaching one volume after another meanwhile.
@@ -521,6 +607,8 @@ impl Bench {
             .await;
         storming.store(false, std::sync::atomic::Ordering::SeqCst);
         let person = person.await.expect("the person's attaches");
+        // The person's last attachment is deleted without a wait: its detach is in the tail.
+        self.add_writes_tail(&mut row).await;
         row.extra.push((
             "a person's attach during the storm".to_owned(),
             format!(
@@ -575,6 +663,7 @@ impl Bench {
             })
             .await;
         self.proxy.set_in_use(false);
+        self.add_writes_tail(&mut row).await;
         let hard = self
             .proxy
             .calls_of("block-export-del")
@@ -813,6 +902,7 @@ pub async fn run(plan: &Plan) -> String {
     let started = Instant::now();
     let mut bench = Bench::start(plan.n).await;
     let mut table = Table::new(plan.n);
+    table.volumes_ready = Some(bench.volumes_ready().await);
     let wants_after_attach = ["quiet", "token", "detach"].iter().any(|s| plan.wants(s));
     if plan.wants("attach") || wants_after_attach {
         let row = bench.attach().await;
