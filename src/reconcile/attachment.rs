@@ -1160,12 +1160,14 @@ enum FreshVolume {
 }
 
 /// Whether `fresh` is the object `read` was, with nothing a decision rests on changed: the same
-/// object (UID), spec, status, annotations (the force-detach request), finalizers and deletion.
+/// object (UID), spec, status, force-detach request, finalizers and deletion. Labels and other
+/// annotations are not among them (the cache does not even keep them: `slim_for_cache`).
 fn same_grounds(fresh: &VolumeAttachment, read: &VolumeAttachment) -> bool {
     fresh.uid() == read.uid()
         && fresh.spec == read.spec
         && fresh.status == read.status
-        && fresh.metadata.annotations == read.metadata.annotations
+        && fresh.annotations().get(FORCE_DETACH_ANNOTATION)
+            == read.annotations().get(FORCE_DETACH_ANNOTATION)
         && fresh.metadata.finalizers == read.metadata.finalizers
         && fresh.metadata.deletion_timestamp == read.metadata.deletion_timestamp
 }

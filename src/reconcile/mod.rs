@@ -433,16 +433,26 @@ fn volume_concurrency(config: &Config) -> u16 {
 }
 
 /// What `kubectl apply` (client-side) keeps in an object: a whole copy of the applied manifest.
-const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// The prefix of the annotations this operator reads: a person's force-detach request.
+const OWN_ANNOTATION_PREFIX: &str = "safedetach.io/";
 
-/// An object as the caches keep it: without its managed fields and without the copy of the last
-/// `kubectl apply`, which nothing here reads, which are most of an object's size, and which no
-/// write sends back (status is applied, finalizers are patched).
+/// An object as the caches keep it: its spec, its status, and of its metadata what a decision
+/// reads — name, UID, version, generation, creation, finalizers, deletion, and the annotations
+/// under `safedetach.io/` (a person's force-detach request). The rest goes: managed fields,
+/// labels (the apiserver selects the shard), every other annotation (`kubectl apply`'s copy of
+/// the manifest, a GitOps tool's tracking ids) and owner references. Nothing here reads those,
+/// they are most of a small object's size (one label alone costs a B-tree node of about half a
+/// kilobyte), and no write sends them back: status is patched, finalizers are patched.
 fn slim_for_cache<K: Resource>(object: &mut K) {
     let meta = object.meta_mut();
     meta.managed_fields = None;
+    meta.labels = None;
+    meta.owner_references = None;
     if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED_ANNOTATION);
+        annotations.retain(|key, _| key.starts_with(OWN_ANNOTATION_PREFIX));
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
     }
 }
 

@@ -783,7 +783,7 @@ async fn a_reconcile_waiting_for_its_turn_holds_little_memory() {
 }
 
 #[test]
-fn the_cache_keeps_no_copy_of_the_last_kubectl_apply_and_every_other_annotation() {
+fn the_cache_keeps_of_the_metadata_only_what_a_decision_reads() {
     let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
         .expect("an attachment spec");
     let mut attachment = VolumeAttachment::new("va", spec);
@@ -792,15 +792,53 @@ fn the_cache_keeps_no_copy_of_the_last_kubectl_apply_and_every_other_annotation(
             "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
             "{\"apiVersion\":\"safedetach.io/v1alpha1\"}".to_owned(),
         ),
+        (
+            "argocd.argoproj.io/tracking-id".to_owned(),
+            "storage:safedetach.io/VolumeAttachment:va".to_owned(),
+        ),
         (FORCE_DETACH_ANNOTATION.to_owned(), "t1".to_owned()),
     ]);
+    attachment.labels_mut().insert(
+        "app.kubernetes.io/instance".to_owned(),
+        "storage".to_owned(),
+    );
     attachment.metadata.managed_fields = Some(vec![Default::default()]);
+    attachment.metadata.owner_references = Some(vec![Default::default()]);
+    attachment.metadata.uid = Some("u1".to_owned());
+    attachment.metadata.resource_version = Some("7".to_owned());
+    attachment.metadata.generation = Some(2);
+    attachment.metadata.finalizers = Some(vec![ATTACHMENT_FINALIZER.to_owned()]);
+    let before = attachment.clone();
     super::slim_for_cache(&mut attachment);
     assert_eq!(
         attachment.annotations().keys().collect::<Vec<_>>(),
         [FORCE_DETACH_ANNOTATION]
     );
+    assert_eq!(attachment.metadata.labels, None);
     assert_eq!(attachment.metadata.managed_fields, None);
+    assert_eq!(attachment.metadata.owner_references, None);
+    assert_eq!(
+        (
+            attachment.metadata.uid.as_deref(),
+            attachment.metadata.resource_version.as_deref(),
+            attachment.metadata.generation,
+            attachment.finalizers(),
+        ),
+        (Some("u1"), Some("7"), Some(2), before.finalizers())
+    );
+    assert_eq!(attachment.spec, before.spec);
+
+    // An object with no annotation of its own keeps no empty map either.
+    let mut volume = Volume::new(
+        "vol",
+        serde_json::from_value(json!({ "driver": "nbd", "volumeHandle": "h1" }))
+            .expect("a Volume spec"),
+    );
+    volume
+        .annotations_mut()
+        .insert("argocd.argoproj.io/tracking-id".to_owned(), "x".to_owned());
+    super::slim_for_cache(&mut volume);
+    assert_eq!(volume.metadata.annotations, None);
 }
 
 #[test]
