@@ -564,23 +564,23 @@ impl Bench {
         }
         let mut row = self
             .measure("token", &self.names, || async {
-            let started = Instant::now();
-            let api = self.attachments.clone();
-            futures::stream::iter(self.names.iter().cloned().zip(tokens.iter().cloned()))
-                .for_each_concurrent(CLIENT_CONCURRENCY, |(name, token)| {
-                    let api = api.clone();
-                    async move {
-                        let patch =
-                            json!({ "metadata": { "annotations": { FORCE_DETACH_ANNOTATION: token } } });
-                        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                            .await
-                            .expect("annotate");
-                    }
-                })
-                .await;
-            started.elapsed()
-        })
-        .await;
+                let started = Instant::now();
+                let api = self.attachments.clone();
+                futures::stream::iter(self.names.iter().cloned().zip(tokens.iter().cloned()))
+                    .for_each_concurrent(CLIENT_CONCURRENCY, |(name, token)| {
+                        let api = api.clone();
+                        async move {
+                            let patch =
+                                json!({ "metadata": { "annotations": { FORCE_DETACH_ANNOTATION: token } } });
+                            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                                .await
+                                .expect("annotate");
+                        }
+                    })
+                    .await;
+                started.elapsed()
+            })
+            .await;
         self.add_writes_tail(&mut row).await;
         row
     }

@@ -432,7 +432,6 @@ fn volume_concurrency(config: &Config) -> u16 {
     u16::try_from(config.concurrency.max(1)).unwrap_or(u16::MAX)
 }
 
-/// What `kubectl apply` (client-side) keeps in an object: a whole copy of the applied manifest.
 /// The prefix of the annotations this operator reads: a person's force-detach request.
 const OWN_ANNOTATION_PREFIX: &str = "safedetach.io/";
 
