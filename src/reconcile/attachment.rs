@@ -15,8 +15,8 @@
 use super::lanes::{Lane, QUEUED_RECHECK};
 use super::status_patch::status_patch;
 use super::{
-    Context, Error, Outcome, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
-    hold_volume, owner_of_handle, probe, synced, volumes_naming,
+    Context, Error, Outcome, TURN_WAIT, aliases_as_of, aliases_of, attachments_naming, finalizer,
+    hold_volume, owner_of_handle, probe, synced, volume_read_fresh, volumes_naming,
 };
 use crate::MANAGER;
 use crate::api::{
@@ -569,7 +569,8 @@ impl<'a> Reconcile<'a> {
     async fn fresh_target(&self, locked: Option<&(String, String)>) -> Result<FreshVolume, Error> {
         let api = Api::<Volume>::all(self.context.client.clone());
         for _ in 0..WRITE_TRIES {
-            let volume = api.get_opt(&self.attachment.spec.volume_name).await?;
+            let (volume, as_of) =
+                volume_read_fresh(self.context, &self.attachment.spec.volume_name).await?;
             // Held by this process a moment ago (by the Volume controller, or another
             // attachment): attached on only once that hold has settled, as after this
             // reconcile's own.
@@ -580,15 +581,15 @@ impl<'a> Reconcile<'a> {
             {
                 return Ok(FreshVolume::JustHeld);
             }
-            // For an attach, the other Volumes of its backend volume as the apiserver has them
-            // too: one the cache has not seen yet (created a moment ago) may make the attach
-            // exclusive, or this Volume its alias.
+            // For an attach, the other Volumes of its backend volume as the apiserver had them
+            // at this read or later: one the cache had not seen (created a moment ago) may make
+            // the attach exclusive, or this Volume its alias.
             let listed = match &volume {
                 Some(v)
                     if v.metadata.deletion_timestamp.is_none()
                         && self.attachment.metadata.deletion_timestamp.is_none() =>
                 {
-                    Some(aliases_listed(self.context, v).await?)
+                    Some(aliases_as_of(self.context, v, as_of.as_deref()).await?)
                 }
                 _ => None,
             };

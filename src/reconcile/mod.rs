@@ -3,6 +3,7 @@
 
 mod attachment;
 mod backoff;
+mod cache_progress;
 mod events;
 mod finalizer;
 mod lanes;
@@ -28,6 +29,7 @@ use crate::runtime::health::Health;
 use crate::runtime::leader::Fence;
 use crate::runtime::metrics::Metrics;
 use backoff::Backoff;
+use cache_progress::CacheProgress;
 use events::Publisher;
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use futures::future::{BoxFuture, Shared};
@@ -91,6 +93,8 @@ pub struct Context {
     pub config: Config,
     events: Publisher,
     volumes: Store<Volume>,
+    /// How far the Volume cache has come (see [`CacheProgress`]).
+    volumes_progress: CacheProgress,
     attachments: Store<VolumeAttachment>,
     backoff: Backoff,
     metrics: Arc<Metrics>,
@@ -188,13 +192,16 @@ pub async fn run(
     // A Volume the watch delivers is what the cache holds now: the writes of this replica it
     // shows need no longer be kept.
     let own_volume_writes = Arc::new(OwnWrites::default());
+    let volumes_progress = CacheProgress::default();
     let (volumes_touched, touched_volumes) = Touched::channel();
     let (volumes, writer) = reflector::store();
     let volume_controller = Controller::for_stream(
         reflector(writer, watcher(volumes_api, watch).modify(slim_for_cache))
             .inspect_ok({
                 let own_volume_writes = own_volume_writes.clone();
+                let mut progress = volumes_progress.recorder();
                 move |event| {
+                    progress.taken_in(event);
                     match event {
                         watcher::Event::Apply(volume) | watcher::Event::InitApply(volume) => {
                             own_volume_writes.seen(volume);
@@ -259,6 +266,7 @@ pub async fn run(
         client,
         config,
         volumes: volumes.clone(),
+        volumes_progress,
         attachments: attachments.clone(),
         backoff: Backoff::default(),
         metrics: metrics.clone(),
@@ -541,6 +549,36 @@ where
             Err(_) => {}
         }
     }
+}
+
+/// `name`'s Volume as the apiserver has it now, and the version the apiserver answered at: read
+/// as a list selected by name, which costs the apiserver what a get does and, unlike a get, says
+/// how far the answer reaches (see [`aliases_as_of`]).
+async fn volume_read_fresh(
+    context: &Context,
+    name: &str,
+) -> Result<(Option<Volume>, Option<String>), Error> {
+    let api = Api::<Volume>::all(context.client.clone());
+    let selected =
+        ListParams::default().fields(&format!("metadata.name={}", escape_field_value(name)));
+    let list = api.list(&selected).await?;
+    let volume = list.items.into_iter().find(|v| v.name_any() == name);
+    Ok((volume, list.metadata.resource_version))
+}
+
+/// The other Volumes of this replica's shard that name the same backend volume as `volume`, as
+/// the apiserver had them at `as_of` (a version it answered at after the caller's turn was
+/// taken) or later: the cache's, once it has taken in every change up to that version (none will
+/// be missing that the apiserver had then); else as the apiserver lists them now.
+async fn aliases_as_of(
+    context: &Context,
+    volume: &Volume,
+    as_of: Option<&str>,
+) -> Result<Vec<Arc<Volume>>, Error> {
+    if context.volumes_progress.reached(as_of).await {
+        return Ok(aliases_of(&context.volumes, volume));
+    }
+    aliases_listed(context, volume).await
 }
 
 /// The other Volumes of this replica's shard that name the same backend volume (driver and

@@ -175,8 +175,8 @@ impl State {
         not_found(&name)
     }
 
-    /// The objects under the collection `path`, those a field selector `spec.volumeName=…` or
-    /// `spec.volumeHandle=…` selects if the query has one.
+    /// The objects under the collection `path`, those a field selector `spec.volumeName=…`,
+    /// `spec.volumeHandle=…` or `metadata.name=…` selects if the query has one.
     fn list(&mut self, path: &str, query: &str) -> (StatusCode, Value) {
         let selector = query
             .split('&')
@@ -195,7 +195,13 @@ impl State {
             (None, 0) => format!("list {}", short(path)),
             (None, from) => format!("list {} continue={from}", short(path)),
         });
+        let by_name = selector
+            .as_deref()
+            .and_then(|s| s.strip_prefix("metadata.name="))
+            .map(str::to_owned);
         let wanted = match &selector {
+            // Every apiserver selects any kind by name.
+            Some(_) if by_name.is_some() => None,
             Some(_) if self.field_selectors_refused => {
                 self.record("  refused: field selector".to_owned());
                 return failure(
@@ -226,6 +232,9 @@ impl State {
                 wanted
                     .as_ref()
                     .is_none_or(|(field, value)| object["spec"][field] == value.as_str())
+                    && by_name
+                        .as_ref()
+                        .is_none_or(|name| object["metadata"]["name"] == name.as_str())
             })
             .collect();
         let version = self.last_version.to_string();

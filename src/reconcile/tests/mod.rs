@@ -87,6 +87,8 @@ impl Harness {
                 drivers,
             },
             volumes,
+            // Never reached unless a test says so: every attach lists the aliases.
+            volumes_progress: Default::default(),
             attachments,
             backoff: Backoff::default(),
             metrics: Arc::new(Metrics::default()),
@@ -108,6 +110,17 @@ impl Harness {
             attachments: attachments_writer,
             volumes: volumes_writer,
         }
+    }
+
+    /// The Volume cache's watch reports it has taken in every change up to `version` (with
+    /// `object` at that version).
+    fn volume_cache_reaches(&self, object: &Volume, version: u64) {
+        let mut at_version = object.clone();
+        at_version.metadata.resource_version = Some(version.to_string());
+        self.context
+            .volumes_progress
+            .recorder()
+            .taken_in(&watcher::Event::Apply(at_version));
     }
 
     /// Creates an attachment of `vol` to [`NODE`], and lets the cache see it.
@@ -278,7 +291,7 @@ async fn an_attach_writes_its_intent_first_and_attached_only_on_the_probe_after_
             r#"write volumeattachments/va: finalizers ["safedetach.io/detach"]"#,
             "driver probe h1",
             // The Volume read fresh before a call rests on its policy, and its aliases.
-            "get volumes/vol",
+            "list volumes metadata.name=vol",
             "list volumes spec.volumeHandle=h1",
             // Rule 4: the intent is stored before the call it announces.
             "write volumeattachments/va/status: phase=Attaching attached=false",
@@ -303,7 +316,7 @@ async fn an_attach_holds_its_volume_first_so_that_a_deletion_waits_for_the_attac
         &log,
         r#"write volumes/vol: finalizers ["safedetach.io/attachments"]"#,
     );
-    assert!(held > position(&log, "get volumes/vol"));
+    assert!(held > position(&log, "list volumes metadata.name=vol"));
     // Held just now: the attach waits for a later read that finds the Volume held (a DELETE
     // that read it before the finalizer may still be carried out).
     assert!(
@@ -324,7 +337,7 @@ async fn an_attach_holds_its_volume_first_so_that_a_deletion_waits_for_the_attac
     harness.context.recently_held.settle_all();
     let (_, log) = harness.reconcile("va").await;
     assert!(
-        position(&log, "get volumes/vol")
+        position(&log, "list volumes metadata.name=vol")
             < position(&log, "write volumeattachments/va/status: phase=Attaching")
     );
     assert!(
@@ -376,6 +389,60 @@ async fn an_alias_the_cache_has_not_seen_yet_still_makes_the_attach_exclusive() 
     harness.api.create(&Volume::new("vol-alias", spec));
     harness.driver.connect("h1", "node-b");
     harness.create("va", &[]);
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        log.iter()
+            .any(|entry| entry == "list volumes spec.volumeHandle=h1"),
+        "{log:#?}"
+    );
+    assert!(!harness.driver.connects("h1", NODE), "{log:#?}");
+}
+
+/// An attach whose Volume cache has taken in every change up to the version its Volume was read
+/// at takes the aliases from the cache, which then holds every one the apiserver had at that
+/// read: no list of the Volumes by backend volume.
+#[tokio::test]
+async fn an_attach_reads_the_aliases_from_a_cache_that_has_reached_its_read() {
+    let mut harness = Harness::new();
+    harness.create("va", &[]);
+    let vol = harness.api.get::<Volume>("vol").expect("the Volume");
+    // Further than any version this apiserver reaches in the test.
+    harness.volume_cache_reaches(&vol, 1_000);
+    let (_, log) = harness.reconcile("va").await;
+    assert_eq!(
+        log,
+        [
+            r#"write volumeattachments/va: finalizers ["safedetach.io/detach"]"#,
+            "driver probe h1",
+            "list volumes metadata.name=vol",
+            "write volumeattachments/va/status: phase=Attaching attached=false",
+            "driver attach h1 node-a",
+            "driver probe h1",
+            "write volumeattachments/va/status: phase=Attached attached=true",
+            "event Attached",
+        ]
+    );
+}
+
+/// A Volume cache that has moved, but not as far as the version the Volume was read at, is not
+/// taken for the aliases: the attach waits a moment for it, then lists them, and the alias the
+/// cache has not seen makes it exclusive.
+#[tokio::test]
+async fn an_attach_lists_the_aliases_when_its_cache_has_not_reached_its_read() {
+    let mut harness = Harness::new();
+    harness.allow_multi_attach();
+    let vol = harness.api.get::<Volume>("vol").expect("the Volume");
+    let spec = serde_json::from_value(json!({ "driver": "scripted", "volumeHandle": "h1" }))
+        .expect("a Volume spec");
+    harness.api.create(&Volume::new("vol-alias", spec));
+    harness.driver.connect("h1", "node-b");
+    harness.create("va", &[]);
+    // The cache has taken in the Volume's creation, and nothing since.
+    let created_at = vol
+        .resource_version()
+        .and_then(|v| v.parse().ok())
+        .expect("a version");
+    harness.volume_cache_reaches(&vol, created_at);
     let (_, log) = harness.reconcile("va").await;
     assert!(
         log.iter()
@@ -464,7 +531,7 @@ async fn a_failed_call_is_recorded_once_and_held_back_until_its_backoff_is_due()
         [
             r#"write volumeattachments/va: finalizers ["safedetach.io/detach"]"#,
             "driver probe h1",
-            "get volumes/vol",
+            "list volumes metadata.name=vol",
             "list volumes spec.volumeHandle=h1",
             "write volumeattachments/va/status: phase=Attaching attached=false",
             "driver attach h1 node-a",
@@ -512,7 +579,7 @@ async fn a_deleted_attachment_is_released_on_the_backends_word() {
             "list volumes spec.volumeHandle=h1",
             "list volumeattachments spec.volumeName=vol",
             "get volumeattachments/va",
-            "get volumes/vol",
+            "list volumes metadata.name=vol",
             "write volumeattachments/va/status: phase=Detaching attached=true",
             "driver terminate_connection h1 node-a",
             "driver detach h1 node-a",
@@ -597,7 +664,7 @@ async fn a_forced_detach_writes_its_token_before_the_call_and_acts_once_per_toke
         [
             "driver probe h1",
             "get volumeattachments/va",
-            "get volumes/vol",
+            "list volumes metadata.name=vol",
             "list volumes spec.volumeHandle=h1",
             // The token is stored as taken, with the intent, before the call.
             "write volumeattachments/va/status: phase=Detaching attached=true force=InProgress",
@@ -608,7 +675,7 @@ async fn a_forced_detach_writes_its_token_before_the_call_and_acts_once_per_toke
             "list volumeattachments spec.volumeName=vol",
             "driver probe h1",
             // The Volume read again for the new attach: the call may have taken long.
-            "get volumes/vol",
+            "list volumes metadata.name=vol",
             "list volumes spec.volumeHandle=h1",
             // The confirmed detach, written with the new attach's intent: one write for both.
             "write volumeattachments/va/status: phase=Attaching attached=false force=Succeeded",
@@ -703,7 +770,7 @@ async fn a_refused_status_write_is_decided_again_on_the_version_the_apiserver_ha
         [
             r#"write volumeattachments/va: finalizers ["safedetach.io/detach"]"#,
             "driver probe h1",
-            "get volumes/vol",
+            "list volumes metadata.name=vol",
             "list volumes spec.volumeHandle=h1",
             "write volumeattachments/va/status: phase=Attaching attached=false",
             "  refused: the object changed",
