@@ -13,7 +13,10 @@
 //! for progress, and the reader lists instead.
 //!
 //! A re-list (the watch's history expired) fills a new store beside the old one and swaps them
-//! at its end: until then the old store, and its progress, stand.
+//! at its end. From its start until then nothing counts as reached; at its end the progress is
+//! what the new store holds, even if that is older than before: the store now says what the list
+//! said, and a cluster whose versions started again (its etcd restored) lists lower ones. A watch
+//! error counts nothing as reached either, until the watch delivers again.
 
 use kube::Resource;
 use kube::runtime::watcher;
@@ -83,6 +86,17 @@ impl CacheProgress {
             .is_ok_and(|answer| answer.is_ok())
     }
 
+    /// Nothing counts as reached until the watch delivers again.
+    pub fn forget(&self) {
+        self.shared.version.send_replace(0);
+    }
+
+    /// The store now holds a list, and with it every change up to `version`: no more, no less.
+    fn relisted(&self, version: u64) {
+        self.shared.version.send_replace(version);
+        *self.shared.moved_at.lock().expect("the progress lock") = Some(Instant::now());
+    }
+
     fn advance(&self, version: u64) {
         let moved = self.shared.version.send_if_modified(|reached| {
             let newer = version > *reached;
@@ -113,7 +127,10 @@ impl ProgressRecorder {
                     self.progress.advance(version);
                 }
             }
-            watcher::Event::Init => self.relisting = Some(0),
+            watcher::Event::Init => {
+                self.relisting = Some(0);
+                self.progress.forget();
+            }
             watcher::Event::InitApply(object) => {
                 if let (Some(newest), Some(version)) = (&mut self.relisting, version_of(object)) {
                     *newest = (*newest).max(version);
@@ -123,7 +140,7 @@ impl ProgressRecorder {
             // object in it.
             watcher::Event::InitDone => {
                 if let Some(newest) = self.relisting.take() {
-                    self.progress.advance(newest);
+                    self.progress.relisted(newest);
                 }
             }
         }
@@ -175,13 +192,40 @@ mod tests {
         recorder.taken_in(&watcher::Event::InitApply(volume("30")));
         recorder.taken_in(&watcher::Event::InitApply(volume("20")));
         assert!(
-            !progress.reached(Some("30")).await,
-            "the old store still stands during a re-list"
+            !progress.reached(Some("10")).await,
+            "nothing counts as reached during a re-list"
         );
-        assert!(progress.reached(Some("10")).await);
         recorder.taken_in(&watcher::Event::<Volume>::InitDone);
         assert!(progress.reached(Some("30")).await);
         assert!(!progress.reached(Some("31")).await);
+    }
+
+    #[tokio::test]
+    async fn a_relist_at_lower_versions_takes_the_progress_back() {
+        // The cluster's versions started again (its etcd restored): the re-list holds less
+        // than the progress before it said.
+        let progress = CacheProgress::default();
+        let mut recorder = progress.recorder();
+        recorder.taken_in(&watcher::Event::Apply(volume("900")));
+        recorder.taken_in(&watcher::Event::<Volume>::Init);
+        recorder.taken_in(&watcher::Event::InitApply(volume("40")));
+        recorder.taken_in(&watcher::Event::<Volume>::InitDone);
+        assert!(progress.reached(Some("40")).await);
+        assert!(
+            !progress.reached(Some("500")).await,
+            "a version between the re-list and the progress before it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_watch_error_counts_nothing_as_reached_until_the_watch_delivers_again() {
+        let progress = CacheProgress::default();
+        let mut recorder = progress.recorder();
+        recorder.taken_in(&watcher::Event::Apply(volume("50")));
+        progress.forget();
+        assert!(!progress.reached(Some("50")).await);
+        recorder.taken_in(&watcher::Event::Apply(volume("51")));
+        assert!(progress.reached(Some("51")).await);
     }
 
     #[tokio::test]

@@ -197,6 +197,10 @@ pub async fn run(
     let (volumes, writer) = reflector::store();
     let volume_controller = Controller::for_stream(
         reflector(writer, watcher(volumes_api, watch).modify(slim_for_cache))
+            .inspect_err({
+                let progress = volumes_progress.clone();
+                move |_| progress.forget()
+            })
             .inspect_ok({
                 let own_volume_writes = own_volume_writes.clone();
                 let mut progress = volumes_progress.recorder();
