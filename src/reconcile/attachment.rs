@@ -570,7 +570,7 @@ impl<'a> Reconcile<'a> {
         let api = Api::<Volume>::all(self.context.client.clone());
         for _ in 0..WRITE_TRIES {
             let (volume, as_of) =
-                volume_read_fresh(self.context, &self.attachment.spec.volume_name).await?;
+                volume_read_fresh(&api, &self.attachment.spec.volume_name).await?;
             // Held by this process a moment ago (by the Volume controller, or another
             // attachment): attached on only once that hold has settled, as after this
             // reconcile's own.

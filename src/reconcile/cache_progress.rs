@@ -20,7 +20,7 @@
 
 use kube::Resource;
 use kube::runtime::watcher;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -30,27 +30,17 @@ use tokio::sync::watch;
 const WAIT: Duration = Duration::from_millis(500);
 
 /// The progress of one cache, shared by the watch that makes it and the reconciles that read it.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct CacheProgress {
-    shared: Arc<Shared>,
+    progress: Arc<watch::Sender<Progress>>,
 }
 
-struct Shared {
+#[derive(Clone, Copy, Default)]
+struct Progress {
     /// The newest version the store has taken in.
-    version: watch::Sender<u64>,
-    /// When it last moved.
-    moved_at: Mutex<Option<Instant>>,
-}
-
-impl Default for CacheProgress {
-    fn default() -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                version: watch::Sender::new(0),
-                moved_at: Mutex::new(None),
-            }),
-        }
-    }
+    version: u64,
+    /// When it last moved forward.
+    moved_at: Option<Instant>,
 }
 
 impl CacheProgress {
@@ -68,46 +58,44 @@ impl CacheProgress {
         let Some(version) = version.and_then(|v| v.parse::<u64>().ok()) else {
             return false;
         };
-        if *self.shared.version.borrow() >= version {
+        let now = *self.progress.borrow();
+        if now.version >= version {
             return true;
         }
-        let moving = self
-            .shared
-            .moved_at
-            .lock()
-            .expect("the progress lock")
-            .is_some_and(|at| at.elapsed() < WAIT);
+        let moving = now.moved_at.is_some_and(|at| at.elapsed() < WAIT);
         if !moving {
             return false;
         }
-        let mut seen = self.shared.version.subscribe();
-        tokio::time::timeout(WAIT, seen.wait_for(|reached| *reached >= version))
+        let mut seen = self.progress.subscribe();
+        tokio::time::timeout(WAIT, seen.wait_for(|now| now.version >= version))
             .await
             .is_ok_and(|answer| answer.is_ok())
     }
 
     /// Nothing counts as reached until the watch delivers again.
     pub fn forget(&self) {
-        self.shared.version.send_replace(0);
+        self.progress.send_modify(|now| now.version = 0);
     }
 
     /// The store now holds a list, and with it every change up to `version`: no more, no less.
     fn relisted(&self, version: u64) {
-        self.shared.version.send_replace(version);
-        *self.shared.moved_at.lock().expect("the progress lock") = Some(Instant::now());
+        self.progress.send_replace(Progress {
+            version,
+            moved_at: Some(Instant::now()),
+        });
     }
 
     fn advance(&self, version: u64) {
-        let moved = self.shared.version.send_if_modified(|reached| {
-            let newer = version > *reached;
+        self.progress.send_if_modified(|now| {
+            let newer = version > now.version;
             if newer {
-                *reached = version;
+                *now = Progress {
+                    version,
+                    moved_at: Some(Instant::now()),
+                };
             }
             newer
         });
-        if moved {
-            *self.shared.moved_at.lock().expect("the progress lock") = Some(Instant::now());
-        }
     }
 }
 
@@ -166,6 +154,14 @@ mod tests {
         volume
     }
 
+    /// A re-list starts, and lists Volumes at `versions`; it has not ended.
+    fn relist_begins(recorder: &mut ProgressRecorder, versions: &[&str]) {
+        recorder.taken_in(&watcher::Event::<Volume>::Init);
+        for version in versions {
+            recorder.taken_in(&watcher::Event::InitApply(volume(version)));
+        }
+    }
+
     #[tokio::test]
     async fn a_cache_has_reached_the_versions_of_the_changes_it_took_in() {
         let progress = CacheProgress::default();
@@ -188,9 +184,7 @@ mod tests {
         let progress = CacheProgress::default();
         let mut recorder = progress.recorder();
         recorder.taken_in(&watcher::Event::Apply(volume("10")));
-        recorder.taken_in(&watcher::Event::<Volume>::Init);
-        recorder.taken_in(&watcher::Event::InitApply(volume("30")));
-        recorder.taken_in(&watcher::Event::InitApply(volume("20")));
+        relist_begins(&mut recorder, &["30", "20"]);
         assert!(
             !progress.reached(Some("10")).await,
             "nothing counts as reached during a re-list"
@@ -207,8 +201,7 @@ mod tests {
         let progress = CacheProgress::default();
         let mut recorder = progress.recorder();
         recorder.taken_in(&watcher::Event::Apply(volume("900")));
-        recorder.taken_in(&watcher::Event::<Volume>::Init);
-        recorder.taken_in(&watcher::Event::InitApply(volume("40")));
+        relist_begins(&mut recorder, &["40"]);
         recorder.taken_in(&watcher::Event::<Volume>::InitDone);
         assert!(progress.reached(Some("40")).await);
         assert!(
@@ -242,7 +235,9 @@ mod tests {
         recorder.taken_in(&watcher::Event::Apply(volume("6")));
         assert!(waiting.await.expect("the reader"));
         // Still for longer than a reader would wait: the reader does not wait.
-        *progress.shared.moved_at.lock().expect("the progress lock") = Some(Instant::now() - WAIT);
+        progress
+            .progress
+            .send_modify(|now| now.moved_at = Some(Instant::now() - WAIT));
         let asked = Instant::now();
         assert!(!progress.reached(Some("7")).await);
         assert!(asked.elapsed() < WAIT);

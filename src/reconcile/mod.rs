@@ -559,10 +559,9 @@ where
 /// as a list selected by name, which costs the apiserver what a get does and, unlike a get, says
 /// how far the answer reaches (see [`aliases_as_of`]).
 async fn volume_read_fresh(
-    context: &Context,
+    api: &Api<Volume>,
     name: &str,
 ) -> Result<(Option<Volume>, Option<String>), Error> {
-    let api = Api::<Volume>::all(context.client.clone());
     let selected =
         ListParams::default().fields(&format!("metadata.name={}", escape_field_value(name)));
     let list = api.list(&selected).await?;
