@@ -39,7 +39,7 @@ pub struct CacheProgress {
 struct Progress {
     /// The newest version the store has taken in.
     version: u64,
-    /// When it last moved forward.
+    /// When it last moved.
     moved_at: Option<Instant>,
 }
 
