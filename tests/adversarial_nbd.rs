@@ -862,11 +862,14 @@ async fn a_conflict_storm_neither_doubles_an_attach_nor_releases_early() {
     if adds != 1 {
         problems.push(format!("the export was added {adds} times (want 1)"));
     }
+    if std::env::var("TMPDUMP").is_ok() {
+        println!("{}", s.log_tail(200));
+    }
     assert!(
         problems.is_empty(),
         "{}\n--- operator log (end) ---\n{}",
         problems.join("\n"),
-        s.log_tail(40)
+        s.log_tail(200)
     );
 }
 

@@ -34,10 +34,11 @@ use crate::driver::{
     AttachRequest, ConnectionInfo, Driver, DriverError, ErrorClass, ok_if_not_connected,
 };
 use jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -953,15 +954,90 @@ impl<'a> Reconcile<'a> {
     /// Releases the finalizer: the object goes. `false` if the release was refused as based on an
     /// older version.
     async fn release(&mut self) -> Result<bool, Error> {
+        Ok(self.remove_finalizer().await? != Removal::Refused)
+    }
+
+    /// Removes the operator's finalizer, on the condition that the attachment is still the
+    /// version it was decided on. Where that version is gone and another writer touched only
+    /// what the decision does not rest on (a label, another controller's field: [`same_grounds`]),
+    /// a deleted attachment is read again and released on the condition that the apiserver still
+    /// finds those grounds, tested by the apiserver on the copy it patches: a tool that relabels
+    /// the object faster than a read and a write take cannot hold it forever.
+    async fn remove_finalizer(&mut self) -> Result<Removal, Error> {
         match finalizer::remove(&self.api, &self.attachment, ATTACHMENT_FINALIZER).await {
-            Ok(()) => Ok(true),
-            Err(Error::Conflict(_)) => {
-                self.basis = Basis::Conflicted;
-                Ok(false)
+            Ok(()) => return Ok(Removal::Removed),
+            Err(error) if error.is_not_found() => return Ok(Removal::Gone),
+            Err(Error::Conflict(error)) => {
+                debug!(%error, "finalizer release refused: the attachment changed since it was read");
             }
-            Err(error) if error.is_not_found() => Ok(true),
-            Err(error) => Err(error),
+            Err(error) => return Err(error),
         }
+        // Only a deleted attachment: a deletion is neither undone nor moved, so that its UID
+        // stands for its deletion too.
+        if self.attachment.metadata.deletion_timestamp.is_some() {
+            for _ in 1..WRITE_TRIES {
+                let Some((fresh, grounds)) = self.grounds_read().await? else {
+                    break;
+                };
+                if !same_grounds(&fresh, &self.attachment) {
+                    break;
+                }
+                match finalizer::remove_on_grounds(
+                    &self.api,
+                    &self.name,
+                    fresh.finalizers(),
+                    ATTACHMENT_FINALIZER,
+                    &grounds,
+                )
+                .await
+                {
+                    Ok(()) => return Ok(Removal::Removed),
+                    Err(error) if error.is_not_found() => return Ok(Removal::Gone),
+                    Err(Error::Conflict(error)) => {
+                        debug!(%error, "finalizer release refused: what it rests on changed");
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        self.basis = Basis::Conflicted;
+        Ok(Removal::Refused)
+    }
+
+    /// The attachment as the apiserver has it now, with the values there of what a release rests
+    /// on (its UID, spec, status and force-detach request) as the apiserver encodes them, so that
+    /// its tests compare like with like.
+    async fn grounds_read(
+        &self,
+    ) -> Result<Option<(VolumeAttachment, Vec<(String, Value)>)>, Error> {
+        let api = Api::<DynamicObject>::all_with(
+            self.context.client.clone(),
+            &ApiResource::erase::<VolumeAttachment>(&()),
+        );
+        let Some(raw) = api.get_opt(&self.name).await? else {
+            return Ok(None);
+        };
+        // A test of a member against null passes where it is missing, but not where its parent is.
+        let request = match &raw.metadata.annotations {
+            Some(annotations) => (
+                format!(
+                    "/metadata/annotations/{}",
+                    FORCE_DETACH_ANNOTATION
+                        .replace('~', "~0")
+                        .replace('/', "~1")
+                ),
+                json!(annotations.get(FORCE_DETACH_ANNOTATION)),
+            ),
+            None => ("/metadata/annotations".to_owned(), Value::Null),
+        };
+        let grounds = vec![
+            ("/metadata/uid".to_owned(), json!(raw.metadata.uid)),
+            ("/spec".to_owned(), raw.data["spec"].clone()),
+            ("/status".to_owned(), raw.data["status"].clone()),
+            request,
+        ];
+        let fresh = serde_json::from_value(serde_json::to_value(&raw)?)?;
+        Ok(Some((fresh, grounds)))
     }
 
     /// Publishes the Events the status written (or released) on `object` tells.
@@ -1001,14 +1077,10 @@ impl<'a> Reconcile<'a> {
             self.gone_siblings.push(to.to_owned());
             return Ok(false);
         };
-        match finalizer::remove(&self.api, &self.attachment, ATTACHMENT_FINALIZER).await {
-            Ok(()) => {}
-            Err(Error::Conflict(_)) => {
-                self.basis = Basis::Conflicted;
-                return Ok(false);
-            }
-            Err(error) if error.is_not_found() => return Ok(true),
-            Err(error) => return Err(error),
+        match self.remove_finalizer().await? {
+            Removal::Removed => {}
+            Removal::Gone => return Ok(true),
+            Removal::Refused => return Ok(false),
         }
         let spec = &self.attachment.spec;
         let (released, kept) = handed_over(&self.name, to, &spec.volume_name, &spec.node_name);
@@ -1143,6 +1215,17 @@ const TELL_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 /// How often a status write is tried on new versions that changed nothing it rests on, before the
 /// decision is taken again.
 const WRITE_TRIES: usize = 3;
+
+/// What became of a release of the operator's finalizer.
+#[derive(Debug, PartialEq, Eq)]
+enum Removal {
+    /// Removed: the object goes.
+    Removed,
+    /// The object was gone already.
+    Gone,
+    /// Refused as based on an older version that differs in what the decision rests on.
+    Refused,
+}
 
 /// The attachment's Volume read from the apiserver, for a step that may call the driver.
 enum FreshVolume {

@@ -3,7 +3,8 @@
 //!
 //! Both are guarded against a cache that lags: the add tests that the object is the one read and
 //! its list is still the one read (as kube-runtime's own finalizer helper does), the removal that
-//! the object is still the version its decision was taken on. A failed guard is a
+//! the object is still the version its decision was taken on, or, in [`remove_on_grounds`], still
+//! holds the values its decision rests on. A failed guard is a
 //! [`Error::Conflict`]: read again.
 
 use super::Error;
@@ -57,6 +58,35 @@ where
         { "op": "remove", "path": path },
     ]);
     json_patch(api, &object.name_any(), patch).await.map(drop)
+}
+
+/// Removes `finalizer` from the object `name`, provided the server's copy still holds each of
+/// `grounds` (a JSON pointer and the value found there, `null` for a missing member) and still
+/// lists exactly `finalizers`. The apiserver tests them on the copy it patches, so that a change
+/// to anything else since (a label) neither refuses the removal nor slips under it.
+pub async fn remove_on_grounds<K>(
+    api: &Api<K>,
+    name: &str,
+    finalizers: &[String],
+    finalizer: &str,
+    grounds: &[(String, serde_json::Value)],
+) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let Some(index) = finalizers.iter().position(|f| f == finalizer) else {
+        return Ok(());
+    };
+    let path = format!("/metadata/finalizers/{index}");
+    let mut operations: Vec<serde_json::Value> = grounds
+        .iter()
+        .map(|(pointer, value)| json!({ "op": "test", "path": pointer, "value": value }))
+        .collect();
+    operations.push(json!({ "op": "test", "path": "/metadata/finalizers", "value": finalizers }));
+    operations.push(json!({ "op": "remove", "path": path }));
+    json_patch(api, name, serde_json::Value::Array(operations))
+        .await
+        .map(drop)
 }
 
 async fn json_patch<K>(api: &Api<K>, name: &str, operations: serde_json::Value) -> Result<K, Error>

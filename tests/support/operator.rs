@@ -96,7 +96,11 @@ impl Operator {
             .arg(format!("{SHARD_LABEL}={}", self.shard))
             .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
+            // SAFE_DETACH_TEST_LOG widens the operator's log when a test is looked into.
+            .env(
+                "RUST_LOG",
+                std::env::var("SAFE_DETACH_TEST_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("share the log"))
             .stderr(log)

@@ -16,6 +16,23 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// A change another writer makes to an object (its JSON).
+pub type Touch = Box<dyn FnOnce(&mut Value) + Send>;
+
+/// A label: nothing a decision rests on.
+pub fn label() -> Touch {
+    Box::new(|object| object["metadata"]["labels"]["touched-by"] = json!("someone else"))
+}
+
+/// Another controller's finalizer, added after ours.
+pub fn another_finalizer(finalizer: &'static str) -> Touch {
+    Box::new(move |object| {
+        if let Some(finalizers) = object["metadata"]["finalizers"].as_array_mut() {
+            finalizers.push(json!(finalizer));
+        }
+    })
+}
+
 #[derive(Clone)]
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
@@ -28,6 +45,9 @@ struct State {
     /// Status writes still to be refused, each as if another writer had touched the object
     /// just before it (a label: nothing a decision rests on).
     interleaved_writes: usize,
+    /// Changes of another writer, each made just before one of the next finalizer writes (JSON
+    /// patches), in order.
+    before_finalizer_writes: Vec<Touch>,
     /// Lists by a field selector are refused, as an apiserver older than CRD selectable fields
     /// (Kubernetes 1.31) refuses them.
     field_selectors_refused: bool,
@@ -41,6 +61,7 @@ impl FakeApi {
                 objects: BTreeMap::new(),
                 last_version: 0,
                 interleaved_writes: 0,
+                before_finalizer_writes: Vec::new(),
                 field_selectors_refused: false,
                 log,
             })),
@@ -97,6 +118,12 @@ impl FakeApi {
     /// writes, which the `resourceVersion` guard then refuses.
     pub fn interleave_writes(&self, count: usize) {
         self.lock().interleaved_writes = count;
+    }
+
+    /// Another writer changes the object just before each of the next finalizer writes, one
+    /// change each, so that a `test` of its `resourceVersion` fails.
+    pub fn before_finalizer_writes(&self, touches: impl IntoIterator<Item = Touch>) {
+        self.lock().before_finalizer_writes = touches.into_iter().collect();
     }
 
     /// From now on a list by a field selector is answered 400, as before Kubernetes 1.31.
@@ -291,10 +318,15 @@ impl State {
     /// A JSON patch (the finalizers); the last finalizer of an object being deleted releases it.
     fn json_patch(&mut self, path: &str, body: &[u8]) -> (StatusCode, Value) {
         let version = self.next_version();
-        let Some(object) = self.objects.get(path) else {
+        let Some(object) = self.objects.get_mut(path) else {
             self.record(format!("write {} (gone)", short(path)));
             return not_found(path);
         };
+        if !self.before_finalizer_writes.is_empty() {
+            let touch = self.before_finalizer_writes.remove(0);
+            touch(object);
+            object["metadata"]["resourceVersion"] = json!(format!("{version}-other"));
+        }
         let mut patched = object.clone();
         let operations: Vec<Value> = serde_json::from_slice(body).unwrap_or_default();
         // As the apiserver's JSON patch does, a `test` of a missing member against null passes.

@@ -593,6 +593,70 @@ async fn a_deleted_attachment_is_released_on_the_backends_word() {
     assert!(!harness.driver.connects("h1", NODE));
 }
 
+/// Another writer relabels a deleted attachment between the reads its release was decided on and
+/// the release, and again before the release is tried on the new version: neither refuses it,
+/// since the second try is conditioned on what the decision rests on, as the apiserver finds it.
+#[tokio::test]
+async fn a_release_refused_for_a_label_is_tried_again_on_what_it_rests_on() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.catch_up("va");
+    harness
+        .api
+        .before_finalizer_writes([fake_api::label(), fake_api::label()]);
+    let (action, log) = harness.reconcile("va").await;
+    assert_eq!(
+        log[log.len() - 5..],
+        [
+            "driver probe h1",
+            "write volumeattachments/va: refused",
+            "get volumeattachments/va",
+            "write volumeattachments/va: finalizers []",
+            "event Detached",
+        ],
+        "{log:#?}"
+    );
+    assert_eq!(action, Action::await_change());
+    assert!(harness.api.get::<VolumeAttachment>("va").is_none());
+}
+
+/// Another controller adds its finalizer between the reads a release was decided on and the
+/// release: the release is decided again on the attachment as it is now, which stores
+/// `Detached` first (another finalizer keeps the object a while) and leaves the other finalizer.
+#[tokio::test]
+async fn a_release_whose_grounds_changed_is_decided_again() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.catch_up("va");
+    harness
+        .api
+        .before_finalizer_writes([fake_api::another_finalizer("example.com/audit")]);
+    let (action, log) = harness.reconcile("va").await;
+    let refused = position(&log, "write volumeattachments/va: refused");
+    assert_eq!(
+        log[refused..],
+        [
+            "write volumeattachments/va: refused",
+            // The read that finds the grounds changed, then the decision taken again.
+            "get volumeattachments/va",
+            "get volumeattachments/va",
+            "list volumes metadata.name=vol",
+            "list volumes spec.volumeHandle=h1",
+            "list volumeattachments spec.volumeName=vol",
+            "driver probe h1",
+            "write volumeattachments/va/status: phase=Detached attached=false",
+            "event Detached",
+            r#"write volumeattachments/va: finalizers ["example.com/audit"]"#,
+        ],
+        "{log:#?}"
+    );
+    assert_eq!(action, Action::await_change());
+    let kept = harness.api.get::<VolumeAttachment>("va").expect("kept");
+    assert_eq!(kept.finalizers(), ["example.com/audit"]);
+}
+
 /// A forced detach of a deleted attachment stores its confirmation before the release: it is the
 /// record that `kubectl safe-detach force --wait` and the force metric rest on.
 #[tokio::test]
