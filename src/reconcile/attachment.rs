@@ -16,7 +16,8 @@ use super::lanes::{Lane, QUEUED_RECHECK};
 use super::status_patch::status_patch;
 use super::{
     Context, Error, Outcome, TURN_WAIT, aliases_as_of, aliases_of, attachments_naming, finalizer,
-    hold_volume, owner_of_handle, probe, synced, volume_read_fresh, volumes_naming,
+    hold_volume, owner_of_handle, probe, synced, volume_read_fresh, volumes_naming_as_of,
+    volumes_version_now,
 };
 use crate::MANAGER;
 use crate::api::{
@@ -935,18 +936,22 @@ impl<'a> Reconcile<'a> {
 
     /// The attachments that may claim the connection to the backend volume `handle` of `driver`,
     /// as the apiserver has them: those that name this attachment's Volume or another Volume of
-    /// that backend volume. Read on the volume's turn, which an attach takes too: no attachment
-    /// of this backend volume becomes attached between this list and the call it comes before.
+    /// that backend volume (the Volumes as the apiserver had them on the turn, from the cache
+    /// once it has caught up: [`volumes_naming_as_of`]). Read on the volume's turn, which an
+    /// attach takes too: no attachment of this backend volume becomes attached between this list
+    /// and the call it comes before.
     async fn siblings_listed(
         &self,
         driver: &str,
         handle: &str,
     ) -> Result<Vec<VolumeAttachment>, Error> {
-        let mut names: BTreeSet<String> = volumes_naming(self.context, driver, handle)
-            .await?
-            .iter()
-            .map(|v| v.name_any())
-            .collect();
+        let as_of = volumes_version_now(self.context, &self.attachment.spec.volume_name).await?;
+        let mut names: BTreeSet<String> =
+            volumes_naming_as_of(self.context, driver, handle, as_of.as_deref())
+                .await?
+                .iter()
+                .map(|v| v.name_any())
+                .collect();
         names.insert(self.attachment.spec.volume_name.clone());
         attachments_naming(&names, self.context).await
     }

@@ -570,28 +570,49 @@ async fn volume_read_fresh(
 }
 
 /// The other Volumes of this replica's shard that name the same backend volume as `volume`, as
-/// the apiserver had them at `as_of` (a version it answered at after the caller's turn was
-/// taken) or later: the cache's, once it has taken in every change up to that version (none will
-/// be missing that the apiserver had then); else as the apiserver lists them now.
+/// the apiserver had them at `as_of` or later (see [`volumes_naming_as_of`]).
 async fn aliases_as_of(
     context: &Context,
     volume: &Volume,
     as_of: Option<&str>,
 ) -> Result<Vec<Arc<Volume>>, Error> {
-    if context.volumes_progress.reached(as_of).await {
-        return Ok(aliases_of(&context.volumes, volume));
-    }
-    aliases_listed(context, volume).await
-}
-
-/// The other Volumes of this replica's shard that name the same backend volume (driver and
-/// handle) as `volume`, as the apiserver has them (see [`volumes_naming`]).
-async fn aliases_listed(context: &Context, volume: &Volume) -> Result<Vec<Arc<Volume>>, Error> {
-    let naming = volumes_naming(context, &volume.spec.driver, &volume.spec.volume_handle).await?;
+    let naming = volumes_naming_as_of(
+        context,
+        &volume.spec.driver,
+        &volume.spec.volume_handle,
+        as_of,
+    )
+    .await?;
     Ok(naming
         .into_iter()
         .filter(|other| other.uid() != volume.uid())
         .collect())
+}
+
+/// The Volumes of this replica's shard that name the backend volume `handle` of `driver`, as the
+/// apiserver had them at `as_of` (a version it answered at after the caller's turn was taken) or
+/// later: the cache's, once it has taken in every change up to that version (none will be
+/// missing that the apiserver had then); else as the apiserver lists them now
+/// ([`volumes_naming`]).
+pub(super) async fn volumes_naming_as_of(
+    context: &Context,
+    driver: &str,
+    handle: &str,
+    as_of: Option<&str>,
+) -> Result<Vec<Arc<Volume>>, Error> {
+    if context.volumes_progress.reached(as_of).await {
+        return Ok(context
+            .volumes
+            .state_filter(|v| v.spec.driver == driver && v.spec.volume_handle == handle));
+    }
+    volumes_naming(context, driver, handle).await
+}
+
+/// A version the apiserver answers at now, read cheaply (a list of one Volume selected by name),
+/// for [`volumes_naming_as_of`]: taken on a turn, it bounds what the cache must have taken in.
+async fn volumes_version_now(context: &Context, name: &str) -> Result<Option<String>, Error> {
+    let api = Api::<Volume>::all(context.client.clone());
+    Ok(volume_read_fresh(&api, name).await?.1)
 }
 
 /// The Volumes of this replica's shard that name the backend volume `handle` of `driver`, as the

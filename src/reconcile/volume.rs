@@ -4,8 +4,8 @@
 
 use super::status_patch::status_patch;
 use super::{
-    Context, Error, Outcome, TURN_WAIT, aliases_listed, aliases_of, attachments_naming, finalizer,
-    hold_volume, owner_of_handle, probe, synced,
+    Context, Error, Outcome, TURN_WAIT, aliases_as_of, aliases_of, attachments_naming, finalizer,
+    hold_volume, owner_of_handle, probe, synced, volumes_version_now,
 };
 use crate::MANAGER;
 use crate::api::{VOLUME_FINALIZER, Volume, VolumeAttachment, VolumeStatus};
@@ -164,7 +164,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         context.config.default_stuck_after,
     );
     // On the fresh pass, whether another Volume owns the backend volume is decided on the aliases
-    // listed on the turn below: one the cache still has may be gone, and this Volume then owns
+    // read on the turn below: one the cache still has may be gone, and this Volume then owns
     // the backend volume and what is connected to it.
     let owner = if fresh {
         None
@@ -199,11 +199,13 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
         }
         _ => None,
     };
-    // The other Volumes of its backend volume: on the fresh pass, as the apiserver has them on
-    // the volume's turn. One the cache has not seen yet may own the handle, or claim a connection
-    // through its own attachments: nothing is forced off on the cache's word that none does.
+    // The other Volumes of its backend volume: on the fresh pass, as the apiserver had them on
+    // the volume's turn (the cache's once it has taken in every change up to a read taken on the
+    // turn, else listed). One the cache has not seen yet may own the handle, or claim a
+    // connection through its own attachments: nothing is forced off on the cache's word alone.
     let aliases = if fresh {
-        aliases_listed(context, &volume).await?
+        let as_of = volumes_version_now(context, &volume.name_any()).await?;
+        aliases_as_of(context, &volume, as_of.as_deref()).await?
     } else {
         aliases_of(&context.volumes, &volume)
     };

@@ -575,7 +575,9 @@ async fn a_deleted_attachment_is_released_on_the_backends_word() {
         [
             "driver probe h1",
             // The deletion is acted on only as the apiserver has it, with the attachments that
-            // may share its connection (none), and with its Volume.
+            // may share its connection (none), and with its Volume. The Volumes of its backend
+            // volume are listed: the cache has not caught up with the read that bounds them.
+            "list volumes metadata.name=vol",
             "list volumes spec.volumeHandle=h1",
             "list volumeattachments spec.volumeName=vol",
             "get volumeattachments/va",
@@ -591,6 +593,36 @@ async fn a_deleted_attachment_is_released_on_the_backends_word() {
     assert_eq!(action, Action::await_change());
     assert!(harness.api.get::<VolumeAttachment>("va").is_none());
     assert!(!harness.driver.connects("h1", NODE));
+}
+
+/// A deleted attachment whose Volume cache has taken in every change up to a version read on
+/// its volume's turn takes the Volumes of its backend volume from the cache: no list of the
+/// Volumes by backend volume. The attachments that name them are still listed (they may be in
+/// another shard).
+#[tokio::test]
+async fn a_detach_reads_the_volumes_of_its_backend_volume_from_a_cache_that_has_caught_up() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.catch_up("va");
+    let vol = harness.api.get::<Volume>("vol").expect("the Volume");
+    harness.volume_cache_reaches(&vol, 1_000);
+    let (_, log) = harness.reconcile("va").await;
+    assert_eq!(
+        log[..4],
+        [
+            "driver probe h1",
+            "list volumes metadata.name=vol",
+            "list volumeattachments spec.volumeName=vol",
+            "get volumeattachments/va",
+        ],
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|line| line.contains("spec.volumeHandle")),
+        "{log:#?}"
+    );
+    assert!(harness.api.get::<VolumeAttachment>("va").is_none());
 }
 
 /// Another writer relabels a deleted attachment between the reads its release was decided on and
@@ -642,6 +674,8 @@ async fn a_release_whose_grounds_changed_is_decided_again() {
             // The read that finds the grounds changed, then the decision taken again.
             "get volumeattachments/va",
             "get volumeattachments/va",
+            "list volumes metadata.name=vol",
+            // The version that bounds what the Volumes of its backend volume must include.
             "list volumes metadata.name=vol",
             "list volumes spec.volumeHandle=h1",
             "list volumeattachments spec.volumeName=vol",
@@ -735,6 +769,7 @@ async fn a_forced_detach_writes_its_token_before_the_call_and_acts_once_per_toke
             "event ForceDetaching",
             "driver force_detach h1 node-a",
             // The attachments that may have claimed the connection it cut (none).
+            "list volumes metadata.name=vol",
             "list volumes spec.volumeHandle=h1",
             "list volumeattachments spec.volumeName=vol",
             "driver probe h1",
@@ -1120,12 +1155,16 @@ async fn a_deleted_volume_is_released_on_the_apiservers_list_not_on_a_lagging_ca
         // attachments on the volume's turn.
         let aliases: &[&str] = if refused {
             &[
+                "list volumes metadata.name=vol",
                 "list volumes spec.volumeHandle=h1",
                 "  refused: field selector",
                 "list volumes",
             ]
         } else {
-            &["list volumes spec.volumeHandle=h1"]
+            &[
+                "list volumes metadata.name=vol",
+                "list volumes spec.volumeHandle=h1",
+            ]
         };
         let expected: Vec<&str> = ["driver probe h1", "get volumes/vol"]
             .into_iter()
@@ -1159,6 +1198,7 @@ async fn a_deleted_volume_is_released_on_the_apiservers_list_not_on_a_lagging_ca
             [
                 "driver probe h1",
                 "get volumes/vol",
+                "list volumes metadata.name=vol",
                 aliases,
                 "driver probe h1",
                 listed,
