@@ -959,16 +959,17 @@ impl<'a> Reconcile<'a> {
     /// Releases the finalizer: the object goes. `false` if the release was refused as based on an
     /// older version.
     async fn release(&mut self) -> Result<bool, Error> {
-        Ok(self.remove_finalizer().await? != Removal::Refused)
+        Ok(self.remove_finalizer(OnNewerVersions::OnItsGrounds).await? != Removal::Refused)
     }
 
     /// Removes the operator's finalizer, on the condition that the attachment is still the
     /// version it was decided on. Where that version is gone and another writer touched only
     /// what the decision does not rest on (a label, another controller's field: [`same_grounds`]),
-    /// a deleted attachment is read again and released on the condition that the apiserver still
-    /// finds those grounds, tested by the apiserver on the copy it patches: a tool that relabels
-    /// the object faster than a read and a write take cannot hold it forever.
-    async fn remove_finalizer(&mut self) -> Result<Removal, Error> {
+    /// a deleted attachment's release (`OnItsGrounds`) is read again and sent on the condition
+    /// that the apiserver still finds those grounds, tested by the apiserver on the copy it
+    /// patches: a tool that relabels the object faster than a read and a write take cannot hold
+    /// it forever.
+    async fn remove_finalizer(&mut self, newer: OnNewerVersions) -> Result<Removal, Error> {
         match finalizer::remove(&self.api, &self.attachment, ATTACHMENT_FINALIZER).await {
             Ok(()) => return Ok(Removal::Removed),
             Err(error) if error.is_not_found() => return Ok(Removal::Gone),
@@ -979,8 +980,14 @@ impl<'a> Reconcile<'a> {
         }
         // Only a deleted attachment: a deletion is neither undone nor moved, so that its UID
         // stands for its deletion too.
-        if self.attachment.metadata.deletion_timestamp.is_some() {
+        if newer == OnNewerVersions::OnItsGrounds
+            && self.attachment.metadata.deletion_timestamp.is_some()
+        {
             for _ in 1..WRITE_TRIES {
+                // The lease is checked again before each try, as before a driver call.
+                if !self.context.fence.permits() {
+                    break;
+                }
                 let Some((fresh, grounds)) = self.grounds_read().await? else {
                     break;
                 };
@@ -1082,7 +1089,8 @@ impl<'a> Reconcile<'a> {
             self.gone_siblings.push(to.to_owned());
             return Ok(false);
         };
-        match self.remove_finalizer().await? {
+        // Not on newer versions: the hand-over rests on the sibling just read as well.
+        match self.remove_finalizer(OnNewerVersions::Refused).await? {
             Removal::Removed => {}
             Removal::Gone => return Ok(true),
             Removal::Refused => return Ok(false),
@@ -1217,8 +1225,8 @@ fn holds_its_connection(attachment: &VolumeAttachment) -> bool {
 /// after an error of the apiserver.
 const TELL_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// How often a status write is tried on new versions that changed nothing it rests on, before the
-/// decision is taken again.
+/// How often a status write, or a deleted attachment's release, is tried on new versions that
+/// changed nothing it rests on, before the decision is taken again.
 const WRITE_TRIES: usize = 3;
 
 /// What became of a release of the operator's finalizer.
@@ -1228,8 +1236,18 @@ enum Removal {
     Removed,
     /// The object was gone already.
     Gone,
-    /// Refused as based on an older version that differs in what the decision rests on.
+    /// Refused as based on an older version, and not sent again (a newer version differs in
+    /// what the decision rests on, is gone, or was not to be tried): decide again.
     Refused,
+}
+
+/// Whether a release refused as based on an older version is sent again on a newer one.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum OnNewerVersions {
+    /// Refused: decide again.
+    Refused,
+    /// Sent again, conditioned on what the decision rests on, where nothing of it changed.
+    OnItsGrounds,
 }
 
 /// The attachment's Volume read from the apiserver, for a step that may call the driver.

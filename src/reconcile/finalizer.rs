@@ -8,7 +8,6 @@
 //! [`Error::Conflict`]: read again.
 
 use super::Error;
-use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -89,15 +88,17 @@ where
         .map(drop)
 }
 
+/// Sends a JSON patch of `operations` to the object `name`.
 async fn json_patch<K>(api: &Api<K>, name: &str, operations: serde_json::Value) -> Result<K, Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
 {
-    let patch: json_patch::Patch = serde_json::from_value(operations)?;
-    match api
-        .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
-        .await
-    {
+    let request = http::Request::patch(format!("{}/{name}", api.resource_url()))
+        .header(http::header::ACCEPT, "application/json")
+        .header(http::header::CONTENT_TYPE, "application/json-patch+json")
+        .body(encoded_as_the_apiserver_encodes(&operations)?)
+        .map_err(kube::Error::HttpError)?;
+    match api.clone().into_client().request::<K>(request).await {
         Ok(object) => Ok(object),
         // The apiserver's answer to a JSON patch that cannot be applied: here, a `test` that
         // found the object changed.
@@ -105,5 +106,44 @@ where
             Err(Error::Conflict(kube::Error::Api(status)))
         }
         Err(error) => Err(Error::from_write(error)),
+    }
+}
+
+/// `value` as JSON text whose strings escape `<`, `>`, `&`, U+2028 and U+2029 as `\uXXXX`, as
+/// the apiserver's encoder writes them: its JSON patch `test` compares a string's encoded text,
+/// so that `"a&b"` would not match the `"a\u0026b"` it holds. Outside strings, JSON text has
+/// none of these characters.
+fn encoded_as_the_apiserver_encodes(value: &serde_json::Value) -> Result<Vec<u8>, Error> {
+    let text = serde_json::to_string(value)?;
+    let mut encoded = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' => encoded.push_str("\\u003c"),
+            '>' => encoded.push_str("\\u003e"),
+            '&' => encoded.push_str("\\u0026"),
+            '\u{2028}' => encoded.push_str("\\u2028"),
+            '\u{2029}' => encoded.push_str("\\u2029"),
+            c => encoded.push(c),
+        }
+    }
+    Ok(encoded.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encoded_as_the_apiserver_encodes;
+    use serde_json::json;
+
+    #[test]
+    fn strings_are_encoded_with_the_escapes_the_apiserver_writes() {
+        let value =
+            json!({ "op": "test", "path": "/a~1b", "value": "x&y <z> \u{2028}\u{2029}\n\"" });
+        let encoded = encoded_as_the_apiserver_encodes(&value).expect("encodes");
+        assert_eq!(
+            String::from_utf8(encoded.clone()).expect("text"),
+            r#"{"op":"test","path":"/a~1b","value":"x\u0026y \u003cz\u003e \u2028\u2029\n\""}"#
+        );
+        let decoded: serde_json::Value = serde_json::from_slice(&encoded).expect("decodes");
+        assert_eq!(decoded, value);
     }
 }

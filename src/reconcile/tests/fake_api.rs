@@ -24,12 +24,10 @@ pub fn label() -> Touch {
     Box::new(|object| object["metadata"]["labels"]["touched-by"] = json!("someone else"))
 }
 
-/// Another controller's finalizer, added after ours.
-pub fn another_finalizer(finalizer: &'static str) -> Touch {
+/// A person's force-detach request: something a decision rests on.
+pub fn force_detach_request(token: &'static str) -> Touch {
     Box::new(move |object| {
-        if let Some(finalizers) = object["metadata"]["finalizers"].as_array_mut() {
-            finalizers.push(json!(finalizer));
-        }
+        object["metadata"]["annotations"]["safedetach.io/force-detach"] = json!(token);
     })
 }
 
@@ -348,6 +346,22 @@ impl State {
             return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &error);
         }
         let finalizers = patched["metadata"]["finalizers"].clone();
+        // As the apiserver does: no finalizer is added to an object being deleted.
+        let before = object["metadata"]["finalizers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let added = finalizers
+            .as_array()
+            .is_some_and(|after| after.iter().any(|f| !before.contains(f)));
+        if added && !object["metadata"]["deletionTimestamp"].is_null() {
+            self.record(format!("write {}: refused (being deleted)", short(path)));
+            return failure(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                "no new finalizers can be added if the object is being deleted",
+            );
+        }
         self.record(format!("write {}: finalizers {finalizers}", short(path)));
         patched["metadata"]["resourceVersion"] = json!(version);
         let released = finalizers.as_array().is_none_or(Vec::is_empty)

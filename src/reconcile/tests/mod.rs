@@ -626,8 +626,9 @@ async fn a_detach_reads_the_volumes_of_its_backend_volume_from_a_cache_that_has_
 }
 
 /// Another writer relabels a deleted attachment between the reads its release was decided on and
-/// the release, and again before the release is tried on the new version: neither refuses it,
-/// since the second try is conditioned on what the decision rests on, as the apiserver finds it.
+/// the release, which it refuses, and again before the release is sent on the new version: that
+/// one goes through, conditioned on what the decision rests on as the apiserver finds it, not on
+/// the version.
 #[tokio::test]
 async fn a_release_refused_for_a_label_is_tried_again_on_what_it_rests_on() {
     let mut harness = Harness::new();
@@ -653,42 +654,52 @@ async fn a_release_refused_for_a_label_is_tried_again_on_what_it_rests_on() {
     assert!(harness.api.get::<VolumeAttachment>("va").is_none());
 }
 
-/// Another controller adds its finalizer between the reads a release was decided on and the
-/// release: the release is decided again on the attachment as it is now, which stores
-/// `Detached` first (another finalizer keeps the object a while) and leaves the other finalizer.
+/// A person asks for a force-detach between the read a release is sent again on and that
+/// release: the apiserver's test of the request refuses it, the next read finds the grounds
+/// changed, and the decision is taken again on the attachment as it is now.
 #[tokio::test]
-async fn a_release_whose_grounds_changed_is_decided_again() {
+async fn a_release_whose_grounds_changed_under_it_is_decided_again() {
     let mut harness = Harness::new();
     attached(&mut harness, "va").await;
     harness.api.delete::<VolumeAttachment>("va");
     harness.catch_up("va");
     harness
         .api
-        .before_finalizer_writes([fake_api::another_finalizer("example.com/audit")]);
-    let (action, log) = harness.reconcile("va").await;
-    let refused = position(&log, "write volumeattachments/va: refused");
+        .before_finalizer_writes([fake_api::label(), fake_api::force_detach_request("t9")]);
+    let (_, log) = harness.reconcile("va").await;
+    let first = position(&log, "write volumeattachments/va: refused");
     assert_eq!(
-        log[refused..],
+        log[first..first + 5],
         [
             "write volumeattachments/va: refused",
-            // The read that finds the grounds changed, then the decision taken again.
             "get volumeattachments/va",
+            // Sent on the grounds read, and refused by the apiserver's test of the request.
+            "write volumeattachments/va: refused",
+            // The grounds read again: changed, so no third try.
             "get volumeattachments/va",
-            "list volumes metadata.name=vol",
-            // The version that bounds what the Volumes of its backend volume must include.
-            "list volumes metadata.name=vol",
-            "list volumes spec.volumeHandle=h1",
-            "list volumeattachments spec.volumeName=vol",
-            "driver probe h1",
-            "write volumeattachments/va/status: phase=Detached attached=false",
-            "event Detached",
-            r#"write volumeattachments/va: finalizers ["example.com/audit"]"#,
+            // The decision taken again, from a read of its own.
+            "get volumeattachments/va",
         ],
         "{log:#?}"
     );
-    assert_eq!(action, Action::await_change());
-    let kept = harness.api.get::<VolumeAttachment>("va").expect("kept");
-    assert_eq!(kept.finalizers(), ["example.com/audit"]);
+    // Decided again, the request is honoured (its confirmation stored), and only then released.
+    let forced = position(&log, "driver force_detach h1 node-a");
+    assert!(forced > first + 5, "{log:#?}");
+    assert_eq!(
+        log[forced..],
+        [
+            "driver force_detach h1 node-a",
+            "driver probe h1",
+            "write volumeattachments/va/status: phase=Detached attached=false force=Succeeded",
+            "event ForceDetached",
+            "write volumeattachments/va: finalizers []",
+        ],
+        "{log:#?}"
+    );
+    assert!(
+        harness.api.get::<VolumeAttachment>("va").is_none(),
+        "{log:#?}"
+    );
 }
 
 /// A forced detach of a deleted attachment stores its confirmation before the release: it is the
