@@ -597,23 +597,29 @@ async fn a_deleted_attachment_is_released_on_the_backends_word() {
 
 /// A deleted attachment whose Volume cache has taken in every change up to a version read on
 /// its volume's turn takes the Volumes of its backend volume from the cache: no list of the
-/// Volumes by backend volume. The attachments that name them are still listed (they may be in
-/// another shard).
+/// Volumes by backend volume, and the attachments of the alias the cache holds are listed (they
+/// may be in another shard).
 #[tokio::test]
 async fn a_detach_reads_the_volumes_of_its_backend_volume_from_a_cache_that_has_caught_up() {
     let mut harness = Harness::new();
     attached(&mut harness, "va").await;
+    let mut alias = older_alias_of_h1("vol-alias");
+    alias.metadata.uid = Some("uid-of-vol-alias".into());
+    harness
+        .volumes
+        .apply_watcher_event(&watcher::Event::Apply(alias));
     harness.api.delete::<VolumeAttachment>("va");
     harness.catch_up("va");
     let vol = harness.api.get::<Volume>("vol").expect("the Volume");
     harness.volume_cache_reaches(&vol, 1_000);
     let (_, log) = harness.reconcile("va").await;
     assert_eq!(
-        log[..4],
+        log[..5],
         [
             "driver probe h1",
             "list volumes metadata.name=vol",
             "list volumeattachments spec.volumeName=vol",
+            "list volumeattachments spec.volumeName=vol-alias",
             "get volumeattachments/va",
         ],
         "{log:#?}"
@@ -622,7 +628,38 @@ async fn a_detach_reads_the_volumes_of_its_backend_volume_from_a_cache_that_has_
         !log.iter().any(|line| line.contains("spec.volumeHandle")),
         "{log:#?}"
     );
-    assert!(harness.api.get::<VolumeAttachment>("va").is_none());
+}
+
+/// A Volume cache that has not taken in a change at the version read on the turn is not taken
+/// for the Volumes of the backend volume: they are listed, and an alias only the apiserver has
+/// has its attachments listed too.
+#[tokio::test]
+async fn a_detach_lists_the_volumes_of_its_backend_volume_when_its_cache_has_not_caught_up() {
+    let mut harness = Harness::new();
+    attached(&mut harness, "va").await;
+    let vol = harness.api.get::<Volume>("vol").expect("the Volume");
+    harness.api.create(&older_alias_of_h1("vol-alias"));
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.catch_up("va");
+    // The cache has taken in the Volume's creation, and nothing since.
+    let created_at = vol
+        .resource_version()
+        .and_then(|v| v.parse().ok())
+        .expect("a version");
+    harness.volume_cache_reaches(&vol, created_at);
+    let (_, log) = harness.reconcile("va").await;
+    assert_eq!(
+        log[..6],
+        [
+            "driver probe h1",
+            "list volumes metadata.name=vol",
+            "list volumes spec.volumeHandle=h1",
+            "list volumeattachments spec.volumeName=vol",
+            "list volumeattachments spec.volumeName=vol-alias",
+            "get volumeattachments/va",
+        ],
+        "{log:#?}"
+    );
 }
 
 /// Another writer relabels a deleted attachment between the reads its release was decided on and
