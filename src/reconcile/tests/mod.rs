@@ -280,6 +280,13 @@ async fn attached(harness: &mut Harness, name: &str) {
     assert!(harness.driver.connects("h1", NODE));
 }
 
+/// Attaches `name` as [`attached`] does, then deletes it, and lets the cache see the deletion.
+async fn attached_then_deleted(harness: &mut Harness, name: &str) {
+    attached(harness, name).await;
+    harness.api.delete::<VolumeAttachment>(name);
+    harness.catch_up(name);
+}
+
 #[tokio::test]
 async fn an_attach_writes_its_intent_first_and_attached_only_on_the_probe_after_the_call() {
     let mut harness = Harness::new();
@@ -566,9 +573,7 @@ async fn a_failed_call_is_recorded_once_and_held_back_until_its_backoff_is_due()
 #[tokio::test]
 async fn a_deleted_attachment_is_released_on_the_backends_word() {
     let mut harness = Harness::new();
-    attached(&mut harness, "va").await;
-    harness.api.delete::<VolumeAttachment>("va");
-    harness.catch_up("va");
+    attached_then_deleted(&mut harness, "va").await;
     let (action, log) = harness.reconcile("va").await;
     assert_eq!(
         log,
@@ -602,14 +607,12 @@ async fn a_deleted_attachment_is_released_on_the_backends_word() {
 #[tokio::test]
 async fn a_detach_reads_the_volumes_of_its_backend_volume_from_a_cache_that_has_caught_up() {
     let mut harness = Harness::new();
-    attached(&mut harness, "va").await;
+    attached_then_deleted(&mut harness, "va").await;
     let mut alias = older_alias_of_h1("vol-alias");
     alias.metadata.uid = Some("uid-of-vol-alias".into());
     harness
         .volumes
         .apply_watcher_event(&watcher::Event::Apply(alias));
-    harness.api.delete::<VolumeAttachment>("va");
-    harness.catch_up("va");
     let vol = harness.api.get::<Volume>("vol").expect("the Volume");
     harness.volume_cache_reaches(&vol, 1_000);
     let (_, log) = harness.reconcile("va").await;
@@ -636,11 +639,9 @@ async fn a_detach_reads_the_volumes_of_its_backend_volume_from_a_cache_that_has_
 #[tokio::test]
 async fn a_detach_lists_the_volumes_of_its_backend_volume_when_its_cache_has_not_caught_up() {
     let mut harness = Harness::new();
-    attached(&mut harness, "va").await;
+    attached_then_deleted(&mut harness, "va").await;
     let vol = harness.api.get::<Volume>("vol").expect("the Volume");
     harness.api.create(&older_alias_of_h1("vol-alias"));
-    harness.api.delete::<VolumeAttachment>("va");
-    harness.catch_up("va");
     // The cache has taken in the Volume's creation, and nothing since.
     let created_at = vol
         .resource_version()
@@ -669,9 +670,7 @@ async fn a_detach_lists_the_volumes_of_its_backend_volume_when_its_cache_has_not
 #[tokio::test]
 async fn a_release_refused_for_a_label_is_tried_again_on_what_it_rests_on() {
     let mut harness = Harness::new();
-    attached(&mut harness, "va").await;
-    harness.api.delete::<VolumeAttachment>("va");
-    harness.catch_up("va");
+    attached_then_deleted(&mut harness, "va").await;
     harness
         .api
         .before_finalizer_writes([fake_api::label(), fake_api::label()]);
@@ -697,9 +696,7 @@ async fn a_release_refused_for_a_label_is_tried_again_on_what_it_rests_on() {
 #[tokio::test]
 async fn a_release_whose_grounds_changed_under_it_is_decided_again() {
     let mut harness = Harness::new();
-    attached(&mut harness, "va").await;
-    harness.api.delete::<VolumeAttachment>("va");
-    harness.catch_up("va");
+    attached_then_deleted(&mut harness, "va").await;
     harness
         .api
         .before_finalizer_writes([fake_api::label(), fake_api::force_detach_request("t9")]);
