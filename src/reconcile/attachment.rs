@@ -15,9 +15,9 @@
 use super::lanes::{Lane, QUEUED_RECHECK};
 use super::status_patch::status_patch;
 use super::{
-    Context, Error, Outcome, TURN_WAIT, aliases_as_of, aliases_of, attachments_naming, finalizer,
-    hold_volume, owner_of_handle, probe, synced, volume_read_fresh, volumes_naming_as_of,
-    volumes_version_now,
+    Context, Error, Outcome, TURN_WAIT, aliases_as_of, aliases_of, attachments_naming_as_of,
+    finalizer, hold_volume, owner_of_handle, probe, synced, volume_read_fresh,
+    volumes_naming_as_of, volumes_version_now,
 };
 use crate::MANAGER;
 use crate::api::{
@@ -936,10 +936,11 @@ impl<'a> Reconcile<'a> {
 
     /// The attachments that may claim the connection to the backend volume `handle` of `driver`,
     /// as the apiserver has them: those that name this attachment's Volume or another Volume of
-    /// that backend volume (the Volumes as the apiserver had them on the turn, from the cache
-    /// once it has caught up: [`volumes_naming_as_of`]). Read on the volume's turn, which an
-    /// attach takes too: no attachment of this backend volume becomes attached between this list
-    /// and the call it comes before.
+    /// that backend volume (the Volumes, then their attachments, as the apiserver had them on
+    /// the turn, each from its cache once it has caught up: [`volumes_naming_as_of`],
+    /// [`attachments_naming_as_of`]). Read on the volume's turn, which an attach takes too: no
+    /// attachment of this backend volume becomes attached between this list and the call it
+    /// comes before.
     async fn siblings_listed(
         &self,
         driver: &str,
@@ -953,7 +954,7 @@ impl<'a> Reconcile<'a> {
                 .map(|v| v.name_any())
                 .collect();
         names.insert(self.attachment.spec.volume_name.clone());
-        attachments_naming(&names, self.context).await
+        attachments_naming_as_of(&names, self.context, as_of.as_deref()).await
     }
 
     /// Releases the finalizer: the object goes. `false` if the release was refused as based on an

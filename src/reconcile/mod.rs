@@ -4,6 +4,7 @@
 mod attachment;
 mod backoff;
 mod cache_progress;
+mod claims;
 mod events;
 mod finalizer;
 mod lanes;
@@ -30,6 +31,7 @@ use crate::runtime::leader::Fence;
 use crate::runtime::metrics::Metrics;
 use backoff::Backoff;
 use cache_progress::CacheProgress;
+use claims::Claims;
 use events::Publisher;
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use futures::future::{BoxFuture, Shared};
@@ -96,6 +98,8 @@ pub struct Context {
     /// How far the Volume cache has come (see [`CacheProgress`]).
     volumes_progress: CacheProgress,
     attachments: Store<VolumeAttachment>,
+    /// Every attachment of the cluster, for the claims of a connection.
+    claims: Claims,
     backoff: Backoff,
     metrics: Arc<Metrics>,
     /// One reconcile per backend volume between its authorizing probe and its confirmation.
@@ -170,17 +174,24 @@ pub async fn run(
     // the object in (`Touched`), instead of a second watch of the same kind. The attachment
     // controller's concurrency is unbounded: the lanes (`Lanes`) bound what runs.
     let (attachments_touched, touched_attachments) = Touched::channel();
+    let attachments_progress = CacheProgress::default();
     let (attachments, writer) = reflector::store();
     let attachment_controller = Controller::for_stream(
         reflector(
             writer,
             watcher(attachments_api, watch.clone()).modify(slim_for_cache),
         )
+        .inspect_err({
+            let progress = attachments_progress.clone();
+            move |_| progress.forget()
+        })
         // An attachment's change concerns its Volume's view of which connections are claimed,
         // when it changes what the Volume reads of it.
         .inspect_ok({
             let mut wakes = VolumeWakes::default();
+            let mut progress = attachments_progress.recorder();
             move |event| {
+                progress.taken_in(event);
                 for volume in wakes.volumes_to_wake(event) {
                     attachments_touched.wake(ObjectRef::<Volume>::new(&volume));
                 }
@@ -263,6 +274,18 @@ pub async fn run(
         health.clone(),
         config.resync_interval.min(DRIVER_CHECK_INTERVAL),
     ));
+    // The claims of a connection: this replica's attachment cache where it watches every
+    // attachment, else a watch of every attachment beside it.
+    let (claims, claims_watch) = match &label_selector {
+        None => (
+            Claims::shared(attachments.clone(), attachments_progress),
+            None,
+        ),
+        Some(_) => {
+            let (claims, watch) = Claims::watched(client.clone());
+            (claims, Some(watch))
+        }
+    };
     let (lanes, turns_come) = Lanes::new(config.concurrency, attachments.clone());
     let context = Arc::new(Context {
         lanes,
@@ -272,6 +295,7 @@ pub async fn run(
         volumes: volumes.clone(),
         volumes_progress,
         attachments: attachments.clone(),
+        claims,
         backoff: Backoff::default(),
         metrics: metrics.clone(),
         locks: VolumeLocks::default(),
@@ -343,7 +367,7 @@ pub async fn run(
             futures::future::ready(())
         });
     info!("controllers started");
-    tokio::select! {
+    let stopped = tokio::select! {
         _ = futures::future::join(attachment_loop, volume_loop) => {
             info!("controllers stopped");
             Stopped::Drained
@@ -359,7 +383,11 @@ pub async fn run(
             }
             stopped
         }
+    };
+    if let Some(watch) = claims_watch {
+        watch.abort();
     }
+    stopped
 }
 
 /// Hands what another controller needs of each object a watch delivers (applied, listed again,
@@ -648,6 +676,20 @@ pub(super) async fn volumes_naming(
     }
     let every = list_pages(&api, shard(context), |v: &Volume| naming(v)).await?;
     Ok(every.into_iter().map(Arc::new).collect())
+}
+
+/// The attachments that name one of `names`, as the apiserver had them at `as_of` (a version read
+/// on the volume's turn) or later: from the cache of every attachment once it has taken in every
+/// change up to `as_of` ([`Claims`]), else listed ([`attachments_naming`]).
+pub(super) async fn attachments_naming_as_of(
+    names: &BTreeSet<String>,
+    context: &Context,
+    as_of: Option<&str>,
+) -> Result<Vec<VolumeAttachment>, Error> {
+    if let Some(naming) = context.claims.naming_as_of(names, as_of).await {
+        return Ok(naming);
+    }
+    attachments_naming(names, context).await
 }
 
 /// The attachments that name one of `names` (a Volume and the other Volumes of its backend

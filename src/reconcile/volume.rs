@@ -4,8 +4,8 @@
 
 use super::status_patch::status_patch;
 use super::{
-    Context, Error, Outcome, TURN_WAIT, aliases_as_of, aliases_of, attachments_naming, finalizer,
-    hold_volume, owner_of_handle, probe, synced, volumes_version_now,
+    Context, Error, Outcome, TURN_WAIT, aliases_as_of, aliases_of, attachments_naming_as_of,
+    finalizer, hold_volume, owner_of_handle, probe, synced, volumes_version_now,
 };
 use crate::MANAGER;
 use crate::api::{VOLUME_FINALIZER, Volume, VolumeAttachment, VolumeStatus};
@@ -203,11 +203,14 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     // the volume's turn (the cache's once it has taken in every change up to a read taken on the
     // turn, else listed). One the cache has not seen yet may own the handle, or claim a
     // connection through its own attachments: nothing is forced off on the cache's word alone.
-    let aliases = if fresh {
+    let (aliases, as_of) = if fresh {
         let as_of = volumes_version_now(context, &volume.name_any()).await?;
-        aliases_as_of(context, &volume, as_of.as_deref()).await?
+        (
+            aliases_as_of(context, &volume, as_of.as_deref()).await?,
+            as_of,
+        )
     } else {
-        aliases_of(&context.volumes, &volume)
+        (aliases_of(&context.volumes, &volume), None)
     };
     let problem = problem.or_else(|| {
         owner_of_handle(&aliases, &volume).map(|owner| VolumeProblem::DuplicateHandle { owner })
@@ -234,10 +237,11 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     // same backend volume: an alias never takes another's connection for an orphan.
     let mut names: BTreeSet<String> = aliases.iter().map(|alias| alias.name_any()).collect();
     names.insert(name.clone());
-    // Listed on the turn: no attachment of this backend volume attaches between the list and what
-    // is decided on it.
+    // As the apiserver had them on the turn (from the cache once it has caught up with the read
+    // above): no attachment of this backend volume attaches between that read and what is decided
+    // on it.
     let listed = if fresh {
-        Some(attachments_naming(&names, context).await?)
+        Some(attachments_naming_as_of(&names, context, as_of.as_deref()).await?)
     } else {
         None
     };

@@ -125,6 +125,11 @@ impl FakeApi {
     }
 
     /// From now on a list by a field selector is answered 400, as before Kubernetes 1.31.
+    /// The newest version given to a write: what a list would answer at now.
+    pub fn last_version(&self) -> u64 {
+        self.lock().last_version
+    }
+
     pub fn refuse_field_selectors(&self) {
         self.lock().field_selectors_refused = true;
     }

@@ -12,6 +12,7 @@ mod fake_api;
 mod scripted_driver;
 
 use super::backoff::Backoff;
+use super::claims::Claims;
 use super::events::Publisher;
 use super::lanes::Lanes;
 use super::lock::VolumeLocks;
@@ -49,11 +50,19 @@ struct Harness {
     driver: Arc<ScriptedDriver>,
     context: Arc<Context>,
     attachments: Writer<VolumeAttachment>,
+    /// The watch of every attachment of a replica of one shard.
+    claims: Option<Writer<VolumeAttachment>>,
     volumes: Writer<Volume>,
 }
 
 impl Harness {
     fn new() -> Self {
+        Self::managing(None)
+    }
+
+    /// The harness of an operator that manages only what `label_selector` selects (its
+    /// `--selector`), or everything.
+    fn managing(label_selector: Option<&str>) -> Self {
         let log = Log::default();
         let api = FakeApi::new(log.clone());
         let driver = Arc::new(ScriptedDriver::new(log.clone()));
@@ -75,6 +84,17 @@ impl Harness {
         volumes_writer.apply_watcher_event(&watcher::Event::Apply(volume));
         attachments_writer.apply_watcher_event(&watcher::Event::InitDone);
         let drivers = [("scripted".to_owned(), driver.clone() as Arc<dyn Driver>)].into();
+        // A replica of one shard watches every attachment beside its own cache.
+        let (claims, claims_writer) = match label_selector {
+            None => (
+                Claims::shared(attachments.clone(), Default::default()),
+                None,
+            ),
+            Some(_) => {
+                let (every, writer) = reflector::store::<VolumeAttachment>();
+                (Claims::shared(every, Default::default()), Some(writer))
+            }
+        };
         let (lanes, _woken) = Lanes::new(4, attachments.clone());
         let context = Arc::new(Context {
             events: Publisher::new(client.clone(), "test".into()),
@@ -90,6 +110,8 @@ impl Harness {
             // Never reached unless a test says so: every attach lists the aliases.
             volumes_progress: Default::default(),
             attachments,
+            // The same for the attachments: every detach lists the claims of its connection.
+            claims,
             backoff: Backoff::default(),
             metrics: Arc::new(Metrics::default()),
             locks: VolumeLocks::default(),
@@ -100,7 +122,7 @@ impl Harness {
             recently_held: RecentlyHeld::new(Duration::from_secs(3600)),
             field_selector_refused: Default::default(),
             handle_selector_refused: Default::default(),
-            label_selector: None,
+            label_selector: label_selector.map(str::to_owned),
         });
         Self {
             log,
@@ -108,6 +130,7 @@ impl Harness {
             driver,
             context,
             attachments: attachments_writer,
+            claims: claims_writer,
             volumes: volumes_writer,
         }
     }
@@ -119,6 +142,19 @@ impl Harness {
         at_version.metadata.resource_version = Some(version.to_string());
         self.context
             .volumes_progress
+            .recorder()
+            .taken_in(&watcher::Event::Apply(at_version));
+    }
+
+    /// The cache of every attachment reports it has taken in every change up to `version`.
+    fn claims_cache_reaches(&self, version: u64) {
+        let spec = serde_json::from_value(json!({ "volumeName": "elsewhere", "nodeName": NODE }))
+            .expect("an attachment spec");
+        let mut at_version = VolumeAttachment::new("progress", spec);
+        at_version.metadata.resource_version = Some(version.to_string());
+        self.context
+            .claims
+            .progress()
             .recorder()
             .taken_in(&watcher::Event::Apply(at_version));
     }
@@ -1377,6 +1413,107 @@ async fn a_deleted_attachment_hands_over_to_one_attached_a_moment_ago_that_the_c
             .any(|entry| entry == "list volumeattachments spec.volumeName=vol"),
         "{log:#?}"
     );
+    assert!(
+        !log.iter()
+            .any(|entry| entry.starts_with("driver detach")
+                || entry.starts_with("driver force_detach")),
+        "cut vb's connection: {log:#?}"
+    );
+    assert!(harness.driver.connects("h1", NODE), "{log:#?}");
+    assert!(
+        harness.api.get::<VolumeAttachment>("va").is_none(),
+        "not released: {log:#?}"
+    );
+}
+
+/// An operator that watches every attachment takes the claims of a deleted attachment's
+/// connection from its cache once the cache has taken in every change up to a version read on
+/// the volume's turn: no list of attachments, and the sibling attached on the same connection,
+/// which the cache holds, is handed the connection.
+#[tokio::test]
+async fn a_detach_takes_the_claims_of_its_connection_from_an_attachment_cache_that_has_caught_up() {
+    let mut harness = Harness::new();
+    let vb = attached_beside_then_deleted(&mut harness).await;
+    harness.catch_up(&vb);
+    let vol = harness.api.get::<Volume>("vol").expect("the Volume");
+    harness.volume_cache_reaches(&vol, 1_000);
+    harness.claims_cache_reaches(1_000);
+
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        !log.iter()
+            .any(|entry| entry.starts_with("list volumeattachments")),
+        "{log:#?}"
+    );
+    handed_over(&harness, &log);
+}
+
+/// An attachment cache that has not taken in a change at the version read on the turn is not
+/// taken for the claims: they are listed, and a sibling attached since, which only the
+/// apiserver has, is handed the connection.
+#[tokio::test]
+async fn a_detach_lists_the_claims_of_its_connection_when_its_attachment_cache_has_not_caught_up() {
+    let mut harness = Harness::new();
+    // The cache has taken in every change up to now, and none of what follows.
+    harness.claims_cache_reaches(harness.api.last_version());
+    attached_beside_then_deleted(&mut harness).await;
+    let vol = harness.api.get::<Volume>("vol").expect("the Volume");
+    harness.volume_cache_reaches(&vol, 1_000);
+
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        log.iter()
+            .any(|entry| entry == "list volumeattachments spec.volumeName=vol"),
+        "{log:#?}"
+    );
+    handed_over(&harness, &log);
+}
+
+/// A replica of one shard (`--selector`) takes the claims from its watch of every attachment,
+/// which holds one its own cache lacks (another shard's), once that watch has caught up.
+#[tokio::test]
+async fn a_sharded_detach_takes_the_claims_of_its_connection_from_its_watch_of_every_attachment() {
+    let mut harness = Harness::managing(Some("shard=one"));
+    let vb = attached_beside_then_deleted(&mut harness).await;
+    let vb = harness
+        .api
+        .get::<VolumeAttachment>(&vb)
+        .expect("vb at the apiserver");
+    harness
+        .claims
+        .as_mut()
+        .expect("a watch of every attachment")
+        .apply_watcher_event(&watcher::Event::Apply(vb));
+    let vol = harness.api.get::<Volume>("vol").expect("the Volume");
+    harness.volume_cache_reaches(&vol, 1_000);
+    harness.claims_cache_reaches(1_000);
+
+    let (_, log) = harness.reconcile("va").await;
+    assert!(
+        !log.iter()
+            .any(|entry| entry.starts_with("list volumeattachments")),
+        "{log:#?}"
+    );
+    handed_over(&harness, &log);
+}
+
+/// `va` attached, then `vb` attached at the apiserver on the same connection (the cache has not
+/// seen it), then `va` deleted, which the cache has seen. `vb`'s name.
+async fn attached_beside_then_deleted(harness: &mut Harness) -> String {
+    attached(harness, "va").await;
+    let binding = harness
+        .api
+        .get::<VolumeAttachment>("va")
+        .and_then(|va| va.status?.bound_to)
+        .expect("va recorded what it attached");
+    attached_at_the_apiserver(harness, "vb", binding);
+    harness.api.delete::<VolumeAttachment>("va");
+    harness.catch_up("va");
+    "vb".to_owned()
+}
+
+/// `va` went, and the connection it shared with `vb` stayed.
+fn handed_over(harness: &Harness, log: &[String]) {
     assert!(
         !log.iter()
             .any(|entry| entry.starts_with("driver detach")
