@@ -99,6 +99,8 @@ pub struct Table {
     pub wall: Duration,
     /// How long the operator took, from its start, to take in the N Volumes the storms use.
     pub volumes_ready: Option<Duration>,
+    /// How many Volumes and attachments the cluster held before the run (see `Bench`).
+    pub others: Option<usize>,
 }
 
 impl Table {
@@ -109,6 +111,7 @@ impl Table {
             limits: Limits::default(),
             wall: Duration::ZERO,
             volumes_ready: None,
+            others: None,
         }
     }
 
@@ -149,6 +152,21 @@ impl Table {
             self.n,
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
+        match self.others {
+            Some(0) => {
+                let _ = writeln!(
+                    out,
+                    "The operator managed every object (no `--selector`), as a single replica does.\n"
+                );
+            }
+            Some(others) => {
+                let _ = writeln!(
+                    out,
+                    "The operator managed the run's shard only (`--selector`): the cluster held {others} other Volumes and attachments. It watched every attachment beside its shard, for the claims of a connection.\n"
+                );
+            }
+            None => {}
+        }
         if let Some(ready) = self.volumes_ready {
             let _ = writeln!(
                 out,

@@ -22,6 +22,7 @@ pub struct Operator {
     shard: String,
     kubeconfig: PathBuf,
     args: Vec<String>,
+    every_object: bool,
     http_address: Option<SocketAddr>,
     _dir: tempfile::TempDir,
 }
@@ -33,6 +34,9 @@ pub struct Options {
     pub args: Vec<String>,
     /// Run under this kubeconfig instead of the operator's own identity.
     pub kubeconfig: Option<PathBuf>,
+    /// Manage every object, as a replica without `--selector` does, not only the shard's: only
+    /// where the cluster holds no other test's objects.
+    pub every_object: bool,
 }
 
 impl Operator {
@@ -69,6 +73,7 @@ impl Operator {
             shard: shard.to_owned(),
             kubeconfig,
             args: options.args,
+            every_object: options.every_object,
             http_address,
             _dir: dir,
         };
@@ -92,8 +97,17 @@ impl Operator {
                 self.http_address
                     .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string()),
             )
-            .arg("--selector")
-            .arg(format!("{SHARD_LABEL}={}", self.shard))
+            .args(
+                (!self.every_object)
+                    .then(|| {
+                        [
+                            "--selector".to_owned(),
+                            format!("{SHARD_LABEL}={}", self.shard),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
             // SAFE_DETACH_TEST_LOG widens the operator's log when a test is looked into.

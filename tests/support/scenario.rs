@@ -170,6 +170,7 @@ impl Scenario {
                 .as_ref()
                 .map(|api| api.kubeconfig.clone())
                 .or(setup.kubeconfig),
+            ..Options::default()
         };
         let operator = Operator::start_with(&shard, &config, options).await;
         let mut harness = Harness::new(operator, shard).await;
@@ -216,6 +217,7 @@ impl Scenario {
         let options = Options {
             args,
             kubeconfig: Some(api.kubeconfig.clone()),
+            ..Options::default()
         };
         let operator = Operator::start_with(&self.shard, &self.config, options).await;
         (operator, api)

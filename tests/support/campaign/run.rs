@@ -250,6 +250,7 @@ pub async fn run(plan: Plan) -> Outcome {
         let options = Options {
             args,
             kubeconfig: Some(api.kubeconfig.clone()),
+            ..Options::default()
         };
         replicas.push(Replica {
             operator: Operator::start_with(&shard, &config, options).await,
