@@ -16,7 +16,7 @@ use super::lanes::{Lane, QUEUED_RECHECK};
 use super::status_patch::status_patch;
 use super::{
     Context, Error, Outcome, TURN_WAIT, aliases_as_of, aliases_of, attachments_naming_as_of,
-    finalizer, hold_volume, owner_of_handle, probe, synced, volume_read_fresh,
+    backend_key, finalizer, hold_volume, owner_of_handle, probe, synced, volume_read_fresh,
     volumes_naming_as_of, volumes_version_now,
 };
 use crate::MANAGER;
@@ -676,7 +676,7 @@ impl<'a> Reconcile<'a> {
             return Err(VolumeProblem::VolumeDeleting(volume_name.clone()));
         }
         // The cache's aliases, and those the apiserver listed: either may lack one the other has.
-        let mut aliases = aliases_of(&self.context.volumes, &volume);
+        let mut aliases = aliases_of(self.context, &volume);
         for alias in listed.unwrap_or_default() {
             if !aliases.iter().any(|a| a.uid() == alias.uid()) {
                 aliases.push(alias.clone());
@@ -765,7 +765,11 @@ impl<'a> Reconcile<'a> {
                 .filter(|name| !self.gone_siblings.contains(name))
                 .min();
         }
-        let cached = self.context.attachments.state_filter(|a| claims(a));
+        let cached = self.context.attachments_by_binding.get(
+            &self.context.attachments,
+            &backend_key(&ours.driver, &ours.volume_handle),
+            claims,
+        );
         let listed = self.listed_siblings.iter().flatten().filter(|a| claims(a));
         let mut siblings: Vec<String> = cached
             .iter()

@@ -11,6 +11,7 @@
 //! or failed watch, a re-list), the reader lists instead.
 
 use super::cache_progress::CacheProgress;
+use super::index::Index;
 use crate::api::VolumeAttachment;
 use futures::StreamExt;
 use kube::runtime::reflector::{self, Store, reflector};
@@ -23,14 +24,20 @@ use tokio::task::JoinHandle;
 #[derive(Clone)]
 pub struct Claims {
     attachments: Store<VolumeAttachment>,
+    by_volume: Index<VolumeAttachment>,
     progress: CacheProgress,
 }
 
 impl Claims {
     /// The controller's own cache, where it watches every attachment.
-    pub fn shared(attachments: Store<VolumeAttachment>, progress: CacheProgress) -> Self {
+    pub fn shared(
+        attachments: Store<VolumeAttachment>,
+        by_volume: Index<VolumeAttachment>,
+        progress: CacheProgress,
+    ) -> Self {
         Self {
             attachments,
+            by_volume,
             progress,
         }
     }
@@ -39,6 +46,7 @@ impl Claims {
     /// task that fills it until it is aborted.
     pub fn watched(client: Client) -> (Self, JoinHandle<()>) {
         let progress = CacheProgress::default();
+        let by_volume = Index::new(super::attachment_volume_key);
         let (attachments, writer) = reflector::store();
         let api = Api::<VolumeAttachment>::all(client);
         let stream = reflector(
@@ -48,13 +56,16 @@ impl Claims {
                 .modify(super::slim_for_cache),
         );
         let task = tokio::spawn({
-            let progress = progress.clone();
+            let (progress, by_volume) = (progress.clone(), by_volume.clone());
             let mut recorder = progress.recorder();
             async move {
                 stream
                     .for_each(|event| {
                         match &event {
-                            Ok(event) => recorder.taken_in(event),
+                            Ok(event) => {
+                                by_volume.taken_in(event);
+                                recorder.taken_in(event);
+                            }
                             Err(_) => progress.forget(),
                         }
                         futures::future::ready(())
@@ -65,6 +76,7 @@ impl Claims {
         (
             Self {
                 attachments,
+                by_volume,
                 progress,
             },
             task,
@@ -88,9 +100,12 @@ impl Claims {
             return None;
         }
         Some(
-            self.attachments
-                .state_filter(|a| names.contains(&a.spec.volume_name))
+            names
                 .iter()
+                .flat_map(|name| {
+                    self.by_volume
+                        .get(&self.attachments, name, |a| &a.spec.volume_name == name)
+                })
                 .map(|a| a.as_ref().clone())
                 .collect(),
         )

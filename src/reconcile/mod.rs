@@ -7,6 +7,7 @@ mod cache_progress;
 mod claims;
 mod events;
 mod finalizer;
+mod index;
 mod lanes;
 mod lock;
 mod own_writes;
@@ -36,6 +37,7 @@ use events::Publisher;
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt, TryStreamExt};
+use index::Index;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
@@ -95,9 +97,15 @@ pub struct Context {
     pub config: Config,
     events: Publisher,
     volumes: Store<Volume>,
+    /// The Volumes of the cache by their backend volume ([`backend_key`]).
+    volumes_by_handle: Index<Volume>,
     /// How far the Volume cache has come (see [`CacheProgress`]).
     volumes_progress: CacheProgress,
     attachments: Store<VolumeAttachment>,
+    /// The attachments of the cache by the Volume they name, and by the backend volume they
+    /// recorded attaching ([`backend_key`]).
+    attachments_by_volume: Index<VolumeAttachment>,
+    attachments_by_binding: Index<VolumeAttachment>,
     /// Every attachment of the cluster, for the claims of a connection.
     claims: Claims,
     backoff: Backoff,
@@ -175,6 +183,8 @@ pub async fn run(
     // controller's concurrency is unbounded: the lanes (`Lanes`) bound what runs.
     let (attachments_touched, touched_attachments) = Touched::channel();
     let attachments_progress = CacheProgress::default();
+    let attachments_by_volume = Index::new(attachment_volume_key);
+    let attachments_by_binding = Index::new(attachment_binding_key);
     let (attachments, writer) = reflector::store();
     let attachment_controller = Controller::for_stream(
         reflector(
@@ -190,7 +200,13 @@ pub async fn run(
         .inspect_ok({
             let mut wakes = VolumeWakes::default();
             let mut progress = attachments_progress.recorder();
+            let (by_volume, by_binding) = (
+                attachments_by_volume.clone(),
+                attachments_by_binding.clone(),
+            );
             move |event| {
+                by_volume.taken_in(event);
+                by_binding.taken_in(event);
                 progress.taken_in(event);
                 for volume in wakes.volumes_to_wake(event) {
                     attachments_touched.wake(ObjectRef::<Volume>::new(&volume));
@@ -204,6 +220,7 @@ pub async fn run(
     // shows need no longer be kept.
     let own_volume_writes = Arc::new(OwnWrites::default());
     let volumes_progress = CacheProgress::default();
+    let volumes_by_handle = Index::new(volume_backend_key);
     let (volumes_touched, touched_volumes) = Touched::channel();
     let (volumes, writer) = reflector::store();
     let volume_controller = Controller::for_stream(
@@ -215,7 +232,9 @@ pub async fn run(
             .inspect_ok({
                 let own_volume_writes = own_volume_writes.clone();
                 let mut progress = volumes_progress.recorder();
+                let by_handle = volumes_by_handle.clone();
                 move |event| {
+                    by_handle.taken_in(event);
                     progress.taken_in(event);
                     match event {
                         watcher::Event::Apply(volume) | watcher::Event::InitApply(volume) => {
@@ -278,7 +297,11 @@ pub async fn run(
     // attachment, else a watch of every attachment beside it.
     let (claims, claims_watch) = match &label_selector {
         None => (
-            Claims::shared(attachments.clone(), attachments_progress),
+            Claims::shared(
+                attachments.clone(),
+                attachments_by_volume.clone(),
+                attachments_progress,
+            ),
             None,
         ),
         Some(_) => {
@@ -293,8 +316,11 @@ pub async fn run(
         client,
         config,
         volumes: volumes.clone(),
+        volumes_by_handle,
         volumes_progress,
         attachments: attachments.clone(),
+        attachments_by_volume: attachments_by_volume.clone(),
+        attachments_by_binding,
         claims,
         backoff: Backoff::default(),
         metrics: metrics.clone(),
@@ -320,8 +346,8 @@ pub async fn run(
         let attachments = attachments.clone();
         move |volume: Volume| {
             let name = volume.metadata.name.unwrap_or_default();
-            attachments
-                .state_filter(|a| a.spec.volume_name == name)
+            attachments_by_volume
+                .get(&attachments, &name, |a| a.spec.volume_name == name)
                 .into_iter()
                 .map(|a| ObjectRef::from_obj(&*a))
                 .collect::<Vec<_>>()
@@ -629,9 +655,7 @@ pub(super) async fn volumes_naming_as_of(
     as_of: Option<&str>,
 ) -> Result<Vec<Arc<Volume>>, Error> {
     if context.volumes_progress.reached(as_of).await {
-        return Ok(context
-            .volumes
-            .state_filter(|v| v.spec.driver == driver && v.spec.volume_handle == handle));
+        return Ok(cached_volumes_naming(context, driver, handle));
     }
     volumes_naming(context, driver, handle).await
 }
@@ -791,13 +815,56 @@ fn escape_field_value(value: &str) -> String {
         .replace('=', "\\=")
 }
 
-/// The other Volumes that name the same backend volume (driver and handle) as `volume`.
-fn aliases_of(volumes: &Store<Volume>, volume: &Volume) -> Vec<Arc<Volume>> {
-    volumes.state_filter(|other| {
-        other.spec.driver == volume.spec.driver
-            && other.spec.volume_handle == volume.spec.volume_handle
-            && other.uid() != volume.uid()
-    })
+/// The other Volumes that name the same backend volume (driver and handle) as `volume`, as the
+/// cache has them.
+fn aliases_of(context: &Context, volume: &Volume) -> Vec<Arc<Volume>> {
+    let mut aliases =
+        cached_volumes_naming(context, &volume.spec.driver, &volume.spec.volume_handle);
+    aliases.retain(|other| other.uid() != volume.uid());
+    aliases
+}
+
+/// The Volumes of the cache that name the backend volume `handle` of `driver`.
+fn cached_volumes_naming(context: &Context, driver: &str, handle: &str) -> Vec<Arc<Volume>> {
+    context
+        .volumes_by_handle
+        .get(&context.volumes, &backend_key(driver, handle), |v| {
+            v.spec.driver == driver && v.spec.volume_handle == handle
+        })
+}
+
+/// The attachments of the cache that name one of `names`.
+fn cached_attachments_naming(
+    context: &Context,
+    names: &BTreeSet<String>,
+) -> Vec<Arc<VolumeAttachment>> {
+    names
+        .iter()
+        .flat_map(|name| {
+            context
+                .attachments_by_volume
+                .get(&context.attachments, name, |a| &a.spec.volume_name == name)
+        })
+        .collect()
+}
+
+/// The key of a backend volume in an index: its driver and its handle.
+fn backend_key(driver: &str, handle: &str) -> String {
+    format!("{driver}\0{handle}")
+}
+
+fn volume_backend_key(volume: &Volume) -> Option<String> {
+    Some(backend_key(&volume.spec.driver, &volume.spec.volume_handle))
+}
+
+fn attachment_volume_key(attachment: &VolumeAttachment) -> Option<String> {
+    Some(attachment.spec.volume_name.clone())
+}
+
+/// The backend volume an attachment recorded attaching, if any.
+fn attachment_binding_key(attachment: &VolumeAttachment) -> Option<String> {
+    let bound = attachment.status.as_ref()?.bound_to.as_ref()?;
+    Some(backend_key(&bound.driver, &bound.volume_handle))
 }
 
 /// The Volume that owns the backend volume `volume` names, if it is another one: the first Volume

@@ -5,7 +5,8 @@
 use super::status_patch::status_patch;
 use super::{
     Context, Error, Outcome, TURN_WAIT, aliases_as_of, aliases_of, attachments_naming_as_of,
-    finalizer, hold_volume, owner_of_handle, probe, synced, volumes_version_now,
+    cached_attachments_naming, finalizer, hold_volume, owner_of_handle, probe, synced,
+    volumes_version_now,
 };
 use crate::MANAGER;
 use crate::api::{VOLUME_FINALIZER, Volume, VolumeAttachment, VolumeStatus};
@@ -169,7 +170,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     let owner = if fresh {
         None
     } else {
-        owner_of_handle(&aliases_of(&context.volumes, &volume), &volume)
+        owner_of_handle(&aliases_of(context, &volume), &volume)
     };
     let problem = match (&driver, &grace, owner) {
         (Err(problem), _, _) | (_, Err(problem), _) => Some(problem.clone()),
@@ -210,7 +211,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
             as_of,
         )
     } else {
-        (aliases_of(&context.volumes, &volume), None)
+        (aliases_of(context, &volume), None)
     };
     let problem = problem.or_else(|| {
         owner_of_handle(&aliases, &volume).map(|owner| VolumeProblem::DuplicateHandle { owner })
@@ -247,9 +248,7 @@ async fn reconcile_volume(volume: &Volume, context: &Context, fresh: bool) -> Re
     };
     let attachments = claiming(
         listed.as_deref(),
-        context
-            .attachments
-            .state_filter(|a| names.contains(&a.spec.volume_name)),
+        cached_attachments_naming(context, &names),
         &names,
     );
     let claimed: BTreeSet<String> = attachments

@@ -14,6 +14,7 @@ mod scripted_driver;
 use super::backoff::Backoff;
 use super::claims::Claims;
 use super::events::Publisher;
+use super::index::Index;
 use super::lanes::Lanes;
 use super::lock::VolumeLocks;
 use super::recently_held::RecentlyHeld;
@@ -50,8 +51,8 @@ struct Harness {
     driver: Arc<ScriptedDriver>,
     context: Arc<Context>,
     attachments: Writer<VolumeAttachment>,
-    /// The watch of every attachment of a replica of one shard.
-    claims: Option<Writer<VolumeAttachment>>,
+    /// The watch of every attachment of a replica of one shard, and its index.
+    claims: Option<(Writer<VolumeAttachment>, Index<VolumeAttachment>)>,
     volumes: Writer<Volume>,
 }
 
@@ -79,20 +80,33 @@ impl Harness {
         let mut volume = Volume::new("vol", spec);
         volume.metadata.finalizers = Some(vec![VOLUME_FINALIZER.to_owned()]);
         let volume = api.create(&volume);
+        let volumes_by_handle = Index::new(super::volume_backend_key);
+        let attachments_by_volume = Index::new(super::attachment_volume_key);
+        let attachments_by_binding = Index::new(super::attachment_binding_key);
         // The first list, then what the watch sees after it.
-        volumes_writer.apply_watcher_event(&watcher::Event::InitDone);
-        volumes_writer.apply_watcher_event(&watcher::Event::Apply(volume));
+        for event in [watcher::Event::InitDone, watcher::Event::Apply(volume)] {
+            volumes_writer.apply_watcher_event(&event);
+            volumes_by_handle.taken_in(&event);
+        }
         attachments_writer.apply_watcher_event(&watcher::Event::InitDone);
         let drivers = [("scripted".to_owned(), driver.clone() as Arc<dyn Driver>)].into();
         // A replica of one shard watches every attachment beside its own cache.
         let (claims, claims_writer) = match label_selector {
             None => (
-                Claims::shared(attachments.clone(), Default::default()),
+                Claims::shared(
+                    attachments.clone(),
+                    attachments_by_volume.clone(),
+                    Default::default(),
+                ),
                 None,
             ),
             Some(_) => {
                 let (every, writer) = reflector::store::<VolumeAttachment>();
-                (Claims::shared(every, Default::default()), Some(writer))
+                let by_volume = Index::new(super::attachment_volume_key);
+                (
+                    Claims::shared(every, by_volume.clone(), Default::default()),
+                    Some((writer, by_volume)),
+                )
             }
         };
         let (lanes, _woken) = Lanes::new(4, attachments.clone());
@@ -107,9 +121,12 @@ impl Harness {
                 drivers,
             },
             volumes,
+            volumes_by_handle,
             // Never reached unless a test says so: every attach lists the aliases.
             volumes_progress: Default::default(),
             attachments,
+            attachments_by_volume,
+            attachments_by_binding,
             // The same for the attachments: every detach lists the claims of its connection.
             claims,
             backoff: Backoff::default(),
@@ -159,6 +176,26 @@ impl Harness {
             .taken_in(&watcher::Event::Apply(at_version));
     }
 
+    /// The attachment cache takes `event` in, as its watch delivers it.
+    fn attachment_seen(&mut self, event: &watcher::Event<VolumeAttachment>) {
+        self.attachments.apply_watcher_event(event);
+        self.context.attachments_by_volume.taken_in(event);
+        self.context.attachments_by_binding.taken_in(event);
+    }
+
+    /// The Volume cache takes `event` in, as its watch delivers it.
+    fn volume_seen(&mut self, event: &watcher::Event<Volume>) {
+        self.volumes.apply_watcher_event(event);
+        self.context.volumes_by_handle.taken_in(event);
+    }
+
+    /// The watch of every attachment of a replica of one shard takes `event` in.
+    fn claim_seen(&mut self, event: &watcher::Event<VolumeAttachment>) {
+        let (writer, index) = self.claims.as_mut().expect("a watch of every attachment");
+        writer.apply_watcher_event(event);
+        index.taken_in(event);
+    }
+
     /// Creates an attachment of `vol` to [`NODE`], and lets the cache see it.
     fn create(&mut self, name: &str, annotations: &[(&str, &str)]) {
         let spec = serde_json::from_value(json!({ "volumeName": "vol", "nodeName": NODE }))
@@ -182,7 +219,7 @@ impl Harness {
                 None => return,
             },
         };
-        self.attachments.apply_watcher_event(&event);
+        self.attachment_seen(&event);
     }
 
     fn cached(&self, name: &str) -> Option<VolumeAttachment> {
@@ -217,8 +254,7 @@ impl Harness {
         volume.spec.multi_attach = true;
         self.api.replace(&volume);
         let now = self.api.get::<Volume>("vol").expect("the Volume");
-        self.volumes
-            .apply_watcher_event(&watcher::Event::Apply(now));
+        self.volume_seen(&watcher::Event::Apply(now));
     }
 
     /// Annotates `name` as `kubectl annotate` would.
@@ -646,9 +682,7 @@ async fn a_detach_reads_the_volumes_of_its_backend_volume_from_a_cache_that_has_
     attached_then_deleted(&mut harness, "va").await;
     let mut alias = older_alias_of_h1("vol-alias");
     alias.metadata.uid = Some("uid-of-vol-alias".into());
-    harness
-        .volumes
-        .apply_watcher_event(&watcher::Event::Apply(alias));
+    harness.volume_seen(&watcher::Event::Apply(alias));
     let vol = harness.api.get::<Volume>("vol").expect("the Volume");
     harness.volume_cache_reaches(&vol, 1_000);
     let (_, log) = harness.reconcile("va").await;
@@ -1479,11 +1513,7 @@ async fn a_sharded_detach_takes_the_claims_of_its_connection_from_its_watch_of_e
         .api
         .get::<VolumeAttachment>(&vb)
         .expect("vb at the apiserver");
-    harness
-        .claims
-        .as_mut()
-        .expect("a watch of every attachment")
-        .apply_watcher_event(&watcher::Event::Apply(vb));
+    harness.claim_seen(&watcher::Event::Apply(vb));
     let vol = harness.api.get::<Volume>("vol").expect("the Volume");
     harness.volume_cache_reaches(&vol, 1_000);
     harness.claims_cache_reaches(1_000);
@@ -1587,9 +1617,7 @@ async fn a_deleted_volume_is_not_released_as_the_duplicate_of_an_alias_gone_from
     // An older alias of h1, released and gone; the cache has not seen it go.
     let mut gone = older_alias_of_h1("vol-gone");
     gone.metadata.uid = Some("uid-of-vol-gone".into());
-    harness
-        .volumes
-        .apply_watcher_event(&watcher::Event::Apply(gone));
+    harness.volume_seen(&watcher::Event::Apply(gone));
     harness.driver.connect("h1", "node-b");
     harness.api.delete::<Volume>("vol");
 
