@@ -975,13 +975,9 @@ impl<'a> Reconcile<'a> {
     /// patches: a tool that relabels the object faster than a read and a write take cannot hold
     /// it forever.
     async fn remove_finalizer(&mut self, newer: OnNewerVersions) -> Result<Removal, Error> {
-        match finalizer::remove(&self.api, &self.attachment, ATTACHMENT_FINALIZER).await {
-            Ok(()) => return Ok(Removal::Removed),
-            Err(error) if error.is_not_found() => return Ok(Removal::Gone),
-            Err(Error::Conflict(error)) => {
-                debug!(%error, "finalizer release refused: the attachment changed since it was read");
-            }
-            Err(error) => return Err(error),
+        let answer = finalizer::remove(&self.api, &self.attachment, ATTACHMENT_FINALIZER).await;
+        if let Some(done) = removal(answer, "the attachment changed since it was read")? {
+            return Ok(done);
         }
         // Only a deleted attachment: a deletion is neither undone nor moved, so that its UID
         // stands for its deletion too.
@@ -999,21 +995,16 @@ impl<'a> Reconcile<'a> {
                 if !same_grounds(&fresh, &self.attachment) {
                     break;
                 }
-                match finalizer::remove_on_grounds(
+                let answer = finalizer::remove_on_grounds(
                     &self.api,
                     &self.name,
                     fresh.finalizers(),
                     ATTACHMENT_FINALIZER,
                     &grounds,
                 )
-                .await
-                {
-                    Ok(()) => return Ok(Removal::Removed),
-                    Err(error) if error.is_not_found() => return Ok(Removal::Gone),
-                    Err(Error::Conflict(error)) => {
-                        debug!(%error, "finalizer release refused: what it rests on changed");
-                    }
-                    Err(error) => return Err(error),
+                .await;
+                if let Some(done) = removal(answer, "what it rests on changed")? {
+                    return Ok(done);
                 }
             }
         }
@@ -1205,8 +1196,20 @@ impl<'a> Reconcile<'a> {
     }
 }
 
-/// Whether an attachment holds its connection, so that another may leave it to it: Attached, as
-/// the backend confirmed. One that is Pending, Failed or on its way cannot keep what it is given.
+/// What a finalizer release's `answer` says: removed, or the object gone; `None` where it was
+/// refused because `refused_as` (logged).
+fn removal(answer: Result<(), Error>, refused_as: &str) -> Result<Option<Removal>, Error> {
+    match answer {
+        Ok(()) => Ok(Some(Removal::Removed)),
+        Err(error) if error.is_not_found() => Ok(Some(Removal::Gone)),
+        Err(Error::Conflict(error)) => {
+            debug!(%error, "finalizer release refused: {refused_as}");
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Whether `attachment` recorded attaching the backend volume `ours` names. An attachment
 /// attached as the backend confirmed records it; one without a record claims nothing.
 fn bound_to_same_backend_volume(attachment: &VolumeAttachment, ours: &Binding) -> bool {
@@ -1219,6 +1222,8 @@ fn bound_to_same_backend_volume(attachment: &VolumeAttachment, ours: &Binding) -
         })
 }
 
+/// Whether an attachment holds its connection, so that another may leave it to it: Attached, as
+/// the backend confirmed. One that is Pending, Failed or on its way cannot keep what it is given.
 fn holds_its_connection(attachment: &VolumeAttachment) -> bool {
     attachment
         .status

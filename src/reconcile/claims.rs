@@ -99,15 +99,11 @@ impl Claims {
         if !self.progress.reached(as_of).await {
             return None;
         }
-        Some(
-            names
-                .iter()
-                .flat_map(|name| {
-                    self.by_volume
-                        .get(&self.attachments, name, |a| &a.spec.volume_name == name)
-                })
-                .map(|a| a.as_ref().clone())
-                .collect(),
-        )
+        let naming =
+            self.by_volume
+                .get_each(&self.attachments, names.iter().map(String::as_str), |a| {
+                    names.contains(&a.spec.volume_name)
+                });
+        Some(naming.iter().map(|a| a.as_ref().clone()).collect())
     }
 }

@@ -123,13 +123,23 @@ where
 
     /// The objects of `store` under `key` that `keep` keeps.
     pub fn get(&self, store: &Store<K>, key: &str, keep: impl Fn(&K) -> bool) -> Vec<Arc<K>> {
+        self.get_each(store, [key], keep)
+    }
+
+    /// The objects of `store` under any of `keys` that `keep` keeps.
+    pub fn get_each<'k>(
+        &self,
+        store: &Store<K>,
+        keys: impl IntoIterator<Item = &'k str>,
+        keep: impl Fn(&K) -> bool,
+    ) -> Vec<Arc<K>> {
         let names: Vec<String> = {
             let state = self.state.read().expect("the index's lock");
-            state
-                .names
-                .get(key)
-                .map(|names| names.iter().cloned().collect())
-                .unwrap_or_default()
+            keys.into_iter()
+                .filter_map(|key| state.names.get(key))
+                .flatten()
+                .cloned()
+                .collect()
         };
         names
             .iter()
@@ -169,44 +179,46 @@ mod tests {
     fn deliver(
         writer: &mut reflector::store::Writer<VolumeAttachment>,
         index: &Index<VolumeAttachment>,
-        event: watcher::Event<VolumeAttachment>,
+        events: impl IntoIterator<Item = watcher::Event<VolumeAttachment>>,
     ) {
-        writer.apply_watcher_event(&event);
-        index.taken_in(&event);
+        for event in events {
+            writer.apply_watcher_event(&event);
+            index.taken_in(&event);
+        }
+    }
+
+    fn applied(name: &str, volume: &str) -> watcher::Event<VolumeAttachment> {
+        watcher::Event::Apply(attachment(name, volume))
     }
 
     #[test]
     fn an_object_is_found_under_its_key_until_it_goes_or_moves() {
         let (store, mut writer) = reflector::store::<VolumeAttachment>();
         let index = by_volume();
-        deliver(&mut writer, &index, watcher::Event::InitDone);
         deliver(
             &mut writer,
             &index,
-            watcher::Event::Apply(attachment("a", "v1")),
-        );
-        deliver(
-            &mut writer,
-            &index,
-            watcher::Event::Apply(attachment("b", "v1")),
-        );
-        deliver(
-            &mut writer,
-            &index,
-            watcher::Event::Apply(attachment("c", "v2")),
+            [
+                watcher::Event::InitDone,
+                applied("a", "v1"),
+                applied("b", "v1"),
+                applied("c", "v2"),
+            ],
         );
         assert_eq!(names(index.get(&store, "v1", |_| true)), ["a", "b"]);
         assert_eq!(names(index.get(&store, "v2", |_| true)), ["c"]);
+        assert_eq!(
+            names(index.get_each(&store, ["v1", "v2"], |_| true)),
+            ["a", "b", "c"]
+        );
 
         deliver(
             &mut writer,
             &index,
-            watcher::Event::Apply(attachment("b", "v2")),
-        );
-        deliver(
-            &mut writer,
-            &index,
-            watcher::Event::Delete(attachment("a", "v1")),
+            [
+                applied("b", "v2"),
+                watcher::Event::Delete(attachment("a", "v1")),
+            ],
         );
         assert!(index.get(&store, "v1", |_| true).is_empty());
         assert_eq!(names(index.get(&store, "v2", |_| true)), ["b", "c"]);
@@ -222,32 +234,21 @@ mod tests {
     fn a_relist_drops_what_it_did_not_list_once_it_ends() {
         let (store, mut writer) = reflector::store::<VolumeAttachment>();
         let index = by_volume();
-        deliver(&mut writer, &index, watcher::Event::InitDone);
         deliver(
             &mut writer,
             &index,
-            watcher::Event::Apply(attachment("kept", "v1")),
-        );
-        deliver(
-            &mut writer,
-            &index,
-            watcher::Event::Apply(attachment("gone", "v1")),
-        );
-
-        deliver(&mut writer, &index, watcher::Event::Init);
-        deliver(
-            &mut writer,
-            &index,
-            watcher::Event::InitApply(attachment("kept", "v1")),
-        );
-        deliver(
-            &mut writer,
-            &index,
-            watcher::Event::InitApply(attachment("new", "v1")),
+            [
+                watcher::Event::InitDone,
+                applied("kept", "v1"),
+                applied("gone", "v1"),
+                watcher::Event::Init,
+                watcher::Event::InitApply(attachment("kept", "v1")),
+                watcher::Event::InitApply(attachment("new", "v1")),
+            ],
         );
         // The store still holds what it held before the list: both are found.
         assert_eq!(names(index.get(&store, "v1", |_| true)), ["gone", "kept"]);
-        deliver(&mut writer, &index, watcher::Event::InitDone);
+        deliver(&mut writer, &index, [watcher::Event::InitDone]);
         assert_eq!(names(index.get(&store, "v1", |_| true)), ["kept", "new"]);
         assert_eq!(index.state.read().unwrap().key_of_name.len(), 2);
     }

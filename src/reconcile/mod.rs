@@ -838,14 +838,11 @@ fn cached_attachments_naming(
     context: &Context,
     names: &BTreeSet<String>,
 ) -> Vec<Arc<VolumeAttachment>> {
-    names
-        .iter()
-        .flat_map(|name| {
-            context
-                .attachments_by_volume
-                .get(&context.attachments, name, |a| &a.spec.volume_name == name)
-        })
-        .collect()
+    context.attachments_by_volume.get_each(
+        &context.attachments,
+        names.iter().map(String::as_str),
+        |a| names.contains(&a.spec.volume_name),
+    )
 }
 
 /// The key of a backend volume in an index: its driver and its handle.
